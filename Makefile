@@ -1,0 +1,56 @@
+# iiot — set-up, checks, tests and the demo. Every target sets up what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEBIAN_PACKAGES := mosquitto victoria-metrics socat chromium
+
+.PHONY: all setup system-deps check lint typecheck test test-fast demo bench clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Servers the integration tests run on loopback (Debian packages; needs root).
+system-deps:
+	@missing=""; \
+	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium; do \
+	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck
+
+test: setup system-deps check
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -x
+
+demo: setup
+	$(BIN)/iiot demo
+
+bench: setup system-deps
+	$(BIN)/python bench/agent_modbus.py
+	$(BIN)/python bench/gateway_ingest.py
+	$(BIN)/python bench/ratios.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data

@@ -1,0 +1,45 @@
+"""Device profiles: the pydantic schema and the YAML files for each device model."""
+
+from device_profiles.loader import (
+    BUILTIN_DIR,
+    ProfileError,
+    ProfileSet,
+    ProfileSetError,
+    load_profile,
+    load_profiles,
+    parse_profile,
+)
+from device_profiles.schema import (
+    CATEGORY_LABELS_ZH,
+    ByteOrder,
+    Category,
+    Family,
+    ModbusAddress,
+    ModbusTable,
+    OpcUaAddress,
+    Point,
+    Profile,
+    ValueType,
+    is_identifier,
+)
+
+__all__ = [
+    "BUILTIN_DIR",
+    "CATEGORY_LABELS_ZH",
+    "ByteOrder",
+    "Category",
+    "Family",
+    "ModbusAddress",
+    "ModbusTable",
+    "OpcUaAddress",
+    "Point",
+    "Profile",
+    "ProfileError",
+    "ProfileSet",
+    "ProfileSetError",
+    "ValueType",
+    "is_identifier",
+    "load_profile",
+    "load_profiles",
+    "parse_profile",
+]

@@ -1,0 +1,1 @@
+"""Edge agent: config, poll scheduler, publisher, store-and-forward spool, device health."""

@@ -1,0 +1,1 @@
+"""Gateway: MQTT ingest, InfluxDB writer with outbox, registry, ratios, API, dashboard."""

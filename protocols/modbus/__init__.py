@@ -1,0 +1,1 @@
+"""Modbus: TCP, RTU over a serial line, RTU over TCP; codec and read planning."""

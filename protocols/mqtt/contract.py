@@ -1,0 +1,216 @@
+"""The uplink contract, version 1: topics and JSON payloads between agent and gateway.
+
+Topics, all under ``iiot/v1/{enterprise}/{agent}``:
+
+    .../agent              retained, QoS 1   Birth (will: {"online": false, "bdseq": n})
+    .../{device}/state     retained, QoS 1   DeviceState
+    .../{device}/data      QoS 1             DataMessage: {"seq", "samples": [Sample]}
+    .../{device}/cmd       QoS 1             gateway → agent writes (reserved)
+
+Identifiers match ``[A-Za-z0-9_.-]{1,64}``; anything else is refused where it enters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "CONTRACT_VERSION",
+    "IDENTIFIER_PATTERN",
+    "TOPIC_PREFIX",
+    "Birth",
+    "BirthDevice",
+    "ContractError",
+    "DataMessage",
+    "DeviceState",
+    "Kind",
+    "Sample",
+    "Topic",
+    "Will",
+    "agent_filter",
+    "decode_payload",
+    "encode",
+    "enterprise_filter",
+    "parse_topic",
+    "validate_identifier",
+]
+
+CONTRACT_VERSION = 1
+TOPIC_PREFIX = "iiot/v1"
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_IDENT = re.compile(IDENTIFIER_PATTERN)
+
+Ident = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
+PointValue = bool | int | float | str | None
+
+
+class ContractError(ValueError):
+    """A topic or payload that breaks the contract; ``reason`` is a short metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def validate_identifier(value: str, what: str = "identifier") -> str:
+    """Return ``value`` if it is a valid identifier, else raise ContractError naming it."""
+    if not isinstance(value, str) or not _IDENT.fullmatch(value):
+        raise ContractError("bad_identifier", f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+class Kind(StrEnum):
+    AGENT = "agent"
+    STATE = "state"
+    DATA = "data"
+    CMD = "cmd"
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A validated contract topic."""
+
+    enterprise: str
+    agent: str
+    kind: Kind
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_identifier(self.enterprise, "enterprise")
+        validate_identifier(self.agent, "agent")
+        if self.kind is Kind.AGENT:
+            if self.device is not None:
+                raise ContractError("bad_topic", "an agent topic has no device")
+        else:
+            if self.device is None:
+                raise ContractError("bad_topic", f"a {self.kind.value} topic needs a device")
+            validate_identifier(self.device, "device")
+
+    def __str__(self) -> str:
+        base = f"{TOPIC_PREFIX}/{self.enterprise}/{self.agent}"
+        if self.kind is Kind.AGENT:
+            return f"{base}/agent"
+        return f"{base}/{self.device}/{self.kind.value}"
+
+    @classmethod
+    def agent_topic(cls, enterprise: str, agent: str) -> Topic:
+        return cls(enterprise, agent, Kind.AGENT)
+
+    @classmethod
+    def device_topic(cls, enterprise: str, agent: str, device: str, kind: Kind) -> Topic:
+        return cls(enterprise, agent, kind, device)
+
+
+def parse_topic(topic: str) -> Topic:
+    """Parse a topic string; raises ContractError('bad_topic' / 'bad_identifier')."""
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[0] != "iiot" or parts[1] != "v1":
+        raise ContractError("bad_topic", f"topic {topic!r} is not under {TOPIC_PREFIX}/")
+    if len(parts) == 5 and parts[4] == "agent":
+        return Topic(parts[2], parts[3], Kind.AGENT)
+    if len(parts) == 6:
+        try:
+            kind = Kind(parts[5])
+        except ValueError:
+            raise ContractError(
+                "bad_topic", f"topic {topic!r}: unknown kind {parts[5]!r}"
+            ) from None
+        if kind is Kind.AGENT:
+            raise ContractError("bad_topic", f"topic {topic!r}: 'agent' takes no device")
+        return Topic(parts[2], parts[3], kind, parts[4])
+    raise ContractError("bad_topic", f"topic {topic!r} has the wrong number of levels")
+
+
+def enterprise_filter(enterprise: str) -> str:
+    return f"{TOPIC_PREFIX}/{validate_identifier(enterprise, 'enterprise')}/#"
+
+
+def agent_filter(enterprise: str, agent: str) -> str:
+    return (
+        f"{TOPIC_PREFIX}/{validate_identifier(enterprise, 'enterprise')}/"
+        f"{validate_identifier(agent, 'agent')}/#"
+    )
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BirthDevice(_Msg):
+    id: Ident
+    profile: Ident
+    protocol: Literal["modbus", "opcua"]
+    family: str | None = None
+    category: str | None = None
+
+
+class Birth(_Msg):
+    online: Literal[True] = True
+    bdseq: int = Field(ge=0)
+    ts: int = Field(ge=0, description="Unix time, milliseconds.")
+    version: str = ""
+    devices: list[BirthDevice] = Field(default_factory=list)
+
+
+class Will(_Msg):
+    online: Literal[False] = False
+    bdseq: int = Field(ge=0)
+
+
+class DeviceState(_Msg):
+    online: bool
+    ts: int = Field(ge=0)
+    reason: str = ""
+
+
+class Sample(_Msg):
+    ts: int = Field(ge=0, description="Unix time of the poll, milliseconds.")
+    values: dict[Ident, PointValue] = Field(default_factory=dict)
+    errors: dict[Ident, str] = Field(default_factory=dict)
+    quality: dict[Ident, str] | None = Field(
+        default=None, description="OPC UA status name per point, where not Good."
+    )
+
+
+class DataMessage(_Msg):
+    seq: int = Field(ge=0, description="Per device, +1 per sample; the first sample's seq.")
+    samples: list[Sample] = Field(min_length=1)
+
+
+Payload = Birth | Will | DeviceState | DataMessage
+
+
+def encode(payload: BaseModel) -> bytes:
+    """Compact JSON bytes of a payload model (None fields omitted)."""
+    return payload.model_dump_json(exclude_none=True).encode()
+
+
+def decode_payload(topic: Topic, payload: bytes) -> Payload:
+    """Validate a payload against its topic kind; raises ContractError with a reason."""
+    try:
+        if topic.kind is Kind.DATA:
+            return DataMessage.model_validate_json(payload)
+        if topic.kind is Kind.STATE:
+            return DeviceState.model_validate_json(payload)
+        if topic.kind is Kind.AGENT:
+            data: Any = json.loads(payload)
+            if isinstance(data, dict) and data.get("online") is False:
+                return Will.model_validate(data)
+            return Birth.model_validate(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            if first["type"] == "json_invalid":
+                raise ContractError("not_json", f"payload is not JSON: {first['msg']}") from exc
+            loc = ".".join(str(x) for x in first["loc"])
+            raise ContractError(
+                "bad_payload", f"{topic.kind.value} payload: {loc}: {first['msg']}"
+            ) from exc
+        raise ContractError("not_json", f"payload is not JSON: {exc}") from exc
+    raise ContractError("bad_topic", f"no payload is accepted on {topic.kind.value} topics")

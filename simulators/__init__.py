@@ -1,0 +1,1 @@
+"""Simulators: Modbus and OPC UA servers that behave like real equipment."""

@@ -1,0 +1,247 @@
+"""Real servers on loopback for integration tests: Mosquitto, victoria-metrics, socat ptys.
+
+Each is started on a free port in a temporary folder and stopped by its fixture. When a
+Debian package is missing and we are root, it is installed; otherwise the test is
+skipped with a message naming the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_SBIN = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
+_apt_updated = False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def which(cmd: str) -> str | None:
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(_SBIN)
+    return shutil.which(cmd, path=path)
+
+
+def require(cmd: str, package: str) -> str:
+    """Path of ``cmd``, installing Debian ``package`` when missing and root; else skip."""
+    global _apt_updated
+    found = which(cmd)
+    if found:
+        return found
+    if os.geteuid() == 0 and which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if not _apt_updated:
+            subprocess.run(["apt-get", "update", "-qq"], check=False, env=env)
+            _apt_updated = True
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
+            check=False,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        found = which(cmd)
+        if found:
+            return found
+    pytest.skip(f"needs the Debian package '{package}' (apt-get install -y {package})")
+
+
+class Mosquitto:
+    """A Mosquitto broker on 127.0.0.1:port, anonymous by default.
+
+    With ``password_file``/``acl_file`` it requires authentication and applies the ACL;
+    ``reload()`` makes it re-read both (SIGHUP), as the gateway does after provisioning.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+    ) -> None:
+        self.binary = require("mosquitto", "mosquitto")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _write_conf(self) -> None:
+        lines = [
+            "user root",
+            "persistence false",
+            f"listener {self.port} 127.0.0.1",
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+        ]
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        self.conf.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> Mosquitto:
+        self._write_conf()
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)], stdout=logf, stderr=logf)
+        wait_port(self.port)
+        return self
+
+    def reload(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+class VictoriaMetrics:
+    """victoria-metrics on 127.0.0.1:port; accepts InfluxDB line protocol on /api/v2/write."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.binary = require("victoria-metrics", "victoria-metrics")
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "victoria-metrics.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> VictoriaMetrics:
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                f"-storageDataPath={self.workdir / 'vm-data'}",
+                f"-httpListenAddr=127.0.0.1:{self.port}",
+                "-retentionPeriod=100y",
+                "-search.disableCache",
+                "-loggerLevel=ERROR",
+            ],
+            stdout=logf,
+            stderr=logf,
+        )
+        wait_port(self.port, timeout=20)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            time.sleep(0.1)
+        raise TimeoutError("victoria-metrics did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def flush(self) -> None:
+        """Make recently written samples visible to queries and exports."""
+        with urllib.request.urlopen(self.url + "/internal/force_flush", timeout=5):
+            pass
+
+    def export(self, match: str = '{__name__=~"telemetry_.*"}') -> list[dict[str, object]]:
+        """Every stored series matching ``match`` (JSON lines of /api/v1/export)."""
+        import json
+        import urllib.parse
+
+        self.flush()
+        q = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{q}", timeout=30) as r:
+            body = r.read().decode()
+        return [json.loads(line) for line in body.splitlines() if line.strip()]
+
+
+class PtyPair:
+    """Two linked pseudo-terminals made by socat: what one end writes, the other reads."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = require("socat", "socat")
+        self.a = str(workdir / "ttyA")
+        self.b = str(workdir / "ttyB")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PtyPair:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "-d",
+                f"pty,raw,echo=0,link={self.a}",
+                f"pty,raw,echo=0,link={self.b}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if os.path.exists(self.a) and os.path.exists(self.b):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError("socat did not create the pty pair")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def running(server: Mosquitto | VictoriaMetrics | PtyPair) -> Iterator[object]:
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
