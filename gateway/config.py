@@ -1,0 +1,118 @@
+"""Gateway configuration (``gateway.yaml``), checked in full before anything connects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+__all__ = [
+    "ApiConfig",
+    "BrokerAuthConfig",
+    "GatewayConfig",
+    "GatewayConfigError",
+    "InfluxConfig",
+    "MqttConfig",
+    "load_gateway_config",
+]
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttConfig(_Cfg):
+    url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://")
+    client_id: str = Field(default="iiot-gateway-1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    shared_group: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Subscribe as $share/<group>/iiot/v1/# so N gateways split the load.",
+    )
+    keepalive: int = Field(default=30, ge=5, le=600)
+
+
+class InfluxConfig(_Cfg):
+    url: str | None = Field(
+        default=None, description="InfluxDB v2 write API base URL; none = outbox is the store."
+    )
+    token: SecretStr | None = None
+    org: str = "iiot"
+    bucket: str = "iiot"
+    batch_lines: int = Field(default=5000, ge=1, le=100_000)
+    flush_interval: float = Field(default=1.0, gt=0, le=60)
+    gzip: bool = True
+    timeout: float = Field(default=10.0, gt=0, le=300)
+
+
+class ApiConfig(_Cfg):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    admin_tokens: list[SecretStr] = Field(default_factory=list)
+    platform_tokens: list[SecretStr] = Field(default_factory=list)
+
+
+class BrokerAuthConfig(_Cfg):
+    """Where the gateway keeps Mosquitto's password and ACL files for provisioned agents."""
+
+    password_file: Path | None = None
+    acl_file: Path | None = None
+    reload_command: list[str] | None = Field(
+        default=None,
+        description="Run after the files change, e.g. ['pkill', '-HUP', '-x', 'mosquitto'].",
+    )
+    broker_url_for_agents: str | None = Field(
+        default=None, description="The broker URL handed to agents at provisioning."
+    )
+
+
+class GatewayConfig(_Cfg):
+    data_dir: Path = Path("./iiot-data")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the registry; default SQLite in data_dir."
+    )
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    influx: InfluxConfig = Field(default_factory=InfluxConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    broker_auth: BrokerAuthConfig = Field(default_factory=BrokerAuthConfig)
+    snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
+    default_poll_interval: float = Field(
+        default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def registry_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.data_dir / "outbox.db"
+
+
+class GatewayConfigError(ValueError):
+    """A gateway config that cannot be used; the message names the file and the field."""
+
+
+def load_gateway_config(path: Path | str) -> GatewayConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise GatewayConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise GatewayConfigError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"{path}: {'.'.join(str(x) for x in e['loc'])}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        ]
+        raise GatewayConfigError("\n".join(lines)) from exc

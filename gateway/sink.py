@@ -1,0 +1,66 @@
+"""What MQTT ingest tells the registry: the interface between the two halves.
+
+Ingest calls these from its MQTT thread for every accepted message; implementations
+must be thread-safe and cheap (batch their database writes).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from protocols.mqtt.contract import Birth, DeviceState, Will
+
+__all__ = ["IngestSink", "SampleSummary"]
+
+
+class SampleSummary:
+    """The part of a data message the registry needs: freshness and latest values."""
+
+    __slots__ = (
+        "agent",
+        "count",
+        "device",
+        "enterprise",
+        "first_ts",
+        "last_good_ts",
+        "last_ts",
+        "latest",
+    )
+
+    def __init__(
+        self,
+        enterprise: str,
+        agent: str,
+        device: str,
+        *,
+        count: int,
+        first_ts: int,
+        last_ts: int,
+        last_good_ts: int | None,
+        latest: dict[str, bool | int | float | str | None],
+    ) -> None:
+        self.enterprise = enterprise
+        self.agent = agent
+        self.device = device
+        self.count = count
+        self.first_ts = first_ts
+        self.last_ts = last_ts
+        # ts of the newest sample with at least one good value: what "connected" counts.
+        self.last_good_ts = last_good_ts
+        self.latest = latest
+
+
+class IngestSink(Protocol):
+    def check_publisher(self, enterprise: str, agent: str) -> str | None:
+        """None if this agent may publish under this enterprise, else a reject reason
+        (``unknown_enterprise``, ``unknown_agent``, ``agent_enterprise_mismatch``)."""
+
+    def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None: ...
+
+    def on_will(self, enterprise: str, agent: str, will: Will) -> None: ...
+
+    def on_device_state(
+        self, enterprise: str, agent: str, device: str, state: DeviceState
+    ) -> None: ...
+
+    def on_samples(self, summary: SampleSummary) -> None: ...
