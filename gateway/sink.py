@@ -55,6 +55,9 @@ class IngestSink(Protocol):
         """None if this agent may publish under this enterprise, else a reject reason
         (``unknown_enterprise``, ``unknown_agent``, ``agent_enterprise_mismatch``)."""
 
+    def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
+        """(family, profile) of a known device, for the time-series tags; None if unknown."""
+
     def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None: ...
 
     def on_will(self, enterprise: str, agent: str, will: Will) -> None: ...
