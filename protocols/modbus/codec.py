@@ -59,6 +59,14 @@ def to_raw(point: Point, value: Value, sf_exponent: int | None = None) -> Value:
         return value
     if isinstance(value, bool | str):
         raise ValueError(f"point '{point.name}': expected a number, got {value!r}")
+    if (
+        isinstance(value, int)
+        and point.type in _INT_TYPES
+        and point.scale == 1.0
+        and point.offset == 0.0
+        and not sf_exponent
+    ):
+        return value  # exact: a float would round int64 values beyond 2**53
     raw = (float(value) - point.offset) / point.scale
     if sf_exponent is not None:
         raw /= 10.0**sf_exponent

@@ -1,0 +1,469 @@
+"""The Modbus driver: TCP, RTU over a serial line, RTU framed over TCP.
+
+A poll executes the read plan (``protocols.modbus.planner``) and decodes each point with
+``protocols.modbus.codec``, so what the agent reads is exactly what a profile declares.
+
+Errors, from the agent's point of view:
+
+- the whole device is unreachable (every request timed out, or the line cannot be
+  opened / was closed) → ``DeviceTimeout`` / ``ConnectError`` is raised;
+- the device answers one request with a Modbus exception → the points of that request
+  go into ``Reading.errors`` as ``modbus_exception_<code>``, the others still read;
+- exception 02 on a request carrying several points → the request is split (see the
+  planner) and the split is remembered for the device;
+- an answer that cannot be decoded (wrong length, NaN) → ``decode_error`` for its points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from pydantic import ValidationError
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from protocols.driver import Reading, Value, now_ms
+from protocols.errors import (
+    ConfigError,
+    ConnectError,
+    DecodeError,
+    DeviceRejected,
+    DeviceTimeout,
+    ProtocolError,
+)
+from protocols.modbus import codec
+from protocols.modbus.config import ModbusConnection
+from protocols.modbus.line import Line, acquire_line, release_line
+from protocols.modbus.planner import (
+    DEFAULT_MAX_GAP,
+    ReadBlock,
+    Span,
+    plan_reads,
+)
+
+__all__ = ["ILLEGAL_DATA_ADDRESS", "ModbusDriver", "ModbusStats"]
+
+ILLEGAL_DATA_ADDRESS = 2
+_MAX_SPLIT_DEPTH = 16  # nested splits of one block within one poll
+_MAX_CACHED_PLANS = 64  # distinct point sets polled; an agent uses a handful
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ModbusStats:
+    """Counters of one driver (one device), for the agent's /metrics."""
+
+    requests: int = 0  # requests sent, retries included
+    responses: int = 0  # answers received (data or exception)
+    timeouts: int = 0
+    connect_errors: int = 0
+    exceptions: dict[int, int] = field(default_factory=dict)  # Modbus exception code → count
+    decode_errors: int = 0
+    splits: int = 0  # blocks split after exception 02
+    registers_read: int = 0
+    bits_read: int = 0
+    bytes_read: int = 0  # data bytes in read answers
+    polls: int = 0
+    writes: int = 0
+
+
+def _check_write_value(point: Point, value: Value, where: str) -> None:
+    """Refuse a value of the wrong kind before anything is sent."""
+    if point.type is ValueType.BOOL:
+        ok = isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+    elif point.type is ValueType.STRING:
+        ok = isinstance(value, str)
+    else:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        raise ConfigError(f"{where}: cannot write {value!r} to a {point.type.value} point")
+
+
+class _PollFailed(Exception):
+    """A request failed because the device is unreachable; stop the poll."""
+
+    def __init__(self, error: ProtocolError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ModbusDriver:
+    """Reads and writes one Modbus device (one unit id) through its (shared) line."""
+
+    def __init__(
+        self,
+        profile: Profile,
+        connection: ModbusConnection | Mapping[str, Any],
+        *,
+        name: str,
+        max_gap: int = DEFAULT_MAX_GAP,
+    ) -> None:
+        if profile.protocol != "modbus" or profile.modbus is None:
+            raise ConfigError(f"device '{name}': profile '{profile.id}' is not a Modbus profile")
+        if not isinstance(connection, ModbusConnection):
+            try:
+                connection = ModbusConnection.model_validate(connection)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(x) for x in e['loc']) or 'connection'}: {e['msg']}"
+                    for e in exc.errors()
+                )
+                raise ConfigError(f"device '{name}': modbus connection: {problems}") from exc
+        self.profile = profile
+        self.connection = connection
+        self.name = name
+        self.settings = profile.modbus
+        # An explicit unit in the device entry wins over the profile's default.
+        self.unit = (
+            connection.unit
+            if "unit" in connection.model_fields_set
+            else profile.modbus.default_unit
+        )
+        self.max_gap = max_gap
+        self.stats = ModbusStats()
+        self._line: Line | None = None
+        self._closed = False
+        self._refused: set[Span] = set()
+        self._plans: dict[tuple[str, ...], list[ReadBlock]] = {}
+        self._write_lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def refused(self) -> frozenset[Span]:
+        """Spans this device refused with exception 02 (the planner avoids them)."""
+        return frozenset(self._refused)
+
+    @property
+    def connected(self) -> bool:
+        return self._line is not None and self._line.connected
+
+    def _acquire(self) -> Line:
+        if self._closed:
+            raise ConnectError(f"device '{self.name}': driver is closed")
+        if self._line is None:
+            self._line = acquire_line(self.connection, self.name)
+        return self._line
+
+    async def connect(self) -> None:
+        """Open the (shared) line now; reads and writes also open it when needed."""
+        line = self._acquire()
+        async with line.lock:
+            try:
+                await line.ensure_connected(self.connection.timeout, self.name)
+            except ConnectError:
+                self.stats.connect_errors += 1
+                raise
+
+    async def aclose(self) -> None:
+        """Leave the line (the last device on it closes it). Safe to call twice."""
+        self._closed = True
+        line, self._line = self._line, None
+        if line is not None:
+            release_line(line, self.name)
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------- requests
+
+    async def _request(self, what: str, call: Any) -> Any:
+        """One request with the device's timeout and retries; returns the response PDU.
+
+        Raises DeviceTimeout, ConnectError, DeviceRejected (an exception response, with
+        its code), or DecodeError (an answer pymodbus could not make sense of).
+        """
+        line = self._acquire()
+        conn = self.connection
+        last: ProtocolError | None = None
+        for _attempt in range(conn.retries + 1):
+            async with line.lock:
+                try:
+                    await line.ensure_connected(conn.timeout, self.name)
+                except ConnectError as exc:
+                    self.stats.connect_errors += 1
+                    last = exc
+                    continue
+                await line.wait_pause(conn.pause)
+                self.stats.requests += 1
+                try:
+                    async with asyncio.timeout(conn.timeout):
+                        response = await line.run(call)
+                except TimeoutError:
+                    if not line.connected:
+                        self.stats.connect_errors += 1
+                        last = ConnectError(f"device '{self.name}': connection lost during {what}")
+                    else:
+                        self.stats.timeouts += 1
+                        last = DeviceTimeout(
+                            f"device '{self.name}': no answer to {what} within {conn.timeout}s"
+                        )
+                    continue
+                except (ConnectionException, ModbusIOException, OSError) as exc:
+                    if not line.connected or isinstance(exc, ConnectionException | OSError):
+                        self.stats.connect_errors += 1
+                        last = ConnectError(f"device '{self.name}': {what}: {exc}")
+                    else:
+                        self.stats.timeouts += 1
+                        last = DeviceTimeout(f"device '{self.name}': {what}: {exc}")
+                    continue
+                except ModbusException as exc:
+                    raise DecodeError(f"device '{self.name}': {what}: {exc}") from exc
+            self.stats.responses += 1
+            if response.isError():
+                code = int(getattr(response, "exception_code", 0) or 0)
+                self.stats.exceptions[code] = self.stats.exceptions.get(code, 0) + 1
+                raise DeviceRejected(f"device '{self.name}': {what}: Modbus exception {code}", code)
+            return response
+        assert last is not None
+        raise last
+
+    async def _read_span(self, table: ModbusTable, start: int, count: int) -> list[int]:
+        """``count`` registers (bits as 0/1) from ``start``; DecodeError on a short answer."""
+        unit = self.unit
+        what = f"read {table.value} {start}+{count} (unit {unit})"
+
+        async def call(client: Any) -> Any:
+            if table is ModbusTable.HOLDING:
+                return await client.read_holding_registers(start, count=count, device_id=unit)
+            if table is ModbusTable.INPUT:
+                return await client.read_input_registers(start, count=count, device_id=unit)
+            if table is ModbusTable.COIL:
+                return await client.read_coils(start, count=count, device_id=unit)
+            return await client.read_discrete_inputs(start, count=count, device_id=unit)
+
+        response = await self._request(what, call)
+        if table.is_bit_table:
+            bits = list(getattr(response, "bits", None) or [])
+            # Bits come padded to a whole byte; anything shorter than asked is garbage.
+            if len(bits) < count:
+                raise DecodeError(f"device '{self.name}': {what}: answer has {len(bits)} bits")
+            self.stats.bits_read += count
+            self.stats.bytes_read += (count + 7) // 8
+            return [1 if b else 0 for b in bits[:count]]
+        regs = list(getattr(response, "registers", None) or [])
+        if len(regs) != count:
+            raise DecodeError(f"device '{self.name}': {what}: answer has {len(regs)} registers")
+        self.stats.registers_read += count
+        self.stats.bytes_read += 2 * count
+        return [int(r) & 0xFFFF for r in regs]
+
+    # ----------------------------------------------------------------- reading
+
+    def plan_for(self, points: Sequence[Point]) -> list[ReadBlock]:
+        """The requests a poll of ``points`` makes now (cached until a span is refused)."""
+        key = tuple(sorted(p.name for p in points))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_reads(self.profile, points, max_gap=self.max_gap, refused=self._refused)
+            if len(self._plans) >= _MAX_CACHED_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _split(self, block: ReadBlock) -> list[ReadBlock] | None:
+        """Re-plan a block refused with exception 02; None when it cannot be split."""
+        self._refused.add(block.span)
+        self._plans.clear()
+        sub = plan_reads(
+            self.profile,
+            [bp.point for bp in block.points],
+            max_gap=self.max_gap,
+            refused=self._refused,
+        )
+        if len(sub) < 2:
+            return None
+        self.stats.splits += 1
+        _log.info(
+            "device refused a read, splitting it",
+            extra={
+                "device": self.name,
+                "table": block.table.value,
+                "start": block.start,
+                "count": block.count,
+                "into": len(sub),
+            },
+        )
+        return sub
+
+    async def _read_block(
+        self,
+        block: ReadBlock,
+        data: dict[str, list[int]],
+        errors: dict[str, str],
+        progress: list[int],
+        depth: int = 0,
+    ) -> None:
+        """Read one block into ``data`` (per point); refusals go to ``errors``."""
+        try:
+            regs = await self._read_span(block.table, block.start, block.count)
+        except DeviceRejected as exc:
+            progress[0] += 1
+            if (
+                exc.code == ILLEGAL_DATA_ADDRESS
+                and len(block.points) > 1
+                and depth < (_MAX_SPLIT_DEPTH)
+            ):
+                sub = self._split(block)
+                if sub is not None:
+                    for b in sub:
+                        await self._read_block(b, data, errors, progress, depth + 1)
+                    return
+            for bp in block.points:
+                errors[bp.point.name] = f"modbus_exception_{exc.code}"
+            return
+        except DecodeError:
+            progress[0] += 1
+            self.stats.decode_errors += 1
+            for bp in block.points:
+                errors[bp.point.name] = "decode_error"
+            return
+        except (DeviceTimeout, ConnectError) as exc:
+            raise _PollFailed(exc) from exc
+        progress[0] += 1
+        for bp in block.points:
+            data[bp.point.name] = block.slice(regs, bp)
+
+    async def read(self, points: Sequence[Point]) -> Reading:
+        """Read ``points``: one Reading with values and per-point errors."""
+        reading = Reading(ts=now_ms())
+        self.stats.polls += 1
+        plan = self.plan_for(points)
+        data: dict[str, list[int]] = {}
+        errors: dict[str, str] = {}
+        progress = [0]  # requests the device answered in this poll
+        for i, block in enumerate(plan):
+            try:
+                await self._read_block(block, data, errors, progress)
+            except _PollFailed as failed:
+                if progress[0] == 0:
+                    raise failed.error from failed.error.__cause__
+                # The device answered earlier in this poll: report the rest as missing
+                # rather than wait out a timeout per remaining request.
+                for b in plan[i:]:
+                    for bp in b.points:
+                        errors.setdefault(bp.point.name, failed.error.reason)
+                break
+        reading.ts = now_ms()
+        for p in points:
+            if p.name in errors:
+                reading.errors[p.name] = errors[p.name]
+                continue
+            value, error = self._decode(p, data, errors)
+            if error is not None:
+                reading.errors[p.name] = error
+            elif value is not None:
+                reading.values[p.name] = value
+        return reading
+
+    def _decode(
+        self, p: Point, data: dict[str, list[int]], errors: dict[str, str]
+    ) -> tuple[Value | None, str | None]:
+        regs = data.get(p.name)
+        if regs is None:
+            return None, "decode_error"
+        sf: int | None = None
+        if p.scale_factor_point is not None:
+            sf_name = p.scale_factor_point
+            if sf_name in errors:
+                return None, errors[sf_name]
+            sf_regs = data.get(sf_name)
+            if sf_regs is None:
+                return None, "decode_error"
+            sf_raw = self._decode_raw(self.profile.point(sf_name), sf_regs)
+            # SunSpec marks an unimplemented scale factor with 0x8000.
+            if not isinstance(sf_raw, int) or isinstance(sf_raw, bool) or not -20 <= sf_raw <= 20:
+                self.stats.decode_errors += 1
+                return None, "decode_error"
+            sf = sf_raw
+        try:
+            value = codec.decode(p, regs, self.settings, sf_exponent=sf)
+        except (ValueError, struct.error, IndexError, OverflowError, UnicodeError):
+            self.stats.decode_errors += 1
+            return None, "decode_error"
+        if isinstance(value, float) and not math.isfinite(value):
+            self.stats.decode_errors += 1
+            return None, "decode_error"
+        return value, None
+
+    def _decode_raw(self, p: Point, regs: list[int]) -> Value | None:
+        try:
+            return codec.decode(
+                p.model_copy(update={"scale": 1.0, "offset": 0.0}), regs, self.settings
+            )
+        except (ValueError, struct.error, IndexError):
+            return None
+
+    # ----------------------------------------------------------------- writing
+
+    async def write(self, point: Point, value: Value) -> None:
+        """Write one ``rw`` point (engineering value; scale reversed by the codec)."""
+        a = point.modbus
+        where = f"device '{self.name}': point '{point.name}'"
+        if a is None:
+            raise ConfigError(f"{where}: has no modbus address")
+        if point.access != "rw" or not a.table.writable:
+            raise ConfigError(f"{where}: is read-only")
+        _check_write_value(point, value, where)
+        unit = self.unit
+        async with self._write_lock:
+            sf: int | None = None
+            if point.scale_factor_point is not None:
+                sf_point = self.profile.point(point.scale_factor_point)
+                assert sf_point.modbus is not None
+                regs = await self._read_span(
+                    sf_point.modbus.table, sf_point.modbus.address, sf_point.register_count
+                )
+                raw = self._decode_raw(sf_point, regs)
+                if not isinstance(raw, int) or not -20 <= raw <= 20:
+                    raise DecodeError(f"{where}: scale factor '{sf_point.name}' is {raw!r}")
+                sf = raw
+            if a.table is ModbusTable.COIL:
+                bit = bool(value)
+                await self._request(
+                    f"write coil {a.address}",
+                    lambda c: c.write_coil(a.address, bit, device_id=unit),
+                )
+            elif point.type is ValueType.BOOL and a.bit is not None:
+                # A bit inside a holding register: read, change that bit, write back.
+                (current,) = await self._read_span(ModbusTable.HOLDING, a.address, 1)
+                mask = 1 << a.bit
+                new = (current | mask) if value else (current & ~mask & 0xFFFF)
+                await self._request(
+                    f"write holding {a.address} bit {a.bit}",
+                    lambda c: c.write_register(a.address, new, device_id=unit),
+                )
+            else:
+                try:
+                    regs = codec.encode(point, value, self.settings, sf_exponent=sf)
+                except (ValueError, TypeError, OverflowError) as exc:
+                    raise ConfigError(f"{where}: cannot write {value!r}: {exc}") from exc
+                if len(regs) == 1:
+                    reg = regs[0]
+                    await self._request(
+                        f"write holding {a.address}",
+                        lambda c: c.write_register(a.address, reg, device_id=unit),
+                    )
+                else:
+                    await self._request(
+                        f"write holding {a.address}+{len(regs)}",
+                        lambda c: c.write_registers(a.address, regs, device_id=unit),
+                    )
+            self.stats.writes += 1

@@ -1,0 +1,190 @@
+"""Shared Modbus lines: one pymodbus client and one lock per serial port or TCP peer.
+
+RS-485 is half-duplex and a Modbus TCP gateway serves several unit ids over one socket,
+so every device on the same ``ModbusConnection.line_key`` shares one client, and their
+requests are serialised by one ``asyncio.Lock`` with the configured pause between them.
+The pool counts references: the last ``release`` closes the client.
+
+pymodbus clients reconnect on their own by default; here that is switched off
+(``reconnect_delay=0``) and each request gets one connect attempt when the line is
+down, bounded by the device's timeout. When to try again is the agent's decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException
+from pymodbus.framer import FramerType
+
+from protocols.errors import ConfigError, ConnectError
+from protocols.modbus.config import ModbusConnection
+
+__all__ = ["Line", "acquire_line", "open_lines", "release_line"]
+
+# Longer than any device timeout (ModbusConnection.timeout ≤ 60): the driver bounds
+# each request itself, so pymodbus's own timer never fires first.
+_CLIENT_TIMEOUT = 120.0
+
+# Settings every device on one line must agree on.
+_LINE_FIELDS = (
+    "transport",
+    "host",
+    "port",
+    "serial_port",
+    "baudrate",
+    "parity",
+    "stopbits",
+    "bytesize",
+)
+
+
+def _make_client(
+    conn: ModbusConnection, name: str, on_connect: Callable[[bool], None]
+) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    if conn.transport == "rtu":
+        assert conn.serial_port is not None
+        return AsyncModbusSerialClient(
+            conn.serial_port,
+            framer=FramerType.RTU,
+            baudrate=conn.baudrate,
+            bytesize=conn.bytesize,
+            parity=conn.parity,
+            stopbits=conn.stopbits,
+            name=name,
+            reconnect_delay=0,
+            timeout=_CLIENT_TIMEOUT,
+            retries=0,
+            trace_connect=on_connect,
+        )
+    assert conn.host is not None
+    return AsyncModbusTcpClient(
+        conn.host,
+        port=conn.port,
+        framer=FramerType.RTU if conn.transport == "rtu-over-tcp" else FramerType.SOCKET,
+        name=name,
+        reconnect_delay=0,
+        timeout=_CLIENT_TIMEOUT,
+        retries=0,
+        trace_connect=on_connect,
+    )
+
+
+class Line:
+    """One physical or TCP line: its client, its lock, and who uses it."""
+
+    def __init__(self, key: str, conn: ModbusConnection, device: str) -> None:
+        self.key = key
+        self.conn = conn
+        self.first_device = device
+        self.client = _make_client(conn, key, self._on_connect)
+        self.lock = asyncio.Lock()
+        self.users: list[str] = []
+        self.connects = 0
+        self.disconnects = 0
+        self._last_end = 0.0
+        self._lost = asyncio.Event()
+
+    def _on_connect(self, up: bool) -> None:
+        # pymodbus leaves a request waiting for its full timeout when the peer closes
+        # the connection; this lets ``run`` give up at once instead.
+        if up:
+            self._lost.clear()
+        else:
+            self.disconnects += 1
+            self._lost.set()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client.connected)
+
+    async def ensure_connected(self, limit: float, device: str) -> None:
+        """Open the line if it is down: one attempt, at most ``limit`` seconds."""
+        if self.client.connected:
+            return
+        where = (
+            self.conn.serial_port
+            if self.conn.transport == "rtu"
+            else f"{self.conn.host}:{self.conn.port}"
+        )
+        self.connects += 1
+        try:
+            async with asyncio.timeout(limit):
+                ok = await self.client.connect()
+        except TimeoutError:
+            ok = False
+        except OSError as exc:  # serial ports raise here (missing device, permissions)
+            raise ConnectError(f"device '{device}': cannot open {where}: {exc}") from exc
+        if not ok or not self.client.connected:
+            self.client.close()
+            raise ConnectError(f"device '{device}': cannot connect to {where}")
+
+    async def wait_pause(self, pause: float) -> None:
+        """Sleep until ``pause`` seconds have passed since the previous request ended."""
+        if pause > 0:
+            wait = self._last_end + pause - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(min(wait, pause))
+
+    async def run(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        """Run one request on the client; the caller holds ``lock`` and bounds the time."""
+        request = asyncio.ensure_future(call(self.client))
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait((request, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._last_end = time.monotonic()
+            for task in (request, lost):
+                task.cancel()
+            await asyncio.gather(request, lost, return_exceptions=True)
+        if request.cancelled():
+            raise ConnectionException(f"{self.key}: connection closed during the request")
+        return request.result()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# (event loop, line key) -> Line. Keyed by loop too: a lock belongs to one loop.
+_POOL: dict[tuple[int, str], Line] = {}
+
+
+def acquire_line(conn: ModbusConnection, device: str) -> Line:
+    """The line for ``conn`` (created on first use); ``device`` becomes one of its users."""
+    key = conn.line_key
+    pool_key = (id(asyncio.get_running_loop()), key)
+    line = _POOL.get(pool_key)
+    if line is None:
+        line = Line(key, conn, device)
+        _POOL[pool_key] = line
+    else:
+        for f in _LINE_FIELDS:
+            mine, theirs = getattr(conn, f), getattr(line.conn, f)
+            if mine != theirs:
+                raise ConfigError(
+                    f"device '{device}': shares line {key} with device "
+                    f"'{line.first_device}' but sets {f}={mine!r} (the line has {theirs!r})"
+                )
+    line.users.append(device)
+    return line
+
+
+def release_line(line: Line, device: str) -> None:
+    """``device`` no longer uses ``line``; the last user closes it."""
+    if device in line.users:
+        line.users.remove(device)
+    if line.users:
+        return
+    line.close()
+    for k, v in list(_POOL.items()):
+        if v is line:
+            del _POOL[k]
+
+
+def open_lines() -> int:
+    """How many lines are open in this process (for metrics and tests)."""
+    return len(_POOL)
