@@ -1,0 +1,614 @@
+"""Modbus TCP / RTU servers that answer like the real equipment a profile describes.
+
+One :class:`ModbusSimServer` is one listener — a TCP port, or a serial line — with one or
+more simulated devices behind it, keyed by unit id. Every register a client reads is
+produced from ``SimDevice.values()`` through :mod:`protocols.modbus.codec`, so the
+served image is exactly what the profile declares; addresses the profile does not map
+answer exception 02 (ILLEGAL DATA ADDRESS) unless ``strict_addresses`` is off.
+
+pymodbus 3.16 provides the framing and the listener. Its datastore hooks cannot keep a
+request unanswered, delay one unit without delaying the others, or close a connection,
+so this module gives pymodbus a request handler of its own: each request runs as its
+own task, checks the unit's fault first, and only then touches the register image.
+
+Faults (see :mod:`simulators.faults`), checked on every request:
+
+silent        no answer; the client times out, the TCP connection stays open
+slow          the answer leaves after ``delay`` seconds; other units keep answering
+exception     Modbus exception ``exception_code``
+drop          the client's connection is closed (on a serial line: no answer)
+out_of_range  served as usual; the device itself returns values beyond the range
+restart       the listener closes for ``delay`` seconds and reopens on the same port;
+              the fault then clears itself, as a device that has rebooted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import weakref
+from collections.abc import Coroutine, Mapping
+from typing import Any, Literal, cast
+
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import ModbusIOException
+from pymodbus.framer import FramerType
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
+from pymodbus.simulator import SimData
+from pymodbus.simulator import SimDevice as _PymodbusDevice
+from pymodbus.transaction import TransactionManager
+
+from device_profiles.schema import ModbusTable, Point, ValueType
+from protocols.modbus.codec import Value, decode, encode
+from simulators.device import SimDevice
+from simulators.faults import FaultMode
+
+__all__ = ["ModbusSimServer", "RegisterImage"]
+
+log = logging.getLogger(__name__)
+
+# Function code -> the table it addresses (reads, writes, and their read-backs).
+_FC_TABLE: dict[int, ModbusTable] = {
+    1: ModbusTable.COIL,
+    5: ModbusTable.COIL,
+    15: ModbusTable.COIL,
+    2: ModbusTable.DISCRETE,
+    3: ModbusTable.HOLDING,
+    6: ModbusTable.HOLDING,
+    16: ModbusTable.HOLDING,
+    22: ModbusTable.HOLDING,
+    23: ModbusTable.HOLDING,
+    4: ModbusTable.INPUT,
+}
+_MAX_PENDING = 256  # requests in flight per listener; more go unanswered (counted: busy)
+_RELISTEN_ATTEMPTS = 50
+_RELISTEN_PAUSE = 0.1
+_INT_BOUNDS: dict[ValueType, tuple[int, int]] = {
+    ValueType.INT16: (-(2**15), 2**15 - 1),
+    ValueType.UINT16: (0, 2**16 - 1),
+    ValueType.INT32: (-(2**31), 2**31 - 1),
+    ValueType.UINT32: (0, 2**32 - 1),
+    ValueType.INT64: (-(2**63), 2**63 - 1),
+}
+
+
+class RegisterImage:
+    """The four Modbus tables of one simulated device, computed from its values on demand."""
+
+    def __init__(self, device: SimDevice, *, strict_addresses: bool = True) -> None:
+        self.device = device
+        self.strict_addresses = strict_addresses
+        profile = device.profile
+        if profile.protocol != "modbus" or profile.modbus is None:
+            raise ValueError(
+                f"device '{device.device_id}': profile '{profile.id}' is not a Modbus profile"
+            )
+        self.settings = profile.modbus
+        # table -> address -> points occupying it (several for bools packed in one register)
+        self._cover: dict[ModbusTable, dict[int, list[Point]]] = {t: {} for t in ModbusTable}
+        for p in profile.points:
+            a = p.modbus
+            assert a is not None  # the schema guarantees it for modbus profiles
+            for reg in range(a.address, a.address + p.register_count):
+                self._cover[a.table].setdefault(reg, []).append(p)
+
+    def _points(self, table: ModbusTable, address: int, count: int) -> list[Point] | None:
+        """Points touched by [address, address+count); None when strict and a gap is hit."""
+        cover = self._cover[table]
+        seen: dict[str, Point] = {}
+        for reg in range(address, address + count):
+            pts = cover.get(reg)
+            if pts is None:
+                if self.strict_addresses:
+                    return None
+                continue
+            for p in pts:
+                seen.setdefault(p.name, p)
+        return list(seen.values())
+
+    def _sf(self, p: Point, values: Mapping[str, Value]) -> int | None:
+        if p.scale_factor_point is None:
+            return None
+        sf = values.get(p.scale_factor_point, 0)
+        return int(sf) if isinstance(sf, int | float) and math.isfinite(sf) else 0
+
+    def encode_point(self, p: Point, values: Mapping[str, Value]) -> list[int]:
+        """The registers of one point; values that do not fit saturate like a real device."""
+        value = values.get(p.name)
+        count = max(1, p.register_count)
+        if value is None:
+            return [0] * count
+        sf = self._sf(p, values)
+        try:
+            return encode(p, value, self.settings, sf_exponent=sf)
+        except (ValueError, OverflowError, TypeError):
+            pass
+        bounds = _INT_BOUNDS.get(p.type)
+        if bounds is not None and isinstance(value, int | float) and not math.isnan(value):
+            raw = bounds[1] if value > 0 else bounds[0]
+            clamp: Value = raw * p.scale * (10.0**sf if sf else 1.0) + p.offset
+            with contextlib.suppress(ValueError, OverflowError, TypeError):
+                return encode(p, clamp, self.settings, sf_exponent=sf)
+        # Whatever cannot be represented reads as all ones, the usual "no value" marker.
+        return [0xFFFF] * count
+
+    def read(self, table: ModbusTable, address: int, count: int) -> list[int] | ExcCodes:
+        """Registers (or bits as 0/1) of ``count`` addresses from ``address``."""
+        if count < 1 or address + count > 65536:
+            return ExcCodes.ILLEGAL_ADDRESS
+        points = self._points(table, address, count)
+        if points is None:
+            return ExcCodes.ILLEGAL_ADDRESS
+        out = [0] * count
+        if not points:
+            return out
+        values = self.device.values()
+        for p in points:
+            a = p.modbus
+            assert a is not None
+            regs = self.encode_point(p, values)
+            if table.is_bit_table:
+                out[a.address - address] = 1 if regs[0] else 0
+            elif a.bit is not None:
+                if regs[0]:
+                    out[a.address - address] |= 1 << a.bit
+            else:
+                for i, reg in enumerate(regs):
+                    idx = a.address + i - address
+                    if 0 <= idx < count:
+                        out[idx] = reg
+        return out
+
+    def write(self, table: ModbusTable, address: int, data: list[int]) -> ExcCodes | None:
+        """Apply a client's write; refuses unmapped or read-only addresses and bad values."""
+        if not table.writable:
+            return ExcCodes.ILLEGAL_FUNCTION
+        cover = self._cover[table]
+        touched: dict[str, Point] = {}
+        for reg in range(address, address + len(data)):
+            pts = cover.get(reg)
+            if pts is None:
+                return ExcCodes.ILLEGAL_ADDRESS
+            for p in pts:
+                touched.setdefault(p.name, p)
+        if any(p.access != "rw" for p in touched.values()):
+            return ExcCodes.ILLEGAL_ADDRESS
+        current = self.device.values()
+        new: dict[str, Value] = {}
+        for p in touched.values():
+            a = p.modbus
+            assert a is not None
+            if table.is_bit_table:
+                new[p.name] = bool(data[a.address - address])
+                continue
+            if a.bit is not None:
+                new[p.name] = bool((data[a.address - address] >> a.bit) & 1)
+                continue
+            regs = self.encode_point(p, current)
+            for i in range(len(regs)):
+                idx = a.address + i - address
+                if 0 <= idx < len(data):
+                    regs[i] = data[idx] & 0xFFFF
+            try:
+                value = decode(p, regs, self.settings, sf_exponent=self._sf(p, current))
+            except (ValueError, UnicodeError):
+                return ExcCodes.ILLEGAL_VALUE
+            if isinstance(value, float) and not math.isfinite(value):
+                return ExcCodes.ILLEGAL_VALUE
+            if (
+                p.range is not None
+                and isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and not _within(value, p.range)
+            ):
+                return ExcCodes.ILLEGAL_VALUE
+            new[p.name] = value
+        for name, value in new.items():
+            self.device.write(name, value)
+        return None
+
+
+def _within(value: float, rng: tuple[float, float]) -> bool:
+    lo, hi = rng
+    slack = (hi - lo) * 1e-6 + 1e-9  # float32 round trips land a hair outside
+    return lo - slack <= value <= hi + slack
+
+
+class _Store:
+    """What pymodbus's request PDUs call ``context``: unit id -> register image."""
+
+    def __init__(self, images: Mapping[int, RegisterImage]) -> None:
+        self.images = images
+
+    def device_ids(self) -> list[int]:
+        return list(self.images)
+
+    async def async_getValues(
+        self, device_id: int, func_code: int, address: int, count: int = 1
+    ) -> list[int] | list[bool] | ExcCodes:
+        table = _FC_TABLE.get(func_code)
+        image = self.images.get(device_id)
+        if table is None or image is None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        regs = image.read(table, address, count)
+        if isinstance(regs, ExcCodes):
+            return regs
+        if table.is_bit_table:
+            return [bool(r) for r in regs]
+        return regs
+
+    async def async_setValues(
+        self, device_id: int, func_code: int, address: int, values: list[int] | list[bool]
+    ) -> ExcCodes | None:
+        table = _FC_TABLE.get(func_code)
+        image = self.images.get(device_id)
+        if table is None or image is None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        return image.write(table, address, [int(v) for v in values])
+
+
+def _placeholder() -> _PymodbusDevice:
+    # pymodbus insists on a datastore at construction; requests never reach it.
+    return _PymodbusDevice(id=0, simdata=[SimData(0)])
+
+
+class _Handler(ServerRequestHandler):
+    """One client connection (or the serial line): answers each request as its own task."""
+
+    def __init__(self, owner: Any, sim: ModbusSimServer) -> None:
+        super().__init__(owner, None, None, None)  # type: ignore[no-untyped-call]
+        self._sim = sim
+
+    def callback_connected(self) -> None:
+        super().callback_connected()
+        if self._sim._refuses_connections():
+            self._sim.dropped += 1
+            self.close()
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        try:
+            used: int = TransactionManager.callback_data(self, data, addr)
+        except ModbusIOException as exc:
+            # A frame pymodbus cannot decode: answer ILLEGAL FUNCTION, as pymodbus does.
+            self._sim.bad_frames += 1
+            response = ExceptionResponse(
+                exc.fcode if exc.fcode is not None else self._function_code(data),
+                exception_code=ExcCodes.ILLEGAL_FUNCTION,
+                device_id=exc.dev_id or 0,
+                transaction=exc.transaction_id or 0,
+            )
+            self._send(response, addr)
+            return len(data)
+        pdu: ModbusPDU | None = self.last_pdu
+        if pdu is not None:
+            self._sim._spawn(self._answer(pdu, self.last_addr))
+        return used
+
+    def _function_code(self, data: bytes) -> int:
+        # The function code of the undecodable frame, so the client can match the answer.
+        at = 1 if self._sim.framer == "rtu" else 7
+        return data[at] & 0x7F if len(data) > at else 0
+
+    def _send(self, response: ModbusPDU, addr: tuple[Any, ...] | None) -> None:
+        if self.transport is not None and not self.is_closing:
+            self.pdu_send(response, addr=addr)
+
+    async def _answer(self, pdu: ModbusPDU, addr: tuple[Any, ...] | None) -> None:
+        sim = self._sim
+        unit = sim._resolve_unit(pdu.dev_id)
+        if unit is None:
+            if sim.framer == "rtu" and sim.serial_port is not None:
+                return  # nobody on the line has that address: the bus stays quiet
+            response: ModbusPDU = ExceptionResponse(pdu.function_code, ExcCodes.GATEWAY_NO_RESPONSE)
+        else:
+            device = sim.devices[unit]
+            device.requests += 1
+            sim.requests += 1
+            faults = device.faults
+            mode = faults.mode
+            if mode is FaultMode.SILENT:
+                return
+            if mode in (FaultMode.DROP, FaultMode.RESTART):
+                if sim.serial_port is None:
+                    sim.dropped += 1
+                    self.close()
+                return
+            if mode is FaultMode.SLOW:
+                await asyncio.sleep(faults.delay)
+            if mode is FaultMode.EXCEPTION:
+                response = ExceptionResponse(pdu.function_code, faults.exception_code)
+            elif pdu.function_code not in _FC_TABLE:
+                response = ExceptionResponse(pdu.function_code, ExcCodes.ILLEGAL_FUNCTION)
+            else:
+                try:
+                    response = await pdu.datastore_update(cast(Any, sim._store), unit)
+                except Exception:
+                    sim.errors += 1
+                    log.exception(
+                        "request failed",
+                        extra={"device": device.device_id, "function": pdu.function_code},
+                    )
+                    response = ExceptionResponse(pdu.function_code, ExcCodes.DEVICE_FAILURE)
+        response.transaction_id = pdu.transaction_id
+        response.dev_id = pdu.dev_id
+        self._send(response, addr)
+
+
+class _TcpServer(ModbusTcpServer):
+    def __init__(self, sim: ModbusSimServer, **kwargs: Any) -> None:
+        super().__init__(_placeholder(), **kwargs)
+        self.sim = sim
+        self.context = cast(Any, sim._store)  # answers the same calls as pymodbus's own
+
+    def callback_new_connection(self) -> _Handler:
+        return _Handler(self, self.sim)
+
+
+class _SerialServer(ModbusSerialServer):
+    def __init__(self, sim: ModbusSimServer, **kwargs: Any) -> None:
+        super().__init__(_placeholder(), **kwargs)
+        self.sim = sim
+        self.context = cast(Any, sim._store)  # answers the same calls as pymodbus's own
+
+    def callback_new_connection(self) -> _Handler:
+        return _Handler(self, self.sim)
+
+
+class ModbusSimServer:
+    """Serve simulated devices, keyed by unit id, on one TCP port or one serial line.
+
+    ``framer="tcp"`` is Modbus TCP; ``framer="rtu"`` with ``serial_port`` is RTU on a
+    serial line; ``framer="rtu"`` without it is RTU framing over TCP. ``port=0`` picks a
+    free port (see :attr:`port` after :meth:`start`).
+    """
+
+    def __init__(
+        self,
+        devices: Mapping[int, SimDevice],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 502,
+        framer: Literal["tcp", "rtu"] = "tcp",
+        serial_port: str | None = None,
+        baudrate: int = 19200,
+        strict_addresses: bool = True,
+    ) -> None:
+        if not devices:
+            raise ValueError("a Modbus simulator needs at least one device")
+        for unit, dev in devices.items():
+            if not 0 <= unit <= 247:
+                raise ValueError(f"device '{dev.device_id}': unit id {unit} is not in 0..247")
+        if framer not in ("tcp", "rtu"):
+            raise ValueError(f"framer must be 'tcp' or 'rtu', not {framer!r}")
+        if serial_port is not None and framer != "rtu":
+            raise ValueError("a serial line needs framer 'rtu'")
+        self._devices = dict(devices)
+        self.host = host
+        self.port = port
+        self.framer = framer
+        self.serial_port = serial_port
+        self.baudrate = baudrate
+        self.strict_addresses = strict_addresses
+        self._store = _Store(
+            {u: RegisterImage(d, strict_addresses=strict_addresses) for u, d in devices.items()}
+        )
+        self._server: _TcpServer | _SerialServer | None = None
+        self._started = False
+        self._restarting = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listening = False
+        # Counters a user (or /metrics) can read.
+        self.requests = 0
+        self.errors = 0
+        self.bad_frames = 0
+        self.busy = 0
+        self.dropped = 0
+        self.restarts = 0
+
+    @property
+    def devices(self) -> Mapping[int, SimDevice]:
+        return self._devices
+
+    @property
+    def listening(self) -> bool:
+        return self._listening
+
+    @property
+    def endpoint(self) -> str:
+        """Where clients reach this server, e.g. ``tcp://127.0.0.1:5020`` or ``rtu:/dev/ttyS0``."""
+        if self.serial_port is not None:
+            return f"rtu:{self.serial_port}"
+        scheme = "tcp" if self.framer == "tcp" else "rtu-over-tcp"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start listening; returns once clients can connect."""
+        if self._started:
+            raise RuntimeError(f"Modbus simulator on {self.endpoint} is already running")
+        await self._listen()
+        self._started = True
+        _FaultWatcher.of_running_loop().add(self)
+
+    async def stop(self) -> None:
+        """Stop listening, close connections and cancel requests in flight."""
+        if self._started:
+            await _FaultWatcher.of_running_loop().discard(self)
+        self._started = False
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._close()
+
+    async def __aenter__(self) -> ModbusSimServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- internals -------------------------------------------------------------------
+
+    def _resolve_unit(self, unit: int) -> int | None:
+        if unit in self._devices:
+            return unit
+        # A TCP device with one unit answers the "any" ids 0 and 255, as most do.
+        if self.serial_port is None and len(self._devices) == 1 and unit in (0, 255):
+            return next(iter(self._devices))
+        return None
+
+    def _refuses_connections(self) -> bool:
+        if self.serial_port is not None:
+            return False
+        return all(
+            d.faults.mode in (FaultMode.DROP, FaultMode.RESTART) for d in self._devices.values()
+        )
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if len(self._tasks) >= _MAX_PENDING:
+            self.busy += 1
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _make_server(self) -> _TcpServer | _SerialServer:
+        if self.serial_port is not None:
+            return _SerialServer(
+                self,
+                framer=FramerType.RTU,
+                port=self.serial_port,
+                baudrate=self.baudrate,
+                timeout=1.0,
+            )
+        framer = FramerType.SOCKET if self.framer == "tcp" else FramerType.RTU
+        return _TcpServer(self, framer=framer, address=(self.host, self.port))
+
+    async def _listen(self) -> None:
+        server = self._make_server()
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as exc:
+            raise OSError(f"Modbus simulator cannot listen on {self.endpoint}") from exc
+        if self.serial_port is None and self.port == 0:
+            sockets = getattr(server.transport, "sockets", None) or []
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+        self._server = server
+        self._listening = True
+        log.debug("modbus simulator listening", extra={"endpoint": self.endpoint})
+
+    async def _close(self) -> None:
+        server, self._server = self._server, None
+        self._listening = False
+        if server is None:
+            return
+        listener = server.transport
+        await server.shutdown()  # type: ignore[no-untyped-call]
+        wait_closed = getattr(listener, "wait_closed", None)
+        if wait_closed is not None:
+            with contextlib.suppress(asyncio.TimeoutError, OSError):
+                await asyncio.wait_for(wait_closed(), timeout=2.0)
+
+    async def _relisten(self) -> None:
+        last: OSError | None = None
+        for _ in range(_RELISTEN_ATTEMPTS):
+            try:
+                await self._listen()
+                return
+            except OSError as exc:
+                last = exc
+                await asyncio.sleep(_RELISTEN_PAUSE)
+        self.errors += 1
+        log.error(
+            "modbus simulator could not listen again",
+            extra={"endpoint": self.endpoint, "error": str(last)},
+        )
+
+    def _check_restart(self) -> None:
+        """Called by the watcher: begin a restart when a device asks for one."""
+        if self._restarting or not self._listening:
+            return
+        if any(d.faults.mode is FaultMode.RESTART for d in self._devices.values()):
+            self._restarting = True
+            self._spawn(self._restart())
+
+    async def _restart(self) -> None:
+        try:
+            restarting = [d for d in self._devices.values() if d.faults.mode is FaultMode.RESTART]
+            delay = max((d.faults.delay for d in restarting), default=0.0)
+            log.info(
+                "modbus simulator restarting",
+                extra={"endpoint": self.endpoint, "delay": delay},
+            )
+            await self._close()
+            await asyncio.sleep(delay)
+            for d in restarting:
+                if d.faults.mode is FaultMode.RESTART:
+                    d.faults.clear()
+            self.restarts += 1
+            await self._relisten()
+        finally:
+            self._restarting = False
+
+
+class _FaultWatcher:
+    """One task per event loop that notices ``restart`` faults on every running server.
+
+    Faults are plain attributes that tests, the control API and the plant set directly,
+    so they are polled; one shared poller keeps a thousand simulated devices cheap.
+    """
+
+    POLL = 0.05
+
+    def __init__(self) -> None:
+        self.servers: set[ModbusSimServer] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.polls = 0
+
+    @classmethod
+    def of_running_loop(cls) -> _FaultWatcher:
+        loop = asyncio.get_running_loop()
+        watcher = _WATCHERS.get(loop)
+        if watcher is None:
+            watcher = _WATCHERS[loop] = cls()
+        return watcher
+
+    def add(self, server: ModbusSimServer) -> None:
+        self.servers.add(server)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(
+                self._run(), name="modbus-sim-fault-watcher"
+            )
+
+    async def discard(self, server: ModbusSimServer) -> None:
+        self.servers.discard(server)
+        task = self.task
+        if not self.servers and task is not None:
+            self.task = None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        # Bounded by the servers' lifetime: cancelled when the last one stops.
+        while self.servers:
+            await asyncio.sleep(self.POLL)
+            self.polls += 1
+            for server in list(self.servers):
+                try:
+                    server._check_restart()
+                except Exception:
+                    server.errors += 1
+                    log.exception("fault check failed", extra={"endpoint": server.endpoint})
+
+
+_WATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FaultWatcher] = (
+    weakref.WeakKeyDictionary()
+)

@@ -1,0 +1,540 @@
+"""A simulated site: enterprises, their devices, and the servers that serve them.
+
+A plant file (YAML) lists enterprises and the devices each owns. Devices marked
+``on: false`` belong to the ledger but are never served — they are owned, not
+connected. Modbus devices sharing a port — or naming the same ``gateway`` — are served
+as unit ids behind one listener (a Modbus gateway in front of an RS-485 line); every
+OPC UA device gets a port of its own. Ports left ``auto``
+are assigned from ``base_port`` upwards, skipping the ports given explicitly.
+
+Example (see ``simulators/plant.example.yaml``)::
+
+    base_port: 15020
+    enterprises:
+      - id: sjz-cement
+        name: Shijiazhuang Cement Co.
+        region: "130102"
+        industry: C30
+        devices:
+          - {id: sjz-kiln-1, profile: kiln-rotary-cement}
+          - {id: sjz-comp-2, profile: aircomp-screw, fault: {mode: slow, delay: 1}}
+          - {id: sjz-motor-9, profile: motor-hv-drive, on: false}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Protocol, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from device_profiles.loader import ProfileSet, load_profiles
+from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from simulators.device import SimDevice
+from simulators.faults import FaultMode
+from simulators.modbus_server import ModbusSimServer
+
+__all__ = [
+    "DeviceConfig",
+    "Endpoint",
+    "EnterpriseConfig",
+    "FaultConfig",
+    "LedgerEntry",
+    "Plant",
+    "PlantConfig",
+    "PlantError",
+    "load_plant_config",
+    "opcua_server_class",
+]
+
+log = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FaultConfig(_Strict):
+    """A fault set when the device starts."""
+
+    mode: FaultMode
+    delay: float | None = Field(default=None, ge=0, le=3600)
+    code: int | None = Field(default=None, ge=1, le=255, description="Modbus exception code.")
+
+
+class DeviceConfig(_Strict):
+    """One device an enterprise owns."""
+
+    id: str = Field(pattern=IDENTIFIER_PATTERN)
+    profile: str = Field(pattern=IDENTIFIER_PATTERN)
+    on: bool = Field(default=True, description="false: in the ledger but never switched on.")
+    fault: FaultConfig | FaultMode | None = None
+    port: int | Literal["auto"] = "auto"
+    unit: int = Field(default=1, ge=0, le=247, description="Modbus unit id.")
+    framer: Literal["tcp", "rtu-over-tcp"] = "tcp"
+    serial: str | None = Field(default=None, description="Serve as RTU on this serial line.")
+    gateway: str | None = Field(
+        default=None,
+        pattern=IDENTIFIER_PATTERN,
+        description="Devices naming the same gateway share one port as unit ids.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _port(self) -> Self:
+        if isinstance(self.port, int) and not 1 <= self.port <= 65535:
+            raise ValueError(f"port {self.port} is not in 1..65535")
+        return self
+
+    @property
+    def fault_config(self) -> FaultConfig | None:
+        if self.fault is None or isinstance(self.fault, FaultConfig):
+            return self.fault
+        return FaultConfig(mode=self.fault)
+
+
+class EnterpriseConfig(_Strict):
+    """An enterprise, where it is, what industry it is in, and what it owns."""
+
+    id: str = Field(pattern=IDENTIFIER_PATTERN)
+    name: str = Field(min_length=1)
+    region: str = Field(pattern=r"^\d{6}$", description="GB/T 2260 county code, e.g. 130102.")
+    industry: str = Field(
+        pattern=r"^[A-T]\d{0,4}$", description="GB/T 4754 industry code, e.g. C30."
+    )
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+
+class PlantConfig(_Strict):
+    """A whole simulated site."""
+
+    host: str = "127.0.0.1"
+    base_port: int = Field(default=15020, ge=1, le=65535)
+    seed: int = 0
+    time_scale: float = Field(default=1.0, gt=0, le=100000)
+    strict_addresses: bool = True
+    profile_dirs: list[Path] = Field(
+        default_factory=list, description="Extra profile folders beside the shipped ones."
+    )
+    enterprises: list[EnterpriseConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> Self:
+        errors: list[str] = []
+        ents: set[str] = set()
+        devs: set[str] = set()
+        for e in self.enterprises:
+            if e.id in ents:
+                errors.append(f"enterprise '{e.id}': duplicate enterprise id")
+            ents.add(e.id)
+            for d in e.devices:
+                if d.id in devs:
+                    errors.append(f"device '{d.id}': duplicate device id")
+                devs.add(d.id)
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+
+class PlantError(ValueError):
+    """A plant file that cannot be used; names the file and each problem."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _where(data: Any, loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as 'enterprise 'x': device 'y': field'."""
+    parts: list[str] = []
+    node: Any = data
+    i = 0
+    while i < len(loc):
+        key = loc[i]
+        nxt = loc[i + 1] if i + 1 < len(loc) else None
+        if key in ("enterprises", "devices") and isinstance(nxt, int):
+            kind = "enterprise" if key == "enterprises" else "device"
+            items = node.get(key) if isinstance(node, dict) else None
+            item = items[nxt] if isinstance(items, list) and nxt < len(items) else None
+            ident = item.get("id") if isinstance(item, dict) else None
+            parts.append(f"{kind} '{ident}'" if ident else f"{kind} #{nxt + 1}")
+            node = item
+            i += 2
+            continue
+        parts.append(str(key))
+        node = node.get(key) if isinstance(node, dict) and isinstance(key, str) else None
+        i += 1
+    return ": ".join(parts)
+
+
+def load_plant_config(path: Path | str) -> PlantConfig:
+    """Read and validate a plant file; raises PlantError naming the file and device."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlantError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise PlantError(str(path), [f"{where}not valid YAML"]) from exc
+    if not isinstance(data, dict):
+        raise PlantError(str(path), ["a plant file must be a mapping at the top level"])
+    try:
+        config = PlantConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            where = _where(data, tuple(err["loc"]))
+            # Whole-file checks (duplicate ids) report several findings in one message.
+            for m in [msg] if where else msg.split("; "):
+                problems.append(f"{where}: {m}" if where else m)
+        raise PlantError(str(path), problems) from exc
+    # Relative profile folders are relative to the plant file.
+    dirs = [d if d.is_absolute() else path.parent / d for d in config.profile_dirs]
+    return config.model_copy(update={"profile_dirs": dirs})
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a served device answers."""
+
+    device: str
+    enterprise: str
+    profile: str
+    protocol: Literal["modbus", "opcua"]
+    host: str
+    port: int | None
+    unit: int | None = None
+    framer: str | None = None  # modbus: tcp, rtu-over-tcp or rtu
+    serial_port: str | None = None
+    server_url: str | None = None  # what the server itself reports, once started
+
+    @property
+    def url(self) -> str:
+        if self.server_url is not None:
+            return self.server_url
+        if self.protocol == "opcua":
+            return f"opc.tcp://{self.host}:{self.port}"
+        if self.serial_port is not None:
+            return f"rtu:{self.serial_port}#unit={self.unit}"
+        scheme = "tcp" if self.framer == "tcp" else "rtu-over-tcp"
+        return f"{scheme}://{self.host}:{self.port}#unit={self.unit}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "url": self.url}
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """A device as the enterprise's ledger lists it, served or not."""
+
+    device: str
+    enterprise: str
+    enterprise_name: str
+    region: str
+    industry: str
+    profile: str
+    family: str
+    category: str
+    protocol: str
+    on: bool
+
+
+class _Server(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def opcua_server_class() -> Callable[..., _Server]:
+    """The OPC UA simulator class, imported on first use (asyncua is heavy)."""
+    try:
+        module = importlib.import_module("simulators.opcua_server")
+    except ModuleNotFoundError as exc:
+        if exc.name != "simulators.opcua_server":
+            raise
+        raise RuntimeError(
+            "the OPC UA simulator (simulators/opcua_server.py) is not available "
+            "in this installation; OPC UA profiles cannot be served"
+        ) from exc
+    cls: Callable[..., _Server] = module.OpcUaSimServer
+    return cls
+
+
+@dataclass(slots=True)
+class _Listener:
+    """One port (or serial line) and the devices answering on it."""
+
+    key: str
+    protocol: Literal["modbus", "opcua"]
+    port: int | None
+    framer: str
+    serial_port: str | None
+    units: dict[int, str]  # unit id -> device id (one entry, unit 0, for OPC UA)
+
+
+class Plant:
+    """Serve a plant: ``await start()``, look at :attr:`endpoints`, ``await stop()``.
+
+    ``devices`` gives each served :class:`SimDevice`, so callers can set faults at run
+    time (``plant.devices['kiln-1'].faults.set('silent')``).
+    """
+
+    def __init__(
+        self,
+        config: PlantConfig,
+        *,
+        profiles: ProfileSet | None = None,
+        source: str = "<plant>",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.source = source
+        if profiles is None:
+            try:
+                profiles = load_profiles(config.profile_dirs)
+            except ValueError as exc:
+                raise PlantError(source, [f"profiles: {exc}"]) from exc
+        self.profiles = profiles
+        problems: list[str] = []
+        self.ledger: list[LedgerEntry] = []
+        self.devices: dict[str, SimDevice] = {}
+        self._profile_of: dict[str, Profile] = {}
+        for ent in config.enterprises:
+            for d in ent.devices:
+                where = f"enterprise '{ent.id}': device '{d.id}'"
+                if d.profile not in profiles:
+                    problems.append(f"{where}: unknown profile '{d.profile}'")
+                    continue
+                prof = profiles[d.profile]
+                if prof.protocol == "opcua" and (d.serial or d.framer != "tcp"):
+                    problems.append(f"{where}: serial/framer apply to Modbus devices only")
+                fault = d.fault_config
+                self.ledger.append(
+                    LedgerEntry(
+                        device=d.id,
+                        enterprise=ent.id,
+                        enterprise_name=ent.name,
+                        region=ent.region,
+                        industry=ent.industry,
+                        profile=prof.id,
+                        family=prof.family.value,
+                        category=prof.category.value,
+                        protocol=prof.protocol,
+                        on=d.on,
+                    )
+                )
+                if not d.on:
+                    continue
+                try:
+                    dev = SimDevice(
+                        prof,
+                        device_id=d.id,
+                        seed=config.seed,
+                        clock=clock,
+                        time_scale=config.time_scale,
+                    )
+                except Exception as exc:  # a model that cannot start is one bad device
+                    problems.append(f"{where}: cannot simulate profile '{prof.id}': {exc}")
+                    continue
+                if fault is not None:
+                    dev.faults.set(fault.mode, delay=fault.delay, code=fault.code)
+                self.devices[d.id] = dev
+                self._profile_of[d.id] = prof
+        self._listeners: list[_Listener] = []
+        self.endpoints: dict[str, Endpoint] = {}
+        if not problems:
+            problems.extend(self._assign())
+        if problems:
+            raise PlantError(source, problems)
+        self._servers: list[_Server] = []
+        self._running = False
+
+    @classmethod
+    def from_file(cls, path: Path | str, **kwargs: Any) -> Plant:
+        """Load a plant file and build the plant (nothing is served until ``start``)."""
+        config = load_plant_config(path)
+        return cls(config, source=str(path), **kwargs)
+
+    def _assign(self) -> list[str]:
+        """Group served devices into listeners and give ``auto`` devices free ports."""
+        problems: list[str] = []
+        cfg = self.config
+        served = [
+            (ent, d)
+            for ent in cfg.enterprises
+            for d in ent.devices
+            if d.on and d.id in self.devices
+        ]
+        taken = {d.port for _, d in served if isinstance(d.port, int)}
+        next_port = cfg.base_port
+        by_key: dict[str, _Listener] = {}
+        gateway_ports: dict[str, int] = {}
+        for ent, d in served:
+            prof = self._profile_of[d.id]
+            where = f"enterprise '{ent.id}': device '{d.id}'"
+            if prof.protocol == "opcua" and d.gateway is not None:
+                problems.append(f"{where}: gateway applies to Modbus devices only")
+                continue
+            if prof.protocol == "modbus" and d.serial is not None:
+                key = f"serial:{d.serial}"
+                port: int | None = None
+                framer = "rtu"
+            else:
+                known = gateway_ports.get(d.gateway) if d.gateway is not None else None
+                if known is not None:
+                    if isinstance(d.port, int) and d.port != known:
+                        problems.append(
+                            f"{where}: port {d.port} differs from gateway '{d.gateway}' "
+                            f"on port {known}"
+                        )
+                        continue
+                    port = known
+                elif isinstance(d.port, int):
+                    port = d.port
+                else:
+                    while next_port in taken:
+                        next_port += 1
+                    if next_port > 65535:
+                        problems.append(f"{where}: no free port left above {cfg.base_port}")
+                        continue
+                    port = next_port
+                    taken.add(port)
+                if d.gateway is not None:
+                    gateway_ports[d.gateway] = port
+                key = f"tcp:{port}"
+                framer = d.framer if prof.protocol == "modbus" else "opcua"
+            lst = by_key.get(key)
+            if lst is None:
+                lst = _Listener(key, prof.protocol, port, framer, d.serial, {})
+                by_key[key] = lst
+                self._listeners.append(lst)
+            elif lst.protocol != prof.protocol or prof.protocol == "opcua":
+                other = next(iter(lst.units.values()))
+                problems.append(f"{where}: {key} is already used by device '{other}'")
+                continue
+            elif lst.framer != framer:
+                other = next(iter(lst.units.values()))
+                problems.append(f"{where}: framer {framer} differs from device '{other}' on {key}")
+                continue
+            unit = d.unit if prof.protocol == "modbus" else 0
+            if unit in lst.units:
+                problems.append(
+                    f"{where}: unit {unit} on {key} is already device '{lst.units[unit]}'"
+                )
+                continue
+            lst.units[unit] = d.id
+            self.endpoints[d.id] = Endpoint(
+                device=d.id,
+                enterprise=ent.id,
+                profile=prof.id,
+                protocol=prof.protocol,
+                host=cfg.host,
+                port=port,
+                unit=unit if prof.protocol == "modbus" else None,
+                framer=framer if prof.protocol == "modbus" else None,
+                serial_port=d.serial if prof.protocol == "modbus" else None,
+            )
+        return problems
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def server_for(self, device_id: str) -> _Server:
+        """The running server that serves ``device_id``."""
+        for lst, server in zip(self._listeners, self._servers, strict=False):
+            if device_id in lst.units.values():
+                return server
+        raise KeyError(f"device '{device_id}' is not served")
+
+    async def start(self) -> None:
+        """Start every listener; on failure, stop the ones already started and raise."""
+        if self._running:
+            raise RuntimeError("plant is already running")
+        if any(lst.protocol == "opcua" for lst in self._listeners):
+            opcua_cls = opcua_server_class()
+        try:
+            for lst in self._listeners:
+                server: _Server
+                if lst.protocol == "modbus":
+                    server = ModbusSimServer(
+                        {u: self.devices[d] for u, d in lst.units.items()},
+                        host=self.config.host,
+                        port=lst.port or 0,
+                        framer="tcp" if lst.framer == "tcp" else "rtu",
+                        serial_port=lst.serial_port,
+                        strict_addresses=self.config.strict_addresses,
+                    )
+                else:
+                    (device_id,) = lst.units.values()
+                    server = opcua_cls(
+                        self.devices[device_id], host=self.config.host, port=lst.port
+                    )
+                try:
+                    await server.start()
+                except OSError as exc:
+                    names = ", ".join(lst.units.values())
+                    raise OSError(f"{exc} (devices: {names})") from exc
+                self._servers.append(server)
+                reported = getattr(server, "endpoint", None)
+                if lst.protocol == "opcua" and isinstance(reported, str):
+                    (device_id,) = lst.units.values()
+                    self.endpoints[device_id] = replace(
+                        self.endpoints[device_id], server_url=reported
+                    )
+        except BaseException:
+            await self.stop()
+            raise
+        self._running = True
+        log.info(
+            "plant serving",
+            extra={"source": self.source, "devices": len(self.endpoints)},
+        )
+
+    async def stop(self) -> None:
+        """Stop every listener (in reverse order); safe to call twice."""
+        servers, self._servers = self._servers, []
+        self._running = False
+        for server in reversed(servers):
+            with contextlib.suppress(Exception):
+                await server.stop()
+
+    async def __aenter__(self) -> Plant:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def endpoints_document(self) -> dict[str, Any]:
+        """What ``--endpoints-out`` writes: served endpoints and the whole ledger."""
+        enterprises = [
+            {"id": e.id, "name": e.name, "region": e.region, "industry": e.industry}
+            for e in self.config.enterprises
+        ]
+        return {
+            "enterprises": enterprises,
+            "devices": {k: v.as_dict() for k, v in self.endpoints.items()},
+            "ledger": [asdict(entry) for entry in self.ledger],
+        }

@@ -1,0 +1,259 @@
+"""``iiot sim run`` and ``iiot sim plant`` as a user runs them: real processes, real clients."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asyncua import Client as OpcUaClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ModbusIOException
+
+from device_profiles.loader import load_profiles
+from device_profiles.schema import ModbusTable, Profile
+from tests.servers import PtyPair, free_port
+from tests.simulators.test_plant import EXAMPLE, free_base
+
+IIOT = str(Path(sys.executable).with_name("iiot"))
+
+
+class _Sim:
+    """A running ``iiot sim`` process and the endpoints file it wrote."""
+
+    def __init__(self, args: list[str], tmp_path: Path) -> None:
+        self.endpoints_file = tmp_path / "endpoints.json"
+        self.out = (tmp_path / "stdout.txt").open("w+b")
+        self.err = (tmp_path / "stderr.txt").open("w+b")
+        self.proc = subprocess.Popen(
+            [IIOT, "sim", *args, "--endpoints-out", str(self.endpoints_file)],
+            stdout=self.out,
+            stderr=self.err,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"iiot sim exited {self.proc.returncode}: {self.stderr()}")
+            if self.endpoints_file.exists():
+                doc: dict[str, Any] = json.loads(self.endpoints_file.read_text())
+                return doc
+            time.sleep(0.05)
+        raise AssertionError(f"iiot sim not ready after {timeout}s: {self.stderr()}")
+
+    def stderr(self) -> str:
+        self.err.seek(0)
+        return self.err.read().decode(errors="replace")
+
+    def stdout(self) -> str:
+        self.out.seek(0)
+        return self.out.read().decode(errors="replace")
+
+    def terminate(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def close(self) -> None:
+        self.terminate()
+        self.out.close()
+        self.err.close()
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> Iterator[Any]:
+    started: list[_Sim] = []
+
+    def _start(*args: str) -> _Sim:
+        s = _Sim(list(args), tmp_path)
+        started.append(s)
+        return s
+
+    yield _start
+    for s in started:
+        s.close()
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [IIOT, "sim", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+async def _read_input(
+    port: int, unit: int = 1, *, wait: float = 2.0, profile: Profile | None = None
+) -> Any:
+    client = AsyncModbusTcpClient(
+        "127.0.0.1", port=port, timeout=wait, retries=0, reconnect_delay=0
+    )
+    try:
+        assert await client.connect()
+        if profile is None:
+            return await client.read_input_registers(0, count=2, device_id=unit)
+        # The first register point of the profile (SunSpec maps start at holding 40000).
+        point = next(p for p in profile.points if p.modbus and not p.modbus.table.is_bit_table)
+        assert point.modbus is not None
+        read = (
+            client.read_input_registers
+            if point.modbus.table is ModbusTable.INPUT
+            else client.read_holding_registers
+        )
+        return await read(point.modbus.address, count=point.register_count, device_id=unit)
+    finally:
+        client.close()
+
+
+async def test_sim_run_serves_devices_and_obeys_the_control_api(sim: Any) -> None:
+    port, control = free_base(3), free_port()
+    s = sim(
+        "run",
+        "--profile",
+        "kiln-rotary-cement",
+        "--count",
+        "3",
+        "--port",
+        str(port),
+        "--seed",
+        "5",
+        "--fault",
+        "2:exception",
+        "--control-port",
+        str(control),
+    )
+    doc = s.wait_ready()
+    ids = ["kiln-rotary-cement-0", "kiln-rotary-cement-1", "kiln-rotary-cement-2"]
+    assert sorted(doc["devices"]) == ids
+    assert [doc["devices"][i]["port"] for i in ids] == [port, port + 1, port + 2]
+    assert not (await _read_input(port)).isError()
+    rr = await _read_input(port + 2)
+    assert rr.isError() and rr.exception_code == 4
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{control}", timeout=5) as http:
+        listed = (await http.get("/devices")).json()
+        assert [d["id"] for d in listed] == ids
+        assert listed[2]["fault"]["mode"] == "exception"
+        r = await http.put(f"/devices/{ids[1]}/fault", json={"mode": "silent"})
+        assert r.status_code == 200
+        with pytest.raises(ModbusIOException):
+            await _read_input(port + 1, wait=0.3)
+        assert (await http.delete(f"/devices/{ids[1]}/fault")).status_code == 200
+        assert not (await _read_input(port + 1)).isError()
+        r = await http.get(f"/devices/{ids[1]}")
+        assert r.json()["requests"] == 2
+    assert s.terminate() == 0
+    assert "kiln-rotary-cement-2" in s.stdout() and "stopped" in s.stdout()
+
+
+async def test_sim_run_units_serves_a_gateway_on_one_port(sim: Any) -> None:
+    port = free_port()
+    s = sim("run", "--profile", "boiler-steam-coal", "--count", "2", "--port", str(port), "--units")
+    doc = s.wait_ready()
+    units = {d["unit"] for d in doc["devices"].values()}
+    assert units == {1, 2} and {d["port"] for d in doc["devices"].values()} == {port}
+    assert not (await _read_input(port, 1)).isError()
+    assert not (await _read_input(port, 2)).isError()
+    rr = await _read_input(port, 3)
+    assert rr.isError() and rr.exception_code == 0x0B
+    assert s.terminate() == 0
+
+
+async def test_sim_run_serial_line_serves_rtu_units(sim: Any, pty_pair: PtyPair) -> None:
+    s = sim("run", "--profile", "motor-hv-drive", "--count", "2", "--serial", pty_pair.a)
+    doc = s.wait_ready()
+    assert {d["serial_port"] for d in doc["devices"].values()} == {pty_pair.a}
+    client = AsyncModbusSerialClient(pty_pair.b, baudrate=19200, timeout=1.0, retries=0)
+    try:
+        assert await client.connect()
+        for unit in (1, 2):
+            rr = await client.read_input_registers(0, count=2, device_id=unit)
+            assert not rr.isError()
+    finally:
+        client.close()
+    assert s.terminate() == 0
+
+
+async def test_sim_plant_serves_the_example_site(sim: Any) -> None:
+    profiles = load_profiles()
+    base, control = free_base(20), free_port()
+    s = sim(
+        "plant",
+        "--config",
+        str(EXAMPLE),
+        "--base-port",
+        str(base),
+        "--control-port",
+        str(control),
+    )
+    doc = s.wait_ready(timeout=60)
+    devices = doc["devices"]
+    off = {e["device"] for e in doc["ledger"] if not e["on"]}
+    assert off and off.isdisjoint(devices)
+    assert len(doc["ledger"]) == len(devices) + len(off)
+    modbus = [d for d in devices.values() if d["protocol"] == "modbus"]
+    for d in modbus:
+        rr = await _read_input(d["port"], d["unit"], profile=profiles[d["profile"]])
+        assert not rr.isError(), f"{d['device']}: {rr}"
+    opcua = [d for d in devices.values() if d["protocol"] == "opcua"]
+    assert opcua
+    for d in opcua:
+        async with OpcUaClient(d["url"], timeout=5) as client:
+            objects = await client.nodes.objects.get_children()
+            assert len(objects) > 1  # the device's own objects beside the Server object
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{control}", timeout=5) as http:
+        listed = {d["id"] for d in (await http.get("/devices")).json()}
+        assert listed == set(devices)
+    table = s.stdout()
+    for name in ("sjz-kiln-1", "ts-boiler-gas-1", "opc.tcp://"):
+        assert name in table
+    assert "zjk-wt-03" in table  # listed as ledger-only
+    assert s.terminate() == 0
+
+
+def test_bad_plant_file_exits_2_naming_file_and_device(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "enterprises:\n"
+        "  - {id: e1, name: W, region: '130102', industry: C30,\n"
+        "     devices: [{id: k1, profile: kiln-rotary-cement, wheels: 4}]}\n"
+    )
+    r = _run("plant", "--config", str(bad))
+    assert r.returncode == 2
+    assert str(bad) in r.stderr and "device 'k1'" in r.stderr and "wheels" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--profile", "no-such"], "unknown profile 'no-such'"),
+        (["--profile", "kiln-rotary-cement", "--fault", "0:melting"], "unknown mode 'melting'"),
+        (["--profile", "kiln-rotary-cement", "--fault", "5:silent"], "no device 5"),
+        (["--profile", "kiln-rotary-cement", "--fault", "0:slow:soon"], "'soon' is not a delay"),
+    ],
+)
+def test_bad_sim_run_options_exit_2_with_the_reason(args: list[str], expected: str) -> None:
+    r = _run("run", "--port", str(free_port()), *args)
+    assert r.returncode == 2
+    assert expected in r.stderr
+
+
+def test_port_in_use_is_reported(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = _run("run", "--profile", "kiln-rotary-cement", "--port", str(port))
+    assert r.returncode == 1
+    assert f"127.0.0.1:{port}" in r.stderr
