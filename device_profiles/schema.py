@@ -313,7 +313,7 @@ class Profile(_Strict):
             if a.table.is_bit_table:
                 if p.type is not ValueType.BOOL:
                     errors.append(
-                        f"{where}: a {a.table.value} holds single bits; type must be bool, "
+                        f"{where}: a {a.table.value} holds single bits, so its type must be bool, "
                         f"not {p.type.value}"
                     )
                 if a.bit is not None:

@@ -73,3 +73,7 @@ class SimDevice:
         if point.access != "rw":
             raise PermissionError(f"point '{name}' is read-only")
         self._overrides[name] = value
+        # Family models that keep a ``setpoints`` dict react to writes (e.g. kiln speed).
+        setpoints = getattr(self.model, "setpoints", None)
+        if isinstance(setpoints, dict):
+            setpoints[name] = value

@@ -25,7 +25,16 @@ class Model(Protocol):
 
 
 # family -> "module:Class"; each class takes (profile, rng) and knows its family's points.
-MODELS: dict[Family, str] = {}
+MODELS: dict[Family, str] = {
+    Family.KILN: "simulators.models.kiln:KilnModel",
+    Family.BOILER: "simulators.models.boiler:BoilerModel",
+    Family.AIR_COMPRESSOR: "simulators.models.air_compressor:AirCompressorModel",
+    Family.MOTOR: "simulators.models.motor:MotorModel",
+    Family.DIESEL_GENSET: "simulators.models.diesel_genset:DieselGensetModel",
+    Family.WIND_TURBINE: "simulators.models.wind_turbine:WindTurbineModel",
+    Family.PV_INVERTER: "simulators.models.pv_inverter:PvInverterModel",
+    Family.CNC_MACHINE: "simulators.models.cnc_machine:CncMachineModel",
+}
 
 
 class GenericModel:
