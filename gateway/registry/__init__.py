@@ -1,0 +1,26 @@
+"""The device registry: every device an enterprise owns, its onboarding and online state."""
+
+from gateway.registry.core import (
+    Agent,
+    Conflict,
+    Enterprise,
+    ImportResult,
+    NotFound,
+    Registry,
+    RegistryError,
+)
+from gateway.registry.ledger import DeviceInput, LedgerError, RowError, parse_ledger
+
+__all__ = [
+    "Agent",
+    "Conflict",
+    "DeviceInput",
+    "Enterprise",
+    "ImportResult",
+    "LedgerError",
+    "NotFound",
+    "Registry",
+    "RegistryError",
+    "RowError",
+    "parse_ledger",
+]

@@ -1,0 +1,202 @@
+"""In-memory columnar index of the devices, so a ratio over 10⁶ devices is a few numpy ops.
+
+The database stays the source of truth; the index is rebuilt from it at start and kept
+up to date by the registry under its lock. Categorical columns are dictionary-encoded
+(``_Encoder``) so a grouping is one ``np.bincount``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from gateway.registry.codes import industry_division
+
+__all__ = ["NEVER", "DeviceIndex", "DeviceMeta", "Encoder"]
+
+NEVER = -1  # a timestamp column's value for "not yet"
+
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+class Encoder:
+    """Maps strings to dense integer codes, in order of first appearance."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self) -> None:
+        self.values: list[str] = []
+        self.codes: dict[str, int] = {}
+
+    def code(self, value: str) -> int:
+        c = self.codes.get(value)
+        if c is None:
+            c = len(self.values)
+            self.codes[value] = c
+            self.values.append(value)
+        return c
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+@dataclass(slots=True)
+class DeviceMeta:
+    """The per-device fields that are not needed for vectorised counting."""
+
+    enterprise: str
+    id: str
+    name: str
+    region: str
+    industry: str
+    family: str
+    category: str
+    profile: str | None
+    agent: str | None
+    status: str
+    source: str
+    not_in_ledger: bool
+    created_ms: int
+    first_seen_ms: int | None = None
+    reason: str = ""
+
+
+def _encode(enc: Encoder, values: list[str]) -> list[int]:
+    """Codes of many values; a dict lookup per value, the encoder only for new ones."""
+    codes = enc.codes
+    return [codes[v] if v in codes else enc.code(v) for v in values]
+
+
+_INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
+_TS_COLUMNS = ("last_good", "last_ts", "offline_since", "saved_good", "saved_ts")
+_BOOL_COLUMNS = ("active", "agent_alive", "dev_online")
+
+
+class DeviceIndex:
+    """Columns by device position; ``keys`` maps (enterprise, device) to the position."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.n = 0
+        self.keys: dict[tuple[str, str], int] = {}
+        self.meta: list[DeviceMeta] = []
+        self.enc = {
+            name: Encoder()
+            for name in ("enterprise", "province", "city", "county", "industry", "category")
+        }
+        self.enc["family"] = Encoder()
+        self._cap = max(16, capacity)
+        self.ent: I32 = np.zeros(self._cap, np.int32)
+        self.prov: I32 = np.zeros(self._cap, np.int32)
+        self.city: I32 = np.zeros(self._cap, np.int32)
+        self.county: I32 = np.zeros(self._cap, np.int32)
+        self.region_num: I32 = np.zeros(self._cap, np.int32)
+        self.industry: I32 = np.zeros(self._cap, np.int32)
+        self.category: I32 = np.zeros(self._cap, np.int32)
+        self.family: I32 = np.zeros(self._cap, np.int32)
+        self.last_good: I64 = np.full(self._cap, NEVER, np.int64)
+        self.last_ts: I64 = np.full(self._cap, NEVER, np.int64)
+        self.offline_since: I64 = np.full(self._cap, NEVER, np.int64)
+        # What the database holds of last_good/last_ts, to write them only when they
+        # have moved far enough (see Registry.persist_granularity_ms).
+        self.saved_good: I64 = np.full(self._cap, NEVER, np.int64)
+        self.saved_ts: I64 = np.full(self._cap, NEVER, np.int64)
+        self.active: Bools = np.zeros(self._cap, np.bool_)
+        self.agent_alive: Bools = np.zeros(self._cap, np.bool_)
+        self.dev_online: Bools = np.zeros(self._cap, np.bool_)
+        # Agent id -> positions of its devices, to flip agent_alive on birth/will.
+        self.by_agent: dict[str, set[int]] = {}
+
+    def _grow(self, need: int) -> None:
+        if need <= self._cap:
+            return
+        cap = self._cap
+        while cap < need:
+            cap *= 2
+        for name in _INT_COLUMNS + _BOOL_COLUMNS:
+            old = getattr(self, name)
+            new = np.zeros(cap, old.dtype)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+        for name in _TS_COLUMNS:
+            old = getattr(self, name)
+            new = np.full(cap, NEVER, np.int64)
+            new[: self.n] = old[: self.n]
+            setattr(self, name, new)
+        self._cap = cap
+
+    def set_static(self, i: int, meta: DeviceMeta) -> None:
+        """(Re)write the categorical columns of position ``i`` from its metadata."""
+        r = meta.region
+        self.ent[i] = self.enc["enterprise"].code(meta.enterprise)
+        self.prov[i] = self.enc["province"].code(r[:2] + "0000")
+        self.city[i] = self.enc["city"].code(r[:4] + "00")
+        self.county[i] = self.enc["county"].code(r)
+        self.region_num[i] = int(r)
+        self.industry[i] = self.enc["industry"].code(industry_division(meta.industry))
+        self.category[i] = self.enc["category"].code(meta.category)
+        self.family[i] = self.enc["family"].code(meta.family)
+        self.active[i] = meta.status != "decommissioned"
+
+    def add(self, meta: DeviceMeta) -> int:
+        i = self.n
+        self._grow(i + 1)
+        self.n = i + 1
+        self.keys[(meta.enterprise, meta.id)] = i
+        self.meta.append(meta)
+        self.set_static(i, meta)
+        if meta.agent:
+            self.by_agent.setdefault(meta.agent, set()).add(i)
+        return i
+
+    def add_many(self, metas: list[DeviceMeta]) -> int:
+        """Append many devices at once; returns the position of the first."""
+        start, k = self.n, len(metas)
+        self._grow(start + k)
+        sl = slice(start, start + k)
+        e = self.enc
+        self.ent[sl] = _encode(e["enterprise"], [m.enterprise for m in metas])
+        regions = [m.region for m in metas]
+        self.prov[sl] = _encode(e["province"], [r[:2] + "0000" for r in regions])
+        self.city[sl] = _encode(e["city"], [r[:4] + "00" for r in regions])
+        self.county[sl] = _encode(e["county"], regions)
+        self.region_num[sl] = np.array(regions, dtype=np.int32) if regions else []
+        divisions = [industry_division(m.industry) for m in metas]
+        self.industry[sl] = _encode(e["industry"], divisions)
+        self.category[sl] = _encode(e["category"], [m.category for m in metas])
+        self.family[sl] = _encode(e["family"], [m.family for m in metas])
+        self.active[sl] = [m.status != "decommissioned" for m in metas]
+        for j, m in enumerate(metas, start=start):
+            self.keys[(m.enterprise, m.id)] = j
+            if m.agent:
+                self.by_agent.setdefault(m.agent, set()).add(j)
+        self.meta.extend(metas)
+        self.n = start + k
+        return start
+
+    def set_agent(self, i: int, agent: str | None, alive: bool) -> None:
+        old = self.meta[i].agent
+        if old == agent:
+            return
+        if old:
+            self.by_agent.get(old, set()).discard(i)
+        self.meta[i].agent = agent
+        if agent:
+            self.by_agent.setdefault(agent, set()).add(i)
+        self.agent_alive[i] = alive and agent is not None
+
+    def column(self, group_by: str) -> tuple[I32, Encoder]:
+        """The code column and encoder of a grouping."""
+        col = {
+            "enterprise": self.ent,
+            "province": self.prov,
+            "city": self.city,
+            "county": self.county,
+            "industry": self.industry,
+            "category": self.category,
+            "family": self.family,
+        }[group_by]
+        return col[: self.n], self.enc[group_by]

@@ -1,0 +1,214 @@
+"""The HTTP API over a populated registry (in-process ASGI client)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from gateway.api import create_app
+from gateway.config import ApiConfig, GatewayConfig
+from gateway.registry import Registry
+from tests.gateway import test_registry_fixtures as _fx
+from tests.gateway.test_registry_fixtures import T0
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+PLATFORM = {"Authorization": "Bearer platform-secret"}
+
+# Fixtures shared with the other registry/API tests.
+registry = _fx.registry
+hebei = _fx.hebei
+
+
+def make_config() -> GatewayConfig:
+    return GatewayConfig(
+        api=ApiConfig(
+            admin_tokens=[SecretStr("admin-secret")],
+            platform_tokens=[SecretStr("platform-secret")],
+        )
+    )
+
+
+@pytest.fixture
+def client(hebei: Registry) -> Iterator[TestClient]:
+    app = create_app(hebei, make_config(), clock=lambda: T0 / 1000)
+    with TestClient(app) as c:
+        yield c
+
+
+def test_tokens(client: TestClient) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/api/v1/ratios").status_code == 401
+    assert client.get("/api/v1/ratios", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/api/v1/ratios", headers={"Authorization": "Basic x"}).status_code == 401
+    assert client.get("/api/v1/ratios", headers=PLATFORM).status_code == 200
+    body = b"device_id,enterprise\nx-1,hb-steel\n"
+    csv_h = {"Content-Type": "text/csv"}
+    assert client.post("/api/v1/ledger", content=body, headers=csv_h).status_code == 401
+    r = client.post("/api/v1/ledger", content=body, headers={**PLATFORM, **csv_h})
+    assert r.status_code == 403
+    r = client.post("/api/v1/ledger", content=body, headers={**ADMIN, **csv_h})
+    assert r.status_code == 200 and r.json()["errors"][0]["reason"].startswith("category")
+    assert client.delete("/api/v1/devices/hb-steel/dev-01", headers=PLATFORM).status_code == 403
+
+
+def test_docs_and_dashboard_are_served(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "工业设备联网率" in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_metrics_need_a_token_and_show_registry_counters(client: TestClient) -> None:
+    assert client.get("/metrics").status_code == 401
+    text = client.get("/metrics", headers=PLATFORM).text
+    assert 'iiot_registry{what="devices"} 50.0' in text
+    assert 'iiot_registry_events_total{kind="births"}' in text
+
+
+def test_ratios_endpoint(client: TestClient) -> None:
+    r = client.get(
+        "/api/v1/ratios",
+        params={"group_by": "city", "window": "24h", "as_of": T0},
+        headers=PLATFORM,
+    )
+    assert r.status_code == 200
+    data = r.json()
+    assert data["overall"]["total"] == 50 and data["overall"]["connected"] == 25
+    assert data["window_s"] == 86400 and data["as_of"] == T0
+    assert [g["key"] for g in data["groups"]] == ["130100", "130200", "130600", "130900"]
+    iso = client.get(
+        "/api/v1/ratios",
+        params={"group_by": "city", "as_of": "2025-06-15T15:06:40Z"},
+        headers=PLATFORM,
+    ).json()
+    assert iso == data
+    # The definitions are part of the API's own documentation.
+    doc = client.get("/openapi.json").json()
+    assert "last good sample" in doc["paths"]["/api/v1/ratios"]["get"]["description"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"window": "24"}, "window"),
+        ({"window": "0h"}, "window"),
+        ({"as_of": "last tuesday"}, "as_of"),
+        ({"group_by": "planet"}, "group_by"),
+        ({"region": "13x"}, "region"),
+    ],
+)
+def test_bad_query_parameters_are_422_naming_them(
+    client: TestClient, params: dict[str, str], field: str
+) -> None:
+    r = client.get("/api/v1/ratios", params=params, headers=PLATFORM)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == field
+
+
+def test_ledger_import_through_the_api_is_idempotent(client: TestClient) -> None:
+    rows = [
+        {"device_id": "new-1", "enterprise": "hb-chem", "family": "boiler"},
+        {"device_id": "new-2", "enterprise": "hb-chem", "region": "1309", "family": "kiln"},
+        {"device_id": "new-3", "enterprise": "hb-chem", "family": "motor", "category": "x"},
+    ]
+    h = {**ADMIN, "Content-Type": "application/json"}
+    first = client.post("/api/v1/ledger", content=json.dumps(rows), headers=h).json()
+    assert (first["accepted"], first["created"], first["rejected"]) == (1, 1, 2)
+    assert [e["line"] for e in first["errors"]] == [2, 3]
+    assert "region" in first["errors"][0]["reason"]
+    second = client.post("/api/v1/ledger", content=json.dumps(rows), headers=h).json()
+    assert (second["accepted"], second["created"], second["updated"]) == (1, 0, 1)
+    r = client.post(
+        "/api/v1/ledger", content=b"<xml/>", headers={**ADMIN, "Content-Type": "application/xml"}
+    )
+    assert r.status_code == 415
+    r = client.post("/api/v1/ledger", content=b"", headers={**ADMIN, "Content-Type": "text/csv"})
+    assert r.status_code == 422 and "empty" in r.json()["detail"][0]["msg"]
+
+
+def test_devices_register_read_decommission(client: TestClient) -> None:
+    body = {"device_id": "m-1", "enterprise": "hb-steel", "family": "motor", "name": "主电机"}
+    r = client.post("/api/v1/devices", json=body, headers=ADMIN)
+    assert r.status_code == 201 and r.json()["category"] == "general_power"
+    assert client.post("/api/v1/devices", json=body, headers=ADMIN).status_code == 200
+    r = client.post("/api/v1/devices", json={**body, "region": "99"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "region"]
+    r = client.post("/api/v1/devices", json={**body, "enterprise": "ghost"}, headers=ADMIN)
+    assert r.status_code == 404
+    d = client.get("/api/v1/devices/hb-steel/dev-06", headers=PLATFORM).json()
+    assert d["latest"] == {"temperature": 26.0} and d["online"] is True
+    assert client.get("/api/v1/devices/hb-steel/zzz", headers=PLATFORM).status_code == 404
+    page = client.get(
+        "/api/v1/devices",
+        params={"enterprise": "hb-steel", "limit": 4, "offset": 8},
+        headers=PLATFORM,
+    ).json()
+    assert page["total"] == 11 and len(page["items"]) == 3
+    before = client.get("/api/v1/ratios", params={"as_of": T0}, headers=PLATFORM).json()
+    r = client.delete("/api/v1/devices/hb-steel/m-1", headers=ADMIN)
+    assert r.status_code == 200 and r.json()["status"] == "decommissioned"
+    after = client.get("/api/v1/ratios", params={"as_of": T0}, headers=PLATFORM).json()
+    assert after["overall"]["total"] == before["overall"]["total"] - 1
+    assert client.delete("/api/v1/devices/hb-steel/zzz", headers=ADMIN).status_code == 404
+    offline = client.get("/api/v1/devices/offline", headers=PLATFORM).json()["items"]
+    assert {d["enterprise"] for d in offline} == {"hb-machine"}
+
+
+def test_onboarding_enterprise_key_and_provision(client: TestClient) -> None:
+    ent = {"id": "hb-glass", "name": "沙河玻璃 Shahe Glass", "region": "130582", "industry": "C30"}
+    r = client.post("/api/v1/enterprises", json=ent, headers=ADMIN)
+    assert r.status_code == 201 and r.json()["region_label"] == "130582"
+    assert client.post("/api/v1/enterprises", json=ent, headers=ADMIN).status_code == 200
+    r = client.post("/api/v1/enterprises", json={**ent, "industry": "Z1"}, headers=ADMIN)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "industry"]
+    key = client.post(
+        "/api/v1/enterprises/hb-glass/provisioning-keys", json={"max_uses": 1}, headers=ADMIN
+    ).json()["key"]
+    creds = client.post("/api/v1/provision", json={"key": key, "agent_id": "glass-edge-1"})
+    assert creds.status_code == 200
+    c = creds.json()
+    assert c["username"] == "glass-edge-1" and len(c["password"]) >= 24
+    assert c["topic_prefix"] == "iiot/v1/hb-glass/glass-edge-1"
+    again = client.post("/api/v1/provision", json={"key": key, "agent_id": "glass-edge-2"})
+    assert again.status_code == 401 and "used up" in again.json()["detail"]
+    bad = client.post("/api/v1/provision", json={"key": "pk_nope", "agent_id": "x"})
+    assert bad.status_code == 401
+    hebei = client.app.state.registry  # type: ignore[attr-defined]
+    _id, old_key = hebei.create_provisioning_key("hb-glass", expires_ms=T0 - 1)
+    expired = client.post("/api/v1/provision", json={"key": old_key, "agent_id": "late-1"})
+    assert expired.status_code == 401 and "expired" in expired.json()["detail"]
+    agents = client.get("/api/v1/agents", params={"enterprise": "hb-glass"}, headers=PLATFORM)
+    assert [a["id"] for a in agents.json()] == ["glass-edge-1"]
+    # Another enterprise cannot take that agent id.
+    key2 = client.post("/api/v1/enterprises/hb-steel/provisioning-keys", headers=ADMIN).json()[
+        "key"
+    ]
+    taken = client.post("/api/v1/provision", json={"key": key2, "agent_id": "glass-edge-1"})
+    assert taken.status_code == 409
+
+
+def test_connection_report_csv(client: TestClient) -> None:
+    r = client.get("/api/v1/reports/connection.csv", params={"as_of": T0}, headers=PLATFORM)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.content.startswith(b"\xef\xbb\xbf")
+    rows = list(csv.reader(io.StringIO(r.content.decode("utf-8-sig"))))
+    header = rows[0]
+    assert "联网设备总量 connected_devices" in header and "企业设备总量 total_devices" in header
+    assert header[0] == "企业标识 enterprise_id"
+    table = {(row[0], row[5]): row for row in rows[1:]}
+    # hb-steel: devices 1,6,...,46; families k%8 → category; reported (k<29) count.
+    steel_kilns = [k for k in range(1, 50, 5) if k % 8 in (0, 1)]
+    row = table[("hb-steel", "high_energy_process")]
+    assert row[1] == "唐山钢铁 Tangshan Steel" and row[2] == "130203" and row[4] == "C31"
+    assert row[6] == "高耗能流程行业设备"
+    assert int(row[8]) == len(steel_kilns)
+    assert int(row[7]) == len([k for k in steel_kilns if k < 25])
+    assert sum(int(r[8]) for r in rows[1:]) == 50
+    assert sum(int(r[7]) for r in rows[1:]) == 25
+    assert len(rows) - 1 == len(table)

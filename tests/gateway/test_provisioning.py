@@ -1,0 +1,174 @@
+"""Provisioning against a real Mosquitto: password file, ACL, reload."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from pydantic import SecretStr
+
+from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
+from gateway.provisioning import Provisioner, mosquitto_hash, verify_mosquitto_hash
+from gateway.registry import NotFound, Registry
+from tests.servers import Mosquitto
+
+_ids = itertools.count()
+
+
+class _Client:
+    """A paho client that records the CONNACK and the messages it receives."""
+
+    def __init__(self, port: int, username: str, password: str) -> None:
+        self.connected = threading.Event()
+        self.reason: Any = None
+        self.messages: list[tuple[str, bytes]] = []
+        self.got = threading.Condition()
+        self.c = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"t-{username}-{next(_ids)}",
+            protocol=mqtt.MQTTv311,
+        )
+        self.c.username_pw_set(username, password)
+        self.c.on_connect = self._on_connect
+        self.c.on_message = self._on_message
+        self.c.connect("127.0.0.1", port, keepalive=10)
+        self.c.loop_start()
+        assert self.connected.wait(5), "no CONNACK"
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.reason = reason
+        self.connected.set()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.got:
+            self.messages.append((msg.topic, msg.payload))
+            self.got.notify_all()
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason.is_failure
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.c.on_subscribe = lambda *_a: done.set()
+        self.c.subscribe(topic, qos=1)
+        assert done.wait(5)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def wait_for(self, payload: bytes, timeout: float = 5) -> None:
+        with self.got:
+            assert self.got.wait_for(lambda: any(p == payload for _t, p in self.messages), timeout)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def test_password_hash_is_mosquittos_format() -> None:
+    entry = mosquitto_hash("secret", salt=b"0123456789ab")
+    assert entry.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
+    assert verify_mosquitto_hash("secret", entry)
+    assert not verify_mosquitto_hash("Secret", entry)
+
+
+@pytest.fixture
+def broker_setup(tmp_path: Path) -> Iterator[tuple[Registry, Mosquitto, Path, Path]]:
+    pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    reg.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
+    reg.add_enterprise("ent-b", "Enterprise B", "130203", "C31")
+    # Write the gateway's own entry first so the broker starts with a valid file.
+    Provisioner(reg, _config(pw, acl, None)).sync()
+    (tmp_path / "mq").mkdir()
+    broker = Mosquitto(tmp_path / "mq", password_file=pw, acl_file=acl).start()
+    try:
+        yield reg, broker, pw, acl
+    finally:
+        broker.stop()
+        reg.close()
+
+
+def _config(pw: Path, acl: Path, reload: list[str] | None) -> GatewayConfig:
+    return GatewayConfig(
+        mqtt=MqttConfig(username="gateway", password=SecretStr("gw-pass")),
+        broker_auth=BrokerAuthConfig(
+            password_file=pw,
+            acl_file=acl,
+            reload_command=reload,
+            broker_url_for_agents="mqtts://broker.example.invalid:8883",
+        ),
+    )
+
+
+def test_agents_are_confined_to_their_own_prefix(
+    broker_setup: tuple[Registry, Mosquitto, Path, Path],
+) -> None:
+    reg, broker, pw, acl = broker_setup
+    assert broker.proc is not None
+    prov = Provisioner(reg, _config(pw, acl, ["kill", "-HUP", str(broker.proc.pid)]))
+    _id, key_a = reg.create_provisioning_key("ent-a")
+    _id, key_b = reg.create_provisioning_key("ent-b", max_uses=1)
+    a = prov.provision(key_a, "edge-a")
+    b = prov.provision(key_b, "edge-b")
+    assert a["topic_prefix"] == "iiot/v1/ent-a/edge-a"
+    assert b["broker_url"] == "mqtts://broker.example.invalid:8883"
+    assert prov.counters["reloads"] == 2
+    assert "topic readwrite iiot/v1/ent-b/edge-b/#" in acl.read_text()
+    assert a["password"] not in pw.read_text()
+    with pytest.raises(NotFound, match="used up"):
+        prov.provision(key_b, "edge-b2")
+
+    time.sleep(0.3)  # the broker re-reads its files on SIGHUP asynchronously
+    gw = _Client(broker.port, "gateway", "gw-pass")
+    agent_a = _Client(broker.port, "edge-a", a["password"])
+    agent_b = _Client(broker.port, "edge-b", b["password"])
+    intruder = _Client(broker.port, "edge-a", "wrong-password")
+    try:
+        assert gw.ok and agent_a.ok and agent_b.ok
+        assert not intruder.ok  # refused at connect
+        gw.subscribe("iiot/v1/#")
+        agent_a.publish("iiot/v1/ent-b/edge-b/dev-1/data", b"forged")
+        agent_a.publish("iiot/v1/ent-a/edge-b/dev-1/data", b"forged-agent")
+        agent_a.publish("iiot/v1/ent-a/edge-a/dev-1/data", b"from-a")
+        agent_b.publish("iiot/v1/ent-b/edge-b/dev-1/data", b"from-b")
+        gw.wait_for(b"from-a")
+        gw.wait_for(b"from-b")
+        payloads = [p for _t, p in gw.messages]
+        # QoS 1 from one connection arrives in order: the forged ones would be here by now.
+        assert b"forged" not in payloads and b"forged-agent" not in payloads
+        # An agent cannot read another enterprise's data either.
+        agent_b.subscribe("iiot/v1/ent-a/#")
+        agent_a.publish("iiot/v1/ent-a/edge-a/dev-1/data", b"secret-a")
+        gw.wait_for(b"secret-a")
+        agent_b.publish("iiot/v1/ent-b/edge-b/dev-1/data", b"marker-b")
+        gw.wait_for(b"marker-b")
+        assert agent_b.messages == []
+    finally:
+        for c in (gw, agent_a, agent_b, intruder):
+            c.close()
+
+
+def test_rotating_an_agent_password_locks_out_the_old_one(
+    broker_setup: tuple[Registry, Mosquitto, Path, Path],
+) -> None:
+    reg, broker, pw, acl = broker_setup
+    prov = Provisioner(reg, _config(pw, acl, None))
+    _id, key = reg.create_provisioning_key("ent-a")
+    first = prov.provision(key, "edge-a")
+    second = prov.provision(key, "edge-a")
+    broker.reload()
+    old = _Client(broker.port, "edge-a", first["password"])
+    new = _Client(broker.port, "edge-a", second["password"])
+    try:
+        assert not old.ok and new.ok
+    finally:
+        old.close()
+        new.close()

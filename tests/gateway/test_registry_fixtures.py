@@ -1,0 +1,237 @@
+"""A 50-device Hebei ledger and a reporting pattern, shared by registry/ratio/API tests.
+
+Five enterprises in four cities (Dingzhou rolls up to Baoding by code prefix). Devices
+0..29 report through their enterprise's agent at known times relative to ``T0``:
+
+- 0..9    good sample at T0-5 s (fresh), 10..19 at T0-60 s, 20..24 at T0-2 h,
+  25..28 at T0-30 h, 29 only errors at T0-5 s (never a good value);
+- device states: online for 0..29 except 3 and 4 (offline);
+- agent of ``hb-machine`` (devices k % 5 == 4) sent its will: offline.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.registry import Registry, parse_ledger
+from gateway.registry.codes import FAMILY_CATEGORY
+from gateway.sink import SampleSummary
+from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Will
+
+T0 = 1_750_000_000_000
+POLL_S = 10.0
+
+ENTERPRISES = [
+    # id, name, region (county), industry
+    ("hb-cement", "冀东水泥 Jidong Cement", "130102", "C30"),
+    ("hb-steel", "唐山钢铁 Tangshan Steel", "130203", "C31"),
+    ("hb-power", "定州电厂 Dingzhou Power", "130682", "D44"),
+    ("hb-chem", "沧州化工 Cangzhou Chemicals", "130984", "C26"),
+    ("hb-machine", "石家庄机械 Shijiazhuang Machinery", "130104", "C34"),
+]
+FAMILIES = [
+    "kiln",
+    "boiler",
+    "air_compressor",
+    "motor",
+    "pv_inverter",
+    "wind_turbine",
+    "cnc_machine",
+    "diesel_genset",
+]
+
+
+def device_rows() -> list[dict[str, Any]]:
+    rows = []
+    for k in range(50):
+        ent, _name, region, industry = ENTERPRISES[k % 5]
+        family = FAMILIES[k % 8]
+        rows.append(
+            {
+                "k": k,
+                "device_id": f"dev-{k:02d}",
+                "enterprise": ent,
+                "region": region,
+                "industry": industry,
+                "family": family,
+                "category": FAMILY_CATEGORY[family],
+                "name": f"设备 {k}",
+            }
+        )
+    return rows
+
+
+def ledger_csv() -> bytes:
+    lines = ["device_id,enterprise,region,industry,family,category,name"]
+    for r in device_rows():
+        lines.append(
+            ",".join(
+                r[c]
+                for c in ("device_id", "enterprise", "region", "industry", "family", "category")
+            )
+            + f",{r['name']}"
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+def good_ts(k: int) -> int | None:
+    if k < 10:
+        return T0 - 5_000
+    if k < 20:
+        return T0 - 60_000
+    if k < 25:
+        return T0 - 2 * 3600_000
+    if k < 29:
+        return T0 - 30 * 3600_000
+    return None
+
+
+def last_ts(k: int) -> int | None:
+    return T0 - 5_000 if k == 29 else good_ts(k)
+
+
+def agent_of(ent: str) -> str:
+    return f"agent-{ent}"
+
+
+def populate(reg: Registry) -> None:
+    for ent, name, region, industry in ENTERPRISES:
+        reg.add_enterprise(ent, name, region, industry)
+        reg.add_agent(ent, agent_of(ent), None)
+    rows, errors = parse_ledger(ledger_csv(), "text/csv")
+    assert errors == []
+    result = reg.import_devices(rows)
+    assert (result.accepted, result.created) == (50, 50)
+    by_ent: dict[str, list[dict[str, Any]]] = {}
+    for r in device_rows():
+        if r["k"] < 30:
+            by_ent.setdefault(r["enterprise"], []).append(r)
+    for ent, rows_ in by_ent.items():
+        reg.on_birth(
+            ent,
+            agent_of(ent),
+            Birth(
+                bdseq=1,
+                ts=T0 - 40 * 3600_000,
+                devices=[
+                    BirthDevice(id=r["device_id"], profile="generic", protocol="modbus")
+                    for r in rows_
+                ],
+            ),
+        )
+    for r in device_rows():
+        k = r["k"]
+        if k >= 30:
+            continue
+        ent = r["enterprise"]
+        reg.on_device_state(
+            ent,
+            agent_of(ent),
+            r["device_id"],
+            DeviceState(online=k not in (3, 4), ts=T0 - 40 * 3600_000, reason=""),
+        )
+        lt = last_ts(k)
+        assert lt is not None
+        reg.on_samples(
+            SampleSummary(
+                ent,
+                agent_of(ent),
+                r["device_id"],
+                count=1,
+                first_ts=lt,
+                last_ts=lt,
+                last_good_ts=good_ts(k),
+                latest={"temperature": 20.0 + k} if good_ts(k) else {},
+            )
+        )
+    reg.on_will("hb-machine", agent_of("hb-machine"), Will(bdseq=1))
+
+
+def reference(
+    group_by: str | None,
+    *,
+    window_s: int,
+    as_of: int,
+    decommissioned: frozenset[int] = frozenset(),
+    enterprise: str | None = None,
+    region: str | None = None,
+    industry: str | None = None,
+    category: str | None = None,
+) -> dict[str, tuple[int, int, int]]:
+    """Plain-Python reading of the definitions: key -> (total, connected, online)."""
+    out: dict[str, list[int]] = {}
+    for r in device_rows():
+        k = r["k"]
+        if k in decommissioned:
+            continue
+        if enterprise and r["enterprise"] != enterprise:
+            continue
+        if region and not r["region"].startswith(
+            region.rstrip("0") if len(region) == 6 else region
+        ):
+            continue
+        if industry and not r["industry"].startswith(industry):
+            continue
+        if category and r["category"] != category:
+            continue
+        g, lt = good_ts(k), last_ts(k)
+        connected = g is not None and g > as_of - window_s * 1000
+        alive = k < 30 and r["enterprise"] != "hb-machine"
+        online = alive and k not in (3, 4) and lt is not None and lt >= as_of - 3 * POLL_S * 1000
+        key = {
+            None: "all",
+            "enterprise": r["enterprise"],
+            "province": r["region"][:2] + "0000",
+            "city": r["region"][:4] + "00",
+            "county": r["region"],
+            "industry": r["industry"][:3],
+            "category": r["category"],
+            "family": r["family"],
+        }[group_by]
+        acc = out.setdefault(key, [0, 0, 0])
+        acc[0] += 1
+        acc[1] += int(connected)
+        acc[2] += int(online)
+    return {key: (v[0], v[1], v[2]) for key, v in out.items()}
+
+
+# Set to a PostgreSQL URL (postgresql+psycopg://...) to run the registry tests against
+# PostgreSQL instead of SQLite; every test starts from empty tables.
+PG_URL = os.environ.get("IIOT_TEST_POSTGRES_URL")
+
+
+def _registry_url(tmp_path: Path) -> str:
+    if not PG_URL:
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    import sqlalchemy as sa
+
+    from gateway.registry import tables
+
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        tables.metadata.drop_all(conn)
+    engine.dispose()
+    return PG_URL
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(
+        _registry_url(tmp_path),
+        default_poll_interval=POLL_S,
+        clock=lambda: T0 / 1000,
+    )
+    reg.start()
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def hebei(registry: Registry) -> Registry:
+    populate(registry)
+    return registry
