@@ -1,0 +1,343 @@
+"""Edge agent against N simulated Modbus devices, beside a bare pymodbus loop (the ceiling).
+
+Three process roles, so that simulator CPU is never counted as agent CPU:
+
+- ``sim``    one process serving N devices (40 holding registers each), one TCP port each;
+- ``agent``  the real agent (pollers, spool, MQTT publisher) for a fixed window;
+- ``bare``   a bare pymodbus client loop on the same schedule over the same devices.
+
+The parent starts Mosquitto on a free loopback port, the simulator, then the agent and
+the bare loop one after the other, measures each child's CPU and peak RSS with psutil
+over its measuring window, and prints registers/s, requests/s, poll jitter (actual start
+against scheduled start, p50/p99), CPU % and peak RSS, and the agent/bare ratios.
+
+    .venv/bin/python bench/agent_modbus.py [--devices 200] [--duration 30] [--interval 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+PROFILE_ID = "bench-40reg"
+REGISTERS = 40
+WARMUP = 3.0
+
+
+def _profile() -> dict[str, Any]:
+    points = [
+        {
+            "name": f"v{i:02d}",
+            "type": "float32",
+            "range": [0, 1000],
+            "modbus": {"table": "holding", "address": 2 * i},
+        }
+        for i in range(REGISTERS // 2)
+    ]
+    return {
+        "id": PROFILE_ID,
+        "name": "Benchmark device, 40 holding registers",
+        "name_zh": "基准设备",
+        "family": "other",
+        "category": "general_power",
+        "protocol": "modbus",
+        "points": points,
+    }
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# -- roles ------------------------------------------------------------------------------
+
+
+async def _role_sim(profile_dir: Path, ports: list[int]) -> None:
+    from device_profiles.loader import load_profiles
+    from simulators.device import SimDevice
+    from simulators.modbus_server import ModbusSimServer
+
+    prof = load_profiles([profile_dir])[PROFILE_ID]
+    servers = [
+        ModbusSimServer({1: SimDevice(prof, device_id=f"d{i}", seed=i)}, port=port)
+        for i, port in enumerate(ports)
+    ]
+    for s in servers:
+        await s.start()
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    for s in servers:
+        await s.stop()
+
+
+async def _role_agent(config: Path, duration: float) -> None:
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+
+    agent = Agent(load_config(config))
+    await agent.start()
+    await asyncio.sleep(WARMUP)
+    agent.lags.clear()
+    good0 = sum(p.health.good for p in agent.pollers)
+    req0 = _agent_requests(agent)
+    print("WINDOW", flush=True)
+    await asyncio.sleep(duration)
+    good = sum(p.health.good for p in agent.pollers) - good0
+    requests = _agent_requests(agent) - req0
+    lags = list(agent.lags)
+    print("END", flush=True)
+    await agent.stop()
+    print(json.dumps({"polls": good, "requests": requests, "lags": lags}), flush=True)
+
+
+def _agent_requests(agent: Any) -> int:
+    total = 0
+    for p in agent.pollers:
+        stats = getattr(getattr(p, "_driver", None), "stats", None)
+        total += getattr(stats, "responses", 0) if stats is not None else 0
+    return total
+
+
+async def _role_bare(ports: list[int], duration: float, interval: float) -> None:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    clients = [AsyncModbusTcpClient("127.0.0.1", port=p, timeout=2, retries=0) for p in ports]
+    await asyncio.gather(*(c.connect() for c in clients))
+    counts = {"polls": 0}
+    lags: list[float] = []
+    measuring = False
+    stop = asyncio.Event()
+
+    async def poll(c: AsyncModbusTcpClient, phase: float) -> None:
+        start = time.monotonic() + phase * interval  # staggered, as the agent does
+        tick = 0
+        while not stop.is_set():
+            deadline = start + tick * interval
+            wait = deadline - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if measuring:
+                lags.append(time.monotonic() - deadline)
+            rr = await c.read_holding_registers(0, count=REGISTERS, device_id=1)
+            if not rr.isError() and measuring:
+                counts["polls"] += 1
+            tick = max(tick + 1, math.floor((time.monotonic() - start) / interval) + 1)
+
+    tasks = [asyncio.create_task(poll(c, i / len(clients))) for i, c in enumerate(clients)]
+    await asyncio.sleep(WARMUP)
+    measuring = True
+    print("WINDOW", flush=True)
+    await asyncio.sleep(duration)
+    measuring = False
+    print("END", flush=True)
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in clients:
+        c.close()
+    print(json.dumps({"polls": counts["polls"], "requests": counts["polls"], "lags": lags}))
+
+
+# -- parent -----------------------------------------------------------------------------
+
+
+def _start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/sbin")
+    if binary is None:
+        sys.exit("needs mosquitto (apt-get install mosquitto)")
+    port = _free_ports(1)[0]
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 100000\nlog_dest none\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc, port
+        time.sleep(0.05)
+    proc.kill()
+    sys.exit("mosquitto did not start")
+
+
+def _measure(cmd: list[str], duration: float) -> dict[str, Any]:
+    """Run a child role; CPU % and peak RSS over its measuring window."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    sampling = True
+
+    def sample_rss() -> None:
+        nonlocal peak
+        while sampling:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, ps.memory_info().rss)
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    assert proc.stdout is not None
+    cpu0 = t0 = None
+    cpu = wall = 0.0
+    result: dict[str, Any] = {}
+    for line in proc.stdout:
+        line = line.strip()
+        if line == "WINDOW":
+            c = ps.cpu_times()
+            cpu0, t0 = c.user + c.system, time.monotonic()
+        elif line == "END" and cpu0 is not None and t0 is not None:
+            c = ps.cpu_times()
+            cpu, wall = c.user + c.system - cpu0, time.monotonic() - t0
+        elif line.startswith("{"):
+            result = json.loads(line)
+    proc.wait(60)
+    sampling = False
+    sampler.join()
+    result["cpu_pct"] = 100 * cpu / wall if wall else math.nan
+    result["peak_rss_mb"] = peak / 2**20
+    result["wall"] = wall or duration
+    return result
+
+
+def _figures(r: dict[str, Any]) -> dict[str, float]:
+    lags_ms = [x * 1000 for x in r.get("lags", [])]
+    wall = r["wall"]
+    return {
+        "registers/s": r["polls"] * REGISTERS / wall,
+        "requests/s": r["requests"] / wall,
+        "jitter p50 ms": _pct(lags_ms, 0.5),
+        "jitter p99 ms": _pct(lags_ms, 0.99),
+        "CPU %": r["cpu_pct"],
+        "peak RSS MB": r["peak_rss_mb"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=200)
+    ap.add_argument("--duration", type=float, default=30.0, help="Measuring window, seconds.")
+    ap.add_argument("--interval", type=float, default=1.0, help="Poll interval, seconds.")
+    ap.add_argument("--role", choices=["parent", "sim", "agent", "bare"], default="parent")
+    ap.add_argument("--profiles", type=Path)
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--ports", type=str, default="")
+    args = ap.parse_args()
+    ports = [int(p) for p in args.ports.split(",") if p]
+    if args.role == "sim":
+        asyncio.run(_role_sim(args.profiles, ports))
+        return
+    if args.role == "agent":
+        asyncio.run(_role_agent(args.config, args.duration))
+        return
+    if args.role == "bare":
+        asyncio.run(_role_bare(ports, args.duration, args.interval))
+        return
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    with tempfile.TemporaryDirectory(prefix="iiot-bench-") as tmp:
+        work = Path(tmp)
+        (work / "profiles").mkdir()
+        (work / "profiles" / f"{PROFILE_ID}.yaml").write_text(yaml.safe_dump(_profile()))
+        broker, mqtt_port = _start_mosquitto(work)
+        ports = _free_ports(args.devices)
+        port_arg = ",".join(map(str, ports))
+        sim = subprocess.Popen(
+            [*me, "--role", "sim", "--profiles", str(work / "profiles"), "--ports", port_arg],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sim.stdout is not None
+            if sim.stdout.readline().strip() != "READY":
+                sys.exit("simulator did not start")
+            config = {
+                "agent_id": "bench-agent",
+                "enterprise": "bench",
+                "data_dir": str(work / "agent-data"),
+                "profiles": [str(work / "profiles")],
+                "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}", "max_inflight": 100},
+                "devices": [
+                    {
+                        "id": f"dev-{i:04d}",
+                        "profile": PROFILE_ID,
+                        "poll_interval": args.interval,
+                        "modbus": {"host": "127.0.0.1", "port": p, "timeout": 2.0},
+                    }
+                    for i, p in enumerate(ports)
+                ],
+            }
+            (work / "agent.yaml").write_text(yaml.safe_dump(config))
+            print(
+                f"{args.devices} devices x {REGISTERS} registers, every {args.interval} s, "
+                f"{args.duration:.0f} s window after {WARMUP:.0f} s warm-up",
+                flush=True,
+            )
+            agent = _figures(
+                _measure(
+                    [*me, "--role", "agent", "--config", str(work / "agent.yaml"),
+                     "--duration", str(args.duration)],
+                    args.duration,
+                )
+            )  # fmt: skip
+            bare = _figures(
+                _measure(
+                    [*me, "--role", "bare", "--ports", port_arg, "--duration",
+                     str(args.duration), "--interval", str(args.interval)],
+                    args.duration,
+                )
+            )  # fmt: skip
+        finally:
+            if sim.stdin is not None:
+                sim.stdin.close()
+            try:
+                sim.wait(20)
+            except subprocess.TimeoutExpired:
+                sim.kill()
+                sim.wait(5)
+            broker.terminate()
+            broker.wait(5)
+    expected = args.devices * REGISTERS / args.interval
+    print(f"\n{'figure':<16}{'agent':>12}{'bare pymodbus':>16}{'agent/bare':>12}")
+    for key in agent:
+        a, b = agent[key], bare[key]
+        ratio = a / b if b and not math.isnan(b) else math.nan
+        print(f"{key:<16}{a:>12.1f}{b:>16.1f}{ratio:>12.2f}")
+    print(
+        f"\nscheduled load: {expected:.0f} registers/s ({args.devices / args.interval:.0f} req/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

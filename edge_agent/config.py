@@ -1,0 +1,331 @@
+"""The agent's YAML config, checked in full before anything connects.
+
+Every problem is collected and reported at once, each naming the device it concerns
+(``device 'boiler-3': profile 'x' not found``). ``load_config`` also loads the profiles
+(shipped plus the config's extra folders) and checks each device against its profile.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
+from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from protocols.modbus.config import ModbusConnection
+from protocols.opcua.config import OpcUaConnection
+
+__all__ = [
+    "PASSWORD_ENV",
+    "AgentConfig",
+    "AgentConfigError",
+    "DeviceConfig",
+    "LoadedConfig",
+    "MetricsConfig",
+    "MqttConfig",
+    "SpoolConfig",
+    "load_config",
+    "parse_config",
+]
+
+PASSWORD_ENV = "IIOT_MQTT_PASSWORD"
+_P = TypeVar("_P", Path, Path | None)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttConfig(_Strict):
+    """How the agent reaches the broker."""
+
+    url: str = Field(description="mqtt://host:port or mqtts://host:port")
+    username: str | None = None
+    password: SecretStr | None = Field(
+        default=None, description=f"Also read from the environment variable {PASSWORD_ENV}."
+    )
+    client_id: str | None = Field(default=None, description="Default: the agent id.")
+    ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    reconnect_min: float = Field(default=0.5, gt=0, le=60, description="First backoff, seconds.")
+    reconnect_max: float = Field(default=30.0, gt=0, le=3600, description="Longest backoff.")
+    max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged messages.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"url {v!r} must look like mqtt://host:1883 or mqtts://host:8883")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"url {v!r}: bad port") from exc
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class SpoolConfig(_Strict):
+    """Store-and-forward: where samples wait for the broker, and how much may wait."""
+
+    path: Path | None = Field(default=None, description="Default: <data_dir>/spool.db.")
+    max_bytes: int | None = Field(default=256 * 1024 * 1024, ge=1024)
+    max_samples: int | None = Field(default=None, ge=1)
+    durable: bool = Field(
+        default=False,
+        description="fsync every append (synchronous=FULL); default NORMAL survives kill -9.",
+    )
+    batch_samples: int = Field(default=500, ge=1, le=10000, description="Samples per message.")
+    batch_bytes: int = Field(default=256 * 1024, ge=1024, description="Bytes per message.")
+
+
+class MetricsConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int | None = Field(default=None, ge=0, le=65535, description="null: no endpoint.")
+
+
+class DeviceConfig(_Strict):
+    """One device instance: which profile, where it is, how often to read it."""
+
+    id: str = Field(pattern=IDENTIFIER_PATTERN)
+    profile: str
+    poll_interval: float = Field(default=5.0, gt=0, le=86400, description="Seconds.")
+    poll_timeout: float | None = Field(
+        default=None, gt=0, description="Bound on one whole poll; default: the interval."
+    )
+    modbus: ModbusConnection | None = None
+    opcua: OpcUaConnection | None = None
+    points: list[str] | None = Field(default=None, description="Subset of the profile's points.")
+    report_on_change: bool = False
+    heartbeat_polls: int = Field(
+        default=10, ge=1, description="With report_on_change: a full sample at least this often."
+    )
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_connection(self) -> Self:
+        if (self.modbus is None) == (self.opcua is None):
+            raise ValueError("give exactly one of 'modbus' or 'opcua'")
+        return self
+
+    @property
+    def protocol(self) -> str:
+        return "modbus" if self.modbus is not None else "opcua"
+
+    @property
+    def connection(self) -> ModbusConnection | OpcUaConnection:
+        conn = self.modbus if self.modbus is not None else self.opcua
+        assert conn is not None
+        return conn
+
+    @property
+    def timeout(self) -> float:
+        return self.poll_timeout if self.poll_timeout is not None else self.poll_interval
+
+
+class AgentConfig(_Strict):
+    agent_id: str = Field(pattern=IDENTIFIER_PATTERN)
+    enterprise: str = Field(pattern=IDENTIFIER_PATTERN)
+    data_dir: Path = Field(default=Path("iiot-data"), description="Spool and state live here.")
+    mqtt: MqttConfig
+    profiles: list[Path] = Field(default_factory=list, description="Extra profile folders.")
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool.path or self.data_dir / "spool.db"
+
+    @property
+    def client_id(self) -> str:
+        return self.mqtt.client_id or self.agent_id
+
+    def mqtt_password(self) -> str | None:
+        """The broker password: the file's, else the environment's."""
+        if self.mqtt.password is not None:
+            return self.mqtt.password.get_secret_value()
+        return os.environ.get(PASSWORD_ENV) or None
+
+
+class AgentConfigError(ValueError):
+    """A config that cannot run; ``problems`` lists every finding."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A checked config with the profile of every enabled device resolved."""
+
+    config: AgentConfig
+    profiles: ProfileSet
+    device_profiles: dict[str, Profile]
+
+
+def _where(data: Any, loc: tuple[int | str, ...]) -> str:
+    """A pydantic location → ``device 'x': field`` where possible."""
+    if len(loc) >= 2 and loc[0] == "devices" and isinstance(loc[1], int):
+        devs = data.get("devices") if isinstance(data, dict) else None
+        name = None
+        if isinstance(devs, list) and loc[1] < len(devs) and isinstance(devs[loc[1]], dict):
+            name = devs[loc[1]].get("id")
+        head = f"device '{name}'" if name else f"device #{loc[1] + 1}"
+        rest = [str(x) for x in loc[2:]]
+        return head + (": " + ".".join(rest) if rest else "")
+    return ".".join(str(x) for x in loc) or "config"
+
+
+def _format(errors: list[Any], data: Any, prefix: tuple[int | str, ...] = ()) -> list[str]:
+    out: list[str] = []
+    for err in errors:
+        loc = tuple(
+            x
+            for x in (*prefix, *err["loc"])
+            if not (isinstance(x, str) and x.startswith("function"))
+        )
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if msg.startswith("String should match pattern"):
+            msg = f"{err.get('input')!r} must match [A-Za-z0-9_.-]{{1,64}}"
+        out.append(f"{_where(data, loc)}: {msg}")
+    return out
+
+
+def _check_devices(
+    devices: list[DeviceConfig], profiles: ProfileSet
+) -> tuple[list[str], dict[str, Profile]]:
+    problems: list[str] = []
+    resolved: dict[str, Profile] = {}
+    seen: set[str] = set()
+    for dev in devices:
+        where = f"device '{dev.id}'"
+        if dev.id in seen:
+            problems.append(f"{where}: duplicate device id")
+            continue
+        seen.add(dev.id)
+        if dev.profile not in profiles:
+            problems.append(f"{where}: profile '{dev.profile}' not found")
+            continue
+        prof = profiles[dev.profile]
+        if prof.protocol != dev.protocol:
+            problems.append(
+                f"{where}: profile '{prof.id}' speaks {prof.protocol} but the device "
+                f"has a '{dev.protocol}' connection"
+            )
+            continue
+        if dev.points is not None:
+            known = {p.name for p in prof.points}
+            unknown = [p for p in dev.points if p not in known]
+            for name in unknown:
+                problems.append(f"{where}: point '{name}' is not in profile '{prof.id}'")
+            if not dev.points:
+                problems.append(f"{where}: 'points' is empty")
+            if unknown or not dev.points:
+                continue
+        if dev.enabled:
+            resolved[dev.id] = prof
+    return problems, resolved
+
+
+def _rel(path: _P, base: Path) -> _P:
+    if path is None or path.is_absolute():
+        return path
+    return base / path
+
+
+def parse_config(
+    data: Any, source: str = "<config>", *, base_dir: Path | None = None
+) -> LoadedConfig:
+    """Validate parsed YAML as an agent config, load profiles, and check every device."""
+    if not isinstance(data, dict):
+        raise AgentConfigError(source, ["the config must be a mapping at the top level"])
+    problems: list[str] = []
+    raw_devices = data.get("devices", [])
+    if not isinstance(raw_devices, list):
+        problems.append("devices: must be a list")
+        raw_devices = []
+    cfg: AgentConfig | None = None
+    try:
+        cfg = AgentConfig.model_validate({**data, "devices": []})
+    except ValidationError as exc:
+        problems.extend(_format(exc.errors(), data))
+    # Each device is validated on its own so that one bad entry hides no other finding.
+    devices: list[DeviceConfig] = []
+    for i, raw in enumerate(raw_devices):
+        try:
+            devices.append(DeviceConfig.model_validate(raw))
+        except ValidationError as exc:
+            problems.extend(_format(exc.errors(), data, ("devices", i)))
+    profile_dirs: list[Path] = []
+    if cfg is not None:
+        if base_dir is not None:
+            # Relative paths in a config file are relative to that file.
+            cfg = cfg.model_copy(
+                update={
+                    "profiles": [_rel(p, base_dir) for p in cfg.profiles],
+                    "data_dir": _rel(cfg.data_dir, base_dir),
+                    "spool": cfg.spool.model_copy(update={"path": _rel(cfg.spool.path, base_dir)}),
+                }
+            )
+        profile_dirs = list(cfg.profiles)
+    profiles: ProfileSet | None = None
+    try:
+        profiles = load_profiles(profile_dirs)
+    except ProfileSetError as exc:
+        problems.extend(str(e) for e in exc.errors)
+    resolved: dict[str, Profile] = {}
+    if profiles is not None:
+        found, resolved = _check_devices(devices, profiles)
+        problems.extend(found)
+    if problems or cfg is None or profiles is None:
+        raise AgentConfigError(source, problems)
+    cfg = cfg.model_copy(update={"devices": devices})
+    return LoadedConfig(cfg, profiles, resolved)
+
+
+def load_config(path: Path | str) -> LoadedConfig:
+    """Read, validate and check an agent config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise AgentConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise AgentConfigError(str(path), [f"{where}not valid YAML"]) from exc
+    return parse_config(data, str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,78 @@
+"""The agent's self-metrics (Prometheus), on its own registry and local HTTP endpoint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["AgentMetrics"]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+_POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class AgentMetrics:
+    """Every metric the agent exports; one instance per agent, never the global registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.polls = Counter(
+            "iiot_agent_polls", "Polls by device and result (ok, or an error reason).",
+            ["device", "result"], registry=r,
+        )  # fmt: skip
+        self.poll_duration = Histogram(
+            "iiot_agent_poll_duration_seconds", "Time one poll of a device took.",
+            ["device"], buckets=_POLL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.poll_lag = Histogram(
+            "iiot_agent_poll_lag_seconds", "How late a poll started against its schedule.",
+            buckets=_POLL_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.errors = Counter(
+            "iiot_agent_errors", "Errors by device and reason (whole polls and single points).",
+            ["device", "reason"], registry=r,
+        )  # fmt: skip
+        self.skipped_ticks = Counter(
+            "iiot_agent_skipped_ticks", "Scheduled polls skipped because a poll overran.",
+            ["device"], registry=r,
+        )  # fmt: skip
+        self.spool_depth = Gauge(
+            "iiot_agent_spool_depth", "Samples waiting in the spool.", registry=r
+        )
+        self.spool_bytes = Gauge(
+            "iiot_agent_spool_bytes", "Approximate bytes waiting in the spool.", registry=r
+        )
+        self.spool_dropped = Counter(
+            "iiot_agent_spool_dropped", "Samples dropped (oldest first) by the spool cap.",
+            registry=r,
+        )  # fmt: skip
+        self.published_messages = Counter(
+            "iiot_agent_published_messages", "MQTT messages acknowledged by the broker, by kind.",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.published_samples = Counter(
+            "iiot_agent_published_samples", "Samples acknowledged by the broker.", registry=r
+        )
+        self.publish_latency = Histogram(
+            "iiot_agent_publish_latency_seconds", "Sample timestamp to broker PUBACK.",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.mqtt_connected = Gauge(
+            "iiot_agent_mqtt_connected", "1 while connected to the broker.", registry=r
+        )
+        self.mqtt_connects = Counter(
+            "iiot_agent_mqtt_connects", "MQTT connection attempts by result.", ["result"],
+            registry=r,
+        )  # fmt: skip
+        self.device_online = Gauge(
+            "iiot_agent_device_online", "1 while the device answers.", ["device"], registry=r
+        )
+        self.suppressed_samples = Counter(
+            "iiot_agent_suppressed_samples", "Samples not sent (report on change, unchanged).",
+            ["device"], registry=r,
+        )  # fmt: skip
+
+    def serve(self, host: str, port: int) -> tuple[Any, Any]:
+        """Start the HTTP endpoint in a daemon thread; returns (server, thread)."""
+        return start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,255 @@
+"""One poller per device: its own schedule, timeout, reconnection and health.
+
+Ticks are scheduled on monotonic deadlines (``start + n * interval``) so there is no
+drift; when a poll overruns, the ticks it covered are skipped and counted rather than
+fired in a burst. Each poll is bounded by the device's ``timeout``, so a slow or dead
+device never delays another (devices on one RS-485 line share the line's lock inside
+the driver and so are polled in turn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from device_profiles.schema import Point, Profile
+from edge_agent.config import DeviceConfig
+from edge_agent.metrics import AgentMetrics
+from edge_agent.reconnect import Backoff, ConnState
+from protocols.driver import Driver, Reading, Value
+from protocols.errors import ConnectError, ProtocolError
+
+__all__ = ["DeviceHealth", "DevicePoller", "DriverFactory", "SampleSink", "StateSink"]
+
+log = logging.getLogger("iiot.agent.poll")
+
+DriverFactory = Callable[..., Driver]
+SampleSink = Callable[[str, Reading], None]
+StateSink = Callable[[str, bool, str], None]
+
+_LAG_KEEP = 20000  # poll start lags kept for benchmarks
+
+
+@dataclass(slots=True)
+class DeviceHealth:
+    online: bool | None = None  # None until the first poll decides
+    reason: str = "starting"
+    polls: int = 0
+    good: int = 0
+    skipped: int = 0
+
+
+def _changed(point: Point | None, old: Value | None, new: Value) -> bool:
+    if old is None or type(old) is not type(new):
+        return True
+    if isinstance(new, bool | str) or isinstance(old, bool | str):
+        return new != old
+    db = point.deadband if point is not None else None
+    if db is None:
+        return new != old
+    return abs(float(new) - float(old)) > db
+
+
+class DevicePoller:
+    """Polls one device on its schedule and reports samples and state changes."""
+
+    def __init__(
+        self,
+        device: DeviceConfig,
+        profile: Profile,
+        *,
+        driver_factory: DriverFactory,
+        on_sample: SampleSink,
+        on_state: StateSink,
+        metrics: AgentMetrics,
+        backoff: Backoff | None = None,
+        lags: deque[float] | None = None,
+        phase: float = 0.0,
+    ) -> None:
+        self.device = device
+        self.profile = profile
+        self.points: Sequence[Point] = (
+            [profile.point(n) for n in device.points] if device.points else list(profile.points)
+        )
+        self._by_name = {p.name: p for p in self.points}
+        self._factory = driver_factory
+        self._on_sample = on_sample
+        self._on_state = on_state
+        self.metrics = metrics
+        self.backoff = backoff or Backoff(0.5, max(5.0, device.poll_interval * 4))
+        self.health = DeviceHealth()
+        self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
+        self._driver: Driver | None = None
+        self._last_sent: dict[str, Value] = {}
+        self._since_full = 0
+        self._stop = asyncio.Event()
+        self._closing: set[asyncio.Task[None]] = set()
+        # Fraction of the interval by which this device's grid is offset, so that many
+        # devices with one interval do not all fire in the same instant.
+        self.phase = phase % 1.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Poll until ``stop()``; never raises for device trouble."""
+        dev = self.device
+        interval = dev.poll_interval
+        start = time.monotonic() + self.phase * interval
+        tick = 0
+        try:
+            while not self._stop.is_set():
+                deadline = start + tick * interval
+                wait = deadline - time.monotonic()
+                if wait > 0 and await self._sleep(wait):
+                    return
+                begun = time.monotonic()
+                self.lags.append(begun - deadline)
+                self.metrics.poll_lag.observe(max(0.0, begun - deadline))
+                retry_in = await self._poll_once()
+                if retry_in is not None:
+                    # Connection trouble: wait out the backoff, then rejoin the grid.
+                    if await self._sleep(retry_in):
+                        return
+                    tick = math.floor((time.monotonic() - start) / interval) + 1
+                    continue
+                nxt = tick + 1
+                due = math.floor((time.monotonic() - start) / interval)
+                if due >= nxt:
+                    skipped = due - nxt + 1
+                    self.health.skipped += skipped
+                    self.metrics.skipped_ticks.labels(dev.id).inc(skipped)
+                    nxt = due + 1
+                tick = nxt
+        finally:
+            await self._close_driver()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep, or return True at once when stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        return self._stop.is_set()
+
+    async def _poll_once(self) -> float | None:
+        """One poll; returns a backoff delay when the connection must be retried."""
+        dev = self.device
+        self.health.polls += 1
+        t0 = time.perf_counter()
+        connecting = False
+        try:
+            async with asyncio.timeout(dev.timeout):
+                if self._driver is None:
+                    connecting = True
+                    self.backoff.connecting()
+                    driver = self._factory(self.profile, dev.connection, name=dev.id)
+                    try:
+                        await driver.connect()
+                    except BaseException:
+                        self._close_later(driver)
+                        raise
+                    self._driver = driver
+                    connecting = False
+                reading = await self._driver.read(self.points)
+        except TimeoutError:
+            if connecting:
+                return self._failed("connect_failed", "connect timed out", reconnect=True)
+            return self._failed("timeout", "no answer within the poll timeout", reconnect=False)
+        except ConnectError as exc:
+            return self._failed(exc.reason, str(exc), reconnect=True)
+        except ProtocolError as exc:
+            return self._failed(exc.reason, str(exc), reconnect=False)
+        except Exception as exc:  # a driver bug or garbage must not end the poller
+            log.exception("poll failed unexpectedly", extra={"device": dev.id})
+            return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=True)
+        finally:
+            self.metrics.poll_duration.labels(dev.id).observe(time.perf_counter() - t0)
+        self.backoff.succeeded()
+        self.health.good += 1
+        self.metrics.polls.labels(dev.id, "ok").inc()
+        for reason in reading.errors.values():
+            self.metrics.errors.labels(dev.id, _short(reason)).inc()
+        self._set_state(True, "")
+        self._emit(reading)
+        return None
+
+    def _failed(self, reason: str, detail: str, *, reconnect: bool) -> float | None:
+        self.metrics.polls.labels(self.device.id, reason).inc()
+        self.metrics.errors.labels(self.device.id, reason).inc()
+        if self.health.online is not False or self.health.reason != reason:
+            log.warning(
+                "device poll failed",
+                extra={"device": self.device.id, "reason": reason, "detail": detail},
+            )
+        self._set_state(False, reason)
+        if not reconnect:
+            return None
+        self.backoff.lost()
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            self._close_later(driver)
+        return self.backoff.next_delay()
+
+    def _set_state(self, online: bool, reason: str) -> None:
+        h = self.health
+        if h.online is online and h.reason == reason:
+            return
+        h.online, h.reason = online, reason
+        self.metrics.device_online.labels(self.device.id).set(1 if online else 0)
+        if online:
+            log.info("device online", extra={"device": self.device.id})
+        self._on_state(self.device.id, online, reason)
+
+    def _emit(self, reading: Reading) -> None:
+        dev = self.device
+        if not dev.report_on_change:
+            self._on_sample(dev.id, reading)
+            return
+        self._since_full += 1
+        if self._since_full >= dev.heartbeat_polls or not self._last_sent:
+            self._since_full = 0
+            self._last_sent.update(reading.values)
+            self._on_sample(dev.id, reading)
+            return
+        changed = {
+            k: v
+            for k, v in reading.values.items()
+            if _changed(self._by_name.get(k), self._last_sent.get(k), v)
+        }
+        if not changed and not reading.errors:
+            self.metrics.suppressed_samples.labels(dev.id).inc()
+            return
+        self._last_sent.update(changed)
+        quality = {k: v for k, v in reading.quality.items() if k in changed}
+        self._on_sample(dev.id, Reading(reading.ts, changed, dict(reading.errors), quality))
+
+    def _close_later(self, driver: Driver) -> None:
+        """Close in the background: a hung close must not hold the schedule."""
+        task = asyncio.create_task(_close_quietly(driver))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_driver(self) -> None:
+        driver, self._driver = self._driver, None
+        if driver is not None:
+            await _close_quietly(driver)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        self.backoff.state = ConnState.STOPPED
+
+
+async def _close_quietly(driver: Driver) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5.0):
+            await driver.aclose()
+
+
+def _short(reason: str) -> str:
+    """A bounded metric label from a per-point error text."""
+    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
+    return head[:40] or "error"

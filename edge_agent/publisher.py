@@ -1,0 +1,372 @@
+"""MQTT publisher: birth/will, device state, and the spool sender.
+
+paho-mqtt 2.x runs the network in its own thread (``loop_start``); everything else lives
+on the agent's event loop and paho callbacks are handed over with
+``call_soon_threadsafe``. Each connection session is a fresh paho client, so its will
+carries that session's ``bdseq`` (persisted in the spool DB) and messages of a dead
+session are never retransmitted behind our back: after a reconnect the sender resumes
+from the oldest unacknowledged spool row, so order is kept and nothing is lost.
+
+Fairness between replay and live data: devices are served round-robin, one message
+per device per turn, and a backlog is packed up to ``batch_samples`` samples or
+``batch_bytes`` per message. One device's backlog therefore never delays another
+device's fresh samples, and a device's own fresh sample waits at most
+``backlog / batch_samples`` messages (its samples must stay in seq order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.config import AgentConfig
+from edge_agent.metrics import AgentMetrics
+from edge_agent.reconnect import Backoff, ConnState
+from edge_agent.spool import Spool, SpoolRow
+from protocols.driver import now_ms
+from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Kind, Topic, Will, encode
+
+__all__ = ["Publisher"]
+
+log = logging.getLogger("iiot.agent.mqtt")
+
+_CONNECT_TIMEOUT = 10.0
+_STOP_FLUSH_TIMEOUT = 5.0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    session: int
+    device: str | None
+    ids: list[int] = field(default_factory=list)
+    ts: list[int] = field(default_factory=list)
+    kind: str = "data"
+
+
+class Publisher:
+    """Owns the broker connection and publishes birth, states and spooled samples."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        spool: Spool,
+        metrics: AgentMetrics,
+        *,
+        devices: list[BirthDevice],
+        version: str,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.cfg = config
+        self.spool = spool
+        self.metrics = metrics
+        self.devices = devices
+        self.version = version
+        self.backoff = backoff or Backoff(config.mqtt.reconnect_min, config.mqtt.reconnect_max)
+        self.bdseq: int | None = None
+        self.session = 0
+        self.state = ConnState.DISCONNECTED
+        self._agent_topic = str(Topic.agent_topic(config.enterprise, config.agent_id))
+        self._client: mqtt.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: dict[int, _InFlight] = {}
+        self._cursor: dict[str, int] = {}
+        self._dirty: deque[str] = deque()
+        self._dirty_set: set[str] = set()
+        self._states: dict[str, DeviceState] = {}
+        self._connack: asyncio.Future[tuple[bool, bool, str]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- public API -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for dev in self.spool.devices():
+            self._mark_dirty(dev)
+        self._tasks = [
+            asyncio.create_task(self._connection_loop(), name="mqtt-connection"),
+            asyncio.create_task(self._sender_loop(), name="mqtt-sender"),
+        ]
+
+    def sample_spooled(self, device: str) -> None:
+        """A new sample of ``device`` is in the spool."""
+        self._mark_dirty(device)
+
+    def set_state(self, device: str, state: DeviceState) -> None:
+        """Record a device's reachability and publish it (retained) when connected."""
+        self._states[device] = state
+        if self.state is ConnState.CONNECTED:
+            self._publish_state(device, state)
+
+    @property
+    def connected(self) -> bool:
+        return self.state is ConnState.CONNECTED
+
+    async def wait_connected(self, within: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), within)
+        return self.connected
+
+    async def stop(self, flush_timeout: float = _STOP_FLUSH_TIMEOUT) -> None:
+        """Flush what is spooled (bounded), publish the orderly offline message, disconnect."""
+        if self.connected:
+            deadline = time.monotonic() + flush_timeout
+            while time.monotonic() < deadline and self.connected:
+                if not self._inflight and not self._dirty:
+                    break
+                self._wake.set()
+                await asyncio.sleep(0.02)
+        self._stopping = True
+        self._wake.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        client = self._client
+        if client is not None and self.connected and self.bdseq is not None:
+            info = client.publish(
+                self._agent_topic, encode(Will(bdseq=self.bdseq)), qos=1, retain=True
+            )
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(info.wait_for_publish, 2.0)
+            client.disconnect()
+        await self._close_client()
+        self.state = ConnState.STOPPED
+        self.metrics.mqtt_connected.set(0)
+
+    # -- connection -------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        attempts = 0
+        while not self._stopping:
+            attempts += 1
+            ok, auth_failed = await self._connect_once()
+            if ok:
+                self.metrics.mqtt_connects.labels("ok").inc()
+                await self._lost.wait()
+                log.warning("mqtt connection lost", extra={"bdseq": self.bdseq})
+                await self._close_client()
+                if self._stopping:
+                    return
+            else:
+                self.metrics.mqtt_connects.labels("auth_failed" if auth_failed else "failed").inc()
+            delay = self.backoff.next_delay(auth_failed=auth_failed)
+            self.state = ConnState.BACKING_OFF
+            log.info(
+                "mqtt reconnect scheduled",
+                extra={"in_s": round(delay, 2), "attempt": attempts},
+            )
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> tuple[bool, bool]:
+        """One connection session attempt; returns (connected, authentication failed)."""
+        assert self._loop is not None
+        self.state = ConnState.CONNECTING
+        self.backoff.connecting()
+        self._connected.clear()
+        self._lost.clear()
+        self.session += 1
+        session = self.session
+        bdseq = self.spool.next_bdseq()
+        client = self._make_client(session, bdseq)
+        self._connack = self._loop.create_future()
+        m = self.cfg.mqtt
+        try:
+            await asyncio.wait_for(
+                asyncio.to_thread(client.connect, m.host, m.port, m.keepalive), _CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning(
+                "mqtt connect failed",
+                extra={"broker": f"{m.host}:{m.port}", "error": str(exc) or type(exc).__name__},
+            )
+            return False, False
+        self._client = client
+        client.loop_start()
+        try:
+            ok, auth, reason = await asyncio.wait_for(self._connack, _CONNECT_TIMEOUT)
+        except TimeoutError:
+            ok, auth, reason = False, False, "no CONNACK"
+        if not ok:
+            log.warning("mqtt connection refused", extra={"reason": reason})
+            await self._close_client()
+            return False, auth
+        self.bdseq = bdseq
+        self.backoff.succeeded()
+        # Everything unacknowledged is sent again by this session, oldest first.
+        self._inflight.clear()
+        self._cursor.clear()
+        for dev in self.spool.devices():
+            self._mark_dirty(dev)
+        self.state = ConnState.CONNECTED
+        self.metrics.mqtt_connected.set(1)
+        birth = Birth(bdseq=bdseq, ts=now_ms(), version=self.version, devices=self.devices)
+        self._track(client.publish(self._agent_topic, encode(birth), qos=1, retain=True), "birth")
+        for dev, st in self._states.items():
+            self._publish_state(dev, st)
+        log.info("mqtt connected", extra={"broker": f"{m.host}:{m.port}", "bdseq": bdseq})
+        self._connected.set()
+        self._wake.set()
+        return True, False
+
+    def _make_client(self, session: int, bdseq: int) -> mqtt.Client:
+        m = self.cfg.mqtt
+        proto = mqtt.MQTTv5 if m.protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id,
+            protocol=proto,
+            reconnect_on_failure=False,
+        )
+        client.max_inflight_messages_set(max(m.max_inflight + 8, 20))
+        client.max_queued_messages_set(0)
+        client.will_set(self._agent_topic, encode(Will(bdseq=bdseq)), qos=1, retain=True)
+        if m.username is not None:
+            client.username_pw_set(m.username, self.cfg.mqtt_password())
+        if m.tls:
+            client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None)
+        client.on_connect = lambda c, u, f, rc, p: self._threadsafe(self._on_connect, session, rc)
+        client.on_disconnect = lambda c, u, f, rc, p: self._threadsafe(self._on_disconnect, session)
+        client.on_publish = lambda c, u, mid, rc, p: self._threadsafe(
+            self._on_publish, session, mid
+        )
+        return client
+
+    def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _on_connect(self, session: int, rc: Any) -> None:
+        if session != self.session or self._connack is None or self._connack.done():
+            return
+        failed = bool(getattr(rc, "is_failure", False))
+        value = int(getattr(rc, "value", 0) or 0)
+        # 4/5 (3.1.1) and 0x86/0x87 (5): bad credentials / not authorised.
+        auth = failed and value in (4, 5, 0x86, 0x87)
+        self._connack.set_result((not failed, auth, str(rc)))
+
+    def _on_disconnect(self, session: int) -> None:
+        if session != self.session:
+            return
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result((False, False, "disconnected before CONNACK"))
+        if self.state is ConnState.CONNECTED:
+            self.state = ConnState.DISCONNECTED
+            self.backoff.lost()
+            self.metrics.mqtt_connected.set(0)
+            self._connected.clear()
+        self._lost.set()
+
+    async def _close_client(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        await asyncio.to_thread(client.loop_stop)
+
+    # -- publishing -------------------------------------------------------------------
+
+    def _publish_state(self, device: str, state: DeviceState) -> None:
+        if self._client is None:
+            return
+        topic = str(Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.STATE))
+        self._track(self._client.publish(topic, encode(state), qos=1, retain=True), "state")
+
+    def _track(
+        self, info: mqtt.MQTTMessageInfo, kind: str, flight: _InFlight | None = None
+    ) -> None:
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return  # the connection is going; the disconnect path resends what matters
+        self._inflight[info.mid] = flight or _InFlight(self.session, None, kind=kind)
+
+    def _on_publish(self, session: int, mid: int) -> None:
+        if session != self.session or self.state is ConnState.STOPPED:
+            return
+        flight = self._inflight.pop(mid, None)
+        if flight is None:
+            return
+        self.metrics.published_messages.labels(flight.kind).inc()
+        if flight.ids:
+            self.spool.ack(flight.ids)
+            now = now_ms()
+            for ts in flight.ts:
+                self.metrics.publish_latency.observe(max(0, now - ts) / 1000)
+            self.metrics.published_samples.inc(len(flight.ids))
+            self._update_spool_metrics()
+        self._wake.set()
+
+    def _update_spool_metrics(self) -> None:
+        self.metrics.spool_depth.set(self.spool.depth)
+        self.metrics.spool_bytes.set(self.spool.size_bytes)
+
+    def _mark_dirty(self, device: str) -> None:
+        if device not in self._dirty_set:
+            self._dirty_set.add(device)
+            self._dirty.append(device)
+        self._wake.set()
+
+    def _data_inflight(self) -> int:
+        return sum(1 for f in self._inflight.values() if f.ids)
+
+    async def _sender_loop(self) -> None:
+        sp = self.cfg.spool
+        while not self._stopping:
+            self._wake.clear()
+            client = self._client
+            if (
+                not self.connected
+                or client is None
+                or not self._dirty
+                or self._data_inflight() >= self.cfg.mqtt.max_inflight
+            ):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.5)
+                continue
+            device = self._dirty.popleft()
+            self._dirty_set.discard(device)
+            rows = self.spool.batch(
+                device,
+                after_id=self._cursor.get(device, 0),
+                max_samples=sp.batch_samples,
+                max_bytes=sp.batch_bytes,
+            )
+            if not rows:
+                continue
+            self._publish_rows(client, device, rows)
+            # Back of the queue: the next device gets its turn before this one again.
+            self._mark_dirty(device)
+            await asyncio.sleep(0)
+
+    def _publish_rows(self, client: mqtt.Client, device: str, rows: list[SpoolRow]) -> None:
+        topic = str(Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA))
+        # Bodies are stored as compact Sample JSON; the message is assembled without re-parsing.
+        payload = (
+            '{"seq":' + str(rows[0].seq) + ',"samples":[' + ",".join(r.body for r in rows) + "]}"
+        ).encode()
+        info = client.publish(topic, payload, qos=1)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return
+        self._cursor[device] = rows[-1].id
+        self._track(
+            info,
+            "data",
+            _InFlight(self.session, device, [r.id for r in rows], [r.ts for r in rows]),
+        )

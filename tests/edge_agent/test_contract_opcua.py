@@ -1,0 +1,65 @@
+"""The agent reading the OPC UA simulator: what a plain subscriber receives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from device_profiles.loader import load_profiles
+from device_profiles.schema import ValueType
+from edge_agent.agent import Agent
+from edge_agent.config import parse_config
+from protocols.mqtt.contract import Birth, DeviceState
+from simulators.device import SimDevice
+from simulators.opcua_server import OpcUaSimServer
+from tests.edge_agent.helpers import Subscriber, agent_dict, wait_for
+from tests.servers import Mosquitto, free_port
+
+
+def _opcua_profiles() -> list[str]:
+    return [p.id for p in load_profiles() if p.protocol == "opcua"]
+
+
+@pytest.mark.parametrize("profile_id", _opcua_profiles())
+async def test_opcua_family_arrives_as_simulated(
+    tmp_path: Path, mosquitto: Mosquitto, profile_id: str
+) -> None:
+    profile = load_profiles()[profile_id]
+    sim_dev = SimDevice(profile, device_id="ua-1", seed=3)
+    server = OpcUaSimServer(sim_dev, port=free_port(), update_interval=0.1)
+    await server.start()
+    device = {
+        "id": "ua-1",
+        "profile": profile_id,
+        "poll_interval": 0.2,
+        "poll_timeout": 3.0,
+        "opcua": {"endpoint": server.endpoint, "timeout": 3.0},
+    }
+    agent = Agent(parse_config(agent_dict(tmp_path, mosquitto.port, [device])))
+    with Subscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: len(sub.samples("ua-1")) >= 3, 20, "OPC UA samples")
+            want = sim_dev.values()
+            n = len(sub.samples("ua-1"))
+        finally:
+            await agent.stop()
+            await server.stop()
+    assert sub.bad == []
+    birth = next(m.decoded for m in sub.on("/agent") if isinstance(m.decoded, Birth))
+    assert birth.devices[0].protocol == "opcua"
+    states = [m.decoded for m in sub.on("/ua-1/state")]
+    assert isinstance(states[0], DeviceState) and states[0].online
+    seqs = [s for s, _ in sub.samples("ua-1")]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    _, last = sub.samples("ua-1")[n - 1]
+    assert not last.errors, last.errors
+    assert set(last.values) == {p.name for p in profile.points}
+    for p in profile.points:
+        have = last.values[p.name]
+        if p.type is ValueType.STRING:
+            assert have == want[p.name]
+        elif p.range is not None and p.type is not ValueType.BOOL:
+            span = p.range[1] - p.range[0]
+            assert abs(float(have) - float(want[p.name])) <= span * 0.05 + 1, p.name
