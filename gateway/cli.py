@@ -2,8 +2,64 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
 import typer
 
 __all__ = ["app"]
 
 app = typer.Typer(help="The gateway: ingest, registry, ratios API.", no_args_is_help=True)
+
+log = logging.getLogger("gateway")
+
+
+@app.callback()
+def _group() -> None:
+    """The gateway: ingest, registry, ratios API."""
+
+
+@app.command("run")
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="gateway.yaml"),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Overrides data_dir from the config."
+    ),
+) -> None:
+    """Run the gateway until SIGTERM or SIGINT."""
+    from gateway.config import GatewayConfigError, load_gateway_config
+    from gateway.outbox import OutboxError
+    from gateway.service import Gateway, GatewayStartError
+
+    try:
+        cfg = load_gateway_config(config)
+    except GatewayConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if data_dir is not None:
+        cfg = cfg.model_copy(update={"data_dir": data_dir})
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    gateway = Gateway(cfg)
+    try:
+        gateway.start()
+    except (GatewayStartError, OutboxError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        # Wake up now and then so signals are handled promptly on every platform.
+        while not stop.wait(1.0):
+            pass
+    finally:
+        gateway.stop()

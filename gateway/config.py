@@ -14,7 +14,9 @@ __all__ = [
     "GatewayConfig",
     "GatewayConfigError",
     "InfluxConfig",
+    "IngestConfig",
     "MqttConfig",
+    "OutboxConfig",
     "load_gateway_config",
 ]
 
@@ -50,6 +52,39 @@ class InfluxConfig(_Cfg):
     timeout: float = Field(default=10.0, gt=0, le=300)
 
 
+class IngestConfig(_Cfg):
+    """How MQTT ingest batches messages into outbox transactions."""
+
+    batch_max_messages: int = Field(default=5000, ge=1, le=100_000)
+    batch_wait: float = Field(
+        default=0.005, gt=0, le=1.0, description="Longest wait, s, to fill a batch."
+    )
+    receive_maximum: int = Field(
+        default=10000, ge=1, le=65535, description="Unacknowledged QoS 1 messages in flight."
+    )
+    session_expiry: int = Field(
+        default=7 * 86400, ge=0, description="Broker keeps the session this long, s."
+    )
+    dedup_window: int = Field(
+        default=1_000_000, ge=1000, description="Recent sample keys kept to drop replays."
+    )
+
+
+class OutboxConfig(_Cfg):
+    """Retention cap of the outbox (also the embedded store when influx.url is unset)."""
+
+    max_lines: int = Field(default=10_000_000, ge=1000)
+    max_age: float = Field(default=7 * 86400.0, gt=0, description="Seconds.")
+    drain_timeout: float = Field(
+        default=10.0, ge=0, description="At shutdown, keep writing this long, s."
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        default="full",
+        description="full: an acknowledged message survives power loss; normal: only a "
+        "process crash (faster on slow disks).",
+    )
+
+
 class ApiConfig(_Cfg):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -79,6 +114,8 @@ class GatewayConfig(_Cfg):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     influx: InfluxConfig = Field(default_factory=InfluxConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     broker_auth: BrokerAuthConfig = Field(default_factory=BrokerAuthConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(

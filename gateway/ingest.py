@@ -1,0 +1,565 @@
+"""MQTT ingest: contract checks, line protocol into the outbox, then the broker ack.
+
+paho-mqtt's network thread only queues each message. An ingest thread takes batches
+(up to ``batch_max_messages`` or ``batch_wait`` seconds), validates every message,
+commits all their samples in one outbox transaction, tells the registry, and only then
+acknowledges them to the broker (manual acks, in order). Rejected messages are
+acknowledged too, so the broker does not redeliver them forever. The session is
+persistent (MQTT 5, clean_start=False, session expiry), so what arrives while the
+gateway is down is delivered after it reconnects; a message committed but not yet
+acknowledged when the process died is delivered again and dropped as a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.config import IngestConfig, MqttConfig
+from gateway.influx import MAX_TS_MS, format_fields, series_prefix
+from gateway.metrics import DataPathMetrics
+from gateway.outbox import Outbox, OutboxError
+from gateway.sink import IngestSink, SampleSummary
+from protocols.mqtt.contract import (
+    IDENTIFIER_PATTERN,
+    TOPIC_PREFIX,
+    Birth,
+    ContractError,
+    DataMessage,
+    DeviceState,
+    Kind,
+    Will,
+    decode_payload,
+    parse_topic,
+)
+
+__all__ = ["MEASUREMENT", "Ingest", "MessageProcessor", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT = "telemetry"
+_LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
+
+
+_IDENT = re.compile(IDENTIFIER_PATTERN)
+_SCALARS = frozenset({float, int, bool, str, type(None)})
+# Point names already seen to be valid identifiers (bounded below).
+_good_names: set[str] = set()
+
+# (ts, values, errors) of one sample, whichever parser produced it.
+_SampleT = tuple[int, dict[str, Any], dict[str, Any]]
+
+
+def _names_ok(names: Any) -> bool:
+    for k in names:
+        if k not in _good_names:
+            if not _IDENT.fullmatch(k):
+                return False
+            if len(_good_names) < 100_000:
+                _good_names.add(k)
+    return True
+
+
+def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
+    """Parse the common shape of a data message quickly; None means "ask pydantic".
+
+    Accepts only what ``DataMessage`` accepts with the same meaning (exact JSON types,
+    no extra keys), so anything unusual, valid or not, takes the full validator.
+    """
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or len(doc) != 2:
+        return None
+    seq = doc.get("seq")
+    samples = doc.get("samples")
+    if type(seq) is not int or seq < 0 or type(samples) is not list or not samples:
+        return None
+    out: list[_SampleT] = []
+    for s in samples:
+        if type(s) is not dict:
+            return None
+        ts = s.get("ts")
+        values = s.get("values", {})
+        errors = s.get("errors", {})
+        quality = s.get("quality")
+        expected = 1 + ("values" in s) + ("errors" in s) + ("quality" in s)
+        if (
+            len(s) != expected
+            or type(ts) is not int
+            or ts < 0
+            or type(values) is not dict
+            or type(errors) is not dict
+        ):
+            return None
+        if not _names_ok(values) or not _names_ok(errors):
+            return None
+        for v in values.values():
+            if type(v) not in _SCALARS:
+                return None
+        for v in errors.values():
+            if type(v) is not str:
+                return None
+        if quality is not None:
+            if type(quality) is not dict or not _names_ok(quality):
+                return None
+            if any(type(v) is not str for v in quality.values()):
+                return None
+        out.append((ts, values, errors))
+    return seq, out
+
+
+_OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
+
+
+class _Tx(Protocol):
+    def first_time(self, dev: str, seq: int, ts: int) -> bool: ...
+
+    def add(self, lines: list[str]) -> None: ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one message did: a reject reason, or lines added and a registry call."""
+
+    reject: str | None = None
+    detail: str = ""
+    source: str = ""
+    lines: int = 0
+    samples: int = 0
+    duplicates: int = 0
+    points: int = 0
+    point_errors: int = 0
+    notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
+
+
+class MessageProcessor:
+    """Turns one MQTT message into line protocol and a registry notification; pure."""
+
+    def __init__(self, sink: IngestSink) -> None:
+        self.sink = sink
+        self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
+
+    def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
+        """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
+        try:
+            return self._handle(tx, topic, payload)
+        except _OUTBOX_ERRORS:
+            raise  # the transaction failed: the whole batch is retried, nothing acked
+        except Exception as exc:
+            # A registry bug must not wedge the batch forever: reject this message only.
+            log.exception("internal error on a message")
+            return Outcome("internal_error", repr(exc), source=_source_of(str(topic)[:200]))
+
+    def _handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
+        try:
+            text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
+        except UnicodeDecodeError:
+            return Outcome("bad_topic", "topic is not UTF-8", source=repr(topic[:80]))
+        try:
+            t = parse_topic(text)
+        except ContractError as exc:
+            return Outcome(exc.reason, str(exc), source=_source_of(text))
+        source = f"{t.enterprise}/{t.agent}"
+        if t.kind is Kind.CMD:
+            return Outcome(source=source)  # the gateway's own commands to agents
+        reason = self.sink.check_publisher(t.enterprise, t.agent)
+        if reason is not None:
+            return Outcome(
+                reason, f"{t.agent!r} may not publish under {t.enterprise!r}", source=source
+            )
+        ent, agent = t.enterprise, t.agent
+        if t.kind is Kind.DATA:
+            assert t.device is not None
+            fast = _fast_data(payload)
+            if fast is not None:
+                return self._data(tx, ent, agent, t.device, fast[0], fast[1], source)
+        try:
+            msg = decode_payload(t, payload)
+        except ContractError as exc:
+            return Outcome(exc.reason, f"{text}: {exc}", source=source)
+        if isinstance(msg, DataMessage):
+            assert t.device is not None
+            samples = [(x.ts, x.values, x.errors) for x in msg.samples]
+            return self._data(tx, ent, agent, t.device, msg.seq, samples, source)
+        if isinstance(msg, Birth):
+            birth = msg
+            return Outcome(source=source, notify=lambda s: s.on_birth(ent, agent, birth))
+        if isinstance(msg, Will):
+            will = msg
+            return Outcome(source=source, notify=lambda s: s.on_will(ent, agent, will))
+        if isinstance(msg, DeviceState):
+            state, dev = msg, t.device
+            assert dev is not None
+            return Outcome(
+                source=source, notify=lambda s: s.on_device_state(ent, agent, dev, state)
+            )
+        return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
+
+    def _prefix(self, ent: str, agent: str, device: str) -> str:
+        tags = self.sink.device_tags(ent, device)
+        family, profile = tags if tags is not None else ("", "")
+        key = (ent, agent, device, family, profile)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = series_prefix(
+                MEASUREMENT,
+                {
+                    "enterprise": ent,
+                    "agent": agent,
+                    "device": device,
+                    "family": family,
+                    "profile": profile,
+                },
+            )
+            if len(self._prefixes) > 200_000:
+                self._prefixes.clear()
+            self._prefixes[key] = prefix
+        return prefix
+
+    def _data(
+        self,
+        tx: _Tx,
+        ent: str,
+        agent: str,
+        device: str,
+        seq: int,
+        samples: list[_SampleT],
+        source: str,
+    ) -> Outcome:
+        for ts, _, _ in samples:
+            if ts > MAX_TS_MS:
+                return Outcome(
+                    "bad_timestamp",
+                    f"{ent}/{agent}/{device}: sample ts {ts} is past what InfluxDB stores",
+                    source=source,
+                )
+        prefix = self._prefix(ent, agent, device)
+        devkey = f"{ent}/{agent}/{device}"
+        out = Outcome(source=source)
+        lines: list[str] = []
+        latest: dict[str, bool | int | float | str | None] = {}
+        first_ts = last_ts = -1
+        last_good: int | None = None
+        first_time = tx.first_time
+        for ts, values, errors in samples:
+            this_seq = seq
+            seq += 1
+            if not first_time(devkey, this_seq, ts):
+                out.duplicates += 1
+                continue
+            out.samples += 1
+            out.point_errors += len(errors)
+            fields = format_fields(values, errors if errors else None)
+            if fields:
+                lines.append(f"{prefix}{fields} {ts}")
+                out.points += len(values) - (sum(1 for k in errors if k in values) if errors else 0)
+                if last_good is None or ts > last_good:
+                    last_good = ts
+            if first_ts < 0 or ts < first_ts:
+                first_ts = ts
+            if ts >= last_ts:
+                last_ts = ts
+                if errors:
+                    latest.update((k, v) for k, v in values.items() if k not in errors)
+                else:
+                    latest.update(values)
+        if lines:
+            tx.add(lines)
+            out.lines = len(lines)
+        if out.samples:
+            summary = SampleSummary(
+                ent,
+                agent,
+                device,
+                count=out.samples,
+                first_ts=first_ts,
+                last_ts=last_ts,
+                last_good_ts=last_good,
+                latest=latest,
+            )
+            out.notify = lambda sink: sink.on_samples(summary)
+        return out
+
+
+def _source_of(topic: str) -> str:
+    parts = topic.split("/", 4)
+    if len(parts) >= 4 and parts[0] == "iiot":
+        return f"{parts[2][:64]}/{parts[3][:64]}"
+    return topic[:80]
+
+
+@dataclass(slots=True)
+class _Queued:
+    gen: int
+    mid: int
+    qos: int
+    topic: bytes
+    payload: bytes
+
+
+class Ingest:
+    """The MQTT subscriber and ingest thread; start(), stop()."""
+
+    def __init__(
+        self,
+        mqtt_config: MqttConfig,
+        outbox: Outbox,
+        sink: IngestSink,
+        *,
+        config: IngestConfig | None = None,
+        metrics: DataPathMetrics | None = None,
+    ) -> None:
+        self.mqtt_config = mqtt_config
+        self.config = config or IngestConfig()
+        self.outbox = outbox
+        self.sink = sink
+        self.metrics = metrics or outbox.metrics
+        self.processor = MessageProcessor(sink)
+        self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
+        self._gen = 0
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_logged: dict[tuple[str, str], float] = {}
+        self.committed_messages = 0
+        self._client = self._make_client()
+
+    @property
+    def topic_filter(self) -> str:
+        base = f"{TOPIC_PREFIX}/#"
+        group = self.mqtt_config.shared_group
+        return f"$share/{group}/{base}" if group else base
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.mqtt_config
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if cfg.username is not None:
+            client.username_pw_set(
+                cfg.username, cfg.password.get_secret_value() if cfg.password else None
+            )
+        if urlsplit(cfg.url).scheme == "mqtts":
+            client.tls_set(
+                ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def start(self, connect_timeout: float = 10.0) -> None:
+        """Connect and run; waits up to ``connect_timeout`` for the subscription to hold."""
+        cfg = self.mqtt_config
+        url = urlsplit(cfg.url)
+        port = url.port or (8883 if url.scheme == "mqtts" else 1883)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.config.session_expiry
+        props.ReceiveMaximum = self.config.receive_maximum
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="iiot-ingest", daemon=True)
+        self._thread.start()
+        self._client.connect_async(
+            url.hostname or "127.0.0.1",
+            port,
+            keepalive=cfg.keepalive,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        if not self._subscribed.wait(connect_timeout):
+            log.warning(
+                "broker not reachable yet; retrying in the background",
+                extra={"url": cfg.url},
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the batch in hand (commit and ack), then disconnect; the rest stays unacked."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        self.metrics.mqtt_connected.set(0)
+
+    # -- paho callbacks (network thread) ------------------------------------------------
+
+    def _on_connect(
+        self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error(
+                "broker refused the connection",
+                extra={"url": self.mqtt_config.url, "reason": str(reason)},
+            )
+            return
+        # Messages queued under an earlier connection carry mids of that connection;
+        # they must not be acked on this one. The broker redelivers them.
+        self._gen += 1
+        self._subscribed.clear()
+        client.subscribe(self.topic_filter, qos=1)
+        self._connected.set()
+        self.metrics.mqtt_connects.inc()
+        self.metrics.mqtt_connected.set(1)
+        log.info(
+            "connected to broker",
+            extra={"url": self.mqtt_config.url, "subscription": self.topic_filter},
+        )
+
+    def _on_subscribe(
+        self, _c: mqtt.Client, _ud: Any, _mid: int, reasons: list[Any], _props: Any
+    ) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error(
+                "broker refused the subscription",
+                extra={"filter": self.topic_filter, "reason": ", ".join(failed)},
+            )
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
+    ) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        self.metrics.mqtt_connected.set(0)
+        if not self._stop.is_set():
+            log.warning(
+                "disconnected from broker",
+                extra={"url": self.mqtt_config.url, "reason": str(reason)},
+            )
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(_Queued(self._gen, msg.mid, msg.qos, msg._topic, bytes(msg.payload)))
+
+    # -- ingest thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cfg = self.config
+        get = self._queue.get
+        while not self._stop.is_set():
+            try:
+                first = get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + cfg.batch_wait
+            while len(batch) < cfg.batch_max_messages:
+                left = deadline - time.monotonic()
+                try:
+                    batch.append(get(timeout=left) if left > 0 else self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self.metrics.queue_depth.set(self._queue.qsize())
+            self._commit_with_retry(batch)
+
+    def _commit_with_retry(self, batch: list[_Queued]) -> None:
+        # The broker redelivers unacked messages only after a reconnect, so a batch that
+        # cannot be committed (disk full, database locked) is retried until it can be or
+        # the gateway stops; nothing is acknowledged meanwhile, so nothing is lost.
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._process(batch)
+                return
+            except Exception as exc:
+                self.metrics.ingest_errors.inc()
+                if attempt == 1 or delay >= 5.0:
+                    log.error(
+                        "ingest batch failed; not acknowledged, retrying",
+                        extra={"messages": len(batch), "attempt": attempt, "error": repr(exc)},
+                    )
+            if self._stop.wait(delay):
+                return
+            delay = min(delay * 2, 5.0)
+
+    def _process(self, batch: list[_Queued]) -> None:
+        handle = self.processor.handle
+        outcomes: list[Outcome] = []
+        with self.outbox.transaction() as tx:
+            for m in batch:
+                outcomes.append(handle(tx, m.topic, m.payload))
+        self.committed_messages += len(batch)
+        met = self.metrics
+        met.received.inc(len(batch))
+        met.batches.inc()
+        met.batch_size.observe(len(batch))
+        samples = duplicates = points = point_errors = 0
+        for o in outcomes:
+            if o.reject is not None:
+                self._count_reject(o)
+                continue
+            samples += o.samples
+            duplicates += o.duplicates
+            points += o.points
+            point_errors += o.point_errors
+            if o.notify is not None:
+                try:
+                    o.notify(self.sink)
+                except Exception as exc:
+                    met.sink_errors.inc()
+                    log.error(
+                        "registry failed on a message",
+                        extra={"source": o.source, "error": repr(exc)},
+                    )
+        met.samples.inc(samples)
+        if duplicates:
+            met.duplicates.inc(duplicates)
+        met.points.inc(points)
+        if point_errors:
+            met.point_errors.inc(point_errors)
+        gen = self._gen
+        ack = self._client.ack
+        acked = 0
+        for q in batch:
+            if q.qos > 0 and q.gen == gen:
+                ack(q.mid, q.qos)
+                acked += 1
+        met.acked.inc(acked)
+
+    def _count_reject(self, o: Outcome) -> None:
+        reason = o.reject or "unknown"
+        self.metrics.rejected.labels(reason=reason).inc()
+        key = (o.source, reason)
+        now = time.monotonic()
+        last = self._last_logged.get(key)
+        if last is None or now - last >= _LOG_EVERY:
+            if len(self._last_logged) > 10_000:
+                self._last_logged.clear()
+            self._last_logged[key] = now
+            log.warning(
+                "message rejected", extra={"source": o.source, "reason": reason, "detail": o.detail}
+            )

@@ -1,0 +1,226 @@
+"""The gateway process: registry, outbox, writer, ingest, ratio snapshots and the HTTP API.
+
+``Gateway`` runs everything in the calling process on threads (uvicorn on its own
+event loop), so the CLI, the demo and the tests drive the same object::
+
+    gw = Gateway(config)
+    gw.start()
+    ...
+    gw.stop()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+
+from gateway.config import GatewayConfig
+from gateway.influx import InfluxWriter
+from gateway.ingest import Ingest
+from gateway.metrics import DataPathMetrics
+from gateway.outbox import Outbox
+from gateway.sink import IngestSink
+
+if TYPE_CHECKING:
+    import uvicorn
+
+__all__ = ["Gateway", "GatewayStartError"]
+
+log = logging.getLogger(__name__)
+
+
+class GatewayStartError(RuntimeError):
+    """A part of the gateway could not start; the message names which and why."""
+
+
+class Gateway:
+    """One gateway instance; ``start()`` returns once it is serving, ``stop()`` is clean."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        sink: IngestSink | None = None,
+        serve_api: bool = True,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.config = config
+        self.collector = CollectorRegistry()
+        self.metrics = DataPathMetrics(self.collector)
+        self.registry: Any = None
+        self.sink: IngestSink | None = sink
+        self._own_registry = sink is None
+        self.serve_api = serve_api
+        self.connect_timeout = connect_timeout
+        self.outbox: Outbox | None = None
+        self.writer: InfluxWriter | None = None
+        self.ingest: Ingest | None = None
+        self.snapshotter: Any = None
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GatewayStartError(f"data_dir {cfg.data_dir}: {exc.strerror or exc}") from exc
+        try:
+            self._start_parts()
+        except BaseException:
+            self.stop()
+            raise
+        self._started = True
+        log.info(
+            "gateway running",
+            extra={
+                "api": f"http://{cfg.api.host}:{self.api_port}" if self.serve_api else "off",
+                "mqtt": cfg.mqtt.url,
+                "influx": cfg.influx.url or "none (outbox is the store)",
+                "data_dir": str(cfg.data_dir),
+            },
+        )
+
+    def _start_parts(self) -> None:
+        cfg = self.config
+        if self.serve_api and not self._own_registry:
+            raise GatewayStartError("api: serves the registry; use serve_api=False with a sink")
+        self.outbox = Outbox(
+            cfg.outbox_path,
+            max_lines=cfg.outbox.max_lines,
+            max_age=cfg.outbox.max_age,
+            dedup_window=cfg.ingest.dedup_window,
+            synchronous=cfg.outbox.synchronous,
+            chunk_lines=cfg.influx.batch_lines,
+            metrics=self.metrics,
+        )
+        if self.sink is None:
+            from gateway.registry import Registry
+
+            self.registry = Registry(
+                cfg.registry_url, default_poll_interval=cfg.default_poll_interval
+            )
+            self.sink = self.registry
+        if cfg.influx.url:
+            self.writer = InfluxWriter(self.outbox, cfg.influx, metrics=self.metrics)
+            self.writer.start()
+        if self.registry is not None:
+            from gateway.ratios import Snapshotter
+
+            self.snapshotter = Snapshotter(self.registry, cfg.snapshot_interval, self.outbox.append)
+            self.snapshotter.start()
+        self.ingest = Ingest(
+            cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
+        )
+        self.ingest.start(connect_timeout=self.connect_timeout)
+        if self.serve_api:
+            self._start_api()
+
+    def _start_api(self) -> None:
+        import uvicorn
+
+        from gateway.api import create_app
+
+        cfg = self.config
+        app = create_app(self.registry, cfg, outbox=self.outbox, metrics=self.collector)
+        family = socket.AF_INET6 if ":" in cfg.api.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.api.host, cfg.api.port))
+        except OSError as exc:
+            sock.close()
+            raise GatewayStartError(
+                f"api: cannot listen on {cfg.api.host}:{cfg.api.port}: {exc.strerror or exc}"
+            ) from exc
+        self._sock = sock
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
+        )
+        self._server = server
+        self._server_thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="iiot-api", daemon=True
+        )
+        self._server_thread.start()
+        deadline = time.monotonic() + 15
+        while not server.started:
+            if not self._server_thread.is_alive() or time.monotonic() > deadline:
+                raise GatewayStartError("api: the HTTP server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop acking, flush the outbox, drain the writer (bounded), close everything."""
+        cfg = self.config
+        if self.ingest is not None:
+            self.ingest.stop()
+            self.ingest = None
+        if self.snapshotter is not None:
+            with contextlib.suppress(Exception):
+                self.snapshotter.stop()
+            self.snapshotter = None
+        if self.writer is not None:
+            self.writer.stop(cfg.outbox.drain_timeout)
+            self.writer = None
+        if self._server is not None:
+            self._server.should_exit = True
+            if self._server_thread is not None:
+                self._server_thread.join(10)
+            self._server = None
+            self._server_thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self.registry is not None and self._own_registry:
+            for step in ("flush", "close"):
+                try:
+                    getattr(self.registry, step)()
+                except Exception:
+                    log.exception("registry %s failed at shutdown", step)
+            self.registry = None
+            self.sink = None
+        if self.outbox is not None:
+            pending = self.outbox.pending_lines
+            self.outbox.close()
+            self.outbox = None
+            if pending and cfg.influx.url:
+                log.info("lines kept in the outbox for the next start", extra={"lines": pending})
+        if self._started:
+            log.info("gateway stopped")
+        self._started = False
+
+    # -- introspection -----------------------------------------------------------------
+
+    @property
+    def api_port(self) -> int:
+        """The port the API listens on (useful with ``api.port: 0``)."""
+        if self._sock is None:
+            raise RuntimeError("the API is not running")
+        return int(self._sock.getsockname()[1])
+
+    @property
+    def api_url(self) -> str:
+        host = self.config.api.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.api_port}"
+
+    @property
+    def mqtt_connected(self) -> bool:
+        return self.ingest is not None and self.ingest.connected
+
+    def __enter__(self) -> Gateway:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
