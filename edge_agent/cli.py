@@ -63,3 +63,70 @@ def run(
     except AgentStartError as exc:
         typer.echo(f"agent cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command("provision")
+def provision(
+    api: str = typer.Option(
+        ..., "--api", help="The gateway's base URL, e.g. https://iiot.example:8080"
+    ),
+    key: str = typer.Option(
+        ..., "--key", envvar="IIOT_PROVISIONING_KEY", help="Provisioning key from the platform."
+    ),
+    agent_id: str = typer.Option(..., "--agent-id", help="This gateway box's agent id."),
+    config: Path = typer.Option(
+        Path("agent.yaml"), "--config", "-c", help="Agent config to fill in (created if missing)."
+    ),
+    password_file: Path = typer.Option(
+        Path("agent.secret"), "--password-file", help="Where the MQTT password is kept (0600)."
+    ),
+) -> None:
+    """Redeem a provisioning key: register this agent and store its MQTT credentials."""
+    import os
+
+    import httpx
+    import yaml
+
+    try:
+        r = httpx.post(
+            api.rstrip("/") + "/api/v1/provision",
+            json={"key": key, "agent_id": agent_id},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        typer.echo(f"cannot reach the gateway at {api}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        typer.echo(f"provisioning refused ({r.status_code}): {detail}", err=True)
+        raise typer.Exit(1)
+    cred = r.json()
+    fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(cred["password"] + "\n")
+    data = {}
+    if config.exists():
+        loaded = yaml.safe_load(config.read_text(encoding="utf-8"))
+        data = loaded if isinstance(loaded, dict) else {}
+    mqtt = dict(data.get("mqtt") or {})
+    mqtt.pop("password", None)
+    mqtt.update(
+        {
+            "url": cred["broker_url"],
+            "username": cred["username"],
+            "password_file": str(password_file.resolve()),
+        }
+    )
+    data.update({"agent_id": cred["agent_id"], "enterprise": cred["enterprise"], "mqtt": mqtt})
+    data.setdefault("devices", [])
+    config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    typer.echo(
+        f"provisioned agent '{cred['agent_id']}' of enterprise '{cred['enterprise']}'\n"
+        f"  broker   {cred['broker_url']} as user '{cred['username']}'\n"
+        f"  topics   {cred['topic_prefix']}/#\n"
+        f"  password {password_file} (mode 0600)\n"
+        f"  config   {config} updated"
+    )

@@ -58,6 +58,11 @@ class MqttConfig(_Strict):
     password: SecretStr | None = Field(
         default=None, description=f"Also read from the environment variable {PASSWORD_ENV}."
     )
+    password_file: Path | None = Field(
+        default=None,
+        description="A file (mode 0600) holding only the password, as `iiot agent provision` "
+        "writes it; keeps the secret out of the config.",
+    )
     client_id: str | None = Field(default=None, description="Default: the agent id.")
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
     keepalive: int = Field(default=30, ge=5, le=3600)
@@ -169,9 +174,11 @@ class AgentConfig(_Strict):
         return self.mqtt.client_id or self.agent_id
 
     def mqtt_password(self) -> str | None:
-        """The broker password: the file's, else the environment's."""
+        """The broker password: the config's, else its password file's, else the environment's."""
         if self.mqtt.password is not None:
             return self.mqtt.password.get_secret_value()
+        if self.mqtt.password_file is not None:
+            return self.mqtt.password_file.read_text(encoding="utf-8").strip() or None
         return os.environ.get(PASSWORD_ENV) or None
 
 
@@ -297,9 +304,15 @@ def parse_config(
                     "profiles": [_rel(p, base_dir) for p in cfg.profiles],
                     "data_dir": _rel(cfg.data_dir, base_dir),
                     "spool": cfg.spool.model_copy(update={"path": _rel(cfg.spool.path, base_dir)}),
+                    "mqtt": cfg.mqtt.model_copy(
+                        update={"password_file": _rel(cfg.mqtt.password_file, base_dir)}
+                    ),
                 }
             )
         profile_dirs = list(cfg.profiles)
+        pw_file = cfg.mqtt.password_file
+        if pw_file is not None and not os.access(pw_file, os.R_OK):
+            problems.append(f"mqtt.password_file: cannot read {pw_file}")
     profiles: ProfileSet | None = None
     try:
         profiles = load_profiles(profile_dirs)

@@ -37,6 +37,11 @@ class MqttConfig(_Cfg):
         description="Subscribe as $share/<group>/iiot/v1/# so N gateways split the load.",
     )
     keepalive: int = Field(default=30, ge=5, le=600)
+    protocol: Literal["5", "3.1.1"] = Field(
+        default="5",
+        description="MQTT version; 3.1.1 keeps the session with clean_session=false "
+        "(for brokers without MQTT 5, such as the demo's embedded broker).",
+    )
 
 
 class InfluxConfig(_Cfg):

@@ -357,7 +357,10 @@ class Ingest:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311,
+            # MQTT 3.1.1 keeps the session through clean_session; MQTT 5 through
+            # clean_start=False and the session expiry given at connect.
+            clean_session=None if cfg.protocol == "5" else False,
             manual_ack=True,
         )
         if cfg.username is not None:
@@ -381,19 +384,16 @@ class Ingest:
         cfg = self.mqtt_config
         url = urlsplit(cfg.url)
         port = url.port or (8883 if url.scheme == "mqtts" else 1883)
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.config.session_expiry
-        props.ReceiveMaximum = self.config.receive_maximum
+        v5: dict[str, Any] = {}
+        if cfg.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.config.session_expiry
+            props.ReceiveMaximum = self.config.receive_maximum
+            v5 = {"clean_start": False, "properties": props}
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="iiot-ingest", daemon=True)
         self._thread.start()
-        self._client.connect_async(
-            url.hostname or "127.0.0.1",
-            port,
-            keepalive=cfg.keepalive,
-            clean_start=False,
-            properties=props,
-        )
+        self._client.connect_async(url.hostname or "127.0.0.1", port, keepalive=cfg.keepalive, **v5)
         self._client.loop_start()
         if not self._subscribed.wait(connect_timeout):
             log.warning(

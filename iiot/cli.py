@@ -42,10 +42,13 @@ def _root(
 def _register() -> None:
     from device_profiles.cli import app as profiles_app
     from edge_agent.cli import app as agent_app
+    from edge_agent.probe import probe
     from gateway.cli import app as gateway_app
     from iiot.demo import demo
     from simulators.cli import app as sim_app
 
+    # probe reads a live device with the agent's driver, so it lives with the agent.
+    profiles_app.command("probe")(probe)
     app.add_typer(profiles_app, name="profiles")
     app.add_typer(sim_app, name="sim")
     app.add_typer(agent_app, name="agent")
