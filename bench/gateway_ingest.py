@@ -79,6 +79,7 @@ def _publisher(
     sent = 0
     while time.time() < start_at:
         time.sleep(0.005)
+    last_ts = [0] * devices
     t0 = time.time()
     # Pace in 10 ms slices; if the broker pushes back the achieved rate is lower.
     while True:
@@ -89,7 +90,12 @@ def _publisher(
         ts = int(now * 1000)
         while sent < due:
             d = sent % devices
-            body = f'{{"seq":{seqs[d]},"samples":[{{"ts":{ts},"values":{value_sets[sent & 15]}}}]}}'
+            # A time-series database keeps one sample per series and timestamp, and a real
+            # device is never polled twice in a millisecond: keep each device's ts rising.
+            ts_d = last_ts[d] = max(ts, last_ts[d] + 1)
+            body = (
+                f'{{"seq":{seqs[d]},"samples":[{{"ts":{ts_d},"values":{value_sets[sent & 15]}}}]}}'
+            )
             seqs[d] += 1
             client.publish(topics[d], body, qos=1)
             sent += 1
@@ -394,6 +400,8 @@ def main() -> None:
     print(f"gateway peak RSS      {max(peak_rss, stats['maxrss_kb'] * 1024) / 2**20:.0f} MiB")
     backlog = f"{caught_up:.1f} s" if caught_up is not None else f"not within {args.catch_up:.0f} s"
     print(f"backlog after publish {backlog} to write what was still queued")
+    wrote = sum(n for _, n in stats["writes"])
+    print(f"gateway wrote         {wrote:,} lines (acknowledged by the write API)")
     print(
         f"published / in VM     {gw_sent:,} messages / {written_in_vm:,} lines "
         f"({'complete' if written_in_vm == gw_sent else 'INCOMPLETE'})"

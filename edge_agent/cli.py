@@ -121,7 +121,6 @@ def provision(
         }
     )
     data.update({"agent_id": cred["agent_id"], "enterprise": cred["enterprise"], "mqtt": mqtt})
-    data.setdefault("devices", [])
     config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     typer.echo(
         f"provisioned agent '{cred['agent_id']}' of enterprise '{cred['enterprise']}'\n"

@@ -26,6 +26,7 @@ from pydantic import (
 
 from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from iiot.envsubst import UnsetVariable, expand_env
 from protocols.modbus.config import ModbusConnection
 from protocols.opcua.config import OpcUaConnection
 
@@ -335,6 +336,10 @@ def load_config(path: Path | str) -> LoadedConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AgentConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        text = expand_env(text)
+    except UnsetVariable as exc:
+        raise AgentConfigError(str(path), [str(exc)]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -8,6 +8,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from iiot.envsubst import UnsetVariable, expand_env
+
 __all__ = [
     "ApiConfig",
     "BrokerAuthConfig",
@@ -144,9 +146,11 @@ class GatewayConfigError(ValueError):
 def load_gateway_config(path: Path | str) -> GatewayConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(expand_env(path.read_text(encoding="utf-8"))) or {}
     except OSError as exc:
         raise GatewayConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnsetVariable as exc:
+        raise GatewayConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise GatewayConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:

@@ -119,12 +119,14 @@ class Gateway:
 
             self.snapshotter = Snapshotter(self.registry, cfg.snapshot_interval, self.outbox.append)
             self.snapshotter.start()
+        if self.serve_api:
+            # The app writes the broker's password and ACL files (the gateway's own user
+            # among them), so it comes up before ingest connects with that user.
+            self._start_api()
         self.ingest = Ingest(
             cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
         )
         self.ingest.start(connect_timeout=self.connect_timeout)
-        if self.serve_api:
-            self._start_api()
 
     def _start_api(self) -> None:
         import uvicorn

@@ -249,7 +249,7 @@ class _Demo:
                     "platform_tokens": [sec.platform_token],
                 },
                 "broker_auth": broker_auth,
-                "snapshot_interval": 60.0,
+                "snapshot_interval": 10.0,
                 "default_poll_interval": self.poll_interval,
             }
         )

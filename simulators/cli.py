@@ -166,7 +166,9 @@ def run(
     device_id: list[str] = typer.Option(
         [], "--id", help="Device ids, one per device (default <profile>-<i>, i = 0-based position)."
     ),
-    profiles_dir: list[Path] = typer.Option([], "--profiles-dir", help="Extra folder of profiles."),
+    profiles_dir: list[Path] = typer.Option(
+        [], "--profiles", "--profiles-dir", help="Extra profile folder (repeatable)."
+    ),
     lenient: bool = typer.Option(
         False, "--lenient-addresses", help="Unmapped registers read as 0 instead of exception 02."
     ),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -293,6 +294,17 @@ class _Listener:
     units: dict[int, str]  # unit id -> device id (one entry, unit 0, for OPC UA)
 
 
+def _bindable(host: str, port: int) -> bool:
+    """True when nothing else listens on host:port right now (``auto`` skips busy ports)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class Plant:
     """Serve a plant: ``await start()``, look at :attr:`endpoints`, ``await stop()``.
 
@@ -413,7 +425,9 @@ class Plant:
                 elif isinstance(d.port, int):
                     port = d.port
                 else:
-                    while next_port in taken:
+                    while next_port <= 65535 and (
+                        next_port in taken or not _bindable(cfg.host, next_port)
+                    ):
                         next_port += 1
                     if next_port > 65535:
                         problems.append(f"{where}: no free port left above {cfg.base_port}")
