@@ -119,14 +119,18 @@ class Gateway:
 
             self.snapshotter = Snapshotter(self.registry, cfg.snapshot_interval, self.outbox.append)
             self.snapshotter.start()
-        if self.serve_api:
-            # The app writes the broker's password and ACL files (the gateway's own user
-            # among them), so it comes up before ingest connects with that user.
-            self._start_api()
+        if self.registry is not None and cfg.broker_auth.password_file is not None:
+            from gateway.provisioning import Provisioner
+
+            # The broker must know the gateway's own user before ingest connects with it.
+            Provisioner(self.registry, cfg).sync()
         self.ingest = Ingest(
             cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
         )
         self.ingest.start(connect_timeout=self.connect_timeout)
+        # The API comes up last: an open API port means ingest is subscribed.
+        if self.serve_api:
+            self._start_api()
 
     def _start_api(self) -> None:
         import uvicorn
@@ -134,7 +138,9 @@ class Gateway:
         from gateway.api import create_app
 
         cfg = self.config
-        app = create_app(self.registry, cfg, outbox=self.outbox, metrics=self.collector)
+        app = create_app(
+            self.registry, cfg, outbox=self.outbox, metrics=self.collector, sync_broker=False
+        )
         family = socket.AF_INET6 if ":" in cfg.api.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -138,12 +138,17 @@ def create_app(
     outbox: Any = None,
     metrics: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
+    sync_broker: bool = True,
 ) -> FastAPI:
-    """The FastAPI app over a registry; ``metrics`` is the data path's collector registry."""
+    """The FastAPI app over a registry; ``metrics`` is the data path's collector registry.
+
+    ``sync_broker``: write the broker's password and ACL files at start (off when the
+    caller has just written them).
+    """
     registry.start()
     auth = TokenAuth(config.api)
     provisioner = Provisioner(registry, config)
-    if provisioner.manages_broker:
+    if sync_broker and provisioner.manages_broker:
         try:
             provisioner.sync()
         except ProvisioningError:
