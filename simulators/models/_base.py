@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+from abc import ABC, abstractmethod
 
 from device_profiles.schema import Point, Profile, ValueType
 from simulators.models import GenericModel, Value
@@ -41,7 +42,7 @@ def ou_step(
     return mean + (x - mean) * a + sigma * math.sqrt(max(0.0, 1.0 - a * a)) * rng.gauss(0.0, 1.0)
 
 
-class FamilyModel:
+class FamilyModel(ABC):
     """Base of the family models; subclasses implement ``_advance(dt, t)``."""
 
     def __init__(self, profile: Profile, rng: random.Random) -> None:
@@ -57,8 +58,9 @@ class FamilyModel:
 
     # -- for subclasses -------------------------------------------------------------
 
+    @abstractmethod
     def _advance(self, dt: float, t: float) -> dict[str, Value]:
-        raise NotImplementedError
+        """Move the physics on by ``dt`` seconds to time ``t``; values of the family's points."""
 
     def _setpoint(self, name: str, default: float) -> float:
         """A written setpoint (clamped to its range) or the model's default."""
