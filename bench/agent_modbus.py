@@ -9,7 +9,10 @@ Three process roles, so that simulator CPU is never counted as agent CPU:
 The parent starts Mosquitto on a free loopback port, the simulator, then the agent and
 the bare loop one after the other, measures each child's CPU and peak RSS with psutil
 over its measuring window, and prints registers/s, requests/s, poll jitter (actual start
-against scheduled start, p50/p99), CPU % and peak RSS, and the agent/bare ratios.
+against scheduled start, p50/p99), CPU % and peak RSS, and the agent/bare ratios. It
+also prints the simulator's CPU % in each window: when that nears 100 %, the simulator,
+not the client, sets the ceiling. Both clients wait up to 2 s for an answer (the agent's
+``poll_timeout`` is set to match the bare loop's request timeout).
 
     .venv/bin/python bench/agent_modbus.py [--devices 200] [--duration 30] [--interval 1.0]
 """
@@ -191,10 +194,11 @@ def _start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     sys.exit("mosquitto did not start")
 
 
-def _measure(cmd: list[str], duration: float) -> dict[str, Any]:
-    """Run a child role; CPU % and peak RSS over its measuring window."""
+def _measure(cmd: list[str], duration: float, sim_pid: int) -> dict[str, Any]:
+    """Run a child role; its CPU % and peak RSS, and the simulator's CPU %, over its window."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
+    sim = psutil.Process(sim_pid)
     peak = 0
     sampling = True
 
@@ -208,23 +212,25 @@ def _measure(cmd: list[str], duration: float) -> dict[str, Any]:
     sampler = threading.Thread(target=sample_rss, daemon=True)
     sampler.start()
     assert proc.stdout is not None
-    cpu0 = t0 = None
-    cpu = wall = 0.0
+    cpu0 = t0 = sim0 = None
+    cpu = wall = sim_cpu = 0.0
     result: dict[str, Any] = {}
     for line in proc.stdout:
         line = line.strip()
         if line == "WINDOW":
-            c = ps.cpu_times()
-            cpu0, t0 = c.user + c.system, time.monotonic()
-        elif line == "END" and cpu0 is not None and t0 is not None:
-            c = ps.cpu_times()
+            c, sc = ps.cpu_times(), sim.cpu_times()
+            cpu0, sim0, t0 = c.user + c.system, sc.user + sc.system, time.monotonic()
+        elif line == "END" and cpu0 is not None and sim0 is not None and t0 is not None:
+            c, sc = ps.cpu_times(), sim.cpu_times()
             cpu, wall = c.user + c.system - cpu0, time.monotonic() - t0
+            sim_cpu = sc.user + sc.system - sim0
         elif line.startswith("{"):
             result = json.loads(line)
     proc.wait(60)
     sampling = False
     sampler.join()
     result["cpu_pct"] = 100 * cpu / wall if wall else math.nan
+    result["sim_cpu_pct"] = 100 * sim_cpu / wall if wall else math.nan
     result["peak_rss_mb"] = peak / 2**20
     result["wall"] = wall or duration
     return result
@@ -240,6 +246,7 @@ def _figures(r: dict[str, Any]) -> dict[str, float]:
         "jitter p99 ms": _pct(lags_ms, 0.99),
         "CPU %": r["cpu_pct"],
         "peak RSS MB": r["peak_rss_mb"],
+        "simulator CPU %": r["sim_cpu_pct"],
     }
 
 
@@ -293,6 +300,10 @@ def main() -> None:
                         "id": f"dev-{i:04d}",
                         "profile": PROFILE_ID,
                         "poll_interval": args.interval,
+                        # The bare loop waits up to 2 s for an answer; so does the agent
+                        # (the default poll timeout, one interval, would abandon requests
+                        # in flight once the loop is saturated).
+                        "poll_timeout": 2.0,
                         "modbus": {"host": "127.0.0.1", "port": p, "timeout": 2.0},
                     }
                     for i, p in enumerate(ports)
@@ -308,14 +319,14 @@ def main() -> None:
                 _measure(
                     [*me, "--role", "agent", "--config", str(work / "agent.yaml"),
                      "--duration", str(args.duration)],
-                    args.duration,
+                    args.duration, sim.pid,
                 )
             )  # fmt: skip
             bare = _figures(
                 _measure(
                     [*me, "--role", "bare", "--ports", port_arg, "--duration",
                      str(args.duration), "--interval", str(args.interval)],
-                    args.duration,
+                    args.duration, sim.pid,
                 )
             )  # fmt: skip
         finally:
@@ -329,11 +340,11 @@ def main() -> None:
             broker.terminate()
             broker.wait(5)
     expected = args.devices * REGISTERS / args.interval
-    print(f"\n{'figure':<16}{'agent':>12}{'bare pymodbus':>16}{'agent/bare':>12}")
+    print(f"\n{'figure':<18}{'agent':>12}{'bare pymodbus':>16}{'agent/bare':>12}")
     for key in agent:
         a, b = agent[key], bare[key]
         ratio = a / b if b and not math.isnan(b) else math.nan
-        print(f"{key:<16}{a:>12.1f}{b:>16.1f}{ratio:>12.2f}")
+        print(f"{key:<18}{a:>12.1f}{b:>16.1f}{ratio:>12.2f}")
     print(
         f"\nscheduled load: {expected:.0f} registers/s ({args.devices / args.interval:.0f} req/s)"
     )

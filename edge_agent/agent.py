@@ -1,7 +1,8 @@
 """The edge agent: pollers → spool → MQTT publisher, with self-metrics.
 
-Every sample is appended to the spool before anything is published; the publisher sends
-from the spool and deletes rows when the broker acknowledges them.
+Every sample is committed to the spool before anything is published; the publisher sends
+from the spool and deletes rows when the broker acknowledges them. Samples and deletions
+of the same few milliseconds share one spool commit (``_COMMIT_WINDOW``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sqlite3
 from collections import deque
 from typing import Any
 
+import orjson
+
 from edge_agent.config import LoadedConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller, DriverFactory
@@ -22,11 +25,36 @@ from iiot import __version__
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.contract import BirthDevice, DeviceState, Sample, encode
 
-__all__ = ["Agent", "AgentStartError"]
+__all__ = ["Agent", "AgentStartError", "encode_sample"]
 
 log = logging.getLogger("iiot.agent")
 
 _CHECKPOINT_EVERY = 1.0  # seconds
+# Samples and acknowledgements queued within this window share one spool commit; a
+# sample is published only after its commit.
+_COMMIT_WINDOW = 0.005  # seconds
+_PLAIN = (float, int, str, bool)
+
+
+def encode_sample(reading: Reading) -> str:
+    """The compact Sample JSON of a reading, as ``contract.encode(Sample(...))`` gives it.
+
+    Plain values (point names are validated identifiers from the profiles) go straight
+    to orjson; anything else goes through the contract model, which checks it.
+    """
+    values = reading.values
+    if all(type(v) in _PLAIN for v in values.values()):
+        body: dict[str, Any] = {"ts": reading.ts, "values": values, "errors": reading.errors}
+        if reading.quality:
+            body["quality"] = reading.quality
+        return orjson.dumps(body).decode()
+    sample = Sample(
+        ts=reading.ts,
+        values=values,
+        errors=reading.errors,
+        quality=reading.quality or None,
+    )
+    return encode(sample).decode()
 
 
 class AgentStartError(RuntimeError):
@@ -105,6 +133,7 @@ class Agent:
             self.metrics_port = int(self._http[0].server_port)
         self._update_spool_metrics()
         self.spool.take_over_checkpoints()
+        self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
         await self.publisher.start()
         self._tasks = [
             asyncio.create_task(p.run(), name=f"poll-{p.device.id}") for p in self.pollers
@@ -128,7 +157,9 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 10.0)
         self._tasks = []
+        self.spool.flush()  # the pollers' last samples, so the publisher can send them
         await self.publisher.stop()
+        self.spool.stop_group_commit()
         if self._ckpt_task is not None:
             self._ckpt_stop.set()
             await self._ckpt_task
@@ -165,16 +196,14 @@ class Agent:
                 return
 
     def _on_sample(self, device: str, reading: Reading) -> None:
-        sample = Sample(
-            ts=reading.ts,
-            values=reading.values,
-            errors=reading.errors,
-            quality=reading.quality or None,
-        )
-        self.spool.append(device, reading.ts, encode(sample).decode())
-        self.samples_spooled += 1
+        self.spool.stage(device, reading.ts, encode_sample(reading))
+
+    def _on_commit(self, devices: list[str], samples: int) -> None:
+        """A group commit is done: its samples are spooled and may be published."""
+        self.samples_spooled += samples
+        for device in devices:
+            self.publisher.sample_spooled(device)
         self._update_spool_metrics()
-        self.publisher.sample_spooled(device)
 
     def _on_state(self, device: str, online: bool, reason: str) -> None:
         self.publisher.set_state(device, DeviceState(online=online, ts=now_ms(), reason=reason))

@@ -106,7 +106,7 @@ class SpoolConfig(_Strict):
     max_samples: int | None = Field(default=None, ge=1)
     durable: bool = Field(
         default=False,
-        description="fsync every append (synchronous=FULL); default NORMAL survives kill -9.",
+        description="fsync every commit (synchronous=FULL); default NORMAL survives kill -9.",
     )
     batch_samples: int = Field(default=500, ge=1, le=10000, description="Samples per message.")
     batch_bytes: int = Field(default=256 * 1024, ge=1024, description="Bytes per message.")

@@ -83,6 +83,10 @@ class Publisher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._inflight: dict[int, _InFlight] = {}
+        self._data_count = 0  # entries of _inflight that carry samples
+        self._data_topics: dict[str, str] = {}
+        self._acks: deque[tuple[int, int]] = deque()  # (session, mid) from paho's thread
+        self._acks_scheduled = False
         self._cursor: dict[str, int] = {}
         self._dirty: deque[str] = deque()
         self._dirty_set: set[str] = set()
@@ -208,8 +212,11 @@ class Publisher:
             return False, auth
         self.bdseq = bdseq
         self.backoff.succeeded()
-        # Everything unacknowledged is sent again by this session, oldest first.
+        # Everything unacknowledged is sent again by this session, oldest first; deletions
+        # still queued in the spool are committed first so acknowledged rows are not resent.
+        self.spool.flush()
         self._inflight.clear()
+        self._data_count = 0
         self._cursor.clear()
         for dev in self.spool.devices():
             self._mark_dirty(dev)
@@ -242,16 +249,36 @@ class Publisher:
             client.tls_set(ca_certs=str(m.ca_file) if m.ca_file else None)
         client.on_connect = lambda c, u, f, rc, p: self._threadsafe(self._on_connect, session, rc)
         client.on_disconnect = lambda c, u, f, rc, p: self._threadsafe(self._on_disconnect, session)
-        client.on_publish = lambda c, u, mid, rc, p: self._threadsafe(
-            self._on_publish, session, mid
-        )
+        client.on_publish = lambda c, u, mid, rc, p: self._puback(session, mid)
         return client
 
     def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
+        self._call_soon(fn, *args)
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> bool:
+        """Hand ``fn`` to the event loop from any thread; False when there is none."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(fn, *args)
+                return True
+        return False
+
+    def _puback(self, session: int, mid: int) -> None:
+        """paho thread: queue a PUBACK; one loop wake-up serves all queued meanwhile."""
+        self._acks.append((session, mid))
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            if not self._call_soon(self._drain_pubacks):
+                self._acks_scheduled = False
+
+    def _drain_pubacks(self) -> None:
+        # Cleared before draining: a PUBACK queued after this line schedules a new drain.
+        self._acks_scheduled = False
+        acks = self._acks
+        for _ in range(len(acks)):
+            session, mid = acks.popleft()
+            self._on_publish(session, mid)
 
     def _on_connect(self, session: int, rc: Any) -> None:
         if session != self.session or self._connack is None or self._connack.done():
@@ -295,7 +322,10 @@ class Publisher:
     ) -> None:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return  # the connection is going; the disconnect path resends what matters
-        self._inflight[info.mid] = flight or _InFlight(self.session, None, kind=kind)
+        flight = flight or _InFlight(self.session, None, kind=kind)
+        self._inflight[info.mid] = flight
+        if flight.ids:
+            self._data_count += 1
 
     def _on_publish(self, session: int, mid: int) -> None:
         if session != self.session or self.state is ConnState.STOPPED:
@@ -303,9 +333,11 @@ class Publisher:
         flight = self._inflight.pop(mid, None)
         if flight is None:
             return
+        if flight.ids:
+            self._data_count -= 1
         self.metrics.published_messages.labels(flight.kind).inc()
         if flight.ids:
-            self.spool.ack(flight.ids)
+            self.spool.ack_later(flight.ids)
             now = now_ms()
             for ts in flight.ts:
                 self.metrics.publish_latency.observe(max(0, now - ts) / 1000)
@@ -324,7 +356,7 @@ class Publisher:
         self._wake.set()
 
     def _data_inflight(self) -> int:
-        return sum(1 for f in self._inflight.values() if f.ids)
+        return self._data_count
 
     async def _sender_loop(self) -> None:
         sp = self.cfg.spool
@@ -356,7 +388,12 @@ class Publisher:
             await asyncio.sleep(0)
 
     def _publish_rows(self, client: mqtt.Client, device: str, rows: list[SpoolRow]) -> None:
-        topic = str(Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA))
+        topic = self._data_topics.get(device)
+        if topic is None:
+            topic = str(
+                Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA)
+            )
+            self._data_topics[device] = topic
         # Bodies are stored as compact Sample JSON; the message is assembled without re-parsing.
         payload = (
             '{"seq":' + str(rows[0].seq) + ',"samples":[' + ",".join(r.body for r in rows) + "]}"

@@ -1,11 +1,19 @@
 """Store-and-forward spool: every sample is written here before it is published.
 
-SQLite in WAL mode with ``synchronous=NORMAL``: each append is its own committed
-transaction, so a sample the agent has spooled survives the agent process being killed
-(kill -9) — the WAL is in the operating system's page cache once the commit returns.
-What NORMAL gives up is the last few transactions on a power loss or kernel crash;
-set ``durable=True`` (``synchronous=FULL``, an fsync per commit) where that matters more
-than throughput.
+SQLite in WAL mode with ``synchronous=NORMAL``. A sample counts as spooled once the
+transaction holding it has committed: from then on it survives the agent process being
+killed (kill -9) — the WAL is in the operating system's page cache once the commit
+returns. What NORMAL gives up is the last few transactions on a power loss or kernel
+crash; set ``durable=True`` (``synchronous=FULL``, an fsync per commit) where that
+matters more than throughput.
+
+Group commit: ``append`` commits at once; ``stage`` and ``ack_later`` queue a sample or
+a deletion, and ``commit`` writes everything queued in one transaction. With
+``start_group_commit`` the spool commits by itself within a short window after the first
+queued change and then tells the caller which devices have new committed samples, so
+many devices polled in the same few milliseconds share one commit. A staged sample is
+not published before that commit; killing the agent loses at most the samples of the
+open window, which were never reported as spooled.
 
 Rows are deleted only when the broker has acknowledged the message that carried them.
 The per-device sequence numbers and the agent's birth sequence (bdseq) live in the same
@@ -19,7 +27,10 @@ The spool is used from one thread (the agent's event loop).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +50,8 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 """
+
+_log = logging.getLogger("iiot.agent.spool")
 
 # Per-row bookkeeping SQLite spends beyond the body (rowid, index entry, ints).
 _ROW_OVERHEAD = 48
@@ -83,6 +96,14 @@ class Spool:
             str(k)[4:]: int(v)
             for k, v in self._db.execute("SELECT key, value FROM meta WHERE key LIKE 'seq:%'")
         }
+        self._staged: list[tuple[str, int, int, str]] = []  # (device, seq, ts, body)
+        self._acks: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._window = 0.0
+        self._on_commit: Callable[[list[str], int], None] | None = None
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self.commits = 0  # group commits done
+        self.commit_errors = 0  # group commits that failed (retried in the next window)
 
     # -- counters -------------------------------------------------------------------------
 
@@ -100,7 +121,9 @@ class Spool:
     # -- samples --------------------------------------------------------------------------
 
     def append(self, device: str, ts: int, body: str) -> int:
-        """Store one sample (its JSON body without seq); returns the seq it was given."""
+        """Store one sample (its JSON body without seq) now; returns the seq it was given."""
+        if self._staged:
+            self.flush()  # staged samples have lower seqs: they go first
         seq = self._seq.get(device, 0) + 1
         with self._tx():
             self._db.execute(
@@ -113,6 +136,108 @@ class Spool:
         self._bytes += len(body) + _ROW_OVERHEAD
         self._enforce_cap()
         return seq
+
+    def stage(self, device: str, ts: int, body: str) -> int:
+        """Queue one sample for the next group commit; returns the seq it was given.
+
+        The sample is spooled (and reported through ``on_commit``) only once that commit
+        is done; without ``start_group_commit`` the caller must call ``commit()``.
+        """
+        seq = self._seq.get(device, 0) + 1
+        self._seq[device] = seq
+        self._staged.append((device, seq, ts, body))
+        self._schedule()
+        return seq
+
+    def ack_later(self, ids: list[int]) -> None:
+        """Delete acknowledged rows in the next group commit (at once without one)."""
+        if self._loop is None:
+            self.ack(ids)
+            return
+        self._acks.extend(ids)
+        self._schedule()
+
+    @property
+    def staged(self) -> int:
+        """Samples queued for the next commit, not yet spooled."""
+        return len(self._staged)
+
+    def start_group_commit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        window: float,
+        on_commit: Callable[[list[str], int], None],
+    ) -> None:
+        """Commit queued changes ``window`` seconds after the first, on ``loop``.
+
+        After each commit ``on_commit`` receives the devices that have new committed
+        samples and how many samples were committed.
+        """
+        self._loop, self._window, self._on_commit = loop, window, on_commit
+
+    def stop_group_commit(self) -> None:
+        """Commit what is queued now and go back to committing on request."""
+        self.flush()
+        self._loop = None
+        self._on_commit = None
+
+    def flush(self) -> None:
+        """Commit what is queued now and report it (no-op when nothing is queued)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._staged and not self._acks:
+            return
+        samples = len(self._staged)
+        try:
+            devices = self.commit()
+        except sqlite3.Error as exc:
+            # Keep the queue: the next window tries again; a sample counts as spooled
+            # only once it is committed, so nothing is reported twice or out of order.
+            self.commit_errors += 1
+            _log.warning(
+                "spool commit failed, retrying",
+                extra={"staged": len(self._staged), "error": str(exc)},
+            )
+            self._schedule()
+            return
+        if self._on_commit is not None:
+            self._on_commit(devices, samples)
+
+    def commit(self) -> list[str]:
+        """Write every staged sample and queued deletion in one transaction.
+
+        Returns the devices with new committed samples, in first-staged order.
+        """
+        staged, acks = self._staged, self._acks
+        if not staged and not acks:
+            return []
+        last: dict[str, int] = {}
+        for device, seq, _ts, _body in staged:
+            last[device] = seq
+        with self._tx():
+            if staged:
+                self._db.executemany(
+                    "INSERT INTO samples (device, seq, ts, body) VALUES (?, ?, ?, ?)", staged
+                )
+                self._db.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    [(f"seq:{d}", q) for d, q in last.items()],
+                )
+            removed, sizes = self._delete(acks) if acks else (0, 0)
+        self._staged, self._acks = [], []
+        self.commits += 1
+        self._count += len(staged) - removed
+        self._bytes += sum(len(r[3]) + _ROW_OVERHEAD for r in staged)
+        self._bytes -= sizes + removed * _ROW_OVERHEAD
+        if staged:
+            self._enforce_cap()
+        return list(last)
+
+    def _schedule(self) -> None:
+        if self._loop is not None and self._flush_handle is None:
+            self._flush_handle = self._loop.call_later(self._window, self.flush)
 
     def batch(
         self, device: str, *, after_id: int = 0, max_samples: int = 500, max_bytes: int = 262144
@@ -144,23 +269,28 @@ class Spool:
         """Delete acknowledged rows; returns how many were still there."""
         if not ids:
             return 0
-        removed = 0
-        sizes = 0
         with self._tx():
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                got = self._db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM samples "
-                    f"WHERE id IN ({marks})",
-                    chunk,
-                ).fetchone()
-                self._db.execute(f"DELETE FROM samples WHERE id IN ({marks})", chunk)
-                removed += int(got[0])
-                sizes += int(got[1])
+            removed, sizes = self._delete(ids)
         self._count -= removed
         self._bytes -= sizes + removed * _ROW_OVERHEAD
         return removed
+
+    def _delete(self, ids: list[int]) -> tuple[int, int]:
+        """Delete rows by id inside the caller's transaction; (rows, body bytes) removed."""
+        removed = 0
+        sizes = 0
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            got = self._db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM samples "
+                f"WHERE id IN ({marks})",
+                chunk,
+            ).fetchone()
+            self._db.execute(f"DELETE FROM samples WHERE id IN ({marks})", chunk)
+            removed += int(got[0])
+            sizes += int(got[1])
+        return removed, sizes
 
     @property
     def depth(self) -> int:
@@ -191,6 +321,9 @@ class Spool:
         return int(row[2]) if row is not None else 0
 
     def close(self) -> None:
+        """Commit what is queued, then close."""
+        self.flush()
+        self._loop = None
         if self._ckpt is not None:
             self._ckpt.close()
             self._ckpt = None

@@ -11,11 +11,12 @@ import struct
 
 from device_profiles.schema import ByteOrder, ModbusSettings, Point, ValueType
 
-__all__ = ["Value", "decode", "encode", "from_raw", "to_raw"]
+__all__ = ["STRUCT_CODES", "Value", "decode", "encode", "from_raw", "to_raw"]
 
 Value = bool | int | float | str
 
-_STRUCT: dict[ValueType, str] = {
+# struct codes of the numeric types (big-endian, one value each).
+STRUCT_CODES: dict[ValueType, str] = {
     ValueType.INT16: "h",
     ValueType.UINT16: "H",
     ValueType.INT32: "i",
@@ -111,7 +112,7 @@ def encode(
         return [int.from_bytes(w, "big") for w in words]
     raw = to_raw(point, value, sf_exponent)
     try:
-        data = struct.pack(">" + _STRUCT[point.type], raw)
+        data = struct.pack(">" + STRUCT_CODES[point.type], raw)
     except struct.error as exc:
         raise ValueError(
             f"point '{point.name}': {value!r} does not fit a {point.type.value}"
@@ -139,5 +140,5 @@ def decode(
             words = [w[::-1] for w in words]
         return b"".join(words).rstrip(b"\x00 ").decode("utf-8", errors="replace")
     data = _registers_to_bytes(registers, byte_order, word_order)
-    (raw,) = struct.unpack(">" + _STRUCT[point.type], data)
+    (raw,) = struct.unpack(">" + STRUCT_CODES[point.type], data)
     return from_raw(point, raw, sf_exponent)

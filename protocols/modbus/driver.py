@@ -28,7 +28,7 @@ from typing import Any, Self
 from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import ByteOrder, ModbusTable, Point, Profile, ValueType
 from protocols.driver import Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -43,6 +43,7 @@ from protocols.modbus.config import ModbusConnection
 from protocols.modbus.line import Line, acquire_line, release_line
 from protocols.modbus.planner import (
     DEFAULT_MAX_GAP,
+    BlockPoint,
     ReadBlock,
     Span,
     plan_reads,
@@ -85,6 +86,85 @@ def _check_write_value(point: Point, value: Value, where: str) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     if not ok:
         raise ConfigError(f"{where}: cannot write {value!r} to a {point.type.value} point")
+
+
+class _BlockDecoder:
+    """A block's numeric points decoded with one precompiled ``struct`` call.
+
+    Gives exactly what ``codec.decode`` gives for the points it takes: big-endian
+    numeric points without a scale-factor point that no other point uses as its scale
+    factor. Every other point of the block (bits, strings, swapped byte or word order,
+    SunSpec scale factors) is left to ``codec.decode`` via ``slow``.
+    """
+
+    __slots__ = ("count", "fast", "regs_struct", "slow", "values_struct")
+
+    def __init__(self, block: ReadBlock, settings: Any, sf_names: set[str]) -> None:
+        self.count = block.count
+        self.fast: list[tuple[str, float, float, bool, bool]] = []
+        self.slow: list[BlockPoint] = []
+        fmt = ">"
+        pos = 0  # bytes of the block consumed by the format so far
+        bit_table = block.table.is_bit_table
+        for bp in sorted(block.points, key=lambda b: b.offset):
+            p = bp.point
+            code = codec.STRUCT_CODES.get(p.type)
+            a = p.modbus
+            byte_order = (a.byte_order if a is not None else None) or settings.byte_order
+            word_order = (a.word_order if a is not None else None) or settings.word_order
+            start = 2 * bp.offset
+            if (
+                bit_table
+                or code is None
+                or p.scale_factor_point is not None
+                or p.name in sf_names
+                or byte_order is not ByteOrder.BIG
+                or (word_order is not ByteOrder.BIG and bp.count > 1)
+                or start < pos
+                or struct.calcsize(">" + code) != 2 * bp.count
+            ):
+                self.slow.append(bp)
+                continue
+            if start > pos:
+                fmt += f"{start - pos}x"
+            fmt += code
+            pos = start + 2 * bp.count
+            plain = p.scale == 1.0 and p.offset == 0.0
+            is_float = p.type in (ValueType.FLOAT32, ValueType.FLOAT64)
+            self.fast.append((p.name, p.scale, p.offset, plain, is_float))
+        self.values_struct = struct.Struct(fmt)
+        self.regs_struct = struct.Struct(f">{block.count}H")
+
+    def decode(self, regs: list[int], values: dict[str, Value], bad: list[str]) -> None:
+        """Decode the fast points of ``regs`` into ``values``; non-finite ones into ``bad``."""
+        if not self.fast:
+            return
+        raw = self.values_struct.unpack_from(self.regs_struct.pack(*regs))
+        isfinite = math.isfinite
+        for (name, scale, offset, plain, is_float), r in zip(self.fast, raw, strict=True):
+            if plain:
+                if is_float and not isfinite(r):
+                    bad.append(name)
+                else:
+                    values[name] = r
+                continue
+            # As codec.from_raw: scale, then offset, then rounding to honest decimals.
+            v = r * scale + offset
+            if isfinite(v):
+                values[name] = round(v, 10)
+            else:
+                bad.append(name)
+
+
+@dataclass(slots=True)
+class _PollData:
+    """What one poll gathered so far."""
+
+    values: dict[str, Value] = field(default_factory=dict)  # decoded by block decoders
+    bad: list[str] = field(default_factory=list)  # decoded to NaN / infinity
+    data: dict[str, list[int]] = field(default_factory=dict)  # registers, other points
+    errors: dict[str, str] = field(default_factory=dict)
+    progress: int = 0  # requests the device answered
 
 
 class _PollFailed(Exception):
@@ -133,6 +213,13 @@ class ModbusDriver:
         self._closed = False
         self._refused: set[Span] = set()
         self._plans: dict[tuple[str, ...], list[ReadBlock]] = {}
+        # Block decoders by block identity (the block is kept alive beside its decoder).
+        self._decoders: dict[int, tuple[ReadBlock, _BlockDecoder]] = {}
+        self._sf_names = {
+            p.scale_factor_point for p in profile.points if p.scale_factor_point is not None
+        }
+        self._last_points: Sequence[Point] | None = None
+        self._last_key: tuple[str, ...] = ()
         self._write_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
@@ -269,7 +356,11 @@ class ModbusDriver:
 
     def plan_for(self, points: Sequence[Point]) -> list[ReadBlock]:
         """The requests a poll of ``points`` makes now (cached until a span is refused)."""
-        key = tuple(sorted(p.name for p in points))
+        if points is self._last_points and len(points) == len(self._last_key):
+            key = self._last_key  # the poller passes the same list every poll
+        else:
+            key = tuple(sorted(p.name for p in points))
+            self._last_points, self._last_key = points, key
         plan = self._plans.get(key)
         if plan is None:
             plan = plan_reads(self.profile, points, max_gap=self.max_gap, refused=self._refused)
@@ -277,6 +368,16 @@ class ModbusDriver:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
+
+    def _decoder(self, block: ReadBlock) -> _BlockDecoder:
+        got = self._decoders.get(id(block))
+        if got is not None and got[0] is block:
+            return got[1]
+        if len(self._decoders) >= 4 * _MAX_CACHED_PLANS:
+            self._decoders.clear()
+        dec = _BlockDecoder(block, self.settings, self._sf_names)
+        self._decoders[id(block)] = (block, dec)
+        return dec
 
     def _split(self, block: ReadBlock) -> list[ReadBlock] | None:
         """Re-plan a block refused with exception 02; None when it cannot be split."""
@@ -306,16 +407,14 @@ class ModbusDriver:
     async def _read_block(
         self,
         block: ReadBlock,
-        data: dict[str, list[int]],
-        errors: dict[str, str],
-        progress: list[int],
+        out: _PollData,
         depth: int = 0,
     ) -> None:
-        """Read one block into ``data`` (per point); refusals go to ``errors``."""
+        """Read and decode one block into ``out``; refusals go to ``out.errors``."""
         try:
             regs = await self._read_span(block.table, block.start, block.count)
         except DeviceRejected as exc:
-            progress[0] += 1
+            out.progress += 1
             if (
                 exc.code == ILLEGAL_DATA_ADDRESS
                 and len(block.points) > 1
@@ -324,36 +423,37 @@ class ModbusDriver:
                 sub = self._split(block)
                 if sub is not None:
                     for b in sub:
-                        await self._read_block(b, data, errors, progress, depth + 1)
+                        await self._read_block(b, out, depth + 1)
                     return
             for bp in block.points:
-                errors[bp.point.name] = f"modbus_exception_{exc.code}"
+                out.errors[bp.point.name] = f"modbus_exception_{exc.code}"
             return
         except DecodeError:
-            progress[0] += 1
+            out.progress += 1
             self.stats.decode_errors += 1
             for bp in block.points:
-                errors[bp.point.name] = "decode_error"
+                out.errors[bp.point.name] = "decode_error"
             return
         except (DeviceTimeout, ConnectError) as exc:
             raise _PollFailed(exc) from exc
-        progress[0] += 1
-        for bp in block.points:
-            data[bp.point.name] = block.slice(regs, bp)
+        out.progress += 1
+        dec = self._decoder(block)
+        dec.decode(regs, out.values, out.bad)
+        for bp in dec.slow:
+            out.data[bp.point.name] = block.slice(regs, bp)
 
     async def read(self, points: Sequence[Point]) -> Reading:
         """Read ``points``: one Reading with values and per-point errors."""
         reading = Reading(ts=now_ms())
         self.stats.polls += 1
         plan = self.plan_for(points)
-        data: dict[str, list[int]] = {}
-        errors: dict[str, str] = {}
-        progress = [0]  # requests the device answered in this poll
+        out = _PollData()
+        errors = out.errors
         for i, block in enumerate(plan):
             try:
-                await self._read_block(block, data, errors, progress)
+                await self._read_block(block, out)
             except _PollFailed as failed:
-                if progress[0] == 0:
+                if out.progress == 0:
                     raise failed.error from failed.error.__cause__
                 # The device answered earlier in this poll: report the rest as missing
                 # rather than wait out a timeout per remaining request.
@@ -362,15 +462,26 @@ class ModbusDriver:
                         errors.setdefault(bp.point.name, failed.error.reason)
                 break
         reading.ts = now_ms()
+        fast = out.values
+        bad = set(out.bad)
+        values = reading.values
         for p in points:
-            if p.name in errors:
-                reading.errors[p.name] = errors[p.name]
+            name = p.name
+            if name in errors:
+                reading.errors[name] = errors[name]
                 continue
-            value, error = self._decode(p, data, errors)
+            if name in fast:
+                values[name] = fast[name]
+                continue
+            if name in bad:
+                self.stats.decode_errors += 1
+                reading.errors[name] = "decode_error"
+                continue
+            value, error = self._decode(p, out.data, errors)
             if error is not None:
-                reading.errors[p.name] = error
+                reading.errors[name] = error
             elif value is not None:
-                reading.values[p.name] = value
+                values[name] = value
         return reading
 
     def _decode(

@@ -87,16 +87,24 @@ class Line:
         self.connects = 0
         self.disconnects = 0
         self._last_end = 0.0
-        self._lost = asyncio.Event()
+        self._lost = False
+        self._waiter: asyncio.Task[Any] | None = None  # the task running a request
+        self._cancelled_by_loss = False
 
     def _on_connect(self, up: bool) -> None:
         # pymodbus leaves a request waiting for its full timeout when the peer closes
-        # the connection; this lets ``run`` give up at once instead.
+        # the connection; cancelling the task waiting on it lets ``run`` give up at once.
         if up:
-            self._lost.clear()
-        else:
-            self.disconnects += 1
-            self._lost.set()
+            self._lost = False
+            return
+        self.disconnects += 1
+        self._lost = True
+        waiter = self._waiter
+        # Only from outside the waiting task (pymodbus reports the loss from transport
+        # callbacks); inside it the request fails on its own.
+        if waiter is not None and not self._cancelled_by_loss and waiter is not _current():
+            self._cancelled_by_loss = True
+            waiter.cancel()
 
     @property
     def connected(self) -> bool:
@@ -131,22 +139,40 @@ class Line:
                 await asyncio.sleep(min(wait, pause))
 
     async def run(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
-        """Run one request on the client; the caller holds ``lock`` and bounds the time."""
-        request = asyncio.ensure_future(call(self.client))
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            await asyncio.wait((request, lost), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._last_end = time.monotonic()
-            for task in (request, lost):
-                task.cancel()
-            await asyncio.gather(request, lost, return_exceptions=True)
-        if request.cancelled():
+        """Run one request on the client; the caller holds ``lock`` and bounds the time.
+
+        The request runs in the caller's task (no task per request); when the line is
+        lost meanwhile, that task is cancelled and the cancellation turned into
+        ``ConnectionException`` (a cancellation from anyone else passes through).
+        """
+        if self._lost:
             raise ConnectionException(f"{self.key}: connection closed during the request")
-        return request.result()
+        task = asyncio.current_task()
+        self._waiter = task
+        try:
+            return await call(self.client)
+        except asyncio.CancelledError:
+            if self._cancelled_by_loss and task is not None:
+                self._cancelled_by_loss = False
+                if task.uncancel() == 0:
+                    raise ConnectionException(
+                        f"{self.key}: connection closed during the request"
+                    ) from None
+            raise
+        finally:
+            self._waiter = None
+            self._cancelled_by_loss = False
+            self._last_end = time.monotonic()
 
     def close(self) -> None:
         self.client.close()
+
+
+def _current() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
 
 
 # (event loop, line key) -> Line. Keyed by loop too: a lock belongs to one loop.
