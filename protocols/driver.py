@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -17,7 +18,7 @@ from typing import Any, Protocol, Self, runtime_checkable
 
 from device_profiles.schema import Point, Profile
 
-__all__ = ["DRIVERS", "Driver", "Reading", "Value", "create_driver", "now_ms"]
+__all__ = ["DRIVERS", "Driver", "DriverBase", "Reading", "Value", "create_driver", "now_ms"]
 
 Value = bool | int | float | str
 
@@ -58,6 +59,28 @@ class Driver(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+class DriverBase(ABC):
+    """What every driver shares: ``async with`` connects and closes."""
+
+    @abstractmethod
+    async def connect(self) -> None: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
 
 
 # protocol name -> "module:Class"; imported only when a device uses it.

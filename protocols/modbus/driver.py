@@ -22,14 +22,13 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from device_profiles.schema import ByteOrder, ModbusTable, Point, Profile, ValueType
-from protocols.driver import Reading, Value, now_ms
+from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
     ConnectError,
@@ -175,7 +174,7 @@ class _PollFailed(Exception):
         self.error = error
 
 
-class ModbusDriver:
+class ModbusDriver(DriverBase):
     """Reads and writes one Modbus device (one unit id) through its (shared) line."""
 
     def __init__(
@@ -256,18 +255,6 @@ class ModbusDriver:
         line, self._line = self._line, None
         if line is not None:
             release_line(line, self.name)
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # ----------------------------------------------------------------- requests
 

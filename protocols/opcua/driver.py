@@ -26,8 +26,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
@@ -36,7 +35,7 @@ from asyncua.crypto import security_policies
 from cryptography import x509
 
 from device_profiles.schema import Point, Profile, ValueType
-from protocols.driver import Reading, Value, now_ms
+from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
     ConnectError,
@@ -133,7 +132,7 @@ class _Handler:
             self._driver._lost = f"subscription ended: {_status_name(status.Status)}"
 
 
-class OpcUaDriver:
+class OpcUaDriver(DriverBase):
     """Reads and writes one device's points on an OPC UA server."""
 
     def __init__(self, profile: Profile, connection: OpcUaConnection, *, name: str) -> None:
@@ -395,18 +394,6 @@ class OpcUaDriver:
             return
         connected = client.uaclient.state is UaClientState.CONNECTED
         await self._teardown(client, graceful=self._healthy and connected and self._lost is None)
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # --- requests ---
 
