@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBIAN_PACKAGES := mosquitto victoria-metrics socat chromium
 
 .PHONY: all setup system-deps check lint typecheck test test-fast demo bench clean
 
@@ -20,8 +19,8 @@ setup: $(STAMP)
 # Servers the integration tests run on loopback (Debian packages; needs root).
 system-deps:
 	@missing=""; \
-	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium; do \
-	  command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
+	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl; do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
