@@ -37,7 +37,7 @@ class FakeDriver:
         return Reading(now_ms(), values)
 
     async def write(self, point: Point, value: Value) -> None:
-        raise NotImplementedError
+        raise AssertionError("the poller never writes to a device")
 
     async def aclose(self) -> None:
         self.closed = True
