@@ -24,7 +24,6 @@ from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxBatch
 
 __all__ = [
-    "MAX_TS_MS",
     "InfluxWriter",
     "WriteRejected",
     "escape_key",
@@ -36,8 +35,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# InfluxDB stores int64 nanoseconds: the last representable instant is in 2262.
-MAX_TS_MS = 9_223_372_036_854
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _FLOAT_MAX_INT = 2**1023  # beyond this float() overflows

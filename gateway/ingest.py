@@ -31,12 +31,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import IngestConfig, MqttConfig
-from gateway.influx import MAX_TS_MS, format_fields, series_prefix
+from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
 from protocols.mqtt.contract import (
     IDENTIFIER_PATTERN,
+    MAX_SEQ,
+    MAX_TS_MS,
     TOPIC_PREFIX,
     Birth,
     ContractError,
@@ -91,6 +93,8 @@ def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
     samples = doc.get("samples")
     if type(seq) is not int or seq < 0 or type(samples) is not list or not samples:
         return None
+    if seq + len(samples) - 1 > MAX_SEQ:
+        return None
     out: list[_SampleT] = []
     for s in samples:
         if type(s) is not dict:
@@ -104,6 +108,7 @@ def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
             len(s) != expected
             or type(ts) is not int
             or ts < 0
+            or ts > MAX_TS_MS
             or type(values) is not dict
             or type(errors) is not dict
         ):

@@ -16,13 +16,15 @@ import json
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "CONTRACT_VERSION",
     "IDENTIFIER_PATTERN",
+    "MAX_SEQ",
+    "MAX_TS_MS",
     "TOPIC_PREFIX",
     "Birth",
     "BirthDevice",
@@ -45,6 +47,11 @@ CONTRACT_VERSION = 1
 TOPIC_PREFIX = "iiot/v1"
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 _IDENT = re.compile(IDENTIFIER_PATTERN)
+
+# Sequence numbers fit a signed 64-bit integer (SQLite, InfluxDB); timestamps are ms up to
+# the last instant a signed 64-bit nanosecond timestamp reaches (2262-04-11).
+MAX_SEQ = 2**63 - 1
+MAX_TS_MS = 9_223_372_036_854
 
 Ident = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 PointValue = bool | int | float | str | None
@@ -152,25 +159,25 @@ class BirthDevice(_Msg):
 
 class Birth(_Msg):
     online: Literal[True] = True
-    bdseq: int = Field(ge=0)
-    ts: int = Field(ge=0, description="Unix time, milliseconds.")
+    bdseq: int = Field(ge=0, le=MAX_SEQ)
+    ts: int = Field(ge=0, le=MAX_TS_MS, description="Unix time, milliseconds.")
     version: str = ""
     devices: list[BirthDevice] = Field(default_factory=list)
 
 
 class Will(_Msg):
     online: Literal[False] = False
-    bdseq: int = Field(ge=0)
+    bdseq: int = Field(ge=0, le=MAX_SEQ)
 
 
 class DeviceState(_Msg):
     online: bool
-    ts: int = Field(ge=0)
+    ts: int = Field(ge=0, le=MAX_TS_MS)
     reason: str = ""
 
 
 class Sample(_Msg):
-    ts: int = Field(ge=0, description="Unix time of the poll, milliseconds.")
+    ts: int = Field(ge=0, le=MAX_TS_MS, description="Unix time of the poll, milliseconds.")
     values: dict[Ident, PointValue] = Field(default_factory=dict)
     errors: dict[Ident, str] = Field(default_factory=dict)
     quality: dict[Ident, str] | None = Field(
@@ -179,8 +186,16 @@ class Sample(_Msg):
 
 
 class DataMessage(_Msg):
-    seq: int = Field(ge=0, description="Per device, +1 per sample; the first sample's seq.")
+    seq: int = Field(
+        ge=0, le=MAX_SEQ, description="Per device, +1 per sample; the first sample's seq."
+    )
     samples: list[Sample] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _last_seq_fits(self) -> Self:
+        if self.seq + len(self.samples) - 1 > MAX_SEQ:
+            raise ValueError(f"seq of the last sample would pass {MAX_SEQ}")
+        return self
 
 
 Payload = Birth | Will | DeviceState | DataMessage

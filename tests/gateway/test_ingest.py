@@ -266,6 +266,27 @@ def test_bad_messages_are_rejected_by_reason_and_good_ones_still_land(
         ("iiot/v1/ent-9/agent-1/kiln-1/data", good, "unknown_enterprise"),
         ("iiot/v1/ent-1/agent-7/kiln-1/data", good, "unknown_agent"),
         ("iiot/v1/ent-1/agent-2/kiln-1/data", good, "agent_enterprise_mismatch"),
+        # Numbers past what SQLite and InfluxDB hold are refused, not left to jam a batch.
+        (
+            "iiot/v1/ent-1/agent-1/kiln-1/data",
+            b'{"seq": 9223372036854775807, "samples": [{"ts": 1}, {"ts": 2}]}',
+            "bad_payload",
+        ),
+        (
+            "iiot/v1/ent-1/agent-1/kiln-1/data",
+            b'{"seq": 18446744073709551616, "samples": [{"ts": 1, "values": {"v": 1}}]}',
+            "bad_payload",
+        ),
+        (
+            "iiot/v1/ent-1/agent-1/kiln-1/data",
+            b'{"seq": 7, "samples": [{"ts": 99999999999999999, "values": {"v": 1}}]}',
+            "bad_payload",
+        ),
+        (
+            "iiot/v1/ent-1/agent-1/agent",
+            b'{"online": true, "bdseq": 1180591620717411303424, "ts": 1}',
+            "bad_payload",
+        ),
     ]
     publisher.data("kiln-1", 0, [sample(0, v=1.0)])
     for topic, payload, _ in cases:
