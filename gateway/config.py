@@ -146,9 +146,11 @@ class GatewayConfigError(ValueError):
 def load_gateway_config(path: Path | str) -> GatewayConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(expand_env(path.read_text(encoding="utf-8"))) or {}
+        data = expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except OSError as exc:
         raise GatewayConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise GatewayConfigError(f"{path}: not UTF-8 (byte {exc.start})") from exc
     except UnsetVariable as exc:
         raise GatewayConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:

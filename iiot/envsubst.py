@@ -1,7 +1,9 @@
-"""``${NAME}`` in a config file is replaced by that environment variable before parsing.
+"""``${NAME}`` in a config file's string values is replaced by that environment variable.
 
 Keeps secrets (tokens, passwords) out of config files: systemd's EnvironmentFile or the
-shell provides them. An unset variable is an error naming it and its line.
+shell provides them. Expansion happens after YAML parsing, inside string values only, so
+a value can never change the file's structure (a comma, ``#`` or ``: `` in a secret is
+just part of it). An unset variable is an error naming it and where it is used.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["UnsetVariable", "expand_env"]
 
@@ -19,22 +22,29 @@ class UnsetVariable(ValueError):
     """A ``${NAME}`` whose variable is not set."""
 
 
-def expand_env(text: str, env: Mapping[str, str] | None = None) -> str:
-    """Replace every ``${NAME}``; raise UnsetVariable listing each unset one with its line."""
+def expand_env(data: Any, env: Mapping[str, str] | None = None) -> Any:
+    """A copy of parsed YAML with every ``${NAME}`` in its strings replaced."""
     env = os.environ if env is None else env
     missing: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("#"):
-            continue
-        for m in _VAR.finditer(line):
-            if m.group(1) not in env:
-                missing.append(f"line {lineno}: environment variable {m.group(1)} is not set")
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, str):
+
+            def sub(m: re.Match[str]) -> str:
+                name = m.group(1)
+                if name not in env:
+                    missing.append(f"{where}: environment variable {name} is not set")
+                    return m.group(0)
+                return env[name]
+
+            return _VAR.sub(sub, node)
+        return node
+
+    out = walk(data, "")
     if missing:
         raise UnsetVariable("; ".join(missing))
-
-    def sub(m: re.Match[str]) -> str:
-        return env.get(m.group(1), m.group(0))
-
-    return "\n".join(
-        line if line.lstrip().startswith("#") else _VAR.sub(sub, line) for line in text.splitlines()
-    )
+    return out
