@@ -95,6 +95,8 @@ def load_profile(path: Path | str) -> Profile:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(path, [f"cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(path, [f"not UTF-8 (byte {exc.start}); save the file as UTF-8"]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

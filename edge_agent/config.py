@@ -76,6 +76,9 @@ class MqttConfig(_Strict):
     @classmethod
     def _url(cls, v: str) -> str:
         parts = urlsplit(v)
+        if "@" in parts.netloc:
+            # Never echo it: the part before '@' is a secret.
+            raise ValueError("url must not carry credentials; use username and password_file")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"url {v!r} must look like mqtt://host:1883 or mqtts://host:8883")
         try:
@@ -83,6 +86,15 @@ class MqttConfig(_Strict):
         except ValueError as exc:
             raise ValueError(f"url {v!r}: bad port") from exc
         return v
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> Self:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(
+                f"reconnect_min ({self.reconnect_min}) is above reconnect_max "
+                f"({self.reconnect_max})"
+            )
+        return self
 
     @property
     def host(self) -> str:
@@ -306,14 +318,20 @@ def parse_config(
                     "data_dir": _rel(cfg.data_dir, base_dir),
                     "spool": cfg.spool.model_copy(update={"path": _rel(cfg.spool.path, base_dir)}),
                     "mqtt": cfg.mqtt.model_copy(
-                        update={"password_file": _rel(cfg.mqtt.password_file, base_dir)}
+                        update={
+                            "password_file": _rel(cfg.mqtt.password_file, base_dir),
+                            "ca_file": _rel(cfg.mqtt.ca_file, base_dir),
+                        }
                     ),
                 }
             )
         profile_dirs = list(cfg.profiles)
         pw_file = cfg.mqtt.password_file
-        if pw_file is not None and not os.access(pw_file, os.R_OK):
+        if pw_file is not None and not (pw_file.is_file() and os.access(pw_file, os.R_OK)):
             problems.append(f"mqtt.password_file: cannot read {pw_file}")
+        ca_file = cfg.mqtt.ca_file
+        if ca_file is not None and not (ca_file.is_file() and os.access(ca_file, os.R_OK)):
+            problems.append(f"mqtt.ca_file: cannot read {ca_file}")
     profiles: ProfileSet | None = None
     try:
         profiles = load_profiles(profile_dirs)
@@ -336,14 +354,17 @@ def load_config(path: Path | str) -> LoadedConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AgentConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-    try:
-        text = expand_env(text)
-    except UnsetVariable as exc:
-        raise AgentConfigError(str(path), [str(exc)]) from exc
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 (byte {exc.start}); save the file as UTF-8"
+        raise AgentConfigError(str(path), [problem]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise AgentConfigError(str(path), [f"{where}not valid YAML"]) from exc
+    try:
+        data = expand_env(data)
+    except UnsetVariable as exc:
+        raise AgentConfigError(str(path), str(exc).split("; ")) from exc
     return parse_config(data, str(path), base_dir=path.resolve().parent)

@@ -138,7 +138,7 @@ class Publisher:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks = []
         client = self._client
@@ -187,9 +187,17 @@ class Publisher:
         self.session += 1
         session = self.session
         bdseq = self.spool.next_bdseq()
-        client = self._make_client(session, bdseq)
-        self._connack = self._loop.create_future()
         m = self.cfg.mqtt
+        try:
+            client = self._make_client(session, bdseq)
+        except (OSError, UnicodeDecodeError, ssl.SSLError, ValueError) as exc:
+            # A password or CA file that cannot be read: say so, and try again later.
+            log.error(
+                "mqtt client cannot be set up",
+                extra={"broker": f"{m.host}:{m.port}", "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return False, False
+        self._connack = self._loop.create_future()
         try:
             await asyncio.wait_for(
                 asyncio.to_thread(client.connect, m.host, m.port, m.keepalive), _CONNECT_TIMEOUT

@@ -190,6 +190,9 @@ def load_plant_config(path: Path | str) -> PlantConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PlantError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 (byte {exc.start}); save the file as UTF-8"
+        raise PlantError(str(path), [problem]) from exc
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -83,6 +83,18 @@ _BAD_CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"agent_id": "agent one"},
         "agent_id: 'agent one' must match",
     ),
+    "backoff bounds reversed": (
+        {"mqtt": {"url": "mqtt://127.0.0.1:1883", "reconnect_min": 60, "reconnect_max": 5}},
+        "reconnect_min (60.0) is above reconnect_max (5.0)",
+    ),
+    "credentials in the broker url": (
+        {"mqtt": {"url": "mqtt://agent:S3cretPw@127.0.0.1:1883"}},
+        "url must not carry credentials; use username and password_file",
+    ),
+    "unreadable password file": (
+        {"mqtt": {"url": "mqtt://127.0.0.1:1883", "password_file": "/"}},
+        "mqtt.password_file: cannot read /",
+    ),
 }
 
 
@@ -93,6 +105,15 @@ def test_bad_config_exits_2_naming_the_device(tmp_path: Path, case: str) -> None
     proc = _run_check(_write(tmp_path / "agent.yaml", cfg))
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
+    assert "S3cretPw" not in proc.stderr + proc.stdout
+
+
+def test_config_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_bytes("agent_id: a1\nenterprise: 石家庄\n".encode("gbk"))
+    proc = _run_check(cfg)
+    assert proc.returncode == 2, proc.stderr
+    assert "not UTF-8" in proc.stderr
 
 
 def test_all_errors_are_reported_at_once(tmp_path: Path) -> None:
