@@ -289,6 +289,10 @@ class ModbusDriver(DriverBase):
                         last = DeviceTimeout(
                             f"device '{self.name}': no answer to {what} within {conn.timeout}s"
                         )
+                        if conn.transport != "tcp":
+                            # RTU frames carry no transaction id: a late answer would be
+                            # taken for the next request's. Reopening the line drops it.
+                            line.close()
                     continue
                 except (ConnectionException, ModbusIOException, OSError) as exc:
                     if not line.connected or isinstance(exc, ConnectionException | OSError):

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from device_profiles.loader import load_profiles
+from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import ModbusTable, Point, Profile, ValueType
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
@@ -644,3 +644,83 @@ async def test_a_pause_longer_than_the_timeout_is_not_a_timeout() -> None:
             assert len(drv.plan_for(profile.points)) > 1
             _assert_matches(profile, await drv.read(profile.points), dev.values())
             assert drv.stats.timeouts == 0
+
+
+def _crc16(data: bytes) -> bytes:
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return struct.pack("<H", crc)
+
+
+async def test_rtu_late_answer_is_never_taken_for_the_next_request() -> None:
+    """RTU frames carry no transaction id: after a timeout, a late answer must be dropped."""
+    late_once = {"done": False}
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        if me is not None:
+            tasks.add(me)
+        while True:
+            try:
+                req = await reader.readexactly(8)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            unit, fc, addr, count = struct.unpack(">BBHH", req[:6])
+            body = bytes([unit, fc, 2 * count]) + struct.pack(
+                f">{count}H", *[1000 + addr + i for i in range(count)]
+            )
+            frame = body + _crc16(body)
+            delay = 0.05
+            if addr == 100 and not late_once["done"]:
+                late_once["done"] = True
+                delay = 0.6  # answered after the driver's timeout
+
+            async def answer(frame: bytes = frame, delay: float = delay) -> None:
+                await asyncio.sleep(delay)
+                if not writer.is_closing():
+                    writer.write(frame)
+
+            t = asyncio.create_task(answer())
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    prof = parse_profile(
+        {
+            "id": "late-rtu",
+            "name": "t",
+            "name_zh": "t",
+            "family": "other",
+            "category": "intelligent",
+            "protocol": "modbus",
+            "points": [
+                {"name": "a", "type": "uint16", "modbus": {"table": "holding", "address": 0}},
+                {"name": "b", "type": "uint16", "modbus": {"table": "holding", "address": 100}},
+            ],
+        }
+    )
+    conn = ModbusConnection(
+        transport="rtu-over-tcp", host="127.0.0.1", port=port, timeout=0.4, retries=0
+    )
+    drv = ModbusDriver(prof, conn, name="late-1")
+    try:
+        await drv.connect()
+        readings = [await drv.read(prof.points) for _ in range(5)]
+    finally:
+        await drv.aclose()
+        server.close()
+        await server.wait_closed()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert readings[0].errors == {"b": "timeout"}
+    for r in readings:
+        # Every value read is the value of its own register, never the other block's.
+        assert r.values.get("a", 1000) == 1000
+        assert r.values.get("b", 1100) == 1100
+    assert readings[-1].values == {"a": 1000, "b": 1100}
