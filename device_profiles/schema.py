@@ -10,6 +10,7 @@ the loader adds the file name.
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -181,8 +182,10 @@ class Point(_Strict):
     unit: str = Field(default="", description="Engineering unit after scaling, e.g. 'degC', 'kW'.")
     type: ValueType
     access: Literal["r", "rw"] = "r"
-    scale: float = Field(default=1.0, description="value = raw * scale + offset")
-    offset: float = 0.0
+    scale: float = Field(
+        default=1.0, allow_inf_nan=False, description="value = raw * scale + offset"
+    )
+    offset: float = Field(default=0.0, allow_inf_nan=False)
     scale_factor_point: str | None = Field(
         default=None,
         description="SunSpec-style scale factor: value = raw * 10**(that point's raw value).",
@@ -212,6 +215,8 @@ class Point(_Strict):
     @field_validator("range")
     @classmethod
     def _range_ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not all(math.isfinite(x) for x in v):
+            raise ValueError("range bounds must be finite numbers")
         if v is not None and v[0] > v[1]:
             raise ValueError(f"range minimum {v[0]} is above its maximum {v[1]}")
         return v

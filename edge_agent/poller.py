@@ -192,7 +192,11 @@ class DevicePoller:
         for reason in reading.errors.values():
             self.metrics.errors.labels(dev.id, _short(reason)).inc()
         self._set_state(True, "")
-        self._emit(reading)
+        try:
+            self._emit(reading)
+        except Exception as exc:  # a sample that cannot be spooled must not end the poller
+            log.exception("sample could not be spooled", extra={"device": dev.id})
+            return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=False)
         return None
 
     def _failed(self, reason: str, detail: str, *, reconnect: bool) -> float | None:

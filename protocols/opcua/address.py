@@ -152,11 +152,16 @@ def decode_value(point: Point, raw: Any) -> Value:
     if t is ValueType.STRING:
         if not isinstance(raw, str):
             raise ValueError(f"point '{point.name}': expected String, got {raw!r}")
-        return raw
+        # Servers send legacy encodings (GBK on much Chinese equipment); what is not
+        # UTF-8 arrives as surrogate escapes, which no JSON encoder accepts.
+        return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise ValueError(f"point '{point.name}': expected a number, got {raw!r}")
     if t in _INT_BOUNDS and not isinstance(raw, int):
         raise ValueError(f"point '{point.name}': expected an integer {t.value}, got {raw!r}")
+    if isinstance(raw, float) and not math.isfinite(raw):
+        # As on Modbus: NaN and infinities are a sensor fault, not a reading.
+        raise ValueError(f"point '{point.name}': not a finite number ({raw!r})")
     if t is ValueType.FLOAT32:
         raw = _shortest_float32(float(raw))
     return from_raw(point, raw)

@@ -245,6 +245,10 @@ class OpcUaDriver(DriverBase):
             raise ConnectError(
                 f"{self._where()}: cannot connect: {exc or type(exc).__name__}"
             ) from exc
+        except asyncio.CancelledError:
+            # Cancelled from outside (a poll deadline): never leave the socket open.
+            self._abandon(client)
+            raise
         self._client = client
         self._healthy = True
         client.connection_lost_callback = self._on_connection_lost
@@ -371,6 +375,13 @@ class OpcUaDriver(DriverBase):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.disconnect(), self.connection.timeout)
         # Whatever happened above: stop asyncua's background tasks and close the socket.
+        pending = self._abandon(client)
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    @staticmethod
+    def _abandon(client: Client) -> list[asyncio.Task[Any]]:
+        """Close the socket and cancel asyncua's background tasks, without waiting."""
         client.uaclient.request_disconnect()
         tasks = [
             getattr(client, "_stale_watchdog_task", None),
@@ -381,10 +392,9 @@ class OpcUaDriver(DriverBase):
         pending = [t for t in tasks if isinstance(t, asyncio.Task) and not t.done()]
         for t in pending:
             t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
         with contextlib.suppress(Exception):
             client.disconnect_socket()
+        return pending
 
     async def aclose(self) -> None:
         """Close the session; safe to call twice."""
