@@ -37,10 +37,15 @@ def _ts(record: logging.LogRecord) -> str:
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_ts(record), record.levelname.ljust(7), record.name, record.getMessage()]
+        message = record.getMessage()
+        if not message.isprintable():
+            message = json.dumps(message, ensure_ascii=False)
+        parts = [_ts(record), record.levelname.ljust(7), record.name, message]
         for k, v in _fields(record).items():
             text = str(v)
-            if " " in text or '"' in text or text == "":
+            # Quote anything that could split a line or a field: a value that came from
+            # the network must not be able to forge a log line.
+            if text == "" or any(c in text for c in ' "=') or not text.isprintable():
                 text = json.dumps(text, ensure_ascii=False)
             parts.append(f"{k}={text}")
         line = " ".join(parts)
