@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gateway.registry import Registry
+from gateway.registry import Conflict, Registry
 from protocols.mqtt.contract import TOPIC_PREFIX
 
 __all__ = [
@@ -105,9 +105,16 @@ class Provisioner:
         """Register ``agent_id`` under the key's enterprise; returns its credentials once.
 
         Raises ``gateway.registry.NotFound`` for a bad/expired/used key, ``Conflict``
-        when the agent id belongs to another enterprise, ``ProvisioningError`` when the
-        broker files cannot be updated.
+        when the agent id belongs to another enterprise or is the gateway's own MQTT
+        username, ``ProvisioningError`` when the broker files cannot be updated.
         """
+        if self.config.mqtt.username and agent_id == self.config.mqtt.username:
+            # render() keeps the gateway's own entry, so such an agent would get a
+            # password that never works while its key use is spent.
+            self.counters["refused_gateway_username"] += 1
+            raise Conflict(
+                f"agent id {agent_id!r} is the gateway's own MQTT username; choose another id"
+            )
         password = secrets.token_urlsafe(24)
         agent = self.registry.redeem_provisioning_key(key, agent_id, mosquitto_hash(password))
         self.sync()
@@ -123,7 +130,7 @@ class Provisioner:
         }
 
     def render(self) -> tuple[str, str]:
-        """The password file and ACL file contents for the registry's current agents."""
+        """The password file and ACL file contents for every agent in the database."""
         pw_lines: list[str] = []
         acl = ["# Written by the iiot gateway; changes here are overwritten.", ""]
         mqtt = self.config.mqtt

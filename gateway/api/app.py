@@ -13,6 +13,8 @@ from importlib import resources
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry, generate_latest
@@ -187,6 +189,16 @@ def create_app(
             return JSONResponse({"detail": "internal error"}, status_code=500)
         requests[(request.method, str(response.status_code))] += 1
         return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_request: Request, exc: RequestValidationError) -> Response:
+        content = {"detail": jsonable_encoder(exc.errors())}
+        try:
+            return JSONResponse(content, status_code=422)
+        except UnicodeEncodeError:
+            # The error echoes the input, and a lone surrogate in it has no UTF-8 form:
+            # send it \u-escaped rather than fail the response.
+            return Response(json.dumps(content), status_code=422, media_type="application/json")
 
     # ------------------------------------------------------------- health, metrics, page
 
@@ -624,7 +636,10 @@ def create_app(
         tags=["onboarding"],
         responses={
             401: {"model": ErrorOut, "description": "Key unknown, expired or used up."},
-            409: {"model": ErrorOut, "description": "Agent id taken by another enterprise."},
+            409: {
+                "model": ErrorOut,
+                "description": "Agent id taken by another enterprise or by the gateway.",
+            },
             503: {"model": ErrorOut, "description": "Broker auth files could not be updated."},
         },
     )

@@ -24,6 +24,7 @@ __all__ = [
     "check_ident",
     "check_industry",
     "check_region",
+    "check_text",
     "family_label",
     "industry_division",
     "industry_label",
@@ -176,15 +177,26 @@ def industry_division(code: str) -> str:
     return code[:3]
 
 
+def check_text(value: str, what: str) -> str:
+    """Free text the database can store: encodable as UTF-8 (no lone surrogates), no NUL."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode text (it has a lone surrogate)") from None
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL character")
+    return value
+
+
 def check_category(value: object) -> str:
-    if value not in CATEGORY_LABELS or value == UNKNOWN:
+    if not isinstance(value, str) or value not in CATEGORY_LABELS or value == UNKNOWN:
         allowed = ", ".join(c.value for c in Category)
         raise ValueError(f"unknown category {value!r} (one of {allowed})")
     return str(value)
 
 
 def check_family(value: object) -> str:
-    if value not in FAMILY_LABELS:
+    if not isinstance(value, str) or value not in FAMILY_LABELS:
         raise ValueError(f"unknown family {value!r} (one of {', '.join(FAMILY_LABELS)})")
     return str(value)
 

@@ -39,6 +39,7 @@ from gateway.registry.codes import (
     check_ident,
     check_industry,
     check_region,
+    check_text,
     region_label,
     region_prefix_range,
 )
@@ -63,6 +64,7 @@ log = logging.getLogger("iiot.gateway.registry")
 STATUSES = ("registered", "provisioned", "connected", "decommissioned")
 PointValue = bool | int | float | str | None
 _FLUSH_BATCH = 5000
+_MISS_CACHE_SIZE = 65536
 
 
 class RegistryError(ValueError):
@@ -180,6 +182,11 @@ class Registry:
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
         self._dirty_agents: set[str] = set()
+        # Publishers not found in the database either: (enterprise, agent) -> when looked up.
+        self._misses: dict[tuple[str, str], float] = {}
+        # Seconds a publisher found in neither memory nor database is refused without
+        # asking the database again (another instance may add it meanwhile).
+        self.publisher_miss_ttl = 10.0
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -257,21 +264,8 @@ class Registry:
             devs = [tuple(r) for r in conn.execute(sa.select(*cols)).all()]
         index = DeviceIndex(capacity=max(1024, len(devs) + len(devs) // 4))
         with self._lock:
-            self._enterprises = {
-                r.id: Enterprise(r.id, r.name, r.region, r.industry, r.created_ms) for r in ents
-            }
-            self._agents = {
-                r.id: Agent(
-                    r.id,
-                    r.enterprise,
-                    r.password_hash,
-                    r.created_ms,
-                    r.last_birth_ms,
-                    r.bdseq,
-                    bool(r.online),
-                )
-                for r in agts
-            }
+            self._enterprises = {r.id: _enterprise_of(r) for r in ents}
+            self._agents = {r.id: _agent_of(r) for r in agts}
             metas = [DeviceMeta(*r[:15]) for r in devs]
             start = index.add_many(metas)
             sl = slice(start, start + len(devs))
@@ -379,6 +373,14 @@ class Registry:
     # ------------------------------------------------------------------ ingest sink
 
     def check_publisher(self, enterprise: str, agent: str) -> str | None:
+        reject = self._publisher_reject(enterprise, agent)
+        if reject in ("unknown_enterprise", "unknown_agent") and self._load_publisher(
+            enterprise, agent
+        ):
+            reject = self._publisher_reject(enterprise, agent)
+        return reject
+
+    def _publisher_reject(self, enterprise: str, agent: str) -> str | None:
         with self._lock:
             if enterprise not in self._enterprises:
                 return "unknown_enterprise"
@@ -388,6 +390,44 @@ class Registry:
             if a.enterprise != enterprise:
                 return "agent_enterprise_mismatch"
             return None
+
+    def _load_publisher(self, enterprise: str, agent: str) -> bool:
+        """Load an enterprise and agent that another gateway instance sharing the database
+        added; False when they are not there (remembered for ``publisher_miss_ttl``)."""
+        key = (enterprise, agent)
+        now = time.monotonic()
+        with self._lock:
+            seen = self._misses.get(key)
+            if seen is not None and now - seen < self.publisher_miss_ttl:
+                self.counters["publisher_misses_cached"] += 1
+                return False
+        self.counters["publisher_lookups"] += 1
+        try:
+            with self._engine.connect() as conn:
+                ent = conn.execute(
+                    sa.select(t.enterprises).where(t.enterprises.c.id == enterprise)
+                ).first()
+                agt = conn.execute(sa.select(t.agents).where(t.agents.c.id == agent)).first()
+        except sa.exc.SQLAlchemyError:
+            self.counters["publisher_lookup_errors"] += 1
+            log.exception("publisher lookup failed", extra={"enterprise": enterprise})
+            ent = agt = None
+        with self._lock:
+            if ent is not None and ent.id not in self._enterprises:
+                self._enterprises[ent.id] = _enterprise_of(ent)
+            if agt is not None and agt.id not in self._agents:
+                self._agents[agt.id] = _agent_of(agt)
+            if ent is not None and agt is not None:
+                self._misses.pop(key, None)
+                return True
+            if len(self._misses) >= _MISS_CACHE_SIZE:
+                self._misses = {
+                    k: v for k, v in self._misses.items() if now - v < self.publisher_miss_ttl
+                }
+                if len(self._misses) >= _MISS_CACHE_SIZE:
+                    self._misses.clear()
+            self._misses[key] = now
+        return False
 
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         with self._lock:
@@ -541,7 +581,7 @@ class Registry:
         check_ident(enterprise_id, "enterprise")
         region = check_region(region)
         industry = check_industry(industry)
-        name = name.strip()[:200] or enterprise_id
+        name = check_text(name.strip(), "name")[:200] or enterprise_id
         with self._db_lock:
             self._flush_locked()
             with self._lock:
@@ -586,6 +626,7 @@ class Registry:
         ents = []
         for ent_id, name, region, industry in rows:
             check_ident(ent_id, "enterprise")
+            check_text(name, "name")
             ents.append(
                 Enterprise(ent_id, name, check_region(region), check_industry(industry), now)
             )
@@ -604,6 +645,7 @@ class Registry:
             with self._lock:
                 self._enterprises.update((e.id, e) for e in ents)
                 self._agents.update((a.id, a) for a in agents)
+                self._misses.clear()
         return len(ents)
 
     def get_enterprise(self, enterprise_id: str) -> Enterprise | None:
@@ -622,13 +664,19 @@ class Registry:
             )
 
     def agent_credentials(self) -> list[tuple[str, str, str]]:
-        """(agent id, enterprise, password hash) of every agent that has a password."""
-        with self._lock:
-            return sorted(
-                (a.id, a.enterprise, a.password_hash)
-                for a in self._agents.values()
-                if a.password_hash
-            )
+        """(agent id, enterprise, password hash) of every agent that has a password.
+
+        Read from the database, not memory, so that gateway instances sharing it write
+        the same broker files and one instance's rewrite keeps the others' agents.
+        """
+        c = t.agents.c
+        with self._engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(c.id, c.enterprise, c.password_hash)
+                .where(c.password_hash.is_not(None), c.password_hash != "")
+                .order_by(c.id)
+            ).all()
+        return [(r.id, r.enterprise, r.password_hash) for r in rows]
 
     def add_agent(self, enterprise: str, agent_id: str, password_hash: str | None) -> Agent:
         """Register an agent (or rotate its password); the id is unique across enterprises."""
@@ -636,21 +684,32 @@ class Registry:
         with self._db_lock:
             self._flush_locked()
             with self._engine.begin() as conn:
-                return self._put_agent(conn, enterprise, agent_id, password_hash)
+                return self._put_agent(conn, enterprise, agent_id, password_hash)[0]
 
     def _put_agent(
         self, conn: sa.Connection, enterprise: str, agent_id: str, password_hash: str | None
-    ) -> Agent:
+    ) -> tuple[Agent, bool]:
+        """Insert or update an agent; returns it and whether it existed already.
+
+        The enterprise and agent are looked up in the database, where another gateway
+        instance may have added them.
+        """
         with self._lock:
-            if enterprise not in self._enterprises:
+            ent = self._enterprises.get(enterprise)
+        if ent is None:
+            row = conn.execute(
+                sa.select(t.enterprises).where(t.enterprises.c.id == enterprise)
+            ).first()
+            if row is None:
                 raise NotFound(f"enterprise {enterprise!r} is not registered")
-            existing = self._agents.get(agent_id)
-        if existing is not None and existing.enterprise != enterprise:
+            ent = _enterprise_of(row)
+        found = conn.execute(sa.select(t.agents).where(t.agents.c.id == agent_id)).first()
+        if found is not None and found.enterprise != enterprise:
             raise Conflict(
                 f"agent id {agent_id!r} already belongs to another enterprise; choose another id"
             )
         now = self._now_ms()
-        if existing is None:
+        if found is None:
             conn.execute(
                 t.agents.insert().values(
                     id=agent_id,
@@ -667,11 +726,14 @@ class Registry:
                 .where(t.agents.c.id == agent_id)
                 .values(password_hash=password_hash)
             )
-            existing.password_hash = password_hash
-            agent = existing
+            with self._lock:
+                agent = self._agents.get(agent_id) or _agent_of(found)
+            agent.password_hash = password_hash
         with self._lock:
+            self._enterprises.setdefault(enterprise, ent)
             self._agents[agent_id] = agent
-        return agent
+            self._misses.clear()
+        return agent, found is not None
 
     def create_provisioning_key(
         self, enterprise: str, *, expires_ms: int | None = None, max_uses: int | None = None
@@ -714,13 +776,28 @@ class Registry:
                     raise NotFound("provisioning key has expired")
                 if row.max_uses is not None and row.uses >= row.max_uses:
                     raise NotFound("provisioning key has been used up")
-                agent = self._put_agent(conn, row.enterprise, agent_id, password_hash)
-                conn.execute(
+                # Counted in one conditional UPDATE: another gateway instance sharing the
+                # database may redeem the same key between the read above and this write.
+                k = t.provisioning_keys.c
+                counted = conn.execute(
                     t.provisioning_keys.update()
-                    .where(t.provisioning_keys.c.id == row.id)
-                    .values(uses=row.uses + 1)
+                    .where(
+                        k.id == row.id,
+                        sa.or_(k.max_uses.is_(None), k.uses < k.max_uses),
+                        sa.or_(k.expires_ms.is_(None), k.expires_ms > now),
+                    )
+                    .values(uses=k.uses + 1)
                 )
+                if counted.rowcount != 1:
+                    raise NotFound("provisioning key has been used up")
+                agent, existed = self._put_agent(conn, row.enterprise, agent_id, password_hash)
         self.counters["agents_provisioned"] += 1
+        if existed:
+            self.counters["agents_reprovisioned"] += 1
+            log.warning(
+                "agent re-provisioned: its previous password no longer works",
+                extra={"agent": agent.id, "enterprise": agent.enterprise},
+            )
         return agent
 
     # ------------------------------------------------------------------ devices
@@ -751,46 +828,25 @@ class Registry:
                 for (ent_id, dev_id), (_line, row) in good.items():
                     ent = self._enterprises[ent_id]
                     i = idx.keys.get((ent_id, dev_id))
-                    region = row.region or ent.region
-                    industry = row.industry or ent.industry
+                    meta = DeviceMeta(
+                        ent_id,
+                        dev_id,
+                        row.name,
+                        row.region or ent.region,
+                        row.industry or ent.industry,
+                        row.family,
+                        row.category,
+                        row.profile,
+                        row.agent,
+                        "registered",
+                        source,
+                        False,
+                        now,
+                    )
                     if i is None:
-                        new_metas.append(
-                            DeviceMeta(
-                                ent_id,
-                                dev_id,
-                                row.name,
-                                region,
-                                industry,
-                                row.family,
-                                row.category,
-                                row.profile,
-                                row.agent,
-                                "registered",
-                                source,
-                                False,
-                                now,
-                            )
-                        )
+                        new_metas.append(meta)
                     else:
-                        old = idx.meta[i]
-                        meta = DeviceMeta(
-                            ent_id,
-                            dev_id,
-                            row.name or old.name,
-                            region,
-                            industry,
-                            row.family,
-                            row.category,
-                            row.profile or old.profile,
-                            row.agent or old.agent,
-                            old.status,
-                            source if old.not_in_ledger else old.source,
-                            False,
-                            old.created_ms,
-                            old.first_seen_ms,
-                            old.reason,
-                        )
-                        changed.append((i, meta))
+                        changed.append((i, _ledger_update(idx.meta[i], meta)))
                 insert_rows = [_meta_row(m) for m in new_metas]
                 update_rows = [_meta_row(m) for _i, m in changed]
             with self._engine.begin() as conn:
@@ -813,17 +869,10 @@ class Registry:
                         ],
                     )
             with self._lock:
-                idx = self._index
-                if new_metas:
-                    idx.add_many(new_metas)
+                raced = self._add_inserted_locked(new_metas)
                 for i, meta in changed:
-                    agent = meta.agent
-                    meta.agent = idx.meta[i].agent
-                    idx.meta[i] = meta
-                    idx.set_static(i, meta)
-                    a = self._agents.get(agent) if agent else None
-                    idx.set_agent(i, agent, a is not None and a.online)
-            created, updated = len(new_metas), len(changed)
+                    self._set_meta_locked(i, meta)
+            created, updated = len(new_metas) - raced, len(changed) + raced
         self.counters["ledger_rows_accepted"] += created + updated
         self.counters["ledger_rows_rejected"] += len(errors)
         return ImportResult(created + updated, created, updated, errors)
@@ -890,9 +939,41 @@ class Registry:
             with self._engine.begin() as conn:
                 _insert_many(conn, t.devices, [_meta_row(m) for m in metas])
             with self._lock:
-                self._index.add_many(metas)
+                self._add_inserted_locked(metas)
         _freeze_long_lived()
         return len(metas)
+
+    def _add_inserted_locked(self, metas: list[DeviceMeta]) -> int:
+        """Index devices whose rows were just inserted; returns how many were there already.
+
+        The memory lock is released while the rows are written, so a birth may have added
+        some of them meanwhile. Such a position is updated instead of added twice, and its
+        own pending insert is dropped: the database row exists now.
+        """
+        idx = self._index
+        keys = idx.keys
+        raced = [(keys[(m.enterprise, m.id)], m) for m in metas if (m.enterprise, m.id) in keys]
+        if not raced:
+            if metas:
+                idx.add_many(metas)
+            return 0
+        taken = {i for i, _m in raced}
+        idx.add_many([m for m in metas if keys.get((m.enterprise, m.id)) not in taken])
+        for i, m in raced:
+            self._set_meta_locked(i, _ledger_update(idx.meta[i], m))
+            self._pending_inserts.discard(i)
+            self._dirty.add(i)
+        self.counters["ledger_birth_races"] += len(raced)
+        return len(raced)
+
+    def _set_meta_locked(self, i: int, meta: DeviceMeta) -> None:
+        idx = self._index
+        agent = meta.agent
+        meta.agent = idx.meta[i].agent
+        idx.meta[i] = meta
+        idx.set_static(i, meta)
+        a = self._agents.get(agent) if agent else None
+        idx.set_agent(i, agent, a is not None and a.online)
 
     # ------------------------------------------------------------------ reads
 
@@ -1129,6 +1210,43 @@ _META_UPDATE = (
     "source",
     "not_in_ledger",
 )
+
+
+def _ledger_update(old: DeviceMeta, new: DeviceMeta) -> DeviceMeta:
+    """A known device's metadata after a ledger row ``new``; its runtime state stays."""
+    return DeviceMeta(
+        new.enterprise,
+        new.id,
+        new.name or old.name,
+        new.region,
+        new.industry,
+        new.family,
+        new.category,
+        new.profile or old.profile,
+        new.agent or old.agent,
+        old.status,
+        new.source if old.not_in_ledger else old.source,
+        False,
+        old.created_ms,
+        old.first_seen_ms,
+        old.reason,
+    )
+
+
+def _enterprise_of(r: Any) -> Enterprise:
+    return Enterprise(r.id, r.name, r.region, r.industry, r.created_ms)
+
+
+def _agent_of(r: Any) -> Agent:
+    return Agent(
+        r.id,
+        r.enterprise,
+        r.password_hash,
+        r.created_ms,
+        r.last_birth_ms,
+        r.bdseq,
+        bool(r.online),
+    )
 
 
 def _ent_row(e: Enterprise) -> dict[str, Any]:

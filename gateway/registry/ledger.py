@@ -19,6 +19,7 @@ from gateway.registry.codes import (
     check_ident,
     check_industry,
     check_region,
+    check_text,
 )
 
 __all__ = [
@@ -84,7 +85,7 @@ def check_row(raw: Mapping[str, object]) -> DeviceInput:
     name = raw.get("name")
     if not _blank(name) and not isinstance(name, str):
         raise ValueError("name must be text")
-    name_text = name.strip() if isinstance(name, str) else ""
+    name_text = check_text(name.strip(), "name") if isinstance(name, str) else ""
     if len(name_text) > 200:
         raise ValueError("name is longer than 200 characters")
     agent = None if _blank(raw.get("agent")) else check_ident(_strip(raw.get("agent")), "agent")
@@ -102,7 +103,10 @@ def _strip(value: object) -> object:
 
 def _row_id(raw: Mapping[str, object]) -> str | None:
     value = raw.get("device_id")
-    return value[:64] if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    # Echoed in the response, which must be UTF-8: a lone surrogate goes back escaped.
+    return value[:64].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def parse_ledger(
@@ -127,6 +131,8 @@ def _parse_json(body: bytes) -> tuple[list[tuple[int, DeviceInput]], list[RowErr
         data = json.loads(body.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise LedgerError(f"ledger is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise LedgerError("ledger JSON is nested too deeply") from None
     if not isinstance(data, list):
         raise LedgerError("a JSON ledger must be a list of device objects")
     if len(data) > _MAX_ROWS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from gateway.api import create_app
-from gateway.config import ApiConfig, GatewayConfig
+from gateway.config import ApiConfig, GatewayConfig, MqttConfig
 from gateway.registry import Registry
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_registry_fixtures import T0
@@ -212,3 +213,66 @@ def test_connection_report_csv(client: TestClient) -> None:
     assert sum(int(r[8]) for r in rows[1:]) == 50
     assert sum(int(r[7]) for r in rows[1:]) == 25
     assert len(rows) - 1 == len(table)
+
+
+def test_malformed_admin_bodies_are_refused_not_a_server_error(client: TestClient) -> None:
+    json_h = {**ADMIN, "Content-Type": "application/json"}
+    deep = client.post("/api/v1/ledger", content=b"[" * 100_000, headers=json_h)
+    assert deep.status_code == 422 and "nested too deeply" in deep.json()["detail"][0]["msg"]
+    rows = [
+        {"device_id": "x-1", "enterprise": "hb-steel", "family": ["kiln"]},
+        {"device_id": "x-2", "enterprise": "hb-steel", "family": "kiln", "category": {"a": 1}},
+        {"device_id": "x-3", "enterprise": "hb-steel", "family": "kiln", "name": "\ud800"},
+        {"device_id": "\ud800", "enterprise": "hb-steel", "family": "kiln"},
+        {"device_id": "x-5", "enterprise": "hb-steel", "family": "kiln", "name": "a\x00"},
+    ]
+    r = client.post("/api/v1/ledger", content=json.dumps(rows), headers=json_h)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["accepted"] == 0 and out["rejected"] == 5
+    reasons = [e["reason"] for e in out["errors"]]
+    assert reasons[0].startswith("unknown family") and reasons[1].startswith("unknown category")
+    assert reasons[2].startswith("name is not valid Unicode") and "device_id" in reasons[3]
+    assert reasons[4] == "name contains a NUL character"
+    assert out["errors"][3]["device_id"] == "\\ud800"
+
+    lone = '"name": "\\ud800"'
+    dev = '{"device_id": "x-6", "enterprise": "hb-steel", "family": "kiln", ' + lone + "}"
+    ent = '{"id": "hb-new", "region": "130102", "industry": "C30", ' + lone + "}"
+    for path, body in [("/api/v1/devices", dev), ("/api/v1/enterprises", ent)]:
+        r = client.post(path, content=body, headers=json_h)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"], path
+    r = client.post(
+        "/api/v1/devices",
+        json={"device_id": "x-7", "enterprise": "hb-steel", "family": "kiln", "name": "a\x00"},
+        headers=ADMIN,
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    # Nothing half-written: the registry still persists and counts 50 devices.
+    registry = client.app.state.registry  # type: ignore[attr-defined]
+    registry.flush()
+    assert registry.counters["flush_errors"] == 0
+    assert client.get("/api/v1/devices", headers=PLATFORM).json()["total"] == 50
+
+
+def test_an_agent_may_not_take_the_gateways_mqtt_username(
+    hebei: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config()
+    config.mqtt = MqttConfig(username="iiot-gateway", password=SecretStr("gw-pass"))
+    with TestClient(create_app(hebei, config, clock=lambda: T0 / 1000)) as client:
+        key = client.post(
+            "/api/v1/enterprises/hb-steel/provisioning-keys", json={"max_uses": 2}, headers=ADMIN
+        ).json()["key"]
+        r = client.post("/api/v1/provision", json={"key": key, "agent_id": "iiot-gateway"})
+        assert r.status_code == 409 and "gateway's own MQTT username" in r.json()["detail"]
+        # The refusal did not spend a use: the key still provisions two agents.
+        assert client.post("/api/v1/provision", json={"key": key, "agent_id": "edge-1"}).is_success
+        # Re-provisioning an agent (a replaced box) works and leaves a warning.
+        with caplog.at_level(logging.WARNING, logger="iiot.gateway.registry"):
+            again = client.post("/api/v1/provision", json={"key": key, "agent_id": "edge-1"})
+        assert again.status_code == 200
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert [(getattr(r, "agent", None), getattr(r, "enterprise", None)) for r in warned] == [
+            ("edge-1", "hb-steel")
+        ]

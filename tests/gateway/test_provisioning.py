@@ -11,6 +11,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import sqlalchemy as sa
 from pydantic import SecretStr
 
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
@@ -172,3 +173,79 @@ def test_rotating_an_agent_password_locks_out_the_old_one(
     finally:
         old.close()
         new.close()
+
+
+def test_gateway_instances_sharing_a_database_see_each_others_agents(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
+    a = Registry(url)
+    a.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
+    b = Registry(url)
+    a.add_enterprise("ent-late", "Added after B started", "130203", "C31")
+    pa, pb = Provisioner(a, _config(pw, acl, None)), Provisioner(b, _config(pw, acl, None))
+    try:
+        _id, key = a.create_provisioning_key("ent-late")
+        pa.provision(key, "edge-a")
+        # B's ingest accepts the agent (and enterprise) that A added.
+        assert b.check_publisher("ent-late", "edge-a") is None
+        assert b.check_publisher("ent-a", "edge-a") == "agent_enterprise_mismatch"
+
+        # B rewrites the broker files: A's agent stays in them.
+        _id, key_b = b.create_provisioning_key("ent-a")
+        pb.provision(key_b, "edge-b")
+        assert {line.split(":")[0] for line in pw.read_text().splitlines()} == {
+            "gateway",
+            "edge-a",
+            "edge-b",
+        }
+        assert "topic readwrite iiot/v1/ent-late/edge-a/#" in acl.read_text()
+
+        # A flood from an unknown agent costs one database lookup, not one per message.
+        lookups = b.counters["publisher_lookups"]
+        for _ in range(100):
+            assert b.check_publisher("ent-a", "edge-c") == "unknown_agent"
+        assert b.counters["publisher_lookups"] == lookups + 1
+        _id, key_c = a.create_provisioning_key("ent-a")
+        pa.provision(key_c, "edge-c")
+        assert b.check_publisher("ent-a", "edge-c") == "unknown_agent"  # still remembered
+        b.publisher_miss_ttl = 0.0  # as when the miss has aged out
+        assert b.check_publisher("ent-a", "edge-c") is None
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_single_use_key_works_once_across_gateway_instances(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
+    a = Registry(url)
+    a.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
+    b = Registry(url)
+    pa, pb = Provisioner(a, _config(pw, acl, None)), Provisioner(b, _config(pw, acl, None))
+    try:
+        _id, once = a.create_provisioning_key("ent-a", max_uses=1)
+        pa.provision(once, "edge-1")
+        with pytest.raises(NotFound, match="used up"):
+            pb.provision(once, "edge-2")
+
+        # The same, with A redeeming just after B has read the key's use count.
+        _id, once = a.create_provisioning_key("ent-a", max_uses=1)
+        first: list[dict[str, Any]] = []
+
+        def a_redeems_meanwhile(_conn: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+            if (
+                not first
+                and statement.lstrip().startswith("SELECT")
+                and "provisioning_keys" in (statement)
+            ):
+                first.append(pa.provision(once, "edge-3"))
+
+        sa.event.listen(b._engine, "after_cursor_execute", a_redeems_meanwhile)
+        with pytest.raises(NotFound, match="used up"):
+            pb.provision(once, "edge-4")
+        assert [c["agent_id"] for c in first] == ["edge-3"]
+        assert [ag.id for ag in a.list_agents()] == ["edge-1", "edge-3"]
+        assert "edge-4" not in pw.read_text()
+    finally:
+        a.close()
+        b.close()

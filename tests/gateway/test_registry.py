@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -316,3 +318,52 @@ def test_ingest_thread_and_readers_run_concurrently(hebei: Registry) -> None:
     assert seen == sorted(seen)  # the population only grows
     final = compute_ratios(hebei, None, window_s=86400, as_of_ms=T0)["overall"]
     assert final["total"] == 350 and final["connected"] == 25 + 300
+
+
+def _birth_of(device: str) -> Birth:
+    return Birth(bdseq=1, ts=T0, devices=[BirthDevice(id=device, profile="p", protocol="modbus")])
+
+
+def test_a_birth_while_a_ledger_import_writes_its_rows_counts_the_device_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The import writes its new rows without the memory lock; an agent announcing one of
+    # those devices in that moment must not give it a second position (counted twice, and
+    # a duplicate INSERT failing every later flush).
+    from gateway.registry import core
+
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(url, default_poll_interval=POLL_S, clock=lambda: T0 / 1000)
+    reg.add_enterprise("e", "E", "130102", "C30")
+    reg.add_agent("e", "a", None)
+    real_insert = core._insert_many
+    births: list[str] = []
+
+    def insert_then_birth(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
+        real_insert(conn, table, rows)
+        if rows and not births:
+            births.append(rows[-1]["id"])
+            reg.on_birth("e", "a", _birth_of(rows[-1]["id"]))
+
+    monkeypatch.setattr(core, "_insert_many", insert_then_birth)
+    rows, _ = parse_ledger(b"device_id,enterprise,family\nd1,e,kiln\nd2,e,kiln\n", "text/csv")
+    result = reg.import_devices(rows)
+    assert births == ["d2"]
+    assert (result.accepted, result.created, result.updated) == (2, 1, 1)
+    assert reg.stats()["devices"] == 2
+    assert reg.list_devices(enterprise="e")[0] == 2
+    assert compute_ratios(reg, None, window_s=86400, as_of_ms=T0)["overall"]["total"] == 2
+
+    more, _ = parse_ledger(b"device_id,enterprise,family\nd3,e,boiler\n", "text/csv")
+    births.clear()
+    assert reg.bulk_load([r for _, r in more]) == 1
+    assert births == ["d3"] and reg.stats()["devices"] == 3
+
+    assert reg.flush() > 0
+    assert reg.counters["flush_errors"] == 0 and reg.stats()["pending_rows"] == 0
+    reg.close()
+    with Registry(url, default_poll_interval=POLL_S) as again:
+        assert again.stats()["devices"] == 3
+        d2 = again.get_device("e", "d2")
+        assert d2 is not None and d2["status"] == "provisioned" and d2["agent"] == "a"
+        assert d2["not_in_ledger"] is False and d2["family"] == "kiln"
