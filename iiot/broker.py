@@ -40,9 +40,11 @@ It also closes gaps in amqtt 0.12's own handling: credentials are checked before
 CONNECT may touch the stored session of its client id (amqtt cleared or re-labelled it
 first, so a refused client could silence a connected gateway or change an agent's
 will); an authenticated client that claims a connected client id disconnects the old
-connection, as Mosquitto does; and a (re)connecting client receives retained messages
-only for its own subscriptions and only on topics it may read (amqtt replayed those of
-every subscription on the broker).
+connection, as Mosquitto does, but only when both are the same user: a client id whose
+live or persistent session belongs to another user is refused (code 5, counted as
+``connect_refused_client_id``), where Mosquitto would hand that session over; and a
+(re)connecting client receives retained messages only for its own subscriptions and only
+on topics it may read (amqtt replayed those of every subscription on the broker).
 """
 
 from __future__ import annotations
@@ -431,6 +433,9 @@ class _Broker(Broker):  # type: ignore[misc]
         if not await super()._authenticate(session, None):
             session.attributes[self._AUTH_KEY] = False
             return handler, session
+        if not await self._owns_client_id(session):
+            session.attributes[self._AUTH_KEY] = False
+            return handler, session
         if session.clean_session:
             if session.client_id:
                 await self._take_over(session.client_id)
@@ -460,6 +465,26 @@ class _Broker(Broker):  # type: ignore[misc]
             session.keep_alive += delay
         session.attributes[self._AUTH_KEY] = True
         return handler, session
+
+    async def _owns_client_id(self, session: Any) -> bool:
+        """False when the client id's session belongs to another user.
+
+        A client id is one user's: another user connecting with it would receive that
+        session's queued messages and subscriptions, or disconnect its live connection.
+        A disconnected clean session holds nothing and is dropped instead.
+        """
+        stored = self._sessions.get(session.client_id, (None, None))[0]
+        if stored is None or stored.username == session.username:
+            return True
+        if stored.clean_session and not stored.transitions.is_connected():
+            await self._delete_session(session.client_id)
+            return True
+        self.counters["connect_refused_client_id"] += 1
+        log.info(
+            "connect refused: client id belongs to another user",
+            extra={"user": session.username, "client_id": session.client_id},
+        )
+        return False
 
     async def _take_over(self, client_id: str) -> None:
         """Close a connected session whose client id an authenticated client now claims."""

@@ -437,6 +437,40 @@ def test_a_refused_connect_cannot_change_a_connected_agents_will(
     assert gw.next().payload == will
 
 
+def test_another_user_cannot_take_the_gateways_client_id_or_its_queued_messages(
+    secured: tuple[EmbeddedBroker, Provisioner, _Agents], clients: list[_Client]
+) -> None:
+    broker, _, _ = secured
+    gw = _connect(clients, broker.port, "gw-1", GATEWAY_USER, GATEWAY_PW, clean_session=False)
+    assert gw.connect() == 0
+    assert gw.subscribe("iiot/v1/#") == [1]
+    agent = _connect(clients, broker.port, "agent-A", "A", "pw-a")
+    assert agent.connect() == 0
+    # Agent B, correctly authenticated, claims the gateway's client id while it is online.
+    live = _connect(clients, broker.port, "gw-1", "B", "pw-b", clean_session=False)
+    assert str(live.connect()) == REFUSED
+    agent.publish("iiot/v1/E1/A/kiln-1/data", b"live")
+    assert gw.next().payload == b"live"  # the gateway was not disconnected
+
+    gw.close()
+    assert broker._broker is not None
+    stored = broker._broker._sessions["gw-1"][0]
+    deadline = time.monotonic() + WAIT
+    while stored.transitions.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    agent.publish("iiot/v1/E1/A/kiln-1/data", b"queued")  # kept for the gateway's session
+    resume = _connect(clients, broker.port, "gw-1", "B", "pw-b", clean_session=False)
+    assert str(resume.connect()) == REFUSED
+    assert resume.messages.empty()
+    wipe = _connect(clients, broker.port, "gw-1", "B", "pw-b", clean_session=True)
+    assert str(wipe.connect()) == REFUSED
+    assert broker.counters["connect_refused_client_id"] == 3
+
+    back = _connect(clients, broker.port, "gw-1", GATEWAY_USER, GATEWAY_PW, clean_session=False)
+    assert back.connect() == 0
+    assert back.next().payload == b"queued"
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
