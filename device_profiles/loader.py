@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from device_profiles.schema import Profile
+from iiot.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "BUILTIN_DIR",
@@ -92,19 +92,9 @@ def load_profile(path: Path | str) -> Profile:
     """Read and validate one profile file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ProfileError(path, [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ProfileError(path, [f"not UTF-8 (byte {exc.start}); save the file as UTF-8"]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise ProfileError(
-            path, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]
-        ) from exc
+        data = read_yaml(path)
+    except YamlFileError as exc:
+        raise ProfileError(path, [str(exc)]) from exc
     return parse_profile(data, path)
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,6 +26,7 @@ from pydantic import (
 from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
 from iiot.envsubst import UnsetVariable, expand_env
+from iiot.yamlfile import YamlFileError, read_yaml
 from protocols.modbus.config import ModbusConnection
 from protocols.opcua.config import OpcUaConnection
 
@@ -351,20 +351,9 @@ def load_config(path: Path | str) -> LoadedConfig:
     """Read, validate and check an agent config file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AgentConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        problem = f"not UTF-8 (byte {exc.start}); save the file as UTF-8"
-        raise AgentConfigError(str(path), [problem]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise AgentConfigError(str(path), [f"{where}not valid YAML"]) from exc
-    try:
-        data = expand_env(data)
+        data = expand_env(read_yaml(path))
+    except YamlFileError as exc:
+        raise AgentConfigError(str(path), [str(exc)]) from exc
     except UnsetVariable as exc:
         raise AgentConfigError(str(path), str(exc).split("; ")) from exc
     return parse_config(data, str(path), base_dir=path.resolve().parent)

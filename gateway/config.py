@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from iiot.envsubst import UnsetVariable, expand_env
+from iiot.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "ApiConfig",
@@ -146,15 +146,9 @@ class GatewayConfigError(ValueError):
 def load_gateway_config(path: Path | str) -> GatewayConfig:
     path = Path(path)
     try:
-        data = expand_env(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except OSError as exc:
-        raise GatewayConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise GatewayConfigError(f"{path}: not UTF-8 (byte {exc.start})") from exc
-    except UnsetVariable as exc:
+        data = expand_env(read_yaml(path) or {})
+    except (YamlFileError, UnsetVariable) as exc:
         raise GatewayConfigError(f"{path}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise GatewayConfigError(f"{path}: not valid YAML: {exc}") from exc
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as exc:

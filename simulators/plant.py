@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, Self
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from device_profiles.loader import ProfileSet, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from iiot.yamlfile import YamlFileError, read_yaml
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
@@ -187,18 +187,9 @@ def load_plant_config(path: Path | str) -> PlantConfig:
     """Read and validate a plant file; raises PlantError naming the file and device."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlantError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        problem = f"not UTF-8 (byte {exc.start}); save the file as UTF-8"
-        raise PlantError(str(path), [problem]) from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        raise PlantError(str(path), [f"{where}not valid YAML"]) from exc
+        data = read_yaml(path)
+    except YamlFileError as exc:
+        raise PlantError(str(path), [str(exc)]) from exc
     if not isinstance(data, dict):
         raise PlantError(str(path), ["a plant file must be a mapping at the top level"])
     try:

@@ -1,0 +1,30 @@
+"""Read a YAML file with errors a person can act on: unreadable, not UTF-8, not YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["YamlFileError", "read_yaml"]
+
+
+class YamlFileError(ValueError):
+    """What is wrong with the file (the caller adds the path)."""
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed document; raises YamlFileError naming the problem and, for YAML, the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise YamlFileError(f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise YamlFileError(f"not UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise YamlFileError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})") from exc
