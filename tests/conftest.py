@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,41 @@ def pty_pair(tmp_path: Path) -> Iterator[PtyPair]:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+async def no_leftover_tasks() -> AsyncIterator[None]:
+    """Fail a test that leaves asyncio tasks behind (drivers, servers, clients, pollers)."""
+    yield
+    me = asyncio.current_task()
+    left: list[asyncio.Task[Any]] = []
+    for _ in range(100):  # bounded: tasks that are finishing get up to a second
+        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+        if not left:
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"tasks left behind: {[t.get_name() for t in left]}")
+
+
+@pytest.fixture(scope="module")
+def opcua_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A self-signed server and client certificate pair for Basic256Sha256."""
+    from protocols.opcua.certs import (
+        CLIENT_APPLICATION_URI,
+        SERVER_APPLICATION_URI,
+        generate_certificate,
+    )
+
+    d = tmp_path_factory.mktemp("opcua-certs")
+    server_cert, server_key = generate_certificate(
+        d / "server.der", d / "server.pem", application_uri=SERVER_APPLICATION_URI
+    )
+    client_cert, client_key = generate_certificate(
+        d / "client.der", d / "client.pem", application_uri=CLIENT_APPLICATION_URI
+    )
+    return {
+        "server_cert": server_cert,
+        "server_key": server_key,
+        "client_cert": client_cert,
+        "client_key": client_key,
+    }

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,12 +27,5 @@ def _no_leftover_threads() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    yield
-    current = asyncio.current_task()
-    for _ in range(50):
-        left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-        if not left:
-            break
-        await asyncio.sleep(0.02)
-    assert not left, f"tasks left running: {[t.get_name() for t in left]}"
+def _no_leftover_tasks(no_leftover_tasks: None) -> None:
+    """Every agent test fails if it leaves asyncio tasks behind."""

@@ -16,11 +16,6 @@ from device_profiles.loader import load_profiles
 from device_profiles.schema import Profile, ValueType
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
-from protocols.opcua.certs import (
-    CLIENT_APPLICATION_URI,
-    SERVER_APPLICATION_URI,
-    generate_certificate,
-)
 from protocols.opcua.config import OpcUaConnection
 from protocols.opcua.driver import OpcUaDriver
 from simulators.device import SimDevice
@@ -63,31 +58,7 @@ _POINTS: list[dict[str, Any]] = [
 PRESS = _profile(_POINTS)
 
 
-@pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks behind (drivers, servers)."""
-    yield
-    me = asyncio.current_task()
-    left: list[asyncio.Task[Any]] = []
-    for _ in range(100):  # bounded: tasks that are finishing get up to a second
-        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        if not left:
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"tasks left behind: {left}")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("opcua-certs")
-    server_cert, server_key = generate_certificate(
-        d / "server.der", d / "server.pem", application_uri=SERVER_APPLICATION_URI
-    )
-    client_cert, client_key = generate_certificate(
-        d / "client.der", d / "client.pem", application_uri=CLIENT_APPLICATION_URI
-    )
-    return {"server_cert": server_cert, "server_key": server_key,
-            "client_cert": client_cert, "client_key": client_key}  # fmt: skip
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
 
 def _frozen(profile: Profile) -> SimDevice:
@@ -360,18 +331,18 @@ async def _errors(driver: OpcUaDriver) -> dict[str, str]:
     return (await driver.read(PRESS.points)).errors
 
 
-async def test_basic256sha256_with_user_password(certs: dict[str, Path]) -> None:
+async def test_basic256sha256_with_user_password(opcua_certs: dict[str, Path]) -> None:
     device = _frozen(PRESS)
     server = {
         "security": "basic256sha256",
-        "certificate": certs["server_cert"],
-        "private_key": certs["server_key"],
+        "certificate": opcua_certs["server_cert"],
+        "private_key": opcua_certs["server_key"],
         "users": {"agent": "pa55"},
     }
     secure = {
         "security_policy": "Basic256Sha256",
-        "certificate": certs["client_cert"],
-        "private_key": certs["client_key"],
+        "certificate": opcua_certs["client_cert"],
+        "private_key": opcua_certs["client_key"],
         "username": "agent",
     }
     async with _serving(device, **server) as sim:
@@ -379,7 +350,9 @@ async def test_basic256sha256_with_user_password(certs: dict[str, Path]) -> None
         async with OpcUaDriver(PRESS, _conn(sim, password="pa55", **secure), name="p") as driver:
             _assert_matches(PRESS, await driver.read(PRESS.points), device.values())
         # ... and pinned.
-        pinned = _conn(sim, password="pa55", server_certificate=certs["server_cert"], **secure)
+        pinned = _conn(
+            sim, password="pa55", server_certificate=opcua_certs["server_cert"], **secure
+        )
         async with OpcUaDriver(PRESS, pinned, name="p") as driver:
             await driver.write(PRESS.point("setpoint"), 12.5)
         assert device.values()["setpoint"] == 12.5

@@ -16,8 +16,6 @@ from device_profiles.loader import load_profiles
 from device_profiles.schema import Point, Profile, ValueType
 from protocols.opcua.certs import (
     CLIENT_APPLICATION_URI,
-    SERVER_APPLICATION_URI,
-    generate_certificate,
 )
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
@@ -70,30 +68,7 @@ MIXED = _profile(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> AsyncIterator[None]:
-    """Fail a test that leaves asyncio tasks behind (servers, clients, loops)."""
-    yield
-    me = asyncio.current_task()
-    for _ in range(100):  # bounded: tasks that are finishing get up to a second
-        left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-        if not left:
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail(f"tasks left behind: {left}")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("opcua-certs")
-    server_cert, server_key = generate_certificate(
-        d / "server.der", d / "server.pem", application_uri=SERVER_APPLICATION_URI
-    )
-    client_cert, client_key = generate_certificate(
-        d / "client.der", d / "client.pem", application_uri=CLIENT_APPLICATION_URI
-    )
-    return {"server_cert": server_cert, "server_key": server_key,
-            "client_cert": client_cert, "client_key": client_key}  # fmt: skip
+pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
 
 @contextlib.asynccontextmanager
@@ -352,11 +327,11 @@ async def test_out_of_range_fault_serves_values_beyond_range() -> None:
         assert await client.get_node("ns=2;i=1001").read_value() * 0.1 > 120
 
 
-async def test_basic256sha256_with_user_password(certs: dict[str, Path]) -> None:
+async def test_basic256sha256_with_user_password(opcua_certs: dict[str, Path]) -> None:
     kwargs: dict[str, Any] = {
         "security": "basic256sha256",
-        "certificate": certs["server_cert"],
-        "private_key": certs["server_key"],
+        "certificate": opcua_certs["server_cert"],
+        "private_key": opcua_certs["server_key"],
         "users": {"operator": "s3cret"},
     }
     async with _serving(MIXED, **kwargs) as sim:
@@ -367,9 +342,9 @@ async def test_basic256sha256_with_user_password(certs: dict[str, Path]) -> None
             if secure:
                 await client.set_security(
                     security_policies.SecurityPolicyBasic256Sha256,
-                    certificate=str(certs["client_cert"]),
-                    private_key=str(certs["client_key"]),
-                    server_certificate=str(certs["server_cert"]),
+                    certificate=str(opcua_certs["client_cert"]),
+                    private_key=str(opcua_certs["client_key"]),
+                    server_certificate=str(opcua_certs["server_cert"]),
                     mode=ua.MessageSecurityMode.SignAndEncrypt,
                 )
             if user is not None and password is not None:
