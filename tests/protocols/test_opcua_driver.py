@@ -21,24 +21,7 @@ from protocols.opcua.driver import OpcUaDriver
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
-
-SHIPPED = ["boiler-steam-gas-opcua", "cnc-machine-tool"]
-
-
-def _profile(points: list[dict[str, Any]], uri: str = "urn:test:press") -> Profile:
-    return Profile.model_validate(
-        {
-            "id": "test-press",
-            "name": "Test press",
-            "name_zh": "测试压机",
-            "family": "other",
-            "category": "intelligent",
-            "protocol": "opcua",
-            "opcua": {"namespace_uri": uri, "root_name": "Press"},
-            "points": points,
-        }
-    )
-
+from tests.opcua_profiles import SHIPPED, press_profile
 
 _POINTS: list[dict[str, Any]] = [
     {"name": "force", "unit": "kN", "type": "float32", "range": [0, 500],
@@ -55,7 +38,7 @@ _POINTS: list[dict[str, Any]] = [
      "opcua": {"node_id": "ns=2;s=Press.Enabled"}},
     {"name": "program", "type": "string", "opcua": {"node_id": "ns=2;s=Press.Program"}},
 ]  # fmt: skip
-PRESS = _profile(_POINTS)
+PRESS = press_profile(_POINTS)
 
 
 pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
@@ -214,8 +197,10 @@ async def _is(driver: OpcUaDriver, *, ok: bool) -> bool:
 
 async def test_value_of_the_wrong_type_is_a_decode_error_not_a_crash() -> None:
     # The server serves 'program' as a string; a profile that calls it a float is wrong.
-    served = _profile(_POINTS)
-    wrong = _profile([{**p, "type": "float32"} if p["name"] == "program" else p for p in _POINTS])
+    served = press_profile(_POINTS)
+    wrong = press_profile(
+        [{**p, "type": "float32"} if p["name"] == "program" else p for p in _POINTS]
+    )
     device = _frozen(served)
     async with _serving(device) as sim, OpcUaDriver(wrong, _conn(sim), name="press-1") as driver:
         reading = await driver.read(wrong.points)
@@ -369,8 +354,8 @@ async def test_basic256sha256_with_user_password(opcua_certs: dict[str, Path]) -
 async def test_missing_browse_path_or_namespace_is_a_config_error_naming_it() -> None:
     device = _frozen(PRESS)
     ghost = {"name": "ghost", "type": "float64", "opcua": {"browse_path": "2:Machine/2:No/2:Ghost"}}
-    extra = _profile([*_POINTS, ghost])
-    other_ns = _profile(_POINTS, uri="urn:test:other")
+    extra = press_profile([*_POINTS, ghost])
+    other_ns = press_profile(_POINTS, uri="urn:test:other")
     async with _serving(device) as sim:
         driver = OpcUaDriver(extra, _conn(sim), name="press-1")
         with pytest.raises(

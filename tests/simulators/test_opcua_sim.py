@@ -20,6 +20,7 @@ from protocols.opcua.certs import (
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
+from tests.opcua_profiles import SHIPPED, press_profile
 
 _VTYPES = {
     ValueType.BOOL: ua.VariantType.Boolean,
@@ -33,25 +34,9 @@ _VTYPES = {
     ValueType.STRING: ua.VariantType.String,
 }
 _NUMERIC = set(ValueType) - {ValueType.BOOL, ValueType.STRING}
-SHIPPED = ["boiler-steam-gas-opcua", "cnc-machine-tool"]
 
 
-def _profile(points: list[dict[str, Any]], uri: str = "urn:test:press") -> Profile:
-    return Profile.model_validate(
-        {
-            "id": "test-press",
-            "name": "Test press",
-            "name_zh": "测试压机",
-            "family": "other",
-            "category": "intelligent",
-            "protocol": "opcua",
-            "opcua": {"namespace_uri": uri, "root_name": "Press"},
-            "points": points,
-        }
-    )
-
-
-MIXED = _profile(
+MIXED = press_profile(
     [
         {"name": "force", "unit": "kN", "type": "float32", "range": [0, 500],
          "opcua": {"browse_path": "2:Machine/2:Monitoring/2:Ram/2:Force"}},
