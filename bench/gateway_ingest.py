@@ -147,7 +147,7 @@ def _gateway_child(config_path: str, out_path: str) -> None:
     from gateway.config import load_gateway_config
     from gateway.outbox import OutboxBatch
     from gateway.service import Gateway
-    from iiot.log import setup_logging
+    from iiot_common.log import setup_logging
 
     setup_logging("warning")
     cfg = load_gateway_config(config_path)

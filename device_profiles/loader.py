@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from device_profiles.schema import Profile
-from iiot.yamlfile import YamlFileError, read_yaml
+from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "BUILTIN_DIR",

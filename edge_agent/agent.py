@@ -21,7 +21,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
 from edge_agent.spool import Spool
-from iiot import __version__
+from iiot_common import __version__
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.contract import BirthDevice, DeviceState, Sample, encode
 

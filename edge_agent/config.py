@@ -25,8 +25,8 @@ from pydantic import (
 
 from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
-from iiot.envsubst import UnsetVariable, expand_env
-from iiot.yamlfile import YamlFileError, read_yaml
+from iiot_common.envsubst import UnsetVariable, expand_env
+from iiot_common.yamlfile import YamlFileError, read_yaml
 from protocols.modbus.config import ModbusConnection
 from protocols.opcua.config import OpcUaConnection
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
 from edge_agent.metrics import AgentMetrics
-from edge_agent.reconnect import Backoff, ConnState
+from iiot_common.backoff import Backoff, ConnState
 from protocols.driver import Driver, Reading, Value
 from protocols.errors import ConnectError, ProtocolError
 

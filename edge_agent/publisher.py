@@ -31,8 +31,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
-from edge_agent.reconnect import Backoff, ConnState
 from edge_agent.spool import Spool, SpoolRow
+from iiot_common.backoff import Backoff, ConnState
 from protocols.driver import now_ms
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Kind, Topic, Will, encode
 

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from iiot.envsubst import UnsetVariable, expand_env
-from iiot.yamlfile import YamlFileError, read_yaml
+from iiot_common.envsubst import UnsetVariable, expand_env
+from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "ApiConfig",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import typer
 
-from iiot import __version__
-from iiot.log import setup_logging
+from iiot_common import __version__
+from iiot_common.log import setup_logging
 
 __all__ = ["app", "main"]
 

@@ -500,7 +500,7 @@ async def _main(d: _Demo, duration: float | None, live: bool) -> int:
 
 def _log_to_file(path: Path) -> None:
     """Keep the terminal for the live table: structured logs go to a file instead."""
-    from iiot.log import LogfmtFormatter
+    from iiot_common.log import LogfmtFormatter
 
     root = logging.getLogger()
     handler = logging.FileHandler(path, encoding="utf-8")

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from device_profiles.loader import ProfileSet, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
-from iiot.yamlfile import YamlFileError, read_yaml
+from iiot_common.yamlfile import YamlFileError, read_yaml
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer

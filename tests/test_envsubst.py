@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from iiot.envsubst import UnsetVariable, expand_env
+from iiot_common.envsubst import UnsetVariable, expand_env
 
 
 def test_variables_are_expanded_inside_string_values() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from iiot.log import JsonFormatter, LogfmtFormatter
+from iiot_common.log import JsonFormatter, LogfmtFormatter
 
 
 def _record(msg: str, **fields: object) -> logging.LogRecord:

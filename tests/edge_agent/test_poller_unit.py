@@ -12,7 +12,7 @@ from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller
-from edge_agent.reconnect import Backoff
+from iiot_common.backoff import Backoff
 from protocols.driver import Reading, Value, now_ms
 from protocols.errors import ConnectError
 from tests.edge_agent.helpers import wait_for
