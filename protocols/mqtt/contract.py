@@ -163,6 +163,9 @@ class Birth(_Msg):
     ts: int = Field(ge=0, le=MAX_TS_MS, description="Unix time, milliseconds.")
     version: str = ""
     devices: list[BirthDevice] = Field(default_factory=list)
+    config_version: int | None = Field(
+        default=None, ge=0, le=MAX_SEQ, description="Remote configuration version applied."
+    )
 
 
 class Will(_Msg):
