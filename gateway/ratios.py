@@ -21,27 +21,44 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from gateway.registry.codes import category_label, family_label, industry_label, region_label
-from gateway.registry.index import NEVER
+from gateway.influx import escape_key
+from gateway.registry.codes import (
+    category_label,
+    family_label,
+    industry_label,
+    region_label,
+    region_prefix_range,
+)
+from gateway.registry.index import NEVER, DeviceIndex
 
 __all__ = [
     "DEFINITIONS",
     "GROUPINGS",
+    "Grouping",
+    "HistoryGrouping",
     "Snapshotter",
+    "code_mask",
     "compute_ratios",
     "enterprise_category_table",
+    "filter_mask",
+    "history_series",
     "line_protocol",
+    "online_mask",
     "parse_as_of",
     "parse_window",
+    "ratio",
 ]
 
 log = logging.getLogger("iiot.gateway.ratios")
 
-GROUPINGS = ("enterprise", "province", "city", "county", "industry", "category", "family")
+Grouping = Literal["enterprise", "province", "city", "county", "industry", "category", "family"]
+HistoryGrouping = Literal["overall", Grouping]
+GROUPINGS: tuple[Grouping, ...] = get_args(Grouping)
+Mask = np.ndarray[Any, Any]
 _WINDOW_RE = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_WINDOW_S = 366 * 86400
@@ -93,8 +110,54 @@ def parse_as_of(text: str) -> int:
     return ms
 
 
-def _ratio(part: int, total: int) -> float:
-    return round(part / total, 6) if total else 0.0
+def ratio(part: int, total: int, digits: int = 6) -> float:
+    """``part / total`` rounded to ``digits`` decimals; 0 when ``total`` is 0."""
+    return round(part / total, digits) if total else 0.0
+
+
+def online_mask(idx: DeviceIndex, as_of_ms: int, freshness_ms: int) -> Mask:
+    """Devices online at ``as_of_ms``: agent alive, state online, sample fresh."""
+    n = idx.n
+    # NEVER (-1) is below any threshold >= -1: a device that never sent is not fresh.
+    fresh = idx.last_ts[:n] >= max(as_of_ms - freshness_ms, NEVER + 1)
+    mask: Mask = idx.agent_alive[:n] & idx.dev_online[:n] & fresh
+    return mask
+
+
+def code_mask(idx: DeviceIndex, group: str, value: str) -> Mask:
+    """Devices whose ``group`` column is ``value`` (none if the value never occurs)."""
+    col, enc = idx.column(group)
+    code = enc.codes.get(value)
+    if code is None:
+        return np.zeros(idx.n, np.bool_)
+    mask: Mask = col == code
+    return mask
+
+
+def filter_mask(
+    idx: DeviceIndex,
+    *,
+    enterprise: str | None = None,
+    region: str | None = None,
+    industry: str | None = None,
+    category: str | None = None,
+) -> Mask:
+    """Scope filters as a boolean mask (call under ``reading``); ValueError if malformed."""
+    n = idx.n
+    mask = np.ones(n, np.bool_)
+    if enterprise is not None:
+        mask &= code_mask(idx, "enterprise", enterprise)
+    if region is not None:
+        lo, hi = region_prefix_range(region)
+        col = idx.region_num[:n]
+        mask &= (col >= lo) & (col < hi)
+    if industry is not None:
+        prefix = industry.strip().upper()
+        codes = [c for v, c in idx.enc["industry"].codes.items() if v.startswith(prefix)]
+        mask &= np.isin(idx.industry[:n], np.array(codes, np.int32))
+    if category is not None:
+        mask &= code_mask(idx, "category", category)
+    return mask
 
 
 def _group(key: str, label: str, total: int, connected: int, online: int) -> dict[str, Any]:
@@ -104,8 +167,8 @@ def _group(key: str, label: str, total: int, connected: int, online: int) -> dic
         "total": total,
         "connected": connected,
         "online": online,
-        "ratio": _ratio(connected, total),
-        "online_ratio": _ratio(online, total),
+        "ratio": ratio(connected, total),
+        "online_ratio": ratio(online, total),
     }
 
 
@@ -134,12 +197,12 @@ def compute_ratios(
         n = idx.n
         active = idx.active[:n]
         if any(v is not None for v in filters.values()):
-            scope = registry.filter_mask(idx, **filters) & active
+            scope = filter_mask(idx, **filters) & active
         else:
             scope = active  # a view: never modified below
         # NEVER (-1) is below any threshold >= -1, so "never reported" needs no extra test.
         connected = idx.last_good[:n] > max(as_of - window_ms, NEVER)
-        online = registry.online_mask(idx, as_of)
+        online = online_mask(idx, as_of, registry.freshness_ms)
         groups: list[dict[str, Any]] = []
         if group_by is None:
             overall = _group(
@@ -191,6 +254,30 @@ def compute_ratios(
     }
 
 
+def history_series(
+    rows: Sequence[Any], *, step_s: int | None = None, key: str | None = None
+) -> list[dict[str, Any]]:
+    """Stored snapshot rows as series by key; with ``step_s``, the last point per step."""
+    series: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if key is not None and r.key != key:
+            continue
+        s = series.setdefault(r.key, {"key": r.key, "label": r.label, "points": {}})
+        bucket = r.ts_ms if step_s is None else r.ts_ms // (step_s * 1000)
+        s["points"][bucket] = {
+            "ts": r.ts_ms,
+            "total": r.total,
+            "connected": r.connected,
+            "online": r.online,
+            "ratio": ratio(r.connected, r.total),
+            "online_ratio": ratio(r.online, r.total),
+        }
+    return [
+        {"key": s["key"], "label": s["label"], "points": list(s["points"].values())}
+        for s in sorted(series.values(), key=lambda s: s["key"])
+    ]
+
+
 def _label(group_by: str, key: str, names: dict[str, str]) -> str:
     if group_by == "enterprise":
         return names.get(key, key)
@@ -240,14 +327,10 @@ def enterprise_category_table(
     return rows
 
 
-def _escape_tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", "\\,").replace("=", "\\=").replace(" ", "\\ ")
-
-
 def line_protocol(group_by: str, group: dict[str, Any], ts_ms: int) -> str:
     """One ``connection_ratio`` point (timestamp in ms)."""
     return (
-        f"connection_ratio,group_by={_escape_tag(group_by)},key={_escape_tag(str(group['key']))}"
+        f"connection_ratio,group_by={escape_key(group_by)},key={escape_key(str(group['key']))}"
         f" total={group['total']}i,connected={group['connected']}i,online={group['online']}i,"
         f"ratio={float(group['ratio'])!r},online_ratio={float(group['online_ratio'])!r}"
         f" {ts_ms}"

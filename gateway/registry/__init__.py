@@ -1,12 +1,12 @@
 """The device registry: every device an enterprise owns, its onboarding and online state."""
 
-from gateway.registry.core import (
+from gateway.registry.core import Registry
+from gateway.registry.model import (
     Agent,
     Conflict,
     Enterprise,
     ImportResult,
     NotFound,
-    Registry,
     RegistryError,
 )
 from gateway.registry.ledger import DeviceInput, LedgerError, RowError, parse_ledger

@@ -330,13 +330,13 @@ def test_a_birth_while_a_ledger_import_writes_its_rows_counts_the_device_once(
     # The import writes its new rows without the memory lock; an agent announcing one of
     # those devices in that moment must not give it a second position (counted twice, and
     # a duplicate INSERT failing every later flush).
-    from gateway.registry import core
+    from gateway.registry import rows as registry_rows
 
     url = f"sqlite:///{tmp_path / 'r.db'}"
     reg = Registry(url, default_poll_interval=POLL_S, clock=lambda: T0 / 1000)
     reg.add_enterprise("e", "E", "130102", "C30")
     reg.add_agent("e", "a", None)
-    real_insert = core._insert_many
+    real_insert = registry_rows.insert_many
     births: list[str] = []
 
     def insert_then_birth(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
@@ -345,7 +345,7 @@ def test_a_birth_while_a_ledger_import_writes_its_rows_counts_the_device_once(
             births.append(rows[-1]["id"])
             reg.on_birth("e", "a", _birth_of(rows[-1]["id"]))
 
-    monkeypatch.setattr(core, "_insert_many", insert_then_birth)
+    monkeypatch.setattr(registry_rows, "insert_many", insert_then_birth)
     rows, _ = parse_ledger(b"device_id,enterprise,family\nd1,e,kiln\nd2,e,kiln\n", "text/csv")
     result = reg.import_devices(rows)
     assert births == ["d2"]

@@ -1,0 +1,323 @@
+"""Devices in the registry: ledger import, manual registration, decommissioning, views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from gateway import ratios as _ratios
+from gateway.registry import rows as _rows
+from gateway.registry import tables as t
+from gateway.registry.codes import region_label
+from gateway.registry.index import NEVER, DeviceMeta
+from gateway.registry.ledger import DeviceInput, RowError
+from gateway.registry.model import STATUSES, Conflict, ImportResult, NotFound
+from gateway.registry.store import RegistryStore
+
+__all__ = ["STATUSES", "DevicesPart"]
+
+
+def _ledger_update(old: DeviceMeta, new: DeviceMeta) -> DeviceMeta:
+    """A known device's metadata after a ledger row ``new``; its runtime state stays."""
+    return DeviceMeta(
+        new.enterprise,
+        new.id,
+        new.name or old.name,
+        new.region,
+        new.industry,
+        new.family,
+        new.category,
+        new.profile or old.profile,
+        new.agent or old.agent,
+        old.status,
+        new.source if old.not_in_ledger else old.source,
+        False,
+        old.created_ms,
+        old.first_seen_ms,
+        old.reason,
+    )
+
+
+class DevicesPart(RegistryStore):
+    """Devices: the ledger import, manual registration, decommissioning and views."""
+
+    def import_devices(
+        self, rows: Sequence[tuple[int, DeviceInput]], *, source: str = "ledger"
+    ) -> ImportResult:
+        """Idempotent upsert of validated rows; rows naming unknown enterprises are errors."""
+        errors: list[RowError] = []
+        good: dict[tuple[str, str], tuple[int, DeviceInput]] = {}
+        with self._lock:
+            for line, row in rows:
+                if row.enterprise not in self._enterprises:
+                    errors.append(
+                        RowError(line, row.device_id, f"unknown enterprise {row.enterprise!r}")
+                    )
+                    continue
+                # A repeated device in one import: the last row wins.
+                good[(row.enterprise, row.device_id)] = (line, row)
+        created = updated = 0
+        now = self._now_ms()
+        with self._db_lock:
+            self._flush_locked()
+            new_metas: list[DeviceMeta] = []
+            changed: list[tuple[int, DeviceMeta]] = []
+            with self._lock:
+                idx = self._index
+                for (ent_id, dev_id), (_line, row) in good.items():
+                    ent = self._enterprises[ent_id]
+                    i = idx.keys.get((ent_id, dev_id))
+                    meta = DeviceMeta(
+                        ent_id,
+                        dev_id,
+                        row.name,
+                        row.region or ent.region,
+                        row.industry or ent.industry,
+                        row.family,
+                        row.category,
+                        row.profile,
+                        row.agent,
+                        "registered",
+                        source,
+                        False,
+                        now,
+                    )
+                    if i is None:
+                        new_metas.append(meta)
+                    else:
+                        changed.append((i, _ledger_update(idx.meta[i], meta)))
+                insert_rows = [_rows.meta_row(m) for m in new_metas]
+                update_rows = [_rows.meta_row(m) for _i, m in changed]
+            with self._engine.begin() as conn:
+                _rows.insert_many(conn, t.devices, insert_rows)
+                for chunk in _rows.chunks(update_rows, _rows.FLUSH_BATCH):
+                    conn.execute(
+                        t.devices.update()
+                        .where(
+                            t.devices.c.enterprise == sa.bindparam("b_enterprise"),
+                            t.devices.c.id == sa.bindparam("b_id"),
+                        )
+                        .values({k: sa.bindparam("v_" + k) for k in _rows.META_UPDATE}),
+                        [
+                            {
+                                "b_enterprise": r["enterprise"],
+                                "b_id": r["id"],
+                                **{"v_" + k: r[k] for k in _rows.META_UPDATE},
+                            }
+                            for r in chunk
+                        ],
+                    )
+            with self._lock:
+                raced = self._add_inserted_locked(new_metas)
+                for i, meta in changed:
+                    self._set_meta_locked(i, meta)
+            created, updated = len(new_metas) - raced, len(changed) + raced
+        self.counters["ledger_rows_accepted"] += created + updated
+        self.counters["ledger_rows_rejected"] += len(errors)
+        return ImportResult(created + updated, created, updated, errors)
+
+    def register_device(self, row: DeviceInput) -> tuple[dict[str, Any], bool]:
+        result = self.import_devices([(1, row)], source="manual")
+        if result.errors:
+            raise NotFound(result.errors[0].reason)
+        view = self.get_device(row.enterprise, row.device_id)
+        assert view is not None
+        return view, result.created == 1
+
+    def decommission(self, enterprise: str, device: str) -> dict[str, Any]:
+        with self._db_lock:
+            self._flush_locked()
+            with self._lock:
+                i = self._index.keys.get((enterprise, device))
+                if i is None:
+                    raise NotFound(f"device {enterprise}/{device} is not registered")
+            with self._engine.begin() as conn:
+                conn.execute(
+                    t.devices.update()
+                    .where(t.devices.c.enterprise == enterprise, t.devices.c.id == device)
+                    .values(status="decommissioned")
+                )
+            with self._lock:
+                self._index.meta[i].status = "decommissioned"
+                self._index.active[i] = False
+        self.counters["devices_decommissioned"] += 1
+        view = self.get_device(enterprise, device)
+        assert view is not None
+        return view
+
+    def bulk_load(self, rows: Sequence[DeviceInput], *, source: str = "ledger") -> int:
+        """Insert many new devices fast (bulk import, benchmarks); existing ids are errors."""
+        now = self._now_ms()
+        with self._lock:
+            metas = []
+            for r in rows:
+                ent = self._enterprises.get(r.enterprise)
+                if ent is None:
+                    raise NotFound(f"enterprise {r.enterprise!r} is not registered")
+                if (r.enterprise, r.device_id) in self._index.keys:
+                    raise Conflict(f"device {r.enterprise}/{r.device_id} is already registered")
+                metas.append(
+                    DeviceMeta(
+                        r.enterprise,
+                        r.device_id,
+                        r.name,
+                        r.region or ent.region,
+                        r.industry or ent.industry,
+                        r.family,
+                        r.category,
+                        r.profile,
+                        r.agent,
+                        "registered",
+                        source,
+                        False,
+                        now,
+                    )
+                )
+        with self._db_lock:
+            self._flush_locked()
+            with self._engine.begin() as conn:
+                _rows.insert_many(conn, t.devices, [_rows.meta_row(m) for m in metas])
+            with self._lock:
+                self._add_inserted_locked(metas)
+        _rows.freeze_long_lived()
+        return len(metas)
+
+    def _add_inserted_locked(self, metas: list[DeviceMeta]) -> int:
+        """Index devices whose rows were just inserted; returns how many were there already.
+
+        The memory lock is released while the rows are written, so a birth may have added
+        some of them meanwhile. Such a position is updated instead of added twice, and its
+        own pending insert is dropped: the database row exists now.
+        """
+        idx = self._index
+        keys = idx.keys
+        raced = [(keys[(m.enterprise, m.id)], m) for m in metas if (m.enterprise, m.id) in keys]
+        if not raced:
+            if metas:
+                idx.add_many(metas)
+            return 0
+        taken = {i for i, _m in raced}
+        idx.add_many([m for m in metas if keys.get((m.enterprise, m.id)) not in taken])
+        for i, m in raced:
+            self._set_meta_locked(i, _ledger_update(idx.meta[i], m))
+            self._pending_inserts.discard(i)
+            self._dirty.add(i)
+        self.counters["ledger_birth_races"] += len(raced)
+        return len(raced)
+
+    def _set_meta_locked(self, i: int, meta: DeviceMeta) -> None:
+        idx = self._index
+        agent = meta.agent
+        meta.agent = idx.meta[i].agent
+        idx.meta[i] = meta
+        idx.set_static(i, meta)
+        a = self._agents.get(agent) if agent else None
+        idx.set_agent(i, agent, a is not None and a.online)
+
+    # ------------------------------------------------------------------ reads
+
+    def _view(self, i: int, now_ms: int) -> dict[str, Any]:
+        idx = self._index
+        m = idx.meta[i]
+        last_ts = _rows.opt(idx.last_ts[i])
+        online = bool(
+            idx.agent_alive[i]
+            and idx.dev_online[i]
+            and last_ts is not None
+            and last_ts >= now_ms - self.freshness_ms
+        )
+        ent = self._enterprises.get(m.enterprise)
+        return {
+            "enterprise": m.enterprise,
+            "enterprise_name": ent.name if ent else m.enterprise,
+            "id": m.id,
+            "name": m.name,
+            "region": m.region,
+            "region_label": region_label(m.region),
+            "industry": m.industry,
+            "family": m.family,
+            "category": m.category,
+            "profile": m.profile,
+            "agent": m.agent,
+            "status": m.status,
+            "source": m.source,
+            "not_in_ledger": m.not_in_ledger,
+            "created_ms": m.created_ms,
+            "first_seen_ms": m.first_seen_ms,
+            "last_seen_ms": last_ts,
+            "last_good_ms": _rows.opt(idx.last_good[i]),
+            "online": online,
+            "offline_since_ms": _rows.opt(idx.offline_since[i]),
+            "state_reason": m.reason,
+        }
+
+    def get_device(self, enterprise: str, device: str) -> dict[str, Any] | None:
+        now = self._now_ms()
+        with self._lock:
+            i = self._index.keys.get((enterprise, device))
+            if i is None:
+                return None
+            view = self._view(i, now)
+            latest = self._latest.get((enterprise, device))
+        view["latest_ts"] = latest[0] if latest else None
+        view["latest"] = dict(latest[1]) if latest else {}
+        return view
+
+    def list_devices(
+        self,
+        *,
+        enterprise: str | None = None,
+        region: str | None = None,
+        industry: str | None = None,
+        category: str | None = None,
+        family: str | None = None,
+        status: str | None = None,
+        online: bool | None = None,
+        not_in_ledger: bool | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Devices matching every given filter, in registration order, one page."""
+        now = self._now_ms()
+        with self._lock:
+            idx = self._index
+            mask = _ratios.filter_mask(
+                idx, enterprise=enterprise, region=region, industry=industry, category=category
+            )
+            if family is not None:
+                mask &= _ratios.code_mask(idx, "family", family)
+            n = idx.n
+            if status is not None:
+                wanted = status
+                mask &= np.fromiter((m.status == wanted for m in idx.meta), np.bool_, n)
+            if not_in_ledger is not None:
+                flag = not_in_ledger
+                mask &= np.fromiter((m.not_in_ledger == flag for m in idx.meta), np.bool_, n)
+            if online is not None:
+                on = _ratios.online_mask(idx, now, self.freshness_ms)
+                mask &= on if online else ~on
+            hits = np.flatnonzero(mask)
+            page = hits[offset : offset + limit]
+            return int(hits.size), [self._view(int(i), now) for i in page]
+
+    def recent_offline(
+        self, *, limit: int = 20, enterprise: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Devices offline now that were online before, most recent drop first."""
+        now = self._now_ms()
+        with self._lock:
+            idx = self._index
+            n = idx.n
+            mask = (
+                (idx.offline_since[:n] != NEVER)
+                & ~_ratios.online_mask(idx, now, self.freshness_ms)
+                & idx.active[:n]
+            )
+            if enterprise is not None:
+                mask &= _ratios.code_mask(idx, "enterprise", enterprise)
+            hits = np.flatnonzero(mask)
+            order = hits[np.argsort(-idx.offline_since[hits], kind="stable")][:limit]
+            return [self._view(int(i), now) for i in order]

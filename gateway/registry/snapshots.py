@@ -1,0 +1,60 @@
+"""Ratio snapshots stored in the registry's database."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from gateway.registry import rows as _rows
+from gateway.registry import tables as t
+from gateway.registry.store import RegistryStore
+
+__all__ = ["SnapshotsPart"]
+
+
+class SnapshotsPart(RegistryStore):
+    """Stored ratio snapshots."""
+
+    def save_snapshot(self, ts_ms: int, window_s: int, rows: Sequence[dict[str, Any]]) -> None:
+        """Store one ratio snapshot: rows of group_by, key, label, total, connected, online."""
+        data = [
+            {
+                "ts_ms": ts_ms,
+                "window_s": window_s,
+                "group_by": r["group_by"],
+                "key": str(r["key"])[:64],
+                "label": str(r["label"])[:200],
+                "total": int(r["total"]),
+                "connected": int(r["connected"]),
+                "online": int(r["online"]),
+            }
+            for r in rows
+        ]
+        with self._db_lock, self._engine.begin() as conn:
+            conn.execute(t.ratio_snapshots.delete().where(t.ratio_snapshots.c.ts_ms == ts_ms))
+            for chunk in _rows.chunks(data, _rows.FLUSH_BATCH):
+                conn.execute(t.ratio_snapshots.insert(), chunk)
+
+    def prune_snapshots(self, before_ms: int) -> int:
+        """Delete snapshots older than ``before_ms``; returns the rows deleted."""
+        with self._db_lock, self._engine.begin() as conn:
+            done = conn.execute(
+                t.ratio_snapshots.delete().where(t.ratio_snapshots.c.ts_ms < before_ms)
+            )
+        return int(done.rowcount or 0)
+
+    def snapshot_rows(
+        self, group_by: str, from_ms: int, to_ms: int, *, limit: int = 100_000
+    ) -> list[sa.Row[Any]]:
+        """Stored snapshots of one grouping in [from, to], oldest first."""
+        c = t.ratio_snapshots.c
+        stmt = (
+            sa.select(t.ratio_snapshots)
+            .where(c.group_by == group_by, c.ts_ms >= from_ms, c.ts_ms <= to_ms)
+            .order_by(c.ts_ms, c.key)
+            .limit(limit)
+        )
+        with self._engine.connect() as conn:
+            return list(conn.execute(stmt).all())
