@@ -1,6 +1,7 @@
 """The device registry: every device an enterprise owns, its onboarding and online state."""
 
 from gateway.registry.core import Registry
+from gateway.registry.ledger import DeviceInput, LedgerError, RowError, parse_ledger
 from gateway.registry.model import (
     Agent,
     Conflict,
@@ -9,7 +10,6 @@ from gateway.registry.model import (
     NotFound,
     RegistryError,
 )
-from gateway.registry.ledger import DeviceInput, LedgerError, RowError, parse_ledger
 
 __all__ = [
     "Agent",
