@@ -15,6 +15,7 @@ __all__ = [
     "BrokerAuthConfig",
     "GatewayConfig",
     "GatewayConfigError",
+    "HealthConfig",
     "InfluxConfig",
     "IngestConfig",
     "MqttConfig",
@@ -113,6 +114,22 @@ class BrokerAuthConfig(_Cfg):
     )
 
 
+class HealthConfig(_Cfg):
+    """When ``/health/ready`` reports the gateway not ready (503)."""
+
+    writer_failing_for: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds the database writer may keep failing before not ready.",
+    )
+    outbox_backlog_age: float = Field(
+        default=300.0,
+        gt=0,
+        description="Seconds the oldest line waiting for the database may wait before not "
+        "ready (only with influx.url; without it the outbox is the store).",
+    )
+
+
 class GatewayConfig(_Cfg):
     data_dir: Path = Path("./iiot-data")
     database_url: str | None = Field(
@@ -124,6 +141,7 @@ class GatewayConfig(_Cfg):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     broker_auth: BrokerAuthConfig = Field(default_factory=BrokerAuthConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."

@@ -22,6 +22,7 @@ from typing import Any
 from gateway.config import InfluxConfig
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxBatch
+from iiot_common.backoff import Backoff
 
 __all__ = [
     "InfluxWriter",
@@ -185,8 +186,10 @@ class InfluxWriter:
         if write is None:
             write, self._close = _influx_write_fn(config)
         self._write = write
-        self.max_backoff = max_backoff
-        self.initial_backoff = initial_backoff
+        self.backoff = Backoff(initial=initial_backoff, maximum=max_backoff)
+        # Since when (monotonic) writes have failed without a success between; why.
+        self._failing_since: float | None = None
+        self.last_error: str | None = None
         self._stop = threading.Event()
         self._drain_deadline = math.inf
         self._thread: threading.Thread | None = None
@@ -215,8 +218,12 @@ class InfluxWriter:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def failing_for(self) -> float:
+        """Seconds the database has refused or failed every write (0 when the last worked)."""
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _run(self) -> None:
-        backoff = self.initial_backoff
         batch_lines = self.config.batch_lines
         while True:
             stopping = self._stop.is_set()
@@ -241,17 +248,14 @@ class InfluxWriter:
                     return
                 continue
             if self._write_batch(batch):
-                backoff = self.initial_backoff
+                self.backoff.succeeded()
                 continue
-            # Database down or failing: wait, doubling up to the cap; stop cuts it short.
-            wait = backoff
+            # Database down or failing: wait by the shared policy; stop cuts it short.
+            wait = self.backoff.next_delay()
             if stopping:
-                wait = min(wait, max(0.0, self._drain_deadline - time.monotonic()))
-            if stopping:
-                time.sleep(wait)
+                time.sleep(min(wait, max(0.0, self._drain_deadline - time.monotonic())))
             else:
                 self._stop.wait(wait)
-            backoff = min(backoff * 2, self.max_backoff)
 
     def _write_batch(self, batch: OutboxBatch) -> bool:
         self.attempts += 1
@@ -269,12 +273,16 @@ class InfluxWriter:
         except Exception as exc:
             kind = type(exc).__name__
             self.metrics.write_errors.labels(kind=kind).inc()
+            self.last_error = f"{kind}: {str(exc)[:300]}"
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
             log.warning(
                 "write failed; will retry",
                 extra={"lines": batch.lines, "error": f"{kind}: {str(exc)[:300]}"},
             )
             return False
         elapsed = time.perf_counter() - start
+        self._failing_since = None
         self.metrics.write_latency.observe(elapsed)
         self.metrics.written.inc(batch.lines)
         self.outbox.delete(batch)

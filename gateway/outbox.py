@@ -286,9 +286,12 @@ class Outbox:
     def pending_lines(self) -> int:
         return self._lines
 
-    @property
-    def pending_bytes(self) -> int:
-        return self._bytes
+    def oldest_age(self) -> float | None:
+        """Seconds the oldest pending line has waited; None when nothing is pending."""
+        with self._lock:
+            self._check_open()
+            row = self._db.execute("SELECT at FROM chunks ORDER BY id LIMIT 1").fetchone()
+        return None if row is None else max(0.0, self._clock() - float(row[0]))
 
     def enforce_retention(self) -> int:
         """Apply the cap now; the number of lines dropped."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry
 
 from gateway.config import GatewayConfig
+from gateway.health import BrokerWatch, Readiness
 from gateway.influx import InfluxWriter
 from gateway.ingest import Ingest
 from gateway.metrics import DataPathMetrics
@@ -62,6 +63,8 @@ class Gateway:
         self.writer: InfluxWriter | None = None
         self.ingest: Ingest | None = None
         self.snapshotter: Any = None
+        self.broker_watch = BrokerWatch()
+        self.readiness = Readiness(config.health, broker=self.broker_watch)
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -127,6 +130,10 @@ class Gateway:
         self.ingest = Ingest(
             cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
         )
+        # Readiness hears the broker's answers (a refusal's reason) on the ingest's client.
+        self.broker_watch.attach(self.ingest._client)
+        self.readiness.writer = self.writer
+        self.readiness.outbox = self.outbox
         self.ingest.start(connect_timeout=self.connect_timeout)
         # The API comes up last: an open API port means ingest is subscribed.
         if self.serve_api:
@@ -139,7 +146,12 @@ class Gateway:
 
         cfg = self.config
         app = create_app(
-            self.registry, cfg, outbox=self.outbox, metrics=self.collector, sync_broker=False
+            self.registry,
+            cfg,
+            outbox=self.outbox,
+            metrics=self.collector,
+            readiness=self.readiness,
+            sync_broker=False,
         )
         family = socket.AF_INET6 if ":" in cfg.api.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -24,10 +24,12 @@ __all__ = [
     "KeyOut",
     "LedgerOut",
     "LedgerRowError",
+    "LiveOut",
     "OfflineOut",
     "ProvisionIn",
     "RatioGroup",
     "RatiosOut",
+    "ReadyOut",
 ]
 
 Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)]
@@ -48,6 +50,15 @@ class HealthOut(BaseModel):
     outbox_pending_lines: int | None = Field(
         default=None, description="Lines not yet written to InfluxDB (None: no outbox)."
     )
+
+
+class LiveOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "not ready"]
+    reasons: list[str] = Field(description="Why the gateway is not ready; empty when it is.")
 
 
 class RatioGroup(BaseModel):

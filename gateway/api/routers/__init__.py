@@ -1,0 +1,1 @@
+"""One ``APIRouter`` per resource; ``gateway.api.app.ROUTERS`` lists them in order."""

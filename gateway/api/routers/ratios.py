@@ -1,0 +1,98 @@
+"""Connection ratios now and their stored history."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response
+
+from gateway.api.deps import (
+    AUTH_RESPONSES,
+    READ,
+    NowMs,
+    QIdent,
+    RegistryDep,
+    invalid,
+    parse_time,
+    parse_window_param,
+)
+from gateway.api.models import HistoryOut, RatiosOut
+from gateway.ratios import (
+    DEFINITIONS,
+    Grouping,
+    HistoryGrouping,
+    compute_ratios,
+    history_series,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["ratios"], responses=AUTH_RESPONSES, dependencies=[READ])
+
+_MAX_HISTORY_POINTS = 10_000
+
+
+@router.get(
+    "/api/v1/ratios",
+    response_model=RatiosOut,
+    description="Connection ratios overall and per group.\n\n" + DEFINITIONS,
+)
+def ratios(
+    registry: RegistryDep,
+    now_ms: NowMs,
+    group_by: Grouping | None = None,
+    window: Annotated[str, Query(max_length=16, description="e.g. 15m, 24h, 7d")] = "24h",
+    enterprise: str | None = QIdent,
+    region: Annotated[str | None, Query(max_length=6, description="13, 1301 or 130102")] = None,
+    industry: Annotated[str | None, Query(max_length=8, description="GB/T 4754, e.g. C30")] = None,
+    category: Annotated[str | None, Query(max_length=32)] = None,
+    as_of: Annotated[str | None, Query(max_length=40, description="Unix ms or ISO 8601")] = None,
+) -> Response:
+    window_s = parse_window_param(window, "window")
+    as_of_ms = parse_time(as_of, "as_of") if as_of is not None else now_ms
+    try:
+        result = compute_ratios(
+            registry,
+            group_by,
+            window_s=window_s,
+            as_of_ms=as_of_ms,
+            enterprise=enterprise,
+            region=region,
+            industry=industry,
+            category=category,
+        )
+    except ValueError as exc:
+        raise invalid("query", "region", str(exc)) from None
+    # Built from plain ints/floats/strings already; re-validating 10⁴ enterprise
+    # groups through the response model would cost more than computing them.
+    body = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+    return Response(body.encode(), media_type="application/json")
+
+
+@router.get("/api/v1/ratios/history", response_model=HistoryOut)
+def history(
+    registry: RegistryDep,
+    now_ms: NowMs,
+    group_by: HistoryGrouping = "overall",
+    from_: Annotated[str | None, Query(alias="from", max_length=40)] = None,
+    to: Annotated[str | None, Query(max_length=40)] = None,
+    step: Annotated[str | None, Query(max_length=16, description="e.g. 1h, 1d")] = None,
+    key: Annotated[str | None, Query(max_length=64)] = None,
+) -> dict[str, Any]:
+    """The stored ratio snapshots of one grouping; ``step`` keeps the last per step."""
+    to_ms = parse_time(to, "to") if to is not None else now_ms
+    from_ms = parse_time(from_, "from") if from_ is not None else to_ms - 7 * 86400 * 1000
+    if from_ms > to_ms:
+        raise invalid("query", "from", "from must not be after to")
+    step_s = parse_window_param(step, "step") if step is not None else None
+    if step_s is not None and (to_ms - from_ms) // (step_s * 1000) > _MAX_HISTORY_POINTS:
+        raise invalid("query", "step", f"more than {_MAX_HISTORY_POINTS} steps; use a longer step")
+    rows = registry.snapshot_rows(str(group_by), from_ms, to_ms)
+    return {
+        "group_by": str(group_by),
+        "from_ms": from_ms,
+        "to_ms": to_ms,
+        "step_s": step_s,
+        "series": history_series(rows, step_s=step_s, key=key),
+    }
