@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from gateway.registry.devices import device_view_fields
 
 __all__ = [
     "AgentOut",
@@ -114,28 +116,16 @@ class DeviceIn(_In):
     profile: Ident | None = None
 
 
-class DeviceOut(BaseModel):
-    enterprise: str
-    enterprise_name: str
-    id: str
-    name: str
-    region: str
-    region_label: str
-    industry: str
-    family: str
-    category: str
-    profile: str | None
-    agent: str | None
-    status: str
-    source: str
-    not_in_ledger: bool
-    created_ms: int
-    first_seen_ms: int | None
-    last_seen_ms: int | None
-    last_good_ms: int | None
-    online: bool
-    offline_since_ms: int | None
-    state_reason: str
+if TYPE_CHECKING:
+
+    class DeviceOut(BaseModel):
+        """A device as the registry shows it (fields: ``device_view_fields()``)."""
+
+else:
+    # Built from the registry's device fields so the two cannot drift apart.
+    DeviceOut = create_model(
+        "DeviceOut", **{name: (tp, ...) for name, tp in device_view_fields().items()}
+    )
 
 
 class DeviceDetailOut(DeviceOut):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import numpy as np
 import sqlalchemy as sa
@@ -17,7 +17,49 @@ from gateway.registry.ledger import DeviceInput, RowError
 from gateway.registry.model import STATUSES, Conflict, ImportResult, NotFound
 from gateway.registry.store import RegistryStore
 
-__all__ = ["STATUSES", "DevicesPart"]
+__all__ = ["STATUSES", "DevicesPart", "device_view_fields"]
+
+# A device as the API shows it, in this order: DeviceMeta's fields (``reason`` as
+# ``state_reason``) and those computed from the index and the enterprise (_COMPUTED).
+_VIEW_ORDER = (
+    "enterprise",
+    "enterprise_name",
+    "id",
+    "name",
+    "region",
+    "region_label",
+    "industry",
+    "family",
+    "category",
+    "profile",
+    "agent",
+    "status",
+    "source",
+    "not_in_ledger",
+    "created_ms",
+    "first_seen_ms",
+    "last_seen_ms",
+    "last_good_ms",
+    "online",
+    "offline_since_ms",
+    "state_reason",
+)
+_COMPUTED: dict[str, Any] = {
+    "enterprise_name": str,
+    "region_label": str,
+    "last_seen_ms": int | None,
+    "last_good_ms": int | None,
+    "online": bool,
+    "offline_since_ms": int | None,
+    "state_reason": str,
+}
+_META_FIELDS = get_type_hints(DeviceMeta)
+_META_IN_VIEW = tuple(name for name in _VIEW_ORDER if name in _META_FIELDS)
+
+
+def device_view_fields() -> dict[str, Any]:
+    """Name → type of each field of a device view, in order (the API's ``DeviceOut``)."""
+    return {name: _META_FIELDS.get(name) or _COMPUTED[name] for name in _VIEW_ORDER}
 
 
 def _ledger_update(old: DeviceMeta, new: DeviceMeta) -> DeviceMeta:
@@ -230,29 +272,15 @@ class DevicesPart(RegistryStore):
             and last_ts >= now_ms - self.freshness_ms
         )
         ent = self._enterprises.get(m.enterprise)
-        return {
-            "enterprise": m.enterprise,
-            "enterprise_name": ent.name if ent else m.enterprise,
-            "id": m.id,
-            "name": m.name,
-            "region": m.region,
-            "region_label": region_label(m.region),
-            "industry": m.industry,
-            "family": m.family,
-            "category": m.category,
-            "profile": m.profile,
-            "agent": m.agent,
-            "status": m.status,
-            "source": m.source,
-            "not_in_ledger": m.not_in_ledger,
-            "created_ms": m.created_ms,
-            "first_seen_ms": m.first_seen_ms,
-            "last_seen_ms": last_ts,
-            "last_good_ms": _rows.opt(idx.last_good[i]),
-            "online": online,
-            "offline_since_ms": _rows.opt(idx.offline_since[i]),
-            "state_reason": m.reason,
-        }
+        view = {name: getattr(m, name) for name in _META_IN_VIEW}
+        view["enterprise_name"] = ent.name if ent else m.enterprise
+        view["region_label"] = region_label(m.region)
+        view["last_seen_ms"] = last_ts
+        view["last_good_ms"] = _rows.opt(idx.last_good[i])
+        view["online"] = online
+        view["offline_since_ms"] = _rows.opt(idx.offline_since[i])
+        view["state_reason"] = m.reason
+        return view
 
     def get_device(self, enterprise: str, device: str) -> dict[str, Any] | None:
         now = self._now_ms()
