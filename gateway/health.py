@@ -42,7 +42,6 @@ class BrokerWatch:
         self.subscribe_refused: str | None = None
         self.connected = False
         self.subscribed = False
-        self.attached = False
 
     def attach(self, client: Any) -> None:
         """Wrap a paho ``Client``'s connect, subscribe and disconnect callbacks."""
@@ -77,7 +76,6 @@ class BrokerWatch:
         client.on_connect = connect
         client.on_subscribe = subscribe
         client.on_disconnect = disconnect
-        self.attached = True
 
     def reasons(self) -> list[str]:
         with self._lock:

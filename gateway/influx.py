@@ -193,7 +193,6 @@ class InfluxWriter:
         self._stop = threading.Event()
         self._drain_deadline = math.inf
         self._thread: threading.Thread | None = None
-        self.attempts = 0
         self.last_batch_at: float | None = None
         # Called after each successful write with the batch and the wall time it finished.
         self.on_written: Callable[[OutboxBatch, float], None] | None = None
@@ -258,7 +257,6 @@ class InfluxWriter:
                 self._stop.wait(wait)
 
     def _write_batch(self, batch: OutboxBatch) -> bool:
-        self.attempts += 1
         start = time.perf_counter()
         try:
             self._write(batch.body)

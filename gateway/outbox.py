@@ -65,7 +65,6 @@ class OutboxBatch:
     last_id: int
     lines: int
     body: str
-    oldest_at: float
 
 
 class OutboxTransaction:
@@ -237,16 +236,13 @@ class Outbox:
         """The oldest pending chunks, about ``max_lines`` lines (at least one chunk)."""
         with self._lock:
             self._check_open()
-            cur = self._db.execute("SELECT id, at, n, body FROM chunks ORDER BY id LIMIT 10000")
+            cur = self._db.execute("SELECT id, n, body FROM chunks ORDER BY id LIMIT 10000")
             bodies: list[str] = []
             total = 0
             last_id = 0
-            oldest = 0.0
-            for cid, at, n, body in cur:
+            for cid, n, body in cur:
                 if bodies and total + n > max_lines:
                     break
-                if not bodies:
-                    oldest = float(at)
                 bodies.append(body)
                 total += int(n)
                 last_id = int(cid)
@@ -255,7 +251,7 @@ class Outbox:
             cur.close()
         if not bodies:
             return None
-        return OutboxBatch(last_id, total, "\n".join(bodies), oldest)
+        return OutboxBatch(last_id, total, "\n".join(bodies))
 
     def delete(self, batch: OutboxBatch) -> None:
         """Remove a written batch (and anything older, already gone to retention)."""
