@@ -67,7 +67,7 @@ def test_not_ready_while_victoria_metrics_is_down_past_the_threshold(
         pub.close()
     wait_until(lambda: _get(running, "/health/ready")[0] == 503, timeout=30, what="not ready")
     status, body = _get(running, "/health/ready")
-    assert body["status"] == "not ready"
+    assert status == 503 and body["status"] == "not ready"
     assert any(r.startswith("database writer failing for") for r in body["reasons"]), body
     # Down is not dead: the process still serves, so it must not be restarted.
     assert _get(running, "/health/live") == (200, {"status": "ok"})
