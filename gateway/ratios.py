@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from gateway.registry.codes import (
     region_label,
     region_prefix_range,
 )
-from gateway.registry.index import NEVER, DeviceIndex
+from gateway.registry.index import GROUPINGS, NEVER, DeviceIndex, Grouping
 
 __all__ = [
     "DEFINITIONS",
@@ -55,9 +55,7 @@ __all__ = [
 
 log = logging.getLogger("iiot.gateway.ratios")
 
-Grouping = Literal["enterprise", "province", "city", "county", "industry", "category", "family"]
 HistoryGrouping = Literal["overall", Grouping]
-GROUPINGS: tuple[Grouping, ...] = get_args(Grouping)
 Mask = np.ndarray[Any, Any]
 _WINDOW_RE = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -8,15 +8,20 @@ up to date by the registry under its lock. Categorical columns are dictionary-en
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.registry.codes import industry_division
 
-__all__ = ["NEVER", "DeviceIndex", "DeviceMeta", "Encoder"]
+__all__ = ["GROUPINGS", "NEVER", "DeviceIndex", "DeviceMeta", "Encoder", "Grouping"]
 
 NEVER = -1  # a timestamp column's value for "not yet"
+
+# The dimensions devices are counted by: one encoded column each.
+Grouping = Literal["enterprise", "province", "city", "county", "industry", "category", "family"]
+GROUPINGS: tuple[Grouping, ...] = get_args(Grouping)
 
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
@@ -71,6 +76,8 @@ def _encode(enc: Encoder, values: list[str]) -> list[int]:
     return [codes[v] if v in codes else enc.code(v) for v in values]
 
 
+# A grouping's column attribute where the names differ.
+_COLUMN_OF = {"enterprise": "ent", "province": "prov"}
 _INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
 _TS_COLUMNS = ("last_good", "last_ts", "offline_since", "saved_good", "saved_ts")
 _BOOL_COLUMNS = ("active", "agent_alive", "dev_online")
@@ -83,11 +90,7 @@ class DeviceIndex:
         self.n = 0
         self.keys: dict[tuple[str, str], int] = {}
         self.meta: list[DeviceMeta] = []
-        self.enc = {
-            name: Encoder()
-            for name in ("enterprise", "province", "city", "county", "industry", "category")
-        }
-        self.enc["family"] = Encoder()
+        self.enc: dict[str, Encoder] = {name: Encoder() for name in GROUPINGS}
         self._cap = max(16, capacity)
         self.ent: I32 = np.zeros(self._cap, np.int32)
         self.prov: I32 = np.zeros(self._cap, np.int32)
@@ -190,13 +193,6 @@ class DeviceIndex:
 
     def column(self, group_by: str) -> tuple[I32, Encoder]:
         """The code column and encoder of a grouping."""
-        col = {
-            "enterprise": self.ent,
-            "province": self.prov,
-            "city": self.city,
-            "county": self.county,
-            "industry": self.industry,
-            "category": self.category,
-            "family": self.family,
-        }[group_by]
-        return col[: self.n], self.enc[group_by]
+        enc = self.enc[group_by]  # KeyError for anything but a grouping
+        col: I32 = getattr(self, _COLUMN_OF.get(group_by, group_by))
+        return col[: self.n], enc
