@@ -118,7 +118,11 @@ class Readiness:
                     f"(threshold {self.config.writer_failing_for:g} s): {self.writer.last_error}"
                 )
             # Without a writer the outbox is the store: its lines are meant to stay.
-            age = self.outbox.oldest_age() if self.outbox is not None else None
+            try:
+                age = self.outbox.oldest_age() if self.outbox is not None else None
+            except Exception as exc:  # closed while stopping, or the disk failing
+                out.append(f"outbox unavailable: {exc}")
+                age = None
             if age is not None and age > self.config.outbox_backlog_age:
                 out.append(
                     f"oldest outbox line waiting {age:.0f} s for the database "
