@@ -62,7 +62,7 @@ def test_not_ready_while_victoria_metrics_is_down_past_the_threshold(
     victoria.stop()
     pub = Publisher(mosquitto.url)
     try:
-        pub.data("kiln-1", 1, [sample(1)])
+        pub.data("kiln-1", 1, [sample(1, temperature=812.5)])
     finally:
         pub.close()
     wait_until(lambda: _get(running, "/health/ready")[0] == 503, timeout=30, what="not ready")
