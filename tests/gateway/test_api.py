@@ -161,6 +161,20 @@ def test_devices_register_read_decommission(client: TestClient) -> None:
     assert {d["enterprise"] for d in offline} == {"hb-machine"}
 
 
+def test_a_device_repeated_in_one_ledger_upload_is_accounted_for_on_every_row(
+    client: TestClient,
+) -> None:
+    header = "device_id,enterprise,family\n"
+    body = header + "".join(f"dup-1,hb-chem,{f}\n" for f in ["boiler"] * 8 + ["kiln"])
+    r = client.post("/api/v1/ledger", content=body, headers={**ADMIN, "Content-Type": "text/csv"})
+    result = r.json()
+    assert r.status_code == 200 and (result["accepted"], result["rejected"]) == (1, 8)
+    assert [e["line"] for e in result["errors"]] == list(range(3, 11))
+    assert all("repeats line 2" in e["reason"] for e in result["errors"])
+    dev = client.get("/api/v1/devices/hb-chem/dup-1", headers=PLATFORM).json()
+    assert dev["family"] == "boiler"  # the first row wins; the repeats change nothing
+
+
 def test_onboarding_enterprise_key_and_provision(client: TestClient) -> None:
     ent = {"id": "hb-glass", "name": "沙河玻璃 Shahe Glass", "region": "130582", "industry": "C30"}
     r = client.post("/api/v1/enterprises", json=ent, headers=ADMIN)
