@@ -6,7 +6,10 @@ says what was wrong; labels are bilingual ("石家庄市 Shijiazhuang").
 
 from __future__ import annotations
 
+import csv
+import io
 import re
+from importlib import resources
 
 from device_profiles.schema import Category, Family
 
@@ -41,24 +44,28 @@ _PROVINCES = frozenset(
     | {50, 51, 52, 53, 54, 61, 62, 63, 64, 65, 71, 81, 82}
 )
 
-# Hebei's reporting regions (domain notes), Chinese and English names.
-REGION_LABELS: dict[str, str] = {
-    "130000": "河北省 Hebei",
-    "130100": "石家庄市 Shijiazhuang",
-    "130200": "唐山市 Tangshan",
-    "130300": "秦皇岛市 Qinhuangdao",
-    "130400": "邯郸市 Handan",
-    "130500": "邢台市 Xingtai",
-    "130600": "保定市 Baoding",
-    "130700": "张家口市 Zhangjiakou",
-    "130800": "承德市 Chengde",
-    "130900": "沧州市 Cangzhou",
-    "131000": "廊坊市 Langfang",
-    "131100": "衡水市 Hengshui",
+# GB/T 2260 names of every province, city and county (regions.csv beside this module, from
+# the Ministry of Civil Affairs' code list; English names are the pinyin with the level).
+# The few entries below are missing from that list (Hebei's directly administered cities
+# and new area) and are named as Hebei's programme names them.
+_REGION_OVERRIDES: dict[str, str] = {
     "133100": "雄安新区 Xiong'an New Area",
-    "130682": "定州市 Dingzhou",
     "130181": "辛集市 Xinji",
+    "130682": "定州市 Dingzhou",
 }
+
+
+def _load_regions() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("regions.csv").read_text(encoding="utf-8")
+    labels = {
+        row["code"]: f"{row['name_zh']} {row['name_en']}"
+        for row in csv.DictReader(io.StringIO(text))
+    }
+    labels.update(_REGION_OVERRIDES)
+    return labels
+
+
+REGION_LABELS: dict[str, str] = _load_regions()
 
 # GB/T 4754-2017 sections and the divisions (two digits) each one spans.
 _SECTIONS: dict[str, tuple[int, int]] = {
@@ -213,7 +220,9 @@ def region_prefix_range(value: str) -> tuple[int, int]:
 
 
 def region_label(code: str) -> str:
-    return REGION_LABELS.get(code, code)
+    """Bilingual name of a region code; 2- and 4-digit prefixes name the province or city."""
+    full = code.ljust(6, "0") if len(code) in (2, 4) else code
+    return REGION_LABELS.get(full, code)
 
 
 def industry_label(code: str) -> str:

@@ -118,12 +118,30 @@ def parse_ledger(
     """
     kind = content_type.split(";")[0].strip().lower()
     if kind in ("application/json", "text/json"):
-        return _parse_json(body)
+        return _without_repeats(*_parse_json(body))
     if kind in ("text/csv", "application/csv", "text/plain"):
-        return _parse_csv(body)
+        return _without_repeats(*_parse_csv(body))
     raise LedgerError(
         f"unsupported content type {kind!r}: send text/csv (with a header row) or a JSON list"
     )
+
+
+def _without_repeats(
+    rows: list[tuple[int, DeviceInput]], errors: list[RowError]
+) -> tuple[list[tuple[int, DeviceInput]], list[RowError]]:
+    """Keep the first row of each device; every repeat is rejected naming the line it repeats."""
+    first: dict[tuple[str, str], int] = {}
+    kept: list[tuple[int, DeviceInput]] = []
+    for line, row in rows:
+        key = (row.enterprise, row.device_id)
+        if key in first:
+            reason = f"device {row.device_id!r} of {row.enterprise!r} repeats line {first[key]}"
+            errors.append(RowError(line, row.device_id, reason))
+            continue
+        first[key] = line
+        kept.append((line, row))
+    errors.sort(key=lambda e: e.line)
+    return kept, errors
 
 
 def _parse_json(body: bytes) -> tuple[list[tuple[int, DeviceInput]], list[RowError]]:

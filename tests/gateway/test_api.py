@@ -161,10 +161,24 @@ def test_devices_register_read_decommission(client: TestClient) -> None:
     assert {d["enterprise"] for d in offline} == {"hb-machine"}
 
 
+def test_a_device_repeated_in_one_ledger_upload_is_accounted_for_on_every_row(
+    client: TestClient,
+) -> None:
+    header = "device_id,enterprise,family\n"
+    body = header + "".join(f"dup-1,hb-chem,{f}\n" for f in ["boiler"] * 8 + ["kiln"])
+    r = client.post("/api/v1/ledger", content=body, headers={**ADMIN, "Content-Type": "text/csv"})
+    result = r.json()
+    assert r.status_code == 200 and (result["accepted"], result["rejected"]) == (1, 8)
+    assert [e["line"] for e in result["errors"]] == list(range(3, 11))
+    assert all("repeats line 2" in e["reason"] for e in result["errors"])
+    dev = client.get("/api/v1/devices/hb-chem/dup-1", headers=PLATFORM).json()
+    assert dev["family"] == "boiler"  # the first row wins; the repeats change nothing
+
+
 def test_onboarding_enterprise_key_and_provision(client: TestClient) -> None:
     ent = {"id": "hb-glass", "name": "沙河玻璃 Shahe Glass", "region": "130582", "industry": "C30"}
     r = client.post("/api/v1/enterprises", json=ent, headers=ADMIN)
-    assert r.status_code == 201 and r.json()["region_label"] == "130582"
+    assert r.status_code == 201 and r.json()["region_label"] == "沙河市 Shahe City"
     assert client.post("/api/v1/enterprises", json=ent, headers=ADMIN).status_code == 200
     r = client.post("/api/v1/enterprises", json={**ent, "industry": "Z1"}, headers=ADMIN)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "industry"]
@@ -207,6 +221,7 @@ def test_connection_report_csv(client: TestClient) -> None:
     steel_kilns = [k for k in range(1, 50, 5) if k % 8 in (0, 1)]
     row = table[("hb-steel", "high_energy_process")]
     assert row[1] == "唐山钢铁 Tangshan Steel" and row[2] == "130203" and row[4] == "C31"
+    assert row[3] == "路北区 Lubei District"  # the county's GB/T 2260 name, not only its code
     assert row[6] == "高耗能流程行业设备"
     assert int(row[8]) == len(steel_kilns)
     assert int(row[7]) == len([k for k in steel_kilns if k < 25])

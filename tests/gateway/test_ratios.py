@@ -50,7 +50,7 @@ def test_city_rollup_and_labels(hebei: Registry) -> None:
     assert labels["130600"] == "保定市 Baoding"
     county = compute_ratios(hebei, "county", window_s=86400, as_of_ms=T0)
     assert {g["key"]: g["label"] for g in county["groups"]}["130682"] == "定州市 Dingzhou"
-    assert {g["key"]: g["label"] for g in county["groups"]}["130984"] == "130984"
+    assert {g["key"]: g["label"] for g in county["groups"]}["130984"] == "河间市 Hejian City"
 
 
 @pytest.mark.parametrize("window", ["15m", "24h", "7d"])
