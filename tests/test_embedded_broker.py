@@ -33,7 +33,7 @@ from iiot.broker import (
     topic_matches,
 )
 from protocols.mqtt.contract import Birth, Topic, Will, encode
-from tests.servers import Mosquitto, free_port
+from iiot_common.localservers import Mosquitto, free_port
 
 WAIT = 5.0
 REFUSED = "Not authorized"  # CONNACK code 5

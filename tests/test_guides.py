@@ -19,7 +19,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.servers import Mosquitto, VictoriaMetrics, free_port, require
+from iiot_common.localservers import Mosquitto, VictoriaMetrics, free_port, require
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 _MARK = re.compile(

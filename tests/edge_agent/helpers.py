@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocols.mqtt.contract import DataMessage, Payload, decode_payload, parse_topic
-from tests.servers import Mosquitto
+from iiot_common.localservers import Mosquitto
 
 __all__ = [
     "PersistentMosquitto",

@@ -26,7 +26,7 @@ from tests.edge_agent.helpers import (
     modbus_device,
     wait_for,
 )
-from tests.servers import Mosquitto
+from iiot_common.localservers import Mosquitto
 
 _IIOT = [str(Path(sys.executable).parent / "iiot")]
 

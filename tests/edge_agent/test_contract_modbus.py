@@ -16,7 +16,7 @@ from protocols.mqtt.contract import Birth, DeviceState, Will
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import Subscriber, agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto, PtyPair
+from iiot_common.localservers import Mosquitto, PtyPair
 
 
 @pytest.mark.parametrize("mqtt_protocol", ["3.1.1", "5"])

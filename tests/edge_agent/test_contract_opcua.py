@@ -14,7 +14,7 @@ from protocols.mqtt.contract import Birth, DeviceState
 from simulators.device import SimDevice
 from simulators.opcua_server import OpcUaSimServer
 from tests.edge_agent.helpers import Subscriber, agent_dict, wait_for
-from tests.servers import Mosquitto, free_port
+from iiot_common.localservers import Mosquitto, free_port
 
 
 def _opcua_profiles() -> list[str]:

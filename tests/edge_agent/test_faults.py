@@ -19,7 +19,7 @@ from tests.edge_agent.helpers import (
     modbus_device,
     wait_for,
 )
-from tests.servers import Mosquitto
+from iiot_common.localservers import Mosquitto
 
 
 def _states(sub: Subscriber, device: str) -> list[DeviceState]:

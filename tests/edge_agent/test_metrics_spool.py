@@ -17,7 +17,7 @@ from edge_agent.spool import Spool
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto, free_port
+from iiot_common.localservers import Mosquitto, free_port
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:

@@ -17,7 +17,7 @@ from gateway.registry import Registry
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_api import make_config
 from tests.gateway.test_registry_fixtures import T0
-from tests.servers import free_port, require, wait_port
+from iiot_common.localservers import free_port, require, wait_port
 
 HOUR = 3600_000
 

@@ -17,7 +17,7 @@ from gateway.config import GatewayConfig, InfluxConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.sink import SampleSummary
 from protocols.mqtt.contract import Birth, DeviceState, Will
-from tests.servers import Mosquitto, VictoriaMetrics
+from iiot_common.localservers import Mosquitto, VictoriaMetrics
 
 BASE_TS = 1_700_000_000_000
 

@@ -26,7 +26,7 @@ from tests.gateway.test_ingest import (
     series_by_name,
     wait_until,
 )
-from tests.servers import Mosquitto, VictoriaMetrics, free_port, wait_port
+from iiot_common.localservers import Mosquitto, VictoriaMetrics, free_port, wait_port
 
 PLATFORM_TOKEN = "platform-token-for-tests"
 

@@ -25,7 +25,7 @@ from protocols.modbus.planner import plan_reads
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
-from tests.servers import PtyPair
+from iiot_common.localservers import PtyPair
 
 _SIZES = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "float32": 2, "float64": 4}
 
@@ -424,7 +424,7 @@ async def test_dropped_connection_raises_connect_error_then_recovers() -> None:
 
 
 async def test_nothing_listening_is_a_connect_error() -> None:
-    from tests.servers import free_port
+    from iiot_common.localservers import free_port
 
     conn = ModbusConnection(host="127.0.0.1", port=free_port(), timeout=0.5, retries=0)
     drv = ModbusDriver(_small(), conn, name="dev-9")

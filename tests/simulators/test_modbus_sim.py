@@ -20,7 +20,7 @@ from protocols.modbus.codec import decode, encode
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
-from tests.servers import PtyPair
+from iiot_common.localservers import PtyPair
 
 SHIPPED_MODBUS = [
     "kiln-rotary-cement",
