@@ -87,9 +87,7 @@ def require(cmd: str, package: str) -> str:
         found = which(cmd)
         if found:
             return found
-    raise ServerUnavailable(
-        f"needs the Debian package '{package}' (apt-get install -y {package})"
-    )
+    raise ServerUnavailable(f"needs the Debian package '{package}' (apt-get install -y {package})")
 
 
 class Mosquitto:
@@ -256,8 +254,9 @@ class DebianMosquitto:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 log = self.log.read_text(errors="replace") if self.log.exists() else ""
                 raise RuntimeError(f"mosquitto exited {self.proc.returncode}: {err}{log}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", port), timeout=0.5
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.5),
             ):
                 return self
             time.sleep(0.05)

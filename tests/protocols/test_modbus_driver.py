@@ -15,6 +15,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from iiot_common.localservers import PtyPair
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
 from protocols.modbus import codec
@@ -25,7 +26,6 @@ from protocols.modbus.planner import plan_reads
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
-from iiot_common.localservers import PtyPair
 
 _SIZES = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "float32": 2, "float64": 4}
 
