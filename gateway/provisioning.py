@@ -150,9 +150,12 @@ class Provisioner:
             # password that never works while its key use is spent; and with client ids
             # tied to usernames it would be the gateway's client.
             self.counters["refused_gateway_username"] += 1
-            raise Conflict(
-                f"agent id {agent_id!r} is a gateway instance's MQTT username; choose another id"
+            whose = (
+                "the gateway's own MQTT username"
+                if agent_id == self.config.mqtt.username
+                else "another gateway instance's MQTT username (broker_auth.peer_gateway_users)"
             )
+            raise Conflict(f"agent id {agent_id!r} is {whose}; choose another id")
         password = secrets.token_urlsafe(24)
         agent = self.registry.redeem_provisioning_key(key, agent_id, mosquitto_hash(password))
         self.sync()
