@@ -43,8 +43,7 @@ def broker_root() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="iiot-broker-"))
     d.chmod(0o755)
     yield d
-    if not os.environ.get("IIOT_KEEP"):
-        subprocess.run(["rm", "-rf", str(d)], check=False)
+    subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 def _gateway_config(broker: DebianMosquitto, **auth: Any) -> GatewayConfig:
