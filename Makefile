@@ -1,10 +1,11 @@
 # iiot — set-up, checks, tests and the demo. Every target sets up what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
+DIST   ?= dist
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup system-deps check lint typecheck test test-fast demo bench clean
+.PHONY: all setup system-deps check lint typecheck test test-fast demo bench dist clean
 
 all: test
 
@@ -46,10 +47,15 @@ test-fast: setup
 demo: setup
 	$(BIN)/iiot demo
 
+# The wheel and sdist the guides install (into a virtual environment, e.g. /opt/iiot).
+dist: setup
+	rm -f $(DIST)/iiot-*.whl $(DIST)/iiot-*.tar.gz
+	$(BIN)/python -m build --outdir $(DIST) .
+
 bench: setup system-deps
 	$(BIN)/python bench/agent_modbus.py
 	$(BIN)/python bench/gateway_ingest.py
 	$(BIN)/python bench/ratios.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data build $(DIST)

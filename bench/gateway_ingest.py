@@ -293,7 +293,7 @@ def main() -> None:
     import psutil
     import yaml
 
-    from tests.servers import Mosquitto, VictoriaMetrics, free_port, wait_port
+    from iiot_common.localservers import Mosquitto, VictoriaMetrics, free_port, wait_port
 
     with tempfile.TemporaryDirectory(prefix="iiot-bench-") as tmp:
         work = Path(tmp)

@@ -80,6 +80,9 @@ def provision(
     password_file: Path = typer.Option(
         Path("agent.secret"), "--password-file", help="Where the MQTT password is kept (0600)."
     ),
+    ca_file: Path | None = typer.Option(
+        None, "--ca-file", help="The broker's CA certificate, for mqtts:// (sets mqtt.ca_file)."
+    ),
 ) -> None:
     """Redeem a provisioning key: register this agent and store its MQTT credentials."""
     import os
@@ -113,6 +116,10 @@ def provision(
         data = loaded if isinstance(loaded, dict) else {}
     mqtt = dict(data.get("mqtt") or {})
     mqtt.pop("password", None)
+    # The broker uses the username as client id; a different one would be refused.
+    mqtt.pop("client_id", None)
+    if ca_file is not None:
+        mqtt["ca_file"] = str(ca_file.resolve())
     mqtt.update(
         {
             "url": cred["broker_url"],

@@ -64,7 +64,11 @@ class MqttConfig(_Strict):
         description="A file (mode 0600) holding only the password, as `iiot agent provision` "
         "writes it; keeps the secret out of the config.",
     )
-    client_id: str | None = Field(default=None, description="Default: the agent id.")
+    client_id: str | None = Field(
+        default=None,
+        description="Default: the username, else the agent id. The shipped broker uses the "
+        "username as client id, so a different one is refused here.",
+    )
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
     keepalive: int = Field(default=30, ge=5, le=3600)
     protocol: Literal["3.1.1", "5"] = "3.1.1"
@@ -86,6 +90,15 @@ class MqttConfig(_Strict):
         except ValueError as exc:
             raise ValueError(f"url {v!r}: bad port") from exc
         return v
+
+    @model_validator(mode="after")
+    def _client_id_is_username(self) -> Self:
+        if self.client_id and self.username and self.client_id != self.username:
+            raise ValueError(
+                f"client_id {self.client_id!r} differs from username {self.username!r}: the "
+                "broker uses the username as the client id; leave client_id out"
+            )
+        return self
 
     @model_validator(mode="after")
     def _backoff_bounds(self) -> Self:
@@ -184,7 +197,7 @@ class AgentConfig(_Strict):
 
     @property
     def client_id(self) -> str:
-        return self.mqtt.client_id or self.agent_id
+        return self.mqtt.client_id or self.mqtt.username or self.agent_id
 
     def mqtt_password(self) -> str | None:
         """The broker password: the config's, else its password file's, else the environment's."""

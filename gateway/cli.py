@@ -63,3 +63,38 @@ def run(
             pass
     finally:
         gateway.stop()
+
+
+@app.command("init-broker")
+def init_broker(
+    config: Path = typer.Option(..., "--config", "-c", help="gateway.yaml (its broker_auth)"),
+    owner: str | None = typer.Option(
+        None, "--owner", help="The user the gateway runs as (owns the auth files)."
+    ),
+    certs_dir: Path | None = typer.Option(
+        None, "--certs-dir", help="Make a CA and a server certificate here (for TLS)."
+    ),
+    hostname: list[str] = typer.Option(
+        [], "--hostname", help="A name or IP agents reach the broker by (repeatable)."
+    ),
+) -> None:
+    """Make the broker's first files: empty password and ACL files, and TLS certificates.
+
+    Run as root before Mosquitto's first start; existing files are kept.
+    """
+    from gateway.broker_setup import BrokerSetupError, init_auth_files, make_certificates
+    from gateway.config import GatewayConfigError, load_gateway_config
+
+    try:
+        cfg = load_gateway_config(config)
+    except GatewayConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        lines = init_auth_files(cfg.broker_auth, owner=owner)
+        if certs_dir is not None:
+            lines += make_certificates(certs_dir, hostname, key_group=cfg.broker_auth.file_group)
+    except BrokerSetupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo("\n".join(lines))

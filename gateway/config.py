@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from iiot_common.envsubst import UnsetVariable, expand_env
 from iiot_common.yamlfile import YamlFileError, read_yaml
@@ -28,10 +35,25 @@ class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class MqttConfig(_Cfg):
+    """How the gateway reaches the broker.
+
+    With a ``username`` the client id is the username: the shipped Mosquitto set-up
+    (``use_username_as_clientid``) and the embedded broker tie client ids to users, so no
+    credential can take over another's session. Several gateway instances on one broker
+    therefore need one username each.
+    """
+
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://")
-    client_id: str = Field(default="iiot-gateway-1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    username: str | None = None
+    client_id: str = Field(
+        default="iiot-gateway-1",
+        pattern=_NAME,
+        description="Default: the username, else iiot-gateway-1; must equal the username.",
+    )
+    username: str | None = Field(default=None, pattern=_NAME)
     password: SecretStr | None = None
     ca_file: Path | None = None
     shared_group: str | None = Field(
@@ -45,6 +67,23 @@ class MqttConfig(_Cfg):
         description="MQTT version; 3.1.1 keeps the session with clean_session=false "
         "(for brokers without MQTT 5, such as the demo's embedded broker).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_id_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("username") and not data.get("client_id"):
+            return {**data, "client_id": data["username"]}
+        return data
+
+    @model_validator(mode="after")
+    def _client_id_is_username(self) -> Self:
+        if self.username is not None and self.client_id != self.username:
+            raise ValueError(
+                f"client_id {self.client_id!r} differs from username {self.username!r}: the "
+                "broker uses the username as the client id (use_username_as_clientid); leave "
+                "client_id out, and give each gateway instance its own username"
+            )
+        return self
 
 
 class InfluxConfig(_Cfg):
@@ -111,6 +150,17 @@ class BrokerAuthConfig(_Cfg):
     )
     broker_url_for_agents: str | None = Field(
         default=None, description="The broker URL handed to agents at provisioning."
+    )
+    file_group: str | None = Field(
+        default=None,
+        pattern=_NAME,
+        description="Group of the password and ACL files (the broker's, e.g. mosquitto); "
+        "the gateway's user must belong to it. Default: the gateway user's own group.",
+    )
+    peer_gateway_users: list[Annotated[str, Field(pattern=_NAME)]] = Field(
+        default_factory=list,
+        description="Broker usernames of the other gateway instances: they get the "
+        "gateway's read ACL, and their password-file entries are kept as they are.",
     )
 
 

@@ -4,14 +4,21 @@ An agent presents a provisioning key; the gateway registers it under the key's
 enterprise, makes a random password, and rewrites Mosquitto's password file (PBKDF2-
 SHA512 ``$7$`` entries, the format of ``mosquitto_passwd`` in Mosquitto 2.0) and ACL file
 (each agent may use only ``iiot/v1/{enterprise}/{agent}/#``; the gateway's own user
-reads ``iiot/v1/#``). Both files are replaced atomically, then ``reload_command`` runs
-(typically a SIGHUP to mosquitto) so the broker re-reads them.
+reads ``iiot/v1/#``). Both files are replaced atomically with mode 0640 and group
+``broker_auth.file_group`` (the broker runs as its own user and must read them), then
+``reload_command`` runs (typically a SIGHUP to mosquitto) so the broker re-reads them. A
+failed reload (the broker not up yet, say) is logged, counted and retried in the
+background; a broker that starts later reads the files anyway.
+
+Client ids are usernames on the broker (``use_username_as_clientid``), so an agent's
+username is its agent id and no agent id may be a gateway instance's username.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import grp
 import hashlib
 import hmac
 import logging
@@ -26,6 +33,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.registry import Conflict, Registry
+from iiot_common.backoff import Backoff
 from protocols.mqtt.contract import TOPIC_PREFIX
 
 __all__ = [
@@ -39,6 +47,9 @@ log = logging.getLogger("iiot.gateway.provisioning")
 
 _ITERATIONS = 101  # mosquitto_passwd's default for $7$
 _RELOAD_TIMEOUT = 10.0
+_RELOAD_RETRY_MIN = 1.0
+_RELOAD_RETRY_MAX = 60.0
+_FILE_MODE = 0o640
 
 
 class ProvisioningError(RuntimeError):
@@ -67,10 +78,21 @@ def verify_mosquitto_hash(password: str, entry: str) -> bool:
     return hmac.compare_digest(got, expected)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o640) -> None:
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ProvisioningError(f"broker_auth.file_group: no group named {name!r}") from None
+
+
+def _write_atomic(path: Path, text: str, mode: int = _FILE_MODE, gid: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        if gid is not None:
+            os.fchown(fd, -1, gid)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -91,11 +113,26 @@ class Provisioner:
         self.config = config
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
+        self._retry: threading.Thread | None = None
+        self._retry_wake = threading.Event()
+        self._closed = threading.Event()
+        self._reloaded = False  # set by a successful reload; the retry loop watches it
 
     @property
     def manages_broker(self) -> bool:
         b = self.config.broker_auth
         return b.password_file is not None and b.acl_file is not None
+
+    @property
+    def gateway_users(self) -> list[str]:
+        """The broker usernames of this gateway instance and its peers."""
+        own = [self.config.mqtt.username] if self.config.mqtt.username else []
+        return own + [u for u in self.config.broker_auth.peer_gateway_users if u not in own]
+
+    @property
+    def reload_pending(self) -> bool:
+        """True while a failed broker reload is being retried in the background."""
+        return self._retry is not None and self._retry.is_alive()
 
     @property
     def broker_url(self) -> str:
@@ -105,16 +142,20 @@ class Provisioner:
         """Register ``agent_id`` under the key's enterprise; returns its credentials once.
 
         Raises ``gateway.registry.NotFound`` for a bad/expired/used key, ``Conflict``
-        when the agent id belongs to another enterprise or is the gateway's own MQTT
-        username, ``ProvisioningError`` when the broker files cannot be updated.
+        when the agent id belongs to another enterprise or is a gateway instance's MQTT
+        username, ``ProvisioningError`` when the broker files cannot be written.
         """
-        if self.config.mqtt.username and agent_id == self.config.mqtt.username:
-            # render() keeps the gateway's own entry, so such an agent would get a
-            # password that never works while its key use is spent.
+        if agent_id in self.gateway_users:
+            # render() keeps the gateway users' entries, so such an agent would get a
+            # password that never works while its key use is spent; and with client ids
+            # tied to usernames it would be the gateway's client.
             self.counters["refused_gateway_username"] += 1
-            raise Conflict(
-                f"agent id {agent_id!r} is the gateway's own MQTT username; choose another id"
+            whose = (
+                "the gateway's own MQTT username"
+                if agent_id == self.config.mqtt.username
+                else "another gateway instance's MQTT username (broker_auth.peer_gateway_users)"
             )
+            raise Conflict(f"agent id {agent_id!r} is {whose}; choose another id")
         password = secrets.token_urlsafe(24)
         agent = self.registry.redeem_provisioning_key(key, agent_id, mosquitto_hash(password))
         self.sync()
@@ -134,17 +175,22 @@ class Provisioner:
         pw_lines: list[str] = []
         acl = ["# Written by the iiot gateway; changes here are overwritten.", ""]
         mqtt = self.config.mqtt
-        if mqtt.username:
-            secret = mqtt.password.get_secret_value() if mqtt.password else ""
-            pw_lines.append(f"{mqtt.username}:{mosquitto_hash(secret)}")
+        gateway_users = self.gateway_users
+        kept = self._kept_entries()
+        for user in gateway_users:
+            if user == mqtt.username:
+                secret = mqtt.password.get_secret_value() if mqtt.password else ""
+                pw_lines.append(f"{user}:{mosquitto_hash(secret)}")
+            elif user in kept:
+                pw_lines.append(kept[user])
             acl += [
-                f"user {mqtt.username}",
+                f"user {user}",
                 f"topic read {TOPIC_PREFIX}/#",
                 f"topic read $share/+/{TOPIC_PREFIX}/#",
                 "",
             ]
         for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
-            if agent_id == mqtt.username:
+            if agent_id in gateway_users:
                 continue
             pw_lines.append(f"{agent_id}:{pw_hash}")
             acl += [
@@ -154,16 +200,36 @@ class Provisioner:
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)
 
+    def _kept_entries(self) -> dict[str, str]:
+        """Password-file lines of the peer gateway users, as the file has them now."""
+        peers = set(self.config.broker_auth.peer_gateway_users)
+        path = self.config.broker_auth.password_file
+        if not peers or path is None:
+            return {}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise ProvisioningError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        found = (line.strip() for line in text.splitlines())
+        return {line.split(":", 1)[0]: line for line in found if line.split(":", 1)[0] in peers}
+
     def sync(self) -> bool:
-        """Rewrite both files and reload the broker; False when the files are not managed."""
+        """Rewrite both files and reload the broker; False when the files are not managed.
+
+        Raises ``ProvisioningError`` when a file cannot be written. A failed reload is
+        logged, counted and retried in the background until it succeeds or ``close()``.
+        """
         b = self.config.broker_auth
         if b.password_file is None or b.acl_file is None:
             return False
         with self._lock:
             passwords, acl = self.render()
+            gid = _group_id(b.file_group)
             try:
-                _write_atomic(b.acl_file, acl)
-                _write_atomic(b.password_file, passwords)
+                _write_atomic(b.acl_file, acl, gid=gid)
+                _write_atomic(b.password_file, passwords, gid=gid)
             except OSError as exc:
                 self.counters["file_errors"] += 1
                 raise ProvisioningError(
@@ -171,22 +237,75 @@ class Provisioner:
                     f"{exc.strerror or exc}"
                 ) from exc
             self.counters["file_writes"] += 1
-            if b.reload_command:
-                self._reload(b.reload_command)
+            command = b.reload_command
+        if command:
+            error = self._reload(command)
+            if error is not None:
+                self._retry_later(command, error)
         return True
 
-    def _reload(self, command: list[str]) -> None:
+    def close(self) -> None:
+        """Stop retrying a failed reload."""
+        self._closed.set()
+        self._retry_wake.set()
+        if self._retry is not None:
+            self._retry.join(_RELOAD_TIMEOUT + 1)
+            self._retry = None
+
+    def _reload(self, command: list[str]) -> str | None:
+        """Run the reload command once; the error, or None when it worked."""
         try:
             done = subprocess.run(
                 command, check=False, capture_output=True, timeout=_RELOAD_TIMEOUT
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
-            self.counters["reload_errors"] += 1
-            raise ProvisioningError(f"broker reload command {command!r} failed: {exc}") from exc
-        if done.returncode != 0:
-            self.counters["reload_errors"] += 1
-            raise ProvisioningError(
+            error = f"broker reload command {command!r} failed: {exc}"
+        else:
+            if done.returncode == 0:
+                self.counters["reloads"] += 1
+                self._reloaded = True
+                self._retry_wake.set()
+                return None
+            error = (
                 f"broker reload command {command!r} exited {done.returncode}: "
                 f"{done.stderr.decode(errors='replace').strip()[:200]}"
             )
-        self.counters["reloads"] += 1
+        self.counters["reload_errors"] += 1
+        return error
+
+    def _retry_later(self, command: list[str], error: str) -> None:
+        with self._lock:
+            self._reloaded = False
+            if self.reload_pending or self._closed.is_set():
+                return
+            log.warning(
+                "broker reload failed; retrying in the background (a broker that starts "
+                "later reads the files itself)",
+                extra={"error": error},
+            )
+            self._retry_wake.clear()
+            self._retry = threading.Thread(
+                target=self._retry_loop,
+                args=(command, error),
+                name="iiot-broker-reload",
+                daemon=True,
+            )
+            self._retry.start()
+
+    def _retry_loop(self, command: list[str], error: str) -> None:
+        backoff = Backoff(initial=_RELOAD_RETRY_MIN, maximum=_RELOAD_RETRY_MAX)
+        backoff.next_delay()
+        attempts = 1
+        while not self._closed.is_set():
+            self._retry_wake.wait(backoff.next_delay())
+            self._retry_wake.clear()
+            if self._closed.is_set() or self._reloaded:
+                return
+            attempts += 1
+            self.counters["reload_retries"] += 1
+            last, error = error, self._reload(command) or ""
+            if not error:
+                log.info("broker reloaded", extra={"attempts": attempts})
+                return
+            if error != last:  # one line per change, not per attempt
+                log.warning("broker reload still failing", extra={"error": error})

@@ -16,9 +16,12 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway.config import GatewayConfig
 from gateway.health import BrokerWatch, Readiness
@@ -38,6 +41,23 @@ log = logging.getLogger(__name__)
 
 class GatewayStartError(RuntimeError):
     """A part of the gateway could not start; the message names which and why."""
+
+
+class _ReloadCollector(Collector):
+    """The start-up broker file writes and reloads (retries included) for /metrics."""
+
+    def __init__(self, provisioner: Any) -> None:
+        self.provisioner = provisioner
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "iiot_gateway_broker_files",
+            "Broker auth file writes and reloads by the gateway, by kind.",
+            labels=["kind"],
+        )
+        for kind in ("file_writes", "file_errors", "reloads", "reload_errors", "reload_retries"):
+            family.add_metric([kind], self.provisioner.counters[kind])
+        yield family
 
 
 class Gateway:
@@ -65,6 +85,7 @@ class Gateway:
         self.snapshotter: Any = None
         self.broker_watch = BrokerWatch()
         self.readiness = Readiness(config.health, broker=self.broker_watch)
+        self.provisioner: Any = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -123,10 +144,17 @@ class Gateway:
             self.snapshotter = Snapshotter(self.registry, cfg.snapshot_interval, self.outbox.append)
             self.snapshotter.start()
         if self.registry is not None and cfg.broker_auth.password_file is not None:
-            from gateway.provisioning import Provisioner
+            from gateway.provisioning import Provisioner, ProvisioningError
 
             # The broker must know the gateway's own user before ingest connects with it.
-            Provisioner(self.registry, cfg).sync()
+            # A broker that is not up yet reads the files when it starts; a failed reload
+            # is retried in the background.
+            self.provisioner = Provisioner(self.registry, cfg)
+            self.collector.register(_ReloadCollector(self.provisioner))
+            try:
+                self.provisioner.sync()
+            except ProvisioningError as exc:
+                raise GatewayStartError(f"broker_auth: {exc}") from exc
         self.ingest = Ingest(
             cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
         )
@@ -188,6 +216,9 @@ class Gateway:
             with contextlib.suppress(Exception):
                 self.snapshotter.stop()
             self.snapshotter = None
+        if self.provisioner is not None:
+            self.provisioner.close()
+            self.provisioner = None
         if self.writer is not None:
             self.writer.stop(cfg.outbox.drain_timeout)
             self.writer = None

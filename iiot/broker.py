@@ -42,7 +42,10 @@ first, so a refused client could silence a connected gateway or change an agent'
 will); an authenticated client that claims a connected client id disconnects the old
 connection, as Mosquitto does, but only when both are the same user: a client id whose
 live or persistent session belongs to another user is refused (code 5, counted as
-``connect_refused_client_id``), where Mosquitto would hand that session over; and a
+``connect_refused_client_id``). Mosquitto as shipped (deploy/mosquitto.conf,
+``use_username_as_clientid true``) gets there another way, replacing every client id with
+the username; either way one user cannot take another's client id or session, and the
+iiot clients use their username as client id so both brokers see the same ids; and a
 (re)connecting client receives retained messages only for its own subscriptions and only
 on topics it may read (amqtt replayed those of every subscription on the broker).
 """

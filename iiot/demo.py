@@ -232,13 +232,13 @@ class _Demo:
                 "data_dir": self.data_dir,
                 "mqtt": {
                     "url": mqtt_url,
-                    "client_id": "iiot-demo-gateway",
                     # The embedded broker speaks MQTT 3.1.1.
                     "protocol": "3.1.1" if self.broker is not None else "5",
+                    # With a username the client id is the username.
                     **(
                         {"username": _GATEWAY_USER, "password": sec.gateway_password}
                         if self.broker is not None
-                        else {}
+                        else {"client_id": "iiot-demo-gateway"}
                     ),
                 },
                 "influx": {"url": self.influx_url},

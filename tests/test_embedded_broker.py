@@ -32,8 +32,8 @@ from iiot.broker import (
     parse_password_file,
     topic_matches,
 )
+from iiot_common.localservers import Mosquitto, free_port
 from protocols.mqtt.contract import Birth, Topic, Will, encode
-from tests.servers import Mosquitto, free_port
 
 WAIT = 5.0
 REFUSED = "Not authorized"  # CONNACK code 5

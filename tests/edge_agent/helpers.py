@@ -13,8 +13,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import DataMessage, Payload, decode_payload, parse_topic
-from tests.servers import Mosquitto
 
 __all__ = [
     "PersistentMosquitto",

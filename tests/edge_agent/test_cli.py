@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from device_profiles.loader import load_profiles
+from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import Birth, Will
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
@@ -26,7 +27,6 @@ from tests.edge_agent.helpers import (
     modbus_device,
     wait_for,
 )
-from tests.servers import Mosquitto
 
 _IIOT = [str(Path(sys.executable).parent / "iiot")]
 

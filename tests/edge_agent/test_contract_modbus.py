@@ -11,12 +11,12 @@ from device_profiles.loader import load_profiles
 from device_profiles.schema import ValueType
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from iiot_common.localservers import Mosquitto, PtyPair
 from protocols.modbus import codec
 from protocols.mqtt.contract import Birth, DeviceState, Will
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import Subscriber, agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto, PtyPair
 
 
 @pytest.mark.parametrize("mqtt_protocol", ["3.1.1", "5"])

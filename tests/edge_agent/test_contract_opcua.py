@@ -10,11 +10,11 @@ from device_profiles.loader import load_profiles
 from device_profiles.schema import ValueType
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from iiot_common.localservers import Mosquitto, free_port
 from protocols.mqtt.contract import Birth, DeviceState
 from simulators.device import SimDevice
 from simulators.opcua_server import OpcUaSimServer
 from tests.edge_agent.helpers import Subscriber, agent_dict, wait_for
-from tests.servers import Mosquitto, free_port
 
 
 def _opcua_profiles() -> list[str]:

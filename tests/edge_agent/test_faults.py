@@ -9,6 +9,7 @@ from pathlib import Path
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import DeviceState
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
@@ -19,7 +20,6 @@ from tests.edge_agent.helpers import (
     modbus_device,
     wait_for,
 )
-from tests.servers import Mosquitto
 
 
 def _states(sub: Subscriber, device: str) -> list[DeviceState]:

@@ -14,10 +14,10 @@ from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.spool import Spool
+from iiot_common.localservers import Mosquitto, free_port
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto, free_port
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:

@@ -14,10 +14,10 @@ import uvicorn
 from gateway.api import create_app
 from gateway.ratios import Snapshotter
 from gateway.registry import Registry
+from iiot_common.localservers import free_port, require, wait_port
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_api import make_config
 from tests.gateway.test_registry_fixtures import T0
-from tests.servers import free_port, require, wait_port
 
 HOUR = 3600_000
 

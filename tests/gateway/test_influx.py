@@ -9,7 +9,7 @@ from gateway.config import InfluxConfig
 from gateway.influx import InfluxWriter, WriteRejected, format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox
-from tests.servers import VictoriaMetrics
+from iiot_common.localservers import VictoriaMetrics
 
 
 def test_series_prefix_escapes_and_omits_empty_tags() -> None:

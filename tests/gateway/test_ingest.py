@@ -16,8 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from gateway.config import GatewayConfig, InfluxConfig, MqttConfig
 from gateway.service import Gateway
 from gateway.sink import SampleSummary
+from iiot_common.localservers import Mosquitto, VictoriaMetrics
 from protocols.mqtt.contract import Birth, DeviceState, Will
-from tests.servers import Mosquitto, VictoriaMetrics
 
 BASE_TS = 1_700_000_000_000
 

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
 from gateway.provisioning import Provisioner, mosquitto_hash, verify_mosquitto_hash
 from gateway.registry import NotFound, Registry
-from tests.servers import Mosquitto
+from iiot_common.localservers import Mosquitto
 
 _ids = itertools.count()
 

@@ -16,6 +16,7 @@ import yaml
 
 from gateway.registry import Registry
 from gateway.service import Gateway
+from iiot_common.localservers import Mosquitto, VictoriaMetrics, free_port, wait_port
 from tests.gateway.test_ingest import (
     BASE_TS,
     MemorySink,
@@ -26,7 +27,6 @@ from tests.gateway.test_ingest import (
     series_by_name,
     wait_until,
 )
-from tests.servers import Mosquitto, VictoriaMetrics, free_port, wait_port
 
 PLATFORM_TOKEN = "platform-token-for-tests"
 

@@ -15,6 +15,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from iiot_common.localservers import PtyPair
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
 from protocols.modbus import codec
@@ -25,7 +26,6 @@ from protocols.modbus.planner import plan_reads
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
-from tests.servers import PtyPair
 
 _SIZES = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "float32": 2, "float64": 4}
 
@@ -424,7 +424,7 @@ async def test_dropped_connection_raises_connect_error_then_recovers() -> None:
 
 
 async def test_nothing_listening_is_a_connect_error() -> None:
-    from tests.servers import free_port
+    from iiot_common.localservers import free_port
 
     conn = ModbusConnection(host="127.0.0.1", port=free_port(), timeout=0.5, retries=0)
     drv = ModbusDriver(_small(), conn, name="dev-9")

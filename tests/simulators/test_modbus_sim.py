@@ -16,11 +16,11 @@ from pymodbus.framer import FramerType
 
 from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from iiot_common.localservers import PtyPair
 from protocols.modbus.codec import decode, encode
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
-from tests.servers import PtyPair
 
 SHIPPED_MODBUS = [
     "kiln-rotary-cement",

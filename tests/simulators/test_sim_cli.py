@@ -20,7 +20,7 @@ from pymodbus.exceptions import ModbusIOException
 
 from device_profiles.loader import load_profiles
 from device_profiles.schema import ModbusTable, Profile
-from tests.servers import PtyPair, free_port
+from iiot_common.localservers import PtyPair, free_port
 from tests.simulators.test_plant import EXAMPLE, free_base
 
 IIOT = str(Path(sys.executable).with_name("iiot"))

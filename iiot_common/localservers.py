@@ -1,14 +1,15 @@
-"""Real servers on loopback for integration tests: Mosquitto, victoria-metrics, socat ptys.
+"""Real servers on loopback for tests and benchmarks: Mosquitto, victoria-metrics, socat ptys.
 
-Each is started on a free port in a temporary folder and stopped by its fixture. When a
-Debian package is missing and we are root, it is installed; otherwise the test is
-skipped with a message naming the package.
+Each is started on a free port in a folder of the caller's and stopped by ``stop()``. When
+a Debian package is missing and we are root, it is installed; otherwise ``require`` raises
+``ServerUnavailable`` naming the package (the test suite turns that into a skip).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,10 +20,25 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+__all__ = [
+    "DebianMosquitto",
+    "Mosquitto",
+    "PtyPair",
+    "ServerUnavailable",
+    "VictoriaMetrics",
+    "free_port",
+    "require",
+    "running",
+    "wait_port",
+    "which",
+]
 
 _SBIN = ["/usr/sbin", "/usr/local/sbin", "/sbin"]
 _apt_updated = False
+
+
+class ServerUnavailable(RuntimeError):
+    """A server's program is missing and cannot be installed here; names the package."""
 
 
 def free_port() -> int:
@@ -33,6 +49,7 @@ def free_port() -> int:
 
 
 def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Return once something accepts TCP connections on ``host:port``; else TimeoutError."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
@@ -42,12 +59,16 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
 
 
 def which(cmd: str) -> str | None:
+    """``shutil.which`` that also looks in the sbin folders."""
     path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(_SBIN)
     return shutil.which(cmd, path=path)
 
 
 def require(cmd: str, package: str) -> str:
-    """Path of ``cmd``, installing Debian ``package`` when missing and root; else skip."""
+    """Path of ``cmd``, installing Debian ``package`` when missing and root.
+
+    Raises ``ServerUnavailable`` when it is still missing.
+    """
     global _apt_updated
     found = which(cmd)
     if found:
@@ -66,7 +87,7 @@ def require(cmd: str, package: str) -> str:
         found = which(cmd)
         if found:
             return found
-    pytest.skip(f"needs the Debian package '{package}' (apt-get install -y {package})")
+    raise ServerUnavailable(f"needs the Debian package '{package}' (apt-get install -y {package})")
 
 
 class Mosquitto:
@@ -136,6 +157,126 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        self.proc = None
+
+
+# Debian's /etc/mosquitto/mosquitto.conf, used when the package's own file is not there.
+_DEBIAN_MAIN_CONF = """\
+pid_file /run/mosquitto/mosquitto.pid
+
+persistence true
+persistence_location /var/lib/mosquitto/
+
+log_dest file /var/log/mosquitto/mosquitto.log
+
+include_dir /etc/mosquitto/conf.d
+"""
+_MOVED = ("/etc/mosquitto/", "/var/lib/mosquitto/", "/var/log/mosquitto/", "/run/mosquitto/")
+
+
+class DebianMosquitto:
+    """Debian's Mosquitto set-up with a ``conf.d`` file, ports and paths moved under ``root``.
+
+    The package's main ``mosquitto.conf`` includes ``conf_file`` from ``conf.d``; every
+    path under /etc/mosquitto, /var/lib/mosquitto, /var/log/mosquitto and /run/mosquitto
+    is moved under ``root``, ``listener 8883`` and ``listener 1883`` to free ports. Started
+    as root, Mosquitto drops to its own ``mosquitto`` user, as the Debian service does.
+    """
+
+    def __init__(
+        self, root: Path, conf_file: Path, *, conf_name: str = "iiot.conf", user: str = "mosquitto"
+    ) -> None:
+        self.binary = require("mosquitto", "mosquitto")
+        if os.geteuid() != 0:
+            raise ServerUnavailable("Mosquitto drops to its own user only when started as root")
+        import pwd
+
+        try:
+            self._uid = pwd.getpwnam(user).pw_uid
+        except KeyError:
+            raise ServerUnavailable(f"no '{user}' user (install the Debian package)") from None
+        self.root = root
+        self.conf_file = conf_file
+        self.conf_name = conf_name
+        self.tls_port = free_port()
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.etc = root / "etc/mosquitto"
+        self.log = root / "var/log/mosquitto/mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    def move(self, text: str) -> str:
+        """``text`` with Mosquitto's paths and ports moved as this broker has them."""
+        for path in _MOVED:
+            text = text.replace(path, f"{self.root}{path}")
+        text = re.sub(r"(?m)^listener 8883\b", f"listener {self.tls_port}", text)
+        return re.sub(r"(?m)^listener 1883\b", f"listener {self.port}", text)
+
+    def prepare(self) -> DebianMosquitto:
+        """Lay out the folders and config files as the package does; no auth files yet."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for parent in self.root.resolve().parents:
+            if not parent.stat().st_mode & 0o001:
+                raise ValueError(f"{parent} must be searchable by others (the broker's user)")
+        self.root.chmod(0o755)
+        for sub in ("etc/mosquitto/conf.d", "etc/mosquitto/certs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("var/lib/mosquitto", "var/log/mosquitto", "run/mosquitto"):
+            d = self.root / sub
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, self._uid, -1)
+        for d in (self.root, *self.root.rglob("*")):
+            if d.is_dir():
+                d.chmod(d.stat().st_mode | 0o755)
+        main = Path("/etc/mosquitto/mosquitto.conf")
+        main_text = main.read_text() if main.is_file() else _DEBIAN_MAIN_CONF
+        (self.etc / "mosquitto.conf").write_text(self.move(main_text))
+        (self.etc / "conf.d" / self.conf_name).write_text(self.move(self.conf_file.read_text()))
+        return self
+
+    def start(self, timeout: float = 10.0) -> DebianMosquitto:
+        conf = self.etc / "mosquitto.conf"
+        text = (self.etc / "conf.d" / self.conf_name).read_text()
+        port = self.port if f"listener {self.port}" in text else self.tls_port
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                log = self.log.read_text(errors="replace") if self.log.exists() else ""
+                raise RuntimeError(f"mosquitto exited {self.proc.returncode}: {err}{log}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", port), timeout=0.5),
+            ):
+                return self
+            time.sleep(0.05)
+        raise TimeoutError(f"mosquitto did not listen on {port} within {timeout}s")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the password and ACL files."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
         self.proc = None
 
 
