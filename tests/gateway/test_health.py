@@ -16,8 +16,8 @@ from gateway.config import BrokerAuthConfig, GatewayConfig, HealthConfig, MqttCo
 from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
+from iiot_common.localservers import Mosquitto, VictoriaMetrics
 from tests.gateway.test_ingest import Publisher, gateway_config, sample, wait_until
-from tests.servers import Mosquitto, VictoriaMetrics
 
 
 def _get(gw: Gateway, path: str) -> tuple[int, Any]:
