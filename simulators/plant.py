@@ -344,7 +344,7 @@ class Plant:
                         region=ent.region,
                         industry=ent.industry,
                         profile=prof.id,
-                        family=prof.family.value,
+                        family=prof.family,
                         category=prof.category.value,
                         protocol=prof.protocol,
                         on=d.on,

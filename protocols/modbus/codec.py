@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import struct
 
-from device_profiles.schema import ByteOrder, ModbusSettings, Point, ValueType
+from device_profiles.schema import Point, ValueType
+from protocols.modbus.profile import ByteOrder, ModbusSettings
 
 __all__ = ["STRUCT_CODES", "Value", "decode", "encode", "from_raw", "to_raw"]
 

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from device_profiles.schema import ByteOrder, ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -47,6 +47,7 @@ from protocols.modbus.planner import (
     Span,
     plan_reads,
 )
+from protocols.modbus.profile import ByteOrder, ModbusTable, point_registers
 
 __all__ = ["ILLEGAL_DATA_ADDRESS", "ModbusDriver", "ModbusStats"]
 
@@ -280,10 +281,11 @@ class ModbusDriver(DriverBase):
                 try:
                     async with asyncio.timeout(conn.timeout):
                         response = await line.run(call)
-                except TimeoutError:
+                except TimeoutError as exc:
                     if not line.connected:
                         self.stats.connect_errors += 1
                         last = ConnectError(f"device '{self.name}': connection lost during {what}")
+                        last.__cause__ = exc
                     else:
                         self.stats.timeouts += 1
                         last = DeviceTimeout(
@@ -301,6 +303,8 @@ class ModbusDriver(DriverBase):
                     else:
                         self.stats.timeouts += 1
                         last = DeviceTimeout(f"device '{self.name}': {what}: {exc}")
+                    # Raised after the last retry: keep pymodbus's error as the cause.
+                    last.__cause__ = exc
                     continue
                 except ModbusException as exc:
                     raise DecodeError(f"device '{self.name}': {what}: {exc}") from exc
@@ -531,7 +535,7 @@ class ModbusDriver(DriverBase):
                 sf_point = self.profile.point(point.scale_factor_point)
                 assert sf_point.modbus is not None
                 regs = await self._read_span(
-                    sf_point.modbus.table, sf_point.modbus.address, sf_point.register_count
+                    sf_point.modbus.table, sf_point.modbus.address, point_registers(sf_point)
                 )
                 raw = self._decode_raw(sf_point, regs)
                 if not isinstance(raw, int) or not -20 <= raw <= 20:

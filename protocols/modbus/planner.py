@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from device_profiles.schema import MODBUS_ADDRESS_SPACE, ModbusTable, Point, Profile
+from device_profiles.schema import Point, Profile
 from protocols.errors import ConfigError
+from protocols.modbus.profile import MODBUS_ADDRESS_SPACE, ModbusTable, point_registers
 
 __all__ = [
     "DEFAULT_MAX_BIT_GAP",
@@ -119,13 +120,13 @@ def with_scale_factors(profile: Profile, points: Iterable[Point]) -> list[Point]
 
 def _cells(points: list[Point]) -> list[_Cell]:
     ordered = sorted(
-        points, key=lambda p: (p.modbus.address if p.modbus else 0, p.register_count, p.name)
+        points, key=lambda p: (p.modbus.address if p.modbus else 0, point_registers(p), p.name)
     )
     cells: list[_Cell] = []
     for p in ordered:
         assert p.modbus is not None
         start = p.modbus.address
-        end = start + p.register_count
+        end = start + point_registers(p)
         if cells and start < cells[-1].end:
             cells[-1].end = max(cells[-1].end, end)
             cells[-1].points.append(p)
@@ -182,7 +183,7 @@ def _plan_table(
         start = group[0].start
         end = max(c.end for c in group)
         items = tuple(
-            BlockPoint(p, p.modbus.address - start, p.register_count)
+            BlockPoint(p, p.modbus.address - start, point_registers(p))
             for c in group
             for p in c.points
             if p.modbus is not None
@@ -217,12 +218,12 @@ def plan_reads(
         if a is None:
             raise ConfigError(f"profile '{profile.id}': point '{p.name}' has no modbus address")
         limit = bit_limit if a.table.is_bit_table else reg_limit
-        if p.register_count > limit:
+        if point_registers(p) > limit:
             raise ConfigError(
-                f"profile '{profile.id}': point '{p.name}': {p.register_count} registers "
+                f"profile '{profile.id}': point '{p.name}': {point_registers(p)} registers "
                 f"exceed the read limit of {limit}"
             )
-        if a.address + p.register_count > MODBUS_ADDRESS_SPACE:
+        if a.address + point_registers(p) > MODBUS_ADDRESS_SPACE:
             raise ConfigError(f"profile '{profile.id}': point '{p.name}': runs past address 65535")
         by_table.setdefault(a.table, []).append(p)
     refused_list = list(refused or ())

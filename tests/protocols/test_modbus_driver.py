@@ -14,7 +14,7 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles, parse_profile
-from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
 from protocols.modbus import codec
@@ -22,6 +22,7 @@ from protocols.modbus.config import ModbusConnection
 from protocols.modbus.driver import ModbusDriver
 from protocols.modbus.line import open_lines
 from protocols.modbus.planner import plan_reads
+from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
@@ -277,7 +278,7 @@ async def _check_scale_factors(
                 if p.modbus.table is ModbusTable.HOLDING
                 else client.read_input_registers
             )
-            regs = (await read(p.modbus.address, count=p.register_count)).registers
+            regs = (await read(p.modbus.address, count=point_registers(p))).registers
             raw = codec.decode(
                 p.model_copy(update={"scale": 1.0, "offset": 0.0}), list(regs), profile.modbus
             )
