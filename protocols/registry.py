@@ -62,11 +62,16 @@ class ProtocolSpec:
 class SimulatedDevice(Protocol):
     """What a simulator hook is told about one served device (a plant entry)."""
 
-    id: str
-    unit: int
-    framer: str
-    serial: str | None
-    gateway: str | None
+    @property
+    def id(self) -> str: ...
+    @property
+    def unit(self) -> int: ...
+    @property
+    def framer(self) -> str: ...
+    @property
+    def serial(self) -> str | None: ...
+    @property
+    def gateway(self) -> str | None: ...
 
 
 class SimulatorHook(Protocol):
