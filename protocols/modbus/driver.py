@@ -47,7 +47,7 @@ from protocols.modbus.planner import (
     Span,
     plan_reads,
 )
-from protocols.modbus.profile import ByteOrder, ModbusTable, point_registers
+from protocols.modbus.profile import ByteOrder, ModbusTable, modbus_settings, point_registers
 
 __all__ = ["ILLEGAL_DATA_ADDRESS", "ModbusDriver", "ModbusStats"]
 
@@ -200,12 +200,10 @@ class ModbusDriver(DriverBase):
         self.profile = profile
         self.connection = connection
         self.name = name
-        self.settings = profile.modbus
+        self.settings = modbus_settings(profile)
         # An explicit unit in the device entry wins over the profile's default.
         self.unit = (
-            connection.unit
-            if "unit" in connection.model_fields_set
-            else profile.modbus.default_unit
+            connection.unit if "unit" in connection.model_fields_set else self.settings.default_unit
         )
         self.max_gap = max_gap
         self.stats = ModbusStats()
