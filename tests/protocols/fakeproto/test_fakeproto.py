@@ -53,11 +53,17 @@ async def test_a_poll_through_the_fake_protocol_delivers_a_sample(
     (dev,) = loaded.config.devices
     assert dev.protocol == "fakeproto"
     samples: list[Reading] = []
+    arrived = asyncio.Event()
+
+    def on_sample(device_id: str, reading: Reading) -> None:
+        samples.append(reading)
+        arrived.set()
+
     poller = DevicePoller(
         dev,
         loaded.device_profiles[dev.id],
         driver_factory=create_driver,
-        on_sample=lambda d, r: samples.append(r),
+        on_sample=on_sample,
         on_state=lambda d, on, why: None,
         metrics=AgentMetrics(),
         backoff=Backoff(0.05, 0.1),
@@ -65,8 +71,7 @@ async def test_a_poll_through_the_fake_protocol_delivers_a_sample(
     task = asyncio.create_task(poller.run())
     try:
         async with asyncio.timeout(10):
-            while not samples:
-                await asyncio.sleep(0.02)
+            await arrived.wait()
     finally:
         poller.stop()
         await task
