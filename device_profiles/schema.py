@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -143,14 +142,9 @@ class Point(_WithParts):
             raise ValueError(f"range minimum {v[0]} is above its maximum {v[1]}")
         return v
 
-    @property
-    def addresses(self) -> Mapping[str, BaseModel]:
-        """The point's address under each protocol key it gives."""
-        return dict(self._parts)
-
     def address(self, protocol: str) -> BaseModel | None:
         """Where the point lives for ``protocol`` (its ``<protocol>:`` mapping), if given."""
-        return self._parts.get(protocol)
+        return self.part(protocol)
 
 
 class Profile(_WithParts):
@@ -209,7 +203,7 @@ class Profile(_WithParts):
 
     def settings(self, protocol: str) -> BaseModel | None:
         """The profile-wide ``<protocol>:`` settings, if given."""
-        return self._parts.get(protocol)
+        return self.part(protocol)
 
     def point(self, name: str) -> Point:
         for p in self.points:
@@ -230,7 +224,7 @@ def _check_profile(profile: Profile) -> list[str]:
         if p.name in seen:
             errors.append(f"{where}: duplicate point name")
         seen.add(p.name)
-        for other in p.addresses:
+        for other in p.parts:
             if other != profile.protocol:
                 errors.append(f"{where}: has an {other} address in a {profile.protocol} profile")
         if p.address(profile.protocol) is None:

@@ -424,6 +424,19 @@ async def test_dropped_connection_raises_connect_error_then_recovers() -> None:
             _assert_matches(profile, reading, dev.values())
 
 
+async def test_a_connection_lost_mid_request_keeps_the_underlying_error() -> None:
+    profile = _small()
+    dev = _device(profile)
+    async with _serve({1: dev}) as server:
+        conn = _tcp(server, timeout=0.3, retries=0)
+        async with ModbusDriver(profile, conn, name="dev-1") as drv:
+            dev.faults.set(FaultMode.DROP)
+            with pytest.raises(errors.ConnectError, match="dev-1") as info:
+                await drv.read(profile.points)
+            # What pymodbus (or the timeout) reported stays visible in the traceback.
+            assert info.value.__cause__ is not None
+
+
 async def test_nothing_listening_is_a_connect_error() -> None:
     from tests.servers import free_port
 
