@@ -44,7 +44,7 @@ from pymodbus.transaction import TransactionManager
 
 from device_profiles.schema import INT_BOUNDS, Point
 from protocols.modbus.codec import Value, decode, encode
-from protocols.modbus.profile import ModbusTable, point_registers
+from protocols.modbus.profile import ModbusTable, modbus_address, modbus_settings, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 
@@ -77,15 +77,15 @@ class RegisterImage:
         self.device = device
         self.strict_addresses = strict_addresses
         profile = device.profile
-        if profile.protocol != "modbus" or profile.modbus is None:
+        if profile.protocol != "modbus":
             raise ValueError(
                 f"device '{device.device_id}': profile '{profile.id}' is not a Modbus profile"
             )
-        self.settings = profile.modbus
+        self.settings = modbus_settings(profile)
         # table -> address -> points occupying it (several for bools packed in one register)
         self._cover: dict[ModbusTable, dict[int, list[Point]]] = {t: {} for t in ModbusTable}
         for p in profile.points:
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None  # the schema guarantees it for modbus profiles
             for reg in range(a.address, a.address + point_registers(p)):
                 self._cover[a.table].setdefault(reg, []).append(p)
@@ -142,7 +142,7 @@ class RegisterImage:
             return out
         values = self.device.values()
         for p in points:
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None
             regs = self.encode_point(p, values)
             if table.is_bit_table:
@@ -174,7 +174,7 @@ class RegisterImage:
         current = self.device.values()
         new: dict[str, Value] = {}
         for p in touched.values():
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None
             if table.is_bit_table:
                 new[p.name] = bool(data[a.address - address])

@@ -47,7 +47,13 @@ from protocols.modbus.planner import (
     Span,
     plan_reads,
 )
-from protocols.modbus.profile import ByteOrder, ModbusTable, modbus_settings, point_registers
+from protocols.modbus.profile import (
+    ByteOrder,
+    ModbusTable,
+    modbus_address,
+    modbus_settings,
+    point_registers,
+)
 
 __all__ = ["ILLEGAL_DATA_ADDRESS", "ModbusDriver", "ModbusStats"]
 
@@ -109,7 +115,7 @@ class _BlockDecoder:
         for bp in sorted(block.points, key=lambda b: b.offset):
             p = bp.point
             code = codec.STRUCT_CODES.get(p.type)
-            a = p.modbus
+            a = modbus_address(p)
             byte_order = (a.byte_order if a is not None else None) or settings.byte_order
             word_order = (a.word_order if a is not None else None) or settings.word_order
             start = 2 * bp.offset
@@ -186,7 +192,7 @@ class ModbusDriver(DriverBase):
         name: str,
         max_gap: int = DEFAULT_MAX_GAP,
     ) -> None:
-        if profile.protocol != "modbus" or profile.modbus is None:
+        if profile.protocol != "modbus":
             raise ConfigError(f"device '{name}': profile '{profile.id}' is not a Modbus profile")
         if not isinstance(connection, ModbusConnection):
             try:
@@ -519,7 +525,7 @@ class ModbusDriver(DriverBase):
 
     async def write(self, point: Point, value: Value) -> None:
         """Write one ``rw`` point (engineering value; scale reversed by the codec)."""
-        a = point.modbus
+        a = modbus_address(point)
         where = f"device '{self.name}': point '{point.name}'"
         if a is None:
             raise ConfigError(f"{where}: has no modbus address")
@@ -531,10 +537,9 @@ class ModbusDriver(DriverBase):
             sf: int | None = None
             if point.scale_factor_point is not None:
                 sf_point = self.profile.point(point.scale_factor_point)
-                assert sf_point.modbus is not None
-                regs = await self._read_span(
-                    sf_point.modbus.table, sf_point.modbus.address, point_registers(sf_point)
-                )
+                sf_a = modbus_address(sf_point)
+                assert sf_a is not None
+                regs = await self._read_span(sf_a.table, sf_a.address, point_registers(sf_point))
                 raw = self._decode_raw(sf_point, regs)
                 if not isinstance(raw, int) or not -20 <= raw <= 20:
                     raise DecodeError(f"{where}: scale factor '{sf_point.name}' is {raw!r}")
