@@ -54,6 +54,7 @@ __all__ = [
     "PlantConfig",
     "PlantError",
     "load_plant_config",
+    "sim_hook",
 ]
 
 log = logging.getLogger(__name__)
