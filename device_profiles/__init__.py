@@ -1,5 +1,6 @@
 """Device profiles: the pydantic schema and the YAML files for each device model."""
 
+from device_profiles.families import FamilyInfo, builtin_families
 from device_profiles.loader import (
     BUILTIN_DIR,
     ProfileError,
@@ -11,12 +12,7 @@ from device_profiles.loader import (
 )
 from device_profiles.schema import (
     CATEGORY_LABELS_ZH,
-    ByteOrder,
     Category,
-    Family,
-    ModbusAddress,
-    ModbusTable,
-    OpcUaAddress,
     Point,
     Profile,
     ValueType,
@@ -26,18 +22,15 @@ from device_profiles.schema import (
 __all__ = [
     "BUILTIN_DIR",
     "CATEGORY_LABELS_ZH",
-    "ByteOrder",
     "Category",
-    "Family",
-    "ModbusAddress",
-    "ModbusTable",
-    "OpcUaAddress",
+    "FamilyInfo",
     "Point",
     "Profile",
     "ProfileError",
     "ProfileSet",
     "ProfileSetError",
     "ValueType",
+    "builtin_families",
     "is_identifier",
     "load_profile",
     "load_profiles",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from device_profiles.families import FAMILIES_FILE
+
 __all__ = ["app"]
 
 app = typer.Typer(
@@ -18,7 +20,11 @@ _SUFFIXES = (".yaml", ".yml")
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in _SUFFIXES and p.is_file())
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in _SUFFIXES and p.is_file() and p.name != FAMILIES_FILE
+        )
     return [path]
 
 
@@ -57,7 +63,7 @@ def list_profiles(
         table.add_row(
             p.id,
             p.name_zh,
-            p.family.value,
+            f"{p.family} ({found.families[p.family].name_zh})",
             f"{p.category.value} ({CATEGORY_LABELS_ZH[p.category]})",
             p.protocol,
             str(len(p.points)),
@@ -70,11 +76,17 @@ def validate(
     paths: list[Path] = typer.Argument(..., help="Profile files or folders (searched for *.yaml)."),
 ) -> None:
     """Check profile files; print 'ok' per good file and every problem of bad ones."""
+    from device_profiles.families import family_files, load_families
     from device_profiles.loader import ProfileError, load_profile
 
     bad = 0
     good = 0
     ids: dict[str, Path] = {}
+    # Families an integrator adds in a families.yaml of a checked folder count for all.
+    families, problems = load_families(f for root in paths for f in family_files(root))
+    for problem in problems:
+        typer.echo(problem, err=True)
+        bad += 1
     for root in paths:
         if not root.exists():
             typer.echo(f"{root}: no such file or folder", err=True)
@@ -87,7 +99,7 @@ def validate(
             continue
         for f in files:
             try:
-                prof = load_profile(f)
+                prof = load_profile(f, families=families)
             except ProfileError as exc:
                 typer.echo(str(exc), err=True)
                 bad += 1
@@ -109,9 +121,9 @@ def validate(
 @app.command("schema")
 def schema() -> None:
     """Print the JSON Schema of a profile (for editors and other tools)."""
-    from device_profiles.schema import Profile
+    from device_profiles.schema import profile_json_schema
 
-    doc = Profile.model_json_schema()
+    doc = profile_json_schema()
     doc.setdefault("$schema", "https://json-schema.org/draft/2020-12/schema")
     doc.setdefault("title", "iiot device profile")
     typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))

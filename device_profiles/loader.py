@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from device_profiles.families import (
+    FAMILIES_FILE,
+    FamilyInfo,
+    builtin_families,
+    family_files,
+    load_families,
+)
 from device_profiles.schema import Profile
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
@@ -78,38 +85,53 @@ def _format(exc: ValidationError, data: Any) -> list[str]:
     return problems
 
 
-def parse_profile(data: Any, source: Path | str = "<profile>") -> Profile:
-    """Validate already-parsed YAML/JSON data as a profile."""
+def parse_profile(
+    data: Any,
+    source: Path | str = "<profile>",
+    *,
+    families: Mapping[str, FamilyInfo] | None = None,
+) -> Profile:
+    """Validate already-parsed YAML/JSON data as a profile (``families``: default shipped)."""
     if not isinstance(data, dict):
         raise ProfileError(source, ["a profile must be a mapping at the top level"])
     try:
-        return Profile.model_validate(data)
+        return Profile.model_validate(data, context={"families": families})
     except ValidationError as exc:
         raise ProfileError(source, _format(exc, data)) from exc
 
 
-def load_profile(path: Path | str) -> Profile:
+def load_profile(path: Path | str, *, families: Mapping[str, FamilyInfo] | None = None) -> Profile:
     """Read and validate one profile file."""
     path = Path(path)
     try:
         data = read_yaml(path)
     except YamlFileError as exc:
         raise ProfileError(path, [str(exc)]) from exc
-    return parse_profile(data, path)
+    return parse_profile(data, path, families=families)
 
 
 def _profile_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*.yaml") if "golden" not in p.parts)
+    return sorted(
+        p for p in root.rglob("*.yaml") if "golden" not in p.parts and p.name != FAMILIES_FILE
+    )
 
 
 class ProfileSet:
     """Profiles by id, from the shipped folder and any extra folders."""
 
-    def __init__(self, profiles: dict[str, Profile], sources: dict[str, Path]) -> None:
+    def __init__(
+        self,
+        profiles: dict[str, Profile],
+        sources: dict[str, Path],
+        families: Mapping[str, FamilyInfo] | None = None,
+    ) -> None:
         self._profiles = profiles
         self.sources = sources
+        self.families: Mapping[str, FamilyInfo] = (
+            builtin_families() if families is None else families
+        )
 
     def __getitem__(self, profile_id: str) -> Profile:
         try:
@@ -122,7 +144,7 @@ class ProfileSet:
         return profile_id in self._profiles
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(sorted(self._profiles.values(), key=lambda p: (p.family.value, p.id)))
+        return iter(sorted(self._profiles.values(), key=lambda p: (p.family, p.id)))
 
     def __len__(self) -> int:
         return len(self._profiles)
@@ -134,13 +156,15 @@ def load_profiles(extra_dirs: Iterable[Path | str] = (), *, builtin: bool = True
     profiles: dict[str, Profile] = {}
     sources: dict[str, Path] = {}
     problems: list[ProfileError] = []
+    missing = [r for r in roots if not r.exists()]
+    problems.extend(ProfileError(r, ["no such file or folder"]) for r in missing)
+    roots = [r for r in roots if r.exists()]
+    families, found = load_families(f for r in roots for f in family_files(r))
+    problems.extend(ProfileError(p.partition(": ")[0], [p.partition(": ")[2]]) for p in found)
     for root in roots:
-        if not root.exists():
-            problems.append(ProfileError(root, ["no such file or folder"]))
-            continue
         for f in _profile_files(root):
             try:
-                prof = load_profile(f)
+                prof = load_profile(f, families=families)
             except ProfileError as exc:
                 problems.append(exc)
                 continue
@@ -155,7 +179,7 @@ def load_profiles(extra_dirs: Iterable[Path | str] = (), *, builtin: bool = True
             sources[prof.id] = f
     if problems:
         raise ProfileSetError(problems)
-    return ProfileSet(profiles, sources)
+    return ProfileSet(profiles, sources, families)
 
 
 class ProfileSetError(ValueError):

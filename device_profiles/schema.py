@@ -2,7 +2,12 @@
 
 A profile names the model, its equipment family and policy category, its protocol,
 and its points. A point says what the value means (name, unit, type, scale) and where
-it lives (a Modbus table and address, or an OPC UA NodeId / browse path).
+it lives: under a key named after the protocol (``modbus:``, ``opcua:``), whose model
+the protocol's folder owns (``protocols.registry``). A profile may also carry
+protocol-wide settings under the same key.
+
+Families are data (``families.yaml`` beside the profiles, plus an integrator's own);
+validate with ``context={"families": ...}`` to check against other than the shipped ones.
 
 Validation is strict (``extra="forbid"``) and every error names the point it concerns;
 the loader adds the file name.
@@ -13,24 +18,24 @@ from __future__ import annotations
 import math
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ModelWrapValidatorHandler as _Handler
+from pydantic import model_validator as _model_validator
+
+from protocols.parts import ProtocolParts, validate_parts
 
 __all__ = [
+    "CATEGORY_LABELS_ZH",
     "IDENTIFIER_PATTERN",
-    "ByteOrder",
+    "INT_BOUNDS",
     "Category",
-    "Family",
-    "ModbusAddress",
-    "ModbusSettings",
-    "ModbusTable",
-    "OpcUaAddress",
-    "OpcUaSettings",
     "Point",
     "Profile",
     "ValueType",
-    "register_count",
+    "is_identifier",
+    "profile_json_schema",
 ]
 
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -41,23 +46,6 @@ Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Family(StrEnum):
-    """Equipment families; the registry groups by these."""
-
-    KILN = "kiln"
-    BOILER = "boiler"
-    AIR_COMPRESSOR = "air_compressor"
-    MOTOR = "motor"
-    DIESEL_GENSET = "diesel_genset"
-    WIND_TURBINE = "wind_turbine"
-    PV_INVERTER = "pv_inverter"
-    CNC_MACHINE = "cnc_machine"
-    PETROCHEMICAL = "petrochemical"
-    CONSTRUCTION_MACHINERY = "construction_machinery"
-    MEDICAL = "medical"
-    OTHER = "other"
 
 
 class Category(StrEnum):
@@ -89,93 +77,22 @@ class ValueType(StrEnum):
     STRING = "string"
 
 
-class ModbusTable(StrEnum):
-    COIL = "coil"  # 0x, read/write bits
-    DISCRETE = "discrete"  # 1x, read-only bits
-    INPUT = "input"  # 3x, read-only registers
-    HOLDING = "holding"  # 4x, read/write registers
-
-    @property
-    def is_bit_table(self) -> bool:
-        return self in (ModbusTable.COIL, ModbusTable.DISCRETE)
-
-    @property
-    def writable(self) -> bool:
-        return self in (ModbusTable.COIL, ModbusTable.HOLDING)
-
-
-class ByteOrder(StrEnum):
-    BIG = "big"
-    LITTLE = "little"
-
-
-_REGISTERS_PER_TYPE: dict[ValueType, int] = {
-    ValueType.BOOL: 1,
-    ValueType.INT16: 1,
-    ValueType.UINT16: 1,
-    ValueType.INT32: 2,
-    ValueType.UINT32: 2,
-    ValueType.INT64: 4,
-    ValueType.FLOAT32: 2,
-    ValueType.FLOAT64: 4,
+# The integer range of each integer type, for checks of values and ranges.
+INT_BOUNDS: dict[ValueType, tuple[int, int]] = {
+    ValueType.INT16: (-(2**15), 2**15 - 1),
+    ValueType.UINT16: (0, 2**16 - 1),
+    ValueType.INT32: (-(2**31), 2**31 - 1),
+    ValueType.UINT32: (0, 2**32 - 1),
+    ValueType.INT64: (-(2**63), 2**63 - 1),
 }
 
-MODBUS_ADDRESS_SPACE = 65536
+
+class _WithParts(ProtocolParts):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def register_count(value_type: ValueType, length: int | None = None) -> int:
-    """How many 16-bit registers a value of this type occupies (strings: ``length``)."""
-    if value_type is ValueType.STRING:
-        return length or 0
-    return _REGISTERS_PER_TYPE[value_type]
-
-
-class ModbusAddress(_Strict):
-    """Where a point lives on a Modbus device (zero-based protocol address)."""
-
-    table: ModbusTable
-    address: int = Field(ge=0, description="Zero-based protocol address (40001 → holding 0).")
-    bit: int | None = Field(
-        default=None,
-        ge=0,
-        le=15,
-        description="For a bool packed in a register: the bit number (0 = least significant).",
-    )
-    length: int | None = Field(
-        default=None, ge=1, le=125, description="For strings: the number of 16-bit registers."
-    )
-    byte_order: ByteOrder | None = Field(
-        default=None, description="Byte order within a register; default from the profile."
-    )
-    word_order: ByteOrder | None = Field(
-        default=None,
-        description="Order of registers in a multi-register value; default from the profile.",
-    )
-
-
-class OpcUaAddress(_Strict):
-    """Where a point lives on an OPC UA server: a NodeId or a browse path, not both."""
-
-    node_id: str | None = Field(
-        default=None,
-        description="NodeId string, e.g. 'ns=2;s=Boiler.SteamPressure'. 'ns=2' is the "
-        "profile's namespace_uri on the simulator; drivers resolve the URI at connect time.",
-    )
-    browse_path: str | None = Field(
-        default=None,
-        description="Slash-separated browse path from the Objects folder, each element "
-        "'nsidx:Name', e.g. '2:Machine/2:Monitoring/2:Spindle/2:Speed'.",
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> Self:
-        if (self.node_id is None) == (self.browse_path is None):
-            raise ValueError("give exactly one of node_id or browse_path")
-        return self
-
-
-class Point(_Strict):
-    """One value a device offers."""
+class Point(_WithParts):
+    """One value a device offers; its address lives under its protocol's key."""
 
     name: Identifier
     description: str = ""
@@ -202,8 +119,12 @@ class Point(_Strict):
     bits: dict[int, str] | None = Field(
         default=None, description="Labels of the bits of a status or alarm word."
     )
-    modbus: ModbusAddress | None = None
-    opcua: OpcUaAddress | None = None
+
+    @_model_validator(mode="wrap")
+    @classmethod
+    def _addresses(cls, data: Any, handler: _Handler[Point]) -> Point:
+        point: Point = validate_parts(cls, data, handler, "address")
+        return point
 
     @field_validator("scale")
     @classmethod
@@ -221,169 +142,130 @@ class Point(_Strict):
             raise ValueError(f"range minimum {v[0]} is above its maximum {v[1]}")
         return v
 
-    @property
-    def register_count(self) -> int:
-        """Registers (or bits, for the bit tables) this point occupies on Modbus."""
-        if self.modbus is None:
-            return 0
-        if self.modbus.table.is_bit_table:
-            return 1
-        return register_count(self.type, self.modbus.length)
+    def address(self, protocol: str) -> BaseModel | None:
+        """Where the point lives for ``protocol`` (its ``<protocol>:`` mapping), if given."""
+        return self.part(protocol)
 
 
-class ModbusSettings(_Strict):
-    """Profile-wide Modbus defaults."""
-
-    byte_order: ByteOrder = ByteOrder.BIG
-    word_order: ByteOrder = ByteOrder.BIG
-    max_registers_per_read: int = Field(default=125, ge=1, le=125)
-    max_bits_per_read: int = Field(default=2000, ge=1, le=2000)
-    default_unit: int = Field(default=1, ge=0, le=247)
-
-
-class OpcUaSettings(_Strict):
-    """Profile-wide OPC UA settings."""
-
-    namespace_uri: str = Field(description="URI of the namespace the profile's NodeIds live in.")
-    root_name: str | None = Field(
-        default=None, description="Name of the device's root object under Objects."
-    )
-
-
-class Profile(_Strict):
+class Profile(_WithParts):
     """A device model: what it is, which category it counts in, and its points."""
 
     id: Identifier
     name: str = Field(min_length=1)
     name_zh: str = Field(min_length=1)
-    family: Family
+    family: Identifier = Field(description="A family key of families.yaml.")
     category: Category
-    protocol: Literal["modbus", "opcua"]
+    protocol: Identifier = Field(description="A registered protocol: modbus, opcua, ...")
     manufacturer: str = ""
     description: str = ""
     standard: str = Field(default="", description="Register map standard followed, if any.")
-    modbus: ModbusSettings | None = None
-    opcua: OpcUaSettings | None = None
     points: list[Point] = Field(min_length=1)
 
-    @model_validator(mode="before")
+    @_model_validator(mode="wrap")
     @classmethod
-    def _defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("protocol") == "modbus" and "modbus" not in data:
-            data = {**data, "modbus": {}}
-        return data
+    def _settings(cls, data: Any, handler: _Handler[Profile]) -> Profile:
+        from protocols import registry
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        errors: list[str] = []
-        seen: set[str] = set()
-        for p in self.points:
-            if p.name in seen:
-                errors.append(f"point '{p.name}': duplicate point name")
-            seen.add(p.name)
-        if self.protocol == "modbus":
-            errors.extend(self._check_modbus())
-        else:
-            errors.extend(self._check_opcua())
-        names = {p.name: p for p in self.points}
-        for p in self.points:
-            if p.scale_factor_point is not None:
-                sf = names.get(p.scale_factor_point)
-                if sf is None:
-                    errors.append(
-                        f"point '{p.name}': scale_factor_point '{p.scale_factor_point}' "
-                        "is not a point of this profile"
-                    )
-                elif sf.type not in (ValueType.INT16, ValueType.UINT16):
-                    errors.append(f"point '{p.name}': scale factor point '{sf.name}' must be int16")
-            if p.enum is not None and p.type in (ValueType.FLOAT32, ValueType.FLOAT64):
-                errors.append(f"point '{p.name}': enum labels need an integer type")
-        if errors:
-            raise ValueError("; ".join(errors))
-        return self
+        if isinstance(data, dict) and isinstance(data.get("protocol"), str):
+            name = data["protocol"]
+            if name in registry.names():
+                spec = registry.get(name)
+                if spec.settings_default and name not in data:
+                    data = {**data, name: {}}
+        profile: Profile = validate_parts(cls, data, handler, "settings", _check_profile)
+        return profile
 
-    def _check_modbus(self) -> list[str]:
-        errors: list[str] = []
-        assert self.modbus is not None
-        # (table, register) -> (point name, bit or None)
-        used: dict[tuple[ModbusTable, int], list[tuple[str, int | None]]] = {}
-        for p in self.points:
-            where = f"point '{p.name}'"
-            if p.opcua is not None:
-                errors.append(f"{where}: has an opcua address in a modbus profile")
-            a = p.modbus
-            if a is None:
-                errors.append(f"{where}: missing its modbus address")
-                continue
-            if a.table.is_bit_table:
-                if p.type is not ValueType.BOOL:
-                    errors.append(
-                        f"{where}: a {a.table.value} holds single bits, so its type must be bool, "
-                        f"not {p.type.value}"
-                    )
-                if a.bit is not None:
-                    errors.append(f"{where}: 'bit' applies to register tables only")
-            else:
-                if p.type is ValueType.BOOL and a.bit is None:
-                    errors.append(f"{where}: a bool in a {a.table.value} register needs 'bit'")
-                if p.type is not ValueType.BOOL and a.bit is not None:
-                    errors.append(f"{where}: 'bit' is only for bool points")
-            if p.type is ValueType.STRING and a.length is None:
-                errors.append(f"{where}: a string needs 'length' (registers)")
-            if p.type is not ValueType.STRING and a.length is not None:
-                errors.append(f"{where}: 'length' is only for strings")
-            if p.access == "rw" and not a.table.writable:
-                errors.append(
-                    f"{where}: access rw but the {a.table.value} table is read-only "
-                    "(use holding or coil)"
-                )
-            count = p.register_count
-            if a.address + count > MODBUS_ADDRESS_SPACE:
-                errors.append(
-                    f"{where}: registers {a.address}..{a.address + count - 1} run past 65535"
-                )
-                continue
-            limit = (
-                self.modbus.max_bits_per_read
-                if a.table.is_bit_table
-                else self.modbus.max_registers_per_read
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str, info: ValidationInfo) -> str:
+        families: Any = (info.context or {}).get("families")
+        if families is None:
+            from device_profiles.families import builtin_families
+
+            families = builtin_families()
+        if v not in families:
+            raise ValueError(
+                f"Input should be a family of families.yaml ({', '.join(families)}), "
+                f"not '{v}'; an integrator adds one in a families.yaml beside the profiles"
             )
-            if count > limit:
-                errors.append(f"{where}: {count} registers cannot be read in one request")
-            for reg in range(a.address, a.address + count):
-                for other, other_bit in used.get((a.table, reg), []):
-                    same_bit_ok = a.bit is not None and other_bit is not None and a.bit != other_bit
-                    if not same_bit_ok:
-                        errors.append(
-                            f"{where}: {a.table.value} register {reg} overlaps point '{other}'"
-                        )
-                        break
-                used.setdefault((a.table, reg), []).append((p.name, a.bit))
-        return errors
+        return v
 
-    def _check_opcua(self) -> list[str]:
-        errors: list[str] = []
-        if self.opcua is None:
-            errors.append("an opcua profile needs 'opcua: {namespace_uri: ...}'")
-        seen: dict[str, str] = {}
-        for p in self.points:
-            where = f"point '{p.name}'"
-            if p.modbus is not None:
-                errors.append(f"{where}: has a modbus address in an opcua profile")
-            if p.opcua is None:
-                errors.append(f"{where}: missing its opcua address")
-                continue
-            key = p.opcua.node_id or p.opcua.browse_path or ""
-            if key in seen:
-                errors.append(f"{where}: same OPC UA address as point '{seen[key]}'")
-            seen[key] = p.name
-        return errors
+    @field_validator("protocol")
+    @classmethod
+    def _known_protocol(cls, v: str) -> str:
+        from protocols import registry
+
+        if v not in registry.names():
+            raise ValueError(
+                f"Input should be a registered protocol ({', '.join(registry.names())}), not '{v}'"
+            )
+        return v
+
+    def settings(self, protocol: str) -> BaseModel | None:
+        """The profile-wide ``<protocol>:`` settings, if given."""
+        return self.part(protocol)
 
     def point(self, name: str) -> Point:
         for p in self.points:
             if p.name == name:
                 return p
         raise KeyError(name)
+
+
+def _check_profile(profile: Profile) -> list[str]:
+    """Checks across points: names, scale factors, and the protocol's own checks."""
+    from protocols import registry
+
+    errors: list[str] = []
+    seen: set[str] = set()
+    names = {p.name: p for p in profile.points}
+    for p in profile.points:
+        where = f"point '{p.name}'"
+        if p.name in seen:
+            errors.append(f"{where}: duplicate point name")
+        seen.add(p.name)
+        for other in p.parts:
+            if other != profile.protocol:
+                errors.append(f"{where}: has an {other} address in a {profile.protocol} profile")
+        if p.address(profile.protocol) is None:
+            errors.append(f"{where}: missing its {profile.protocol} address")
+        if p.scale_factor_point is not None:
+            sf = names.get(p.scale_factor_point)
+            if sf is None:
+                errors.append(
+                    f"{where}: scale_factor_point '{p.scale_factor_point}' "
+                    "is not a point of this profile"
+                )
+            elif sf.type not in (ValueType.INT16, ValueType.UINT16):
+                errors.append(f"{where}: scale factor point '{sf.name}' must be int16")
+        if p.enum is not None and p.type in (ValueType.FLOAT32, ValueType.FLOAT64):
+            errors.append(f"{where}: enum labels need an integer type")
+    check = registry.get(profile.protocol).check_profile
+    if check is not None:
+        errors.extend(check(profile))
+    return errors
+
+
+def profile_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a profile, with every registered protocol's keys."""
+    from protocols import registry
+
+    doc = Profile.model_json_schema()
+    defs: dict[str, Any] = doc.setdefault("$defs", {})
+    for name in registry.names():
+        spec = registry.get(name)
+        for owner, model in (("Point", spec.address), ("Profile", spec.settings)):
+            if model is None:
+                continue
+            sub = model.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(sub.pop("$defs", {}))
+            defs[model.__name__] = sub
+            target = doc if owner == "Profile" else defs["Point"]
+            target["properties"][name] = {
+                "anyOf": [{"$ref": f"#/$defs/{model.__name__}"}, {"type": "null"}],
+                "default": None,
+            }
+    return doc
 
 
 def is_identifier(value: str) -> bool:

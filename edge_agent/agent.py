@@ -91,7 +91,7 @@ class Agent:
                 id=d.id,
                 profile=p.id,
                 protocol=p.protocol,
-                family=p.family.value,
+                family=p.family,
                 category=p.category.value,
             )
             for d in enabled

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     SecretStr,
     ValidationError,
     field_validator,
@@ -27,8 +28,8 @@ from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
 from iiot_common.envsubst import UnsetVariable, expand_env
 from iiot_common.yamlfile import YamlFileError, read_yaml
-from protocols.modbus.config import ModbusConnection
-from protocols.opcua.config import OpcUaConnection
+from protocols import registry
+from protocols.parts import ProtocolParts, validate_parts
 
 __all__ = [
     "PASSWORD_ENV",
@@ -142,8 +143,14 @@ class MetricsConfig(_Strict):
     port: int | None = Field(default=None, ge=0, le=65535, description="null: no endpoint.")
 
 
-class DeviceConfig(_Strict):
-    """One device instance: which profile, where it is, how often to read it."""
+class DeviceConfig(ProtocolParts):
+    """One device instance: which profile, where it is, how often to read it.
+
+    How to reach it sits under its protocol's key (``modbus:``, ``opcua:``), checked by
+    that protocol's connection model (``protocols.registry``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=IDENTIFIER_PATTERN)
     profile: str
@@ -151,8 +158,6 @@ class DeviceConfig(_Strict):
     poll_timeout: float | None = Field(
         default=None, gt=0, description="Bound on one whole poll; default: the interval."
     )
-    modbus: ModbusConnection | None = None
-    opcua: OpcUaConnection | None = None
     points: list[str] | None = Field(default=None, description="Subset of the profile's points.")
     report_on_change: bool = False
     heartbeat_polls: int = Field(
@@ -160,20 +165,21 @@ class DeviceConfig(_Strict):
     )
     enabled: bool = True
 
-    @model_validator(mode="after")
-    def _one_connection(self) -> Self:
-        if (self.modbus is None) == (self.opcua is None):
-            raise ValueError("give exactly one of 'modbus' or 'opcua'")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _connection(cls, data: Any, handler: ModelWrapValidatorHandler[DeviceConfig]) -> Any:
+        return validate_parts(cls, data, handler, "connection", _one_connection)
 
     @property
     def protocol(self) -> str:
-        return "modbus" if self.modbus is not None else "opcua"
+        """The protocol whose key gives the connection."""
+        (name,) = self.parts
+        return name
 
     @property
-    def connection(self) -> ModbusConnection | OpcUaConnection:
-        conn = self.modbus if self.modbus is not None else self.opcua
-        assert conn is not None
+    def connection(self) -> BaseModel:
+        """The connection model of the device's protocol (e.g. ``ModbusConnection``)."""
+        (conn,) = self.parts.values()
         return conn
 
     @property
@@ -224,6 +230,13 @@ class LoadedConfig:
     config: AgentConfig
     profiles: ProfileSet
     device_profiles: dict[str, Profile]
+
+
+def _one_connection(dev: DeviceConfig) -> list[str]:
+    if len(dev.parts) == 1:
+        return []
+    *head, last = (f"'{n}'" for n in registry.names())
+    return [f"give exactly one of {', '.join(head)} or {last}"]
 
 
 def _where(data: Any, loc: tuple[int | str, ...]) -> str:

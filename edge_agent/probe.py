@@ -182,7 +182,7 @@ def probe(
     for i, r in enumerate(results, 1):
         sunspec = "-" if r.sunspec is None else ("yes" if r.sunspec else "no")
         table.add_row(
-            str(i), r.profile.id, r.profile.family.value, _pct(r.readable), _pct(r.in_range),
+            str(i), r.profile.id, r.profile.family, _pct(r.readable), _pct(r.in_range),
             _pct(r.strings), sunspec, f"{r.score:.2f}", "yes" if r.fits else (r.error or "no"),
         )  # fmt: skip
     console = Console(width=160)

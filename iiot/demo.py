@@ -319,6 +319,7 @@ class _Demo:
     async def _start_agent(self, enterprise: str, cred: dict[str, Any]) -> None:
         from edge_agent.agent import Agent
         from edge_agent.config import parse_config
+        from simulators.plant import sim_hook
 
         devices: list[dict[str, Any]] = []
         for ep in self.plant.endpoints.values():
@@ -329,17 +330,10 @@ class _Demo:
                 "profile": ep.profile,
                 "poll_interval": self.poll_interval,
             }
-            if ep.protocol == "opcua":
-                dev["opcua"] = {"endpoint": ep.url, "timeout": 2.0}
-            else:
-                dev["modbus"] = {
-                    "transport": "tcp" if ep.framer == "tcp" else "rtu-over-tcp",
-                    "host": ep.host,
-                    "port": ep.port,
-                    "unit": ep.unit or 1,
-                    "timeout": 1.0,
-                    "retries": 0,
-                }
+            hook = sim_hook(ep.protocol)
+            dev[ep.protocol] = hook.agent_connection(
+                ep.host, ep.port, ep.unit or 0, ep.framer or "", ep.url
+            )
             devices.append(dev)
         agent_dir = self.data_dir / "agents" / cred["agent_id"]
         loaded = parse_config(

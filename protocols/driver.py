@@ -8,7 +8,6 @@ configured per-request retries: reconnection policy lives in the agent.
 
 from __future__ import annotations
 
-import importlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,8 +16,9 @@ from types import TracebackType
 from typing import Any, Protocol, Self, runtime_checkable
 
 from device_profiles.schema import Point, Profile
+from protocols import registry
 
-__all__ = ["DRIVERS", "Driver", "DriverBase", "Reading", "Value", "create_driver", "now_ms"]
+__all__ = ["Driver", "DriverBase", "Reading", "Value", "create_driver", "now_ms"]
 
 Value = bool | int | float | str
 
@@ -83,19 +83,11 @@ class DriverBase(ABC):
         await self.aclose()
 
 
-# protocol name -> "module:Class"; imported only when a device uses it.
-DRIVERS: dict[str, str] = {
-    "modbus": "protocols.modbus.driver:ModbusDriver",
-    "opcua": "protocols.opcua.driver:OpcUaDriver",
-}
-
-
 def create_driver(profile: Profile, connection: Any, *, name: str) -> Driver:
-    """A driver for ``profile``'s protocol: ``Class(profile, connection, name=name)``."""
-    target = DRIVERS.get(profile.protocol)
-    if target is None:
-        raise KeyError(f"no driver for protocol '{profile.protocol}'")
-    module_name, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    """A driver for ``profile``'s protocol: ``Class(profile, connection, name=name)``.
+
+    The class is the one the protocol's registry entry names, imported on first use.
+    """
+    cls = registry.load_object(registry.get(profile.protocol).driver)
     driver: Driver = cls(profile, connection, name=name)
     return driver

@@ -139,6 +139,40 @@ def _run(plant: Any, control_port: int | None, endpoints_out: Path | None, title
         raise _fail(str(exc)) from None
 
 
+def _sim_devices(
+    ids: list[str], profile: str, port: int, *, framer: str, units: bool, serial: str | None
+) -> list[dict[str, Any]]:
+    """Plant entries of ``iiot sim run``: a port each, units on one port, or one line."""
+    devices: list[dict[str, Any]] = []
+    for i, ident in enumerate(ids):
+        entry: dict[str, Any] = {"id": ident, "profile": profile, "framer": framer}
+        if serial is not None:
+            entry.update(serial=serial, unit=i + 1)
+        elif units:
+            entry.update(port=port, unit=i + 1)
+        else:
+            entry.update(port=port + i, unit=1)
+        devices.append(entry)
+    return devices
+
+
+def _apply_faults(devices: list[dict[str, Any]], specs: list[str]) -> None:
+    """Put each ``--fault`` on the plant entry it names (ValueError naming a bad one)."""
+    count = len(devices)
+    for spec in specs:
+        who, mode, delay, code = parse_fault(spec)
+        if who.isdigit():
+            if int(who) >= count:
+                raise ValueError(f"--fault {spec!r}: no device {who} (0..{count - 1})")
+            target = devices[int(who)]
+        else:
+            found = [d for d in devices if d["id"] == who]
+            if not found:
+                raise ValueError(f"--fault {spec!r}: no device '{who}'")
+            target = found[0]
+        target["fault"] = {"mode": mode, "delay": delay, "code": code}
+
+
 @app.command("run")
 def run(
     profile: str = typer.Option(..., "--profile", "-p", help="Profile id to simulate."),
@@ -184,7 +218,7 @@ def run(
     from pydantic import ValidationError
 
     from device_profiles.loader import load_profiles
-    from simulators.plant import Plant, PlantConfig, PlantError
+    from simulators.plant import Plant, PlantConfig, PlantError, sim_hook
 
     if framer not in ("tcp", "rtu-over-tcp"):
         raise _fail(f"--framer must be tcp or rtu-over-tcp, not '{framer}'")
@@ -199,34 +233,20 @@ def run(
     if profile not in profiles:
         known = ", ".join(sorted(p.id for p in profiles)) or "none"
         raise _fail(f"unknown profile '{profile}' (known: {known})")
-    if profiles[profile].protocol == "opcua" and (units or serial or framer != "tcp"):
+    protocol = profiles[profile].protocol
+    try:
+        shares_port = sim_hook(protocol).shares_port
+    except ValueError as exc:
+        raise _fail(f"profile '{profile}': {exc}") from None
+    if not shares_port and (units or serial or framer != "tcp"):
         raise _fail(
-            f"profile '{profile}' is OPC UA: --units, --serial and --framer are Modbus only"
+            f"profile '{profile}' speaks {protocol}, whose devices do not share a port: "
+            "--units, --serial and --framer apply to Modbus only"
         )
     ids = device_id or [f"{profile}-{i}" for i in range(count)]
-    devices: list[dict[str, Any]] = []
-    for i, ident in enumerate(ids):
-        entry: dict[str, Any] = {"id": ident, "profile": profile, "framer": framer}
-        if serial is not None:
-            entry.update(serial=serial, unit=i + 1)
-        elif units:
-            entry.update(port=port, unit=i + 1)
-        else:
-            entry.update(port=port + i, unit=1)
-        devices.append(entry)
+    devices = _sim_devices(ids, profile, port, framer=framer, units=units, serial=serial)
     try:
-        for spec in fault:
-            who, mode, delay, code = parse_fault(spec)
-            if who.isdigit():
-                if int(who) >= count:
-                    raise ValueError(f"--fault {spec!r}: no device {who} (0..{count - 1})")
-                target = devices[int(who)]
-            else:
-                found = [d for d in devices if d["id"] == who]
-                if not found:
-                    raise ValueError(f"--fault {spec!r}: no device '{who}'")
-                target = found[0]
-            target["fault"] = {"mode": mode, "delay": delay, "code": code}
+        _apply_faults(devices, fault)
         if port + (0 if units or serial else count - 1) > 65535:
             raise ValueError(f"--port {port} + --count {count} runs past port 65535")
         config = PlantConfig.model_validate(

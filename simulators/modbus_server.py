@@ -42,8 +42,9 @@ from pymodbus.simulator import SimData
 from pymodbus.simulator import SimDevice as _PymodbusDevice
 from pymodbus.transaction import TransactionManager
 
-from device_profiles.schema import ModbusTable, Point, ValueType
+from device_profiles.schema import INT_BOUNDS, Point
 from protocols.modbus.codec import Value, decode, encode
+from protocols.modbus.profile import ModbusTable, modbus_address, modbus_settings, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 
@@ -67,13 +68,6 @@ _FC_TABLE: dict[int, ModbusTable] = {
 _MAX_PENDING = 256  # requests in flight per listener; more go unanswered (counted: busy)
 _RELISTEN_ATTEMPTS = 50
 _RELISTEN_PAUSE = 0.1
-_INT_BOUNDS: dict[ValueType, tuple[int, int]] = {
-    ValueType.INT16: (-(2**15), 2**15 - 1),
-    ValueType.UINT16: (0, 2**16 - 1),
-    ValueType.INT32: (-(2**31), 2**31 - 1),
-    ValueType.UINT32: (0, 2**32 - 1),
-    ValueType.INT64: (-(2**63), 2**63 - 1),
-}
 
 
 class RegisterImage:
@@ -83,17 +77,17 @@ class RegisterImage:
         self.device = device
         self.strict_addresses = strict_addresses
         profile = device.profile
-        if profile.protocol != "modbus" or profile.modbus is None:
+        if profile.protocol != "modbus":
             raise ValueError(
                 f"device '{device.device_id}': profile '{profile.id}' is not a Modbus profile"
             )
-        self.settings = profile.modbus
+        self.settings = modbus_settings(profile)
         # table -> address -> points occupying it (several for bools packed in one register)
         self._cover: dict[ModbusTable, dict[int, list[Point]]] = {t: {} for t in ModbusTable}
         for p in profile.points:
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None  # the schema guarantees it for modbus profiles
-            for reg in range(a.address, a.address + p.register_count):
+            for reg in range(a.address, a.address + point_registers(p)):
                 self._cover[a.table].setdefault(reg, []).append(p)
 
     def _points(self, table: ModbusTable, address: int, count: int) -> list[Point] | None:
@@ -119,7 +113,7 @@ class RegisterImage:
     def encode_point(self, p: Point, values: Mapping[str, Value]) -> list[int]:
         """The registers of one point; values that do not fit saturate like a real device."""
         value = values.get(p.name)
-        count = max(1, p.register_count)
+        count = max(1, point_registers(p))
         if value is None:
             return [0] * count
         sf = self._sf(p, values)
@@ -127,7 +121,7 @@ class RegisterImage:
             return encode(p, value, self.settings, sf_exponent=sf)
         except (ValueError, OverflowError, TypeError):
             pass
-        bounds = _INT_BOUNDS.get(p.type)
+        bounds = INT_BOUNDS.get(p.type)
         if bounds is not None and isinstance(value, int | float) and not math.isnan(value):
             raw = bounds[1] if value > 0 else bounds[0]
             clamp: Value = raw * p.scale * (10.0**sf if sf else 1.0) + p.offset
@@ -148,7 +142,7 @@ class RegisterImage:
             return out
         values = self.device.values()
         for p in points:
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None
             regs = self.encode_point(p, values)
             if table.is_bit_table:
@@ -180,7 +174,7 @@ class RegisterImage:
         current = self.device.values()
         new: dict[str, Value] = {}
         for p in touched.values():
-            a = p.modbus
+            a = modbus_address(p)
             assert a is not None
             if table.is_bit_table:
                 new[p.name] = bool(data[a.address - address])

@@ -2,9 +2,11 @@
 
 A plant file (YAML) lists enterprises and the devices each owns. Devices marked
 ``on: false`` belong to the ledger but are never served — they are owned, not
-connected. Modbus devices sharing a port — or naming the same ``gateway`` — are served
-as unit ids behind one listener (a Modbus gateway in front of an RS-485 line); every
-OPC UA device gets a port of its own. Ports left ``auto``
+connected. How a profile is served is its protocol's simulator hook
+(``protocols/<name>/simulator.py``, found through ``protocols.registry``): Modbus devices
+sharing a port — or naming the same ``gateway`` — answer as unit ids behind one listener
+(a Modbus gateway in front of an RS-485 line); every OPC UA device gets a port of its
+own. Ports left ``auto``
 are assigned from ``base_port`` upwards, skipping the ports given explicitly.
 
 Example (see ``simulators/plant.example.yaml``)::
@@ -24,7 +26,6 @@ Example (see ``simulators/plant.example.yaml``)::
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import socket
 import time
@@ -38,9 +39,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from device_profiles.loader import ProfileSet, load_profiles
 from device_profiles.schema import IDENTIFIER_PATTERN, Profile
 from iiot_common.yamlfile import YamlFileError, read_yaml
+from protocols import registry
+from protocols.registry import SimulatorHook
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
-from simulators.modbus_server import ModbusSimServer
 
 __all__ = [
     "DeviceConfig",
@@ -52,7 +54,7 @@ __all__ = [
     "PlantConfig",
     "PlantError",
     "load_plant_config",
-    "opcua_server_class",
+    "sim_hook",
 ]
 
 log = logging.getLogger(__name__)
@@ -217,7 +219,7 @@ class Endpoint:
     device: str
     enterprise: str
     profile: str
-    protocol: Literal["modbus", "opcua"]
+    protocol: str
     host: str
     port: int | None
     unit: int | None = None
@@ -229,12 +231,9 @@ class Endpoint:
     def url(self) -> str:
         if self.server_url is not None:
             return self.server_url
-        if self.protocol == "opcua":
-            return f"opc.tcp://{self.host}:{self.port}"
-        if self.serial_port is not None:
-            return f"rtu:{self.serial_port}#unit={self.unit}"
-        scheme = "tcp" if self.framer == "tcp" else "rtu-over-tcp"
-        return f"{scheme}://{self.host}:{self.port}#unit={self.unit}"
+        return sim_hook(self.protocol).url(
+            self.host, self.port, self.unit or 0, self.framer or "", self.serial_port
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "url": self.url}
@@ -261,19 +260,13 @@ class _Server(Protocol):
     async def stop(self) -> None: ...
 
 
-def opcua_server_class() -> Callable[..., _Server]:
-    """The OPC UA simulator class, imported on first use (asyncua is heavy)."""
-    try:
-        module = importlib.import_module("simulators.opcua_server")
-    except ModuleNotFoundError as exc:
-        if exc.name != "simulators.opcua_server":
-            raise
-        raise RuntimeError(
-            "the OPC UA simulator (simulators/opcua_server.py) is not available "
-            "in this installation; OPC UA profiles cannot be served"
-        ) from exc
-    cls: Callable[..., _Server] = module.OpcUaSimServer
-    return cls
+def sim_hook(protocol: str) -> SimulatorHook:
+    """How the simulators serve ``protocol`` (ValueError when it has no simulator)."""
+    target = registry.get(protocol).simulator
+    if target is None:
+        raise ValueError(f"protocol '{protocol}' has no simulator")
+    hook: SimulatorHook = registry.load_object(target)
+    return hook
 
 
 @dataclass(slots=True)
@@ -281,11 +274,11 @@ class _Listener:
     """One port (or serial line) and the devices answering on it."""
 
     key: str
-    protocol: Literal["modbus", "opcua"]
+    protocol: str
     port: int | None
     framer: str
     serial_port: str | None
-    units: dict[int, str]  # unit id -> device id (one entry, unit 0, for OPC UA)
+    units: dict[int, str]  # unit id -> device id (one entry, unit 0, unless shares_port)
 
 
 def _bindable(host: str, port: int) -> bool:
@@ -333,8 +326,11 @@ class Plant:
                     problems.append(f"{where}: unknown profile '{d.profile}'")
                     continue
                 prof = profiles[d.profile]
-                if prof.protocol == "opcua" and (d.serial or d.framer != "tcp"):
-                    problems.append(f"{where}: serial/framer apply to Modbus devices only")
+                try:
+                    found = sim_hook(prof.protocol).check_device(d)
+                except ValueError as exc:
+                    found = [str(exc)]
+                problems.extend(f"{where}: {m}" for m in found)
                 fault = d.fault_config
                 self.ledger.append(
                     LedgerEntry(
@@ -344,7 +340,7 @@ class Plant:
                         region=ent.region,
                         industry=ent.industry,
                         profile=prof.id,
-                        family=prof.family.value,
+                        family=prof.family,
                         category=prof.category.value,
                         protocol=prof.protocol,
                         on=d.on,
@@ -398,14 +394,12 @@ class Plant:
         gateway_ports: dict[str, int] = {}
         for ent, d in served:
             prof = self._profile_of[d.id]
+            hook = sim_hook(prof.protocol)
             where = f"enterprise '{ent.id}': device '{d.id}'"
-            if prof.protocol == "opcua" and d.gateway is not None:
-                problems.append(f"{where}: gateway applies to Modbus devices only")
-                continue
-            if prof.protocol == "modbus" and d.serial is not None:
-                key = f"serial:{d.serial}"
-                port: int | None = None
-                framer = "rtu"
+            serial, framer = hook.listener(d)
+            port: int | None = None
+            if serial is not None:
+                key = f"serial:{serial}"
             else:
                 known = gateway_ports.get(d.gateway) if d.gateway is not None else None
                 if known is not None:
@@ -431,13 +425,12 @@ class Plant:
                 if d.gateway is not None:
                     gateway_ports[d.gateway] = port
                 key = f"tcp:{port}"
-                framer = d.framer if prof.protocol == "modbus" else "opcua"
             lst = by_key.get(key)
             if lst is None:
-                lst = _Listener(key, prof.protocol, port, framer, d.serial, {})
+                lst = _Listener(key, prof.protocol, port, framer, serial, {})
                 by_key[key] = lst
                 self._listeners.append(lst)
-            elif lst.protocol != prof.protocol or prof.protocol == "opcua":
+            elif lst.protocol != prof.protocol or not hook.shares_port:
                 other = next(iter(lst.units.values()))
                 problems.append(f"{where}: {key} is already used by device '{other}'")
                 continue
@@ -445,7 +438,7 @@ class Plant:
                 other = next(iter(lst.units.values()))
                 problems.append(f"{where}: framer {framer} differs from device '{other}' on {key}")
                 continue
-            unit = d.unit if prof.protocol == "modbus" else 0
+            unit = d.unit if hook.shares_port else 0
             if unit in lst.units:
                 problems.append(
                     f"{where}: unit {unit} on {key} is already device '{lst.units[unit]}'"
@@ -459,9 +452,9 @@ class Plant:
                 protocol=prof.protocol,
                 host=cfg.host,
                 port=port,
-                unit=unit if prof.protocol == "modbus" else None,
-                framer=framer if prof.protocol == "modbus" else None,
-                serial_port=d.serial if prof.protocol == "modbus" else None,
+                unit=unit if hook.shares_port else None,
+                framer=framer if hook.shares_port else None,
+                serial_port=serial,
             )
         return problems
 
@@ -480,25 +473,16 @@ class Plant:
         """Start every listener; on failure, stop the ones already started and raise."""
         if self._running:
             raise RuntimeError("plant is already running")
-        if any(lst.protocol == "opcua" for lst in self._listeners):
-            opcua_cls = opcua_server_class()
         try:
             for lst in self._listeners:
-                server: _Server
-                if lst.protocol == "modbus":
-                    server = ModbusSimServer(
-                        {u: self.devices[d] for u, d in lst.units.items()},
-                        host=self.config.host,
-                        port=lst.port or 0,
-                        framer="tcp" if lst.framer == "tcp" else "rtu",
-                        serial_port=lst.serial_port,
-                        strict_addresses=self.config.strict_addresses,
-                    )
-                else:
-                    (device_id,) = lst.units.values()
-                    server = opcua_cls(
-                        self.devices[device_id], host=self.config.host, port=lst.port
-                    )
+                server: _Server = sim_hook(lst.protocol).server(
+                    {u: self.devices[d] for u, d in lst.units.items()},
+                    host=self.config.host,
+                    port=lst.port,
+                    framer=lst.framer,
+                    serial_port=lst.serial_port,
+                    strict_addresses=self.config.strict_addresses,
+                )
                 try:
                     await server.start()
                 except OSError as exc:
@@ -506,7 +490,8 @@ class Plant:
                     raise OSError(f"{exc} (devices: {names})") from exc
                 self._servers.append(server)
                 reported = getattr(server, "endpoint", None)
-                if lst.protocol == "opcua" and isinstance(reported, str):
+                # A server of its own reports where it really listens (its own URL form).
+                if not sim_hook(lst.protocol).shares_port and isinstance(reported, str):
                     (device_id,) = lst.units.values()
                     self.endpoints[device_id] = replace(
                         self.endpoints[device_id], server_url=reported

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from device_profiles import load_profiles
 from device_profiles.schema import Profile
 
-SHIPPED = ["boiler-steam-gas-opcua", "cnc-machine-tool"]
+SHIPPED = sorted(p.id for p in load_profiles() if p.protocol == "opcua")
 
 
 def press_profile(points: list[dict[str, Any]], uri: str = "urn:test:press") -> Profile:

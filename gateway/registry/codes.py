@@ -11,7 +11,8 @@ import io
 import re
 from importlib import resources
 
-from device_profiles.schema import Category, Family
+from device_profiles.families import builtin_families
+from device_profiles.schema import Category
 
 __all__ = [
     "CATEGORY_LABELS",
@@ -117,34 +118,11 @@ CATEGORY_LABELS: dict[str, str] = {
     UNKNOWN: "未分类 Unclassified",
 }
 
-FAMILY_LABELS: dict[str, str] = {
-    Family.KILN.value: "工业窑炉 Industrial kiln",
-    Family.BOILER.value: "工业锅炉 Industrial boiler",
-    Family.AIR_COMPRESSOR.value: "空压机 Air compressor",
-    Family.MOTOR.value: "电机 Motor",
-    Family.DIESEL_GENSET.value: "柴油发电机组 Diesel genset",
-    Family.WIND_TURBINE.value: "风电机组 Wind turbine",
-    Family.PV_INVERTER.value: "光伏逆变器 PV inverter",
-    Family.CNC_MACHINE.value: "数控机床 CNC machine tool",
-    Family.PETROCHEMICAL.value: "石化设备 Petrochemical equipment",
-    Family.CONSTRUCTION_MACHINERY.value: "工程机械 Construction machinery",
-    Family.MEDICAL.value: "医疗设备 Medical equipment",
-    Family.OTHER.value: "其他 Other",
-}
-
-# The policy category a family falls in when a ledger row or a birth does not say.
+# Families are data (device_profiles/families.yaml): bilingual labels and, for the
+# families that have one, the policy category a ledger row or a birth falls back to.
+FAMILY_LABELS: dict[str, str] = {k: f.label for k, f in builtin_families().items()}
 FAMILY_CATEGORY: dict[str, str] = {
-    Family.KILN.value: Category.HIGH_ENERGY_PROCESS.value,
-    Family.BOILER.value: Category.HIGH_ENERGY_PROCESS.value,
-    Family.PETROCHEMICAL.value: Category.HIGH_ENERGY_PROCESS.value,
-    Family.AIR_COMPRESSOR.value: Category.GENERAL_POWER.value,
-    Family.MOTOR.value: Category.GENERAL_POWER.value,
-    Family.DIESEL_GENSET.value: Category.GENERAL_POWER.value,
-    Family.WIND_TURBINE.value: Category.NEW_ENERGY.value,
-    Family.PV_INVERTER.value: Category.NEW_ENERGY.value,
-    Family.CNC_MACHINE.value: Category.INTELLIGENT.value,
-    Family.CONSTRUCTION_MACHINERY.value: Category.INTELLIGENT.value,
-    Family.MEDICAL.value: Category.INTELLIGENT.value,
+    k: f.category.value for k, f in builtin_families().items() if f.category is not None
 }
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import struct
 
-from device_profiles.schema import ByteOrder, ModbusSettings, Point, ValueType
+from device_profiles.schema import Point, ValueType
+from protocols.modbus.profile import ByteOrder, ModbusSettings, modbus_address
 
 __all__ = ["STRUCT_CODES", "Value", "decode", "encode", "from_raw", "to_raw"]
 
@@ -30,7 +31,7 @@ _INT_TYPES = {ValueType.INT16, ValueType.UINT16, ValueType.INT32, ValueType.UINT
 
 def _orders(point: Point, settings: ModbusSettings | None) -> tuple[ByteOrder, ByteOrder]:
     s = settings or ModbusSettings()
-    a = point.modbus
+    a = modbus_address(point)
     byte_order = (a.byte_order if a and a.byte_order else None) or s.byte_order
     word_order = (a.word_order if a and a.word_order else None) or s.word_order
     return byte_order, word_order
@@ -103,9 +104,10 @@ def encode(
         return [1 if value else 0]
     byte_order, word_order = _orders(point, settings)
     if point.type is ValueType.STRING:
-        assert point.modbus is not None and point.modbus.length is not None
-        data = str(value).encode("utf-8")[: point.modbus.length * 2]
-        data = data.ljust(point.modbus.length * 2, b"\x00")
+        a = modbus_address(point)
+        assert a is not None and a.length is not None
+        data = str(value).encode("utf-8")[: a.length * 2]
+        data = data.ljust(a.length * 2, b"\x00")
         words = [data[i : i + 2] for i in range(0, len(data), 2)]
         if byte_order is ByteOrder.LITTLE:
             words = [w[::-1] for w in words]
@@ -129,7 +131,8 @@ def decode(
 ) -> Value:
     """The registers (or [bit]) read from the device → engineering value."""
     if point.type is ValueType.BOOL:
-        bit = point.modbus.bit if point.modbus is not None else None
+        a = modbus_address(point)
+        bit = a.bit if a is not None else None
         if bit is not None:
             return bool((registers[0] >> bit) & 1)
         return bool(registers[0])

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
-from device_profiles.schema import ByteOrder, ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -46,6 +46,13 @@ from protocols.modbus.planner import (
     ReadBlock,
     Span,
     plan_reads,
+)
+from protocols.modbus.profile import (
+    ByteOrder,
+    ModbusTable,
+    modbus_address,
+    modbus_settings,
+    point_registers,
 )
 
 __all__ = ["ILLEGAL_DATA_ADDRESS", "ModbusDriver", "ModbusStats"]
@@ -108,7 +115,7 @@ class _BlockDecoder:
         for bp in sorted(block.points, key=lambda b: b.offset):
             p = bp.point
             code = codec.STRUCT_CODES.get(p.type)
-            a = p.modbus
+            a = modbus_address(p)
             byte_order = (a.byte_order if a is not None else None) or settings.byte_order
             word_order = (a.word_order if a is not None else None) or settings.word_order
             start = 2 * bp.offset
@@ -185,7 +192,7 @@ class ModbusDriver(DriverBase):
         name: str,
         max_gap: int = DEFAULT_MAX_GAP,
     ) -> None:
-        if profile.protocol != "modbus" or profile.modbus is None:
+        if profile.protocol != "modbus":
             raise ConfigError(f"device '{name}': profile '{profile.id}' is not a Modbus profile")
         if not isinstance(connection, ModbusConnection):
             try:
@@ -199,12 +206,10 @@ class ModbusDriver(DriverBase):
         self.profile = profile
         self.connection = connection
         self.name = name
-        self.settings = profile.modbus
+        self.settings = modbus_settings(profile)
         # An explicit unit in the device entry wins over the profile's default.
         self.unit = (
-            connection.unit
-            if "unit" in connection.model_fields_set
-            else profile.modbus.default_unit
+            connection.unit if "unit" in connection.model_fields_set else self.settings.default_unit
         )
         self.max_gap = max_gap
         self.stats = ModbusStats()
@@ -280,10 +285,11 @@ class ModbusDriver(DriverBase):
                 try:
                     async with asyncio.timeout(conn.timeout):
                         response = await line.run(call)
-                except TimeoutError:
+                except TimeoutError as exc:
                     if not line.connected:
                         self.stats.connect_errors += 1
                         last = ConnectError(f"device '{self.name}': connection lost during {what}")
+                        last.__cause__ = exc
                     else:
                         self.stats.timeouts += 1
                         last = DeviceTimeout(
@@ -301,6 +307,8 @@ class ModbusDriver(DriverBase):
                     else:
                         self.stats.timeouts += 1
                         last = DeviceTimeout(f"device '{self.name}': {what}: {exc}")
+                    # Raised after the last retry: keep pymodbus's error as the cause.
+                    last.__cause__ = exc
                     continue
                 except ModbusException as exc:
                     raise DecodeError(f"device '{self.name}': {what}: {exc}") from exc
@@ -517,7 +525,7 @@ class ModbusDriver(DriverBase):
 
     async def write(self, point: Point, value: Value) -> None:
         """Write one ``rw`` point (engineering value; scale reversed by the codec)."""
-        a = point.modbus
+        a = modbus_address(point)
         where = f"device '{self.name}': point '{point.name}'"
         if a is None:
             raise ConfigError(f"{where}: has no modbus address")
@@ -529,10 +537,9 @@ class ModbusDriver(DriverBase):
             sf: int | None = None
             if point.scale_factor_point is not None:
                 sf_point = self.profile.point(point.scale_factor_point)
-                assert sf_point.modbus is not None
-                regs = await self._read_span(
-                    sf_point.modbus.table, sf_point.modbus.address, sf_point.register_count
-                )
+                sf_a = modbus_address(sf_point)
+                assert sf_a is not None
+                regs = await self._read_span(sf_a.table, sf_a.address, point_registers(sf_point))
                 raw = self._decode_raw(sf_point, regs)
                 if not isinstance(raw, int) or not -20 <= raw <= 20:
                     raise DecodeError(f"{where}: scale factor '{sf_point.name}' is {raw!r}")

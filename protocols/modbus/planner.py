@@ -24,8 +24,15 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from device_profiles.schema import MODBUS_ADDRESS_SPACE, ModbusTable, Point, Profile
+from device_profiles.schema import Point, Profile
 from protocols.errors import ConfigError
+from protocols.modbus.profile import (
+    MODBUS_ADDRESS_SPACE,
+    ModbusTable,
+    modbus_address,
+    modbus_settings,
+    point_registers,
+)
 
 __all__ = [
     "DEFAULT_MAX_BIT_GAP",
@@ -117,15 +124,18 @@ def with_scale_factors(profile: Profile, points: Iterable[Point]) -> list[Point]
     return list(out.values())
 
 
+def _address(p: Point) -> int:
+    a = modbus_address(p)
+    assert a is not None  # plan_reads refuses points without one
+    return a.address
+
+
 def _cells(points: list[Point]) -> list[_Cell]:
-    ordered = sorted(
-        points, key=lambda p: (p.modbus.address if p.modbus else 0, p.register_count, p.name)
-    )
+    ordered = sorted(points, key=lambda p: (_address(p), point_registers(p), p.name))
     cells: list[_Cell] = []
     for p in ordered:
-        assert p.modbus is not None
-        start = p.modbus.address
-        end = start + p.register_count
+        start = _address(p)
+        end = start + point_registers(p)
         if cells and start < cells[-1].end:
             cells[-1].end = max(cells[-1].end, end)
             cells[-1].points.append(p)
@@ -182,10 +192,7 @@ def _plan_table(
         start = group[0].start
         end = max(c.end for c in group)
         items = tuple(
-            BlockPoint(p, p.modbus.address - start, p.register_count)
-            for c in group
-            for p in c.points
-            if p.modbus is not None
+            BlockPoint(p, _address(p) - start, point_registers(p)) for c in group for p in c.points
         )
         blocks.append(ReadBlock(table, start, end - start, items))
     return blocks
@@ -206,23 +213,23 @@ def plan_reads(
     Every point is in exactly one block; no block exceeds the limits (the lower of the
     arguments and the profile's ``max_registers_per_read``/``max_bits_per_read``).
     """
-    settings = profile.modbus
-    reg_limit = min(max_registers, settings.max_registers_per_read if settings else 125)
-    bit_limit = min(max_bits, settings.max_bits_per_read if settings else 2000)
+    settings = modbus_settings(profile)
+    reg_limit = min(max_registers, settings.max_registers_per_read)
+    bit_limit = min(max_bits, settings.max_bits_per_read)
     if reg_limit < 1 or bit_limit < 1:
         raise ConfigError(f"profile '{profile.id}': read limits must be at least 1")
     by_table: dict[ModbusTable, list[Point]] = {}
     for p in with_scale_factors(profile, points):
-        a = p.modbus
+        a = modbus_address(p)
         if a is None:
             raise ConfigError(f"profile '{profile.id}': point '{p.name}' has no modbus address")
         limit = bit_limit if a.table.is_bit_table else reg_limit
-        if p.register_count > limit:
+        if point_registers(p) > limit:
             raise ConfigError(
-                f"profile '{profile.id}': point '{p.name}': {p.register_count} registers "
+                f"profile '{profile.id}': point '{p.name}': {point_registers(p)} registers "
                 f"exceed the read limit of {limit}"
             )
-        if a.address + p.register_count > MODBUS_ADDRESS_SPACE:
+        if a.address + point_registers(p) > MODBUS_ADDRESS_SPACE:
             raise ConfigError(f"profile '{profile.id}': point '{p.name}': runs past address 65535")
         by_table.setdefault(a.table, []).append(p)
     refused_list = list(refused or ())

@@ -14,7 +14,7 @@ from typing import Any
 
 from asyncua import ua
 
-from device_profiles.schema import Point, ValueType
+from device_profiles.schema import INT_BOUNDS, Point, ValueType
 from protocols.modbus.codec import Value, from_raw, to_raw
 
 __all__ = [
@@ -40,13 +40,6 @@ VARIANT_TYPES: dict[ValueType, ua.VariantType] = {
     ValueType.STRING: ua.VariantType.String,
 }
 
-_INT_BOUNDS: dict[ValueType, tuple[int, int]] = {
-    ValueType.INT16: (-(2**15), 2**15 - 1),
-    ValueType.UINT16: (0, 2**16 - 1),
-    ValueType.INT32: (-(2**31), 2**31 - 1),
-    ValueType.UINT32: (0, 2**32 - 1),
-    ValueType.INT64: (-(2**63), 2**63 - 1),
-}
 _FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -110,7 +103,7 @@ def encode_value(point: Point, value: Value, *, saturate: bool = False) -> ua.Va
     raw = to_raw(point, value)
     if isinstance(raw, bool | str):
         raise ValueError(f"point '{point.name}': expected a number, got {value!r}")
-    bounds = _INT_BOUNDS.get(point.type)
+    bounds = INT_BOUNDS.get(point.type)
     if bounds is not None:
         lo, hi = bounds
         raw_int = int(raw)
@@ -157,7 +150,7 @@ def decode_value(point: Point, raw: Any) -> Value:
         return raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     if isinstance(raw, bool) or not isinstance(raw, int | float):
         raise ValueError(f"point '{point.name}': expected a number, got {raw!r}")
-    if t in _INT_BOUNDS and not isinstance(raw, int):
+    if t in INT_BOUNDS and not isinstance(raw, int):
         raise ValueError(f"point '{point.name}': expected an integer {t.value}, got {raw!r}")
     if isinstance(raw, float) and not math.isfinite(raw):
         # As on Modbus: NaN and infinities are a sensor fault, not a reading.

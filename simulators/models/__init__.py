@@ -12,7 +12,7 @@ import importlib
 import random
 from typing import Protocol
 
-from device_profiles.schema import Family, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 
 __all__ = ["MODELS", "GenericModel", "Model", "model_for"]
 
@@ -25,15 +25,15 @@ class Model(Protocol):
 
 
 # family -> "module:Class"; each class takes (profile, rng) and knows its family's points.
-MODELS: dict[Family, str] = {
-    Family.KILN: "simulators.models.kiln:KilnModel",
-    Family.BOILER: "simulators.models.boiler:BoilerModel",
-    Family.AIR_COMPRESSOR: "simulators.models.air_compressor:AirCompressorModel",
-    Family.MOTOR: "simulators.models.motor:MotorModel",
-    Family.DIESEL_GENSET: "simulators.models.diesel_genset:DieselGensetModel",
-    Family.WIND_TURBINE: "simulators.models.wind_turbine:WindTurbineModel",
-    Family.PV_INVERTER: "simulators.models.pv_inverter:PvInverterModel",
-    Family.CNC_MACHINE: "simulators.models.cnc_machine:CncMachineModel",
+MODELS: dict[str, str] = {
+    "kiln": "simulators.models.kiln:KilnModel",
+    "boiler": "simulators.models.boiler:BoilerModel",
+    "air_compressor": "simulators.models.air_compressor:AirCompressorModel",
+    "motor": "simulators.models.motor:MotorModel",
+    "diesel_genset": "simulators.models.diesel_genset:DieselGensetModel",
+    "wind_turbine": "simulators.models.wind_turbine:WindTurbineModel",
+    "pv_inverter": "simulators.models.pv_inverter:PvInverterModel",
+    "cnc_machine": "simulators.models.cnc_machine:CncMachineModel",
 }
 
 

@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from device_profiles import (
-    ByteOrder,
-    Category,
-    Family,
-    ModbusTable,
-    Profile,
-    ValueType,
-    load_profiles,
-)
+from device_profiles import Category, Profile, ValueType, load_profiles
+from protocols import registry
+from protocols.modbus.profile import ByteOrder, ModbusTable
 
-EXPECTED = {
-    "kiln-rotary-cement": (Family.KILN, Category.HIGH_ENERGY_PROCESS, "modbus"),
-    "boiler-steam-coal": (Family.BOILER, Category.HIGH_ENERGY_PROCESS, "modbus"),
-    "boiler-steam-gas-opcua": (Family.BOILER, Category.HIGH_ENERGY_PROCESS, "opcua"),
-    "aircomp-screw": (Family.AIR_COMPRESSOR, Category.GENERAL_POWER, "modbus"),
-    "motor-hv-drive": (Family.MOTOR, Category.GENERAL_POWER, "modbus"),
-    "genset-diesel": (Family.DIESEL_GENSET, Category.GENERAL_POWER, "modbus"),
-    "wind-turbine-2mw": (Family.WIND_TURBINE, Category.NEW_ENERGY, "modbus"),
-    "pv-inverter-sunspec": (Family.PV_INVERTER, Category.NEW_ENERGY, "modbus"),
-    "cnc-machine-tool": (Family.CNC_MACHINE, Category.INTELLIGENT, "opcua"),
-}
-PROFILES = {p.id: p for p in load_profiles()}
+LOADED = load_profiles()
+PROFILES = {p.id: p for p in LOADED}
 _LIMITS = {
     ValueType.INT16: (-(2**15), 2**15 - 1),
     ValueType.UINT16: (0, 2**16 - 1),
@@ -35,14 +19,16 @@ _LIMITS = {
 }
 
 
-def test_the_agreed_profiles_are_shipped() -> None:
-    assert set(PROFILES) == set(EXPECTED)
-    for pid, (family, category, protocol) in EXPECTED.items():
-        p = PROFILES[pid]
-        assert (p.family, p.category, p.protocol) == (family, category, protocol), pid
+def test_each_profile_counts_in_its_familys_category() -> None:
+    for pid, p in PROFILES.items():
+        family = LOADED.families[p.family]
+        assert (p.category, p.protocol in registry.names()) == (family.category, True), pid
+    # Together the shipped models cover every policy category and every built-in protocol.
+    assert {p.category for p in PROFILES.values()} == set(Category)
+    assert {p.protocol for p in PROFILES.values()} == {"modbus", "opcua"}
 
 
-@pytest.mark.parametrize("pid", sorted(EXPECTED))
+@pytest.mark.parametrize("pid", sorted(PROFILES))
 def test_profile_is_complete(pid: str) -> None:
     p = PROFILES[pid]
     assert 15 <= len(p.points) <= 40
@@ -56,7 +42,7 @@ def test_profile_is_complete(pid: str) -> None:
             assert pt.range is not None, f"{pt.name} has no range"
 
 
-@pytest.mark.parametrize("pid", sorted(EXPECTED))
+@pytest.mark.parametrize("pid", sorted(PROFILES))
 def test_ranges_fit_the_registers(pid: str) -> None:
     """A value anywhere in the declared range can be stored in the declared type."""
     p = PROFILES[pid]
@@ -91,7 +77,7 @@ def test_profiles_together_cover_the_modbus_features() -> None:
     assert any(p.modbus and p.modbus.word_order is ByteOrder.LITTLE for p in modbus)
 
 
-@pytest.mark.parametrize("pid", ["boiler-steam-gas-opcua", "cnc-machine-tool"])
+@pytest.mark.parametrize("pid", sorted(p.id for p in LOADED if p.protocol == "opcua"))
 def test_opcua_profiles_address_their_namespace(pid: str) -> None:
     p = PROFILES[pid]
     assert p.opcua is not None and p.opcua.namespace_uri and p.opcua.root_name

@@ -14,7 +14,7 @@ import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles, parse_profile
-from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 from iiot_common.localservers import PtyPair
 from protocols import errors
 from protocols.driver import Driver, Reading, create_driver
@@ -23,6 +23,7 @@ from protocols.modbus.config import ModbusConnection
 from protocols.modbus.driver import ModbusDriver
 from protocols.modbus.line import open_lines
 from protocols.modbus.planner import plan_reads
+from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
@@ -277,7 +278,7 @@ async def _check_scale_factors(
                 if p.modbus.table is ModbusTable.HOLDING
                 else client.read_input_registers
             )
-            regs = (await read(p.modbus.address, count=p.register_count)).registers
+            regs = (await read(p.modbus.address, count=point_registers(p))).registers
             raw = codec.decode(
                 p.model_copy(update={"scale": 1.0, "offset": 0.0}), list(regs), profile.modbus
             )
@@ -421,6 +422,19 @@ async def test_dropped_connection_raises_connect_error_then_recovers() -> None:
             dev.faults.clear()
             reading = await drv.read(profile.points)  # a fresh connection
             _assert_matches(profile, reading, dev.values())
+
+
+async def test_a_connection_lost_mid_request_keeps_the_underlying_error() -> None:
+    profile = _small()
+    dev = _device(profile)
+    async with _serve({1: dev}) as server:
+        conn = _tcp(server, timeout=0.3, retries=0)
+        async with ModbusDriver(profile, conn, name="dev-1") as drv:
+            dev.faults.set(FaultMode.DROP)
+            with pytest.raises(errors.ConnectError, match="dev-1") as info:
+                await drv.read(profile.points)
+            # What pymodbus (or the timeout) reported stays visible in the traceback.
+            assert info.value.__cause__ is not None
 
 
 async def test_nothing_listening_is_a_connect_error() -> None:

@@ -7,8 +7,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from device_profiles.schema import ModbusTable, Point, Profile
+from device_profiles.schema import Point, Profile
 from protocols.modbus.planner import ReadBlock, Span, plan_reads
+from protocols.modbus.profile import ModbusTable, point_registers
 
 _REGISTER_TYPES = ["int16", "uint16", "int32", "uint32", "int64", "float32", "float64"]
 _SIZES = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "int64": 4, "float32": 2, "float64": 4}
@@ -230,7 +231,7 @@ def _profiles(draw: st.DrawFn) -> tuple[Profile, list[Span], int, int, int]:
 
 def _registers(p: Point) -> tuple[int, int]:
     assert p.modbus is not None
-    return p.modbus.address, p.modbus.address + p.register_count
+    return p.modbus.address, p.modbus.address + point_registers(p)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

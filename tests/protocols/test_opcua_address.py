@@ -7,8 +7,9 @@ import math
 import orjson
 import pytest
 
-from device_profiles.schema import OpcUaAddress, Point, ValueType
+from device_profiles.schema import Point, ValueType
 from protocols.opcua.address import decode_value
+from protocols.opcua.profile import OpcUaAddress
 
 
 def _point(t: ValueType) -> Point:

@@ -15,9 +15,10 @@ from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.framer import FramerType
 
 from device_profiles.loader import load_profiles, parse_profile
-from device_profiles.schema import ModbusTable, Point, Profile, ValueType
+from device_profiles.schema import Point, Profile, ValueType
 from iiot_common.localservers import PtyPair
 from protocols.modbus.codec import decode, encode
+from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
@@ -103,7 +104,7 @@ async def _read_point(client: Any, profile: Profile, point: Point, unit: int = 1
     """Read one point the way any Modbus master would, and decode it with the profile."""
     a = point.modbus
     assert a is not None
-    rr = await _read_registers(client, a.table, a.address, point.register_count, unit)
+    rr = await _read_registers(client, a.table, a.address, point_registers(point), unit)
     assert not rr.isError(), f"{profile.id}: point '{point.name}' answered {rr}"
     regs = [int(b) for b in rr.bits[:1]] if a.table.is_bit_table else list(rr.registers)
     sf = None

@@ -16,8 +16,9 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
 from device_profiles.loader import load_profiles
-from device_profiles.schema import ModbusTable, Point, Profile
+from device_profiles.schema import Point, Profile
 from protocols.modbus.codec import decode
+from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.control import ControlServer
 from simulators.faults import FaultMode
 from simulators.plant import Plant, PlantConfig, PlantError, load_plant_config
@@ -79,11 +80,11 @@ async def _read(profile: Profile, point: Point, port: int, unit: int, wait: floa
         assert a is not None
         if a.table is ModbusTable.INPUT:
             rr = await client.read_input_registers(
-                a.address, count=point.register_count, device_id=unit
+                a.address, count=point_registers(point), device_id=unit
             )
         elif a.table is ModbusTable.HOLDING:
             rr = await client.read_holding_registers(
-                a.address, count=point.register_count, device_id=unit
+                a.address, count=point_registers(point), device_id=unit
             )
         elif a.table is ModbusTable.COIL:
             rr = await client.read_coils(a.address, count=1, device_id=unit)

@@ -19,8 +19,9 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
 
 from device_profiles.loader import load_profiles
-from device_profiles.schema import ModbusTable, Profile
+from device_profiles.schema import Profile
 from iiot_common.localservers import PtyPair, free_port
+from protocols.modbus.profile import ModbusTable, point_registers
 from tests.simulators.test_plant import EXAMPLE, free_base
 
 IIOT = str(Path(sys.executable).with_name("iiot"))
@@ -112,7 +113,7 @@ async def _read_input(
             if point.modbus.table is ModbusTable.INPUT
             else client.read_holding_registers
         )
-        return await read(point.modbus.address, count=point.register_count, device_id=unit)
+        return await read(point.modbus.address, count=point_registers(point), device_id=unit)
     finally:
         client.close()
 
