@@ -11,17 +11,19 @@ the loader adds the file name.
 from __future__ import annotations
 
 import math
-import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from iiot_common.identifier import IDENTIFIER_PATTERN, Identifier, is_identifier
 
 __all__ = [
     "IDENTIFIER_PATTERN",
     "ByteOrder",
     "Category",
     "Family",
+    "Identifier",
     "ModbusAddress",
     "ModbusSettings",
     "ModbusTable",
@@ -30,13 +32,9 @@ __all__ = [
     "Point",
     "Profile",
     "ValueType",
+    "is_identifier",
     "register_count",
 ]
-
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_IDENT = re.compile(IDENTIFIER_PATTERN)
-
-Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -384,8 +382,3 @@ class Profile(_Strict):
             if p.name == name:
                 return p
         raise KeyError(name)
-
-
-def is_identifier(value: str) -> bool:
-    """True when ``value`` is a valid topic/registry identifier."""
-    return bool(_IDENT.fullmatch(value))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from iiot_common.backoff import MQTT_RECONNECT_MAX, MQTT_RECONNECT_MIN
 from iiot_common.envsubst import UnsetVariable, expand_env
+from iiot_common.identifier import IDENTIFIER_PATTERN
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
@@ -29,13 +31,13 @@ class _Cfg(BaseModel):
 
 class MqttConfig(_Cfg):
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://")
-    client_id: str = Field(default="iiot-gateway-1", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    client_id: str = Field(default="iiot-gateway-1", pattern=IDENTIFIER_PATTERN)
     username: str | None = None
     password: SecretStr | None = None
     ca_file: Path | None = None
     shared_group: str | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        pattern=IDENTIFIER_PATTERN,
         description="Subscribe as $share/<group>/iiot/v1/# so N gateways split the load.",
     )
     keepalive: int = Field(default=30, ge=5, le=600)
@@ -44,6 +46,21 @@ class MqttConfig(_Cfg):
         description="MQTT version; 3.1.1 keeps the session with clean_session=false "
         "(for brokers without MQTT 5, such as the demo's embedded broker).",
     )
+    reconnect_min: float = Field(
+        default=MQTT_RECONNECT_MIN, gt=0, le=60, description="First backoff, seconds."
+    )
+    reconnect_max: float = Field(
+        default=MQTT_RECONNECT_MAX, gt=0, le=3600, description="Longest backoff, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> MqttConfig:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(
+                f"reconnect_min ({self.reconnect_min}) is above reconnect_max "
+                f"({self.reconnect_max})"
+            )
+        return self
 
 
 class InfluxConfig(_Cfg):

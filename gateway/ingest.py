@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import sqlite3
 import ssl
 import threading
@@ -24,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -35,14 +33,12 @@ from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
+from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
 from protocols.mqtt.contract import (
-    IDENTIFIER_PATTERN,
-    MAX_SEQ,
     MAX_TS_MS,
     TOPIC_PREFIX,
     Birth,
     ContractError,
-    DataMessage,
     DeviceState,
     Kind,
     Will,
@@ -58,76 +54,8 @@ MEASUREMENT = "telemetry"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 
-_IDENT = re.compile(IDENTIFIER_PATTERN)
-_SCALARS = frozenset({float, int, bool, str, type(None)})
-# Point names already seen to be valid identifiers (bounded below).
-_good_names: set[str] = set()
-
-# (ts, values, errors) of one sample, whichever parser produced it.
-_SampleT = tuple[int, dict[str, Any], dict[str, Any]]
-
-
-def _names_ok(names: Any) -> bool:
-    for k in names:
-        if k not in _good_names:
-            if not _IDENT.fullmatch(k):
-                return False
-            if len(_good_names) < 100_000:
-                _good_names.add(k)
-    return True
-
-
-def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
-    """Parse the common shape of a data message quickly; None means "ask pydantic".
-
-    Accepts only what ``DataMessage`` accepts with the same meaning (exact JSON types,
-    no extra keys), so anything unusual, valid or not, takes the full validator.
-    """
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if type(doc) is not dict or len(doc) != 2:
-        return None
-    seq = doc.get("seq")
-    samples = doc.get("samples")
-    if type(seq) is not int or seq < 0 or type(samples) is not list or not samples:
-        return None
-    if seq + len(samples) - 1 > MAX_SEQ:
-        return None
-    out: list[_SampleT] = []
-    for s in samples:
-        if type(s) is not dict:
-            return None
-        ts = s.get("ts")
-        values = s.get("values", {})
-        errors = s.get("errors", {})
-        quality = s.get("quality")
-        expected = 1 + ("values" in s) + ("errors" in s) + ("quality" in s)
-        if (
-            len(s) != expected
-            or type(ts) is not int
-            or ts < 0
-            or ts > MAX_TS_MS
-            or type(values) is not dict
-            or type(errors) is not dict
-        ):
-            return None
-        if not _names_ok(values) or not _names_ok(errors):
-            return None
-        for v in values.values():
-            if type(v) not in _SCALARS:
-                return None
-        for v in errors.values():
-            if type(v) is not str:
-                return None
-        if quality is not None:
-            if type(quality) is not dict or not _names_ok(quality):
-                return None
-            if any(type(v) is not str for v in quality.values()):
-                return None
-        out.append((ts, values, errors))
-    return seq, out
+# (ts, values, errors, quality) of one sample, whichever codec decoded it.
+_SampleT = DecodedSample
 
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
@@ -157,8 +85,9 @@ class Outcome:
 class MessageProcessor:
     """Turns one MQTT message into line protocol and a registry notification; pure."""
 
-    def __init__(self, sink: IngestSink) -> None:
+    def __init__(self, sink: IngestSink, *, codec: Codec = JSON_CODEC) -> None:
         self.sink = sink
+        self.codec = codec
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
@@ -192,17 +121,15 @@ class MessageProcessor:
         ent, agent = t.enterprise, t.agent
         if t.kind is Kind.DATA:
             assert t.device is not None
-            fast = _fast_data(payload)
-            if fast is not None:
-                return self._data(tx, ent, agent, t.device, fast[0], fast[1], source)
+            try:
+                data = self.codec.decode_data(payload)
+            except ContractError as exc:
+                return Outcome(exc.reason, f"{text}: {exc}", source=source)
+            return self._data(tx, ent, agent, t.device, data.seq, data.samples, source)
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
-        if isinstance(msg, DataMessage):
-            assert t.device is not None
-            samples = [(x.ts, x.values, x.errors) for x in msg.samples]
-            return self._data(tx, ent, agent, t.device, msg.seq, samples, source)
         if isinstance(msg, Birth):
             birth = msg
             return Outcome(source=source, notify=lambda s: s.on_birth(ent, agent, birth))
@@ -248,7 +175,7 @@ class MessageProcessor:
         samples: list[_SampleT],
         source: str,
     ) -> Outcome:
-        for ts, _, _ in samples:
+        for ts, _, _, _ in samples:
             if ts > MAX_TS_MS:
                 return Outcome(
                     "bad_timestamp",
@@ -263,7 +190,7 @@ class MessageProcessor:
         first_ts = last_ts = -1
         last_good: int | None = None
         first_time = tx.first_time
-        for ts, values, errors in samples:
+        for ts, values, errors, _ in samples:
             this_seq = seq
             seq += 1
             if not first_time(devkey, this_seq, ts):

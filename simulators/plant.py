@@ -36,7 +36,8 @@ from typing import Any, Literal, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from device_profiles.loader import ProfileSet, load_profiles
-from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from device_profiles.schema import Profile
+from iiot_common.identifier import IDENTIFIER_PATTERN
 from iiot_common.yamlfile import YamlFileError, read_yaml
 from simulators.device import SimDevice
 from simulators.faults import FaultMode

@@ -53,6 +53,7 @@ from gateway.ratios import (
 from gateway.registry import Conflict, NotFound, Registry, RegistryError
 from gateway.registry.codes import CATEGORY_LABELS, region_label
 from gateway.registry.ledger import LedgerError, check_row, parse_ledger
+from iiot_common.identifier import IDENTIFIER_PATTERN
 
 __all__ = ["create_app"]
 
@@ -65,8 +66,8 @@ GroupBy = Literal["enterprise", "province", "city", "county", "industry", "categ
 HistoryGroupBy = Literal[
     "overall", "enterprise", "province", "city", "county", "industry", "category", "family"
 ]
-Ident = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)]
-_QIdent = Query(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)
+Ident = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, max_length=64)]
+_QIdent = Query(default=None, pattern=IDENTIFIER_PATTERN, max_length=64)
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or unknown bearer token."},

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from iiot_common.identifier import Identifier
 
 __all__ = [
     "AgentOut",
@@ -30,7 +32,7 @@ __all__ = [
     "RatiosOut",
 ]
 
-Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)]
+Ident = Identifier
 PointValue = bool | int | float | str | None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from device_profiles.schema import Category, Family
+from iiot_common.identifier import IDENTIFIER_RE, check_identifier
 
 __all__ = [
     "CATEGORY_LABELS",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 UNKNOWN = "unknown"
-IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+IDENT_RE = IDENTIFIER_RE
 
 # GB/T 2260 province-level prefixes (first two digits).
 _PROVINCES = frozenset(
@@ -142,9 +143,7 @@ FAMILY_CATEGORY: dict[str, str] = {
 
 
 def check_ident(value: object, what: str) -> str:
-    if not isinstance(value, str) or not IDENT_RE.fullmatch(value):
-        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
-    return value
+    return check_identifier(value, what)
 
 
 def check_region(value: object) -> str:
