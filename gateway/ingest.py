@@ -33,6 +33,7 @@ from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
+from iiot_common.backoff import Backoff
 from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
 from protocols.mqtt.contract import (
     MAX_TS_MS,
@@ -270,6 +271,14 @@ class Ingest:
         self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The connection: one supervisor thread connects under the shared backoff policy;
+        # paho's own thread runs each connection and ends with it (no paho retries).
+        self.backoff = Backoff(mqtt_config.reconnect_min, mqtt_config.reconnect_max)
+        self._net: threading.Thread | None = None
+        self._net_stop = threading.Event()
+        self._session_over = threading.Event()
+        self._auth_failed = False
+        self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
         self.committed_messages = 0
         self._client = self._make_client()
@@ -294,6 +303,7 @@ class Ingest:
             # clean_start=False and the session expiry given at connect.
             clean_session=None if cfg.protocol == "5" else False,
             manual_ack=True,
+            reconnect_on_failure=False,
         )
         if cfg.username is not None:
             client.username_pw_set(
@@ -304,7 +314,6 @@ class Ingest:
                 ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -323,10 +332,14 @@ class Ingest:
             props.ReceiveMaximum = self.config.receive_maximum
             v5 = {"clean_start": False, "properties": props}
         self._stop.clear()
+        self._net_stop.clear()
         self._thread = threading.Thread(target=self._run, name="iiot-ingest", daemon=True)
         self._thread.start()
-        self._client.connect_async(url.hostname or "127.0.0.1", port, keepalive=cfg.keepalive, **v5)
-        self._client.loop_start()
+        host = url.hostname or "127.0.0.1"
+        self._net = threading.Thread(
+            target=self._supervise, args=(host, port, v5), name="iiot-ingest-mqtt", daemon=True
+        )
+        self._net.start()
         if not self._subscribed.wait(connect_timeout):
             log.warning(
                 "broker not reachable yet; retrying in the background",
@@ -339,10 +352,48 @@ class Ingest:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._net_stop.set()
         self._client.disconnect()
-        self._client.loop_stop()
+        self._session_over.set()
+        if self._net is not None:
+            self._net.join(timeout)
+            self._net = None
         self._connected.clear()
         self.metrics.mqtt_connected.set(0)
+
+    def _supervise(self, host: str, port: int, v5: dict[str, Any]) -> None:
+        """Connect, run the connection in paho's thread until it ends, back off, repeat."""
+        client = self._client
+        keepalive = self.mqtt_config.keepalive
+        while not self._net_stop.is_set():
+            self.backoff.connecting()
+            self._session_over.clear()
+            self._auth_failed = False
+            try:
+                client.connect(host, port, keepalive=keepalive, **v5)
+            except (OSError, ValueError) as exc:  # refused, unreachable, TLS, bad host
+                self._connect_failed(f"{type(exc).__name__}: {exc}")
+            else:
+                client.loop_start()
+                if self._net_stop.is_set():
+                    client.disconnect()  # stop() came while connecting
+                self._session_over.wait()
+                # Lets paho's thread send what is queued (a DISCONNECT), then ends it.
+                client.loop_stop()
+            if self._net_stop.is_set():
+                return
+            delay = self.backoff.next_delay(auth_failed=self._auth_failed)
+            log.debug("mqtt reconnect scheduled", extra={"in_s": round(delay, 2)})
+            self._net_stop.wait(delay)
+
+    def _connect_failed(self, error: str) -> None:
+        # Logged once per distinct error, not once per attempt (an outage retries often).
+        if error != self._last_error:
+            self._last_error = error
+            log.warning(
+                "cannot connect to broker; retrying",
+                extra={"url": self.mqtt_config.url, "error": error},
+            )
 
     # -- paho callbacks (network thread) ------------------------------------------------
 
@@ -350,11 +401,12 @@ class Ingest:
         self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if reason.is_failure:
-            log.error(
-                "broker refused the connection",
-                extra={"url": self.mqtt_config.url, "reason": str(reason)},
-            )
+            # 4/5 (3.1.1) and 0x86/0x87 (5): bad credentials / not authorised.
+            self._auth_failed = int(getattr(reason, "value", 0) or 0) in (4, 5, 0x86, 0x87)
+            self._connect_failed(f"refused: {reason}")
             return
+        self.backoff.succeeded()
+        self._last_error = ""
         # Messages queued under an earlier connection carry mids of that connection;
         # they must not be acked on this one. The broker redelivers them.
         self._gen += 1
@@ -383,10 +435,13 @@ class Ingest:
     def _on_disconnect(
         self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
         self._subscribed.clear()
         self.metrics.mqtt_connected.set(0)
-        if not self._stop.is_set():
+        self.backoff.lost()
+        self._session_over.set()
+        if was_connected and not self._stop.is_set():
             log.warning(
                 "disconnected from broker",
                 extra={"url": self.mqtt_config.url, "reason": str(reason)},
