@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +161,34 @@ async def test_refused_login_is_counted_and_samples_are_kept(
     finally:
         await agent.stop()
         await sim.stop()
+
+
+async def test_failed_spool_commits_show_on_metrics(tmp_path: Path) -> None:
+    profiles = load_profiles()
+    dev = SimDevice(profiles["kiln-rotary-cement"], device_id="kiln-1", seed=1)
+    sim = ModbusSimServer({1: dev}, port=0)
+    await sim.start()
+    cfg = agent_dict(
+        tmp_path,
+        free_port(),
+        [modbus_device("kiln-1", "kiln-rotary-cement", sim.port, interval=0.05)],
+        metrics={"host": "127.0.0.1", "port": 0},
+    )
+    agent = Agent(parse_config(cfg))
+    await agent.start()
+    blocker = sqlite3.connect(agent.spool.path, isolation_level=None, timeout=0.1)
+    try:
+        await wait_for(lambda: agent.samples_spooled > 0, 10, "first commit")
+        # Another writer holds the database: the agent's commits fail until it lets go.
+        blocker.execute("BEGIN EXCLUSIVE")
+        await wait_for(lambda: agent.spool.commit_errors >= 1, 30, "a failed commit")
+        blocker.execute("ROLLBACK")
+        spooled = agent.samples_spooled
+        await wait_for(lambda: agent.samples_spooled > spooled, 30, "commits again")
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+    finally:
+        blocker.close()
+        await agent.stop()
+        await sim.stop()
+    assert _metric(text, "iiot_agent_spool_commit_errors_total") >= 1
