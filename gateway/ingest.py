@@ -8,6 +8,10 @@ acknowledged too, so the broker does not redeliver them forever. The session is
 persistent (MQTT 5, clean_start=False, session expiry), so what arrives while the
 gateway is down is delivered after it reconnects; a message committed but not yet
 acknowledged when the process died is delivered again and dropped as a duplicate.
+
+Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
+connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
+never retries on its own here.
 """
 
 from __future__ import annotations
