@@ -127,10 +127,10 @@ class MessageProcessor:
         if t.kind is Kind.DATA:
             assert t.device is not None
             try:
-                data = self.codec.decode_data(payload)
+                seq, samples = self.codec.decode_data(payload)
             except ContractError as exc:
                 return Outcome(exc.reason, f"{text}: {exc}", source=source)
-            return self._data(tx, ent, agent, t.device, data.seq, data.samples, source)
+            return self._data(tx, ent, agent, t.device, seq, samples, source)
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:

@@ -14,9 +14,8 @@ accept and refuse exactly the same messages, with the same reason. A binary code
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
@@ -36,20 +35,11 @@ __all__ = ["JSON_CODEC", "Codec", "DecodedData", "DecodedSample", "JsonCodec", "
 PointValue = bool | int | float | str | None
 
 
-class DecodedSample(NamedTuple):
-    """One sample of a decoded data message; ``quality`` is None when every point is Good."""
-
-    ts: int
-    values: dict[str, PointValue]
-    errors: dict[str, str]
-    quality: dict[str, str] | None
-
-
-class DecodedData(NamedTuple):
-    """A decoded data message: the first sample's seq and the samples, in seq order."""
-
-    seq: int
-    samples: list[DecodedSample]
+# Plain tuples, not classes: the gateway builds one per sample it receives.
+# (ts, values, errors, quality); quality is None when every point is Good.
+DecodedSample = tuple[int, dict[str, PointValue], dict[str, str], dict[str, str] | None]
+# (seq of the first sample, samples in seq order)
+DecodedData = tuple[int, list[DecodedSample]]
 
 
 class Codec(Protocol):
@@ -77,80 +67,45 @@ class Codec(Protocol):
 
 
 _SCALARS = frozenset({float, int, str, bool, type(None)})
+_NOT_FLOAT = frozenset({int, str, bool, type(None)})
 # orjson reads an integer beyond 64 bits as a float, the model as an int: a float this
 # large may have been either, so the model decides.
 _BIG = 9.2e18
 _KNOWN_MAX = 100_000
-# Names already seen to be valid identifiers; point names repeat in every sample.
+# Names already seen to be valid identifiers; point names repeat in every sample, so
+# most checks are one C-level superset test.
 _known: set[str] = set()
+_known_ok = _known.issuperset
 
 
 def _names_ok(names: Any) -> bool:
-    known = _known
+    """True when every key of ``names`` is an identifier."""
+    if _known_ok(names):
+        return True
     for k in names:
-        if k not in known:
-            if type(k) is not str or IDENTIFIER_RE.fullmatch(k) is None:
-                return False
-            if len(known) < _KNOWN_MAX:
-                known.add(k)
+        if type(k) is not str or IDENTIFIER_RE.fullmatch(k) is None:
+            return False
+    if len(_known) < _KNOWN_MAX:
+        _known.update(names)
     return True
 
 
-def _strs_ok(d: Any) -> bool:
+def _texts_ok(d: Any) -> bool:
+    """True when ``d`` maps identifiers to strings (errors, quality)."""
+    if not _names_ok(d):
+        return False
     for v in d.values():
         if type(v) is not str:
             return False
     return True
 
 
-def _values_ok(values: Any) -> bool:
-    for v in values.values():
-        t = type(v)
-        if t not in _SCALARS or (t is float and (v >= _BIG or v <= -_BIG)):
-            return False
-    return True
-
-
-def _plain_ok(values: Any) -> bool:
-    for v in values.values():
-        if type(v) not in _SCALARS:
-            return False
-    return True
-
-
-def _sample_fields(s: Any) -> DecodedSample | None:
-    """The fields of one parsed sample in the common shape; None means "ask the model"."""
-    if type(s) is not dict:
-        return None
-    ts = s.get("ts")
-    values = s.get("values", {})
-    errors = s.get("errors", {})
-    quality = s.get("quality")
-    if (
-        len(s) != 1 + ("values" in s) + ("errors" in s) + ("quality" in s)
-        or type(ts) is not int
-        or ts < 0
-        or ts > MAX_TS_MS
-        or type(values) is not dict
-        or type(errors) is not dict
-        or not _names_ok(values)
-        or not _names_ok(errors)
-        or not _values_ok(values)
-        or not _strs_ok(errors)
-    ):
-        return None
-    if quality is not None and (
-        type(quality) is not dict or not _names_ok(quality) or not _strs_ok(quality)
-    ):
-        return None
-    return DecodedSample(ts, values, errors, quality)
-
-
 def _fast_decode(payload: bytes) -> DecodedData | None:
     """Decode the common shape of a data message; None means "ask the model".
 
     Accepts only what ``DataMessage`` accepts with the same meaning (exact JSON types, no
-    extra keys), so anything unusual, valid or not, takes the model.
+    extra keys), so anything unusual, valid or not, takes the model. One function with
+    its loops inline: this runs for every message the gateway receives.
     """
     try:
         doc = orjson.loads(payload)
@@ -166,11 +121,54 @@ def _fast_decode(payload: bytes) -> DecodedData | None:
         return None
     out: list[DecodedSample] = []
     for s in samples:
-        fields = _sample_fields(s)
-        if fields is None:
+        if type(s) is not dict:
             return None
-        out.append(fields)
-    return DecodedData(seq, out)
+        ts = s.get("ts")
+        values = s.get("values", {})
+        errors = s.get("errors", {})
+        quality = s.get("quality")
+        if (
+            type(ts) is not int
+            or ts < 0
+            or ts > MAX_TS_MS
+            or len(s) != 1 + ("values" in s) + ("errors" in s) + ("quality" in s)
+            or type(values) is not dict
+            or type(errors) is not dict
+            or not (_known_ok(values) or _names_ok(values))
+        ):
+            return None
+        for v in values.values():
+            t = type(v)
+            if t is float:
+                if v >= _BIG or v <= -_BIG:
+                    return None
+            elif t not in _NOT_FLOAT:
+                return None
+        if errors and not _texts_ok(errors):
+            return None
+        if quality is not None and (type(quality) is not dict or not _texts_ok(quality)):
+            return None
+        out.append((ts, values, errors, quality))
+    return seq, out
+
+
+def _plain_sample(ts: Any, values: Any, errors: Any, quality: Any) -> bool:
+    """True when orjson writes this sample exactly as the model would."""
+    if (
+        type(ts) is not int
+        or ts < 0
+        or ts > MAX_TS_MS
+        or type(values) is not dict
+        or type(errors) is not dict
+        or not (_known_ok(values) or _names_ok(values))
+    ):
+        return False
+    for v in values.values():
+        if type(v) not in _SCALARS:
+            return False
+    if errors and not _texts_ok(errors):
+        return False
+    return not quality or (type(quality) is dict and _texts_ok(quality))
 
 
 class JsonCodec:
@@ -186,25 +184,14 @@ class JsonCodec:
         quality: Mapping[str, str] | None = None,
     ) -> str:
         """Compact Sample JSON, as ``contract.encode(Sample(...))`` gives it."""
-        if (
-            type(ts) is int
-            and 0 <= ts <= MAX_TS_MS
-            and type(values) is dict
-            and type(errors) is dict
-            and _names_ok(values)
-            and _names_ok(errors)
-            and _plain_ok(values)
-            and _strs_ok(errors)
-            and (
-                not quality or (type(quality) is dict and _names_ok(quality) and _strs_ok(quality))
-            )
-        ):
+        if _plain_sample(ts, values, errors, quality):
             body: dict[str, Any] = {"ts": ts, "values": values, "errors": errors}
             if quality:
                 body["quality"] = quality
-            # An integer beyond 64 bits is too much for orjson; the model writes it.
-            with contextlib.suppress(orjson.JSONEncodeError):
+            try:
                 return orjson.dumps(body).decode()
+            except orjson.JSONEncodeError:
+                pass  # an integer beyond 64 bits: the model writes it
         try:
             sample = Sample(ts=ts, values=values, errors=errors, quality=quality or None)
         except ValidationError as exc:
@@ -222,10 +209,7 @@ class JsonCodec:
         if fast is not None:
             return fast
         msg = decode_data_message(payload)
-        return DecodedData(
-            msg.seq,
-            [DecodedSample(s.ts, s.values, s.errors, s.quality) for s in msg.samples],
-        )
+        return msg.seq, [(s.ts, s.values, s.errors, s.quality) for s in msg.samples]
 
 
 JSON_CODEC: Codec = JsonCodec()

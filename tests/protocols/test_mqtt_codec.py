@@ -40,7 +40,8 @@ def _typed(x: Any) -> Any:
 
 
 def _decoded(d: DecodedData) -> Any:
-    return _typed([d.seq, [list(s) for s in d.samples]])
+    seq, samples = d
+    return _typed([seq, [list(s) for s in samples]])
 
 
 def _model_decode(payload: bytes) -> _Result:
@@ -48,8 +49,8 @@ def _model_decode(payload: bytes) -> _Result:
         msg = decode_data_message(payload)
     except ContractError as exc:
         return ("refused", (exc.reason, str(exc)))
-    samples = [DecodedSample(s.ts, s.values, s.errors, s.quality) for s in msg.samples]
-    return ("accepted", _decoded(DecodedData(msg.seq, samples)))
+    samples: list[DecodedSample] = [(s.ts, s.values, s.errors, s.quality) for s in msg.samples]
+    return ("accepted", _decoded((msg.seq, samples)))
 
 
 def _codec_decode(payload: bytes) -> _Result:
