@@ -58,11 +58,6 @@ log = logging.getLogger(__name__)
 MEASUREMENT = "telemetry"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
-
-# (ts, values, errors, quality) of one sample, whichever codec decoded it.
-_SampleT = DecodedSample
-
-
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
 
 
@@ -177,7 +172,7 @@ class MessageProcessor:
         agent: str,
         device: str,
         seq: int,
-        samples: list[_SampleT],
+        samples: list[DecodedSample],
         source: str,
     ) -> Outcome:
         for ts, _, _, _ in samples:

@@ -25,14 +25,13 @@ from protocols.mqtt.contract import (
     MAX_SEQ,
     MAX_TS_MS,
     ContractError,
+    PointValue,
     Sample,
     decode_data_message,
     encode,
 )
 
-__all__ = ["JSON_CODEC", "Codec", "DecodedData", "DecodedSample", "JsonCodec", "PointValue"]
-
-PointValue = bool | int | float | str | None
+__all__ = ["JSON_CODEC", "Codec", "DecodedData", "DecodedSample", "JsonCodec"]
 
 
 # Plain tuples, not classes: the gateway builds one per sample it receives.
@@ -43,7 +42,11 @@ DecodedData = tuple[int, list[DecodedSample]]
 
 
 class Codec(Protocol):
-    """Writes and reads the data messages of one wire format."""
+    """Writes and reads the data messages of one wire format.
+
+    Spool bodies are text (the spool's column is TEXT): a binary codec either stores its
+    bytes encoded as text or brings a BLOB column with it.
+    """
 
     name: str
 

@@ -41,6 +41,7 @@ __all__ = [
     "DeviceState",
     "Identifier",
     "Kind",
+    "PointValue",
     "Sample",
     "Topic",
     "Will",
