@@ -237,9 +237,9 @@ def decode_data_message(payload: bytes) -> DataMessage:
 
 def decode_payload(topic: Topic, payload: bytes) -> Payload:
     """Validate a payload against its topic kind; raises ContractError with a reason."""
+    if topic.kind is Kind.DATA:
+        return decode_data_message(payload)
     try:
-        if topic.kind is Kind.DATA:
-            return DataMessage.model_validate_json(payload)
         if topic.kind is Kind.STATE:
             return DeviceState.model_validate_json(payload)
         if topic.kind is Kind.AGENT:
