@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from iiot_common.backoff import MQTT_RECONNECT_MAX, MQTT_RECONNECT_MIN
 from iiot_common.envsubst import UnsetVariable, expand_env
-from iiot_common.identifier import IDENTIFIER_PATTERN
+from iiot_common.identifier import Identifier
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
@@ -31,13 +31,12 @@ class _Cfg(BaseModel):
 
 class MqttConfig(_Cfg):
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://")
-    client_id: str = Field(default="iiot-gateway-1", pattern=IDENTIFIER_PATTERN)
+    client_id: Identifier = "iiot-gateway-1"
     username: str | None = None
     password: SecretStr | None = None
     ca_file: Path | None = None
-    shared_group: str | None = Field(
+    shared_group: Identifier | None = Field(
         default=None,
-        pattern=IDENTIFIER_PATTERN,
         description="Subscribe as $share/<group>/iiot/v1/# so N gateways split the load.",
     )
     keepalive: int = Field(default=30, ge=5, le=600)
