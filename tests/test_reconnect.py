@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
@@ -16,7 +17,9 @@ from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device
 from tests.gateway.test_ingest import MemorySink
-from tests.servers import Mosquitto
+
+if TYPE_CHECKING:  # the fixture's type only
+    from tests.servers import Mosquitto
 
 _OUTAGE = 15.0  # long enough for an uncapped backoff to have grown well past 5 s
 _RESUME_WITHIN = 5.0
