@@ -16,14 +16,14 @@ the loader adds the file name.
 from __future__ import annotations
 
 import math
-import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic import ModelWrapValidatorHandler as _Handler
 from pydantic import model_validator as _model_validator
 
+from iiot_common.identifier import IDENTIFIER_PATTERN, Identifier, is_identifier
 from protocols.parts import ProtocolParts, validate_parts
 
 __all__ = [
@@ -31,17 +31,13 @@ __all__ = [
     "IDENTIFIER_PATTERN",
     "INT_BOUNDS",
     "Category",
+    "Identifier",
     "Point",
     "Profile",
     "ValueType",
     "is_identifier",
     "profile_json_schema",
 ]
-
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_IDENT = re.compile(IDENTIFIER_PATTERN)
-
-Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -266,8 +262,3 @@ def profile_json_schema() -> dict[str, Any]:
                 "default": None,
             }
     return doc
-
-
-def is_identifier(value: str) -> bool:
-    """True when ``value`` is a valid topic/registry identifier."""
-    return bool(_IDENT.fullmatch(value))

@@ -14,8 +14,6 @@ import sqlite3
 from collections import deque
 from typing import Any
 
-import orjson
-
 from edge_agent.config import LoadedConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller, DriverFactory
@@ -23,9 +21,10 @@ from edge_agent.publisher import Publisher
 from edge_agent.spool import Spool
 from iiot_common import __version__
 from protocols.driver import Reading, create_driver, now_ms
-from protocols.mqtt.contract import BirthDevice, DeviceState, Sample, encode
+from protocols.mqtt.codec import JSON_CODEC, Codec
+from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
 
-__all__ = ["Agent", "AgentStartError", "encode_sample"]
+__all__ = ["Agent", "AgentStartError"]
 
 log = logging.getLogger("iiot.agent")
 
@@ -33,28 +32,6 @@ _CHECKPOINT_EVERY = 1.0  # seconds
 # Samples and acknowledgements queued within this window share one spool commit; a
 # sample is published only after its commit.
 _COMMIT_WINDOW = 0.005  # seconds
-_PLAIN = (float, int, str, bool)
-
-
-def encode_sample(reading: Reading) -> str:
-    """The compact Sample JSON of a reading, as ``contract.encode(Sample(...))`` gives it.
-
-    Plain values (point names are validated identifiers from the profiles) go straight
-    to orjson; anything else goes through the contract model, which checks it.
-    """
-    values = reading.values
-    if all(type(v) in _PLAIN for v in values.values()):
-        body: dict[str, Any] = {"ts": reading.ts, "values": values, "errors": reading.errors}
-        if reading.quality:
-            body["quality"] = reading.quality
-        return orjson.dumps(body).decode()
-    sample = Sample(
-        ts=reading.ts,
-        values=values,
-        errors=reading.errors,
-        quality=reading.quality or None,
-    )
-    return encode(sample).decode()
 
 
 class AgentStartError(RuntimeError):
@@ -70,8 +47,10 @@ class Agent:
         *,
         driver_factory: DriverFactory = create_driver,
         metrics: AgentMetrics | None = None,
+        codec: Codec = JSON_CODEC,
     ) -> None:
         self.loaded = loaded
+        self.codec = codec
         self.cfg = cfg = loaded.config
         self.metrics = metrics or AgentMetrics()
         try:
@@ -84,6 +63,8 @@ class Agent:
         except (OSError, sqlite3.Error) as exc:
             raise AgentStartError(f"spool {cfg.spool_path}: {exc}") from exc
         self._dropped_seen = 0
+        self._commit_errors_seen = 0
+        self._refused: dict[str, str] = {}  # device -> last refusal, logged once per change
         self.lags: deque[float] = deque(maxlen=100_000)
         enabled = [d for d in cfg.devices if d.enabled]
         birth_devices = [
@@ -98,7 +79,7 @@ class Agent:
             for p in [loaded.device_profiles[d.id]]
         ]
         self.publisher = Publisher(
-            cfg, self.spool, self.metrics, devices=birth_devices, version=__version__
+            cfg, self.spool, self.metrics, devices=birth_devices, version=__version__, codec=codec
         )
         self.pollers = [
             DevicePoller(
@@ -192,11 +173,25 @@ class Agent:
                 await asyncio.to_thread(self.spool.checkpoint)
             except Exception:  # a failed checkpoint leaves the WAL longer, nothing worse
                 log.warning("spool checkpoint failed", exc_info=True)
+            # Also while commits fail (no commit callback then), so /metrics shows it.
+            self._update_spool_metrics()
             if stopping:
                 return
 
     def _on_sample(self, device: str, reading: Reading) -> None:
-        self.spool.stage(device, reading.ts, encode_sample(reading))
+        r = reading
+        try:
+            body = self.codec.encode_sample(r.ts, r.values, r.errors, r.quality)
+        except ContractError as exc:
+            # Only a driver bug gets here (profiles validate point names): drop this one
+            # sample, count it, keep polling.
+            self.metrics.errors.labels(device, exc.reason).inc()
+            if self._refused.get(device) != str(exc):
+                self._refused[device] = str(exc)
+                log.error("sample refused", extra={"device": device, "error": str(exc)})
+            return
+        self._refused.pop(device, None)
+        self.spool.stage(device, r.ts, body)
 
     def _on_commit(self, devices: list[str], samples: int) -> None:
         """A group commit is done: its samples are spooled and may be published."""
@@ -217,5 +212,9 @@ class Agent:
                 "spool full: oldest samples dropped",
                 extra={"dropped": dropped, "depth": self.spool.depth},
             )
+        failed = self.spool.commit_errors - self._commit_errors_seen
+        if failed:
+            self.metrics.spool_commit_errors.inc(failed)
+            self._commit_errors_seen = self.spool.commit_errors
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)

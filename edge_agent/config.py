@@ -25,8 +25,10 @@ from pydantic import (
 )
 
 from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
-from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from device_profiles.schema import Profile
+from iiot_common.backoff import MQTT_RECONNECT_MAX, MQTT_RECONNECT_MIN
 from iiot_common.envsubst import UnsetVariable, expand_env
+from iiot_common.identifier import Identifier, identifier_error
 from iiot_common.yamlfile import YamlFileError, read_yaml
 from protocols import registry
 from protocols.parts import ProtocolParts, validate_parts
@@ -73,8 +75,12 @@ class MqttConfig(_Strict):
     ca_file: Path | None = Field(default=None, description="CA bundle for mqtts://.")
     keepalive: int = Field(default=30, ge=5, le=3600)
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    reconnect_min: float = Field(default=0.5, gt=0, le=60, description="First backoff, seconds.")
-    reconnect_max: float = Field(default=30.0, gt=0, le=3600, description="Longest backoff.")
+    reconnect_min: float = Field(
+        default=MQTT_RECONNECT_MIN, gt=0, le=60, description="First backoff, seconds."
+    )
+    reconnect_max: float = Field(
+        default=MQTT_RECONNECT_MAX, gt=0, le=3600, description="Longest backoff, seconds."
+    )
     max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged messages.")
 
     @field_validator("url")
@@ -152,7 +158,7 @@ class DeviceConfig(ProtocolParts):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=IDENTIFIER_PATTERN)
+    id: Identifier
     profile: str
     poll_interval: float = Field(default=5.0, gt=0, le=86400, description="Seconds.")
     poll_timeout: float | None = Field(
@@ -188,8 +194,8 @@ class DeviceConfig(ProtocolParts):
 
 
 class AgentConfig(_Strict):
-    agent_id: str = Field(pattern=IDENTIFIER_PATTERN)
-    enterprise: str = Field(pattern=IDENTIFIER_PATTERN)
+    agent_id: Identifier
+    enterprise: Identifier
     data_dir: Path = Field(default=Path("iiot-data"), description="Spool and state live here.")
     mqtt: MqttConfig
     profiles: list[Path] = Field(default_factory=list, description="Extra profile folders.")
@@ -264,7 +270,7 @@ def _format(errors: list[Any], data: Any, prefix: tuple[int | str, ...] = ()) ->
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         if msg.startswith("String should match pattern"):
-            msg = f"{err.get('input')!r} must match [A-Za-z0-9_.-]{{1,64}}"
+            msg = identifier_error(err.get("input"), "").lstrip()
         out.append(f"{_where(data, loc)}: {msg}")
     return out
 

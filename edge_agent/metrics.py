@@ -47,6 +47,10 @@ class AgentMetrics:
             "iiot_agent_spool_dropped", "Samples dropped (oldest first) by the spool cap.",
             registry=r,
         )  # fmt: skip
+        self.spool_commit_errors = Counter(
+            "iiot_agent_spool_commit_errors", "Spool group commits that failed (retried).",
+            registry=r,
+        )  # fmt: skip
         self.published_messages = Counter(
             "iiot_agent_published_messages", "MQTT messages acknowledged by the broker, by kind.",
             ["kind"], registry=r,

@@ -34,6 +34,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
 from iiot_common.backoff import Backoff, ConnState
 from protocols.driver import now_ms
+from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Kind, Topic, Will, encode
 
 __all__ = ["Publisher"]
@@ -65,8 +66,10 @@ class Publisher:
         devices: list[BirthDevice],
         version: str,
         backoff: Backoff | None = None,
+        codec: Codec = JSON_CODEC,
     ) -> None:
         self.cfg = config
+        self.codec = codec
         self.spool = spool
         self.metrics = metrics
         self.devices = devices
@@ -78,7 +81,6 @@ class Publisher:
         self._agent_topic = str(Topic.agent_topic(config.enterprise, config.agent_id))
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -118,11 +120,6 @@ class Publisher:
     @property
     def connected(self) -> bool:
         return self.state is ConnState.CONNECTED
-
-    async def wait_connected(self, within: float) -> bool:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), within)
-        return self.connected
 
     async def stop(self, flush_timeout: float = _STOP_FLUSH_TIMEOUT) -> None:
         """Flush what is spooled (bounded), publish the orderly offline message, disconnect."""
@@ -182,7 +179,6 @@ class Publisher:
         assert self._loop is not None
         self.state = ConnState.CONNECTING
         self.backoff.connecting()
-        self._connected.clear()
         self._lost.clear()
         self.session += 1
         session = self.session
@@ -235,7 +231,6 @@ class Publisher:
         for dev, st in self._states.items():
             self._publish_state(dev, st)
         log.info("mqtt connected", extra={"broker": f"{m.host}:{m.port}", "bdseq": bdseq})
-        self._connected.set()
         self._wake.set()
         return True, False
 
@@ -306,7 +301,6 @@ class Publisher:
             self.state = ConnState.DISCONNECTED
             self.backoff.lost()
             self.metrics.mqtt_connected.set(0)
-            self._connected.clear()
         self._lost.set()
 
     async def _close_client(self) -> None:
@@ -402,10 +396,7 @@ class Publisher:
                 Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA)
             )
             self._data_topics[device] = topic
-        # Bodies are stored as compact Sample JSON; the message is assembled without re-parsing.
-        payload = (
-            '{"seq":' + str(rows[0].seq) + ',"samples":[' + ",".join(r.body for r in rows) + "]}"
-        ).encode()
+        payload = self.codec.pack(rows[0].seq, [r.body for r in rows])
         info = client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -14,7 +14,9 @@ from pydantic import (
     model_validator,
 )
 
+from iiot_common.backoff import MQTT_RECONNECT_MAX, MQTT_RECONNECT_MIN
 from iiot_common.envsubst import UnsetVariable, expand_env
+from iiot_common.identifier import Identifier
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
@@ -35,9 +37,6 @@ class _Cfg(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
-
-
 class MqttConfig(_Cfg):
     """How the gateway reaches the broker.
 
@@ -48,17 +47,15 @@ class MqttConfig(_Cfg):
     """
 
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://")
-    client_id: str = Field(
+    client_id: Identifier = Field(
         default="iiot-gateway-1",
-        pattern=_NAME,
         description="Default: the username, else iiot-gateway-1; must equal the username.",
     )
-    username: str | None = Field(default=None, pattern=_NAME)
+    username: Identifier | None = None
     password: SecretStr | None = None
     ca_file: Path | None = None
-    shared_group: str | None = Field(
+    shared_group: Identifier | None = Field(
         default=None,
-        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="Subscribe as $share/<group>/iiot/v1/# so N gateways split the load.",
     )
     keepalive: int = Field(default=30, ge=5, le=600)
@@ -67,6 +64,21 @@ class MqttConfig(_Cfg):
         description="MQTT version; 3.1.1 keeps the session with clean_session=false "
         "(for brokers without MQTT 5, such as the demo's embedded broker).",
     )
+    reconnect_min: float = Field(
+        default=MQTT_RECONNECT_MIN, gt=0, le=60, description="First backoff, seconds."
+    )
+    reconnect_max: float = Field(
+        default=MQTT_RECONNECT_MAX, gt=0, le=3600, description="Longest backoff, seconds."
+    )
+
+    @model_validator(mode="after")
+    def _backoff_bounds(self) -> MqttConfig:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError(
+                f"reconnect_min ({self.reconnect_min}) is above reconnect_max "
+                f"({self.reconnect_max})"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -151,13 +163,12 @@ class BrokerAuthConfig(_Cfg):
     broker_url_for_agents: str | None = Field(
         default=None, description="The broker URL handed to agents at provisioning."
     )
-    file_group: str | None = Field(
+    file_group: Identifier | None = Field(
         default=None,
-        pattern=_NAME,
         description="Group of the password and ACL files (the broker's, e.g. mosquitto); "
         "the gateway's user must belong to it. Default: the gateway user's own group.",
     )
-    peer_gateway_users: list[Annotated[str, Field(pattern=_NAME)]] = Field(
+    peer_gateway_users: list[Identifier] = Field(
         default_factory=list,
         description="Broker usernames of the other gateway instances: they get the "
         "gateway's read ACL, and their password-file entries are kept as they are.",

@@ -8,13 +8,16 @@ acknowledged too, so the broker does not redeliver them forever. The session is
 persistent (MQTT 5, clean_start=False, session expiry), so what arrives while the
 gateway is down is delivered after it reconnects; a message committed but not yet
 acknowledged when the process died is delivered again and dropped as a duplicate.
+
+Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
+connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
+never retries on its own here.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import sqlite3
 import ssl
 import threading
@@ -24,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -35,14 +37,13 @@ from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
+from iiot_common.backoff import Backoff
+from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
 from protocols.mqtt.contract import (
-    IDENTIFIER_PATTERN,
-    MAX_SEQ,
     MAX_TS_MS,
     TOPIC_PREFIX,
     Birth,
     ContractError,
-    DataMessage,
     DeviceState,
     Kind,
     Will,
@@ -56,79 +57,6 @@ log = logging.getLogger(__name__)
 
 MEASUREMENT = "telemetry"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
-
-
-_IDENT = re.compile(IDENTIFIER_PATTERN)
-_SCALARS = frozenset({float, int, bool, str, type(None)})
-# Point names already seen to be valid identifiers (bounded below).
-_good_names: set[str] = set()
-
-# (ts, values, errors) of one sample, whichever parser produced it.
-_SampleT = tuple[int, dict[str, Any], dict[str, Any]]
-
-
-def _names_ok(names: Any) -> bool:
-    for k in names:
-        if k not in _good_names:
-            if not _IDENT.fullmatch(k):
-                return False
-            if len(_good_names) < 100_000:
-                _good_names.add(k)
-    return True
-
-
-def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
-    """Parse the common shape of a data message quickly; None means "ask pydantic".
-
-    Accepts only what ``DataMessage`` accepts with the same meaning (exact JSON types,
-    no extra keys), so anything unusual, valid or not, takes the full validator.
-    """
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
-    if type(doc) is not dict or len(doc) != 2:
-        return None
-    seq = doc.get("seq")
-    samples = doc.get("samples")
-    if type(seq) is not int or seq < 0 or type(samples) is not list or not samples:
-        return None
-    if seq + len(samples) - 1 > MAX_SEQ:
-        return None
-    out: list[_SampleT] = []
-    for s in samples:
-        if type(s) is not dict:
-            return None
-        ts = s.get("ts")
-        values = s.get("values", {})
-        errors = s.get("errors", {})
-        quality = s.get("quality")
-        expected = 1 + ("values" in s) + ("errors" in s) + ("quality" in s)
-        if (
-            len(s) != expected
-            or type(ts) is not int
-            or ts < 0
-            or ts > MAX_TS_MS
-            or type(values) is not dict
-            or type(errors) is not dict
-        ):
-            return None
-        if not _names_ok(values) or not _names_ok(errors):
-            return None
-        for v in values.values():
-            if type(v) not in _SCALARS:
-                return None
-        for v in errors.values():
-            if type(v) is not str:
-                return None
-        if quality is not None:
-            if type(quality) is not dict or not _names_ok(quality):
-                return None
-            if any(type(v) is not str for v in quality.values()):
-                return None
-        out.append((ts, values, errors))
-    return seq, out
-
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
 
@@ -157,8 +85,9 @@ class Outcome:
 class MessageProcessor:
     """Turns one MQTT message into line protocol and a registry notification; pure."""
 
-    def __init__(self, sink: IngestSink) -> None:
+    def __init__(self, sink: IngestSink, *, codec: Codec = JSON_CODEC) -> None:
         self.sink = sink
+        self.codec = codec
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
@@ -192,17 +121,15 @@ class MessageProcessor:
         ent, agent = t.enterprise, t.agent
         if t.kind is Kind.DATA:
             assert t.device is not None
-            fast = _fast_data(payload)
-            if fast is not None:
-                return self._data(tx, ent, agent, t.device, fast[0], fast[1], source)
+            try:
+                seq, samples = self.codec.decode_data(payload)
+            except ContractError as exc:
+                return Outcome(exc.reason, f"{text}: {exc}", source=source)
+            return self._data(tx, ent, agent, t.device, seq, samples, source)
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
-        if isinstance(msg, DataMessage):
-            assert t.device is not None
-            samples = [(x.ts, x.values, x.errors) for x in msg.samples]
-            return self._data(tx, ent, agent, t.device, msg.seq, samples, source)
         if isinstance(msg, Birth):
             birth = msg
             return Outcome(source=source, notify=lambda s: s.on_birth(ent, agent, birth))
@@ -245,10 +172,10 @@ class MessageProcessor:
         agent: str,
         device: str,
         seq: int,
-        samples: list[_SampleT],
+        samples: list[DecodedSample],
         source: str,
     ) -> Outcome:
-        for ts, _, _ in samples:
+        for ts, _, _, _ in samples:
             if ts > MAX_TS_MS:
                 return Outcome(
                     "bad_timestamp",
@@ -263,7 +190,7 @@ class MessageProcessor:
         first_ts = last_ts = -1
         last_good: int | None = None
         first_time = tx.first_time
-        for ts, values, errors in samples:
+        for ts, values, errors, _ in samples:
             this_seq = seq
             seq += 1
             if not first_time(devkey, this_seq, ts):
@@ -343,6 +270,14 @@ class Ingest:
         self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The connection: one supervisor thread connects under the shared backoff policy;
+        # paho's own thread runs each connection and ends with it (no paho retries).
+        self.backoff = Backoff(mqtt_config.reconnect_min, mqtt_config.reconnect_max)
+        self._net: threading.Thread | None = None
+        self._net_stop = threading.Event()
+        self._session_over = threading.Event()
+        self._auth_failed = False
+        self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
         self.committed_messages = 0
         self._client = self._make_client()
@@ -367,6 +302,7 @@ class Ingest:
             # clean_start=False and the session expiry given at connect.
             clean_session=None if cfg.protocol == "5" else False,
             manual_ack=True,
+            reconnect_on_failure=False,
         )
         if cfg.username is not None:
             client.username_pw_set(
@@ -377,7 +313,6 @@ class Ingest:
                 ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -396,10 +331,14 @@ class Ingest:
             props.ReceiveMaximum = self.config.receive_maximum
             v5 = {"clean_start": False, "properties": props}
         self._stop.clear()
+        self._net_stop.clear()
         self._thread = threading.Thread(target=self._run, name="iiot-ingest", daemon=True)
         self._thread.start()
-        self._client.connect_async(url.hostname or "127.0.0.1", port, keepalive=cfg.keepalive, **v5)
-        self._client.loop_start()
+        host = url.hostname or "127.0.0.1"
+        self._net = threading.Thread(
+            target=self._supervise, args=(host, port, v5), name="iiot-ingest-mqtt", daemon=True
+        )
+        self._net.start()
         if not self._subscribed.wait(connect_timeout):
             log.warning(
                 "broker not reachable yet; retrying in the background",
@@ -412,10 +351,48 @@ class Ingest:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self._net_stop.set()
         self._client.disconnect()
-        self._client.loop_stop()
+        self._session_over.set()
+        if self._net is not None:
+            self._net.join(timeout)
+            self._net = None
         self._connected.clear()
         self.metrics.mqtt_connected.set(0)
+
+    def _supervise(self, host: str, port: int, v5: dict[str, Any]) -> None:
+        """Connect, run the connection in paho's thread until it ends, back off, repeat."""
+        client = self._client
+        keepalive = self.mqtt_config.keepalive
+        while not self._net_stop.is_set():
+            self.backoff.connecting()
+            self._session_over.clear()
+            self._auth_failed = False
+            try:
+                client.connect(host, port, keepalive=keepalive, **v5)
+            except (OSError, ValueError) as exc:  # refused, unreachable, TLS, bad host
+                self._connect_failed(f"{type(exc).__name__}: {exc}")
+            else:
+                client.loop_start()
+                if self._net_stop.is_set():
+                    client.disconnect()  # stop() came while connecting
+                self._session_over.wait()
+                # Lets paho's thread send what is queued (a DISCONNECT), then ends it.
+                client.loop_stop()
+            if self._net_stop.is_set():
+                return
+            delay = self.backoff.next_delay(auth_failed=self._auth_failed)
+            log.debug("mqtt reconnect scheduled", extra={"in_s": round(delay, 2)})
+            self._net_stop.wait(delay)
+
+    def _connect_failed(self, error: str) -> None:
+        # Logged once per distinct error, not once per attempt (an outage retries often).
+        if error != self._last_error:
+            self._last_error = error
+            log.warning(
+                "cannot connect to broker; retrying",
+                extra={"url": self.mqtt_config.url, "error": error},
+            )
 
     # -- paho callbacks (network thread) ------------------------------------------------
 
@@ -423,11 +400,12 @@ class Ingest:
         self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
         if reason.is_failure:
-            log.error(
-                "broker refused the connection",
-                extra={"url": self.mqtt_config.url, "reason": str(reason)},
-            )
+            # 4/5 (3.1.1) and 0x86/0x87 (5): bad credentials / not authorised.
+            self._auth_failed = int(getattr(reason, "value", 0) or 0) in (4, 5, 0x86, 0x87)
+            self._connect_failed(f"refused: {reason}")
             return
+        self.backoff.succeeded()
+        self._last_error = ""
         # Messages queued under an earlier connection carry mids of that connection;
         # they must not be acked on this one. The broker redelivers them.
         self._gen += 1
@@ -456,10 +434,13 @@ class Ingest:
     def _on_disconnect(
         self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any
     ) -> None:
+        was_connected = self._connected.is_set()
         self._connected.clear()
         self._subscribed.clear()
         self.metrics.mqtt_connected.set(0)
-        if not self._stop.is_set():
+        self.backoff.lost()
+        self._session_over.set()
+        if was_connected and not self._stop.is_set():
             log.warning(
                 "disconnected from broker",
                 extra={"url": self.mqtt_config.url, "reason": str(reason)},

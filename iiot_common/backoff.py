@@ -1,7 +1,7 @@
 """Reconnection policy, in one place: a state enum and capped exponential backoff with jitter.
 
-Device pollers and the MQTT publisher both use it; drivers never retry beyond their own
-per-request retries.
+Device pollers, the agent's MQTT publisher and the gateway's MQTT ingest use it; drivers
+never retry beyond their own per-request retries.
 """
 
 from __future__ import annotations
@@ -10,7 +10,13 @@ import random
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-__all__ = ["Backoff", "ConnState"]
+__all__ = ["MQTT_RECONNECT_MAX", "MQTT_RECONNECT_MIN", "Backoff", "ConnState"]
+
+# Bounds of the agents' and the gateway's MQTT reconnection. The longest wait is kept
+# short so both resume within 5 s once a restarted broker is back; jitter (d/2 .. d)
+# spreads a fleet's reconnections over that window instead of one burst.
+MQTT_RECONNECT_MIN = 0.5
+MQTT_RECONNECT_MAX = 3.0
 
 
 class ConnState(StrEnum):

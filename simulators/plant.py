@@ -37,7 +37,8 @@ from typing import Any, Literal, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from device_profiles.loader import ProfileSet, load_profiles
-from device_profiles.schema import IDENTIFIER_PATTERN, Profile
+from device_profiles.schema import Profile
+from iiot_common.identifier import IDENTIFIER_PATTERN
 from iiot_common.yamlfile import YamlFileError, read_yaml
 from protocols import registry
 from protocols.registry import SimulatorHook

@@ -18,6 +18,7 @@ from gateway.auth import Role, TokenAuth
 from gateway.provisioning import Provisioner
 from gateway.ratios import parse_as_of, parse_window
 from gateway.registry import Registry
+from iiot_common.identifier import IDENTIFIER_PATTERN
 
 __all__ = [
     "AUTH_RESPONSES",
@@ -36,8 +37,8 @@ __all__ = [
     "parse_window_param",
 ]
 
-Ident = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)]
-QIdent = Query(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)
+Ident = Annotated[str, Path(pattern=IDENTIFIER_PATTERN, max_length=64)]
+QIdent = Query(default=None, pattern=IDENTIFIER_PATTERN, max_length=64)
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "Missing or unknown bearer token."},

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from gateway.registry.devices import device_view_fields
+from iiot_common.identifier import Identifier
 
 __all__ = [
     "AgentOut",
@@ -34,7 +35,7 @@ __all__ = [
     "ReadyOut",
 ]
 
-Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", max_length=64)]
+Ident = Identifier
 PointValue = bool | int | float | str | None
 
 

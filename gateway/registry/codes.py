@@ -13,6 +13,7 @@ from importlib import resources
 
 from device_profiles.families import builtin_families
 from device_profiles.schema import Category
+from iiot_common.identifier import IDENTIFIER_RE, check_identifier
 
 __all__ = [
     "CATEGORY_LABELS",
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 UNKNOWN = "unknown"
-IDENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+IDENT_RE = IDENTIFIER_RE
 
 # GB/T 2260 province-level prefixes (first two digits).
 _PROVINCES = frozenset(
@@ -127,9 +128,7 @@ FAMILY_CATEGORY: dict[str, str] = {
 
 
 def check_ident(value: object, what: str) -> str:
-    if not isinstance(value, str) or not IDENT_RE.fullmatch(value):
-        raise ValueError(f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
-    return value
+    return check_identifier(value, what)
 
 
 def check_region(value: object) -> str:

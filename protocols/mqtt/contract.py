@@ -7,18 +7,26 @@ Topics, all under ``iiot/v1/{enterprise}/{agent}``:
     .../{device}/data      QoS 1             DataMessage: {"seq", "samples": [Sample]}
     .../{device}/cmd       QoS 1             gateway → agent writes (reserved)
 
-Identifiers match ``[A-Za-z0-9_.-]{1,64}``; anything else is refused where it enters.
+Identifiers match ``[A-Za-z0-9_.-]{1,64}`` (``iiot_common.identifier``); anything else is
+refused where it enters. Data messages are written and read by a codec
+(``protocols.mqtt.codec``); the models here are the reference it is tested against.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from iiot_common.identifier import (
+    IDENTIFIER_PATTERN,
+    Identifier,
+    identifier_error,
+    is_identifier,
+)
 
 __all__ = [
     "CONTRACT_VERSION",
@@ -31,11 +39,14 @@ __all__ = [
     "ContractError",
     "DataMessage",
     "DeviceState",
+    "Identifier",
     "Kind",
+    "PointValue",
     "Sample",
     "Topic",
     "Will",
     "agent_filter",
+    "decode_data_message",
     "decode_payload",
     "encode",
     "enterprise_filter",
@@ -45,15 +56,12 @@ __all__ = [
 
 CONTRACT_VERSION = 1
 TOPIC_PREFIX = "iiot/v1"
-IDENTIFIER_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_IDENT = re.compile(IDENTIFIER_PATTERN)
 
 # Sequence numbers fit a signed 64-bit integer (SQLite, InfluxDB); timestamps are ms up to
 # the last instant a signed 64-bit nanosecond timestamp reaches (2262-04-11).
 MAX_SEQ = 2**63 - 1
 MAX_TS_MS = 9_223_372_036_854
 
-Ident = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 PointValue = bool | int | float | str | None
 
 
@@ -67,8 +75,8 @@ class ContractError(ValueError):
 
 def validate_identifier(value: str, what: str = "identifier") -> str:
     """Return ``value`` if it is a valid identifier, else raise ContractError naming it."""
-    if not isinstance(value, str) or not _IDENT.fullmatch(value):
-        raise ContractError("bad_identifier", f"{what} {value!r} must match [A-Za-z0-9_.-]{{1,64}}")
+    if not is_identifier(value):
+        raise ContractError("bad_identifier", identifier_error(value, what))
     return value
 
 
@@ -150,9 +158,16 @@ class _Msg(BaseModel):
 
 
 class BirthDevice(_Msg):
-    id: Ident
-    profile: Ident
-    protocol: Literal["modbus", "opcua"]
+    """One device in a birth.
+
+    ``protocol`` and ``family`` are any identifier, not a closed list: a newer agent may
+    name a protocol or family this gateway does not know, and the gateway keeps it as
+    unknown instead of refusing the whole birth.
+    """
+
+    id: Identifier
+    profile: Identifier
+    protocol: Identifier
     family: str | None = None
     category: str | None = None
 
@@ -181,9 +196,9 @@ class DeviceState(_Msg):
 
 class Sample(_Msg):
     ts: int = Field(ge=0, le=MAX_TS_MS, description="Unix time of the poll, milliseconds.")
-    values: dict[Ident, PointValue] = Field(default_factory=dict)
-    errors: dict[Ident, str] = Field(default_factory=dict)
-    quality: dict[Ident, str] | None = Field(
+    values: dict[Identifier, PointValue] = Field(default_factory=dict)
+    errors: dict[Identifier, str] = Field(default_factory=dict)
+    quality: dict[Identifier, str] | None = Field(
         default=None, description="OPC UA status name per point, where not Good."
     )
 
@@ -209,11 +224,22 @@ def encode(payload: BaseModel) -> bytes:
     return payload.model_dump_json(exclude_none=True).encode()
 
 
+def decode_data_message(payload: bytes) -> DataMessage:
+    """Validate a data message with the model; raises ContractError with a reason.
+
+    This is the reference the fast codecs (``protocols.mqtt.codec``) are tested against.
+    """
+    try:
+        return DataMessage.model_validate_json(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _refusal(Kind.DATA, exc) from exc
+
+
 def decode_payload(topic: Topic, payload: bytes) -> Payload:
     """Validate a payload against its topic kind; raises ContractError with a reason."""
+    if topic.kind is Kind.DATA:
+        return decode_data_message(payload)
     try:
-        if topic.kind is Kind.DATA:
-            return DataMessage.model_validate_json(payload)
         if topic.kind is Kind.STATE:
             return DeviceState.model_validate_json(payload)
         if topic.kind is Kind.AGENT:
@@ -222,13 +248,16 @@ def decode_payload(topic: Topic, payload: bytes) -> Payload:
                 return Will.model_validate(data)
             return Birth.model_validate(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, ValidationError):
-            first = exc.errors()[0]
-            if first["type"] == "json_invalid":
-                raise ContractError("not_json", f"payload is not JSON: {first['msg']}") from exc
-            loc = ".".join(str(x) for x in first["loc"])
-            raise ContractError(
-                "bad_payload", f"{topic.kind.value} payload: {loc}: {first['msg']}"
-            ) from exc
-        raise ContractError("not_json", f"payload is not JSON: {exc}") from exc
+        raise _refusal(topic.kind, exc) from exc
     raise ContractError("bad_topic", f"no payload is accepted on {topic.kind.value} topics")
+
+
+def _refusal(kind: Kind, exc: ValueError | UnicodeDecodeError) -> ContractError:
+    """The ContractError for a payload the models refused: not_json or bad_payload."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            return ContractError("not_json", f"payload is not JSON: {first['msg']}")
+        loc = ".".join(str(x) for x in first["loc"])
+        return ContractError("bad_payload", f"{kind.value} payload: {loc}: {first['msg']}")
+    return ContractError("not_json", f"payload is not JSON: {exc}")

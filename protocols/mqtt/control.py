@@ -25,10 +25,10 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocols.mqtt.contract import (
-    IDENTIFIER_PATTERN,
     MAX_TS_MS,
     TOPIC_PREFIX,
     ContractError,
+    Identifier,
     validate_identifier,
 )
 
@@ -49,7 +49,7 @@ __all__ = [
     "parse_control_topic",
 ]
 
-_Ident = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
+_Ident = Identifier
 _Ts = Annotated[int, Field(ge=0, le=MAX_TS_MS, description="Unix time, milliseconds.")]
 
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from device_profiles.loader import load_profiles
+from device_profiles.schema import Point, Profile
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.spool import Spool
 from iiot_common.localservers import Mosquitto, free_port
+from protocols.driver import Reading
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
@@ -160,3 +164,74 @@ async def test_refused_login_is_counted_and_samples_are_kept(
     finally:
         await agent.stop()
         await sim.stop()
+
+
+async def test_failed_spool_commits_show_on_metrics(tmp_path: Path) -> None:
+    profiles = load_profiles()
+    dev = SimDevice(profiles["kiln-rotary-cement"], device_id="kiln-1", seed=1)
+    sim = ModbusSimServer({1: dev}, port=0)
+    await sim.start()
+    cfg = agent_dict(
+        tmp_path,
+        free_port(),
+        [modbus_device("kiln-1", "kiln-rotary-cement", sim.port, interval=0.05)],
+        metrics={"host": "127.0.0.1", "port": 0},
+    )
+    agent = Agent(parse_config(cfg))
+    await agent.start()
+    blocker = sqlite3.connect(agent.spool.path, isolation_level=None, timeout=0.1)
+    try:
+        await wait_for(lambda: agent.samples_spooled > 0, 10, "first commit")
+        # Another writer holds the database: the agent's commits fail until it lets go.
+        blocker.execute("BEGIN EXCLUSIVE")
+        await wait_for(lambda: agent.spool.commit_errors >= 1, 30, "a failed commit")
+        blocker.execute("ROLLBACK")
+        spooled = agent.samples_spooled
+        await wait_for(lambda: agent.samples_spooled > spooled, 30, "commits again")
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{agent.metrics_port}/metrics")).text
+    finally:
+        blocker.close()
+        await agent.stop()
+        await sim.stop()
+    assert _metric(text, "iiot_agent_spool_commit_errors_total") >= 1
+
+
+async def test_a_sample_the_contract_refuses_is_counted_and_polling_goes_on(
+    tmp_path: Path,
+) -> None:
+    from tests.edge_agent.test_poller_unit import FakeDriver
+
+    class _BadNames(FakeDriver):
+        """Every other reading carries a point name the contract refuses (a driver bug)."""
+
+        async def read(self, points: Sequence[Point]) -> Reading:
+            reading = await super().read(points)
+            self.script["n"] = n = self.script.get("n", 0) + 1
+            if n % 2:
+                reading.values["bad name"] = 1.0
+            return reading
+
+    def factory(profile: Profile, conn: Any, *, name: str) -> FakeDriver:
+        return _BadNames({})
+
+    cfg = agent_dict(
+        tmp_path,
+        free_port(),
+        [modbus_device("kiln-1", "kiln-rotary-cement", free_port(), interval=0.02)],
+    )
+    agent = Agent(parse_config(cfg), driver_factory=factory)
+    await agent.start()
+    try:
+        await wait_for(lambda: agent.samples_spooled >= 5, 10, "good samples spooled")
+    finally:
+        await agent.stop()
+    refused = agent.metrics.registry.get_sample_value(
+        "iiot_agent_errors_total", {"device": "kiln-1", "reason": "bad_sample"}
+    )
+    assert refused is not None and refused >= 4
+    again = Spool(agent.cfg.spool_path)
+    try:
+        assert all("bad name" not in r.body for r in again.batch("kiln-1", max_samples=1000))
+    finally:
+        again.close()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from edge_agent.agent import encode_sample
 from edge_agent.spool import Spool
 from protocols.driver import Reading
+from protocols.mqtt.codec import JSON_CODEC
 from protocols.mqtt.contract import DataMessage, Sample, encode
 
 
@@ -66,7 +66,7 @@ def test_fast_sample_json_is_the_contract_json() -> None:
         Reading(ts=3),
     ]
     for r in readings:
-        body = encode_sample(r)
+        body = JSON_CODEC.encode_sample(r.ts, r.values, r.errors, r.quality)
         model = Sample(ts=r.ts, values=r.values, errors=r.errors, quality=r.quality or None)
         assert body == encode(model).decode()
         DataMessage.model_validate_json('{"seq":1,"samples":[' + body + "]}")
