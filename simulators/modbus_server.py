@@ -4,7 +4,9 @@ One :class:`ModbusSimServer` is one listener â€” a TCP port, or a serial line â€
 more simulated devices behind it, keyed by unit id. Every register a client reads is
 produced from ``SimDevice.values()`` through :mod:`protocols.modbus.codec`, so the
 served image is exactly what the profile declares; addresses the profile does not map
-answer exception 02 (ILLEGAL DATA ADDRESS) unless ``strict_addresses`` is off.
+answer exception 02 (ILLEGAL DATA ADDRESS) unless ``strict_addresses`` is off. The one
+exception is a SunSpec map: every register of its models reads (see
+:mod:`simulators.sunspec`).
 
 pymodbus 3.16 provides the framing and the listener. Its datastore hooks cannot keep a
 request unanswered, delay one unit without delaying the others, or close a connection,
@@ -47,6 +49,7 @@ from protocols.modbus.codec import Value, decode, encode
 from protocols.modbus.profile import ModbusTable, modbus_address, modbus_settings, point_registers
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
+from simulators.sunspec import model_fill
 
 __all__ = ["ModbusSimServer", "RegisterImage"]
 
@@ -89,15 +92,19 @@ class RegisterImage:
             assert a is not None  # the schema guarantees it for modbus profiles
             for reg in range(a.address, a.address + point_registers(p)):
                 self._cover[a.table].setdefault(reg, []).append(p)
+        # Holding registers of the device's SunSpec models that the profile leaves out:
+        # read-only constants, so a client can read a whole model in one request.
+        self._fixed: dict[int, int] = model_fill(profile)
 
     def _points(self, table: ModbusTable, address: int, count: int) -> list[Point] | None:
         """Points touched by [address, address+count); None when strict and a gap is hit."""
         cover = self._cover[table]
+        fixed = self._fixed if table is ModbusTable.HOLDING else {}
         seen: dict[str, Point] = {}
         for reg in range(address, address + count):
             pts = cover.get(reg)
             if pts is None:
-                if self.strict_addresses:
+                if self.strict_addresses and reg not in fixed:
                     return None
                 continue
             for p in pts:
@@ -137,7 +144,10 @@ class RegisterImage:
         points = self._points(table, address, count)
         if points is None:
             return ExcCodes.ILLEGAL_ADDRESS
-        out = [0] * count
+        if table is ModbusTable.HOLDING and self._fixed:
+            out = [self._fixed.get(reg, 0) for reg in range(address, address + count)]
+        else:
+            out = [0] * count
         if not points:
             return out
         values = self.device.values()
