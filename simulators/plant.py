@@ -2,10 +2,12 @@
 
 A plant file (YAML) lists enterprises and the devices each owns. Devices marked
 ``on: false`` belong to the ledger but are never served — they are owned, not
-connected. Modbus devices sharing a port — or naming the same ``gateway`` — are served
-as unit ids behind one listener (a Modbus gateway in front of an RS-485 line); every
-OPC UA device gets a port of its own. Ports left ``auto``
-are assigned from ``base_port`` upwards, skipping the ports given explicitly.
+connected. Devices marked ``configured: false`` are served, but the agent
+configurations derived from the plant (the demo's, the tests') leave them out, so that
+discovery has something to find. Modbus devices sharing a port — or naming the same
+``gateway`` — are served as unit ids behind one listener (a Modbus gateway in front of
+an RS-485 line); every OPC UA device gets a port of its own. Ports left ``auto`` are
+assigned from ``base_port`` upwards, skipping the ports given explicitly.
 
 Example (see ``simulators/plant.example.yaml``)::
 
@@ -76,6 +78,11 @@ class DeviceConfig(_Strict):
     id: str = Field(pattern=IDENTIFIER_PATTERN)
     profile: str = Field(pattern=IDENTIFIER_PATTERN)
     on: bool = Field(default=True, description="false: in the ledger but never switched on.")
+    configured: bool = Field(
+        default=True,
+        description="false: served, but left out of the agent configurations derived from "
+        "the plant (the demo's, the tests'): equipment waiting to be discovered.",
+    )
     fault: FaultConfig | FaultMode | None = None
     port: int | Literal["auto"] = "auto"
     unit: int = Field(default=1, ge=0, le=247, description="Modbus unit id.")
@@ -224,6 +231,7 @@ class Endpoint:
     framer: str | None = None  # modbus: tcp, rtu-over-tcp or rtu
     serial_port: str | None = None
     server_url: str | None = None  # what the server itself reports, once started
+    configured: bool = True  # false: no agent configuration derived from the plant names it
 
     @property
     def url(self) -> str:
@@ -462,6 +470,7 @@ class Plant:
                 unit=unit if prof.protocol == "modbus" else None,
                 framer=framer if prof.protocol == "modbus" else None,
                 serial_port=d.serial if prof.protocol == "modbus" else None,
+                configured=d.configured,
             )
         return problems
 
