@@ -32,9 +32,11 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
+import typer
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
@@ -53,10 +55,12 @@ __all__ = [
     "OpcUaScope",
     "SerialScope",
     "connection_key",
+    "discover",
     "scan",
 ]
 
 log = logging.getLogger(__name__)
+_NAME = "discovery"  # line user and driver names of a scan
 
 _MAX_HOSTS = 1024  # addresses one hosts entry may name (a /22)
 _MAX_TCP_TARGETS = 4096  # host × port pairs in a whole scope
@@ -237,6 +241,22 @@ def connection_key(conn: ModbusConnection | OpcUaConnection) -> str:
     return f"opcua:{conn.endpoint}"
 
 
+class _QuietProbes(logging.Filter):
+    """Keep the driver's routine notes about probe reads (refused blocks) out of the log.
+
+    Reading a device as a profile it is not is refused block by block, by design; logged
+    at info level per block, one scan would flood the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        device = getattr(record, "device", "")
+        return not (
+            record.levelno <= logging.INFO
+            and isinstance(device, str)
+            and device.startswith(f"{_NAME}-")
+        )
+
+
 # --- shared state of one scan ------------------------------------------------------------
 
 
@@ -246,13 +266,11 @@ class _Pacer:
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate
         self._next = 0.0
-        self.requests = 0
 
     async def take(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         turn = max(now, self._next)
-        self._next = turn + self.interval
         self.requests += 1
         if turn > now:
             await asyncio.sleep(turn - now)
@@ -322,6 +340,9 @@ async def scan(
     )
     loop = asyncio.get_running_loop()
     started = time.monotonic()
+    driver_log = logging.getLogger("protocols.modbus.driver")
+    quiet = _QuietProbes()
+    driver_log.addFilter(quiet)
     try:
         async with asyncio.timeout_at(loop.time() + (deadline - started)):
             for tcp in scope.modbus_tcp:
@@ -335,9 +356,11 @@ async def scan(
             f"scan stopped at its deadline after {time.monotonic() - started:.1f} s, "
             f"{len(ctx.proposals)} device(s) found by then"
         )
+    finally:
+        driver_log.removeFilter(quiet)
     log.info(
         "discovery scan done",
-        extra={"proposals": len(ctx.proposals), "requests": ctx.pacer.requests},
+        extra={"proposals": len(ctx.proposals), "problems": len(ctx.errors)},
     )
     return list(ctx.proposals)
 
@@ -349,8 +372,6 @@ def _candidates(scored: list[tuple[str, float]]) -> list[Candidate]:
 
 
 # --- Modbus ------------------------------------------------------------------------------
-
-_NAME = "discovery"
 
 
 def _connection(ctx: _Scan, base: dict[str, Any], unit: int) -> ModbusConnection:
@@ -621,7 +642,7 @@ def _endpoints_answer(url: str, endpoints: list[Any]) -> tuple[dict[str, Any], b
     open_anonymous = False
     for e in endpoints:
         policy = str(e.SecurityPolicyUri).rpartition("#")[2] or "None"
-        security.add(f"{policy}/{ua.MessageSecurityMode(e.SecurityMode).name}")
+        security.add(f"{policy}/{ua.MessageSecurityMode(e.SecurityMode).name.rstrip('_')}")
         tokens = {t.TokenType for t in (e.UserIdentityTokens or [])}
         if policy == "None" and ua.UserTokenType.Anonymous in tokens:
             open_anonymous = True
@@ -712,6 +733,7 @@ async def _browse(ctx: _Scan, url: str, answered: dict[str, Any]) -> list[Candid
 
     timeout = _opcua_timeout(ctx)
     client = Client(url, timeout=timeout, watchdog_intervall=timeout)
+    client.session_timeout = 60_000  # a server frees a scan's session soon if it is left open
     try:
         await ctx.pacer.take()
         async with asyncio.timeout(timeout):
@@ -784,3 +806,171 @@ async def _scan_opcua(ctx: _Scan, scope: OpcUaScope) -> None:
             candidates=candidates,
         )
     )
+
+
+# --- iiot agent discover -----------------------------------------------------------------
+
+
+def _flag_scope(
+    hosts: list[str],
+    ports: list[int],
+    units: str,
+    transport: str,
+    serial: list[str],
+    serial_options: dict[str, Any],
+    opcua: list[str],
+) -> dict[str, Any]:
+    """The scope the command-line flags describe (empty when none was given)."""
+    out: dict[str, Any] = {}
+    if hosts:
+        out["modbus_tcp"] = [
+            {
+                "hosts": hosts,
+                "ports": ports or [502],
+                "units": units.split(","),
+                "transport": transport,
+            }
+        ]
+    if serial:
+        out["serial"] = [{"port": s, **serial_options} for s in serial]
+    if opcua:
+        out["opcua"] = list(opcua)
+    return out
+
+
+def _describe(p: Proposal) -> list[str]:
+    """A proposal as a few plain lines."""
+    a = p.address.get(p.protocol, {})
+    if p.protocol == "opcua":
+        head = f"opcua  {a.get('endpoint')}"
+    elif a.get("transport") == "rtu":
+        head = f"modbus rtu {a.get('serial_port')} ({a.get('baudrate')} baud) unit {a.get('unit')}"
+    else:
+        head = f"modbus {a.get('transport')} {a.get('host')}:{a.get('port')} unit {a.get('unit')}"
+    lines = [head]
+    if p.candidates:
+        ranked = ", ".join(f"{c.profile} ({c.score:.2f})" for c in p.candidates[:3])
+        lines.append(f"  profiles      {ranked}")
+    else:
+        lines.append("  profiles      none of the known profiles fits")
+    ident = p.answered.get("identification")
+    if isinstance(ident, dict):
+        lines.append("  identifies as " + " / ".join(str(v) for v in ident.values()))
+    sunspec = p.answered.get("sunspec")
+    if isinstance(sunspec, dict):
+        models = ", ".join(str(m) for m in sunspec.get("models", []))
+        lines.append(f"  SunSpec       at {sunspec.get('base')}, models {models}")
+    for key in ("server", "objects", "browse_error"):
+        if p.answered.get(key):
+            value = p.answered[key]
+            text = ", ".join(value) if isinstance(value, list) else str(value)
+            lines.append(f"  {key:<13} {text}")
+    return lines
+
+
+def _entries(proposals: list[Proposal]) -> list[dict[str, Any]]:
+    """agent.yaml device entries for the proposals that have a candidate."""
+    entries: list[dict[str, Any]] = []
+    used: dict[str, int] = {}
+    for p in proposals:
+        if not p.candidates:
+            continue
+        profile = p.candidates[0].profile
+        used[profile] = used.get(profile, 0) + 1
+        entries.append({"id": f"{profile}-{used[profile]}", "profile": profile, **p.address})
+    return entries
+
+
+def _from_config(
+    config: Path | None, profiles_dir: list[Path]
+) -> tuple[ProfileSet, set[str], dict[str, Any]]:
+    """Profiles, configured addresses and discovery scope of the agent config (if any)."""
+    from device_profiles.loader import ProfileSetError, load_profiles
+    from edge_agent.config import AgentConfigError, load_config
+
+    if config is None:
+        try:
+            return load_profiles(profiles_dir), set(), {}
+        except ProfileSetError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+    try:
+        loaded = load_config(config)
+    except AgentConfigError as exc:
+        typer.echo(f"agent config {exc.source} is not usable:", err=True)
+        typer.echo("\n".join(f"  - {p}" for p in exc.problems), err=True)
+        raise typer.Exit(2) from None
+    exclude = {connection_key(d.connection) for d in loaded.config.devices}
+    scope = loaded.config.discovery
+    return loaded.profiles, exclude, scope.model_dump() if scope is not None else {}
+
+
+def discover(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Agent config: its discovery scope, profiles and devices."
+    ),
+    host: list[str] = typer.Option(
+        [], "--host", help="Modbus TCP hosts: address, name, CIDR or first-last (repeatable)."
+    ),
+    port: list[int] = typer.Option([], "--port", help="Modbus TCP port (repeatable; 502)."),
+    units: str = typer.Option("1", "--units", help="Modbus TCP unit ids, e.g. 1,3,10-20."),
+    transport: str = typer.Option("tcp", "--transport", help="tcp or rtu-over-tcp."),
+    serial: list[str] = typer.Option([], "--serial", help="Serial line to scan (repeatable)."),
+    baudrate: int = typer.Option(9600, "--baudrate", help="Serial line speed."),
+    parity: str = typer.Option("N", "--parity", help="N, E or O."),
+    stopbits: int = typer.Option(1, "--stopbits", help="1 or 2."),
+    serial_units: str = typer.Option("1-247", "--serial-units", help="Unit ids on the lines."),
+    opcua: list[str] = typer.Option([], "--opcua", help="OPC UA endpoint URL (repeatable)."),
+    rate: float | None = typer.Option(None, "--rate", help="Requests per second, at most."),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds to wait for answers."),
+    duration: float = typer.Option(300.0, "--duration", help="Stop after this many seconds."),
+    profiles_dir: list[Path] = typer.Option([], "--profiles", help="Extra profile folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the proposals as JSON."),
+) -> None:
+    """Scan for devices not in the configuration, and name the profile of each."""
+    import json
+
+    import yaml
+    from pydantic import ValidationError
+
+    known, exclude, raw = _from_config(config, profiles_dir)
+    serial_options = {"baudrate": baudrate, "parity": parity, "stopbits": stopbits}
+    serial_options["units"] = serial_units.split(",")
+    flags = _flag_scope(host, port, units, transport, serial, serial_options, opcua)
+    if flags:
+        raw = {k: v for k, v in raw.items() if k in ("rate", "timeout")} | flags
+    raw |= {k: v for k, v in (("rate", rate), ("timeout", timeout)) if v is not None}
+    try:
+        scope = DiscoveryScope.model_validate(raw)
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e["loc"]) or "scope"
+            typer.echo(f"discovery scope: {where}: {e['msg']}", err=True)
+        raise typer.Exit(2) from None
+    if scope.empty:
+        typer.echo(
+            "nothing to scan: give --host, --serial or --opcua, or a discovery: key", err=True
+        )
+        raise typer.Exit(2)
+
+    def progress(text: str) -> None:
+        typer.echo(f"... {text}", err=True)
+
+    proposals = asyncio.run(
+        scan(scope, known, exclude=exclude, deadline=time.monotonic() + duration, progress=progress)
+    )
+    if as_json:
+        typer.echo(json.dumps([p.model_dump() for p in proposals], indent=2, ensure_ascii=False))
+    elif proposals:
+        typer.echo(f"found {len(proposals)} device(s) not in the configuration:\n")
+        for p in proposals:
+            typer.echo("\n".join(_describe(p)))
+        entries = _entries(proposals)
+        if entries:
+            typer.echo("\nto poll them, add to the devices of agent.yaml:")
+            dump = yaml.safe_dump(entries, sort_keys=False, allow_unicode=True)
+            typer.echo("\n".join("  " + line for line in dump.splitlines()))
+    else:
+        typer.echo("found no device that is not configured already")
+    if not proposals:
+        raise typer.Exit(1)
