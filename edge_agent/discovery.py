@@ -271,7 +271,7 @@ class _Pacer:
         loop = asyncio.get_running_loop()
         now = loop.time()
         turn = max(now, self._next)
-        self.requests += 1
+        self._next = turn + self.interval
         if turn > now:
             await asyncio.sleep(turn - now)
 
