@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -362,7 +363,15 @@ async def scan(
         "discovery scan done",
         extra={"proposals": len(ctx.proposals), "problems": len(ctx.errors)},
     )
-    return list(ctx.proposals)
+    # A device reached through two entries of the scope is one device.
+    seen: set[str] = set()
+    unique: list[Proposal] = []
+    for p in ctx.proposals:
+        key = json.dumps(p.address, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
 
 
 def _candidates(scored: list[tuple[str, float]]) -> list[Candidate]:
@@ -928,8 +937,6 @@ def discover(
     as_json: bool = typer.Option(False, "--json", help="Print the proposals as JSON."),
 ) -> None:
     """Scan for devices not in the configuration, and name the profile of each."""
-    import json
-
     import yaml
     from pydantic import ValidationError
 
