@@ -156,6 +156,12 @@ async def test_scan_proposes_each_unconfigured_device_with_its_profile_first(
     assert all(dev.writes == 0 for dev in plant.devices.values())
     assert _rw_values(plant) == before
     assert errors == []
+    # Unconfigured, the CNC machine is found too, by its machine-tool structure.
+    cnc = plant.endpoints["cnc-1"]
+    opcua_only = DiscoveryScope.model_validate({"opcua": [cnc.url], **_FAST})
+    (found_cnc,) = await scan(opcua_only, profiles, exclude=set(), deadline=time.monotonic() + 60)
+    assert [c.profile for c in found_cnc.candidates] == ["cnc-machine-tool"]
+    assert any(o.endswith(":Machine") for o in found_cnc.answered["objects"])
 
 
 async def test_scan_outside_the_scope_finds_and_touches_nothing(
