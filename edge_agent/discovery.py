@@ -293,12 +293,12 @@ class _Scan:
     proposals: list[Proposal] = field(default_factory=list)
 
     def say(self, text: str) -> None:
-        log.debug("discovery: %s", text)
+        log.debug("discovery progress", extra={"note": text})
         if self.progress is not None:
             self.progress(text)
 
     def problem(self, text: str) -> None:
-        log.warning("discovery: %s", text)
+        log.warning("discovery problem", extra={"problem": text})
         self.errors.append(text)
         if self.progress is not None:
             self.progress(text)
