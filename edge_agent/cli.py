@@ -9,9 +9,12 @@ from pathlib import Path
 
 import typer
 
+from edge_agent.discovery import discover
+
 __all__ = ["app"]
 
 app = typer.Typer(help="The edge agent: poll devices, publish over MQTT.", no_args_is_help=True)
+app.command("discover")(discover)
 
 log = logging.getLogger("iiot.agent")
 

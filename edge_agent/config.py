@@ -26,6 +26,7 @@ from pydantic import (
 
 from device_profiles.loader import ProfileSet, ProfileSetError, load_profiles
 from device_profiles.schema import Profile
+from edge_agent.discovery import DiscoveryScope
 from iiot_common.backoff import MQTT_RECONNECT_MAX, MQTT_RECONNECT_MIN
 from iiot_common.envsubst import UnsetVariable, expand_env
 from iiot_common.identifier import Identifier, identifier_error
@@ -202,6 +203,9 @@ class AgentConfig(_Strict):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    discovery: DiscoveryScope | None = Field(
+        default=None, description="Where `iiot agent discover` and remote scans may look."
+    )
 
     @property
     def spool_path(self) -> Path:

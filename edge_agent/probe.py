@@ -27,7 +27,7 @@ from protocols.driver import Reading, create_driver
 from protocols.errors import ProtocolError
 from protocols.modbus.config import ModbusConnection
 
-__all__ = ["ProbeResult", "probe", "probe_device", "score_reading"]
+__all__ = ["ProbeResult", "probe", "probe_device", "probe_profile", "rank", "score_reading"]
 
 _SUNSPEC_BASES = (0, 40000, 50000)
 _FIT_READABLE = 0.9
@@ -108,6 +108,32 @@ def score_reading(profile: Profile, reading: Reading, points_read: int) -> Probe
     return res
 
 
+async def probe_profile(
+    profile: Profile, connection: ModbusConnection, *, name: str, limit: float = 5.0
+) -> ProbeResult:
+    """Read the device once as ``profile`` describes it and score the answer.
+
+    ``limit`` bounds the whole read (seconds): a large map on a slow device must not
+    stall a probe of many profiles.
+    """
+    driver = create_driver(profile, connection, name=name)
+    try:
+        async with asyncio.timeout(limit):
+            await driver.connect()
+            reading = await driver.read(profile.points)
+        return score_reading(profile, reading, len(profile.points))
+    except (ProtocolError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", "timeout")
+        return ProbeResult(profile, error=f"{reason}: {exc}".rstrip(": "))
+    finally:
+        await driver.aclose()
+
+
+def rank(results: list[ProbeResult]) -> list[ProbeResult]:
+    """Results best first: profiles that fit, then by score."""
+    return sorted(results, key=lambda r: (r.fits, r.score), reverse=True)
+
+
 async def probe_device(
     profiles: list[Profile],
     *,
@@ -130,20 +156,9 @@ async def probe_device(
         if unit is not None:
             fields["unit"] = unit
         conn = ModbusConnection.model_validate(fields)
-        driver = create_driver(prof, conn, name=f"probe-{prof.id}")
-        try:
-            # Bound per profile: a large map on a slow device must not stall the probe.
-            async with asyncio.timeout(max(5.0, request_timeout * 10)):
-                await driver.connect()
-                reading = await driver.read(prof.points)
-            results.append(score_reading(prof, reading, len(prof.points)))
-        except (ProtocolError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", "timeout")
-            results.append(ProbeResult(prof, error=f"{reason}: {exc}".rstrip(": ")))
-        finally:
-            await driver.aclose()
-    results.sort(key=lambda r: (r.fits, r.score), reverse=True)
-    return results
+        limit = max(5.0, request_timeout * 10)
+        results.append(await probe_profile(prof, conn, name=f"probe-{prof.id}", limit=limit))
+    return rank(results)
 
 
 def _pct(v: float | None) -> str:

@@ -323,8 +323,8 @@ class _Demo:
 
         devices: list[dict[str, Any]] = []
         for ep in self.plant.endpoints.values():
-            if ep.enterprise != enterprise:
-                continue
+            if ep.enterprise != enterprise or not ep.configured:
+                continue  # unconfigured devices are left for discovery
             dev: dict[str, Any] = {
                 "id": ep.device,
                 "profile": ep.profile,

@@ -90,6 +90,9 @@ def _print_table(plant: Any, title: str) -> None:
     off = [e.device for e in plant.ledger if not e.on]
     if off:
         console.print(f"not switched on (ledger only): {', '.join(off)}")
+    unlisted = [d for d, ep in plant.endpoints.items() if not ep.configured]
+    if unlisted:
+        console.print(f"served but in no agent configuration: {', '.join(unlisted)}")
     sys.stdout.flush()
 
 

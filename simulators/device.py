@@ -42,6 +42,7 @@ class SimDevice:
         self._last_t = -1.0
         self._last: dict[str, Value] = {}
         self.requests = 0  # counted by the servers: one per protocol request answered
+        self.writes = 0  # rw points written (by clients, through the servers)
 
     @property
     def sim_time(self) -> float:
@@ -73,6 +74,7 @@ class SimDevice:
         if point.access != "rw":
             raise PermissionError(f"point '{name}' is read-only")
         self._overrides[name] = value
+        self.writes += 1
         # Family models that keep a ``setpoints`` dict react to writes (e.g. kiln speed).
         setpoints = getattr(self.model, "setpoints", None)
         if isinstance(setpoints, dict):

@@ -38,6 +38,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.mei_message import ReadDeviceInformationRequest, ReadDeviceInformationResponse
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import SimData
@@ -68,6 +69,7 @@ _FC_TABLE: dict[int, ModbusTable] = {
     23: ModbusTable.HOLDING,
     4: ModbusTable.INPUT,
 }
+_FC_DEVICE_ID = 43  # Encapsulated Interface Transport; MEI type 14 = Read Device Identification
 _MAX_PENDING = 256  # requests in flight per listener; more go unanswered (counted: busy)
 _RELISTEN_ATTEMPTS = 50
 _RELISTEN_PAUSE = 0.1
@@ -325,6 +327,8 @@ class _Handler(ServerRequestHandler):
                 await asyncio.sleep(faults.delay)
             if mode is FaultMode.EXCEPTION:
                 response = ExceptionResponse(pdu.function_code, faults.exception_code)
+            elif isinstance(pdu, ReadDeviceInformationRequest):
+                response = _identification(device, pdu)
             elif pdu.function_code not in _FC_TABLE:
                 response = ExceptionResponse(pdu.function_code, ExcCodes.ILLEGAL_FUNCTION)
             else:
@@ -340,6 +344,32 @@ class _Handler(ServerRequestHandler):
         response.transaction_id = pdu.transaction_id
         response.dev_id = pdu.dev_id
         self._send(response, addr)
+
+
+def _identification(device: SimDevice, pdu: ReadDeviceInformationRequest) -> ModbusPDU:
+    """Function 43/14: the device's identification objects, from its profile."""
+    profile = device.profile
+    objects = {
+        0: profile.manufacturer or "unknown",  # VendorName
+        1: profile.id,  # ProductCode
+        2: "1.0",  # MajorMinorRevision
+        4: profile.name,  # ProductName
+        5: profile.id,  # ModelName
+        6: device.device_id,  # UserApplicationName
+    }
+    code, first = pdu.read_code, pdu.object_id
+    if code == 4:  # one specific object
+        if first not in objects:
+            return ExceptionResponse(_FC_DEVICE_ID, ExcCodes.ILLEGAL_ADDRESS)
+        wanted = [first]
+    elif code in (1, 2, 3):  # basic: 0..2; regular and extended (no private objects): 0..6
+        last = 2 if code == 1 else 6
+        start = first if first in objects and first <= last else 0
+        wanted = [i for i in sorted(objects) if start <= i <= last]
+    else:
+        return ExceptionResponse(_FC_DEVICE_ID, ExcCodes.ILLEGAL_VALUE)
+    info = {i: objects[i].encode("utf-8")[:64] for i in wanted}
+    return ReadDeviceInformationResponse(read_code=code, information=info)
 
 
 class _TcpServer(ModbusTcpServer):

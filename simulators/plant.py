@@ -2,7 +2,9 @@
 
 A plant file (YAML) lists enterprises and the devices each owns. Devices marked
 ``on: false`` belong to the ledger but are never served — they are owned, not
-connected. How a profile is served is its protocol's simulator hook
+connected. Devices marked ``configured: false`` are served, but the agent
+configurations derived from the plant (the demo's, the tests') leave them out, so that
+discovery has something to find. How a profile is served is its protocol's simulator hook
 (``protocols/<name>/simulator.py``, found through ``protocols.registry``): Modbus devices
 sharing a port — or naming the same ``gateway`` — answer as unit ids behind one listener
 (a Modbus gateway in front of an RS-485 line); every OPC UA device gets a port of its
@@ -79,6 +81,11 @@ class DeviceConfig(_Strict):
     id: str = Field(pattern=IDENTIFIER_PATTERN)
     profile: str = Field(pattern=IDENTIFIER_PATTERN)
     on: bool = Field(default=True, description="false: in the ledger but never switched on.")
+    configured: bool = Field(
+        default=True,
+        description="false: served, but left out of the agent configurations derived from "
+        "the plant (the demo's, the tests'): equipment waiting to be discovered.",
+    )
     fault: FaultConfig | FaultMode | None = None
     port: int | Literal["auto"] = "auto"
     unit: int = Field(default=1, ge=0, le=247, description="Modbus unit id.")
@@ -227,6 +234,7 @@ class Endpoint:
     framer: str | None = None  # modbus: tcp, rtu-over-tcp or rtu
     serial_port: str | None = None
     server_url: str | None = None  # what the server itself reports, once started
+    configured: bool = True  # false: no agent configuration derived from the plant names it
 
     @property
     def url(self) -> str:
@@ -456,6 +464,7 @@ class Plant:
                 unit=unit if hook.shares_port else None,
                 framer=framer if hook.shares_port else None,
                 serial_port=serial,
+                configured=d.configured,
             )
         return problems
 

@@ -19,7 +19,7 @@ from tests.edge_agent.helpers import agent_dict, modbus_device
 from tests.gateway.test_ingest import MemorySink
 
 if TYPE_CHECKING:  # the fixture's type only
-    from tests.servers import Mosquitto
+    from iiot_common.localservers import Mosquitto
 
 _OUTAGE = 15.0  # long enough for an uncapped backoff to have grown well past 5 s
 _RESUME_WITHIN = 5.0

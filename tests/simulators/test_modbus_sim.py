@@ -16,7 +16,7 @@ from pymodbus.framer import FramerType
 
 from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import Point, Profile, ValueType
-from iiot_common.localservers import PtyPair
+from iiot_common.localservers import PtyPair, require
 from protocols.modbus.codec import decode, encode
 from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.device import SimDevice
@@ -370,6 +370,90 @@ async def test_shipped_profile_setpoint_write_is_read_back(
     regs = encode(point, target, profile.modbus)
     assert not (await client.write_registers(point.modbus.address, regs, device_id=1)).isError()
     assert await _read_point(client, profile, point) == pytest.approx(target, rel=1e-6)
+
+
+async def _kiln_temp(client: Any, profile: Profile, unit: int) -> float:
+    value = await _read_point(client, profile, profile.point("burning_zone_temp"), unit)
+    assert isinstance(value, float)
+    return value
+
+
+async def test_kiln_setpoint_written_by_a_client_changes_the_temperature_course(
+    profiles: Any, serve: Any, clients: list[Any]
+) -> None:
+    profile = profiles["kiln-rotary-cement"]
+    clock = _Clock()
+    # Two identical kilns (same seed): unit 2 keeps its setpoint, unit 1 gets a new one.
+    written = SimDevice(profile, device_id="kiln", seed=5, clock=clock)
+    twin = SimDevice(profile, device_id="kiln", seed=5, clock=clock)
+    server = await serve({1: written, 2: twin})
+    client = await _connect(clients, server.port)
+    point = profile.point("burning_zone_temp_setpoint")
+    assert point.modbus is not None and point.access == "rw"
+    for unit in (1, 2):  # both start cold, at the default setpoint
+        assert await _read_point(client, profile, point, unit) == pytest.approx(1450.0)
+        assert await _kiln_temp(client, profile, unit) < 100
+    rr = await client.write_register(point.modbus.address, 12000, device_id=1)  # 1200.0 degC
+    assert not rr.isError(), rr
+    assert (await client.read_holding_registers(0, count=1, device_id=1)).registers == [12000]
+    assert await _read_point(client, profile, point, 1) == pytest.approx(1200.0)
+    assert written.writes == 1 and twin.writes == 0
+    clock.now = 1800.0  # half an hour: both heating, the written one more slowly
+    hot, cooler = await _kiln_temp(client, profile, 2), await _kiln_temp(client, profile, 1)
+    assert hot > cooler + 20, (hot, cooler)
+    clock.now = 12 * 3600.0  # settled: each at its own setpoint
+    hot, cooler = await _kiln_temp(client, profile, 2), await _kiln_temp(client, profile, 1)
+    assert hot == pytest.approx(1450.0, abs=30), hot
+    assert cooler == pytest.approx(1200.0, abs=30), cooler
+
+
+async def test_a_third_party_master_mbpoll_writes_a_setpoint(
+    profiles: Any, serve: Any, clients: list[Any]
+) -> None:
+    mbpoll = require("mbpoll", "mbpoll")
+    profile = profiles["kiln-rotary-cement"]
+    device = _device(profile)
+    server = await serve({1: device})
+    # -0: PDU addressing; -t 4: holding registers; -1: once.
+    base = [mbpoll, "-m", "tcp", "-p", str(server.port), "-a", "1", "-0", "-1", "-o", "2"]
+    proc = await asyncio.create_subprocess_exec(
+        *base, "-t", "4", "-r", "0", "127.0.0.1", "11000",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode()
+    assert device.values()["burning_zone_temp_setpoint"] == pytest.approx(1100.0)
+    client = await _connect(clients, server.port)
+    assert (await client.read_holding_registers(0, count=1, device_id=1)).registers == [11000]
+    # A read-only register refuses mbpoll's write with exception 02, and keeps its value.
+    proc = await asyncio.create_subprocess_exec(
+        *base, "-t", "4", "-r", "5", "127.0.0.1", "1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0 and "Illegal data address" in out.decode(), out.decode()
+    assert device.writes == 1
+
+
+async def test_read_device_identification_names_the_profile(
+    profiles: Any, serve: Any, clients: list[Any]
+) -> None:
+    profile = profiles["boiler-steam-coal"]
+    server = await serve({4: _device(profile, "boiler-4")})
+    client = await _connect(clients, server.port)
+    basic = await client.read_device_information(read_code=1, object_id=0, device_id=4)
+    assert not basic.isError(), basic
+    assert basic.information == {0: b"Generic", 1: b"boiler-steam-coal", 2: b"1.0"}
+    regular = await client.read_device_information(read_code=2, object_id=0, device_id=4)
+    assert regular.information[4] == profile.name.encode()
+    assert regular.information[5] == b"boiler-steam-coal"
+    assert regular.information[6] == b"boiler-4"
+    one = await client.read_device_information(read_code=4, object_id=4, device_id=4)
+    assert one.information == {4: profile.name.encode()}
+    missing = await client.read_device_information(read_code=4, object_id=3, device_id=4)
+    assert missing.isError() and missing.exception_code == 2
+    nobody = await client.read_device_information(read_code=1, object_id=0, device_id=9)
+    assert nobody.isError() and nobody.exception_code == 0x0B
 
 
 # -- faults ---------------------------------------------------------------------------

@@ -181,6 +181,41 @@ async def test_write_to_rw_point_reaches_device_and_reads_back() -> None:
         assert sim.device.values()["setpoint"] == 321.5
 
 
+async def test_boiler_pressure_follows_a_setpoint_written_by_a_client() -> None:
+    profile = load_profiles()["boiler-steam-gas-opcua"]
+    now = [0.0]
+    device = SimDevice(profile, device_id="gas-1", seed=9, clock=lambda: now[0])
+    twin = SimDevice(profile, device_id="gas-1", seed=9, clock=lambda: now[0])
+    twin.values()  # both start at time 0 (the server reads its device as it starts)
+    sim = OpcUaSimServer(device, port=0, update_interval=0.05)
+    await sim.start()
+    try:
+        async with _client(sim) as client:
+            setpoint = await _node(client, profile, profile.point("steam_pressure_setpoint"))
+            pressure = await _node(client, profile, profile.point("steam_pressure"))
+            default = await setpoint.read_value()
+            assert default == pytest.approx(1.04)
+            await setpoint.write_value(ua.DataValue(ua.Variant(0.6, ua.VariantType.Double)))
+            assert await setpoint.read_value() == 0.6
+            assert device.writes == 1 and sim.client_writes == 1
+
+            async def at(t: float) -> tuple[float, float]:
+                now[0] = t
+                start = sim.updates
+                await _wait_for(lambda: _ready(sim.updates >= start + 2), "two updates")
+                return float(await pressure.read_value()), float(twin.values()["steam_pressure"])
+
+            written, untouched = await at(2 * 3600.0)
+            assert written == pytest.approx(0.6, abs=0.06), written
+            assert untouched == pytest.approx(default, abs=0.1), untouched
+            # Back to the old setpoint: the pressure climbs back to it.
+            await setpoint.write_value(ua.DataValue(ua.Variant(default, ua.VariantType.Double)))
+            written, untouched = await at(4 * 3600.0)
+            assert written == pytest.approx(default, abs=0.1), written
+    finally:
+        await sim.stop()
+
+
 async def _ready(value: bool) -> bool:
     return value
 

@@ -309,3 +309,18 @@ async def test_example_plant_serves_opcua_beside_modbus(profiles: Any) -> None:
     finally:
         await plant.stop()
     await asyncio.sleep(0)
+
+
+async def test_a_device_no_agent_configuration_names_is_served_and_marked(
+    modbus_plant: Plant, profiles: Any
+) -> None:
+    doc = json.loads(json.dumps(modbus_plant.endpoints_document()))
+    unlisted = {d for d, ep in doc["devices"].items() if not ep["configured"]}
+    assert unlisted == {"zjk-genset-2"}
+    assert doc["devices"]["sjz-kiln-1"]["configured"] is True
+    ep = modbus_plant.endpoints["zjk-genset-2"]
+    assert ep.port is not None and ep.unit is not None
+    genset = profiles[ep.profile]
+    value = await _read(genset, _first_plain(genset), ep.port, ep.unit)
+    assert not hasattr(value, "isError"), value
+    assert {e.device: e.on for e in modbus_plant.ledger}["zjk-genset-2"] is True

@@ -220,6 +220,7 @@ async def test_sim_plant_serves_the_example_site(sim: Any) -> None:
     for name in ("sjz-kiln-1", "ts-boiler-gas-1", "opc.tcp://"):
         assert name in table
     assert "zjk-wt-03" in table  # listed as ledger-only
+    assert "served but in no agent configuration: zjk-genset-2" in table
     assert s.terminate() == 0
 
 
