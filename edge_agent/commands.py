@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,7 +23,7 @@ from typing import Protocol
 
 from device_profiles.schema import Point, Profile, ValueType
 from edge_agent.config import DeviceConfig
-from protocols.driver import Driver, Value, now_ms
+from protocols.driver import Driver, Reading, Value, now_ms
 from protocols.errors import ConfigError, ProtocolError
 from protocols.mqtt.control import WriteCommand, WriteResult, WriteStatus
 
@@ -83,6 +84,24 @@ def _matches(point: Point, wanted: Value, got: Value | None) -> bool:
     step = abs(point.scale) if point.type in _INT_TYPES else 0.0
     tolerance = max(step * 0.5001, abs(float(wanted)) * 1e-6, 1e-9)
     return abs(float(got) - float(wanted)) <= tolerance
+
+
+def _settle(device: DeviceConfig) -> float:
+    """How long a read-back may take to show a write: a subscription reports it late."""
+    ua = device.opcua
+    if ua is not None and ua.mode == "subscribe":
+        return min(5.0, 2 * ua.sampling_interval + 0.5)
+    return 0.0
+
+
+async def _read_back(driver: Driver, point: Point, wanted: Value, settle: float) -> Reading:
+    """Read ``point`` until it shows ``wanted`` or ``settle`` seconds have passed."""
+    deadline = time.monotonic() + settle
+    while True:
+        after = await driver.read([point])
+        if _matches(point, wanted, after.values.get(point.name)) or time.monotonic() >= deadline:
+            return after
+        await asyncio.sleep(0.05)
 
 
 class CommandExecutor:
@@ -146,7 +165,7 @@ class CommandExecutor:
                     return answer(WriteStatus.EXPIRED, "expired before it could be written")
                 self.executed += 1
                 await driver.write(point, cmd.value)
-                after = await driver.read([point])
+                after = await _read_back(driver, point, cmd.value, _settle(target.device))
         except TimeoutError:
             return answer(
                 WriteStatus.FAILED, f"no answer within {self._timeout:g}s", previous=previous

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import generate_latest
+from pydantic import BaseModel, ConfigDict
 from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles
@@ -24,11 +27,18 @@ from edge_agent.config import parse_config
 from protocols.driver import now_ms
 from protocols.modbus import codec
 from protocols.mqtt.contract import Birth, DataMessage
-from protocols.mqtt.control import ConfigReport, WriteResult, WriteStatus
+from protocols.mqtt.control import (
+    ConfigReport,
+    Proposal,
+    ScanReport,
+    WriteResult,
+    WriteStatus,
+)
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
+from simulators.opcua_server import OpcUaSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto
+from tests.servers import Mosquitto, free_port
 
 BASE = "iiot/v1/ent-1/agent-1"
 INTERVAL = 1.0  # seconds between polls of every device in these tests
@@ -95,6 +105,14 @@ class Gateway:
             msg = DataMessage.model_validate_json(p)
             out.extend(range(msg.seq, msg.seq + len(msg.samples)))
         return out
+
+    def values(self, device: str) -> list[dict[str, Any]]:
+        """The values of every sample of ``device``, in arrival order."""
+        return [
+            dict(s.values)
+            for p, _, _ in self.on(f"{device}/data")
+            for s in DataMessage.model_validate_json(p).samples
+        ]
 
     def first_data_after(self, device: str, t: float) -> float | None:
         return next((at for _, _, at in self.on(f"{device}/data") if at >= t), None)
@@ -323,9 +341,7 @@ async def test_write_to_a_setpoint_reaches_the_device_and_reads_back(
             # The next poll's sample carries the written setpoint too.
             await wait_for(
                 lambda: any(
-                    s.values.get("burning_zone_temp_setpoint") == 1234.5
-                    for p, _, _ in gw.on("kiln-1/data")
-                    for s in DataMessage.model_validate_json(p).samples
+                    v.get("burning_zone_temp_setpoint") == 1234.5 for v in gw.values("kiln-1")
                 ),
                 10,
                 "setpoint in data",
@@ -435,3 +451,105 @@ async def test_bad_control_payloads_are_counted_and_never_stop_the_agent(
             await agent.stop()
     assert counts == {"bad_json": 1, "invalid_config": 1, "invalid_cmd": 1, "invalid_scan": 1}
     assert not gw.reports() and not gw.results("kiln-1")
+
+
+@pytest.mark.parametrize("mode", ["read", "subscribe"])
+async def test_opcua_write_goes_through_the_agents_session(
+    tmp_path: Path, mosquitto: Mosquitto, mode: str
+) -> None:
+    profile = load_profiles()["boiler-steam-gas-opcua"]
+    sim_dev = SimDevice(profile, device_id="ua-1", seed=4)
+    server = OpcUaSimServer(sim_dev, port=free_port(), update_interval=0.1)
+    await server.start()
+    device = {
+        "id": "ua-1",
+        "profile": profile.id,
+        "poll_interval": 0.5,
+        "poll_timeout": 3.0,
+        "opcua": {"endpoint": server.endpoint, "timeout": 3.0, "mode": mode,
+                  "sampling_interval": 0.2},
+    }  # fmt: skip
+    try:
+        with Gateway(mosquitto.port) as gw:
+            agent = _agent(tmp_path, mosquitto, [device])
+            await agent.start()
+            try:
+                await wait_for(
+                    lambda: any("steam_pressure_setpoint" in v for v in gw.values("ua-1")),
+                    20,
+                    "the setpoint in OPC UA data",
+                )
+                gw.send("ua-1/cmd", _cmd("ua-w1", "steam_pressure_setpoint", 1.5))
+                await wait_for(lambda: len(gw.results("ua-1")) == 1, 10, "refusal")
+                untouched = sim_dev.values()["steam_pressure_setpoint"]
+                gw.send("ua-1/cmd", _cmd("ua-w2", "steam_pressure_setpoint", 0.9))
+                await wait_for(lambda: len(gw.results("ua-1")) == 2, 15, "write result")
+                written = sim_dev.values()["steam_pressure_setpoint"]
+            finally:
+                await agent.stop()
+    finally:
+        await server.stop()
+    refused, ok = gw.results("ua-1")
+    assert refused.status is WriteStatus.REFUSED and "out of range" in refused.reason
+    assert untouched != 1.5 and server.client_writes == 1
+    assert ok.status is WriteStatus.OK, ok.reason
+    assert written == 0.9 and ok.value == 0.9 and ok.previous == untouched
+
+
+async def test_a_scan_without_a_scope_is_answered_with_the_reason(
+    tmp_path: Path, mosquitto: Mosquitto, site: Site
+) -> None:
+    with Gateway(mosquitto.port) as gw:
+        agent = _agent(tmp_path, mosquitto, [_kiln(site)])
+        await agent.start()
+        try:
+            await wait_for(lambda: agent.publisher.connected, 10, "connected")
+            await asyncio.sleep(0.2)  # the subscription is in place after the birth
+            gw.send("scan", {"id": "scan-1", "ts": now_ms(), "expires": now_ms() + 5000})
+            await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")
+        finally:
+            await agent.stop()
+    report = ScanReport.model_validate_json(gw.on("discovered")[0][0])
+    assert report.scan == "scan-1" and report.proposals == []
+    assert report.errors == ["this agent has no discovery scope in its configuration"]
+
+
+async def test_a_scan_calls_discovery_with_the_configured_scope(
+    tmp_path: Path, mosquitto: Mosquitto, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seam to ``edge_agent.discovery``: scope, profiles, exclusions and deadline."""
+    calls: list[dict[str, Any]] = []
+
+    class DiscoveryScope(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        modbus_hosts: list[str]
+
+    async def scan(
+        scope: DiscoveryScope, profiles: Any, *, exclude: set[str], deadline: float
+    ) -> list[Proposal]:
+        calls.append({"scope": scope, "exclude": exclude, "left": deadline - time.monotonic(),
+                      "has_kiln": "kiln-rotary-cement" in profiles})  # fmt: skip
+        address = {"modbus": {"host": "127.0.0.1", "port": site.sim.port, "unit": 3}}
+        return [Proposal(protocol="modbus", address=address)]
+
+    fake = types.ModuleType("edge_agent.discovery")
+    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
+    fake.scan = scan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    scope = {"modbus_hosts": ["127.0.0.1"]}
+    with Gateway(mosquitto.port) as gw:
+        agent = _agent(tmp_path, mosquitto, [_kiln(site)])
+        await agent.start()
+        try:
+            gw.send("config", _desired(1, [_kiln(site)], discovery=scope), retain=True)
+            await wait_for(lambda: bool(gw.reports()), 10, "config applied")
+            gw.send("scan", {"id": "scan-2", "ts": now_ms(), "expires": now_ms() + 8000})
+            await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")
+        finally:
+            await agent.stop()
+    report = ScanReport.model_validate_json(gw.on("discovered")[0][0])
+    assert report.errors == [] and report.proposals[0].address["modbus"]["unit"] == 3
+    (call,) = calls
+    assert call["scope"] == DiscoveryScope(modbus_hosts=["127.0.0.1"]) and call["has_kiln"]
+    assert call["exclude"] == {f"modbus:tcp:127.0.0.1:{site.sim.port}:1"}
+    assert 5 < call["left"] <= 8
