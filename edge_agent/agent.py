@@ -256,7 +256,8 @@ class Agent:
         if self.desired is not None and desired == self.desired:
             return report(True)  # the retained message again, after a reconnect
         try:
-            new = build_config(self.local, desired)
+            # Off the loop: it reads every shipped profile, as loading the file does.
+            new = await asyncio.to_thread(build_config, self.local, desired)
         except RemoteConfigRefused as exc:
             log.warning(
                 "remote configuration refused",

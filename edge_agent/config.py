@@ -7,6 +7,7 @@ Every problem is collected and reported at once, each naming the device it conce
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -306,6 +307,22 @@ def _with_profiles(base: ProfileSet, extra: Sequence[Profile]) -> ProfileSet:
     return ProfileSet(profiles, sources)
 
 
+def _check_discovery(raw: dict[str, Any] | None) -> list[str]:
+    """Problems of a discovery scope, by the discovery module's own model when installed."""
+    if raw is None:
+        return []
+    try:
+        # Imported here: discovery is optional and its scanners load lazily.
+        scope_model = importlib.import_module("edge_agent.discovery").DiscoveryScope
+    except (ImportError, AttributeError):
+        return []
+    try:
+        scope_model.model_validate(raw)
+    except ValidationError as exc:
+        return [f"discovery: {line}" for line in _format(exc.errors(), raw)]
+    return []
+
+
 def _rel(path: _P, base: Path) -> _P:
     if path is None or path.is_absolute():
         return path
@@ -374,6 +391,8 @@ def parse_config(
         problems.extend(str(e) for e in exc.errors)
     if profiles is not None and extra_profiles:
         profiles = _with_profiles(profiles, extra_profiles)
+    if cfg is not None:
+        problems.extend(_check_discovery(cfg.discovery))
     resolved: dict[str, Profile] = {}
     if profiles is not None:
         found, resolved = _check_devices(devices, profiles)
