@@ -137,6 +137,7 @@ class ControlPlane:
         self._config_lock = asyncio.Lock()
         self._scanning = False
         self._last_bad: dict[str, str] = {}
+        self._closed = False
 
     @property
     def subscriptions(self) -> list[str]:
@@ -148,6 +149,8 @@ class ControlPlane:
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """A message on a subscribed topic (event loop)."""
+        if self._closed:  # the agent is stopping: nothing new starts
+            return
         try:
             ct = parse_control_topic(topic)
         except ContractError:
@@ -181,6 +184,7 @@ class ControlPlane:
 
     async def aclose(self) -> None:
         """Cancel what is still running (a write waiting for its device, a scan)."""
+        self._closed = True
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

@@ -214,18 +214,26 @@ async def test_pushed_config_adds_a_device_without_a_gap_in_the_others(
             before = len(gw.seqs("kiln-1"))
             await wait_for(lambda: len(gw.seqs("kiln-1")) >= before + 3, 15, "kiln goes on")
             assert agent._pollers["kiln-1"] is kiln_poller  # unchanged: never restarted
+            # A changed entry restarts that device only; its seq carries on.
+            boiler_poller = agent._pollers["boiler-1"]
+            faster = {**_kiln(site), "poll_interval": INTERVAL / 2}
+            gw.send("config", _desired(2, [faster, _boiler(site)]), retain=True)
+            await wait_for(lambda: any(r.version == 2 for r in gw.reports()), 10, "v2")
+            before = len(gw.seqs("kiln-1"))
+            await wait_for(lambda: len(gw.seqs("kiln-1")) >= before + 3, 15, "kiln restarted")
+            assert agent._pollers["kiln-1"] is not kiln_poller
+            assert agent._pollers["kiln-1"].device.poll_interval == INTERVAL / 2
+            assert agent._pollers["boiler-1"] is boiler_poller
         finally:
             await agent.stop()
 
     assert first_boiler is not None and first_boiler - pushed <= 2 * INTERVAL
     assert _gap_free(gw.seqs("kiln-1")), gw.seqs("kiln-1")
+    assert _gap_free(gw.seqs("boiler-1")), gw.seqs("boiler-1")
+    first = next(r for r in gw.reports() if r.version == 1)
+    assert (first.applied, first.running_version, first.errors) == (True, 1, {})
     report = gw.reports()[-1]
-    assert (report.version, report.applied, report.running_version, report.errors) == (
-        1,
-        True,
-        1,
-        {},
-    )
+    assert (report.version, report.applied, report.running_version) == (2, True, 2)
     # The report is retained: a gateway connecting later still finds it.
     with Gateway(mosquitto.port, client_id="late-gateway") as late:
         await wait_for(lambda: bool(late.reports()), 5, "retained report")
@@ -235,8 +243,9 @@ async def test_pushed_config_adds_a_device_without_a_gap_in_the_others(
     assert motor_states[-1]["online"] is False and motor_states[-1]["reason"] == "removed"
     # The birth announced again carries the version and the new device set.
     birth = gw.births()[-1]
-    assert birth.config_version == 1
+    assert birth.config_version == 2
     assert {d.id for d in birth.devices} == {"kiln-1", "boiler-1"}
+    assert [b.config_version for b in gw.births()] == [None, 1, 2]
 
 
 async def test_bad_config_is_refused_naming_the_device_and_the_old_one_runs(
