@@ -55,6 +55,9 @@ def check_write(profile: Profile, point_name: str, value: Value) -> tuple[Point 
         return None, f"point '{point_name}' is not in profile '{profile.id}'"
     if point.access != "rw":
         return point, f"point '{point_name}' is read-only"
+    if any(p.scale_factor_point == point_name for p in profile.points):
+        # Writing a SunSpec scale factor would silently change what other points mean.
+        return point, f"point '{point_name}' is the scale factor of other points"
     if point.type is ValueType.BOOL:
         if not isinstance(value, bool):
             return point, f"point '{point_name}' takes true or false, not {value!r}"
