@@ -168,7 +168,12 @@ class CommandExecutor:
                     return answer(WriteStatus.EXPIRED, "expired before it could be written")
                 self.executed += 1
                 await driver.write(point, cmd.value)
-                after = await _read_back(driver, point, cmd.value, _settle(target.device))
+                after = await driver.read([point])
+            settle = _settle(target.device)
+            if settle and not _matches(point, cmd.value, after.values.get(point.name)):
+                # A subscription reports the write late; polls need not wait for it.
+                async with asyncio.timeout(settle + 1.0):
+                    after = await _read_back(driver, point, cmd.value, settle)
         except TimeoutError:
             return answer(
                 WriteStatus.FAILED, f"no answer within {self._timeout:g}s", previous=previous

@@ -179,7 +179,9 @@ class DevicePoller:
         t0 = time.perf_counter()
         connecting = False
         try:
-            async with asyncio.timeout(dev.timeout), self._lock:
+            # The lock first: a poll waiting for a write (itself bounded) starts late
+            # rather than failing, so a write never makes a device look offline.
+            async with self._lock, asyncio.timeout(dev.timeout):
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()

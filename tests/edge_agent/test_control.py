@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import threading
 import time
@@ -431,20 +432,22 @@ async def test_a_repeated_request_id_is_answered_not_written_again(
 
 
 async def test_bad_control_payloads_are_counted_and_never_stop_the_agent(
-    tmp_path: Path, mosquitto: Mosquitto, site: Site
+    tmp_path: Path, mosquitto: Mosquitto, site: Site, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="iiot.agent.control")
     with Gateway(mosquitto.port) as gw:
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
         await agent.start()
         try:
             await wait_for(lambda: len(gw.seqs("kiln-1")) >= 1, 15, "kiln data")
-            gw.send("config", b"{not json")
+            for _ in range(3):  # counted three times, logged once
+                gw.send("config", b"{not json")
             gw.send("config", {"version": 0, "ts": 1})
             gw.send("kiln-1/cmd", {"id": "c-1", "point": "x"})
             gw.send("scan", {"id": "s 1", "ts": 1, "expires": 2})
             await wait_for(
                 lambda: (
-                    _metric(agent, "iiot_agent_control_bad_messages_total", reason="invalid_cmd")
+                    _metric(agent, "iiot_agent_control_bad_messages_total", reason="invalid_scan")
                     == 1
                 ),
                 10,
@@ -458,8 +461,10 @@ async def test_bad_control_payloads_are_counted_and_never_stop_the_agent(
             }
         finally:
             await agent.stop()
-    assert counts == {"bad_json": 1, "invalid_config": 1, "invalid_cmd": 1, "invalid_scan": 1}
+    assert counts == {"bad_json": 3, "invalid_config": 1, "invalid_cmd": 1, "invalid_scan": 1}
     assert not gw.reports() and not gw.results("kiln-1")
+    logged = [r.reason for r in caplog.records if r.name == "iiot.agent.control"]  # type: ignore[attr-defined]
+    assert logged == ["bad_json", "invalid_config", "invalid_cmd", "invalid_scan"]
 
 
 @pytest.mark.parametrize("mode", ["read", "subscribe"])
