@@ -38,7 +38,7 @@ from protocols.mqtt.control import (
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from simulators.opcua_server import OpcUaSimServer
-from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
+from tests.edge_agent.helpers import PersistentMosquitto, agent_dict, modbus_device, wait_for
 from tests.servers import Mosquitto, free_port
 
 BASE = "iiot/v1/ent-1/agent-1"
@@ -567,3 +567,30 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     assert call["scope"] == DiscoveryScope(modbus_hosts=["127.0.0.1"]) and call["has_kiln"]
     assert call["exclude"] == {f"modbus:tcp:127.0.0.1:{site.sim.port}:1"}
     assert 5 < call["left"] <= 8
+
+
+async def test_a_push_during_a_broker_outage_is_applied_after_the_reconnect(
+    tmp_path: Path, site: Site
+) -> None:
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    broker = PersistentMosquitto(broker_dir).start()
+    agent = _agent(tmp_path, broker, [_kiln(site)])
+    try:
+        await agent.start()
+        await wait_for(lambda: agent.publisher.connected, 10, "connected")
+        broker.stop()
+        await wait_for(lambda: not agent.publisher.connected, 10, "connection lost")
+        broker.start()
+        # The gateway is back first and pushes; the agent is still waiting out its backoff.
+        with Gateway(broker.port) as gw:
+            gw.send("config", _desired(5, [_kiln(site), _boiler(site)]), retain=True)
+            await wait_for(lambda: any(r.version == 5 for r in gw.reports()), 15, "applied")
+            await wait_for(lambda: len(gw.seqs("boiler-1")) >= 2, 15, "boiler data")
+            reconnects = _metric(agent, "iiot_agent_mqtt_connects_total", result="ok")
+    finally:
+        await agent.stop()
+        broker.stop()
+    report = next(r for r in gw.reports() if r.version == 5)
+    assert report.applied and reconnects == 2
+    assert gw.births()[-1].config_version == 5
