@@ -43,7 +43,7 @@ log = logging.getLogger("iiot.agent.control")
 MAX_CONTROL_PAYLOAD = 4 * 1024 * 1024  # bytes; a desired configuration of a large site fits
 _M = TypeVar("_M", bound=BaseModel)
 
-Publish = Callable[[str, bytes, bool], bool]
+_Publish = Callable[[str, bytes, bool], bool]
 
 
 class ControlMetrics:
@@ -120,7 +120,7 @@ class ControlPlane:
         enterprise: str,
         agent_id: str,
         *,
-        publish: Publish,
+        publish: _Publish,
         apply_config: Callable[[DesiredConfig], Awaitable[ConfigReport]],
         scan: Callable[[ScanRequest], Awaitable[ScanReport]],
         executor: CommandExecutor,
