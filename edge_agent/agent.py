@@ -1,8 +1,12 @@
-"""The edge agent: pollers → spool → MQTT publisher, with self-metrics.
+"""The edge agent: pollers → spool → MQTT publisher, with self-metrics and the control plane.
 
 Every sample is committed to the spool before anything is published; the publisher sends
 from the spool and deletes rows when the broker acknowledges them. Samples and deletions
 of the same few milliseconds share one spool commit (``_COMMIT_WINDOW``).
+
+The running device set can change without a restart (``apply_desired``): added devices
+start polling, removed ones stop with an offline state (reason ``removed``), changed ones
+restart, and unchanged ones keep their poller, schedule and sequence numbers.
 """
 
 from __future__ import annotations
@@ -14,15 +18,19 @@ import sqlite3
 from collections import deque
 from typing import Any
 
-from edge_agent.config import LoadedConfig
+from edge_agent.commands import CommandExecutor
+from edge_agent.config import DeviceConfig, LoadedConfig
+from edge_agent.control import ControlMetrics, ControlPlane, run_scan
 from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
+from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_config
 from edge_agent.spool import Spool
 from iiot_common import __version__
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
+from protocols.mqtt.control import ConfigReport, DesiredConfig, ScanReport, ScanRequest
 
 __all__ = ["Agent", "AgentStartError"]
 
@@ -32,6 +40,7 @@ _CHECKPOINT_EVERY = 1.0  # seconds
 # Samples and acknowledgements queued within this window share one spool commit; a
 # sample is published only after its commit.
 _COMMIT_WINDOW = 0.005  # seconds
+_POLLER_STOP_TIMEOUT = 10.0  # seconds
 
 
 class AgentStartError(RuntimeError):
@@ -49,7 +58,7 @@ class Agent:
         metrics: AgentMetrics | None = None,
         codec: Codec = JSON_CODEC,
     ) -> None:
-        self.loaded = loaded
+        self.local = loaded  # the file's configuration, the base of every remote one
         self.codec = codec
         self.cfg = cfg = loaded.config
         self.metrics = metrics or AgentMetrics()
@@ -66,8 +75,77 @@ class Agent:
         self._commit_errors_seen = 0
         self._refused: dict[str, str] = {}  # device -> last refusal, logged once per change
         self.lags: deque[float] = deque(maxlen=100_000)
-        enabled = [d for d in cfg.devices if d.enabled]
-        birth_devices = [
+        self._factory = driver_factory
+        self.store = RemoteConfigStore(cfg.data_dir)
+        self.desired: DesiredConfig | None = None  # the applied remote configuration
+        self.loaded = self._initial_config(loaded)
+        self.publisher = Publisher(
+            cfg,
+            self.spool,
+            self.metrics,
+            devices=self._birth_devices(),
+            version=__version__,
+            codec=codec,
+        )
+        self.publisher.config_version = self.config_version
+        enabled = [d for d in self.loaded.config.devices if d.enabled]
+        self._pollers: dict[str, DevicePoller] = {
+            d.id: self._make_poller(d, i / len(enabled)) for i, d in enumerate(enabled)
+        }
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.control_metrics = ControlMetrics(self.metrics.registry)
+        self.control_metrics.config_version.set(self.config_version or 0)
+        self.commands = CommandExecutor(self._pollers.get)
+        self.control = ControlPlane(
+            cfg.enterprise,
+            cfg.agent_id,
+            publish=lambda topic, payload, retain: self.publisher.publish(
+                topic, payload, retain=retain
+            ),
+            apply_config=self.apply_desired,
+            scan=self._scan,
+            executor=self.commands,
+            metrics=self.control_metrics,
+        )
+        self.publisher.subscriptions = self.control.subscriptions
+        self.publisher.on_message = self.control.on_message
+        self._http: tuple[Any, Any] | None = None
+        self.metrics_port: int | None = None
+        self.samples_spooled = 0
+        self._ckpt_task: asyncio.Task[None] | None = None
+        self._ckpt_stop = asyncio.Event()
+
+    @property
+    def pollers(self) -> list[DevicePoller]:
+        return list(self._pollers.values())
+
+    @property
+    def config_version(self) -> int | None:
+        """The remote configuration version running; None: the local file's devices."""
+        return self.desired.version if self.desired is not None else None
+
+    def _initial_config(self, local: LoadedConfig) -> LoadedConfig:
+        """The stored remote configuration when enabled and still valid, else the file's."""
+        if not local.config.remote_config.enabled:
+            return local
+        stored = self.store.load()
+        if stored is None:
+            return local
+        try:
+            built = build_config(local, stored)
+        except RemoteConfigRefused as exc:
+            log.error(
+                "stored remote configuration no longer valid; the local file's devices run",
+                extra={"version": stored.version, "errors": exc.errors},
+            )
+            return local
+        self.desired = stored
+        log.info("remote configuration restored", extra={"version": stored.version})
+        return built
+
+    def _birth_devices(self) -> list[BirthDevice]:
+        loaded = self.loaded
+        return [
             BirthDevice(
                 id=d.id,
                 profile=p.id,
@@ -75,31 +153,22 @@ class Agent:
                 family=p.family,
                 category=p.category.value,
             )
-            for d in enabled
+            for d in loaded.config.devices
+            if d.enabled
             for p in [loaded.device_profiles[d.id]]
         ]
-        self.publisher = Publisher(
-            cfg, self.spool, self.metrics, devices=birth_devices, version=__version__, codec=codec
+
+    def _make_poller(self, device: DeviceConfig, phase: float) -> DevicePoller:
+        return DevicePoller(
+            device,
+            self.loaded.device_profiles[device.id],
+            driver_factory=self._factory,
+            on_sample=self._on_sample,
+            on_state=self._on_state,
+            metrics=self.metrics,
+            lags=self.lags,
+            phase=phase,
         )
-        self.pollers = [
-            DevicePoller(
-                d,
-                loaded.device_profiles[d.id],
-                driver_factory=driver_factory,
-                on_sample=self._on_sample,
-                on_state=self._on_state,
-                metrics=self.metrics,
-                lags=self.lags,
-                phase=i / len(enabled),
-            )
-            for i, d in enumerate(enabled)
-        ]
-        self._tasks: list[asyncio.Task[None]] = []
-        self._http: tuple[Any, Any] | None = None
-        self.metrics_port: int | None = None
-        self.samples_spooled = 0
-        self._ckpt_task: asyncio.Task[None] | None = None
-        self._ckpt_stop = asyncio.Event()
 
     async def start(self) -> None:
         m = self.cfg.metrics
@@ -116,15 +185,15 @@ class Agent:
         self.spool.take_over_checkpoints()
         self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
         await self.publisher.start()
-        self._tasks = [
-            asyncio.create_task(p.run(), name=f"poll-{p.device.id}") for p in self.pollers
-        ]
+        for dev_id, poller in self._pollers.items():
+            self._tasks[dev_id] = asyncio.create_task(poller.run(), name=f"poll-{dev_id}")
         self._ckpt_task = asyncio.create_task(self._checkpoints(), name="spool-checkpoint")
         log.info(
             "agent started",
             extra={
                 "agent": self.cfg.agent_id,
-                "devices": len(self.pollers),
+                "devices": len(self._pollers),
+                "config_version": self.config_version,
                 "spooled": self.spool.depth,
                 "metrics_port": self.metrics_port,
             },
@@ -132,12 +201,8 @@ class Agent:
 
     async def stop(self) -> None:
         """Stop pollers, flush the spool (bounded), say offline, disconnect."""
-        for p in self.pollers:
-            p.stop()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(t, 10.0)
-        self._tasks = []
+        await self.control.aclose()
+        await self._stop_pollers(list(self._pollers))
         self.spool.flush()  # the pollers' last samples, so the publisher can send them
         await self.publisher.stop()
         self.spool.stop_group_commit()
@@ -161,6 +226,73 @@ class Agent:
             await stop.wait()
         finally:
             await self.stop()
+
+    async def apply_desired(self, desired: DesiredConfig) -> ConfigReport:
+        """Check ``desired`` in full, then run it without a restart; the report says how it went."""
+
+        def report(applied: bool, errors: dict[str, str] | None = None) -> ConfigReport:
+            return ConfigReport(
+                version=desired.version,
+                applied=applied,
+                running_version=self.config_version or 0,
+                ts=now_ms(),
+                errors=errors or {},
+            )
+
+        if self.desired is not None and desired == self.desired:
+            return report(True)  # the retained message again, after a reconnect
+        try:
+            # Off the loop: it reads every shipped profile, as loading the file does.
+            new = await asyncio.to_thread(build_config, self.local, desired)
+        except RemoteConfigRefused as exc:
+            log.warning(
+                "remote configuration refused",
+                extra={"version": desired.version, "errors": exc.errors},
+            )
+            return report(False, exc.errors)
+        try:
+            # Kept before it runs: a crash in between restarts into this version.
+            await asyncio.to_thread(self.store.save, desired)
+        except OSError as exc:
+            log.error("remote configuration cannot be stored", extra={"error": str(exc)})
+            return report(False, {"config": f"cannot store it in {self.store.path}: {exc}"})
+        changes = await self._reconcile(new)
+        self.desired = desired
+        self.publisher.set_birth(self._birth_devices(), self.config_version)
+        log.info("remote configuration applied", extra={"version": desired.version, **changes})
+        return report(True)
+
+    async def _reconcile(self, new: LoadedConfig) -> dict[str, list[str]]:
+        """Make the running pollers match ``new``; unchanged ones are left alone."""
+        wanted = {d.id: d for d in new.config.devices if d.enabled}
+        removed = [i for i in self._pollers if i not in wanted]
+        changed = [
+            i
+            for i, p in self._pollers.items()
+            if i in wanted and (p.device != wanted[i] or p.profile != new.device_profiles[i])
+        ]
+        added = [i for i in wanted if i not in self._pollers]
+        await self._stop_pollers(removed + changed)
+        for dev_id in removed:
+            self._on_state(dev_id, False, "removed")
+        self.loaded = new
+        for dev_id in changed + added:
+            poller = self._make_poller(wanted[dev_id], 0.0)
+            self._pollers[dev_id] = poller
+            self._tasks[dev_id] = asyncio.create_task(poller.run(), name=f"poll-{dev_id}")
+        return {"added": added, "removed": removed, "changed": changed}
+
+    async def _stop_pollers(self, ids: list[str]) -> None:
+        pollers = [self._pollers.pop(i) for i in ids]
+        tasks = [self._tasks.pop(i) for i in ids if i in self._tasks]
+        for p in pollers:
+            p.stop()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, _POLLER_STOP_TIMEOUT)
+
+    async def _scan(self, request: ScanRequest) -> ScanReport:
+        return await run_scan(request, self.loaded)
 
     async def _checkpoints(self) -> None:
         """Checkpoint the spool's WAL in a worker thread, once a second and at the end."""

@@ -131,6 +131,8 @@ def provision(
         }
     )
     data.update({"agent_id": cred["agent_id"], "enterprise": cred["enterprise"], "mqtt": mqtt})
+    # A provisioned agent takes its devices from the gateway unless the file says otherwise.
+    data.setdefault("remote_config", {"enabled": True})
     config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     typer.echo(
         f"provisioned agent '{cred['agent_id']}' of enterprise '{cred['enterprise']}'\n"

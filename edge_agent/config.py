@@ -8,6 +8,7 @@ Every problem is collected and reported at once, each naming the device it conce
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -42,6 +43,7 @@ __all__ = [
     "LoadedConfig",
     "MetricsConfig",
     "MqttConfig",
+    "RemoteConfigOptions",
     "SpoolConfig",
     "load_config",
     "parse_config",
@@ -150,6 +152,17 @@ class MetricsConfig(_Strict):
     port: int | None = Field(default=None, ge=0, le=65535, description="null: no endpoint.")
 
 
+class RemoteConfigOptions(_Strict):
+    """Whether the gateway's desired configuration replaces this file's devices."""
+
+    enabled: bool = Field(
+        default=False,
+        description="true: devices, discovery scope and extra profiles come from the gateway "
+        "(the applied version is kept in data_dir); this file's devices run only until one "
+        "arrives. false: this file alone is used and pushed configurations are refused.",
+    )
+
+
 class DeviceConfig(ProtocolParts):
     """One device instance: which profile, where it is, how often to read it.
 
@@ -203,6 +216,7 @@ class AgentConfig(_Strict):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    remote_config: RemoteConfigOptions = Field(default_factory=RemoteConfigOptions)
     discovery: DiscoveryScope | None = Field(
         default=None, description="Where `iiot agent discover` and remote scans may look."
     )
@@ -315,6 +329,16 @@ def _check_devices(
     return problems, resolved
 
 
+def _with_profiles(base: ProfileSet, extra: Sequence[Profile]) -> ProfileSet:
+    """``base`` plus ``extra``; an extra profile replaces a loaded one with its id."""
+    profiles = {p.id: p for p in base}
+    sources = dict(base.sources)
+    for prof in extra:
+        profiles[prof.id] = prof
+        sources[prof.id] = Path(f"<remote profile {prof.id}>")
+    return ProfileSet(profiles, sources)
+
+
 def _rel(path: _P, base: Path) -> _P:
     if path is None or path.is_absolute():
         return path
@@ -322,9 +346,17 @@ def _rel(path: _P, base: Path) -> _P:
 
 
 def parse_config(
-    data: Any, source: str = "<config>", *, base_dir: Path | None = None
+    data: Any,
+    source: str = "<config>",
+    *,
+    base_dir: Path | None = None,
+    extra_profiles: Sequence[Profile] = (),
 ) -> LoadedConfig:
-    """Validate parsed YAML as an agent config, load profiles, and check every device."""
+    """Validate parsed YAML as an agent config, load profiles, and check every device.
+
+    ``extra_profiles`` (a remote configuration's) join the loaded ones and win over a
+    loaded profile with the same id.
+    """
     if not isinstance(data, dict):
         raise AgentConfigError(source, ["the config must be a mapping at the top level"])
     problems: list[str] = []
@@ -373,6 +405,8 @@ def parse_config(
         profiles = load_profiles(profile_dirs)
     except ProfileSetError as exc:
         problems.extend(str(e) for e in exc.errors)
+    if profiles is not None and extra_profiles:
+        profiles = _with_profiles(profiles, extra_profiles)
     resolved: dict[str, Profile] = {}
     if profiles is not None:
         found, resolved = _check_devices(devices, profiles)

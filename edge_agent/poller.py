@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from device_profiles.schema import Point, Profile
@@ -89,6 +89,8 @@ class DevicePoller:
         self._last_sent: dict[str, Value] = {}
         self._since_full = 0
         self._stop = asyncio.Event()
+        # Held by a poll and by a write, so a write never interleaves with a poll.
+        self._lock = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
         # This device's metric children, looked up once rather than on every poll.
         self._m_duration = metrics.poll_duration.labels(device.id)
@@ -97,6 +99,23 @@ class DevicePoller:
         # Fraction of the interval by which this device's grid is offset, so that many
         # devices with one interval do not all fire in the same instant.
         self.phase = phase % 1.0
+
+    @contextlib.asynccontextmanager
+    async def driver(self) -> AsyncIterator[Driver]:
+        """The poller's own driver, connected, held against polls for the caller's block."""
+        dev = self.device
+        async with self._lock:
+            if self._stop.is_set():
+                raise ConnectError(f"device '{dev.id}': poller is stopping")
+            if self._driver is None:
+                driver = self._factory(self.profile, dev.connection, name=dev.id)
+                try:
+                    await driver.connect()
+                except BaseException:
+                    self._close_later(driver)
+                    raise
+                self._driver = driver
+            yield self._driver
 
     def stop(self) -> None:
         self._stop.set()
@@ -160,7 +179,9 @@ class DevicePoller:
         t0 = time.perf_counter()
         connecting = False
         try:
-            async with asyncio.timeout(dev.timeout):
+            # The lock first: a poll waiting for a write (itself bounded) starts late
+            # rather than failing, so a write never makes a device look offline.
+            async with self._lock, asyncio.timeout(dev.timeout):
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()

@@ -95,6 +95,10 @@ class Publisher:
         self._states: dict[str, DeviceState] = {}
         self._connack: asyncio.Future[tuple[bool, bool, str]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.config_version: int | None = None
+        # Control plane: topics subscribed after every connect, and who gets their messages.
+        self.subscriptions: list[str] = []
+        self.on_message: Callable[[str, bytes], None] | None = None
 
     # -- public API -------------------------------------------------------------------
 
@@ -116,6 +120,23 @@ class Publisher:
         self._states[device] = state
         if self.state is ConnState.CONNECTED:
             self._publish_state(device, state)
+
+    def set_birth(self, devices: list[BirthDevice], config_version: int | None) -> None:
+        """Change what the birth announces, and announce it again when connected."""
+        self.devices = devices
+        self.config_version = config_version
+        client = self._client
+        if self.state is ConnState.CONNECTED and client is not None and self.bdseq is not None:
+            self._publish_birth(client, self.bdseq)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish a control-plane answer (QoS 1) now; False when not connected."""
+        client = self._client
+        if self.state is not ConnState.CONNECTED or client is None:
+            return False
+        info = client.publish(topic, payload, qos=1, retain=retain)
+        self._track(info, "control")
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     @property
     def connected(self) -> bool:
@@ -226,10 +247,11 @@ class Publisher:
             self._mark_dirty(dev)
         self.state = ConnState.CONNECTED
         self.metrics.mqtt_connected.set(1)
-        birth = Birth(bdseq=bdseq, ts=now_ms(), version=self.version, devices=self.devices)
-        self._track(client.publish(self._agent_topic, encode(birth), qos=1, retain=True), "birth")
+        self._publish_birth(client, bdseq)
         for dev, st in self._states.items():
             self._publish_state(dev, st)
+        if self.subscriptions:
+            client.subscribe([(t, 1) for t in self.subscriptions])
         log.info("mqtt connected", extra={"broker": f"{m.host}:{m.port}", "bdseq": bdseq})
         self._wake.set()
         return True, False
@@ -253,6 +275,7 @@ class Publisher:
         client.on_connect = lambda c, u, f, rc, p: self._threadsafe(self._on_connect, session, rc)
         client.on_disconnect = lambda c, u, f, rc, p: self._threadsafe(self._on_disconnect, session)
         client.on_publish = lambda c, u, mid, rc, p: self._puback(session, mid)
+        client.on_message = lambda c, u, msg: self._message(session, msg)
         return client
 
     def _threadsafe(self, fn: Callable[..., None], *args: Any) -> None:
@@ -266,6 +289,12 @@ class Publisher:
                 loop.call_soon_threadsafe(fn, *args)
                 return True
         return False
+
+    def _message(self, session: int, msg: mqtt.MQTTMessage) -> None:
+        """paho thread: hand a received message to the loop (``on_message``)."""
+        handler = self.on_message
+        if handler is not None and session == self.session:
+            self._call_soon(handler, msg.topic, bytes(msg.payload))
 
     def _puback(self, session: int, mid: int) -> None:
         """paho thread: queue a PUBACK; one loop wake-up serves all queued meanwhile."""
@@ -312,6 +341,16 @@ class Publisher:
         await asyncio.to_thread(client.loop_stop)
 
     # -- publishing -------------------------------------------------------------------
+
+    def _publish_birth(self, client: mqtt.Client, bdseq: int) -> None:
+        birth = Birth(
+            bdseq=bdseq,
+            ts=now_ms(),
+            version=self.version,
+            devices=self.devices,
+            config_version=self.config_version,
+        )
+        self._track(client.publish(self._agent_topic, encode(birth), qos=1, retain=True), "birth")
 
     def _publish_state(self, device: str, state: DeviceState) -> None:
         if self._client is None:
