@@ -25,6 +25,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from iiot_common.localservers import Mosquitto, free_port
 from protocols.driver import now_ms
 from protocols.modbus import codec
 from protocols.mqtt.contract import Birth, DataMessage
@@ -39,7 +40,6 @@ from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from simulators.opcua_server import OpcUaSimServer
 from tests.edge_agent.helpers import PersistentMosquitto, agent_dict, modbus_device, wait_for
-from tests.servers import Mosquitto, free_port
 
 BASE = "iiot/v1/ent-1/agent-1"
 INTERVAL = 1.0  # seconds between polls of every device in these tests
