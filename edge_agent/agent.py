@@ -12,11 +12,13 @@ import contextlib
 import logging
 import sqlite3
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from edge_agent.config import LoadedConfig
+from edge_agent.lock import DataDirLock, DataDirLocked
 from edge_agent.metrics import AgentMetrics
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
@@ -25,7 +27,7 @@ from iiot_common import __version__
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.contract import BirthDevice, DeviceState, Sample, encode
 
-__all__ = ["Agent", "AgentStartError", "encode_sample"]
+__all__ = ["Agent", "AgentLockedError", "AgentStartError", "encode_sample"]
 
 log = logging.getLogger("iiot.agent")
 
@@ -61,6 +63,10 @@ class AgentStartError(RuntimeError):
     """The agent cannot start: its spool or metrics endpoint cannot be opened."""
 
 
+class AgentLockedError(AgentStartError):
+    """Another agent already runs on this data directory (or spool directory)."""
+
+
 class Agent:
     """Runs every enabled device's poller and the publisher until stopped."""
 
@@ -74,6 +80,7 @@ class Agent:
         self.loaded = loaded
         self.cfg = cfg = loaded.config
         self.metrics = metrics or AgentMetrics()
+        self._locks = _lock_dirs(cfg.data_dir, cfg.spool_path.parent)
         try:
             self.spool = Spool(
                 cfg.spool_path,
@@ -82,6 +89,7 @@ class Agent:
                 durable=cfg.spool.durable,
             )
         except (OSError, sqlite3.Error) as exc:
+            _release(self._locks)
             raise AgentStartError(f"spool {cfg.spool_path}: {exc}") from exc
         self._dropped_seen = 0
         self.lags: deque[float] = deque(maxlen=100_000)
@@ -127,6 +135,7 @@ class Agent:
                 self._http = self.metrics.serve(m.host, m.port)
             except OSError as exc:
                 self.spool.close()
+                _release(self._locks)
                 raise AgentStartError(
                     f"metrics endpoint {m.host}:{m.port}: {exc.strerror or exc}"
                 ) from exc
@@ -172,6 +181,7 @@ class Agent:
             self._http = None
         log.info("agent stopped", extra={"agent": self.cfg.agent_id, "spooled": self.spool.depth})
         self.spool.close()
+        _release(self._locks)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, wait for ``stop``, stop."""
@@ -219,3 +229,30 @@ class Agent:
             )
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)
+
+
+def _lock_dirs(*dirs: Path) -> list[DataDirLock]:
+    """Lock each distinct directory, or raise ``AgentLockedError`` holding none of them."""
+    locks: list[DataDirLock] = []
+    seen: set[Path] = set()
+    try:
+        for d in dirs:
+            key = d.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            lock = DataDirLock(d)
+            lock.acquire()
+            locks.append(lock)
+    except DataDirLocked as exc:
+        _release(locks)
+        raise AgentLockedError(str(exc)) from exc
+    except OSError as exc:
+        _release(locks)
+        raise AgentStartError(f"data directory {d}: {exc}") from exc
+    return locks
+
+
+def _release(locks: list[DataDirLock]) -> None:
+    for lock in locks:
+        lock.release()

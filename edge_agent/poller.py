@@ -178,9 +178,9 @@ class DevicePoller:
                 return self._failed("connect_failed", "connect timed out", reconnect=True)
             return self._failed("timeout", "no answer within the poll timeout", reconnect=False)
         except ConnectError as exc:
-            return self._failed(exc.reason, str(exc), reconnect=True)
+            return self._failed(exc.reason, str(exc), reconnect=True, cause=exc.detail)
         except ProtocolError as exc:
-            return self._failed(exc.reason, str(exc), reconnect=False)
+            return self._failed(exc.reason, str(exc), reconnect=False, cause=exc.detail)
         except Exception as exc:  # a driver bug or garbage must not end the poller
             log.exception("poll failed unexpectedly", extra={"device": dev.id})
             return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=True)
@@ -199,15 +199,23 @@ class DevicePoller:
             return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=False)
         return None
 
-    def _failed(self, reason: str, detail: str, *, reconnect: bool) -> float | None:
+    def _failed(
+        self, reason: str, detail: str, *, reconnect: bool, cause: str = ""
+    ) -> float | None:
+        """Count a failed poll and go offline with ``reason`` (``reason: cause`` in the state).
+
+        The metric labels carry the bare reason (bounded); the state and the log carry
+        the cause too, logged once per change.
+        """
         self.metrics.polls.labels(self.device.id, reason).inc()
         self.metrics.errors.labels(self.device.id, reason).inc()
-        if self.health.online is not False or self.health.reason != reason:
+        state = f"{reason}: {cause}" if cause else reason
+        if self.health.online is not False or self.health.reason != state:
             log.warning(
                 "device poll failed",
                 extra={"device": self.device.id, "reason": reason, "detail": detail},
             )
-        self._set_state(False, reason)
+        self._set_state(False, state)
         if not reconnect:
             return None
         self.backoff.lost()
@@ -276,6 +284,6 @@ async def _close_quietly(driver: Driver) -> None:
 
 
 def _short(reason: str) -> str:
-    """A bounded metric label from a per-point error text."""
-    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
+    """A bounded metric label from a per-point error text, spelled as the payload spells it."""
+    head = reason.split(":", 1)[0].strip().replace(" ", "_")
     return head[:40] or "error"

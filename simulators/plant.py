@@ -120,6 +120,14 @@ class EnterpriseConfig(_Strict):
     devices: list[DeviceConfig] = Field(default_factory=list)
 
 
+class SerialLineConfig(_Strict):
+    """Settings of every serial line the plant serves (8 data bits)."""
+
+    baudrate: int = Field(default=19200, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+
+
 class PlantConfig(_Strict):
     """A whole simulated site."""
 
@@ -128,6 +136,7 @@ class PlantConfig(_Strict):
     seed: int = 0
     time_scale: float = Field(default=1.0, gt=0, le=100000)
     strict_addresses: bool = True
+    serial_line: SerialLineConfig = Field(default_factory=SerialLineConfig)
     profile_dirs: list[Path] = Field(
         default_factory=list, description="Extra profile folders beside the shipped ones."
     )
@@ -492,6 +501,9 @@ class Plant:
                         port=lst.port or 0,
                         framer="tcp" if lst.framer == "tcp" else "rtu",
                         serial_port=lst.serial_port,
+                        baudrate=self.config.serial_line.baudrate,
+                        parity=self.config.serial_line.parity,
+                        stopbits=self.config.serial_line.stopbits,
                         strict_addresses=self.config.strict_addresses,
                     )
                 else:
