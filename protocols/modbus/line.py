@@ -13,6 +13,8 @@ down, bounded by the device's timeout. When to try again is the agent's decision
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -137,7 +139,8 @@ class Line:
             raise
         except Exception as exc:  # serial ports raise here (termios, settings, permissions)
             self.client.close()
-            cause = _cause(exc)
+            _close_orphaned_ports(exc)
+            cause = _cause(exc, self.conn)
             raise ConnectError(
                 f"device '{device}': cannot open {where}: {cause}", detail=cause
             ) from exc
@@ -185,10 +188,34 @@ class Line:
         self.client.close()
 
 
-def _cause(exc: BaseException) -> str:
+def _cause(exc: BaseException, conn: ModbusConnection | None = None) -> str:
     """A short, single-line text for why a line could not be opened."""
+    if isinstance(exc, termios.error) and conn is not None:
+        msg = exc.args[1] if len(exc.args) > 1 else exc
+        return (
+            f"the port refused {conn.baudrate} baud, {conn.bytesize} data bits, "
+            f"parity {conn.parity}, {conn.stopbits} stop bit(s): {msg}"
+        )
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:200]
+
+
+def _close_orphaned_ports(exc: BaseException) -> None:
+    """Close a serial port that a failed open left behind in the traceback's frames.
+
+    pymodbus opens the port and then reconfigures it inside its transport's constructor;
+    when that raises, the open port is reachable only from the traceback and keeps its
+    exclusive lock until the garbage collector finds it, so the next attempt would fail
+    with "Could not exclusively lock port".
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        for port in (owner, getattr(owner, "sync_serial", None)):
+            if isinstance(port, serial.SerialBase):
+                with contextlib.suppress(Exception):
+                    port.close()
+        tb = tb.tb_next
 
 
 def _serial_cause(conn: ModbusConnection) -> str:
