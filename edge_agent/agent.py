@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ _CHECKPOINT_EVERY = 1.0  # seconds
 # sample is published only after its commit.
 _COMMIT_WINDOW = 0.005  # seconds
 _PLAIN = (float, int, str, bool)
+_FULL_QUIET = 10.0  # seconds without a drop before the spool counts as no longer full
 
 
 def encode_sample(reading: Reading) -> str:
@@ -92,6 +94,8 @@ class Agent:
             _release(self._locks)
             raise AgentStartError(f"spool {cfg.spool_path}: {exc}") from exc
         self._dropped_seen = 0
+        self._dropping_since: int | None = None  # spool.dropped when dropping began
+        self._last_drop = 0.0
         self.lags: deque[float] = deque(maxlen=100_000)
         enabled = [d for d in cfg.devices if d.enabled]
         birth_devices = [
@@ -127,6 +131,7 @@ class Agent:
         self.samples_spooled = 0
         self._ckpt_task: asyncio.Task[None] | None = None
         self._ckpt_stop = asyncio.Event()
+        self._ckpt_now = asyncio.Event()  # the WAL outgrew its share before the next second
 
     async def start(self) -> None:
         m = self.cfg.metrics
@@ -171,6 +176,7 @@ class Agent:
         self.spool.stop_group_commit()
         if self._ckpt_task is not None:
             self._ckpt_stop.set()
+            self._ckpt_now.set()
             await self._ckpt_task
             self._ckpt_task = None
         if self._http is not None:
@@ -192,12 +198,12 @@ class Agent:
             await self.stop()
 
     async def _checkpoints(self) -> None:
-        """Checkpoint the spool's WAL in a worker thread, once a second and at the end."""
+        """Checkpoint the spool's WAL in a worker thread: each second, sooner if it grows."""
         while True:
-            stopping = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ckpt_stop.wait(), _CHECKPOINT_EVERY)
-                stopping = True
+                await asyncio.wait_for(self._ckpt_now.wait(), _CHECKPOINT_EVERY)
+            self._ckpt_now.clear()
+            stopping = self._ckpt_stop.is_set()
             try:
                 await asyncio.to_thread(self.spool.checkpoint)
             except Exception:  # a failed checkpoint leaves the WAL longer, nothing worse
@@ -214,21 +220,35 @@ class Agent:
         for device in devices:
             self.publisher.sample_spooled(device)
         self._update_spool_metrics()
+        if self.spool.wal_over_budget:
+            self._ckpt_now.set()
 
     def _on_state(self, device: str, online: bool, reason: str) -> None:
         self.publisher.set_state(device, DeviceState(online=online, ts=now_ms(), reason=reason))
 
     def _update_spool_metrics(self) -> None:
         dropped = self.spool.dropped - self._dropped_seen
+        now = time.monotonic()
         if dropped:
             self.metrics.spool_dropped.inc(dropped)
             self._dropped_seen = self.spool.dropped
-            log.warning(
-                "spool full: oldest samples dropped",
-                extra={"dropped": dropped, "depth": self.spool.depth},
+            # Once when dropping starts, not on every commit of a full spool.
+            if self._dropping_since is None:
+                log.warning(
+                    "spool full: oldest samples dropped",
+                    extra={"dropped": dropped, "depth": self.spool.depth},
+                )
+                self._dropping_since = self.spool.dropped - dropped
+            self._last_drop = now
+        elif self._dropping_since is not None and now - self._last_drop > _FULL_QUIET:
+            log.info(
+                "spool no longer dropping samples",
+                extra={"dropped": self.spool.dropped - self._dropping_since},
             )
+            self._dropping_since = None
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)
+        self.metrics.spool_disk_bytes.set(self.spool.disk_bytes)
 
 
 def _lock_dirs(*dirs: Path) -> list[DataDirLock]:

@@ -43,6 +43,11 @@ class AgentMetrics:
         self.spool_bytes = Gauge(
             "iiot_agent_spool_bytes", "Approximate bytes waiting in the spool.", registry=r
         )
+        self.spool_disk_bytes = Gauge(
+            "iiot_agent_spool_disk_bytes",
+            "Bytes the spool's files take on disk (database and write-ahead log).",
+            registry=r,
+        )
         self.spool_dropped = Counter(
             "iiot_agent_spool_dropped", "Samples dropped (oldest first) by the spool cap.",
             registry=r,
