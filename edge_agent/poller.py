@@ -83,6 +83,12 @@ class DevicePoller:
         self._on_state = on_state
         self.metrics = metrics
         self.backoff = backoff or Backoff(0.5, max(5.0, device.poll_interval * 4))
+        # A device that stops answering (timeouts, not connection errors) is probed on
+        # this backoff, each probe bounded by ``probe_limit``, so a dead unit on a shared
+        # line does not hold the line for its full timeout every cycle.
+        probe_max = max(device.probe_max, device.poll_interval)
+        self.probe_backoff = Backoff(min(device.poll_interval, probe_max), probe_max)
+        self._timeouts = 0  # timeouts in a row
         self.health = DeviceHealth()
         self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
         self._driver: Driver | None = None
@@ -159,8 +165,9 @@ class DevicePoller:
         self.health.polls += 1
         t0 = time.perf_counter()
         connecting = False
+        probing = self.probing
         try:
-            async with asyncio.timeout(dev.timeout):
+            async with asyncio.timeout(dev.probe_limit if probing else dev.timeout):
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()
@@ -187,6 +194,9 @@ class DevicePoller:
         finally:
             self._m_duration.observe(time.perf_counter() - t0)
         self.backoff.succeeded()
+        if self._timeouts:
+            self._timeouts = 0
+            self.probe_backoff.succeeded()
         self.health.good += 1
         self._m_ok.inc()
         for reason in reading.errors.values():
@@ -216,6 +226,17 @@ class DevicePoller:
                 extra={"device": self.device.id, "reason": reason, "detail": detail},
             )
         self._set_state(False, state)
+        if reason == "timeout":
+            self._timeouts += 1
+            if self.probing:
+                if self._timeouts == self.device.dead_after:
+                    log.warning(
+                        "device not answering: probing it on a backoff",
+                        extra={"device": self.device.id, "timeouts": self._timeouts},
+                    )
+                return self.probe_backoff.next_delay()
+        else:
+            self._timeouts = 0
         if not reconnect:
             return None
         self.backoff.lost()
@@ -223,6 +244,11 @@ class DevicePoller:
         if driver is not None:
             self._close_later(driver)
         return self.backoff.next_delay()
+
+    @property
+    def probing(self) -> bool:
+        """The device has timed out ``dead_after`` times in a row and is being probed."""
+        return self._timeouts >= self.device.dead_after
 
     def _set_state(self, online: bool, reason: str) -> None:
         h = self.health
