@@ -97,7 +97,7 @@ class DevicePoller:
         self._stop = asyncio.Event()
         self._wakeup: asyncio.Future[None] | None = None
         # This device's metric children, looked up once rather than on every poll.
-        self._m_duration = metrics.poll_duration.labels(device.id)
+        self._m_duration = metrics.poll_duration
         self._m_ok = metrics.polls.labels(device.id, "ok")
         self._closing: set[asyncio.Task[None]] = set()
         # Fraction of the interval by which this device's grid is offset, so that many
