@@ -32,7 +32,8 @@ def _scrape_loop(url: str, stop: threading.Event, sizes: list[int]) -> None:
 async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None:
     base = free_base(_DEVICES)
     ready = tmp_path / "endpoints.json"
-    sim = subprocess.Popen(
+    sim = await asyncio.to_thread(
+        subprocess.Popen,
         [_IIOT, "sim", "run", "--profile", "kiln-rotary-cement", "--count", str(_DEVICES),
          "--port", str(base), "--endpoints-out", str(ready)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -62,7 +63,7 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
         stop.set()
         await asyncio.to_thread(scraper.join, 15)
         failed = {p.device.id: p.health.polls - p.health.good for p in agent.pollers}
-        text = httpx.get(url, timeout=10).text
+        text = (await asyncio.to_thread(httpx.get, url, timeout=10)).text
     finally:
         stop.set()
         await agent.stop()
