@@ -21,6 +21,7 @@ import orjson
 from edge_agent.config import LoadedConfig
 from edge_agent.lock import DataDirLock, DataDirLocked
 from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics_http import MetricsServer
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
 from edge_agent.spool import Spool
@@ -126,7 +127,7 @@ class Agent:
             for i, d in enumerate(enabled)
         ]
         self._tasks: list[asyncio.Task[None]] = []
-        self._http: tuple[Any, Any] | None = None
+        self._http: MetricsServer | None = None
         self.metrics_port: int | None = None
         self.samples_spooled = 0
         self._ckpt_task: asyncio.Task[None] | None = None
@@ -136,15 +137,17 @@ class Agent:
     async def start(self) -> None:
         m = self.cfg.metrics
         if m.port is not None:
+            http = MetricsServer(self.metrics.registry)
             try:
-                self._http = self.metrics.serve(m.host, m.port)
+                await http.start(m.host, m.port)
             except OSError as exc:
                 self.spool.close()
                 _release(self._locks)
                 raise AgentStartError(
                     f"metrics endpoint {m.host}:{m.port}: {exc.strerror or exc}"
                 ) from exc
-            self.metrics_port = int(self._http[0].server_port)
+            self._http = http
+            self.metrics_port = http.port
         self._update_spool_metrics()
         self.spool.take_over_checkpoints()
         self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
@@ -180,10 +183,7 @@ class Agent:
             await self._ckpt_task
             self._ckpt_task = None
         if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+            await self._http.stop()
             self._http = None
         log.info("agent stopped", extra={"agent": self.cfg.agent_id, "spooled": self.spool.depth})
         self.spool.close()

@@ -1,15 +1,13 @@
 """The agent's self-metrics (Prometheus), on its own registry and local HTTP endpoint.
 
-Per-device series are few (a handful of lines per device): the endpoint is rendered in a
-thread that holds the GIL while it formats, so every line per device is paid for by the
-pollers' event loop on each scrape. Distributions (poll duration, lag) are agent-wide.
+Per-device series are few (a handful of lines per device), since each line is formatted
+on every scrape; distributions (poll duration, lag) are agent-wide. The endpoint itself
+is ``metrics_http.MetricsServer``.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["AgentMetrics"]
 
@@ -82,7 +80,3 @@ class AgentMetrics:
             "iiot_agent_suppressed_samples", "Samples not sent (report on change, unchanged).",
             ["device"], registry=r,
         )  # fmt: skip
-
-    def serve(self, host: str, port: int) -> tuple[Any, Any]:
-        """Start the HTTP endpoint in a daemon thread; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)

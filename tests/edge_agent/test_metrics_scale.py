@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
@@ -75,6 +76,9 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
     timeouts = re.findall(r'^iiot_agent_polls_total\{device="[^"]+",result="timeout"\} (\S+)$',
                           text, re.M)  # fmt: skip
     assert sum(float(v) for v in timeouts) == 0
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # a valid exposition
+    online = families["iiot_agent_device_online"].samples
+    assert len(online) == _DEVICES and all(s.value == 1 for s in online)
     # Per-device series stay few: the exposition grows by a few lines per device.
     per_device = max(sizes) / _DEVICES
     print(f"{len(sizes)} scrapes of {max(sizes)} bytes ({per_device:.0f} B per device)")
