@@ -137,7 +137,7 @@ class Agent:
     async def start(self) -> None:
         m = self.cfg.metrics
         if m.port is not None:
-            http = MetricsServer(self.metrics.registry)
+            http = MetricsServer(self.metrics.registry, self.metrics.all())
             try:
                 await http.start(m.host, m.port)
             except OSError as exc:

@@ -7,6 +7,8 @@ is ``metrics_http.MetricsServer``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["AgentMetrics"]
@@ -80,3 +82,7 @@ class AgentMetrics:
             "iiot_agent_suppressed_samples", "Samples not sent (report on change, unchanged).",
             ["device"], registry=r,
         )  # fmt: skip
+
+    def all(self) -> list[Any]:
+        """Every metric object above, in registration order."""
+        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]

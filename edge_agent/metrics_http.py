@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString as _untyped_go_float
 
 __all__ = ["MetricsServer"]
@@ -33,11 +35,12 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def _family_lines(metric: Metric) -> Iterator[str]:
+def _family_lines(metric: Metric, samples: Iterable[Sample] | None = None) -> Iterator[str]:
     """One metric family in the text exposition format, as prometheus_client writes it.
 
     Without the ``_created`` samples: one more line per device and counter that
-    Prometheus does not use from the text format.
+    Prometheus does not use from the text format. ``samples`` (default: the family's)
+    may be a lazy iterable, so that formatting can pause between any two lines.
     """
     name, mtype = metric.name, metric.type
     if mtype == "counter":
@@ -48,7 +51,7 @@ def _family_lines(metric: Metric) -> Iterator[str]:
         )
     doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
     yield f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n"
-    for s in metric.samples:
+    for s in metric.samples if samples is None else samples:
         if s.name.endswith("_created"):
             continue
         labels = ",".join(f'{k}="{_escape(v)}"' for k, v in s.labels.items())
@@ -59,8 +62,16 @@ def _family_lines(metric: Metric) -> Iterator[str]:
 class MetricsServer:
     """GET /metrics (and /) on host:port, rendered cooperatively on the running loop."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, metrics: Iterable[Any] = ()) -> None:
+        """``metrics``: the registry's metric objects, formatted child by child.
+
+        ``registry.collect()`` builds every sample of a family at once (tens of
+        milliseconds for thousands of devices, without a pause); for these metrics the
+        samples are drawn one at a time instead (prometheus_client's ``_get_metric`` and
+        ``_samples``, which ``collect()`` is made of). Others go through ``collect()``.
+        """
         self.registry = registry
+        self._lazy = [m for m in metrics if hasattr(m, "_get_metric") and hasattr(m, "_samples")]
         self._server: asyncio.Server | None = None
         self.port: int | None = None
 
@@ -80,13 +91,37 @@ class MetricsServer:
         """The whole exposition, yielding to the loop every ``_SLICE`` lines."""
         out: list[str] = []
         n = 0
-        for metric in self.registry.collect():
-            for line in _family_lines(metric):
+        for family in self._families():
+            for line in family:
                 out.append(line)
                 n += 1
                 if n % _SLICE == 0:
                     await asyncio.sleep(0)
         return "".join(out).encode()
+
+    def _families(self) -> Iterator[Iterator[str]]:
+        lazy_names = set()
+        for m in self._lazy:
+            head: Metric = m._get_metric()
+            lazy_names.add(head.name)
+            samples = (
+                Sample(head.name + suffix, labels, value, ts, ex)
+                for suffix, labels, value, ts, ex, *_ in m._samples()
+            )
+            yield _family_lines(head, samples)
+        # The other collectors one by one, so the lazy ones are not collected again.
+        collectors = getattr(self.registry, "_collector_to_names", None)
+        if collectors is None:
+            others: Iterable[Metric] = (
+                m for m in self.registry.collect() if m.name not in lazy_names
+            )
+        else:
+            lazy = {id(m) for m in self._lazy}
+            others = (
+                metric for c in list(collectors) if id(c) not in lazy for metric in c.collect()
+            )
+        for metric in others:
+            yield _family_lines(metric)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
