@@ -385,7 +385,7 @@ class Spool:
 
         PASSIVE (never blocks writers) while the WAL is within its share. Under a steady
         stream of commits a passive checkpoint never catches up, so the WAL is never
-        rewound and keeps growing; past half its share the checkpoint is TRUNCATE, which holds
+        rewound and keeps growing; past its share the checkpoint is TRUNCATE, which holds
         writers off for the copy (a commit on the event loop waits that long) and cuts
         the file back. Safe to run in a worker thread: it uses a connection of its own.
         """
@@ -393,7 +393,7 @@ class Spool:
             self._ckpt = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=0.2
             )
-        mode = "TRUNCATE" if self.wal_bytes > self.wal_budget // 2 else "PASSIVE"
+        mode = "TRUNCATE" if self.wal_bytes > self.wal_budget else "PASSIVE"
         row = self._ckpt.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(row[2]) if row is not None else 0
 
