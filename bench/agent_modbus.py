@@ -14,7 +14,12 @@ also prints the simulator's CPU % in each window: when that nears 100 %, the sim
 not the client, sets the ceiling. Both clients wait up to 2 s for an answer (the agent's
 ``poll_timeout`` is set to match the bare loop's request timeout).
 
+With ``--scrape-every S`` a thread in the agent's process scrapes its ``/metrics`` every
+S seconds during the window, as Prometheus would; the agent's figures then include the
+polls that failed (timeouts) in the window and the scrapes' size and time.
+
     .venv/bin/python bench/agent_modbus.py [--devices 200] [--duration 30] [--interval 1.0]
+        [--scrape-every 5]
 """
 
 from __future__ import annotations
@@ -104,7 +109,18 @@ async def _role_sim(profile_dir: Path, ports: list[int]) -> None:
         await s.stop()
 
 
-async def _role_agent(config: Path, duration: float) -> None:
+def _scrape(url: str, every: float, stop: threading.Event, out: list[tuple[int, float]]) -> None:
+    """GET ``url`` every ``every`` seconds until stopped; (bytes, seconds) per scrape."""
+    import urllib.request
+
+    while not stop.wait(every):
+        t = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=30) as r:
+            size = len(r.read())
+        out.append((size, time.perf_counter() - t))
+
+
+async def _role_agent(config: Path, duration: float, scrape_every: float) -> None:
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
 
@@ -113,15 +129,48 @@ async def _role_agent(config: Path, duration: float) -> None:
     await asyncio.sleep(WARMUP)
     agent.lags.clear()
     good0 = sum(p.health.good for p in agent.pollers)
+    failed0 = _agent_failed_polls(agent)
     req0 = _agent_requests(agent)
+    scrapes: list[tuple[int, float]] = []
+    stop = threading.Event()
+    scraper = threading.Thread(
+        target=_scrape,
+        args=(f"http://127.0.0.1:{agent.metrics_port}/metrics", scrape_every, stop, scrapes),
+        daemon=True,
+    )
+    if scrape_every > 0:
+        scraper.start()
     print("WINDOW", flush=True)
     await asyncio.sleep(duration)
     good = sum(p.health.good for p in agent.pollers) - good0
+    failed = _agent_failed_polls(agent) - failed0
     requests = _agent_requests(agent) - req0
     lags = list(agent.lags)
     print("END", flush=True)
+    stop.set()
+    if scrape_every > 0:
+        await asyncio.to_thread(scraper.join, 30)
     await agent.stop()
-    print(json.dumps({"polls": good, "requests": requests, "lags": lags}), flush=True)
+    result = {
+        "polls": good,
+        "failed": failed,
+        "requests": requests,
+        "lags": lags,
+        "scrapes": len(scrapes),
+        "scrape_bytes": max((b for b, _ in scrapes), default=0),
+        "scrape_s": max((s for _, s in scrapes), default=0.0),
+    }
+    print(json.dumps(result), flush=True)
+
+
+def _agent_failed_polls(agent: Any) -> int:
+    """Polls that ended in an error (timeouts among them), from the agent's own counter."""
+    total = 0.0
+    for family in agent.metrics.polls.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("result") != "ok":
+                total += sample.value
+    return int(total)
 
 
 def _agent_requests(agent: Any) -> int:
@@ -247,6 +296,11 @@ def _figures(r: dict[str, Any]) -> dict[str, float]:
         "CPU %": r["cpu_pct"],
         "peak RSS MB": r["peak_rss_mb"],
         "simulator CPU %": r["sim_cpu_pct"],
+        "failed polls": r.get("failed", math.nan),
+        "delivered %": 100 * r["polls"] / (r["polls"] + r["failed"]) if "failed" in r else math.nan,
+        "scrapes": r.get("scrapes", math.nan),
+        "scrape max KB": r.get("scrape_bytes", math.nan) / 1024,
+        "scrape max ms": r.get("scrape_s", math.nan) * 1000,
     }
 
 
@@ -255,6 +309,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=200)
     ap.add_argument("--duration", type=float, default=30.0, help="Measuring window, seconds.")
     ap.add_argument("--interval", type=float, default=1.0, help="Poll interval, seconds.")
+    ap.add_argument(
+        "--scrape-every", type=float, default=0.0, help="Scrape the agent's /metrics (s)."
+    )
     ap.add_argument("--role", choices=["parent", "sim", "agent", "bare"], default="parent")
     ap.add_argument("--profiles", type=Path)
     ap.add_argument("--config", type=Path)
@@ -265,7 +322,7 @@ def main() -> None:
         asyncio.run(_role_sim(args.profiles, ports))
         return
     if args.role == "agent":
-        asyncio.run(_role_agent(args.config, args.duration))
+        asyncio.run(_role_agent(args.config, args.duration, args.scrape_every))
         return
     if args.role == "bare":
         asyncio.run(_role_bare(ports, args.duration, args.interval))
@@ -295,6 +352,7 @@ def main() -> None:
                 "data_dir": str(work / "agent-data"),
                 "profiles": [str(work / "profiles")],
                 "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}", "max_inflight": 100},
+                "metrics": {"host": "127.0.0.1", "port": 0},
                 "devices": [
                     {
                         "id": f"dev-{i:04d}",
@@ -318,7 +376,7 @@ def main() -> None:
             agent = _figures(
                 _measure(
                     [*me, "--role", "agent", "--config", str(work / "agent.yaml"),
-                     "--duration", str(args.duration)],
+                     "--duration", str(args.duration), "--scrape-every", str(args.scrape_every)],
                     args.duration, sim.pid,
                 )
             )  # fmt: skip

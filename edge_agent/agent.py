@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import deque
-from typing import Any
+from pathlib import Path
 
 from edge_agent.commands import CommandExecutor
 from edge_agent.config import DeviceConfig, LoadedConfig
 from edge_agent.control import ControlMetrics, ControlPlane, run_scan
+from edge_agent.lock import DataDirLock, DataDirLocked
 from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics_http import MetricsServer
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
 from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_config
@@ -32,7 +35,7 @@ from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
 from protocols.mqtt.control import ConfigReport, DesiredConfig, ScanReport, ScanRequest
 
-__all__ = ["Agent", "AgentStartError"]
+__all__ = ["Agent", "AgentLockedError", "AgentStartError"]
 
 log = logging.getLogger("iiot.agent")
 
@@ -41,10 +44,15 @@ _CHECKPOINT_EVERY = 1.0  # seconds
 # sample is published only after its commit.
 _COMMIT_WINDOW = 0.005  # seconds
 _POLLER_STOP_TIMEOUT = 10.0  # seconds
+_FULL_QUIET = 10.0  # seconds without a drop before the spool counts as no longer full
 
 
 class AgentStartError(RuntimeError):
     """The agent cannot start: its spool or metrics endpoint cannot be opened."""
+
+
+class AgentLockedError(AgentStartError):
+    """Another agent already runs on this data directory (or spool directory)."""
 
 
 class Agent:
@@ -62,6 +70,7 @@ class Agent:
         self.codec = codec
         self.cfg = cfg = loaded.config
         self.metrics = metrics or AgentMetrics()
+        self._locks = _lock_dirs(cfg.data_dir, cfg.spool_path.parent)
         try:
             self.spool = Spool(
                 cfg.spool_path,
@@ -70,9 +79,12 @@ class Agent:
                 durable=cfg.spool.durable,
             )
         except (OSError, sqlite3.Error) as exc:
+            _release(self._locks)
             raise AgentStartError(f"spool {cfg.spool_path}: {exc}") from exc
         self._dropped_seen = 0
         self._commit_errors_seen = 0
+        self._dropping_since: int | None = None  # spool.dropped when dropping began
+        self._last_drop = 0.0
         self._refused: dict[str, str] = {}  # device -> last refusal, logged once per change
         self.lags: deque[float] = deque(maxlen=100_000)
         self._factory = driver_factory
@@ -109,11 +121,12 @@ class Agent:
         )
         self.publisher.subscriptions = self.control.subscriptions
         self.publisher.on_message = self.control.on_message
-        self._http: tuple[Any, Any] | None = None
+        self._http: MetricsServer | None = None
         self.metrics_port: int | None = None
         self.samples_spooled = 0
         self._ckpt_task: asyncio.Task[None] | None = None
         self._ckpt_stop = asyncio.Event()
+        self._ckpt_now = asyncio.Event()  # the WAL outgrew its share before the next second
 
     @property
     def pollers(self) -> list[DevicePoller]:
@@ -173,14 +186,17 @@ class Agent:
     async def start(self) -> None:
         m = self.cfg.metrics
         if m.port is not None:
+            http = MetricsServer(self.metrics.registry, self.metrics.all())
             try:
-                self._http = self.metrics.serve(m.host, m.port)
+                await http.start(m.host, m.port)
             except OSError as exc:
                 self.spool.close()
+                _release(self._locks)
                 raise AgentStartError(
                     f"metrics endpoint {m.host}:{m.port}: {exc.strerror or exc}"
                 ) from exc
-            self.metrics_port = int(self._http[0].server_port)
+            self._http = http
+            self.metrics_port = http.port
         self._update_spool_metrics()
         self.spool.take_over_checkpoints()
         self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
@@ -208,16 +224,15 @@ class Agent:
         self.spool.stop_group_commit()
         if self._ckpt_task is not None:
             self._ckpt_stop.set()
+            self._ckpt_now.set()
             await self._ckpt_task
             self._ckpt_task = None
         if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+            await self._http.stop()
             self._http = None
         log.info("agent stopped", extra={"agent": self.cfg.agent_id, "spooled": self.spool.depth})
         self.spool.close()
+        _release(self._locks)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, wait for ``stop``, stop."""
@@ -295,12 +310,12 @@ class Agent:
         return await run_scan(request, self.loaded)
 
     async def _checkpoints(self) -> None:
-        """Checkpoint the spool's WAL in a worker thread, once a second and at the end."""
+        """Checkpoint the spool's WAL in a worker thread: each second, sooner if it grows."""
         while True:
-            stopping = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ckpt_stop.wait(), _CHECKPOINT_EVERY)
-                stopping = True
+                await asyncio.wait_for(self._ckpt_now.wait(), _CHECKPOINT_EVERY)
+            self._ckpt_now.clear()
+            stopping = self._ckpt_stop.is_set()
             try:
                 await asyncio.to_thread(self.spool.checkpoint)
             except Exception:  # a failed checkpoint leaves the WAL longer, nothing worse
@@ -331,22 +346,63 @@ class Agent:
         for device in devices:
             self.publisher.sample_spooled(device)
         self._update_spool_metrics()
+        if self.spool.wal_over_budget:
+            self._ckpt_now.set()
 
     def _on_state(self, device: str, online: bool, reason: str) -> None:
         self.publisher.set_state(device, DeviceState(online=online, ts=now_ms(), reason=reason))
 
     def _update_spool_metrics(self) -> None:
         dropped = self.spool.dropped - self._dropped_seen
+        now = time.monotonic()
         if dropped:
             self.metrics.spool_dropped.inc(dropped)
             self._dropped_seen = self.spool.dropped
-            log.warning(
-                "spool full: oldest samples dropped",
-                extra={"dropped": dropped, "depth": self.spool.depth},
+            # Once when dropping starts, not on every commit of a full spool.
+            if self._dropping_since is None:
+                log.warning(
+                    "spool full: oldest samples dropped",
+                    extra={"dropped": dropped, "depth": self.spool.depth},
+                )
+                self._dropping_since = self.spool.dropped - dropped
+            self._last_drop = now
+        elif self._dropping_since is not None and now - self._last_drop > _FULL_QUIET:
+            log.info(
+                "spool no longer dropping samples",
+                extra={"dropped": self.spool.dropped - self._dropping_since},
             )
+            self._dropping_since = None
         failed = self.spool.commit_errors - self._commit_errors_seen
         if failed:
             self.metrics.spool_commit_errors.inc(failed)
             self._commit_errors_seen = self.spool.commit_errors
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)
+        self.metrics.spool_disk_bytes.set(self.spool.disk_bytes)
+
+
+def _lock_dirs(*dirs: Path) -> list[DataDirLock]:
+    """Lock each distinct directory, or raise ``AgentLockedError`` holding none of them."""
+    locks: list[DataDirLock] = []
+    seen: set[Path] = set()
+    try:
+        for d in dirs:
+            key = d.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            lock = DataDirLock(d)
+            lock.acquire()
+            locks.append(lock)
+    except DataDirLocked as exc:
+        _release(locks)
+        raise AgentLockedError(str(exc)) from exc
+    except OSError as exc:
+        _release(locks)
+        raise AgentStartError(f"data directory {d}: {exc}") from exc
+    return locks
+
+
+def _release(locks: list[DataDirLock]) -> None:
+    for lock in locks:
+        lock.release()

@@ -48,7 +48,7 @@ def run(
 ) -> None:
     """Poll the configured devices and publish to the broker until SIGTERM or Ctrl-C."""
     loaded = _load(config)
-    from edge_agent.agent import Agent, AgentStartError
+    from edge_agent.agent import Agent, AgentLockedError, AgentStartError
 
     async def _main() -> None:
         stop = asyncio.Event()
@@ -63,6 +63,10 @@ def run(
 
     try:
         asyncio.run(_main())
+    except AgentLockedError as exc:
+        # Exit 2 like a config error: starting again will not help until the other stops.
+        typer.echo(f"agent cannot start: {exc}", err=True)
+        raise typer.Exit(2) from None
     except AgentStartError as exc:
         typer.echo(f"agent cannot start: {exc}", err=True)
         raise typer.Exit(1) from None

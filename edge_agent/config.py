@@ -184,6 +184,18 @@ class DeviceConfig(ProtocolParts):
         default=10, ge=1, description="With report_on_change: a full sample at least this often."
     )
     enabled: bool = True
+    dead_after: int = Field(
+        default=3, ge=1, description="Timeouts in a row after which the device is probed."
+    )
+    probe_max: float = Field(
+        default=30.0, gt=0, le=86400, description="Longest wait between probes of a dead device."
+    )
+    probe_timeout: float | None = Field(
+        default=None,
+        gt=0,
+        description="Bound on one probe of a dead device; default: a tenth of the interval "
+        "(at least 0.1 s), at most poll_timeout.",
+    )
 
     @model_validator(mode="wrap")
     @classmethod
@@ -205,6 +217,13 @@ class DeviceConfig(ProtocolParts):
     @property
     def timeout(self) -> float:
         return self.poll_timeout if self.poll_timeout is not None else self.poll_interval
+
+    @property
+    def probe_limit(self) -> float:
+        """How long a probe of a dead device may hold its line."""
+        if self.probe_timeout is not None:
+            return min(self.probe_timeout, self.timeout)
+        return min(max(0.1, self.poll_interval / 10), self.timeout)
 
 
 class AgentConfig(_Strict):

@@ -1,10 +1,15 @@
-"""The agent's self-metrics (Prometheus), on its own registry and local HTTP endpoint."""
+"""The agent's self-metrics (Prometheus), on its own registry and local HTTP endpoint.
+
+Per-device series are few (a handful of lines per device), since each line is formatted
+on every scrape; distributions (poll duration, lag) are agent-wide. The endpoint itself
+is ``metrics_http.MetricsServer``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["AgentMetrics"]
 
@@ -22,8 +27,8 @@ class AgentMetrics:
             ["device", "result"], registry=r,
         )  # fmt: skip
         self.poll_duration = Histogram(
-            "iiot_agent_poll_duration_seconds", "Time one poll of a device took.",
-            ["device"], buckets=_POLL_BUCKETS, registry=r,
+            "iiot_agent_poll_duration_seconds", "Time one poll took (all devices).",
+            buckets=_POLL_BUCKETS, registry=r,
         )  # fmt: skip
         self.poll_lag = Histogram(
             "iiot_agent_poll_lag_seconds", "How late a poll started against its schedule.",
@@ -42,6 +47,11 @@ class AgentMetrics:
         )
         self.spool_bytes = Gauge(
             "iiot_agent_spool_bytes", "Approximate bytes waiting in the spool.", registry=r
+        )
+        self.spool_disk_bytes = Gauge(
+            "iiot_agent_spool_disk_bytes",
+            "Bytes the spool's files take on disk (database and write-ahead log).",
+            registry=r,
         )
         self.spool_dropped = Counter(
             "iiot_agent_spool_dropped", "Samples dropped (oldest first) by the spool cap.",
@@ -77,6 +87,6 @@ class AgentMetrics:
             ["device"], registry=r,
         )  # fmt: skip
 
-    def serve(self, host: str, port: int) -> tuple[Any, Any]:
-        """Start the HTTP endpoint in a daemon thread; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def all(self) -> list[Any]:
+        """Every metric object above, in registration order."""
+        return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]

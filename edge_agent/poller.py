@@ -83,6 +83,12 @@ class DevicePoller:
         self._on_state = on_state
         self.metrics = metrics
         self.backoff = backoff or Backoff(0.5, max(5.0, device.poll_interval * 4))
+        # A device that stops answering (timeouts, not connection errors) is probed on
+        # this backoff, each probe bounded by ``probe_limit``, so a dead unit on a shared
+        # line does not hold the line for its full timeout every cycle.
+        probe_max = max(device.probe_max, device.poll_interval)
+        self.probe_backoff = Backoff(min(device.poll_interval, probe_max), probe_max)
+        self._timeouts = 0  # timeouts in a row
         self.health = DeviceHealth()
         self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
         self._driver: Driver | None = None
@@ -93,7 +99,7 @@ class DevicePoller:
         self._lock = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
         # This device's metric children, looked up once rather than on every poll.
-        self._m_duration = metrics.poll_duration.labels(device.id)
+        self._m_duration = metrics.poll_duration
         self._m_ok = metrics.polls.labels(device.id, "ok")
         self._closing: set[asyncio.Task[None]] = set()
         # Fraction of the interval by which this device's grid is offset, so that many
@@ -178,10 +184,11 @@ class DevicePoller:
         self.health.polls += 1
         t0 = time.perf_counter()
         connecting = False
+        probing = self.probing
         try:
             # The lock first: a poll waiting for a write (itself bounded) starts late
             # rather than failing, so a write never makes a device look offline.
-            async with self._lock, asyncio.timeout(dev.timeout):
+            async with self._lock, asyncio.timeout(dev.probe_limit if probing else dev.timeout):
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()
@@ -199,15 +206,18 @@ class DevicePoller:
                 return self._failed("connect_failed", "connect timed out", reconnect=True)
             return self._failed("timeout", "no answer within the poll timeout", reconnect=False)
         except ConnectError as exc:
-            return self._failed(exc.reason, str(exc), reconnect=True)
+            return self._failed(exc.reason, str(exc), reconnect=True, cause=exc.detail)
         except ProtocolError as exc:
-            return self._failed(exc.reason, str(exc), reconnect=False)
+            return self._failed(exc.reason, str(exc), reconnect=False, cause=exc.detail)
         except Exception as exc:  # a driver bug or garbage must not end the poller
             log.exception("poll failed unexpectedly", extra={"device": dev.id})
             return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=True)
         finally:
             self._m_duration.observe(time.perf_counter() - t0)
         self.backoff.succeeded()
+        if self._timeouts:
+            self._timeouts = 0
+            self.probe_backoff.succeeded()
         self.health.good += 1
         self._m_ok.inc()
         for reason in reading.errors.values():
@@ -220,15 +230,34 @@ class DevicePoller:
             return self._failed("error", f"{type(exc).__name__}: {exc}", reconnect=False)
         return None
 
-    def _failed(self, reason: str, detail: str, *, reconnect: bool) -> float | None:
+    def _failed(
+        self, reason: str, detail: str, *, reconnect: bool, cause: str = ""
+    ) -> float | None:
+        """Count a failed poll and go offline with ``reason`` (``reason: cause`` in the state).
+
+        The metric labels carry the bare reason (bounded); the state and the log carry
+        the cause too, logged once per change.
+        """
         self.metrics.polls.labels(self.device.id, reason).inc()
         self.metrics.errors.labels(self.device.id, reason).inc()
-        if self.health.online is not False or self.health.reason != reason:
+        state = f"{reason}: {cause}" if cause else reason
+        if self.health.online is not False or self.health.reason != state:
             log.warning(
                 "device poll failed",
                 extra={"device": self.device.id, "reason": reason, "detail": detail},
             )
-        self._set_state(False, reason)
+        self._set_state(False, state)
+        if reason == "timeout":
+            self._timeouts += 1
+            if self.probing:
+                if self._timeouts == self.device.dead_after:
+                    log.warning(
+                        "device not answering: probing it on a backoff",
+                        extra={"device": self.device.id, "timeouts": self._timeouts},
+                    )
+                return self.probe_backoff.next_delay()
+        else:
+            self._timeouts = 0
         if not reconnect:
             return None
         self.backoff.lost()
@@ -236,6 +265,11 @@ class DevicePoller:
         if driver is not None:
             self._close_later(driver)
         return self.backoff.next_delay()
+
+    @property
+    def probing(self) -> bool:
+        """The device has timed out ``dead_after`` times in a row and is being probed."""
+        return self._timeouts >= self.device.dead_after
 
     def _set_state(self, online: bool, reason: str) -> None:
         h = self.health
@@ -297,6 +331,6 @@ async def _close_quietly(driver: Driver) -> None:
 
 
 def _short(reason: str) -> str:
-    """A bounded metric label from a per-point error text."""
-    head = reason.split(":", 1)[0].strip().lower().replace(" ", "_")
+    """A bounded metric label from a per-point error text, spelled as the payload spells it."""
+    head = reason.split(":", 1)[0].strip().replace(" ", "_")
     return head[:40] or "error"

@@ -21,6 +21,11 @@ file, so both survive a restart and a replay keeps each sample's original ``seq`
 
 Size cap: when ``max_samples`` or ``max_bytes`` is exceeded, the oldest rows (of any
 device) are dropped first and counted in ``dropped``; newest data is always kept.
+``max_bytes`` bounds the files on disk, write-ahead log included: the rows' pages may use
+what the WAL's share (``wal_budget``) leaves, the WAL is truncated to that share after a
+checkpoint (``journal_size_limit``), and pages freed by acknowledgements are given back
+to the file system a little at a time (``auto_vacuum=INCREMENTAL``). ``size_bytes`` is
+the logical size (bodies plus a per-row overhead); ``disk_bytes`` is what the files take.
 
 The spool is used from one thread (the agent's event loop).
 """
@@ -34,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Spool", "SpoolRow"]
+__all__ = ["Spool", "SpoolRow", "wal_budget"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -55,6 +60,21 @@ _log = logging.getLogger("iiot.agent.spool")
 
 # Per-row bookkeeping SQLite spends beyond the body (rowid, index entry, ints).
 _ROW_OVERHEAD = 48
+# The WAL's share of max_bytes: a tenth, within these bounds.
+_WAL_MIN, _WAL_MAX = 1024 * 1024, 64 * 1024 * 1024
+# Below this the schema alone fills the budget; a smaller max_bytes bounds rows only.
+_MIN_DATA = 64 * 1024
+# Free pages given back per commit (bounded, so a drain never stalls the event loop).
+_VACUUM_PAGES = 64
+_ACKS_PER_COMMIT = 256
+_VACUUM_MIN = 256 * 1024  # free space below this stays in the file for the next rows
+# A file this small (or an empty spool) is rewritten at open to enable incremental vacuum.
+_CONVERT_MAX = 16 * 1024 * 1024
+
+
+def wal_budget(max_bytes: int) -> int:
+    """How much of ``max_bytes`` the write-ahead log may take."""
+    return max(_WAL_MIN, min(_WAL_MAX, max_bytes // 10))
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +104,17 @@ class Spool:
         self.dropped = 0  # rows dropped by the cap since this process started
         self._db = sqlite3.connect(self.path, isolation_level=None)
         self._ckpt: sqlite3.Connection | None = None
+        self._wal_path = Path(f"{self.path}-wal")
+        self.wal_budget = wal_budget(max_bytes) if max_bytes is not None else _WAL_MAX
+        # Takes effect only on a new file (or after VACUUM): set before the schema.
+        self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self._db.execute("PRAGMA journal_mode=WAL")
+        # After a checkpoint the WAL file is cut back to a quarter of its share.
+        self._db.execute(f"PRAGMA journal_size_limit={self.wal_budget // 4}")
         self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self._db.executescript(_SCHEMA)
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        self._convert_to_incremental_vacuum()
         row = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM samples"
         ).fetchone()
@@ -181,8 +209,12 @@ class Spool:
         self._loop = None
         self._on_commit = None
 
-    def flush(self) -> None:
-        """Commit what is queued now and report it (no-op when nothing is queued)."""
+    def flush(self, *, bounded: bool = False) -> None:
+        """Commit what is queued now and report it (no-op when nothing is queued).
+
+        ``bounded`` (the group-commit timer) deletes at most ``_ACKS_PER_COMMIT`` rows
+        and leaves the rest to the next window.
+        """
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -190,7 +222,7 @@ class Spool:
             return
         samples = len(self._staged)
         try:
-            devices = self.commit()
+            devices = self.commit(bounded=bounded)
         except sqlite3.Error as exc:
             # Keep the queue: the next window tries again; a sample counts as spooled
             # only once it is committed, so nothing is reported twice or out of order.
@@ -204,12 +236,14 @@ class Spool:
         if self._on_commit is not None:
             self._on_commit(devices, samples)
 
-    def commit(self) -> list[str]:
+    def commit(self, *, bounded: bool = False) -> list[str]:
         """Write every staged sample and queued deletion in one transaction.
 
-        Returns the devices with new committed samples, in first-staged order.
+        Returns the devices with new committed samples, in first-staged order. With
+        ``bounded``, deletions beyond the first ``_ACKS_PER_COMMIT`` stay queued.
         """
-        staged, acks = self._staged, self._acks
+        n_acks = _ACKS_PER_COMMIT if bounded else len(self._acks)
+        staged, acks = self._staged, self._acks[:n_acks]
         if not staged and not acks:
             return []
         last: dict[str, int] = {}
@@ -226,18 +260,29 @@ class Spool:
                     [(f"seq:{d}", q) for d, q in last.items()],
                 )
             removed, sizes = self._delete(acks) if acks else (0, 0)
-        self._staged, self._acks = [], []
+        # Deletions beyond the first _ACKS_PER_COMMIT wait for the next window: a device's
+        # rows are spread over the whole file, so one commit deleting a large backlog
+        # would rewrite most of it into the WAL at once.
+        self._staged, self._acks = [], self._acks[n_acks:]
+        if self._acks:
+            self._schedule()
         self.commits += 1
         self._count += len(staged) - removed
         self._bytes += sum(len(r[3]) + _ROW_OVERHEAD for r in staged)
         self._bytes -= sizes + removed * _ROW_OVERHEAD
         if staged:
             self._enforce_cap()
+        if removed:
+            self._give_back()
         return list(last)
 
     def _schedule(self) -> None:
         if self._loop is not None and self._flush_handle is None:
-            self._flush_handle = self._loop.call_later(self._window, self.flush)
+            self._flush_handle = self._loop.call_later(self._window, self._flush_window)
+
+    def _flush_window(self) -> None:
+        self._flush_handle = None
+        self.flush(bounded=True)
 
     def batch(
         self, device: str, *, after_id: int = 0, max_samples: int = 500, max_bytes: int = 262144
@@ -273,6 +318,8 @@ class Spool:
             removed, sizes = self._delete(ids)
         self._count -= removed
         self._bytes -= sizes + removed * _ROW_OVERHEAD
+        if removed:
+            self._give_back()
         return removed
 
     def _delete(self, ids: list[int]) -> tuple[int, int]:
@@ -301,6 +348,30 @@ class Spool:
         """Approximate bytes held (bodies plus a fixed per-row overhead)."""
         return self._bytes
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the spool's files take on disk: database, WAL and shared-memory index."""
+        total = 0
+        for p in (self.path, self._wal_path, Path(f"{self.path}-shm")):
+            try:
+                total += p.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    @property
+    def wal_bytes(self) -> int:
+        """Size of the write-ahead log file (0 when there is none)."""
+        try:
+            return self._wal_path.stat().st_size
+        except OSError:
+            return 0
+
+    @property
+    def wal_over_budget(self) -> bool:
+        """The WAL has grown past a quarter of its share: time for a checkpoint."""
+        return self.wal_bytes > self.wal_budget // 4
+
     def take_over_checkpoints(self) -> None:
         """Stop SQLite checkpointing inside appends; the caller runs ``checkpoint()`` instead.
 
@@ -310,28 +381,123 @@ class Spool:
         self._db.execute("PRAGMA wal_autocheckpoint=0")
 
     def checkpoint(self) -> int:
-        """Copy the WAL into the database without blocking writers (PASSIVE).
+        """Copy the WAL into the database; returns the number of WAL frames checkpointed.
 
-        Safe to run in a worker thread: it uses a connection of its own. Returns the
-        number of WAL frames checkpointed.
+        PASSIVE (never blocks writers) while the WAL is within its share. Under a steady
+        stream of commits a passive checkpoint never catches up, so the WAL is never
+        rewound and keeps growing; past its share the checkpoint is TRUNCATE, which holds
+        writers off for the copy (a commit on the event loop waits that long) and cuts
+        the file back. Safe to run in a worker thread: it uses a connection of its own.
         """
         if self._ckpt is None:
-            self._ckpt = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        row = self._ckpt.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._ckpt = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=0.2
+            )
+        mode = "TRUNCATE" if self.wal_bytes > self.wal_budget else "PASSIVE"
+        row = self._ckpt.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         return int(row[2]) if row is not None else 0
 
     def close(self) -> None:
-        """Commit what is queued, then close."""
+        """Commit what is queued, give free pages back, truncate the WAL, then close."""
         self.flush()
         self._loop = None
         if self._ckpt is not None:
             self._ckpt.close()
             self._ckpt = None
+        try:
+            self._vacuum(self._file_pages()[1])
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the data is committed; only the file stays larger
+            _log.warning("spool not compacted at close", extra={"error": str(exc)})
         self._db.close()
 
     # -- internals ------------------------------------------------------------------------
 
+    def _convert_to_incremental_vacuum(self) -> None:
+        """Rewrite a spool made without incremental vacuum, when that is cheap."""
+        if int(self._db.execute("PRAGMA auto_vacuum").fetchone()[0]) == 2:
+            return
+        if self._file_pages()[0] * self._page_size > _CONVERT_MAX and self._has_rows():
+            _log.warning(
+                "spool file cannot give space back until it is empty once",
+                extra={"path": str(self.path)},
+            )
+            return
+        self._db.execute("VACUUM")  # applies auto_vacuum=INCREMENTAL to the file
+
+    def _has_rows(self) -> bool:
+        return self._db.execute("SELECT 1 FROM samples LIMIT 1").fetchone() is not None
+
+    def _file_pages(self) -> tuple[int, int]:
+        """(pages in the database, free pages among them), as of the last commit."""
+        pages = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        return pages, free
+
+    def _disk_excess(self, wal: int) -> int:
+        """Bytes of row pages above what ``max_bytes`` leaves beside a WAL of ``wal`` bytes.
+
+        Checkpoints keep the WAL to its share, but under a steady stream of commits it can
+        run longer for a while; the rows then make room for it.
+        """
+        if self.max_bytes is None:
+            return 0
+        pages, free = self._file_pages()
+        used = (pages - free) * self._page_size
+        return used - max(self.max_bytes - max(self.wal_budget, wal), _MIN_DATA)
+
+    def _give_back(self) -> None:
+        """Return free pages to the file system, a bounded number per commit."""
+        pages, free = self._file_pages()
+        # Only once at least half the file is free (a drain done, or nearly): before that,
+        # vacuuming moves live pages from the end of the file, costing WAL and time.
+        if free and (
+            (free * 2 >= pages and free * self._page_size >= _VACUUM_MIN) or self._count == 0
+        ):
+            try:
+                self._vacuum(min(free, _VACUUM_PAGES))
+            except sqlite3.Error as exc:  # the file stays larger; nothing is lost
+                _log.warning("spool vacuum failed", extra={"error": str(exc)})
+
+    def _vacuum(self, pages: int) -> None:
+        """Give ``pages`` free pages back, in one transaction.
+
+        Python's sqlite3 steps a statement without result columns only once, and
+        ``incremental_vacuum(N)`` frees one page per step: hence one page per statement.
+        """
+        with self._tx():
+            for _ in range(pages):
+                self._db.execute("PRAGMA incremental_vacuum(1)")
+
+    def _drop_for_disk(self) -> None:
+        """Drop the oldest rows while their pages take more than the disk budget allows."""
+        # The WAL as it is now: the deletions below lengthen it, and chasing that would
+        # drop far more than needed.
+        wal = self.wal_bytes
+        excess = self._disk_excess(wal)
+        rounds = 0
+        while excess > 0 and self._count > 1 and rounds < 4:
+            rounds += 1
+            pages, free = self._file_pages()
+            per_row = max(1, (pages - free) * self._page_size // max(self._count, 1))
+            # Whole pages free up only when all their rows are gone: drop a little more.
+            n = min(self._count - 1, excess // per_row + max(1, self._count // 100))
+            with self._tx():
+                got = self._db.execute(
+                    "SELECT MAX(id), COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM "
+                    "(SELECT id, body FROM samples ORDER BY id LIMIT ?)",
+                    (n,),
+                ).fetchone()
+                if got is None or got[0] is None:
+                    return
+                self._db.execute("DELETE FROM samples WHERE id <= ?", (int(got[0]),))
+            self._count -= int(got[1])
+            self._bytes -= int(got[2]) + int(got[1]) * _ROW_OVERHEAD
+            self.dropped += int(got[1])
+            excess = self._disk_excess(wal)
+
     def _enforce_cap(self) -> None:
+        self._drop_for_disk()
         over_n = self._count - self.max_samples if self.max_samples is not None else 0
         while over_n > 0 or (self.max_bytes is not None and self._bytes > self.max_bytes):
             # Drop in chunks so a tiny cap costs one statement per append, not per row.

@@ -22,9 +22,17 @@ __all__ = [
 
 
 class ProtocolError(Exception):
-    """Base of every error a driver raises."""
+    """Base of every error a driver raises.
+
+    ``detail`` is a short cause (an OPC UA status name, an OS error) that the agent
+    shows after the reason in the device's state; empty when the reason says it all.
+    """
 
     reason = "error"
+
+    def __init__(self, message: str = "", *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class ConnectError(ProtocolError):
@@ -38,8 +46,8 @@ class DeviceTimeout(ProtocolError):
 class DeviceRejected(ProtocolError):
     reason = "device_exception"
 
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, code: int | None = None, *, detail: str = "") -> None:
+        super().__init__(message, detail=detail)
         self.code = code
 
 

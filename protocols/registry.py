@@ -99,6 +99,7 @@ class SimulatorHook(Protocol):
         framer: str,
         serial_port: str | None,
         strict_addresses: bool,
+        serial_line: Mapping[str, Any] | None = None,
     ) -> Any:
         """A server (``start()``/``stop()``) answering for ``devices`` (unit → SimDevice)."""
         ...

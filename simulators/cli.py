@@ -188,6 +188,9 @@ def run(
     serial: str | None = typer.Option(
         None, "--serial", help="Serve the devices as RTU units 1..N on this serial line."
     ),
+    baudrate: int = typer.Option(19200, "--baudrate", min=1, help="Serial line speed."),
+    parity: str = typer.Option("N", "--parity", help="Serial parity: N, E or O."),
+    stopbits: int = typer.Option(1, "--stopbits", min=1, max=2, help="Serial stop bits."),
     framer: str = typer.Option("tcp", "--framer", help="tcp, or rtu-over-tcp."),
     seed: int = typer.Option(0, "--seed", help="Same seed, same values."),
     fault: list[str] = typer.Option(
@@ -259,6 +262,7 @@ def run(
                 "seed": seed,
                 "time_scale": time_scale,
                 "strict_addresses": not lenient,
+                "serial_line": {"baudrate": baudrate, "parity": parity, "stopbits": stopbits},
                 "enterprises": [{**_SIM_ENTERPRISE, "devices": devices}],
             }
         )

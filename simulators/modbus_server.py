@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import termios
 import weakref
 from collections.abc import Coroutine, Mapping
 from typing import Any, Literal, cast
@@ -409,6 +410,8 @@ class ModbusSimServer:
         framer: Literal["tcp", "rtu"] = "tcp",
         serial_port: str | None = None,
         baudrate: int = 19200,
+        parity: Literal["N", "E", "O"] = "N",
+        stopbits: Literal[1, 2] = 1,
         strict_addresses: bool = True,
     ) -> None:
         if not devices:
@@ -426,6 +429,8 @@ class ModbusSimServer:
         self.framer = framer
         self.serial_port = serial_port
         self.baudrate = baudrate
+        self.parity = parity
+        self.stopbits = stopbits
         self.strict_addresses = strict_addresses
         self._store = _Store(
             {u: RegisterImage(d, strict_addresses=strict_addresses) for u, d in devices.items()}
@@ -519,6 +524,8 @@ class ModbusSimServer:
                 framer=FramerType.RTU,
                 port=self.serial_port,
                 baudrate=self.baudrate,
+                parity=self.parity,
+                stopbits=self.stopbits,
                 timeout=1.0,
             )
         framer = FramerType.SOCKET if self.framer == "tcp" else FramerType.RTU
@@ -530,6 +537,13 @@ class ModbusSimServer:
             await server.serve_forever(background=True)
         except RuntimeError as exc:
             raise OSError(f"Modbus simulator cannot listen on {self.endpoint}") from exc
+        except (termios.error, ValueError) as exc:
+            # A serial port that refuses the settings (termios.error is no OSError).
+            await _quietly_shut(server)
+            raise OSError(
+                f"Modbus simulator cannot open {self.serial_port} with {self.baudrate} baud, "
+                f"parity {self.parity}, {self.stopbits} stop bit(s): {exc}"
+            ) from exc
         if self.serial_port is None and self.port == 0:
             sockets = getattr(server.transport, "sockets", None) or []
             if sockets:
@@ -646,3 +660,8 @@ class _FaultWatcher:
 _WATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _FaultWatcher] = (
     weakref.WeakKeyDictionary()
 )
+
+
+async def _quietly_shut(server: _TcpServer | _SerialServer) -> None:
+    with contextlib.suppress(Exception):
+        await cast(Any, server).shutdown()

@@ -130,6 +130,14 @@ class EnterpriseConfig(_Strict):
     devices: list[DeviceConfig] = Field(default_factory=list)
 
 
+class SerialLineConfig(_Strict):
+    """Settings of every serial line the plant serves (8 data bits)."""
+
+    baudrate: int = Field(default=19200, gt=0)
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: Literal[1, 2] = 1
+
+
 class PlantConfig(_Strict):
     """A whole simulated site."""
 
@@ -138,6 +146,7 @@ class PlantConfig(_Strict):
     seed: int = 0
     time_scale: float = Field(default=1.0, gt=0, le=100000)
     strict_addresses: bool = True
+    serial_line: SerialLineConfig = Field(default_factory=SerialLineConfig)
     profile_dirs: list[Path] = Field(
         default_factory=list, description="Extra profile folders beside the shipped ones."
     )
@@ -491,6 +500,7 @@ class Plant:
                     port=lst.port,
                     framer=lst.framer,
                     serial_port=lst.serial_port,
+                    serial_line=self.config.serial_line.model_dump(),
                     strict_addresses=self.config.strict_addresses,
                 )
                 try:

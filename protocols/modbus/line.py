@@ -13,10 +13,13 @@ down, bounded by the device's timeout. When to try again is the agent's decision
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import termios
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import serial
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException
 from pymodbus.framer import FramerType
@@ -111,7 +114,12 @@ class Line:
         return bool(self.client.connected)
 
     async def ensure_connected(self, limit: float, device: str) -> None:
-        """Open the line if it is down: one attempt, at most ``limit`` seconds."""
+        """Open the line if it is down: one attempt, at most ``limit`` seconds.
+
+        Any failure to open or configure it (a missing port, a port locked by someone
+        else, settings the port refuses: ``termios.error`` is no ``OSError``) is a
+        ``ConnectError`` whose ``detail`` names the cause, and the port is released.
+        """
         if self.client.connected:
             return
         where = (
@@ -120,16 +128,28 @@ class Line:
             else f"{self.conn.host}:{self.conn.port}"
         )
         self.connects += 1
+        cause = ""
         try:
             async with asyncio.timeout(limit):
                 ok = await self.client.connect()
         except TimeoutError:
-            ok = False
-        except OSError as exc:  # serial ports raise here (missing device, permissions)
-            raise ConnectError(f"device '{device}': cannot open {where}: {exc}") from exc
+            ok, cause = False, f"no connection within {limit}s"
+        except asyncio.CancelledError:
+            self.client.close()
+            raise
+        except Exception as exc:  # serial ports raise here (termios, settings, permissions)
+            self.client.close()
+            _close_orphaned_ports(exc)
+            cause = _cause(exc, self.conn)
+            raise ConnectError(
+                f"device '{device}': cannot open {where}: {cause}", detail=cause
+            ) from exc
         if not ok or not self.client.connected:
             self.client.close()
-            raise ConnectError(f"device '{device}': cannot connect to {where}")
+            if not cause and self.conn.transport == "rtu":
+                cause = _serial_cause(self.conn)
+            text = f"device '{device}': cannot connect to {where}"
+            raise ConnectError(f"{text}: {cause}" if cause else text, detail=cause)
 
     async def wait_pause(self, pause: float) -> None:
         """Sleep until ``pause`` seconds have passed since the previous request ended."""
@@ -166,6 +186,58 @@ class Line:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _cause(exc: BaseException, conn: ModbusConnection | None = None) -> str:
+    """A short, single-line text for why a line could not be opened."""
+    if isinstance(exc, termios.error) and conn is not None:
+        msg = exc.args[1] if len(exc.args) > 1 else exc
+        return (
+            f"the port refused {conn.baudrate} baud, {conn.bytesize} data bits, "
+            f"parity {conn.parity}, {conn.stopbits} stop bit(s): {msg}"
+        )
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200]
+
+
+def _close_orphaned_ports(exc: BaseException) -> None:
+    """Close a serial port that a failed open left behind in the traceback's frames.
+
+    pymodbus opens the port and then reconfigures it inside its transport's constructor;
+    when that raises, the open port is reachable only from the traceback and keeps its
+    exclusive lock until the garbage collector finds it, so the next attempt would fail
+    with "Could not exclusively lock port".
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        for port in (owner, getattr(owner, "sync_serial", None)):
+            if isinstance(port, serial.SerialBase):
+                with contextlib.suppress(Exception):
+                    port.close()
+        tb = tb.tb_next
+
+
+def _serial_cause(conn: ModbusConnection) -> str:
+    """Why pymodbus could not open a serial port: it logs the error and returns False.
+
+    Opening the port once more with the same settings raises the error it swallowed;
+    this runs only after a failed attempt, and closes what it opened.
+    """
+    try:
+        port = serial.serial_for_url(
+            conn.serial_port,
+            exclusive=True,
+            baudrate=conn.baudrate,
+            bytesize=conn.bytesize,
+            parity=conn.parity,
+            stopbits=conn.stopbits,
+            timeout=0,
+        )
+    except Exception as exc:
+        return _cause(exc)
+    port.close()
+    return ""
 
 
 def _current() -> asyncio.Task[Any] | None:

@@ -32,6 +32,7 @@ class ModbusSimHook:
         framer: str,
         serial_port: str | None,
         strict_addresses: bool,
+        serial_line: Mapping[str, Any] | None = None,
     ) -> Any:
         from simulators.modbus_server import ModbusSimServer
 
@@ -42,6 +43,7 @@ class ModbusSimHook:
             framer="tcp" if framer == "tcp" else "rtu",
             serial_port=serial_port,
             strict_addresses=strict_addresses,
+            **(serial_line or {}),
         )
 
     def url(self, host: str, port: int | None, unit: int, framer: str, serial: str | None) -> str:

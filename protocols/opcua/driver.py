@@ -151,6 +151,7 @@ class OpcUaDriver(DriverBase):
         self._subscribe_errors: dict[str, str] = {}
         self._lost: str | None = None
         self._healthy = False
+        self._undecodable: dict[str, str] = {}  # point -> type of the value last logged
 
     # --- connection ---
 
@@ -236,9 +237,8 @@ class OpcUaDriver(DriverBase):
         except ua.UaStatusCodeError as exc:
             self.stats.connect_errors += 1
             await self._teardown(client, graceful=False)
-            raise ConnectError(
-                f"{self._where()}: session refused: {_status_name(ua.StatusCode(exc.code))}"
-            ) from exc
+            name = _status_name(ua.StatusCode(exc.code))
+            raise ConnectError(f"{self._where()}: session refused: {name}", detail=name) from exc
         except (OSError, ua.UaError, ValueError) as exc:
             self.stats.connect_errors += 1
             await self._teardown(client, graceful=False)
@@ -434,11 +434,13 @@ class OpcUaDriver(DriverBase):
             if exc.code in _SESSION_LOST:
                 self._healthy = False
                 self.stats.sessions_lost += 1
-                raise ConnectError(f"{self._where()}: {what}: {name}") from exc
+                raise ConnectError(f"{self._where()}: {what}: {name}", detail=name) from exc
             if exc.code in _TIMEOUT_CODES:
                 self.stats.timeouts += 1
-                raise DeviceTimeout(f"{self._where()}: {what}: {name}") from exc
-            raise DeviceRejected(f"{self._where()}: {what} refused: {name}", code=exc.code) from exc
+                raise DeviceTimeout(f"{self._where()}: {what}: {name}", detail=name) from exc
+            raise DeviceRejected(
+                f"{self._where()}: {what} refused: {name}", code=exc.code, detail=name
+            ) from exc
         except (ConnectionError, OSError, ua.UaError) as exc:
             self._healthy = False
             self.stats.connect_errors += 1
@@ -469,11 +471,18 @@ class OpcUaDriver(DriverBase):
         except ValueError as exc:
             self.stats.decode_errors += 1
             reading.errors[point.name] = "decode_error"
-            _log.warning(
-                "opcua value not decoded",
-                extra={"device": self.name, "point": point.name, "error": str(exc)},
-            )
+            # Once per change of the value's type: a point stuck sending the wrong type
+            # would otherwise log every poll (the text names the value, which may vary).
+            kind = type(raw).__name__
+            if self._undecodable.get(point.name) != kind:
+                self._undecodable[point.name] = kind
+                _log.warning(
+                    "opcua value not decoded",
+                    extra={"device": self.name, "point": point.name, "error": str(exc)},
+                )
             return
+        if self._undecodable.pop(point.name, None) is not None:
+            _log.info("opcua value decoded again", extra={"device": self.name, "point": point.name})
         reading.values[point.name] = value
         if status is not None and status.is_uncertain():
             reading.quality[point.name] = _status_name(status)

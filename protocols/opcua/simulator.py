@@ -36,6 +36,7 @@ class OpcUaSimHook:
         framer: str,
         serial_port: str | None,
         strict_addresses: bool,
+        serial_line: Mapping[str, Any] | None = None,
     ) -> Any:
         try:
             # Imported on first use: asyncua is heavy, and optional in a trimmed install.

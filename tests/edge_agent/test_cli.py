@@ -273,3 +273,39 @@ def test_busy_metrics_port_is_a_clear_start_error(tmp_path: Path) -> None:
         proc = _run_check(_write(tmp_path / "agent.yaml", cfg))
     assert proc.returncode == 1
     assert f"agent cannot start: metrics endpoint 127.0.0.1:{port}" in proc.stderr
+
+
+async def test_second_agent_on_the_same_data_dir_refuses_to_start(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    config = _write(tmp_path / "agent.yaml", agent_dict(tmp_path, mosquitto.port, []))
+    log1 = (tmp_path / "agent1.log").open("wb")
+    first = _spawn(config, log1)
+    try:
+        await wait_for(
+            lambda: "agent started" in (tmp_path / "agent1.log").read_text(), 20, "first agent"
+        )
+        second = await asyncio.to_thread(_run_check, config)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by pid {first.pid}" in second.stderr
+        assert str(tmp_path / "agent-data") in second.stderr
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first agent is untouched
+        first.send_signal(signal.SIGTERM)
+        assert await _wait_proc(first, 15) == 0
+        # Once the first has stopped the data directory is free again.
+        third = _spawn(config, log1)
+        try:
+            await wait_for(
+                lambda: (tmp_path / "agent1.log").read_text().count("agent started") == 2,
+                20,
+                "a new agent after the first stopped",
+            )
+        finally:
+            third.send_signal(signal.SIGTERM)
+            assert await _wait_proc(third, 15) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(5)
+        log1.close()

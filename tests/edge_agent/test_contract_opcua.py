@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from device_profiles.loader import load_profiles
 from device_profiles.schema import ValueType
@@ -13,6 +14,7 @@ from edge_agent.config import parse_config
 from iiot_common.localservers import Mosquitto, free_port
 from protocols.mqtt.contract import Birth, DeviceState
 from simulators.device import SimDevice
+from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
 from tests.edge_agent.helpers import Subscriber, agent_dict, wait_for
 
@@ -63,3 +65,65 @@ async def test_opcua_family_arrives_as_simulated(
         elif p.range is not None and p.type is not ValueType.BOOL:
             span = p.range[1] - p.range[0]
             assert abs(float(have) - float(want[p.name])) <= span * 0.05 + 1, p.name
+
+
+async def test_refused_session_and_bad_status_are_spelled_as_the_server_says(
+    tmp_path: Path, mosquitto: Mosquitto, opcua_certs: dict[str, Path]
+) -> None:
+    profile_id = _opcua_profiles()[0]
+    profile = load_profiles()[profile_id]
+    secure = OpcUaSimServer(
+        SimDevice(profile, device_id="ua-locked", seed=1),
+        port=free_port(),
+        security="basic256sha256",
+        certificate=opcua_certs["server_cert"],
+        private_key=opcua_certs["server_key"],
+        users={"agent": "pa55"},
+    )
+    failing_dev = SimDevice(profile, device_id="ua-failing", seed=2)
+    failing = OpcUaSimServer(failing_dev, port=free_port(), update_interval=0.1)
+    await secure.start()
+    await failing.start()
+    failing_dev.faults.set(FaultMode.EXCEPTION)  # every value BadDeviceFailure
+    denied = {
+        "id": "ua-denied",
+        "profile": profile_id,
+        "poll_interval": 0.2,
+        "poll_timeout": 3.0,
+        "opcua": {
+            "endpoint": secure.endpoint,
+            "timeout": 3.0,
+            "security_policy": "Basic256Sha256",
+            "certificate": str(opcua_certs["client_cert"]),
+            "private_key": str(opcua_certs["client_key"]),
+            "username": "agent",
+            "password": "wrong",
+        },
+    }
+    bad = {
+        "id": "ua-bad",
+        "profile": profile_id,
+        "poll_interval": 0.2,
+        "poll_timeout": 3.0,
+        "opcua": {"endpoint": failing.endpoint, "timeout": 3.0},
+    }
+    agent = Agent(parse_config(agent_dict(tmp_path, mosquitto.port, [denied, bad])))
+    with Subscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: bool(sub.on("/ua-denied/state")), 20, "the refused state")
+            await wait_for(
+                lambda: any(s.errors for _, s in sub.samples("ua-bad")), 20, "bad values"
+            )
+            exposition = generate_latest(agent.metrics.registry).decode()
+        finally:
+            await agent.stop()
+            await secure.stop()
+            await failing.stop()
+    state = sub.on("/ua-denied/state")[-1].decoded
+    assert isinstance(state, DeviceState) and not state.online
+    assert state.reason == "connect_failed: BadUserAccessDenied"
+    _, sample = next((q, s) for q, s in sub.samples("ua-bad") if s.errors)
+    assert set(sample.errors.values()) == {"BadDeviceFailure"}
+    assert 'device="ua-bad",reason="BadDeviceFailure"' in exposition
+    assert "baddevicefailure" not in exposition

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -392,3 +393,21 @@ async def test_unreachable_endpoint_and_unconnected_use() -> None:
         await driver.read(PRESS.points)
     await driver.aclose()
     await driver.aclose()
+
+
+async def test_undecodable_value_is_logged_once_not_every_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    served = press_profile(_POINTS)
+    wrong = press_profile(
+        [{**p, "type": "float32"} if p["name"] == "program" else p for p in _POINTS]
+    )
+    device = _frozen(served)
+    caplog.set_level(logging.INFO, logger="iiot")
+    async with _serving(device) as sim, OpcUaDriver(wrong, _conn(sim), name="press-1") as driver:
+        for _ in range(5):
+            reading = await driver.read(wrong.points)
+            assert reading.errors == {"program": "decode_error"}
+    assert driver.stats.decode_errors == 5
+    warned = [r for r in caplog.records if r.getMessage() == "opcua value not decoded"]
+    assert len(warned) == 1

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+import serial
 from asyncua import Client as OpcUaClient
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusIOException
@@ -184,6 +188,97 @@ async def test_sim_run_serial_line_serves_rtu_units(sim: Any, pty_pair: PtyPair)
     finally:
         client.close()
     assert s.terminate() == 0
+
+
+def _line_settings(tty: str) -> tuple[int, str, int]:
+    """(baud rate, parity, stop bits) the serial line is configured with right now."""
+    fd = os.open(tty, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        _i, _o, cflag, _l, _ispeed, ospeed, _cc = termios.tcgetattr(fd)
+    finally:
+        os.close(fd)
+    bauds = {termios.B9600: 9600, termios.B19200: 19200, termios.B38400: 38400}
+    parity = "N"
+    if cflag & termios.PARENB:
+        parity = "O" if cflag & termios.PARODD else "E"
+    return bauds.get(ospeed, -1), parity, 2 if cflag & termios.CSTOPB else 1
+
+
+@pytest.mark.parametrize(("baud", "parity", "stopbits"), [(9600, "N", 1), (38400, "N", 2)])
+async def test_sim_run_serial_line_settings_are_options(
+    sim: Any, pty_pair: PtyPair, baud: int, parity: str, stopbits: int
+) -> None:
+    s = sim(
+        "run", "--profile", "motor-hv-drive", "--count", "2", "--serial", pty_pair.a,
+        "--baudrate", str(baud), "--parity", parity, "--stopbits", str(stopbits),
+    )  # fmt: skip
+    s.wait_ready()
+    # A pty carries bytes whatever its settings, so check that the simulator set them.
+    assert _line_settings(pty_pair.a) == (baud, parity, stopbits)
+    client = AsyncModbusSerialClient(
+        pty_pair.b, baudrate=baud, parity=parity, stopbits=stopbits, timeout=1.0, retries=0
+    )
+    try:
+        assert await client.connect()
+        assert _line_settings(pty_pair.b) == (baud, parity, stopbits)
+        for unit in (1, 2):
+            rr = await client.read_input_registers(0, count=2, device_id=unit)
+            assert not rr.isError()
+    finally:
+        client.close()
+    assert s.terminate() == 0
+
+
+def _pty_takes_parity(tty: str) -> bool:
+    """Whether this kernel's pseudo-terminals accept even parity (many refuse it)."""
+    try:
+        port = serial.Serial(tty, parity="E", timeout=0)
+    except (termios.error, serial.SerialException):
+        return False
+    try:
+        port.timeout = 0.1  # reapplies the settings: the refusal may come only now
+    except termios.error:
+        return False
+    finally:
+        port.close()
+    return True
+
+
+async def test_sim_run_serial_parity_is_applied_or_refused_plainly(
+    sim: Any, pty_pair: PtyPair
+) -> None:
+    if _pty_takes_parity(pty_pair.a):
+        s = sim("run", "--profile", "motor-hv-drive", "--serial", pty_pair.a, "--parity", "E")
+        s.wait_ready()
+        assert _line_settings(pty_pair.a) == (19200, "E", 1)
+        client = AsyncModbusSerialClient(pty_pair.b, parity="E", timeout=1.0, retries=0)
+        try:
+            assert await client.connect()
+            rr = await client.read_input_registers(0, count=2, device_id=1)
+            assert not rr.isError()
+        finally:
+            client.close()
+        assert s.terminate() == 0
+        return
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [IIOT, "sim", "run", "--profile", "motor-hv-drive", "--serial", pty_pair.a,
+         "--parity", "E"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"cannot open {pty_pair.a} with 19200 baud, parity E" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sim_run_rejects_an_unknown_parity(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [IIOT, "sim", "run", "--profile", "motor-hv-drive", "--serial", str(tmp_path / "tty"),
+         "--parity", "X"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "parity" in proc.stderr and "Traceback" not in proc.stderr
 
 
 async def test_sim_plant_serves_the_example_site(sim: Any) -> None:
