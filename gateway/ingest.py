@@ -8,6 +8,10 @@ acknowledged too, so the broker does not redeliver them forever. The session is
 persistent (MQTT 5, clean_start=False, session expiry), so what arrives while the
 gateway is down is delivered after it reconnects; a message committed but not yet
 acknowledged when the process died is delivered again and dropped as a duplicate.
+
+Control-plane answers (``reported``, ``discovered``, ``+/result``) go to the
+``ControlHandler`` given at construction; the gateway's own downlink messages are
+acknowledged and ignored; ``publish`` sends downlink messages on the same connection.
 """
 
 from __future__ import annotations
@@ -49,8 +53,9 @@ from protocols.mqtt.contract import (
     decode_payload,
     parse_topic,
 )
+from protocols.mqtt.control import ControlTopic, parse_control_topic
 
-__all__ = ["MEASUREMENT", "Ingest", "MessageProcessor", "Outcome"]
+__all__ = ["MEASUREMENT", "ControlHandler", "Ingest", "MessageProcessor", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +138,12 @@ def _fast_data(payload: bytes) -> tuple[int, list[_SampleT]] | None:
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
 
 
+class ControlHandler(Protocol):
+    def accept(self, topic: ControlTopic, payload: bytes) -> Callable[[], None]:
+        """Validate an uplink control message (ContractError if bad); return how to apply it."""
+        ...
+
+
 class _Tx(Protocol):
     def first_time(self, dev: str, seq: int, ts: int) -> bool: ...
 
@@ -157,8 +168,9 @@ class Outcome:
 class MessageProcessor:
     """Turns one MQTT message into line protocol and a registry notification; pure."""
 
-    def __init__(self, sink: IngestSink) -> None:
+    def __init__(self, sink: IngestSink, control: ControlHandler | None = None) -> None:
         self.sink = sink
+        self.control = control
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
@@ -177,6 +189,12 @@ class MessageProcessor:
             text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
         except UnicodeDecodeError:
             return Outcome("bad_topic", "topic is not UTF-8", source=repr(topic[:80]))
+        try:
+            ctl = parse_control_topic(text)
+        except ContractError as exc:
+            return Outcome(exc.reason, str(exc), source=_source_of(text))
+        if ctl is not None:
+            return self._control(ctl, text, payload)
         try:
             t = parse_topic(text)
         except ContractError as exc:
@@ -216,6 +234,23 @@ class MessageProcessor:
                 source=source, notify=lambda s: s.on_device_state(ent, agent, dev, state)
             )
         return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
+
+    def _control(self, ctl: ControlTopic, text: str, payload: bytes) -> Outcome:
+        source = f"{ctl.enterprise}/{ctl.agent}"
+        if ctl.downlink:
+            return Outcome(source=source)  # the gateway's own messages to agents
+        if self.control is None:
+            return Outcome("control_unhandled", f"{text}: no control plane here", source=source)
+        reason = self.sink.check_publisher(ctl.enterprise, ctl.agent)
+        if reason is not None:
+            return Outcome(
+                reason, f"{ctl.agent!r} may not publish under {ctl.enterprise!r}", source=source
+            )
+        try:
+            apply = self.control.accept(ctl, payload)
+        except ContractError as exc:
+            return Outcome(exc.reason, f"{text}: {exc}", source=source)
+        return Outcome(source=source, notify=lambda _sink: apply())
 
     def _prefix(self, ent: str, agent: str, device: str) -> str:
         tags = self.sink.device_tags(ent, device)
@@ -330,13 +365,14 @@ class Ingest:
         *,
         config: IngestConfig | None = None,
         metrics: DataPathMetrics | None = None,
+        control: ControlHandler | None = None,
     ) -> None:
         self.mqtt_config = mqtt_config
         self.config = config or IngestConfig()
         self.outbox = outbox
         self.sink = sink
         self.metrics = metrics or outbox.metrics
-        self.processor = MessageProcessor(sink)
+        self.processor = MessageProcessor(sink, control)
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()
@@ -416,6 +452,19 @@ class Ingest:
         self._client.loop_stop()
         self._connected.clear()
         self.metrics.mqtt_connected.set(0)
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0
+    ) -> bool:
+        """Publish at QoS 1; True once the broker has acknowledged it within ``timeout``."""
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError, OSError):
+            return False  # not connected, or the outgoing queue is full
+        return info.is_published()
 
     # -- paho callbacks (network thread) ------------------------------------------------
 

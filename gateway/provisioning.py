@@ -3,9 +3,11 @@
 An agent presents a provisioning key; the gateway registers it under the key's
 enterprise, makes a random password, and rewrites Mosquitto's password file (PBKDF2-
 SHA512 ``$7$`` entries, the format of ``mosquitto_passwd`` in Mosquitto 2.0) and ACL file
-(each agent may use only ``iiot/v1/{enterprise}/{agent}/#``; the gateway's own user
-reads ``iiot/v1/#``). Both files are replaced atomically, then ``reload_command`` runs
-(typically a SIGHUP to mosquitto) so the broker re-reads them.
+(an agent publishes only its uplink topics under ``iiot/v1/{enterprise}/{agent}/`` and
+reads only its ``config``, ``scan`` and ``+/cmd``; the gateway's own user reads
+``iiot/v1/#`` and is the only one that publishes those downlink topics). Both files are
+replaced atomically, then ``reload_command`` runs (typically a SIGHUP to mosquitto) so
+the broker re-reads them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ log = logging.getLogger("iiot.gateway.provisioning")
 
 _ITERATIONS = 101  # mosquitto_passwd's default for $7$
 _RELOAD_TIMEOUT = 10.0
+# Topics below an agent's prefix: what it publishes, and what only the gateway publishes.
+_UPLINK = ("agent", "+/state", "+/data", "reported", "discovered", "+/result")
+_DOWNLINK = ("config", "scan", "+/cmd")
 
 
 class ProvisioningError(RuntimeError):
@@ -141,15 +146,18 @@ class Provisioner:
                 f"user {mqtt.username}",
                 f"topic read {TOPIC_PREFIX}/#",
                 f"topic read $share/+/{TOPIC_PREFIX}/#",
+                *(f"topic write {TOPIC_PREFIX}/+/+/{t}" for t in _DOWNLINK),
                 "",
             ]
         for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
             if agent_id == mqtt.username:
                 continue
             pw_lines.append(f"{agent_id}:{pw_hash}")
+            prefix = f"{TOPIC_PREFIX}/{enterprise}/{agent_id}"
             acl += [
                 f"user {agent_id}",
-                f"topic readwrite {TOPIC_PREFIX}/{enterprise}/{agent_id}/#",
+                *(f"topic write {prefix}/{t}" for t in _UPLINK),
+                *(f"topic read {prefix}/{t}" for t in _DOWNLINK),
                 "",
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)

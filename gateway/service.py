@@ -62,6 +62,7 @@ class Gateway:
         self.writer: InfluxWriter | None = None
         self.ingest: Ingest | None = None
         self.snapshotter: Any = None
+        self.control: Any = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -124,10 +125,23 @@ class Gateway:
 
             # The broker must know the gateway's own user before ingest connects with it.
             Provisioner(self.registry, cfg).sync()
+        if self.registry is not None:
+            from gateway.control import ControlService
+
+            self.control = ControlService(self.registry, cfg)
         self.ingest = Ingest(
-            cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
+            cfg.mqtt,
+            self.outbox,
+            self.sink,
+            config=cfg.ingest,
+            metrics=self.metrics,
+            control=self.control,
         )
         self.ingest.start(connect_timeout=self.connect_timeout)
+        if self.control is not None:
+            self.control.publisher = self.ingest.publish
+            if self.ingest.connected:
+                self.control.republish()  # configurations stored while the broker was away
         # The API comes up last: an open API port means ingest is subscribed.
         if self.serve_api:
             self._start_api()
@@ -139,7 +153,12 @@ class Gateway:
 
         cfg = self.config
         app = create_app(
-            self.registry, cfg, outbox=self.outbox, metrics=self.collector, sync_broker=False
+            self.registry,
+            cfg,
+            outbox=self.outbox,
+            metrics=self.collector,
+            sync_broker=False,
+            control=self.control,
         )
         family = socket.AF_INET6 if ":" in cfg.api.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -172,6 +191,7 @@ class Gateway:
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
+        self.control = None
         if self.snapshotter is not None:
             with contextlib.suppress(Exception):
                 self.snapshotter.stop()

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.api.control import control_router
 from gateway.api.models import (
     AgentOut,
     CredentialsOut,
@@ -42,6 +43,7 @@ from gateway.api.models import (
 )
 from gateway.auth import TokenAuth
 from gateway.config import GatewayConfig
+from gateway.control import ControlService
 from gateway.provisioning import Provisioner, ProvisioningError
 from gateway.ratios import (
     DEFINITIONS,
@@ -141,11 +143,13 @@ def create_app(
     metrics: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
     sync_broker: bool = True,
+    control: ControlService | None = None,
 ) -> FastAPI:
     """The FastAPI app over a registry; ``metrics`` is the data path's collector registry.
 
     ``sync_broker``: write the broker's password and ACL files at start (off when the
-    caller has just written them).
+    caller has just written them). ``control``: the control plane, publishing on the
+    gateway's broker connection (without one, its routes that publish answer 503).
     """
     registry.start()
     auth = TokenAuth(config.api)
@@ -171,6 +175,7 @@ def create_app(
     app.state.registry = registry
     app.state.provisioner = provisioner
     app.state.outbox = outbox
+    app.include_router(control_router(auth, control or ControlService(registry, config)))
     read = Depends(auth.read)
     write = Depends(auth.write)
 
