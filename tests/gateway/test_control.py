@@ -6,7 +6,6 @@ A paho client with the agent's provisioned credentials stands in for the agent.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,9 +62,9 @@ class _Agent(_Client):
     def on(self, suffix: str, timeout: float = 5) -> dict[str, Any]:
         topic = f"{PREFIX}/{suffix}"
         with self.got:
-            assert self.got.wait_for(
-                lambda: any(t == topic for t, _p in self.messages), timeout
-            ), f"nothing on {topic}"
+            assert self.got.wait_for(lambda: any(t == topic for t, _p in self.messages), timeout), (
+                f"nothing on {topic}"
+            )
             found: dict[str, Any] = json.loads([p for t, p in self.messages if t == topic][-1])
             return found
 
@@ -273,7 +272,10 @@ def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _
     try:
         agent.birth()
         plane.online()
-        assert plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan", token=OPERATOR).status_code == 403
+        assert (
+            plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan", token=OPERATOR).status_code
+            == 403
+        )
         r = plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan")
         assert r.status_code == 200, r.text
         scan_id = r.json()["scan"]
@@ -322,7 +324,9 @@ def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _
         again = plane.call("POST", f"/api/v1/discovered/{pid}/approve", json={"device_id": "k3"})
         assert again.status_code == 409
 
-        bad = plane.call("POST", f"/api/v1/discovered/{other}/approve", json={"device_id": "kiln-1"})
+        bad = plane.call(
+            "POST", f"/api/v1/discovered/{other}/approve", json={"device_id": "kiln-1"}
+        )
         assert bad.status_code == 422 and "duplicate device id" in bad.text
         assert plane.call("POST", f"/api/v1/discovered/{other}/reject").status_code == 200
         # Seen again by a later scan: approved and rejected entries are not proposed again.
