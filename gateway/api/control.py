@@ -24,6 +24,7 @@ __all__ = ["ApproveIn", "ConfigIn", "WriteIn", "control_router"]
 _ID = r"^[A-Za-z0-9_.-]{1,64}$"
 Ident = Annotated[str, Path(pattern=_ID, max_length=64)]
 _QIdent = Query(default=None, pattern=_ID, max_length=64)
+_ProposalId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 class _In(BaseModel):
@@ -136,15 +137,13 @@ def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
 
     @router.post("/discovered/{proposal_id}/approve")
     def approve(
-        proposal_id: Annotated[int, Path(ge=1)], body: ApproveIn, caller: Caller = configure
+        proposal_id: _ProposalId, body: ApproveIn, caller: Caller = configure
     ) -> dict[str, Any]:
         """Add the device to the ledger and to its agent's desired configuration."""
         return _call(service.approve, proposal_id, body.model_dump(), caller)
 
     @router.post("/discovered/{proposal_id}/reject")
-    def reject(
-        proposal_id: Annotated[int, Path(ge=1)], _caller: Caller = configure
-    ) -> dict[str, Any]:
+    def reject(proposal_id: _ProposalId, _caller: Caller = configure) -> dict[str, Any]:
         """Hide the proposal; it is not proposed again."""
         return _call(service.reject, proposal_id)
 
