@@ -359,3 +359,41 @@ def test_an_agent_cannot_publish_downlink_topics(plane: _Plane) -> None:
     finally:
         agent.close()
         watcher.close()
+
+
+def test_the_cli_pushes_an_agent_yaml_and_shows_the_report(plane: _Plane, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from device_profiles.loader import BUILTIN_DIR
+    from edge_agent.cli import app
+
+    special = yaml.safe_load((BUILTIN_DIR / "kiln" / "kiln-rotary-cement.yaml").read_text())
+    special["id"] = "kiln-from-cli"
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "special.yaml").write_text(yaml.safe_dump(special))
+    agent_yaml = {
+        "agent_id": AGENT,
+        "enterprise": ENT,
+        "mqtt": {"url": plane.broker.url},
+        "profiles": ["profiles"],
+        "devices": [KILN, {**KILN, "id": "kiln-9", "profile": "kiln-from-cli"}],
+    }
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(agent_yaml))
+    env = {"IIOT_API": plane.gw.api_url, "IIOT_API_TOKEN": ADMIN}
+    runner = CliRunner()
+    pushed = runner.invoke(app, ["config", "push", str(tmp_path / "agent.yaml")], env=env)
+    assert pushed.exit_code == 0, pushed.output
+    assert f"agent '{AGENT}' of '{ENT}': version 1 with 2 device(s)" in pushed.output
+
+    show = ["config", "show", "--enterprise", ENT, "--agent", AGENT]
+    shown = runner.invoke(app, show, env=env)
+    assert shown.exit_code == 3  # not applied yet
+    assert "desired  version 1: devices kiln-1, kiln-9" in shown.output
+    assert "reported nothing yet" in shown.output
+
+    agent_yaml["devices"] = [{**KILN, "profile": "nope"}]
+    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(agent_yaml))
+    refused = runner.invoke(app, ["config", "push", str(tmp_path / "agent.yaml")], env=env)
+    assert refused.exit_code == 1
+    assert "refused (422)" in refused.output and "device 'kiln-1': profile 'nope'" in refused.output
