@@ -397,3 +397,60 @@ def test_the_cli_pushes_an_agent_yaml_and_shows_the_report(plane: _Plane, tmp_pa
     refused = runner.invoke(app, ["config", "push", str(tmp_path / "agent.yaml")], env=env)
     assert refused.exit_code == 1
     assert "refused (422)" in refused.output and "device 'kiln-1': profile 'nope'" in refused.output
+
+
+def test_a_reply_received_by_another_gateway_instance_answers_the_write(
+    plane: _Plane, tmp_path: Path
+) -> None:
+    # A second instance on the same database, in the same shared subscription group.
+    first = plane.gw
+    first.stop()
+    # New client ids: the first instance's session would keep its unshared subscription.
+    mqtt_cfg = first.config.mqtt.model_copy(
+        update={"shared_group": "ingest", "client_id": "gw-ctl-1"}
+    )
+    shared_db = first.config.registry_url
+    configs = [
+        first.config.model_copy(update={"mqtt": mqtt_cfg, "database_url": shared_db}),
+        first.config.model_copy(
+            update={
+                "mqtt": mqtt_cfg.model_copy(update={"client_id": "gw-ctl-2"}),
+                "database_url": shared_db,
+                "data_dir": tmp_path / "gw2",
+                "broker_auth": BrokerAuthConfig(),
+            }
+        ),
+    ]
+    gws = [Gateway(c) for c in configs]
+    agent = plane.agent()
+    try:
+        for gw in gws:
+            gw.start()
+        agent.birth()
+        api = [httpx.Client(base_url=gw.api_url, timeout=30) for gw in gws]
+        auth = {"Authorization": f"Bearer {OPERATOR}"}
+        wait_until(
+            lambda: any(a["online"] for a in api[0].get("/api/v1/agents", headers=auth).json()),
+            what="the agent online",
+        )
+        agent.answer = {"status": "ok", "previous": 1, "value": 2}
+        for _ in range(6):
+            r = api[0].post(
+                f"/api/v1/devices/{ENT}/kiln-1/write",
+                json={"point": "kiln_speed_sp", "value": 2},
+                headers=auth,
+            )
+            assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+            # The group hands messages out in turn; one more message shifts which
+            # instance the next answer reaches.
+            report = {"version": 0, "applied": True, "running_version": 0, "ts": _now_ms()}
+            agent.publish(f"{PREFIX}/reported", json.dumps(report).encode())
+        # Some answers reached the second instance, which stored them for the first.
+        assert gws[1].control is not None and gws[1].control.counters["results"] >= 1
+        assert gws[0].control is not None and gws[0].control.counters["writes"] == 6
+        for c in api:
+            c.close()
+    finally:
+        agent.close()
+        for gw in gws:
+            gw.stop()
