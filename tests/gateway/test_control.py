@@ -24,16 +24,20 @@ from gateway.config import (
     GatewayConfig,
     MqttConfig,
 )
+from gateway.control import tables as control_tables
 from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
 from tests.gateway.test_ingest import wait_until
 from tests.gateway.test_provisioning import _Client
+from tests.gateway.test_registry_fixtures import PG_URL, _registry_url
 from tests.servers import Mosquitto
 
 ADMIN, OPERATOR, PLATFORM = "admin-token-t", "operator-token-t", "platform-token-t"
 ENT, AGENT = "ent-a", "edge-a"
 PREFIX = f"iiot/v1/{ENT}/{AGENT}"
+# Imported so that the registry metadata a PostgreSQL run empties holds these tables too.
+_TABLES = control_tables.CONTROL_TABLES
 KILN = {"id": "kiln-1", "profile": "kiln-rotary-cement", "modbus": {"host": "10.0.0.7"}}
 
 
@@ -109,6 +113,7 @@ def plane(tmp_path: Path) -> Iterator[_Plane]:
     pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
     cfg = GatewayConfig(
         data_dir=tmp_path / "gw",
+        database_url=_registry_url(tmp_path) if PG_URL else None,
         api=ApiConfig(
             port=0,
             admin_tokens=[SecretStr(ADMIN)],
