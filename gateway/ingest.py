@@ -393,6 +393,11 @@ class Ingest:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def connections(self) -> int | None:
+        """How many times the broker connection was made; None while disconnected."""
+        return self._gen if self._connected.is_set() else None
+
     def _make_client(self) -> mqtt.Client:
         cfg = self.mqtt_config
         client = mqtt.Client(
@@ -456,7 +461,13 @@ class Ingest:
     def publish(
         self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0
     ) -> bool:
-        """Publish at QoS 1; True once the broker has acknowledged it within ``timeout``."""
+        """Publish at QoS 1; True once the broker has acknowledged it within ``timeout``.
+
+        While disconnected nothing is queued (False at once): paho would send a queued
+        message after reconnecting, and a caller told False must be able to rely on that.
+        """
+        if not self._connected.is_set():
+            return False
         try:
             info = self._client.publish(topic, payload, qos=1, retain=retain)
             if info.rc != mqtt.MQTT_ERR_SUCCESS:

@@ -139,9 +139,11 @@ class Gateway:
         )
         self.ingest.start(connect_timeout=self.connect_timeout)
         if self.control is not None:
+            from gateway.control.service import ControlCollector
+
             self.control.publisher = self.ingest.publish
-            if self.ingest.connected:
-                self.control.republish()  # configurations stored while the broker was away
+            self.control.start(lambda: None if self.ingest is None else self.ingest.connections)
+            self.collector.register(ControlCollector(self.control))
         # The API comes up last: an open API port means ingest is subscribed.
         if self.serve_api:
             self._start_api()
@@ -188,6 +190,8 @@ class Gateway:
     def stop(self) -> None:
         """Stop acking, flush the outbox, drain the writer (bounded), close everything."""
         cfg = self.config
+        if self.control is not None:
+            self.control.stop()
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None

@@ -22,9 +22,11 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
 from gateway.auth import Caller
@@ -48,6 +50,7 @@ from protocols.mqtt.control import (
 )
 
 __all__ = [
+    "ControlCollector",
     "ControlConflict",
     "ControlError",
     "ControlInvalid",
@@ -61,6 +64,7 @@ __all__ = [
 log = logging.getLogger("iiot.gateway.control")
 
 _POLL = 0.2  # seconds between two database looks while waiting for a write's answer
+_REPUBLISH_EVERY = 5.0  # seconds between two looks for configurations not yet published
 _GRACE = 1.0  # seconds past a command's expiry that an answer may still be in flight
 
 
@@ -140,7 +144,48 @@ class ControlService:
         self._clock = clock
         self._waiters: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
+
+    def start(self, connections: Callable[[], int | None]) -> None:
+        """Keep configurations on the broker: all after each (re)connect, else the unpublished.
+
+        ``connections`` counts the broker connections so far, None while disconnected; a
+        broker that lost its retained messages (restarted without persistence) gets every
+        desired configuration again when the gateway reconnects.
+        """
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._keep_published, args=(connections,), name="iiot-control", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+
+    def _keep_published(self, connections: Callable[[], int | None]) -> None:
+        seen: int | None = None
+        failing = False
+        while True:
+            now = connections()
+            if now is not None:
+                try:
+                    self.republish(everything=now != seen)
+                    seen = now
+                    if failing:
+                        log.info("desired configurations published again")
+                    failing = False
+                except Exception as exc:
+                    self.counters["republish_errors"] += 1
+                    if not failing:  # once per change, not every pass
+                        log.error("cannot republish configurations", extra={"error": repr(exc)})
+                    failing = True
+            if self._stop.wait(_REPUBLISH_EVERY if now is not None else 0.5):
+                return
 
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
@@ -219,15 +264,18 @@ class ControlService:
             self.store.mark_published(agent, doc.version)
         return doc.version
 
-    def republish(self) -> int:
-        """Publish every stored configuration the broker has not acknowledged yet."""
+    def republish(self, *, everything: bool = False) -> int:
+        """Publish the configurations not yet acknowledged by the broker (or all of them)."""
         sent = 0
-        for enterprise, agent, doc in self.store.unpublished():
+        for enterprise, agent, doc in self.store.unpublished(everything=everything):
             payload = json.dumps(doc, separators=(",", ":")).encode()
             topic = ControlTopic(enterprise, agent, ControlKind.CONFIG)
             if self.publisher is not None and self._publish(topic, payload, retain=True):
                 self.store.mark_published(agent, int(doc["version"]))
                 sent += 1
+        if sent:
+            self.counters["republished"] += sent
+            log.info("desired configurations published", extra={"count": sent})
         return sent
 
     def config_view(self, enterprise: str, agent: str) -> dict[str, Any]:
@@ -388,7 +436,8 @@ class ControlService:
                 self.store.finish_write(
                     request_id,
                     WriteStatus.FAILED.value,
-                    reason="the gateway could not publish the command to the broker",
+                    reason="the broker did not acknowledge the command; it may still reach "
+                    "the agent before it expires (a late answer updates this record)",
                     now_ms=self._now_ms(),
                 )
                 return self._write_view(request_id)
@@ -508,3 +557,20 @@ class ControlService:
         self.store.set_discovered(proposal_id, "approved", device_id)
         self.counters["approved"] += 1
         return {"device": view, "config": self.config_view(ent, agent)}
+
+
+class ControlCollector(Collector):
+    """The control plane's counters for /metrics."""
+
+    def __init__(self, service: ControlService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "iiot_control_events",
+            "Control-plane events: configurations, writes, results, scans, proposals.",
+            labels=["kind"],
+        )
+        for kind, value in sorted(self.service.counters.items()):
+            events.add_metric([kind], value)
+        yield events

@@ -86,15 +86,14 @@ class ControlStore:
                 .values(published=True)
             )
 
-    def unpublished(self) -> list[tuple[str, str, dict[str, Any]]]:
-        """(enterprise, agent, document) of every configuration not yet on the broker."""
+    def unpublished(self, *, everything: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
+        """(enterprise, agent, document) of each configuration not yet on the broker (or all)."""
         table = ct.agent_configs
+        q = sa.select(table.c.enterprise, table.c.agent, table.c.document)
+        if not everything:
+            q = q.where(table.c.published.is_(False))
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(table.c.enterprise, table.c.agent, table.c.document).where(
-                    table.c.published.is_(False)
-                )
-            ).all()
+            rows = conn.execute(q).all()
         return [(r.enterprise, r.agent, json.loads(r.document)) for r in rows]
 
     def stored_profiles(self) -> dict[str, dict[str, Any]]:

@@ -28,7 +28,7 @@ from gateway.control import tables as control_tables
 from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
-from tests.gateway.test_ingest import wait_until
+from tests.gateway.test_ingest import metric, wait_until
 from tests.gateway.test_provisioning import _Client
 from tests.gateway.test_registry_fixtures import PG_URL, _registry_url
 from tests.servers import Mosquitto
@@ -459,3 +459,33 @@ def test_a_reply_received_by_another_gateway_instance_answers_the_write(
         agent.close()
         for gw in gws:
             gw.stop()
+
+
+def test_configs_return_to_a_broker_that_lost_them_and_bad_answers_are_counted(
+    plane: _Plane,
+) -> None:
+    path = f"/api/v1/agents/{ENT}/{AGENT}/config"
+    assert plane.call("PUT", path, json={"devices": [KILN]}).status_code == 200
+    plane.broker.stop()  # no persistence: the retained configuration is gone
+    r = plane.call("PUT", path, json={"devices": [{**KILN, "poll_interval": 3}]})
+    assert r.status_code == 200 and r.json()["desired"]["published"] is False
+    plane.broker.start()
+    wait_until(lambda: plane.call("GET", path).json()["desired"]["published"], what="published")
+    agent = plane.agent()
+    try:
+        assert agent.on("config")["version"] == 2
+        wait_until(lambda: plane.gw.mqtt_connected, what="gateway connected")
+        for payload in (b"not json", b'{"version": -1}'):
+            agent.publish(f"{PREFIX}/reported", payload)
+        agent.publish(f"{PREFIX}/kiln-1/result", b'{"id": "x", "status": "weird", "ts": 1}')
+        rejected = "iiot_gateway_rejected_total"
+        wait_until(
+            lambda: metric(plane.gw, rejected, {"reason": "bad_payload"}) == 2,
+            what="two bad payloads counted",
+        )
+        assert metric(plane.gw, rejected, {"reason": "not_json"}) == 1
+        assert plane.call("GET", path).json()["reported"] is None
+        text = plane.call("GET", "/metrics").text
+        assert 'iiot_control_events_total{kind="republished"}' in text
+    finally:
+        agent.close()
