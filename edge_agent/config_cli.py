@@ -141,5 +141,3 @@ def show(
         typer.echo(f"  - {where}: {why}")
     if not out["in_sync"]:
         raise typer.Exit(3)
-
-
