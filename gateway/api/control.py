@@ -45,7 +45,8 @@ class ConfigIn(_In):
 
 class WriteIn(_In):
     point: str = Field(pattern=_ID, max_length=64)
-    value: bool | int | float | str = Field(union_mode="left_to_right")
+    # Smart union: JSON true stays a bool and 1 an int (left-to-right would make 1 True).
+    value: bool | int | float | str
 
 
 class ApproveIn(_In):

@@ -258,9 +258,10 @@ class ControlService:
             ) from None
         self.counters["config_versions"] += 1
         log.info("desired configuration stored", extra={"agent": agent, "version": doc.version})
-        if self._publish(
-            ControlTopic(enterprise, agent, ControlKind.CONFIG), _json(doc), retain=True
-        ):
+        # Without a broker connection here it stays unpublished; an instance that has one
+        # publishes it on its next pass (``start``).
+        topic = ControlTopic(enterprise, agent, ControlKind.CONFIG)
+        if self.publisher is not None and self._publish(topic, _json(doc), retain=True):
             self.store.mark_published(agent, doc.version)
         return doc.version
 

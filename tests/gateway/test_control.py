@@ -237,6 +237,12 @@ def test_writes_are_answered_refused_when_offline_timed_out_and_audited(plane: _
         assert cmd["expires"] - cmd["ts"] == 1500
 
         assert plane.call("POST", write, token=PLATFORM, json=body).status_code == 403
+        agent.answer = {"status": "ok", "previous": 0, "value": 1}
+        r = plane.call("POST", write, token=OPERATOR, json={"point": "kiln_run", "value": 1})
+        assert r.json()["value"] == 1 and r.json()["value"] is not True
+        assert agent.on("kiln-1/cmd")["value"] == 1 and agent.on("kiln-1/cmd")["value"] is not True
+        unknown = plane.call("POST", f"/api/v1/devices/{ENT}/kiln-404/write", json=body)
+        assert unknown.status_code == 404 and "kiln-404" in unknown.text
         bad = plane.call("POST", write, token=OPERATOR, json={"point": "kiln_speed_sp"})
         assert bad.status_code == 422 and "value" in bad.text
         bad = plane.call("POST", write, json={"point": "a b", "value": 1})
@@ -262,11 +268,11 @@ def test_writes_are_answered_refused_when_offline_timed_out_and_audited(plane: _
 
     audit = plane.call("GET", "/api/v1/writes", token=OPERATOR, params={"device": "kiln-1"})
     rows = audit.json()
-    assert [w["status"] for w in rows] == ["offline", "timeout", "ok"]
-    assert [w["role"] for w in rows] == ["operator", "admin", "operator"]
+    assert [w["status"] for w in rows] == ["offline", "timeout", "ok", "ok"]
+    assert [w["role"] for w in rows] == ["operator", "admin", "operator", "operator"]
     assert all(w["token_label"].startswith("sha256:") for w in rows)
     assert OPERATOR not in audit.text and ADMIN not in audit.text
-    assert rows[2]["previous"] == 3.0 and rows[2]["value"] == 3.2
+    assert rows[3]["previous"] == 3.0 and rows[3]["value"] == 3.2
     assert plane.call("GET", "/api/v1/writes", token=PLATFORM).status_code == 403
 
 
@@ -275,6 +281,8 @@ def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _
     assert plane.call("PUT", path, json={"devices": [KILN]}).status_code == 200
     agent = plane.agent()
     try:
+        offline = plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan")
+        assert offline.status_code == 409 and "offline" in offline.text
         agent.birth()
         plane.online()
         assert (
