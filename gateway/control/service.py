@@ -122,6 +122,15 @@ def _decode(model: type[BaseModel], kind: str, payload: bytes) -> Any:
         raise ContractError("bad_payload", f"{kind} payload: {loc}: {first['msg']}") from exc
 
 
+def _masked(value: Any) -> Any:
+    """``value`` with every ``password`` replaced: the API shows configs to read-only tokens."""
+    if isinstance(value, dict):
+        return {k: "**********" if k == "password" else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
 def _json(model: BaseModel) -> bytes:
     return model.model_dump_json(exclude_none=True).encode()
 
@@ -290,7 +299,7 @@ class ControlService:
                 "updated_ms": desired["updated_ms"],
                 "updated_by": desired["updated_by"],
                 "published": desired["published"],
-                "config": desired["document"],
+                "config": _masked(desired["document"]),
             }
         r = None
         if reported is not None:

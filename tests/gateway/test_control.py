@@ -38,6 +38,11 @@ ENT, AGENT = "ent-a", "edge-a"
 PREFIX = f"iiot/v1/{ENT}/{AGENT}"
 # Imported so that the registry metadata a PostgreSQL run empties holds these tables too.
 _TABLES = control_tables.CONTROL_TABLES
+CNC = {
+    "id": "cnc-1",
+    "profile": "cnc-machine-tool",
+    "opcua": {"endpoint": "opc.tcp://10.0.0.8:4840", "username": "u", "password": "s3cret"},
+}
 KILN = {"id": "kiln-1", "profile": "kiln-rotary-cement", "modbus": {"host": "10.0.0.7"}}
 
 
@@ -167,9 +172,12 @@ def test_a_desired_config_is_published_retained_and_the_report_shows(plane: _Pla
         assert shown["reported"]["errors"] == {"kiln-1": "no route to 10.0.0.7"}
         assert shown["reported"]["applied"] is False and not shown["in_sync"]
 
-        second = plane.call("PUT", path, json={"devices": [{**KILN, "poll_interval": 2}]})
+        second = plane.call("PUT", path, json={"devices": [{**KILN, "poll_interval": 2}, CNC]})
         assert second.json()["desired"]["version"] == 2
         wait_until(lambda: agent.on("config")["version"] == 2, what="version 2 on the broker")
+        # The agent gets the OPC UA password; the API shows it to nobody.
+        assert agent.on("config")["devices"][1]["opcua"]["password"] == "s3cret"
+        assert "s3cret" not in plane.call("GET", path).text
     finally:
         agent.close()
 
