@@ -131,7 +131,7 @@ def plane(tmp_path: Path) -> Iterator[_Plane]:
     reg = Registry(cfg.registry_url)
     reg.add_enterprise(ENT, "Enterprise A", "130102", "C30")
     _id, key = reg.create_provisioning_key(ENT)
-    cfg.mqtt = MqttConfig(username="gateway", password=SecretStr("gw-pass"), client_id="gw-ctl")
+    cfg.mqtt = MqttConfig(username="gateway", password=SecretStr("gw-pass"))
     password = Provisioner(reg, cfg).provision(key, AGENT)["password"]
     reg.close()
     (tmp_path / "mq").mkdir()
