@@ -279,6 +279,14 @@ class Gateway:
         return int(self._sock.getsockname()[1])
 
     @property
+    def api_url(self) -> str:
+        """The API's base URL on this host."""
+        host = self.config.api.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.api_port}"
+
+    @property
     def mqtt_connected(self) -> bool:
         return self.ingest is not None and self.ingest.connected
 
