@@ -81,12 +81,14 @@ def _families(
     """The agent's families plus those the message ships; a clash is refused by name."""
     families = dict(local.profiles.families)
     for i, raw in enumerate(desired.families):
+        key = raw.get("key")
+        name = f"family '{key}'" if isinstance(key, str) else f"family #{i + 1}"
         try:
             fam = FamilyInfo.model_validate(raw)
         except ValidationError as exc:
             first = exc.errors()[0]
             loc = ".".join(str(x) for x in first["loc"])
-            _group([f"family #{i + 1}: {loc}: {first['msg']}"], errors)
+            _group([f"{name}: {loc}: {first['msg']}"], errors)
             continue
         if fam.key in families and families[fam.key] != fam:
             _group([f"family '{fam.key}': differs from this agent's own"], errors)

@@ -19,12 +19,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import generate_latest
-from pydantic import BaseModel, ConfigDict
 from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
+from edge_agent.discovery import DiscoveryScope
 from iiot_common.localservers import Mosquitto, free_port
 from protocols.driver import now_ms
 from protocols.modbus import codec
@@ -534,10 +534,6 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     """The seam to ``edge_agent.discovery``: scope, profiles, exclusions and deadline."""
     calls: list[dict[str, Any]] = []
 
-    class DiscoveryScope(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        modbus_hosts: list[str]
-
     async def scan(
         scope: DiscoveryScope, profiles: Any, *, exclude: set[str], deadline: float
     ) -> list[Proposal]:
@@ -550,7 +546,7 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
     fake.scan = scan  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
-    scope = {"modbus_hosts": ["127.0.0.1"]}
+    scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
     with Gateway(mosquitto.port) as gw:
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
         await agent.start()
@@ -564,7 +560,7 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     report = ScanReport.model_validate_json(gw.on("discovered")[0][0])
     assert report.errors == [] and report.proposals[0].address["modbus"]["unit"] == 3
     (call,) = calls
-    assert call["scope"] == DiscoveryScope(modbus_hosts=["127.0.0.1"]) and call["has_kiln"]
+    assert call["scope"] == DiscoveryScope.model_validate(scope) and call["has_kiln"]
     assert call["exclude"] == {f"modbus:tcp:127.0.0.1:{site.sim.port}:1"}
     assert 5 < call["left"] <= 8
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import stat
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel, ConfigDict
 
 from device_profiles.loader import BUILTIN_DIR
-from edge_agent.config import AgentConfigError, LoadedConfig, parse_config
+from edge_agent.config import LoadedConfig, parse_config
+from edge_agent.discovery import DiscoveryScope
 from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_config
 from protocols.mqtt.control import DesiredConfig
 from tests.edge_agent.helpers import agent_dict, modbus_device
@@ -62,7 +60,7 @@ def test_every_problem_is_reported_by_device(tmp_path: Path) -> None:
             modbus_device("pump-1", "bad-pump", 1502),
         ],
         profiles=[_motor_profile(id="bad-pump", points=[])],
-        families=[{"id": "sawmill"}],
+        families=[{"key": "sawmill"}],
     )
     with pytest.raises(RemoteConfigRefused) as info:
         build_config(_local(tmp_path), desired)
@@ -80,24 +78,25 @@ def test_a_file_without_remote_config_refuses_every_version(tmp_path: Path) -> N
     assert "remote_config" in info.value.errors["config"]
 
 
-def test_the_discovery_scope_is_checked_by_the_discovery_model(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    class DiscoveryScope(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        networks: list[str]
-
-    fake = types.ModuleType("edge_agent.discovery")
-    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+def test_the_discovery_scope_is_checked_by_the_discovery_model(tmp_path: Path) -> None:
     with pytest.raises(RemoteConfigRefused) as info:
         build_config(_local(tmp_path), _desired([], discovery={"netwrks": ["10.0.0.0/24"]}))
-    assert "discovery: " in info.value.errors["config"]
+    assert "discovery" in info.value.errors["config"]
     assert "netwrks" in info.value.errors["config"]
-    with pytest.raises(AgentConfigError, match="discovery: networks"):
-        parse_config(agent_dict(tmp_path, 1883, [], discovery={}))
-    ok = build_config(_local(tmp_path), _desired([], discovery={"networks": ["10.0.0.0/24"]}))
-    assert ok.config.discovery == {"networks": ["10.0.0.0/24"]}
+    scope = {"modbus_tcp": [{"hosts": ["10.0.0.0/30"], "units": ["1-3"]}]}
+    ok = build_config(_local(tmp_path), _desired([], discovery=scope))
+    assert ok.config.discovery == DiscoveryScope.model_validate(scope)
+
+
+def test_a_version_may_ship_a_family_and_a_profile_of_it(tmp_path: Path) -> None:
+    family = {"key": "sawmill", "name_zh": "锯木机", "name": "Sawmill", "category": "intelligent"}
+    desired = _desired(
+        [modbus_device("saw-1", "acme-saw", 1502)],
+        profiles=[_motor_profile(id="acme-saw", family="sawmill", category="intelligent")],
+        families=[family],
+    )
+    built = build_config(_local(tmp_path), desired)
+    assert built.device_profiles["saw-1"].family == "sawmill"
 
 
 def test_the_store_keeps_the_applied_version_privately(tmp_path: Path) -> None:
