@@ -19,6 +19,15 @@ app.command("discover")(discover)
 log = logging.getLogger("iiot.agent")
 
 
+def _add_config_commands() -> None:
+    from edge_agent.config_cli import app as config_app
+
+    app.add_typer(config_app, name="config")
+
+
+_add_config_commands()
+
+
 def _load(config: Path):  # type: ignore[no-untyped-def]
     from edge_agent.config import AgentConfigError, load_config
 

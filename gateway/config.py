@@ -22,6 +22,7 @@ from iiot_common.yamlfile import YamlFileError, read_yaml
 __all__ = [
     "ApiConfig",
     "BrokerAuthConfig",
+    "ControlConfig",
     "GatewayConfig",
     "GatewayConfigError",
     "HealthConfig",
@@ -149,6 +150,20 @@ class ApiConfig(_Cfg):
     port: int = Field(default=8080, ge=0, le=65535)
     admin_tokens: list[SecretStr] = Field(default_factory=list)
     platform_tokens: list[SecretStr] = Field(default_factory=list)
+    operator_tokens: list[SecretStr] = Field(
+        default_factory=list, description="May read and write to equipment; not configure."
+    )
+
+
+class ControlConfig(_Cfg):
+    """The control plane: writes to equipment and discovery scans."""
+
+    write_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="A write command expires after this long, s."
+    )
+    scan_timeout: float = Field(
+        default=300.0, gt=0, le=86400, description="A scan request expires after this long, s."
+    )
 
 
 class BrokerAuthConfig(_Cfg):
@@ -203,6 +218,7 @@ class GatewayConfig(_Cfg):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     broker_auth: BrokerAuthConfig = Field(default_factory=BrokerAuthConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."

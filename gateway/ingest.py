@@ -12,6 +12,9 @@ acknowledged when the process died is delivered again and dropped as a duplicate
 Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
 connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
 never retries on its own here.
+Control-plane answers (``reported``, ``discovered``, ``+/result``) go to the
+``ControlHandler`` given at construction; the gateway's own downlink messages are
+acknowledged and ignored; ``publish`` sends downlink messages on the same connection.
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ from protocols.mqtt.contract import (
     decode_payload,
     parse_topic,
 )
+from protocols.mqtt.control import ControlTopic, parse_control_topic
 
-__all__ = ["MEASUREMENT", "Ingest", "MessageProcessor", "Outcome"]
+__all__ = ["MEASUREMENT", "ControlHandler", "Ingest", "MessageProcessor", "Outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,12 @@ MEASUREMENT = "telemetry"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
+
+
+class ControlHandler(Protocol):
+    def accept(self, topic: ControlTopic, payload: bytes) -> Callable[[], None]:
+        """Validate an uplink control message (ContractError if bad); return how to apply it."""
+        ...
 
 
 class _Tx(Protocol):
@@ -85,8 +95,15 @@ class Outcome:
 class MessageProcessor:
     """Turns one MQTT message into line protocol and a registry notification; pure."""
 
-    def __init__(self, sink: IngestSink, *, codec: Codec = JSON_CODEC) -> None:
+    def __init__(
+        self,
+        sink: IngestSink,
+        control: ControlHandler | None = None,
+        *,
+        codec: Codec = JSON_CODEC,
+    ) -> None:
         self.sink = sink
+        self.control = control
         self.codec = codec
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
 
@@ -106,6 +123,12 @@ class MessageProcessor:
             text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
         except UnicodeDecodeError:
             return Outcome("bad_topic", "topic is not UTF-8", source=repr(topic[:80]))
+        try:
+            ctl = parse_control_topic(text)
+        except ContractError as exc:
+            return Outcome(exc.reason, str(exc), source=_source_of(text))
+        if ctl is not None:
+            return self._control(ctl, text, payload)
         try:
             t = parse_topic(text)
         except ContractError as exc:
@@ -143,6 +166,23 @@ class MessageProcessor:
                 source=source, notify=lambda s: s.on_device_state(ent, agent, dev, state)
             )
         return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
+
+    def _control(self, ctl: ControlTopic, text: str, payload: bytes) -> Outcome:
+        source = f"{ctl.enterprise}/{ctl.agent}"
+        if ctl.downlink:
+            return Outcome(source=source)  # the gateway's own messages to agents
+        if self.control is None:
+            return Outcome("control_unhandled", f"{text}: no control plane here", source=source)
+        reason = self.sink.check_publisher(ctl.enterprise, ctl.agent)
+        if reason is not None:
+            return Outcome(
+                reason, f"{ctl.agent!r} may not publish under {ctl.enterprise!r}", source=source
+            )
+        try:
+            apply = self.control.accept(ctl, payload)
+        except ContractError as exc:
+            return Outcome(exc.reason, f"{text}: {exc}", source=source)
+        return Outcome(source=source, notify=lambda _sink: apply())
 
     def _prefix(self, ent: str, agent: str, device: str) -> str:
         tags = self.sink.device_tags(ent, device)
@@ -257,13 +297,14 @@ class Ingest:
         *,
         config: IngestConfig | None = None,
         metrics: DataPathMetrics | None = None,
+        control: ControlHandler | None = None,
     ) -> None:
         self.mqtt_config = mqtt_config
         self.config = config or IngestConfig()
         self.outbox = outbox
         self.sink = sink
         self.metrics = metrics or outbox.metrics
-        self.processor = MessageProcessor(sink)
+        self.processor = MessageProcessor(sink, control)
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()
@@ -291,6 +332,11 @@ class Ingest:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def connections(self) -> int | None:
+        """How many times the broker connection was made; None while disconnected."""
+        return self._gen if self._connected.is_set() else None
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.mqtt_config
@@ -393,6 +439,25 @@ class Ingest:
                 "cannot connect to broker; retrying",
                 extra={"url": self.mqtt_config.url, "error": error},
             )
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 5.0
+    ) -> bool:
+        """Publish at QoS 1; True once the broker has acknowledged it within ``timeout``.
+
+        While disconnected nothing is queued (False at once): paho would send a queued
+        message after reconnecting, and a caller told False must be able to rely on that.
+        """
+        if not self._connected.is_set():
+            return False
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return False
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError, OSError):
+            return False  # not connected, or the outgoing queue is full
+        return info.is_published()
 
     # -- paho callbacks (network thread) ------------------------------------------------
 

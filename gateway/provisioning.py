@@ -3,12 +3,14 @@
 An agent presents a provisioning key; the gateway registers it under the key's
 enterprise, makes a random password, and rewrites Mosquitto's password file (PBKDF2-
 SHA512 ``$7$`` entries, the format of ``mosquitto_passwd`` in Mosquitto 2.0) and ACL file
-(each agent may use only ``iiot/v1/{enterprise}/{agent}/#``; the gateway's own user
-reads ``iiot/v1/#``). Both files are replaced atomically with mode 0640 and group
-``broker_auth.file_group`` (the broker runs as its own user and must read them), then
-``reload_command`` runs (typically a SIGHUP to mosquitto) so the broker re-reads them. A
-failed reload (the broker not up yet, say) is logged, counted and retried in the
-background; a broker that starts later reads the files anyway.
+(an agent publishes only its uplink topics under ``iiot/v1/{enterprise}/{agent}/`` and
+reads only its ``config``, ``scan`` and ``+/cmd``; the gateway's own user reads
+``iiot/v1/#`` and is the only one that publishes those downlink topics). Both files are
+replaced atomically with mode 0640 and group ``broker_auth.file_group`` (the broker runs
+as its own user and must read them), then ``reload_command`` runs (typically a SIGHUP to
+mosquitto) so the broker re-reads them. A failed reload (the broker not up yet, say) is
+logged, counted and retried in the background; a broker that starts later reads the
+files anyway.
 
 Client ids are usernames on the broker (``use_username_as_clientid``), so an agent's
 username is its agent id and no agent id may be a gateway instance's username.
@@ -50,6 +52,9 @@ _RELOAD_TIMEOUT = 10.0
 _RELOAD_RETRY_MIN = 1.0
 _RELOAD_RETRY_MAX = 60.0
 _FILE_MODE = 0o640
+# Topics below an agent's prefix: what it publishes, and what only the gateway publishes.
+_UPLINK = ("agent", "+/state", "+/data", "reported", "discovered", "+/result")
+_DOWNLINK = ("config", "scan", "+/cmd")
 
 
 class ProvisioningError(RuntimeError):
@@ -187,15 +192,18 @@ class Provisioner:
                 f"user {user}",
                 f"topic read {TOPIC_PREFIX}/#",
                 f"topic read $share/+/{TOPIC_PREFIX}/#",
+                *(f"topic write {TOPIC_PREFIX}/+/+/{t}" for t in _DOWNLINK),
                 "",
             ]
         for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
             if agent_id in gateway_users:
                 continue
             pw_lines.append(f"{agent_id}:{pw_hash}")
+            prefix = f"{TOPIC_PREFIX}/{enterprise}/{agent_id}"
             acl += [
                 f"user {agent_id}",
-                f"topic readwrite {TOPIC_PREFIX}/{enterprise}/{agent_id}/#",
+                *(f"topic write {prefix}/{t}" for t in _UPLINK),
+                *(f"topic read {prefix}/{t}" for t in _DOWNLINK),
                 "",
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)

@@ -86,6 +86,7 @@ class Gateway:
         self.broker_watch = BrokerWatch()
         self.readiness = Readiness(config.health, broker=self.broker_watch)
         self.provisioner: Any = None
+        self.control: Any = None
         self._server: uvicorn.Server | None = None
         self._server_thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -155,14 +156,29 @@ class Gateway:
                 self.provisioner.sync()
             except ProvisioningError as exc:
                 raise GatewayStartError(f"broker_auth: {exc}") from exc
+        if self.registry is not None:
+            from gateway.control import ControlService
+
+            self.control = ControlService(self.registry, cfg)
         self.ingest = Ingest(
-            cfg.mqtt, self.outbox, self.sink, config=cfg.ingest, metrics=self.metrics
+            cfg.mqtt,
+            self.outbox,
+            self.sink,
+            config=cfg.ingest,
+            metrics=self.metrics,
+            control=self.control,
         )
         # Readiness hears the broker's answers (a refusal's reason) on the ingest's client.
         self.broker_watch.attach(self.ingest._client)
         self.readiness.writer = self.writer
         self.readiness.outbox = self.outbox
         self.ingest.start(connect_timeout=self.connect_timeout)
+        if self.control is not None:
+            from gateway.control.service import ControlCollector
+
+            self.control.publisher = self.ingest.publish
+            self.control.start(lambda: None if self.ingest is None else self.ingest.connections)
+            self.collector.register(ControlCollector(self.control))
         # The API comes up last: an open API port means ingest is subscribed.
         if self.serve_api:
             self._start_api()
@@ -180,6 +196,7 @@ class Gateway:
             metrics=self.collector,
             readiness=self.readiness,
             sync_broker=False,
+            control=self.control,
         )
         family = socket.AF_INET6 if ":" in cfg.api.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -209,9 +226,12 @@ class Gateway:
     def stop(self) -> None:
         """Stop acking, flush the outbox, drain the writer (bounded), close everything."""
         cfg = self.config
+        if self.control is not None:
+            self.control.stop()
         if self.ingest is not None:
             self.ingest.stop()
             self.ingest = None
+        self.control = None
         if self.snapshotter is not None:
             with contextlib.suppress(Exception):
                 self.snapshotter.stop()
@@ -257,6 +277,14 @@ class Gateway:
         if self._sock is None:
             raise RuntimeError("the API is not running")
         return int(self._sock.getsockname()[1])
+
+    @property
+    def api_url(self) -> str:
+        """The API's base URL on this host."""
+        host = self.config.api.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{host}:{self.api_port}"
 
     @property
     def mqtt_connected(self) -> bool:

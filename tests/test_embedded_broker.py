@@ -368,7 +368,7 @@ def test_a_broken_acl_on_reload_keeps_the_previous_rules(
     agent = _connect(clients, broker.port, "agent-A", "A", "pw-a")
     assert agent.connect() == 0  # the automatic reload fails too, and is counted
     assert broker.counters["reload_errors"] == 1
-    assert agent.subscribe("iiot/v1/E1/A/#") == [1]
+    assert agent.subscribe("iiot/v1/E1/A/+/cmd") == [1]
 
 
 def test_retained_birth_and_will_reach_the_gateway_on_abnormal_disconnect(
@@ -506,7 +506,7 @@ def test_reconnecting_agent_gets_no_retained_messages_of_others(
     a = _connect(clients, broker.port, "agent-A", "A", "pw-a")
     assert a.connect() == 0
     assert a.subscribe("iiot/v1/E1/A/+/cmd") == [1]
-    a.publish("iiot/v1/E1/A/kiln-1/cmd", b"marker")  # A may write and read its own cmd
+    gw.publish("iiot/v1/E1/A/kiln-1/cmd", b"marker")  # only the gateway writes an agent's cmd
     assert a.next().payload == b"marker"  # nothing of B's arrived before it
 
 
@@ -582,10 +582,15 @@ def test_embedded_broker_lets_through_what_mosquitto_does(
 
     b.publish("iiot/v1/E2/B/agent", b'{"online": true, "bdseq": 0}')
     a.publish("iiot/v1/E2/B/kiln-9/data", b"forged")
-    marker = "iiot/v1/E1/A/kiln-1/cmd"
+    # Downlink topics, even the agent's own, are the gateway's alone.
+    a.publish("iiot/v1/E1/A/kiln-1/cmd", b"forged")
+    a.publish("iiot/v1/E1/A/config", b"forged")
+    marker = "iiot/v1/E1/A/kiln-1/result"
     a.publish(marker, b"{}")
     assert _topics_until(gw, marker) == {"iiot/v1/E2/B/agent", marker}
-    assert _topics_until(a, marker) == {marker}
+    gw.publish("iiot/v1/E1/A/kiln-1/cmd", b"from-gateway")
+    first = a.next()
+    assert (first.topic, first.payload) == ("iiot/v1/E1/A/kiln-1/cmd", b"from-gateway")
 
 
 # --------------------------------------------------------------------------- lifecycle

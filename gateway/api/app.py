@@ -21,9 +21,11 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
+from gateway.api.control import control_router
 from gateway.api.routers import dashboard, devices, onboarding, ops, provisioning, ratios, reports
 from gateway.auth import TokenAuth
 from gateway.config import GatewayConfig
+from gateway.control import ControlService
 from gateway.health import Readiness
 from gateway.provisioning import Provisioner, ProvisioningError
 from gateway.ratios import DEFINITIONS
@@ -60,12 +62,15 @@ def create_app(
     readiness: Readiness | None = None,
     clock: Callable[[], float] = time.time,
     sync_broker: bool = True,
+    control: ControlService | None = None,
 ) -> FastAPI:
     """The FastAPI app over a registry; ``metrics`` is the data path's collector registry.
 
     ``readiness`` judges ``/health/ready`` (default: the outbox alone, no ingest or
     writer). ``sync_broker``: write the broker's password and ACL files at start (off when
     the caller has just written them).
+    ``control``: the control plane, publishing on the gateway's broker connection (without
+    one, its routes that publish answer 503).
     """
     registry.start()
     auth = TokenAuth(config.api)
@@ -98,6 +103,7 @@ def create_app(
     _add_handlers(app, requests)
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(control_router(auth, control or ControlService(registry, config)))
     return app
 
 

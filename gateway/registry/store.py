@@ -121,6 +121,11 @@ class RegistryStore:
         return int(self._clock() * 1000)
 
     @property
+    def engine(self) -> sa.Engine:
+        """The database engine, for the modules that keep their own tables beside these."""
+        return self._engine
+
+    @property
     def freshness_ms(self) -> int:
         """How recent the last sample must be for 'online': three poll intervals."""
         return int(3 * self.default_poll_interval * 1000)

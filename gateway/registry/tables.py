@@ -111,8 +111,15 @@ def _v1(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v2(conn: sa.Connection) -> None:
+    from gateway.control.tables import CONTROL_TABLES
+
+    for table in CONTROL_TABLES:
+        table.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

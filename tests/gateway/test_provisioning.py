@@ -122,7 +122,7 @@ def test_agents_are_confined_to_their_own_prefix(
     assert a["topic_prefix"] == "iiot/v1/ent-a/edge-a"
     assert b["broker_url"] == "mqtts://broker.example.invalid:8883"
     assert prov.counters["reloads"] == 2
-    assert "topic readwrite iiot/v1/ent-b/edge-b/#" in acl.read_text()
+    assert "topic write iiot/v1/ent-b/edge-b/+/data" in acl.read_text()
     assert a["password"] not in pw.read_text()
     with pytest.raises(NotFound, match="used up"):
         prov.provision(key_b, "edge-b2")
@@ -198,7 +198,7 @@ def test_gateway_instances_sharing_a_database_see_each_others_agents(tmp_path: P
             "edge-a",
             "edge-b",
         }
-        assert "topic readwrite iiot/v1/ent-late/edge-a/#" in acl.read_text()
+        assert "topic write iiot/v1/ent-late/edge-a/+/data" in acl.read_text()
 
         # A flood from an unknown agent costs one database lookup, not one per message.
         lookups = b.counters["publisher_lookups"]
