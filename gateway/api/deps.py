@@ -112,7 +112,8 @@ def parse_time(text: str, name: str) -> int:
 
 def field_of(message: str) -> str:
     """The request field a registry error message is about."""
-    for name in ("device_id", "region", "industry", "family", "category", "agent", "profile"):
+    names = ("device_id", "site_region", "region", "kind", "industry", "family", "category")
+    for name in (*names, "agent", "profile"):
         if name in message:
             return name
     for name in ("enterprise", "name"):
