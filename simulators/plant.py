@@ -2,7 +2,9 @@
 
 A plant file (YAML) lists enterprises and the devices each owns. Devices marked
 ``on: false`` belong to the ledger but are never served — they are owned, not
-connected. How a profile is served is its protocol's simulator hook
+connected. An equipment maker may also list ``products`` it made (with the
+``site_region`` they are installed in): they are served like its devices and go into
+its ledger as kind ``product``. How a profile is served is its protocol's simulator hook
 (``protocols/<name>/simulator.py``, found through ``protocols.registry``): Modbus devices
 sharing a port — or naming the same ``gateway`` — answer as unit ids behind one listener
 (a Modbus gateway in front of an RS-485 line); every OPC UA device gets a port of its
@@ -53,6 +55,7 @@ __all__ = [
     "Plant",
     "PlantConfig",
     "PlantError",
+    "ProductConfig",
     "load_plant_config",
     "sim_hook",
 ]
@@ -110,6 +113,14 @@ class DeviceConfig(_Strict):
         return FaultConfig(mode=self.fault)
 
 
+class ProductConfig(DeviceConfig):
+    """A product the enterprise made and sold; it reports through the maker's agent."""
+
+    site_region: str | None = Field(
+        default=None, pattern=r"^\d{6}$", description="GB/T 2260 code of where it is installed."
+    )
+
+
 class EnterpriseConfig(_Strict):
     """An enterprise, where it is, what industry it is in, and what it owns."""
 
@@ -120,6 +131,15 @@ class EnterpriseConfig(_Strict):
         pattern=r"^[A-T]\d{0,4}$", description="GB/T 4754 industry code, e.g. C30."
     )
     devices: list[DeviceConfig] = Field(default_factory=list)
+    products: list[ProductConfig] = Field(
+        default_factory=list,
+        description="Products it made, at customers' sites: ledger rows of kind 'product'.",
+    )
+
+    @property
+    def owned(self) -> list[DeviceConfig]:
+        """Its production equipment, then its products."""
+        return [*self.devices, *self.products]
 
 
 class PlantConfig(_Strict):
@@ -144,7 +164,7 @@ class PlantConfig(_Strict):
             if e.id in ents:
                 errors.append(f"enterprise '{e.id}': duplicate enterprise id")
             ents.add(e.id)
-            for d in e.devices:
+            for d in e.owned:
                 if d.id in devs:
                     errors.append(f"device '{d.id}': duplicate device id")
                 devs.add(d.id)
@@ -253,6 +273,8 @@ class LedgerEntry:
     category: str
     protocol: str
     on: bool
+    kind: str = "equipment"  # or "product": made by the enterprise, installed elsewhere
+    site_region: str | None = None
 
 
 class _Server(Protocol):
@@ -320,7 +342,7 @@ class Plant:
         self.devices: dict[str, SimDevice] = {}
         self._profile_of: dict[str, Profile] = {}
         for ent in config.enterprises:
-            for d in ent.devices:
+            for d in ent.owned:
                 where = f"enterprise '{ent.id}': device '{d.id}'"
                 if d.profile not in profiles:
                     problems.append(f"{where}: unknown profile '{d.profile}'")
@@ -344,6 +366,8 @@ class Plant:
                         category=prof.category.value,
                         protocol=prof.protocol,
                         on=d.on,
+                        kind="product" if isinstance(d, ProductConfig) else "equipment",
+                        site_region=d.site_region if isinstance(d, ProductConfig) else None,
                     )
                 )
                 if not d.on:
@@ -383,10 +407,7 @@ class Plant:
         problems: list[str] = []
         cfg = self.config
         served = [
-            (ent, d)
-            for ent in cfg.enterprises
-            for d in ent.devices
-            if d.on and d.id in self.devices
+            (ent, d) for ent in cfg.enterprises for d in ent.owned if d.on and d.id in self.devices
         ]
         taken = {d.port for _, d in served if isinstance(d.port, int)}
         next_port = cfg.base_port
