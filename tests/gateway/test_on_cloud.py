@@ -397,7 +397,8 @@ def test_api_registers_a_product_and_refuses_a_foreign_region(client: TestClient
     r = client.post(
         "/api/v1/devices", json={**dev, "kind": "product", "region": "130203"}, headers=ADMIN
     )
-    assert r.status_code == 422 and "maker's region" in str(r.json()["detail"])
+    assert r.status_code == 422 and "maker's region" in r.json()["detail"][0]["msg"]
+    assert r.json()["detail"][0]["loc"] == ["body", "region"]
     r = client.post("/api/v1/devices", json={**dev, "site_region": "130203"}, headers=ADMIN)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "site_region"]
 
