@@ -407,7 +407,10 @@ def line_protocol(group_by: str, group: dict[str, Any], ts_ms: int, kind: str = 
 
 def report_year(as_of_ms: int) -> int:
     """The calendar year of ``as_of_ms`` in China Standard Time (targets are per year)."""
-    return datetime.fromtimestamp(as_of_ms / 1000, _CST).year
+    try:
+        return datetime.fromtimestamp(as_of_ms / 1000, _CST).year
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"as_of {as_of_ms} is out of range") from None
 
 
 def target_region(region: str) -> str:

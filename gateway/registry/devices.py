@@ -228,6 +228,9 @@ class DevicesPart(RegistryStore):
                 ent = self._enterprises.get(r.enterprise)
                 if ent is None:
                     raise NotFound(f"enterprise {r.enterprise!r} is not registered")
+                reason = self._row_refusal(r)
+                if reason is not None:
+                    raise RegistryError(f"device {r.enterprise}/{r.device_id}: {reason}")
                 if (r.enterprise, r.device_id) in self._index.keys:
                     raise Conflict(f"device {r.enterprise}/{r.device_id} is already registered")
                 metas.append(_new_meta(ent, r, source, now))

@@ -333,6 +333,8 @@ def test_api_rejects_bad_targets_and_parameters(client: TestClient) -> None:
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "region"]
     r = client.get("/api/v1/ratios", params={"kind": "gadget"}, headers=PLATFORM)
     assert r.status_code == 422
+    r = client.get("/api/v1/enterprises/on-cloud", params={"as_of": "9" * 15}, headers=PLATFORM)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "as_of"]
 
 
 def test_api_ratios_csv_and_history_by_kind(client: TestClient, hebei_makers: Registry) -> None:

@@ -19,7 +19,7 @@ from gateway.api.deps import (
 )
 from gateway.api.models import OnCloudOut, TargetsIn, TargetsOut
 from gateway.config import OnCloudConfig
-from gateway.ratios import OnCloudGrouping, compute_on_cloud, on_cloud_definition
+from gateway.ratios import OnCloudGrouping, compute_on_cloud, on_cloud_definition, report_year
 from gateway.registry.targets import TargetsError, check_targets
 
 __all__ = ["router"]
@@ -60,6 +60,10 @@ def on_cloud(
 ) -> dict[str, Any]:
     window_s = parse_window_param(window, "window")
     as_of_ms = parse_time(as_of, "as_of") if as_of is not None else now_ms
+    try:
+        report_year(as_of_ms)
+    except ValueError as exc:
+        raise invalid("query", "as_of", str(exc)) from None
     try:
         return compute_on_cloud(
             registry,
