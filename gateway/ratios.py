@@ -111,11 +111,10 @@ def on_cloud_definition(min_devices: int | None = None) -> str:
         "`as_of - window`, not decommissioned; products do not count; the threshold is the "
         "gateway config's `on_cloud.min_connected_devices`). **registered** = enterprises "
         "in the registry in the scope, by the enterprise's own region and industry. "
-        "**ratio** = on_cloud / "
-        "registered. **target**: the region's target of enterprises on the cloud for the "
-        "year of `as_of` (China Standard Time; a target without a year applies to every "
-        "year), set by the targets file or `PUT /api/v1/targets`; **progress** = on_cloud "
-        "/ target. Both are null where no target is set."
+        "**ratio** = on_cloud / registered. **target**: the region's target of enterprises "
+        "on the cloud for the year of `as_of` (China Standard Time; a target without a "
+        "year applies to every year), set by the targets file or `PUT /api/v1/targets`; "
+        "**progress** = on_cloud / target. Both are null where no target is set."
     )
 
 
