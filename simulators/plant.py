@@ -2,14 +2,16 @@
 
 A plant file (YAML) lists enterprises and the devices each owns. Devices marked
 ``on: false`` belong to the ledger but are never served — they are owned, not
-connected. An equipment maker may also list ``products`` it made (with the
-``site_region`` they are installed in): they are served like its devices and go into
-its ledger as kind ``product``. How a profile is served is its protocol's simulator hook
+connected. How a profile is served is its protocol's simulator hook
 (``protocols/<name>/simulator.py``, found through ``protocols.registry``): Modbus devices
 sharing a port — or naming the same ``gateway`` — answer as unit ids behind one listener
 (a Modbus gateway in front of an RS-485 line); every OPC UA device gets a port of its
 own. Ports left ``auto``
 are assigned from ``base_port`` upwards, skipping the ports given explicitly.
+
+An equipment maker may also list ``products`` it made (with the ``site_region`` they
+are installed in): they are served like its devices and go into its ledger as kind
+``product``.
 
 Example (see ``simulators/plant.example.yaml``)::
 
