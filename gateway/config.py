@@ -29,6 +29,7 @@ __all__ = [
     "InfluxConfig",
     "IngestConfig",
     "MqttConfig",
+    "OnCloudConfig",
     "OutboxConfig",
     "load_gateway_config",
 ]
@@ -206,6 +207,23 @@ class HealthConfig(_Cfg):
     )
 
 
+class OnCloudConfig(_Cfg):
+    """When an enterprise counts as on the cloud (上云企业), and its targets."""
+
+    min_connected_devices: int = Field(
+        default=1,
+        ge=1,
+        le=100_000,
+        description="An enterprise is on the cloud when at least this many of its "
+        "production equipment devices are connected in the window.",
+    )
+    targets_file: Path | None = Field(
+        default=None,
+        description="YAML or CSV of region, year (optional), target. Read at every start; "
+        "its targets replace the stored ones (PUT /api/v1/targets changes them until then).",
+    )
+
+
 class GatewayConfig(_Cfg):
     data_dir: Path = Path("./iiot-data")
     database_url: str | None = Field(
@@ -219,6 +237,7 @@ class GatewayConfig(_Cfg):
     broker_auth: BrokerAuthConfig = Field(default_factory=BrokerAuthConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
+    on_cloud: OnCloudConfig = Field(default_factory=OnCloudConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."

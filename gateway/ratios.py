@@ -1,6 +1,9 @@
-"""Connection ratios (联网设备总量 / 企业设备总量) and their scheduled snapshots.
+"""Connection ratios (联网设备总量 / 企业设备总量, 联网产品总量 / 生产产品总量), enterprises on
+the cloud (上云企业数) against their targets, and the ratios' scheduled snapshots.
 
-Definitions (the API states the same):
+Definitions (the API states the same), over the devices of one kind — an enterprise's
+production equipment (the default) or the products it made, counted in the maker's
+region wherever they are installed:
 
 - total: devices in the scope that are not decommissioned (ledger devices that never
   reported count);
@@ -8,7 +11,9 @@ Definitions (the API states the same):
   ``as_of - window``;
 - online: devices online at ``as_of``: agent alive, device state online, last sample
   no older than three poll intervals;
-- ratio = connected / total, online_ratio = online / total (0 when total is 0).
+- ratio = connected / total, online_ratio = online / total (0 when total is 0);
+- an enterprise is on the cloud when at least ``min_devices`` of its equipment is
+  connected; progress = enterprises on the cloud / the region's target.
 
 A grouping is a few vectorised operations over the registry's in-memory index.
 """
@@ -19,9 +24,9 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -29,6 +34,7 @@ from gateway.influx import escape_key
 from gateway.registry.codes import (
     category_label,
     family_label,
+    industry_division,
     industry_label,
     region_label,
     region_prefix_range,
@@ -38,24 +44,38 @@ from gateway.registry.index import GROUPINGS, NEVER, DeviceIndex, Grouping
 __all__ = [
     "DEFINITIONS",
     "GROUPINGS",
+    "KINDS",
+    "ON_CLOUD_GROUPINGS",
     "Grouping",
     "HistoryGrouping",
+    "Kind",
+    "OnCloudGrouping",
     "Snapshotter",
     "code_mask",
+    "compute_on_cloud",
     "compute_ratios",
     "enterprise_category_table",
     "filter_mask",
     "history_series",
     "line_protocol",
+    "on_cloud_definition",
     "online_mask",
     "parse_as_of",
     "parse_window",
     "ratio",
+    "report_year",
+    "target_region",
 ]
 
 log = logging.getLogger("iiot.gateway.ratios")
 
 HistoryGrouping = Literal["overall", Grouping]
+Kind = Literal["equipment", "product"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+OnCloudGrouping = Literal["province", "city", "county", "industry"]
+ON_CLOUD_GROUPINGS: tuple[OnCloudGrouping, ...] = get_args(OnCloudGrouping)
+# Report years follow China Standard Time (UTC+8): a year starts at 1 January 00:00 there.
+_CST = timezone(timedelta(hours=8))
 Mask = np.ndarray[Any, Any]
 _WINDOW_RE = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -68,11 +88,34 @@ DEFINITIONS = (
     "clocks may run ahead). **online** = devices online at `as_of`: agent alive, device "
     "state online, and last sample no older than three poll intervals. **ratio** = "
     "connected / total; **online_ratio** = online / total; both 0 when total is 0. "
+    "**kind**: the numbers are over one kind of device at a time — `equipment`, an "
+    "enterprise's production equipment (联网设备总量 / 企业设备总量; the default), or "
+    "`product`, the products it made (联网产品总量 / 生产产品总量), which count in the "
+    "maker's region and industry wherever they are installed (`site_region`). "
     "Regions roll up by GB/T 2260 code prefix: province = first 2 digits + 0000, city = "
     "first 4 + 00, county = all 6. `as_of` (Unix ms or ISO 8601; default now) fixes the "
     "reference time so the same data and `as_of` always give the same numbers; the "
     "population is the registry's current content."
 )
+
+
+def on_cloud_definition(min_devices: int | None = None) -> str:
+    """The definition of an enterprise on the cloud, with the gateway's threshold if known."""
+    if min_devices is None:
+        devices = "N devices (the response's `min_connected_devices`; default 1)"
+    else:
+        devices = "one device" if min_devices == 1 else f"{min_devices} devices"
+    return (
+        f"**on_cloud** (上云企业) = enterprises with at least {devices} of production "
+        "equipment connected in the window (connected as above: a good sample newer than "
+        "`as_of - window`, not decommissioned; products do not count; the threshold is the "
+        "gateway config's `on_cloud.min_connected_devices`). **registered** = enterprises "
+        "in the registry in the scope, by the enterprise's own region and industry. "
+        "**ratio** = on_cloud / registered. **target**: the region's target of enterprises "
+        "on the cloud for the year of `as_of` (China Standard Time; a target without a "
+        "year applies to every year), set by the targets file or `PUT /api/v1/targets`; "
+        "**progress** = on_cloud / target. Both are null where no target is set."
+    )
 
 
 def parse_window(text: str) -> int:
@@ -139,8 +182,12 @@ def filter_mask(
     region: str | None = None,
     industry: str | None = None,
     category: str | None = None,
+    kind: str | None = None,
 ) -> Mask:
-    """Scope filters as a boolean mask (call under ``reading``); ValueError if malformed."""
+    """Scope filters as a boolean mask (call under ``reading``); ValueError if malformed.
+
+    ``kind``: 'equipment' or 'product'; None keeps both.
+    """
     n = idx.n
     mask = np.ones(n, np.bool_)
     if enterprise is not None:
@@ -155,6 +202,11 @@ def filter_mask(
         mask &= np.isin(idx.industry[:n], np.array(codes, np.int32))
     if category is not None:
         mask &= code_mask(idx, "category", category)
+    if kind is not None:
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} must be one of {', '.join(KINDS)}")
+        product = idx.product[:n]
+        mask &= product if kind == "product" else ~product
     return mask
 
 
@@ -180,8 +232,9 @@ def compute_ratios(
     region: str | None = None,
     industry: str | None = None,
     category: str | None = None,
+    kind: str = "equipment",
 ) -> dict[str, Any]:
-    """The ratios response: window_s, as_of, group_by, groups (sorted by key), overall.
+    """The ratios response: window_s, as_of, kind, group_by, groups (sorted by key), overall.
 
     ``registry`` is a ``gateway.registry.Registry``; ValueError on a malformed filter.
     """
@@ -193,11 +246,7 @@ def compute_ratios(
     filters["category"] = category
     with registry.reading() as idx:
         n = idx.n
-        active = idx.active[:n]
-        if any(v is not None for v in filters.values()):
-            scope = filter_mask(idx, **filters) & active
-        else:
-            scope = active  # a view: never modified below
+        scope = filter_mask(idx, **filters, kind=kind) & idx.active[:n]
         # NEVER (-1) is below any threshold >= -1, so "never reported" needs no extra test.
         connected = idx.last_good[:n] > max(as_of - window_ms, NEVER)
         online = online_mask(idx, as_of, registry.freshness_ms)
@@ -246,6 +295,7 @@ def compute_ratios(
     return {
         "window_s": window_s,
         "as_of": as_of,
+        "kind": kind,
         "group_by": group_by,
         "groups": groups,
         "overall": overall,
@@ -253,22 +303,33 @@ def compute_ratios(
 
 
 def history_series(
-    rows: Sequence[Any], *, step_s: int | None = None, key: str | None = None
+    rows: Sequence[Any],
+    *,
+    step_s: int | None = None,
+    key: str | None = None,
+    kind: str = "equipment",
 ) -> list[dict[str, Any]]:
     """Stored snapshot rows as series by key; with ``step_s``, the last point per step."""
     series: dict[str, dict[str, Any]] = {}
     for r in rows:
         if key is not None and r.key != key:
             continue
+        if kind == "product":
+            total, connected, online = r.products_total, r.products_connected, r.products_online
+            other = r.total
+        else:
+            total, connected, online, other = r.total, r.connected, r.online, r.products_total
+        if total == 0 and other > 0:
+            continue  # the group is in this snapshot for the other kind only
         s = series.setdefault(r.key, {"key": r.key, "label": r.label, "points": {}})
         bucket = r.ts_ms if step_s is None else r.ts_ms // (step_s * 1000)
         s["points"][bucket] = {
             "ts": r.ts_ms,
-            "total": r.total,
-            "connected": r.connected,
-            "online": r.online,
-            "ratio": ratio(r.connected, r.total),
-            "online_ratio": ratio(r.online, r.total),
+            "total": total,
+            "connected": connected,
+            "online": online,
+            "ratio": ratio(connected, total),
+            "online_ratio": ratio(online, total),
         }
     return [
         {"key": s["key"], "label": s["label"], "points": list(s["points"].values())}
@@ -291,23 +352,28 @@ def _label(group_by: str, key: str, names: dict[str, str]) -> str:
 def enterprise_category_table(
     registry: Any, *, window_s: int = 86400, as_of_ms: int | None = None
 ) -> list[dict[str, Any]]:
-    """Per enterprise and category: total and connected devices (the programmes' form)."""
+    """Per enterprise and category: total and connected equipment, and the same over the
+    enterprise's products (the programmes' form: 联网设备总量 / 企业设备总量 and
+    联网产品总量 / 生产产品总量)."""
     as_of = int(time.time() * 1000) if as_of_ms is None else as_of_ms
     with registry.reading() as idx:
         n = idx.n
         active = idx.active[:n]
+        product = idx.product[:n]
         last_good = idx.last_good[:n]
         connected = active & (last_good > max(as_of - window_s * 1000, NEVER))
         ncat = max(1, len(idx.enc["category"]))
         combined = idx.ent[:n].astype(np.int64) * ncat + idx.category[:n]
         size = max(1, len(idx.enc["enterprise"]) * ncat)
-        tot = np.bincount(combined[active], minlength=size)
-        con = np.bincount(combined[connected], minlength=size)
+        tot = np.bincount(combined[active & ~product], minlength=size)
+        con = np.bincount(combined[connected & ~product], minlength=size)
+        ptot = np.bincount(combined[active & product], minlength=size)
+        pcon = np.bincount(combined[connected & product], minlength=size)
         ents = list(idx.enc["enterprise"].values)
         cats = list(idx.enc["category"].values)
     by_id = {e.id: e for e in registry.list_enterprises()}
     rows = []
-    for code in np.flatnonzero(tot):
+    for code in np.flatnonzero(tot + ptot):
         ent_id = ents[int(code) // ncat]
         ent = by_id.get(ent_id)
         rows.append(
@@ -319,20 +385,153 @@ def enterprise_category_table(
                 "category": cats[int(code) % ncat],
                 "connected": int(con[code]),
                 "total": int(tot[code]),
+                "products_connected": int(pcon[code]),
+                "products_total": int(ptot[code]),
             }
         )
     rows.sort(key=lambda r: (r["enterprise"], r["category"]))
     return rows
 
 
-def line_protocol(group_by: str, group: dict[str, Any], ts_ms: int) -> str:
-    """One ``connection_ratio`` point (timestamp in ms)."""
+def line_protocol(group_by: str, group: dict[str, Any], ts_ms: int, kind: str = "equipment") -> str:
+    """One ``connection_ratio`` point (``product_connection_ratio`` for products; ms)."""
+    measurement = "product_connection_ratio" if kind == "product" else "connection_ratio"
     return (
-        f"connection_ratio,group_by={escape_key(group_by)},key={escape_key(str(group['key']))}"
+        f"{measurement},group_by={escape_key(group_by)},key={escape_key(str(group['key']))}"
         f" total={group['total']}i,connected={group['connected']}i,online={group['online']}i,"
         f"ratio={float(group['ratio'])!r},online_ratio={float(group['online_ratio'])!r}"
         f" {ts_ms}"
     )
+
+
+def report_year(as_of_ms: int) -> int:
+    """The calendar year of ``as_of_ms`` in China Standard Time (targets are per year)."""
+    try:
+        return datetime.fromtimestamp(as_of_ms / 1000, _CST).year
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"as_of {as_of_ms} is out of range") from None
+
+
+def target_region(region: str) -> str:
+    """A region filter ('13', '1301', '130102') as the six-digit code its target is under."""
+    return f"{region_prefix_range(region)[0]:06d}"
+
+
+def _target_of(targets: Mapping[tuple[str, int], int], region: str, year: int) -> int | None:
+    """The target of a region for a year; one set without a year (0) applies to any."""
+    found = targets.get((region, year))
+    return targets.get((region, 0)) if found is None else found
+
+
+def _on_cloud_key(group_by: str, region: str, industry: str) -> str:
+    if group_by == "province":
+        return region[:2] + "0000"
+    if group_by == "city":
+        return region[:4] + "00"
+    if group_by == "county":
+        return region
+    return industry_division(industry)
+
+
+def _region_level(code: str) -> str:
+    return "province" if code.endswith("0000") else "city" if code.endswith("00") else "county"
+
+
+def _on_cloud_group(
+    key: str, label: str, registered: int, on_cloud: int, target: int | None
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "label": label,
+        "registered": registered,
+        "on_cloud": on_cloud,
+        "ratio": ratio(on_cloud, registered),
+        "target": target,
+        "progress": None if not target else ratio(on_cloud, target),
+    }
+
+
+def _connected_equipment(registry: Any, as_of: int, window_s: int) -> dict[str, int]:
+    """Enterprise id → its equipment connected in the window (not decommissioned)."""
+    with registry.reading() as idx:
+        n = idx.n
+        connected = (
+            idx.active[:n]
+            & ~idx.product[:n]
+            & (idx.last_good[:n] > max(as_of - window_s * 1000, NEVER))
+        )
+        enc = idx.enc["enterprise"]
+        counts = np.bincount(idx.ent[:n][connected], minlength=max(1, len(enc)))
+        return {value: int(counts[code]) for code, value in enumerate(enc.values)}
+
+
+def compute_on_cloud(
+    registry: Any,
+    group_by: str | None,
+    *,
+    targets: Mapping[tuple[str, int], int],
+    window_s: int = 86400,
+    as_of_ms: int | None = None,
+    region: str | None = None,
+    industry: str | None = None,
+    min_devices: int = 1,
+) -> dict[str, Any]:
+    """Enterprises on the cloud overall and per group, with targets and progress.
+
+    ``targets`` maps (six-digit region, year or 0 for every year) to a count. A region
+    grouping also lists the regions in scope that have a target but no enterprise yet.
+    ValueError on a malformed filter.
+    """
+    if group_by is not None and group_by not in ON_CLOUD_GROUPINGS:
+        raise ValueError(f"group_by {group_by!r} must be one of {', '.join(ON_CLOUD_GROUPINGS)}")
+    as_of = int(time.time() * 1000) if as_of_ms is None else as_of_ms
+    year = report_year(as_of)
+    lo, hi = region_prefix_range(region) if region is not None else (0, 10**6)
+    prefix = industry.strip().upper() if industry is not None else ""
+    connected = _connected_equipment(registry, as_of, window_s)
+    counts: dict[str, list[int]] = {}
+    registered = on_cloud = 0
+    for ent in registry.list_enterprises():
+        if not lo <= int(ent.region) < hi or not ent.industry.upper().startswith(prefix):
+            continue
+        up = connected.get(ent.id, 0) >= min_devices
+        registered += 1
+        on_cloud += up
+        if group_by is not None:
+            acc = counts.setdefault(_on_cloud_key(group_by, ent.region, ent.industry), [0, 0])
+            acc[0] += 1
+            acc[1] += up
+    if group_by in ("province", "city", "county"):
+        for code, y in targets:
+            if y in (0, year) and _region_level(code) == group_by and lo <= int(code) < hi:
+                counts.setdefault(code, [0, 0])
+    groups = [
+        _on_cloud_group(
+            key,
+            _label(str(group_by), key, {}),
+            acc[0],
+            acc[1],
+            _target_of(targets, key, year) if group_by != "industry" else None,
+        )
+        for key, acc in sorted(counts.items())
+    ]
+    overall_target = _target_of(targets, target_region(region), year) if region else None
+    return {
+        "window_s": window_s,
+        "as_of": as_of,
+        "year": year,
+        "min_connected_devices": min_devices,
+        "group_by": group_by,
+        "groups": groups,
+        "overall": _on_cloud_group("all", "全部 All", registered, on_cloud, overall_target),
+    }
+
+
+def _empty_row(group_by: str, group: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"group_by": group_by, "key": group["key"], "label": group["label"]}
+    for field in ("total", "connected", "online"):
+        row[field] = row["products_" + field] = 0
+    return row
 
 
 class Snapshotter:
@@ -378,14 +577,23 @@ class Snapshotter:
             ts_ms = int(self._clock() * 1000) // step * step
         rows: list[dict[str, Any]] = []
         lines: list[str] = []
-        first = compute_ratios(self.registry, None, window_s=self.window_s, as_of_ms=ts_ms)
-        rows.append({"group_by": "overall", **first["overall"]})
-        lines.append(line_protocol("overall", first["overall"], ts_ms))
-        for group_by in self.groupings:
-            result = compute_ratios(self.registry, group_by, window_s=self.window_s, as_of_ms=ts_ms)
-            for g in result["groups"]:
-                rows.append({"group_by": group_by, **g})
-                lines.append(line_protocol(group_by, g, ts_ms))
+        for group_by in (None, *self.groupings):
+            by_key: dict[str, dict[str, Any]] = {}
+            name = "overall" if group_by is None else group_by
+            for kind in KINDS:
+                result = compute_ratios(
+                    self.registry, group_by, window_s=self.window_s, as_of_ms=ts_ms, kind=kind
+                )
+                groups = [result["overall"]] if group_by is None else result["groups"]
+                for g in groups:
+                    row = by_key.setdefault(g["key"], _empty_row(name, g))
+                    prefix = "products_" if kind == "product" else ""
+                    for field in ("total", "connected", "online"):
+                        row[prefix + field] = g[field]
+                    if group_by is None and kind == "product" and g["total"] == 0:
+                        continue  # no products anywhere: no product series either
+                    lines.append(line_protocol(name, g, ts_ms, kind))
+            rows.extend(by_key[k] for k in sorted(by_key))
         self.registry.save_snapshot(ts_ms, self.window_s, rows)
         self.registry.prune_snapshots(ts_ms - self.retention_ms)
         self.write_lines(lines)

@@ -120,6 +120,7 @@ class Gateway:
         cfg = self.config
         if self.serve_api and not self._own_registry:
             raise GatewayStartError("api: serves the registry; use serve_api=False with a sink")
+        targets = self._read_targets()
         self.outbox = Outbox(
             cfg.outbox_path,
             max_lines=cfg.outbox.max_lines,
@@ -136,6 +137,12 @@ class Gateway:
                 cfg.registry_url, default_poll_interval=cfg.default_poll_interval
             )
             self.sink = self.registry
+            if targets is not None:
+                self.registry.replace_targets(targets)
+                log.info(
+                    "targets loaded",
+                    extra={"file": str(cfg.on_cloud.targets_file), "targets": len(targets)},
+                )
         if cfg.influx.url:
             self.writer = InfluxWriter(self.outbox, cfg.influx, metrics=self.metrics)
             self.writer.start()
@@ -182,6 +189,18 @@ class Gateway:
         # The API comes up last: an open API port means ingest is subscribed.
         if self.serve_api:
             self._start_api()
+
+    def _read_targets(self) -> list[Any] | None:
+        """The targets file's targets (None without one); checked before anything starts."""
+        path = self.config.on_cloud.targets_file
+        if path is None or not self._own_registry:
+            return None
+        from gateway.registry import TargetsError, read_targets_file
+
+        try:
+            return read_targets_file(path)
+        except TargetsError as exc:
+            raise GatewayStartError(f"on_cloud.targets_file: {exc}") from exc
 
     def _start_api(self) -> None:
         import uvicorn

@@ -2,9 +2,10 @@
 
 It starts an embedded MQTT broker (unless ``--broker`` names one), the gateway with its
 registry and outbox in SQLite under ``--data-dir``, a simulated site of several Hebei
-enterprises, imports their ledger (more devices than are switched on), provisions one
-agent per enterprise through the API, runs the agents against the simulators, and
-serves the API and dashboard. A few devices fail and recover while it runs, so the
+enterprises, imports their ledger (more devices than are switched on; an equipment
+maker's products too), sets the province's target of enterprises on the cloud,
+provisions one agent per enterprise through the API, runs the agents against the
+simulators, and serves the API and dashboard. A few devices fail and recover while it runs, so the
 ratios move. The terminal shows a live table; ``--duration`` or Ctrl-C stops it.
 """
 
@@ -35,6 +36,8 @@ log = logging.getLogger("iiot.demo")
 
 _DEMO_PLANT = Path(__file__).with_name("demo_plant.yaml")
 _GATEWAY_USER = "iiot-gateway"
+# The demo province's target of enterprises on the cloud (上云企业数), for every year.
+_DEMO_TARGETS = [{"region": "130000", "target": 10}]
 
 
 def _free_port(host: str, preferred: int) -> int:
@@ -97,6 +100,7 @@ class _View:
 
     by_enterprise: dict[str, Any] = field(default_factory=dict)
     by_category: dict[str, Any] = field(default_factory=dict)
+    on_cloud: dict[str, Any] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
     rates: _Rates = field(default_factory=_Rates)
     dashboard: str = ""
@@ -133,11 +137,23 @@ def _ratio_table(title: str, doc: dict[str, Any], key_title: str) -> Table:
     return table
 
 
+def _on_cloud_text(doc: dict[str, Any]) -> str:
+    """'on the cloud 4/5 enterprises, target 10, progress 40.0%' for an on-cloud response."""
+    o = doc.get("overall")
+    if not o:
+        return ""
+    text = f"on the cloud {o['on_cloud']}/{o['registered']} enterprises"
+    if o.get("target") is not None:
+        text += f", target {o['target']}, progress {100.0 * float(o['progress']):.1f}%"
+    return text
+
+
 def _render(view: _View) -> Group:
     r = view.rates
     head = Text.assemble(
         ("iiot demo  ", "bold"),
-        f"messages/s {r.msgs_per_s:7.1f}   points/s {r.points_per_s:8.1f}\n",
+        f"messages/s {r.msgs_per_s:7.1f}   points/s {r.points_per_s:8.1f}   ",
+        _on_cloud_text(view.on_cloud) + "\n",
         ("dashboard  ", "bold"),
         view.dashboard,
     )
@@ -297,12 +313,20 @@ class _Demo:
                     "family": d.family,
                     "category": d.category,
                     "name": d.device,
+                    "kind": d.kind,
+                    **({"site_region": d.site_region} if d.site_region else {}),
                 }
                 for d in self.plant.ledger
             ]
             r = await client.post("/api/v1/ledger", json=ledger)
             r.raise_for_status()
-            self._step(f"ledger imported: {r.json().get('accepted', len(ledger))} devices")
+            products = sum(1 for d in self.plant.ledger if d.kind == "product")
+            self._step(
+                f"ledger imported: {r.json().get('accepted', len(ledger))} devices "
+                f"({products} of them products at customers' sites)"
+            )
+            r = await client.put("/api/v1/targets", json={"targets": _DEMO_TARGETS})
+            r.raise_for_status()
             for e in ents.values():
                 r = await client.post(f"/api/v1/enterprises/{e.id}/provisioning-keys", json={})
                 r.raise_for_status()
@@ -365,6 +389,9 @@ class _Demo:
         async with httpx.AsyncClient(base_url=self.api, headers=ro, timeout=10) as client:
             by_ent = await client.get("/api/v1/ratios", params={"group_by": "enterprise"})
             by_cat = await client.get("/api/v1/ratios", params={"group_by": "category"})
+            on_cloud = await client.get("/api/v1/enterprises/on-cloud", params={"region": "13"})
+        if on_cloud.status_code == 200:
+            self.view.on_cloud = on_cloud.json()
         if by_ent.status_code == 200:
             self.view.by_enterprise = by_ent.json()
         if by_cat.status_code == 200:
@@ -447,8 +474,25 @@ class _Demo:
                 r = await client.get("/api/v1/ratios", params={"group_by": g, "as_of": as_of})
                 r.raise_for_status()
                 docs[g] = r.json()
+            r = await client.get(
+                "/api/v1/ratios",
+                params={"group_by": "enterprise", "kind": "product", "as_of": as_of},
+            )
+            r.raise_for_status()
+            products = r.json()
+            r = await client.get(
+                "/api/v1/enterprises/on-cloud", params={"region": "13", "as_of": as_of}
+            )
+            r.raise_for_status()
+            on_cloud = r.json()
         self.view.by_enterprise, self.view.by_category = docs["enterprise"], docs["category"]
-        summary = {"as_of": as_of, "api": self.api, "ratios": docs}
+        summary = {
+            "as_of": as_of,
+            "api": self.api,
+            "ratios": docs,
+            "products": products,
+            "on_cloud": on_cloud,
+        }
         (self.data_dir / "demo-summary.json").write_text(json.dumps(summary, ensure_ascii=False))
         self.console.print()
         self.console.print(
@@ -457,6 +501,10 @@ class _Demo:
         self.console.print(
             _ratio_table("Final: connected devices by category", docs["category"], "category")
         )
+        self.console.print(
+            _ratio_table("Final: connected products by maker", products, "enterprise")
+        )
+        self.console.print(f"Final: {_on_cloud_text(on_cloud)} (Hebei)")
         self.console.print(
             f"as of {as_of} ms (GET /api/v1/ratios?as_of={as_of} gives the same numbers); "
             f"summary in {self.data_dir / 'demo-summary.json'}"

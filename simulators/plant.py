@@ -11,6 +11,10 @@ sharing a port — or naming the same ``gateway`` — answer as unit ids behind 
 own. Ports left ``auto``
 are assigned from ``base_port`` upwards, skipping the ports given explicitly.
 
+An equipment maker may also list ``products`` it made (with the ``site_region`` they
+are installed in): they are served like its devices and go into its ledger as kind
+``product``.
+
 Example (see ``simulators/plant.example.yaml``)::
 
     base_port: 15020
@@ -56,6 +60,7 @@ __all__ = [
     "Plant",
     "PlantConfig",
     "PlantError",
+    "ProductConfig",
     "load_plant_config",
     "sim_hook",
 ]
@@ -118,6 +123,14 @@ class DeviceConfig(_Strict):
         return FaultConfig(mode=self.fault)
 
 
+class ProductConfig(DeviceConfig):
+    """A product the enterprise made and sold; it reports through the maker's agent."""
+
+    site_region: str | None = Field(
+        default=None, pattern=r"^\d{6}$", description="GB/T 2260 code of where it is installed."
+    )
+
+
 class EnterpriseConfig(_Strict):
     """An enterprise, where it is, what industry it is in, and what it owns."""
 
@@ -128,6 +141,15 @@ class EnterpriseConfig(_Strict):
         pattern=r"^[A-T]\d{0,4}$", description="GB/T 4754 industry code, e.g. C30."
     )
     devices: list[DeviceConfig] = Field(default_factory=list)
+    products: list[ProductConfig] = Field(
+        default_factory=list,
+        description="Products it made, at customers' sites: ledger rows of kind 'product'.",
+    )
+
+    @property
+    def owned(self) -> list[DeviceConfig]:
+        """Its production equipment, then its products."""
+        return [*self.devices, *self.products]
 
 
 class SerialLineConfig(_Strict):
@@ -161,7 +183,7 @@ class PlantConfig(_Strict):
             if e.id in ents:
                 errors.append(f"enterprise '{e.id}': duplicate enterprise id")
             ents.add(e.id)
-            for d in e.devices:
+            for d in e.owned:
                 if d.id in devs:
                     errors.append(f"device '{d.id}': duplicate device id")
                 devs.add(d.id)
@@ -271,6 +293,8 @@ class LedgerEntry:
     category: str
     protocol: str
     on: bool
+    kind: str = "equipment"  # or "product": made by the enterprise, installed elsewhere
+    site_region: str | None = None
 
 
 class _Server(Protocol):
@@ -338,7 +362,7 @@ class Plant:
         self.devices: dict[str, SimDevice] = {}
         self._profile_of: dict[str, Profile] = {}
         for ent in config.enterprises:
-            for d in ent.devices:
+            for d in ent.owned:
                 where = f"enterprise '{ent.id}': device '{d.id}'"
                 if d.profile not in profiles:
                     problems.append(f"{where}: unknown profile '{d.profile}'")
@@ -362,6 +386,8 @@ class Plant:
                         category=prof.category.value,
                         protocol=prof.protocol,
                         on=d.on,
+                        kind="product" if isinstance(d, ProductConfig) else "equipment",
+                        site_region=d.site_region if isinstance(d, ProductConfig) else None,
                     )
                 )
                 if not d.on:
@@ -401,10 +427,7 @@ class Plant:
         problems: list[str] = []
         cfg = self.config
         served = [
-            (ent, d)
-            for ent in cfg.enterprises
-            for d in ent.devices
-            if d.on and d.id in self.devices
+            (ent, d) for ent in cfg.enterprises for d in ent.owned if d.on and d.id in self.devices
         ]
         taken = {d.port for _, d in served if isinstance(d.port, int)}
         next_port = cfg.base_port

@@ -65,6 +65,16 @@ def test_demo_final_table_shows_every_enterprise_and_matches_the_api(tmp_path: P
         assert ent in proc.stdout
         assert f"{100.0 * g['ratio']:.1f}%" in proc.stdout
 
+    # The compressor maker's products at customers' sites: their own pair of numbers.
+    made = {e.id: e.products for e in load_plant_config(DEMO_PLANT).enterprises if e.products}
+    products = {g["key"]: (g["connected"], g["total"]) for g in summary["products"]["groups"]}
+    assert products == {ent: (sum(1 for p in ps if p.on), len(ps)) for ent, ps in made.items()}
+    assert "Final: connected products by maker" in proc.stdout
+    # Every enterprise connects equipment, so every one is on the cloud.
+    on_cloud = summary["on_cloud"]["overall"]
+    assert (on_cloud["registered"], on_cloud["on_cloud"]) == (len(expected), len(expected))
+    assert f"on the cloud {len(expected)}/{len(expected)} enterprises" in proc.stdout
+
     # Ask the ratios API, over the registry the demo left behind, for the same moment.
     registry = Registry(f"sqlite:///{data / 'registry.db'}")
     try:

@@ -247,6 +247,11 @@ def test_platform_and_factory_guides(
     report = (work / "connection.csv").read_bytes()
     assert report.startswith(b"\xef\xbb\xbf")
     assert "联网设备总量" in report.decode("utf-8-sig")
+    # Platform: the targets set, and the progress against them (nothing connected yet).
+    on_cloud = json.loads((work / "on-cloud.json").read_text())
+    city = {g["key"]: g for g in on_cloud["groups"]}["130100"]
+    assert (city["registered"], city["on_cloud"], city["target"]) == (1, 0, 8000)
+    assert (on_cloud["overall"]["target"], on_cloud["overall"]["progress"]) == (100000, 0.0)
 
     # Factory: the two devices the agent polls are online, the ledger's other three are not.
     devices = json.loads((work / "devices.json").read_text())

@@ -22,13 +22,22 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CollectorRegistry
 
 from gateway.api.control import control_router
-from gateway.api.routers import dashboard, devices, onboarding, ops, provisioning, ratios, reports
+from gateway.api.routers import (
+    dashboard,
+    devices,
+    on_cloud,
+    onboarding,
+    ops,
+    provisioning,
+    ratios,
+    reports,
+)
 from gateway.auth import TokenAuth
 from gateway.config import GatewayConfig
 from gateway.control import ControlService
 from gateway.health import Readiness
 from gateway.provisioning import Provisioner, ProvisioningError
-from gateway.ratios import DEFINITIONS
+from gateway.ratios import DEFINITIONS, on_cloud_definition
 from gateway.registry import Registry
 
 __all__ = ["ROUTERS", "create_app"]
@@ -41,13 +50,15 @@ ROUTERS: tuple[APIRouter, ...] = (
     dashboard.router,
     ratios.router,
     reports.router,
+    on_cloud.router,
     devices.router,
     onboarding.router,
     provisioning.router,
 )
 
 _DESCRIPTION = (
-    "Device registry, onboarding and connection ratios (联网设备总量 / 企业设备总量). "
+    "Device registry, onboarding and connection ratios (联网设备总量 / 企业设备总量; "
+    "联网产品总量 / 生产产品总量), and enterprises on the cloud (上云企业数). "
     "Every endpoint but /health and the dashboard takes `Authorization: Bearer "
     "<token>`: platform tokens read, admin tokens also write.\n\n" + DEFINITIONS
 )
@@ -88,7 +99,9 @@ def create_app(
     app = FastAPIOffline(
         title="iiot gateway",
         version="1",
-        description=_DESCRIPTION,
+        description=_DESCRIPTION
+        + "\n\n"
+        + on_cloud_definition(config.on_cloud.min_connected_devices),
         static_url="/docs-static",
     )
     state = app.state
@@ -96,6 +109,7 @@ def create_app(
     state.provisioner = provisioner
     state.outbox = outbox
     state.auth = auth
+    state.on_cloud = config.on_cloud
     state.clock = clock
     state.api_metrics = api_metrics
     state.data_metrics = metrics

@@ -113,7 +113,13 @@ def parse_time(text: str, name: str) -> int:
 
 def field_of(message: str) -> str:
     """The request field a registry error message is about."""
-    for name in ("device_id", "region", "industry", "family", "category", "agent", "profile"):
+    names = ("device_id", "site_region", "region", "kind", "industry", "family", "category")
+    # A message that starts with a field's name is about that field, whatever it goes on
+    # to mention ("region ...: ... put where it is installed in site_region").
+    first = message.split(" ", 1)[0]
+    if first in (*names, "agent", "profile", "enterprise", "name"):
+        return first
+    for name in (*names, "agent", "profile"):
         if name in message:
             return name
     for name in ("enterprise", "name"):

@@ -29,10 +29,16 @@ __all__ = [
     "LedgerRowError",
     "LiveOut",
     "OfflineOut",
+    "OnCloudGroup",
+    "OnCloudOut",
     "ProvisionIn",
     "RatioGroup",
     "RatiosOut",
     "ReadyOut",
+    "TargetIn",
+    "TargetOut",
+    "TargetsIn",
+    "TargetsOut",
 ]
 
 Ident = Identifier
@@ -77,9 +83,52 @@ class RatioGroup(BaseModel):
 class RatiosOut(BaseModel):
     window_s: int
     as_of: int = Field(description="Reference time, Unix ms.")
+    kind: Literal["equipment", "product"]
     group_by: str | None
     groups: list[RatioGroup]
     overall: RatioGroup
+
+
+class OnCloudGroup(BaseModel):
+    key: str
+    label: str
+    registered: int = Field(description="Enterprises registered in the group.")
+    on_cloud: int = Field(description="Enterprises on the cloud (上云企业数).")
+    ratio: float = Field(description="on_cloud / registered.")
+    target: int | None = Field(description="The region's target for the year; null: none.")
+    progress: float | None = Field(description="on_cloud / target; null without a target.")
+
+
+class OnCloudOut(BaseModel):
+    window_s: int
+    as_of: int = Field(description="Reference time, Unix ms.")
+    year: int = Field(description="Year of as_of (China Standard Time) the targets are for.")
+    min_connected_devices: int
+    group_by: str | None
+    groups: list[OnCloudGroup]
+    overall: OnCloudGroup
+
+
+class TargetIn(_In):
+    region: str = Field(description="GB/T 2260 six-digit code: 130000, 130100 or 130102.")
+    year: int | None = Field(default=None, ge=2000, le=2200, description="None: every year.")
+    target: int = Field(ge=1, le=10**9, description="Enterprises on the cloud.")
+
+
+class TargetsIn(_In):
+    targets: list[TargetIn] = Field(max_length=100_000)
+
+
+class TargetOut(BaseModel):
+    region: str
+    region_label: str
+    year: int | None
+    target: int
+    updated_ms: int | None
+
+
+class TargetsOut(BaseModel):
+    targets: list[TargetOut]
 
 
 class HistoryPoint(BaseModel):
@@ -99,6 +148,7 @@ class HistorySeries(BaseModel):
 
 class HistoryOut(BaseModel):
     group_by: str
+    kind: Literal["equipment", "product"]
     from_ms: int
     to_ms: int
     step_s: int | None
@@ -115,6 +165,14 @@ class DeviceIn(_In):
     name: str | None = Field(default=None, max_length=200)
     agent: Ident | None = None
     profile: Ident | None = None
+    kind: Literal["equipment", "product"] | None = Field(
+        default=None,
+        description="equipment (production equipment, the default) or product (made by the "
+        "enterprise; counted in its region wherever installed).",
+    )
+    site_region: str | None = Field(
+        default=None, description="Products only: GB/T 2260 code of where it is installed."
+    )
 
 
 if TYPE_CHECKING:

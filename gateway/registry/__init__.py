@@ -10,6 +10,7 @@ from gateway.registry.model import (
     NotFound,
     RegistryError,
 )
+from gateway.registry.targets import Target, TargetsError, read_targets_file
 
 __all__ = [
     "Agent",
@@ -22,5 +23,8 @@ __all__ = [
     "Registry",
     "RegistryError",
     "RowError",
+    "Target",
+    "TargetsError",
     "parse_ledger",
+    "read_targets_file",
 ]

@@ -2,7 +2,8 @@
 
 One object over shared state (``store``), each concern in its own module: the ingest
 sink (``sink``), enterprises/agents/keys (``agents``), devices and the ledger
-(``devices``), stored ratio snapshots (``snapshots``). Ratio masks and arithmetic are
+(``devices``), stored ratio snapshots (``snapshots``), targets of enterprises on the
+cloud (``targets``). Ratio masks and arithmetic are
 in ``gateway.ratios``.
 """
 
@@ -20,6 +21,7 @@ from gateway.registry.model import (
 )
 from gateway.registry.sink import IngestSinkPart
 from gateway.registry.snapshots import SnapshotsPart
+from gateway.registry.targets import TargetsPart
 
 __all__ = [
     "STATUSES",
@@ -33,5 +35,5 @@ __all__ = [
 ]
 
 
-class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart):
+class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart, TargetsPart):
     """The registry; also the gateway's ``IngestSink``."""

@@ -14,7 +14,14 @@ from gateway.registry import tables as t
 from gateway.registry.codes import region_label
 from gateway.registry.index import NEVER, DeviceMeta
 from gateway.registry.ledger import DeviceInput, RowError
-from gateway.registry.model import STATUSES, Conflict, ImportResult, NotFound
+from gateway.registry.model import (
+    STATUSES,
+    Conflict,
+    Enterprise,
+    ImportResult,
+    NotFound,
+    RegistryError,
+)
 from gateway.registry.store import RegistryStore
 
 __all__ = ["STATUSES", "DevicesPart", "device_view_fields"]
@@ -31,6 +38,8 @@ _VIEW_ORDER = (
     "industry",
     "family",
     "category",
+    "kind",
+    "site_region",
     "profile",
     "agent",
     "status",
@@ -80,6 +89,29 @@ def _ledger_update(old: DeviceMeta, new: DeviceMeta) -> DeviceMeta:
         old.created_ms,
         old.first_seen_ms,
         old.reason,
+        new.kind,
+        new.site_region,
+    )
+
+
+def _new_meta(ent: Enterprise, row: DeviceInput, source: str, now: int) -> DeviceMeta:
+    """A new device's metadata; region and industry default to the enterprise's."""
+    return DeviceMeta(
+        ent.id,
+        row.device_id,
+        row.name,
+        row.region or ent.region,
+        row.industry or ent.industry,
+        row.family,
+        row.category,
+        row.profile,
+        row.agent,
+        "registered",
+        source,
+        False,
+        now,
+        kind=row.kind,
+        site_region=row.site_region,
     )
 
 
@@ -94,10 +126,9 @@ class DevicesPart(RegistryStore):
         good: dict[tuple[str, str], tuple[int, DeviceInput]] = {}
         with self._lock:
             for line, row in rows:
-                if row.enterprise not in self._enterprises:
-                    errors.append(
-                        RowError(line, row.device_id, f"unknown enterprise {row.enterprise!r}")
-                    )
+                reason = self._row_refusal(row)
+                if reason is not None:
+                    errors.append(RowError(line, row.device_id, reason))
                     continue
                 # A repeated device in one import: the last row wins.
                 good[(row.enterprise, row.device_id)] = (line, row)
@@ -110,23 +141,8 @@ class DevicesPart(RegistryStore):
             with self._lock:
                 idx = self._index
                 for (ent_id, dev_id), (_line, row) in good.items():
-                    ent = self._enterprises[ent_id]
                     i = idx.keys.get((ent_id, dev_id))
-                    meta = DeviceMeta(
-                        ent_id,
-                        dev_id,
-                        row.name,
-                        row.region or ent.region,
-                        row.industry or ent.industry,
-                        row.family,
-                        row.category,
-                        row.profile,
-                        row.agent,
-                        "registered",
-                        source,
-                        False,
-                        now,
-                    )
+                    meta = _new_meta(self._enterprises[ent_id], row, source, now)
                     if i is None:
                         new_metas.append(meta)
                     else:
@@ -161,10 +177,23 @@ class DevicesPart(RegistryStore):
         self.counters["ledger_rows_rejected"] += len(errors)
         return ImportResult(created + updated, created, updated, errors)
 
+    def _row_refusal(self, row: DeviceInput) -> str | None:
+        """Why a valid row cannot be imported for its enterprise (None: it can)."""
+        ent = self._enterprises.get(row.enterprise)
+        if ent is None:
+            return f"unknown enterprise {row.enterprise!r}"
+        if row.kind == "product" and row.region is not None and row.region != ent.region:
+            return (
+                f"region {row.region!r}: a product is counted in its maker's region "
+                f"({ent.region}); put where it is installed in site_region"
+            )
+        return None
+
     def register_device(self, row: DeviceInput) -> tuple[dict[str, Any], bool]:
         result = self.import_devices([(1, row)], source="manual")
         if result.errors:
-            raise NotFound(result.errors[0].reason)
+            reason = result.errors[0].reason
+            raise (NotFound if reason.startswith("unknown enterprise") else RegistryError)(reason)
         view = self.get_device(row.enterprise, row.device_id)
         assert view is not None
         return view, result.created == 1
@@ -199,25 +228,12 @@ class DevicesPart(RegistryStore):
                 ent = self._enterprises.get(r.enterprise)
                 if ent is None:
                     raise NotFound(f"enterprise {r.enterprise!r} is not registered")
+                reason = self._row_refusal(r)
+                if reason is not None:
+                    raise RegistryError(f"device {r.enterprise}/{r.device_id}: {reason}")
                 if (r.enterprise, r.device_id) in self._index.keys:
                     raise Conflict(f"device {r.enterprise}/{r.device_id} is already registered")
-                metas.append(
-                    DeviceMeta(
-                        r.enterprise,
-                        r.device_id,
-                        r.name,
-                        r.region or ent.region,
-                        r.industry or ent.industry,
-                        r.family,
-                        r.category,
-                        r.profile,
-                        r.agent,
-                        "registered",
-                        source,
-                        False,
-                        now,
-                    )
-                )
+                metas.append(_new_meta(ent, r, source, now))
         with self._db_lock:
             self._flush_locked()
             with self._engine.begin() as conn:
@@ -305,6 +321,7 @@ class DevicesPart(RegistryStore):
         status: str | None = None,
         online: bool | None = None,
         not_in_ledger: bool | None = None,
+        kind: str | None = None,
         limit: int = 100,
         offset: int = 0,
     ) -> tuple[int, list[dict[str, Any]]]:
@@ -313,7 +330,12 @@ class DevicesPart(RegistryStore):
         with self._lock:
             idx = self._index
             mask = _ratios.filter_mask(
-                idx, enterprise=enterprise, region=region, industry=industry, category=category
+                idx,
+                enterprise=enterprise,
+                region=region,
+                industry=industry,
+                category=category,
+                kind=kind,
             )
             if family is not None:
                 mask &= _ratios.code_mask(idx, "family", family)

@@ -68,6 +68,8 @@ class DeviceMeta:
     created_ms: int
     first_seen_ms: int | None = None
     reason: str = ""
+    kind: str = "equipment"
+    site_region: str | None = None
 
 
 def _encode(enc: Encoder, values: list[str]) -> list[int]:
@@ -80,7 +82,7 @@ def _encode(enc: Encoder, values: list[str]) -> list[int]:
 _COLUMN_OF = {"enterprise": "ent", "province": "prov"}
 _INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
 _TS_COLUMNS = ("last_good", "last_ts", "offline_since", "saved_good", "saved_ts")
-_BOOL_COLUMNS = ("active", "agent_alive", "dev_online")
+_BOOL_COLUMNS = ("active", "agent_alive", "dev_online", "product")
 
 
 class DeviceIndex:
@@ -110,6 +112,8 @@ class DeviceIndex:
         self.active: Bools = np.zeros(self._cap, np.bool_)
         self.agent_alive: Bools = np.zeros(self._cap, np.bool_)
         self.dev_online: Bools = np.zeros(self._cap, np.bool_)
+        # True for a product an enterprise made (kind 'product'), False for its equipment.
+        self.product: Bools = np.zeros(self._cap, np.bool_)
         # Agent id -> positions of its devices, to flip agent_alive on birth/will.
         self.by_agent: dict[str, set[int]] = {}
 
@@ -143,6 +147,7 @@ class DeviceIndex:
         self.category[i] = self.enc["category"].code(meta.category)
         self.family[i] = self.enc["family"].code(meta.family)
         self.active[i] = meta.status != "decommissioned"
+        self.product[i] = meta.kind == "product"
 
     def add(self, meta: DeviceMeta) -> int:
         i = self.n
@@ -172,6 +177,7 @@ class DeviceIndex:
         self.category[sl] = _encode(e["category"], [m.category for m in metas])
         self.family[sl] = _encode(e["family"], [m.family for m in metas])
         self.active[sl] = [m.status != "decommissioned" for m in metas]
+        self.product[sl] = [m.kind == "product" for m in metas]
         for j, m in enumerate(metas, start=start):
             self.keys[(m.enterprise, m.id)] = j
             if m.agent:

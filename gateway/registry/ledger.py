@@ -23,6 +23,7 @@ from gateway.registry.codes import (
 )
 
 __all__ = [
+    "KINDS",
     "LEDGER_COLUMNS",
     "DeviceInput",
     "LedgerError",
@@ -32,7 +33,10 @@ __all__ = [
 ]
 
 LEDGER_COLUMNS = ("device_id", "enterprise", "region", "industry", "family", "category", "name")
-_OPTIONAL = ("agent", "profile")
+_OPTIONAL = ("agent", "profile", "kind", "site_region")
+# What a ledger row is: production equipment (the default) or a product the enterprise
+# made, counted in the maker's region wherever it is installed.
+KINDS = ("equipment", "product")
 _MAX_ROWS = 2_000_000
 
 
@@ -53,6 +57,8 @@ class DeviceInput:
     name: str = ""
     agent: str | None = None
     profile: str | None = None
+    kind: str = "equipment"
+    site_region: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +98,35 @@ def check_row(raw: Mapping[str, object]) -> DeviceInput:
     profile = (
         None if _blank(raw.get("profile")) else check_ident(_strip(raw.get("profile")), "profile")
     )
+    kind, site_region = _check_kind(raw)
     return DeviceInput(
-        enterprise, device_id, region, industry, family, category, name_text, agent, profile
+        enterprise,
+        device_id,
+        region,
+        industry,
+        family,
+        category,
+        name_text,
+        agent,
+        profile,
+        kind,
+        site_region,
     )
+
+
+def _check_kind(raw: Mapping[str, object]) -> tuple[str, str | None]:
+    """The row's kind (default equipment) and, for a product, where it is installed."""
+    kind = "equipment" if _blank(raw.get("kind")) else _strip(raw.get("kind"))
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} must be one of {', '.join(KINDS)}")
+    if _blank(raw.get("site_region")):
+        return str(kind), None
+    if kind != "product":
+        raise ValueError("site_region is for products; equipment is counted where it is (region)")
+    try:
+        return str(kind), check_region(raw.get("site_region"))
+    except ValueError as exc:
+        raise ValueError(f"site_{exc}") from None
 
 
 def _strip(value: object) -> object:

@@ -75,6 +75,8 @@ LOAD_COLUMNS = (
     "created_ms",
     "first_seen_ms",
     "reason",
+    "kind",
+    "site_region",
     "last_good_ms",
     "last_seen_ms",
     "offline_since_ms",
@@ -91,6 +93,8 @@ META_UPDATE = (
     "agent",
     "source",
     "not_in_ledger",
+    "kind",
+    "site_region",
 )
 
 
@@ -148,6 +152,8 @@ def meta_row(m: DeviceMeta) -> dict[str, Any]:
         "first_seen_ms": m.first_seen_ms,
         "online": False,
         "reason": m.reason,
+        "kind": m.kind,
+        "site_region": m.site_region,
     }
 
 

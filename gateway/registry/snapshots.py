@@ -18,7 +18,8 @@ class SnapshotsPart(RegistryStore):
     """Stored ratio snapshots."""
 
     def save_snapshot(self, ts_ms: int, window_s: int, rows: Sequence[dict[str, Any]]) -> None:
-        """Store one ratio snapshot: rows of group_by, key, label, total, connected, online."""
+        """Store one ratio snapshot: rows of group_by, key, label, total, connected, online
+        (equipment) and products_total, products_connected, products_online."""
         data = [
             {
                 "ts_ms": ts_ms,
@@ -29,6 +30,9 @@ class SnapshotsPart(RegistryStore):
                 "total": int(r["total"]),
                 "connected": int(r["connected"]),
                 "online": int(r["online"]),
+                "products_total": int(r.get("products_total", 0)),
+                "products_connected": int(r.get("products_connected", 0)),
+                "products_online": int(r.get("products_online", 0)),
             }
             for r in rows
         ]

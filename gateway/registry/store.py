@@ -151,15 +151,15 @@ class RegistryStore:
         with self._lock:
             self._enterprises = {r.id: _rows.enterprise_of(r) for r in ents}
             self._agents = {r.id: _rows.agent_of(r) for r in agts}
-            metas = [DeviceMeta(*r[:15]) for r in devs]
+            metas = [DeviceMeta(*r[:17]) for r in devs]
             start = index.add_many(metas)
             sl = slice(start, start + len(devs))
-            index.last_good[sl] = [NEVER if r[15] is None else r[15] for r in devs]
-            index.last_ts[sl] = [NEVER if r[16] is None else r[16] for r in devs]
-            index.offline_since[sl] = [NEVER if r[17] is None else r[17] for r in devs]
+            index.last_good[sl] = [NEVER if r[17] is None else r[17] for r in devs]
+            index.last_ts[sl] = [NEVER if r[18] is None else r[18] for r in devs]
+            index.offline_since[sl] = [NEVER if r[19] is None else r[19] for r in devs]
             index.saved_good[sl] = index.last_good[sl]
             index.saved_ts[sl] = index.last_ts[sl]
-            index.dev_online[sl] = [bool(r[18]) for r in devs]
+            index.dev_online[sl] = [bool(r[20]) for r in devs]
             alive = {a.id for a in self._agents.values() if a.online}
             index.agent_alive[sl] = [r[8] in alive for r in devs]
             for m in metas:
@@ -204,6 +204,8 @@ class RegistryStore:
             "online": bool(idx.dev_online[i] and idx.agent_alive[i]),
             "offline_since_ms": _rows.opt(idx.offline_since[i]),
             "reason": m.reason[:200],
+            "kind": m.kind,
+            "site_region": m.site_region,
         }
 
     def _flush_locked(self) -> int:

@@ -19,6 +19,7 @@ __all__ = [
     "provisioning_keys",
     "ratio_snapshots",
     "schema_version",
+    "targets",
 ]
 
 metadata = sa.MetaData()
@@ -75,6 +76,10 @@ devices = sa.Table(
     sa.Column("online", sa.Boolean, nullable=False, default=False),
     sa.Column("offline_since_ms", sa.BigInteger, nullable=True),
     sa.Column("reason", sa.String(200), nullable=False, default=""),
+    # 'equipment' (production equipment) or 'product' (made by the enterprise, installed
+    # anywhere; ``region`` is the maker's, ``site_region`` where it is installed).
+    sa.Column("kind", sa.String(16), nullable=False, server_default="equipment"),
+    sa.Column("site_region", sa.String(6), nullable=True),
 )
 
 ratio_snapshots = sa.Table(
@@ -88,6 +93,20 @@ ratio_snapshots = sa.Table(
     sa.Column("total", sa.Integer, nullable=False),
     sa.Column("connected", sa.Integer, nullable=False),
     sa.Column("online", sa.Integer, nullable=False),
+    # The same three numbers over the enterprises' products (the columns above: equipment).
+    sa.Column("products_total", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("products_connected", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("products_online", sa.Integer, nullable=False, server_default="0"),
+)
+
+# Targets of enterprises on the cloud (上云企业数) per region; year 0 = every year.
+targets = sa.Table(
+    "targets",
+    metadata,
+    sa.Column("region", sa.String(6), primary_key=True),
+    sa.Column("year", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("target", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
 )
 
 provisioning_keys = sa.Table(
@@ -118,8 +137,40 @@ def _v2(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _add_missing_columns(conn: sa.Connection, table: sa.Table, names: tuple[str, ...]) -> None:
+    """ALTER TABLE ADD COLUMN for those of ``names`` the table lacks.
+
+    A database created by this version's ``_v1`` has them already (``create`` uses the
+    current table definitions); one created by an older release does not.
+    """
+    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    preparer = conn.dialect.identifier_preparer
+    for name in names:
+        if name in have:
+            continue
+        col = table.c[name]
+        ddl = f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(name)} "
+        ddl += col.type.compile(dialect=conn.dialect)
+        if col.server_default is not None:
+            default = col.server_default.arg  # type: ignore[attr-defined]
+            quoted = isinstance(col.type, sa.String)
+            ddl += f" DEFAULT '{default}'" if quoted else f" DEFAULT {default}"
+        if not col.nullable:
+            ddl += " NOT NULL"
+        conn.exec_driver_sql(ddl)
+
+
+def _v3(conn: sa.Connection) -> None:
+    """Device kinds (equipment/product), products in snapshots, on-the-cloud targets."""
+    _add_missing_columns(conn, devices, ("kind", "site_region"))
+    _add_missing_columns(
+        conn, ratio_snapshots, ("products_total", "products_connected", "products_online")
+    )
+    targets.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -166,14 +166,93 @@
     }
   }
 
+  function ratioText(g) {
+    return g ? pct(g.ratio) + "  " + g.connected + "/" + g.total + " 台" : "—";
+  }
+
+  // One row per region of the level: devices, products, enterprises on the cloud, target.
+  function drawRegions(devices, products, onCloud) {
+    const body = document.querySelector("#regions tbody");
+    body.textContent = "";
+    const rows = new Map();
+    const row = function (g) {
+      if (!rows.has(g.key)) rows.set(g.key, { key: g.key, label: g.label });
+      return rows.get(g.key);
+    };
+    devices.groups.forEach(function (g) { row(g).devices = g; });
+    products.groups.forEach(function (g) { row(g).products = g; });
+    onCloud.groups.forEach(function (g) { row(g).ent = g; });
+    const keys = Array.from(rows.keys()).sort();
+    if (keys.length === 0) {
+      const td = body.insertRow().insertCell();
+      td.colSpan = 6;
+      td.className = "empty";
+      td.textContent = "暂无数据 No data yet";
+      return;
+    }
+    for (const key of keys) {
+      const r = rows.get(key);
+      const tr = body.insertRow();
+      tr.dataset.key = key;
+      tr.insertCell().textContent = r.label;
+      const cells = [
+        ratioText(r.devices),
+        ratioText(r.products),
+        r.ent ? r.ent.on_cloud + "/" + r.ent.registered + " 家" : "—",
+        r.ent && r.ent.target !== null ? r.ent.target + " 家" : "—",
+      ];
+      for (const text of cells) {
+        const td = tr.insertCell();
+        td.className = "num";
+        td.textContent = text;
+      }
+      const td = tr.insertCell();
+      td.className = "num progress-cell";
+      if (r.ent && r.ent.progress !== null) {
+        const bar = document.createElement("span");
+        bar.className = "progress";
+        const fill = document.createElement("span");
+        fill.style.width = Math.min(100, r.ent.progress * 100).toFixed(1) + "%";
+        bar.appendChild(fill);
+        td.appendChild(bar);
+        td.appendChild(document.createTextNode(pct(r.ent.progress)));
+      } else {
+        td.textContent = "—";
+      }
+    }
+  }
+
+  function drawCards(products, onCloud, provinces) {
+    const p = products.overall;
+    document.getElementById("ratio-products").textContent = p.total ? pct(p.ratio) : "—";
+    document.getElementById("count-products").textContent =
+      "联网产品 " + p.connected + " 台 / 生产产品 " + p.total + " 台 (connected / made)";
+    const e = onCloud.overall;
+    document.getElementById("on-cloud").textContent = String(e.on_cloud);
+    document.getElementById("on-cloud-detail").textContent =
+      "上云企业 " + e.on_cloud + " 家 / 登记企业 " + e.registered + " 家 (" + pct(e.ratio) + ")";
+    document.getElementById("min-devices").textContent = String(onCloud.min_connected_devices);
+    // A provincial platform has one province: its target is the headline one.
+    const prov = provinces.groups.length === 1 ? provinces.groups[0] : null;
+    document.getElementById("on-cloud-target").textContent =
+      prov && prov.target !== null
+        ? onCloud.year + " 年目标 target " + prov.target + " 家 · 完成 progress " + pct(prov.progress)
+        : "";
+  }
+
   async function refresh() {
     const win = document.getElementById("window").value;
+    const level = document.getElementById("level").value;
     try {
-      const [city, cat, hist, offline] = await Promise.all([
+      const [city, cat, hist, offline, devs, prods, ents, provinces] = await Promise.all([
         api("/api/v1/ratios?group_by=city&window=" + win),
         api("/api/v1/ratios?group_by=category&window=" + win),
         api("/api/v1/ratios/history?group_by=overall&step=1h"),
         api("/api/v1/devices/offline?limit=15"),
+        api("/api/v1/ratios?group_by=" + level + "&window=" + win),
+        api("/api/v1/ratios?kind=product&group_by=" + level + "&window=" + win),
+        api("/api/v1/enterprises/on-cloud?group_by=" + level + "&window=" + win),
+        api("/api/v1/enterprises/on-cloud?group_by=province&window=" + win),
       ]);
       const o = city.overall;
       document.getElementById("ratio-connected").textContent = pct(o.ratio);
@@ -189,6 +268,8 @@
       drawBars(document.getElementById("chart-category"), cat.groups);
       drawTrend(document.getElementById("chart-trend"), hist.series[0]);
       drawOffline(offline.items);
+      drawCards(prods, ents, provinces);
+      drawRegions(devs, prods, ents);
       setStatus("", false);
     } catch (err) {
       setStatus(String(err.message || err), true);
@@ -197,6 +278,7 @@
 
   token = readToken();
   document.getElementById("window").addEventListener("change", refresh);
+  document.getElementById("level").addEventListener("change", refresh);
   refresh();
   window.setInterval(refresh, REFRESH_MS);
 })();

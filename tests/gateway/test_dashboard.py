@@ -24,14 +24,24 @@ HOUR = 3600_000
 # Fixtures shared with the other registry/API tests.
 registry = _fx.registry
 hebei = _fx.hebei
+hebei_makers = _fx.hebei_makers
 
 
 @pytest.fixture
 def served(hebei: Registry) -> Iterator[str]:
-    snap = Snapshotter(hebei, 3600, lambda _lines: None)
+    yield from _serve(hebei)
+
+
+@pytest.fixture
+def served_makers(hebei_makers: Registry) -> Iterator[str]:
+    yield from _serve(hebei_makers)
+
+
+def _serve(registry: Registry) -> Iterator[str]:
+    snap = Snapshotter(registry, 3600, lambda _lines: None)
     for h in (3, 2, 1, 0):
         snap.snapshot_once(T0 - h * HOUR)
-    app = create_app(hebei, make_config(), clock=lambda: T0 / 1000)
+    app = create_app(registry, make_config(), clock=lambda: T0 / 1000)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
@@ -85,6 +95,38 @@ def test_dashboard_renders_ratios_and_charts(served: str, tmp_path: Path) -> Non
     assert 'class="connected"' in trend
     offline = dom.split('id="offline"', 1)[1].split("</table>", 1)[0]
     assert "石家庄机械 Shijiazhuang Machinery" in offline and "agent offline" in offline
+    assert "令牌无效" not in dom
+
+
+def _cells(dom: str, key: str) -> list[str]:
+    row = dom.split(f'data-key="{key}"', 1)[1].split("</tr>", 1)[0]
+    return [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+
+
+def test_dashboard_shows_products_and_enterprises_on_the_cloud(
+    served_makers: str, tmp_path: Path
+) -> None:
+    dom = _chromium(tmp_path, f"{served_makers}/#token=platform-secret", "--dump-dom")
+    # Equipment as before; 5 of the 12 products made are connected.
+    assert re.search(r'id="ratio-connected"[^>]*>50\.0%<', dom)
+    assert re.search(r'id="ratio-products"[^>]*>41\.7%<', dom)
+    assert re.search(r'id="on-cloud"[^>]*>5<', dom)
+    assert "上云企业 5 家 / 登记企业 7 家 (71.4%)" in dom
+    # The province's 2025 target of 10: half done.
+    assert "2025 年目标 target 10 家 · 完成 progress 50.0%" in dom
+    regions = dom.split('id="regions"', 1)[1].split("</table>", 1)[0]
+    assert _cells(regions, "130100") == [
+        "石家庄市 Shijiazhuang",
+        "50.0%  10/20 台",  # cement and machinery: 5 each within 24 h
+        "0.0%  0/4 台",
+        "2/3 家",
+        "4 家",
+        "50.0%",
+    ]
+    # Qinhuangdao: a compressor maker with products only, not on the cloud.
+    assert _cells(regions, "130300")[1:] == ["—", "62.5%  5/8 台", "0/1 家", "2 家", "0.0%"]
+    # Xingtai has a target and no enterprise yet.
+    assert _cells(regions, "130500")[1:] == ["—", "—", "0/0 家", "1 家", "0.0%"]
     assert "令牌无效" not in dom
 
 

@@ -7,10 +7,22 @@ Five enterprises in four cities (Dingzhou rolls up to Baoding by code prefix). D
   25..28 at T0-30 h, 29 only errors at T0-5 s (never a good value);
 - device states: online for 0..29 except 3 and 4 (offline);
 - agent of ``hb-machine`` (devices k % 5 == 4) sent its will: offline.
+
+``hebei_makers`` adds, on top of that and leaving its 50 devices as they are: products
+(kind ``product``) and targets of enterprises on the cloud:
+
+- ``hb-compressor`` (Qinhuangdao, C34; no production equipment in the ledger) made
+  compressors cp-00..cp-07, installed at customers' sites (``site_region``); its own
+  agent reports them: cp-00..cp-03 good at T0-5 s (online), cp-04 at T0-2 h, cp-05 at
+  T0-30 h; cp-06, cp-07 never;
+- ``hb-machine`` made CNC machines mp-00..mp-03, none of them connected;
+- ``hb-glass`` (Xinji 130181, which rolls up to Shijiazhuang by prefix) has no devices;
+- targets: ``TARGETS`` (T0 is in 2025, China Standard Time).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +164,88 @@ def populate(reg: Registry) -> None:
     reg.on_will("hb-machine", agent_of("hb-machine"), Will(bdseq=1))
 
 
+MAKERS = [
+    ("hb-compressor", "秦皇岛压缩机 Qinhuangdao Compressors", "130302", "C34"),
+    ("hb-glass", "辛集玻璃 Xinji Glass", "130181", "C30"),
+]
+# device id, maker, family, site_region, good sample (ms before T0; None: never)
+PRODUCTS: list[tuple[str, str, str, str | None, int | None]] = [
+    ("cp-00", "hb-compressor", "air_compressor", "130102", 5_000),
+    ("cp-01", "hb-compressor", "air_compressor", "130203", 5_000),
+    ("cp-02", "hb-compressor", "air_compressor", "130682", 5_000),
+    ("cp-03", "hb-compressor", "air_compressor", "130302", 5_000),
+    ("cp-04", "hb-compressor", "air_compressor", "130984", 2 * 3600_000),
+    ("cp-05", "hb-compressor", "air_compressor", "130203", 30 * 3600_000),
+    ("cp-06", "hb-compressor", "air_compressor", None, None),
+    ("cp-07", "hb-compressor", "air_compressor", "130102", None),
+    ("mp-00", "hb-machine", "cnc_machine", "130984", None),
+    ("mp-01", "hb-machine", "cnc_machine", None, None),
+    ("mp-02", "hb-machine", "cnc_machine", "130302", None),
+    ("mp-03", "hb-machine", "cnc_machine", None, None),
+]
+# region, year (None: every year), target of enterprises on the cloud
+TARGETS: list[tuple[str, int | None, int]] = [
+    ("130000", 2025, 10),
+    ("130000", None, 8),
+    ("130100", None, 4),
+    ("130100", 2024, 3),
+    ("130300", 2025, 2),
+    ("130500", 2025, 1),
+    ("130682", 2025, 1),
+]
+
+
+def products_json() -> bytes:
+    """The products as a JSON ledger (kind and site_region columns)."""
+    rows = []
+    for dev, maker, family, site, _ago in PRODUCTS:
+        row: dict[str, Any] = {"device_id": dev, "enterprise": maker, "family": family}
+        row["kind"] = "product"
+        if site is not None:
+            row["site_region"] = site
+        rows.append(row)
+    return json.dumps(rows).encode()
+
+
+def populate_makers(reg: Registry) -> None:
+    """Add ``MAKERS``, ``PRODUCTS`` (and their reports) and ``TARGETS`` to ``hebei``."""
+    from gateway.registry import Target
+
+    for ent, name, region, industry in MAKERS:
+        reg.add_enterprise(ent, name, region, industry)
+    reg.add_agent("hb-compressor", agent_of("hb-compressor"), None)
+    rows, errors = parse_ledger(products_json(), "application/json")
+    assert errors == []
+    assert reg.import_devices(rows).created == len(PRODUCTS)
+    reporting = [p for p in PRODUCTS if p[4] is not None]
+    agent = agent_of("hb-compressor")
+    reg.on_birth(
+        "hb-compressor",
+        agent,
+        Birth(
+            bdseq=1,
+            ts=T0 - 40 * 3600_000,
+            devices=[BirthDevice(id=p[0], profile="generic", protocol="modbus") for p in reporting],
+        ),
+    )
+    for dev, maker, _family, _site, ago in reporting:
+        assert ago is not None
+        reg.on_device_state(maker, agent, dev, DeviceState(online=True, ts=T0 - 40 * 3600_000))
+        reg.on_samples(
+            SampleSummary(
+                maker,
+                agent,
+                dev,
+                count=1,
+                first_ts=T0 - ago,
+                last_ts=T0 - ago,
+                last_good_ts=T0 - ago,
+                latest={"pressure": 7.5},
+            )
+        )
+    reg.replace_targets([Target(region, year, n) for region, year, n in TARGETS])
+
+
 def reference(
     group_by: str | None,
     *,
@@ -235,3 +329,9 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 def hebei(registry: Registry) -> Registry:
     populate(registry)
     return registry
+
+
+@pytest.fixture
+def hebei_makers(hebei: Registry) -> Registry:
+    populate_makers(hebei)
+    return hebei

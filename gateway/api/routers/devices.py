@@ -28,7 +28,8 @@ from gateway.api.models import (
     LedgerOut,
     OfflineOut,
 )
-from gateway.registry import NotFound
+from gateway.ratios import Kind
+from gateway.registry import NotFound, RegistryError
 from gateway.registry.ledger import LedgerError, check_row, parse_ledger
 from gateway.registry.model import Status
 
@@ -78,6 +79,7 @@ def list_devices(
     status: Status | None = None,
     online: bool | None = None,
     not_in_ledger: bool | None = None,
+    kind: Annotated[Kind | None, Query(description="equipment or product; default both")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def list_devices(
             status=status,
             online=online,
             not_in_ledger=not_in_ledger,
+            kind=kind,
             limit=limit,
             offset=offset,
         )
@@ -150,6 +153,8 @@ def register_device(body: DeviceIn, response: Response, registry: RegistryDep) -
         view, created = registry.register_device(row)
     except NotFound as exc:
         raise HTTPException(404, str(exc)) from None
+    except RegistryError as exc:
+        raise invalid("body", field_of(str(exc)), str(exc)) from None
     response.status_code = 201 if created else 200
     return view
 

@@ -22,6 +22,7 @@ from gateway.ratios import (
     DEFINITIONS,
     Grouping,
     HistoryGrouping,
+    Kind,
     compute_ratios,
     history_series,
 )
@@ -31,6 +32,10 @@ __all__ = ["router"]
 router = APIRouter(tags=["ratios"], responses=AUTH_RESPONSES, dependencies=[READ])
 
 _MAX_HISTORY_POINTS = 10_000
+_KIND_DOC = (
+    "equipment: production equipment (联网设备总量 / 企业设备总量); product: products the "
+    "enterprises made, in the maker's region (联网产品总量 / 生产产品总量)"
+)
 
 
 @router.get(
@@ -48,6 +53,7 @@ def ratios(
     industry: Annotated[str | None, Query(max_length=8, description="GB/T 4754, e.g. C30")] = None,
     category: Annotated[str | None, Query(max_length=32)] = None,
     as_of: Annotated[str | None, Query(max_length=40, description="Unix ms or ISO 8601")] = None,
+    kind: Annotated[Kind, Query(description=_KIND_DOC)] = "equipment",
 ) -> Response:
     window_s = parse_window_param(window, "window")
     as_of_ms = parse_time(as_of, "as_of") if as_of is not None else now_ms
@@ -61,6 +67,7 @@ def ratios(
             region=region,
             industry=industry,
             category=category,
+            kind=kind,
         )
     except ValueError as exc:
         raise invalid("query", "region", str(exc)) from None
@@ -79,6 +86,7 @@ def history(
     to: Annotated[str | None, Query(max_length=40)] = None,
     step: Annotated[str | None, Query(max_length=16, description="e.g. 1h, 1d")] = None,
     key: Annotated[str | None, Query(max_length=64)] = None,
+    kind: Annotated[Kind, Query(description=_KIND_DOC)] = "equipment",
 ) -> dict[str, Any]:
     """The stored ratio snapshots of one grouping; ``step`` keeps the last per step."""
     to_ms = parse_time(to, "to") if to is not None else now_ms
@@ -91,8 +99,9 @@ def history(
     rows = registry.snapshot_rows(str(group_by), from_ms, to_ms)
     return {
         "group_by": str(group_by),
+        "kind": kind,
         "from_ms": from_ms,
         "to_ms": to_ms,
         "step_s": step_s,
-        "series": history_series(rows, step_s=step_s, key=key),
+        "series": history_series(rows, step_s=step_s, key=key, kind=kind),
     }

@@ -34,6 +34,9 @@ _HEADER = [
     "联网设备总量 connected_devices",
     "企业设备总量 total_devices",
     "设备联网率 connection_ratio",
+    "联网产品总量 connected_products",
+    "生产产品总量 total_products",
+    "产品联网率 product_connection_ratio",
 ]
 
 
@@ -51,7 +54,9 @@ def connection_report(
     window: Annotated[str, Query(max_length=16)] = "24h",
     as_of: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Response:
-    """Per enterprise and category: connected devices, total devices, ratio (UTF-8 BOM)."""
+    """Per enterprise and category: connected and total production equipment and its
+    ratio, then connected and total products the enterprise made and their ratio (UTF-8
+    with BOM; the form's Chinese headers)."""
     window_s = parse_window_param(window, "window")
     as_of_ms = parse_time(as_of, "as_of") if as_of is not None else now_ms
     rows = enterprise_category_table(registry, window_s=window_s, as_of_ms=as_of_ms)
@@ -72,6 +77,9 @@ def connection_report(
                 r["connected"],
                 r["total"],
                 f"{ratio(r['connected'], r['total'], 4):.4f}",
+                r["products_connected"],
+                r["products_total"],
+                f"{ratio(r['products_connected'], r['products_total'], 4):.4f}",
             ]
         )
     body = "\ufeff" + buf.getvalue()
