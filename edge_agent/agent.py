@@ -78,9 +78,28 @@ class Agent:
             for d in enabled
             for p in [loaded.device_profiles[d.id]]
         ]
-        self.publisher = Publisher(
-            cfg, self.spool, self.metrics, devices=birth_devices, version=__version__, codec=codec
-        )
+        self.publisher: Publisher
+        if cfg.mqtt.codec == "sparkplug":
+            from edge_agent.sparkplug import SparkplugPublisher
+
+            self.publisher = SparkplugPublisher(
+                cfg,
+                self.spool,
+                self.metrics,
+                devices=birth_devices,
+                profiles={d.id: loaded.device_profiles[d.id] for d in enabled},
+                version=__version__,
+            )
+            self.codec = self.publisher.codec
+        else:
+            self.publisher = Publisher(
+                cfg,
+                self.spool,
+                self.metrics,
+                devices=birth_devices,
+                version=__version__,
+                codec=codec,
+            )
         self.pollers = [
             DevicePoller(
                 d,

@@ -75,10 +75,7 @@ class SparkplugCodec:
         return JSON_CODEC.encode_sample(ts, values, errors, quality)
 
     def pack(self, seq: int, bodies: Sequence[str]) -> bytes:
-        node = _NAMED
-        node._seq = seq & 0xFF  # noqa: SLF001 - a detached node: only its seq matters
-        node.born_at = 0
-        return node.ddata("", bodies)
+        return _NAMED.ddata("", bodies, seq=seq & 0xFF)
 
     def decode_data(self, payload: bytes) -> DecodedData:
         msg = parse_payload(payload)

@@ -123,11 +123,13 @@ class EdgeNode:
         self._metric(msg, BDSEQ, DataType.UINT64, bdseq & 0xFF, msg.timestamp)
         return bytes(msg.SerializeToString())
 
-    def nbirth(self, bdseq: int, ts: int | None = None) -> bytes:
-        """NBIRTH of a new session (or a rebirth): ``seq`` starts again at 0."""
+    def nbirth(self, bdseq: int, ts: int | None = None, *, new_session: bool = True) -> bytes:
+        """NBIRTH of a new session, or a rebirth in the same one: ``seq`` starts at 0."""
         ts = now_ms() if ts is None else ts
         self.bdseq = bdseq & 0xFF
-        self.born_at = ts
+        if new_session:
+            # What was sampled before this birth was spooled while offline: historical.
+            self.born_at = ts
         self._seq = 0
         msg = Payload()
         msg.timestamp = ts
@@ -173,11 +175,14 @@ class EdgeNode:
         self._metric(msg, REASON_METRIC, DataType.STRING, reason[:200], ts)
         return bytes(msg.SerializeToString())
 
-    def ddata(self, device: str, bodies: Sequence[str]) -> bytes:
-        """DDATA of spooled samples (contract JSON), by alias, older ones historical."""
+    def ddata(self, device: str, bodies: Sequence[str], *, seq: int | None = None) -> bytes:
+        """DDATA of spooled samples (contract JSON), by alias, older ones historical.
+
+        ``seq`` numbers a message outside the session (the session's next one if None).
+        """
         msg = Payload()
         msg.timestamp = now_ms()
-        msg.seq = self._next_seq()
+        msg.seq = self._next_seq() if seq is None else seq
         aliases = self._alias.get(device, {})
         latest = self._latest.setdefault(device, {})
         born = self.born_at

@@ -41,7 +41,8 @@ __all__ = [
 
 NAMESPACE = "spBv1.0"
 
-Payload: Any = _pb.Payload
+_generated: Any = _pb  # protoc's module builds its classes at import time
+Payload: Any = _generated.Payload
 
 
 class DataType(IntEnum):

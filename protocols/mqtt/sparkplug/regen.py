@@ -15,7 +15,7 @@ MODULE = _HERE / "sparkplug_b_pb2.py"
 
 def generate() -> str:
     """The module text protoc writes for the committed .proto."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]
+    from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as out:
         rc = protoc.main(["protoc", f"-I{_HERE}", f"--python_out={out}", str(PROTO)])
