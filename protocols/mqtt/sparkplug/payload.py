@@ -167,7 +167,11 @@ def _is_float32(v: float) -> bool:
 
 
 def fit_datatype(declared: DataType, value: PointValue) -> DataType:
-    """``declared`` when ``value`` fits it exactly, else the datatype of the value itself."""
+    """``declared`` when ``value`` fits it exactly, else the datatype of the value itself.
+
+    An integer on a Double point (a scaled value that came out whole) stays an integer:
+    the gateway writes it as the JSON contract would, so the series keeps one field type.
+    """
     t = type(value)
     if value is None:
         return declared
@@ -179,8 +183,6 @@ def fit_datatype(declared: DataType, value: PointValue) -> DataType:
         assert isinstance(value, int)
         bounds = _INT_RANGE.get(declared)
         if bounds is not None and bounds[0] <= value <= bounds[1]:
-            return declared
-        if declared is DataType.DOUBLE and abs(value) <= 2**53:
             return declared
         if -(2**63) <= value < 2**63:
             return DataType.INT64
