@@ -37,6 +37,7 @@ from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
+from gateway.sparkplug import SparkplugHost
 from iiot_common.backoff import Backoff
 from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
 from protocols.mqtt.contract import (
@@ -50,12 +51,15 @@ from protocols.mqtt.contract import (
     decode_payload,
     parse_topic,
 )
+from protocols.mqtt.sparkplug.node import rebirth_request
+from protocols.mqtt.sparkplug.payload import NAMESPACE as _SP_NAMESPACE
 
 __all__ = ["MEASUREMENT", "Ingest", "MessageProcessor", "Outcome"]
 
 log = logging.getLogger(__name__)
 
 MEASUREMENT = "telemetry"
+SPARKPLUG_PREFIX = f"{_SP_NAMESPACE}/"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
@@ -80,6 +84,7 @@ class Outcome:
     points: int = 0
     point_errors: int = 0
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
+    rebirth: str | None = None  # a Sparkplug NCMD topic to send a Rebirth request to
 
 
 class MessageProcessor:
@@ -89,6 +94,7 @@ class MessageProcessor:
         self.sink = sink
         self.codec = codec
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
+        self.sparkplug = SparkplugHost(self)
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
         """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
@@ -106,6 +112,8 @@ class MessageProcessor:
             text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
         except UnicodeDecodeError:
             return Outcome("bad_topic", "topic is not UTF-8", source=repr(topic[:80]))
+        if text.startswith(SPARKPLUG_PREFIX):
+            return self.sparkplug.handle(tx, text, payload)
         try:
             t = parse_topic(text)
         except ContractError as exc:
@@ -174,7 +182,14 @@ class MessageProcessor:
         seq: int,
         samples: list[DecodedSample],
         source: str,
+        *,
+        by_ts: bool = False,
     ) -> Outcome:
+        """Lines and a registry summary of a device's samples, replays dropped.
+
+        Samples are keyed by ``seq`` (+1 per sample), or with ``by_ts`` (Sparkplug, which
+        numbers messages, not samples) by their timestamp, in a key space of their own.
+        """
         for ts, _, _, _ in samples:
             if ts > MAX_TS_MS:
                 return Outcome(
@@ -183,7 +198,7 @@ class MessageProcessor:
                     source=source,
                 )
         prefix = self._prefix(ent, agent, device)
-        devkey = f"{ent}/{agent}/{device}"
+        devkey = f"{SPARKPLUG_PREFIX}{ent}/{agent}/{device}" if by_ts else f"{ent}/{agent}/{device}"
         out = Outcome(source=source)
         lines: list[str] = []
         latest: dict[str, bool | int | float | str | None] = {}
@@ -191,7 +206,7 @@ class MessageProcessor:
         last_good: int | None = None
         first_time = tx.first_time
         for ts, values, errors, _ in samples:
-            this_seq = seq
+            this_seq = ts if by_ts else seq
             seq += 1
             if not first_time(devkey, this_seq, ts):
                 out.duplicates += 1
@@ -264,6 +279,7 @@ class Ingest:
         self.sink = sink
         self.metrics = metrics or outbox.metrics
         self.processor = MessageProcessor(sink)
+        self.processor.sparkplug.metrics = self.metrics
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()
@@ -284,9 +300,14 @@ class Ingest:
 
     @property
     def topic_filter(self) -> str:
-        base = f"{TOPIC_PREFIX}/#"
+        return self.topic_filters[0]
+
+    @property
+    def topic_filters(self) -> list[str]:
+        """The contract's topics and Sparkplug B's, shared when a group is configured."""
         group = self.mqtt_config.shared_group
-        return f"$share/{group}/{base}" if group else base
+        bases = [f"{TOPIC_PREFIX}/#", f"{SPARKPLUG_PREFIX}#"]
+        return [f"$share/{group}/{b}" if group else b for b in bases]
 
     @property
     def connected(self) -> bool:
@@ -410,13 +431,13 @@ class Ingest:
         # they must not be acked on this one. The broker redelivers them.
         self._gen += 1
         self._subscribed.clear()
-        client.subscribe(self.topic_filter, qos=1)
+        client.subscribe([(f, 1) for f in self.topic_filters])
         self._connected.set()
         self.metrics.mqtt_connects.inc()
         self.metrics.mqtt_connected.set(1)
         log.info(
             "connected to broker",
-            extra={"url": self.mqtt_config.url, "subscription": self.topic_filter},
+            extra={"url": self.mqtt_config.url, "subscription": self.topic_filters},
         )
 
     def _on_subscribe(
@@ -426,7 +447,7 @@ class Ingest:
         if failed:
             log.error(
                 "broker refused the subscription",
-                extra={"filter": self.topic_filter, "reason": ", ".join(failed)},
+                extra={"filter": self.topic_filters, "reason": ", ".join(failed)},
             )
             return
         self._subscribed.set()
@@ -505,6 +526,8 @@ class Ingest:
         met.batch_size.observe(len(batch))
         samples = duplicates = points = point_errors = 0
         for o in outcomes:
+            if o.rebirth is not None:
+                self._request_rebirth(o.rebirth)
             if o.reject is not None:
                 self._count_reject(o)
                 continue
@@ -535,6 +558,12 @@ class Ingest:
                 ack(q.mid, q.qos)
                 acked += 1
         met.acked.inc(acked)
+
+    def _request_rebirth(self, topic: str) -> None:
+        """Ask a Sparkplug edge node for its births (NCMD ``Node Control/Rebirth``)."""
+        self.metrics.sparkplug_rebirths.inc()
+        self._client.publish(topic, rebirth_request(), qos=0)
+        log.info("sparkplug rebirth requested", extra={"topic": topic})
 
     def _count_reject(self, o: Outcome) -> None:
         reason = o.reject or "unknown"

@@ -35,6 +35,7 @@ from gateway.config import GatewayConfig
 from gateway.registry import Conflict, Registry
 from iiot_common.backoff import Backoff
 from protocols.mqtt.contract import TOPIC_PREFIX
+from protocols.mqtt.sparkplug.payload import NAMESPACE as SP_NAMESPACE
 
 __all__ = [
     "Provisioner",
@@ -187,6 +188,10 @@ class Provisioner:
                 f"user {user}",
                 f"topic read {TOPIC_PREFIX}/#",
                 f"topic read $share/+/{TOPIC_PREFIX}/#",
+                f"topic read {SP_NAMESPACE}/#",
+                f"topic read $share/+/{SP_NAMESPACE}/#",
+                # Rebirth requests to Sparkplug edge nodes.
+                f"topic write {SP_NAMESPACE}/+/NCMD/+",
                 "",
             ]
         for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
@@ -196,6 +201,9 @@ class Provisioner:
             acl += [
                 f"user {agent_id}",
                 f"topic readwrite {TOPIC_PREFIX}/{enterprise}/{agent_id}/#",
+                # Sparkplug B: group = enterprise, edge node = agent, any message type.
+                f"topic readwrite {SP_NAMESPACE}/{enterprise}/+/{agent_id}",
+                f"topic readwrite {SP_NAMESPACE}/{enterprise}/+/{agent_id}/#",
                 "",
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)

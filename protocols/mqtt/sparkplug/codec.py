@@ -8,9 +8,11 @@ births; the agent's publisher sends aliases through ``EdgeNode.ddata`` instead.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from iiot_common.identifier import is_identifier
 from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedData, DecodedSample
 from protocols.mqtt.contract import MAX_TS_MS, ContractError, PointValue
 from protocols.mqtt.sparkplug.node import EdgeNode
@@ -30,16 +32,32 @@ def _by_name(metric: Any) -> tuple[str, int]:
     return metric.name, metric.datatype
 
 
-def read_samples(metrics: Sequence[Any], resolve: Resolver = _by_name) -> list[HistoricalSample]:
-    """Group DDATA metrics into samples by timestamp (and historical flag), oldest first."""
+def read_samples(
+    metrics: Sequence[Any],
+    resolve: Resolver = _by_name,
+    dropped: Counter[str] | None = None,
+) -> list[HistoricalSample]:
+    """Group DDATA metrics into samples by timestamp (and historical flag), oldest first.
+
+    A metric that cannot be read (unknown alias, wrong datatype, bad timestamp) raises
+    ContractError, or, given ``dropped``, is counted there by reason and skipped.
+    """
     out: dict[tuple[int, bool], HistoricalSample] = {}
     for m in metrics:
-        name, born_dt = resolve(m)
-        dt = m.datatype if m.HasField("datatype") else born_dt
-        ts = m.timestamp
-        if ts > MAX_TS_MS:
-            raise ContractError("bad_timestamp", f"metric {name!r}: timestamp {ts} is too large")
-        value = get_value(m, dt)
+        try:
+            name, born_dt = resolve(m)
+            dt = m.datatype if m.HasField("datatype") else born_dt
+            ts = m.timestamp
+            if ts > MAX_TS_MS:
+                raise ContractError("bad_timestamp", f"metric {name!r}: timestamp {ts} too large")
+            if not is_identifier(name):
+                raise ContractError("bad_identifier", f"metric name {name[:80]!r}")
+            value = get_value(m, dt)
+        except ContractError as exc:
+            if dropped is None:
+                raise
+            dropped[exc.reason] += 1
+            continue
         key = (ts, bool(m.is_historical))
         sample = out.get(key)
         if sample is None:
