@@ -5,7 +5,8 @@
   and the node's metrics.
 - ``seq`` runs 0–255 and wraps, over NBIRTH, DBIRTH, NDATA, DDATA and DDEATH.
 - DBIRTH names every point of a device with its alias, datatype and units; DDATA then
-  sends aliases only. A Rebirth request (NCMD) is answered with NBIRTH and every DBIRTH.
+  sends aliases (with each datatype, as Tahu reads it). A Rebirth request (NCMD) is
+  answered with NBIRTH and every DBIRTH.
 - Samples taken before the current NBIRTH (spooled while offline) go out flagged
   ``is_historical`` with their own timestamps.
 
@@ -205,8 +206,9 @@ class EdgeNode:
                     declared = known[1]
                 m.timestamp = ts
                 dt = fit_datatype(declared, value) if value is not None else declared
-                if dt is not declared or known is None:
-                    m.datatype = dt if dt is not DataType.UNKNOWN else DataType.STRING
+                # Always sent, though the birth has it: Tahu's decoders read a value only
+                # through the datatype on the metric itself (2 bytes a point).
+                m.datatype = dt if dt is not DataType.UNKNOWN else DataType.STRING
                 if historical:
                     m.is_historical = True
                 set_value(m, dt, value)

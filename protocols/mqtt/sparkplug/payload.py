@@ -142,8 +142,9 @@ _INT_RANGE: dict[DataType, tuple[int, int]] = {
     DataType.DATETIME: (0, 2**64 - 1),
 }
 _SIGNED32 = frozenset({DataType.INT8, DataType.INT16, DataType.INT32})
-_UNSIGNED32 = frozenset({DataType.UINT8, DataType.UINT16, DataType.UINT32})
-_LONG = frozenset({DataType.INT64, DataType.UINT64, DataType.DATETIME})
+_UNSIGNED32 = frozenset({DataType.UINT8, DataType.UINT16})
+# UInt32 travels in long_value, as Eclipse Tahu's encoders write it; read from either.
+_LONG = frozenset({DataType.UINT32, DataType.INT64, DataType.UINT64, DataType.DATETIME})
 _STRINGS = frozenset({DataType.STRING, DataType.TEXT, DataType.UUID})
 _F32 = struct.Struct("<f")
 
@@ -246,6 +247,8 @@ def get_value(metric: Any, datatype: int) -> PointValue:
             "unsupported_datatype", f"metric {metric.name!r}: datatype {datatype} is not read"
         )
     which = metric.WhichOneof("value")
+    if which == "int_value" and dt is DataType.UINT32:
+        field = which
     if which != field:
         raise ContractError(
             "bad_datatype",
