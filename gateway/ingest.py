@@ -152,8 +152,10 @@ class MessageProcessor:
             )
         return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
 
-    def _prefix(self, ent: str, agent: str, device: str) -> str:
-        tags = self.sink.device_tags(ent, device)
+    def _prefix(
+        self, ent: str, agent: str, device: str, born: tuple[str, str] | None = None
+    ) -> str:
+        tags = self.sink.device_tags(ent, device) or born
         family, profile = tags if tags is not None else ("", "")
         key = (ent, agent, device, family, profile)
         prefix = self._prefixes.get(key)
@@ -184,11 +186,13 @@ class MessageProcessor:
         source: str,
         *,
         by_ts: bool = False,
+        born: tuple[str, str] | None = None,
     ) -> Outcome:
         """Lines and a registry summary of a device's samples, replays dropped.
 
         Samples are keyed by ``seq`` (+1 per sample), or with ``by_ts`` (Sparkplug, which
         numbers messages, not samples) by their timestamp, in a key space of their own.
+        ``born`` is the (family, profile) a birth in the same batch gave an unknown device.
         """
         for ts, _, _, _ in samples:
             if ts > MAX_TS_MS:
@@ -197,7 +201,7 @@ class MessageProcessor:
                     f"{ent}/{agent}/{device}: sample ts {ts} is past what InfluxDB stores",
                     source=source,
                 )
-        prefix = self._prefix(ent, agent, device)
+        prefix = self._prefix(ent, agent, device, born)
         devkey = f"{SPARKPLUG_PREFIX}{ent}/{agent}/{device}" if by_ts else f"{ent}/{agent}/{device}"
         out = Outcome(source=source)
         lines: list[str] = []

@@ -59,6 +59,8 @@ class _Node:
     # device -> alias -> (name, datatype); device -> name -> datatype
     aliases: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
     names: dict[str, dict[str, int]] = field(default_factory=dict)
+    # device -> (family, profile) its DBIRTH named, for the series tags
+    tags: dict[str, tuple[str, str]] = field(default_factory=dict)
     rebirth_asked: float = 0.0
 
 
@@ -126,6 +128,7 @@ class SparkplugHost:
             node.seq = int(msg.seq)
             node.aliases.clear()
             node.names.clear()
+            node.tags.clear()
             birth = Birth(
                 bdseq=node.bdseq,
                 ts=_ts(msg.timestamp),
@@ -188,6 +191,10 @@ class SparkplugHost:
                 aliases[m.alias] = (m.name, m.datatype)
         node.aliases[dev] = aliases
         node.names[dev] = names
+        if props.get("profile") and props.get("family"):
+            # The registry learns the device only once this batch commits; data of the
+            # same batch is tagged as the birth says.
+            node.tags[dev] = (props["family"], props["profile"])
         known = self.sink.device_tags(ent, dev)
         profile = props.get("profile") or (known[1] if known else "unknown")
         try:
@@ -245,14 +252,17 @@ class SparkplugHost:
         live = [(ts, v, e, q) for ts, v, e, q, hist in samples if not hist]
         old = [(ts, v, e, q) for ts, v, e, q, hist in samples if hist]
         rebirth = out.rebirth
+        born = node.tags.get(dev)
         result = out
         proc = self.processor
         if old:
             # Written, but the registry is not told: history does not make a device online.
-            result = proc._data(tx, t.group, t.node, dev, 0, old, out.source, by_ts=True)
+            result = proc._data(tx, t.group, t.node, dev, 0, old, out.source, by_ts=True, born=born)
             result.notify = None
         if live:
-            live_out = proc._data(tx, t.group, t.node, dev, 0, live, out.source, by_ts=True)
+            live_out = proc._data(
+                tx, t.group, t.node, dev, 0, live, out.source, by_ts=True, born=born
+            )
             if old:
                 for f in ("lines", "samples", "duplicates", "points", "point_errors"):
                     setattr(live_out, f, getattr(live_out, f) + getattr(result, f))

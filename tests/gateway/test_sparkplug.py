@@ -151,7 +151,10 @@ def test_births_data_death_and_bad_input(
         )
         wait_until(lambda: len(sink.wills) == 1, what="the NDEATH of the live session")
         wait_until(
-            lambda: len(series_by_name(victoria).get("telemetry_temp", [[]])[0]["values"]) == 2,
+            lambda: (
+                len(series_by_name(victoria).get("telemetry_temp", [{"values": []}])[0]["values"])
+                == 2
+            ),
             what="temp samples in victoria-metrics",
         )
     finally:
@@ -264,8 +267,11 @@ async def test_sparkplug_agent_counts_in_ratios_and_kill_9_takes_its_devices_off
         await _until(lambda: not online(), 20, "kiln-1 offline after the broker's NDEATH")
         view = gw.registry.get_device("ent-1", "kiln-1")
         assert view is not None and view["state_reason"] == "agent offline"
-        tags = next(iter(series_by_name(victoria).values()))[0]["metric"]
-        assert tags["profile"] == "kiln-rotary-cement" and tags["agent"] == "agent-1"
+        # Every series carries the tags the birth gave, the first samples' too.
+        for series in series_by_name(victoria).values():
+            for s in series:
+                assert s["metric"]["profile"] == "kiln-rotary-cement", s["metric"]
+                assert s["metric"]["family"] == "kiln" and s["metric"]["agent"] == "agent-1"
     finally:
         if proc.poll() is None:
             proc.kill()
