@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from gateway.registry.codes import FAMILY_LABELS
 from iiot_common.identifier import is_identifier
 from protocols.mqtt.contract import (
     MAX_TS_MS,
@@ -191,10 +192,6 @@ class SparkplugHost:
                 aliases[m.alias] = (m.name, m.datatype)
         node.aliases[dev] = aliases
         node.names[dev] = names
-        if props.get("profile") and props.get("family"):
-            # The registry learns the device only once this batch commits; data of the
-            # same batch is tagged as the birth says.
-            node.tags[dev] = (props["family"], props["profile"])
         known = self.sink.device_tags(ent, dev)
         profile = props.get("profile") or (known[1] if known else "unknown")
         try:
@@ -207,6 +204,10 @@ class SparkplugHost:
             )
         except ValidationError:
             bdev = BirthDevice(id=dev, profile="unknown", protocol="sparkplug")
+        # The registry learns a new device only once this batch commits; data of the same
+        # batch is tagged as the registry will tag it, so a device keeps one series.
+        family = bdev.family if bdev.family in FAMILY_LABELS else "other"
+        node.tags[dev] = known or (family, bdev.profile)
         birth = Birth(bdseq=node.bdseq or 0, ts=_ts(msg.timestamp), devices=[bdev])
         state = DeviceState(online=True, ts=_ts(msg.timestamp))
 

@@ -187,7 +187,16 @@ def test_a_tahu_edge_node_lands_in_our_gateway(
     node = _start_node(tahu, mosquitto.port, n, t0)
     try:
         assert node.stdout is not None and node.stdin is not None
-        assert node.stdout.readline().strip() == "published", node.stderr
+        assert node.stdout.readline().strip() == "born", node.stderr
+
+        def registered() -> bool:
+            view = gw.registry.get_device("ent-1", "press-1")
+            return view is not None and view["agent"] == "tahu-node"
+
+        _wait(registered, 20, "the Tahu node's device registered by its DBIRTH")
+        node.stdin.write("data\n")
+        node.stdin.flush()
+        assert node.stdout.readline().strip() == "published"
         _wait(
             lambda: (
                 len(series_by_name(victoria).get("telemetry_count", [{}])[0].get("values", [])) == n
@@ -213,9 +222,11 @@ def test_a_tahu_edge_node_lands_in_our_gateway(
             node.wait(10)
         gw.stop()
     series = series_by_name(victoria)
+    names = ("telemetry_temp", "telemetry_speed", "telemetry_count")
+    assert all(len(series[name]) == 1 for name in names), "one series per point"
     got = {
         name: sorted(zip(s[0]["timestamps"], s[0]["values"], strict=True))
-        for name in ("telemetry_temp", "telemetry_speed", "telemetry_count")
+        for name in names
         for s in [series[name]]
     }
     assert got["telemetry_temp"] == [(t0 + i * 1000, 800.0 + i) for i in range(n)]

@@ -18,7 +18,9 @@ const client = sparkplug.newClient({
   publishDeath: true,
 });
 
-client.on("birth", () => {
+let sent = false;
+
+const births = () => {
   const now = Date.now();
   client.publishNodeBirth({
     timestamp: now,
@@ -32,6 +34,9 @@ client.on("birth", () => {
       { name: "count", alias: 3, type: "UInt32", value: 7, timestamp: now },
     ],
   });
+};
+
+const data = () => {
   for (let i = 0; i < n; i++) {
     client.publishDeviceData(device, {
       timestamp: Date.now(),
@@ -43,10 +48,37 @@ client.on("birth", () => {
     });
   }
   process.stdout.write("published\n");
-  process.stdin.once("data", () => {
-    client.stop(); // publishes NDEATH
-    setTimeout(() => process.exit(0), 500);
-  });
+};
+
+// stdin lines from the test: "data" publishes the samples, "stop" ends with NDEATH.
+let buffered = "";
+process.stdin.on("data", (chunk) => {
+  buffered += chunk;
+  let nl;
+  while ((nl = buffered.indexOf("\n")) >= 0) {
+    const line = buffered.slice(0, nl).trim();
+    buffered = buffered.slice(nl + 1);
+    if (line === "data" && !sent) {
+      sent = true;
+      data();
+    } else if (line === "stop") {
+      client.stop(); // publishes NDEATH
+      setTimeout(() => process.exit(0), 500);
+    }
+  }
+});
+
+client.on("birth", () => {
+  births();
+  process.stdout.write("born\n");
+});
+
+// A host's Rebirth request (NCMD Node Control/Rebirth) is answered with the births.
+client.on("ncmd", (payload) => {
+  const rebirth = (payload.metrics || []).some(
+    (m) => m.name === "Node Control/Rebirth" && m.value === true
+  );
+  if (rebirth) births();
 });
 client.on("error", (e) => {
   process.stderr.write(String(e) + "\n");
