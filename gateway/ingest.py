@@ -284,6 +284,7 @@ class Ingest:
         self.metrics = metrics or outbox.metrics
         self.processor = MessageProcessor(sink)
         self.processor.sparkplug.metrics = self.metrics
+        self.processor.sparkplug.restore(outbox.sparkplug_births())
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()

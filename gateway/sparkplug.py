@@ -93,7 +93,7 @@ class SparkplugHost:
             return Outcome(reason, f"{t.node!r} may not publish under {t.group!r}", source=source)
         try:
             msg = parse_payload(payload)
-            return self._message(tx, t, msg, source)
+            return self._message(tx, t, msg, source, payload)
         except ContractError as exc:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
 
@@ -106,7 +106,7 @@ class SparkplugHost:
             node = self._nodes[key] = _Node()
         return node
 
-    def _message(self, tx: _Tx, t: SpTopic, msg: Any, source: str) -> Outcome:
+    def _message(self, tx: _Tx, t: SpTopic, msg: Any, source: str, raw: bytes) -> Outcome:
         from gateway.ingest import Outcome
 
         node = self._node(t)
@@ -118,9 +118,8 @@ class SparkplugHost:
                 return Outcome(
                     "stale_ndeath", f"{source}: bdSeq {bdseq} of an older session", source=source
                 )
+            # Aliases are kept: DDATA spooled by the node may still be on its way to us.
             node.seq = None
-            node.aliases.clear()
-            node.names.clear()
             will = Will(bdseq=bdseq)
             return Outcome(source=source, notify=lambda s: s.on_will(ent, agent, will))
         out = Outcome(source=source)
@@ -130,6 +129,7 @@ class SparkplugHost:
             node.aliases.clear()
             node.names.clear()
             node.tags.clear()
+            _save_birth(tx, t, raw)
             birth = Birth(
                 bdseq=node.bdseq,
                 ts=_ts(msg.timestamp),
@@ -145,6 +145,7 @@ class SparkplugHost:
                 return out
         if kind is MessageType.DBIRTH:
             assert t.device is not None
+            _save_birth(tx, t, raw)
             return self._dbirth(t, node, msg, out)
         if kind is MessageType.DDEATH:
             dev = t.device
@@ -161,6 +162,26 @@ class SparkplugHost:
             return self._ddata(tx, t, node, msg, out)
         return out  # NDATA: node metrics are not stored
 
+    def restore(self, births: list[tuple[str, str, bytes]]) -> None:
+        """Rebuild what the kept births say (a restarted gateway); bad rows are skipped."""
+        for key, device, body in births:
+            group, _, name = key.partition("/")
+            try:
+                t = SpTopic(
+                    group,
+                    MessageType.DBIRTH if device else MessageType.NBIRTH,
+                    name,
+                    device or None,
+                )
+                msg = parse_payload(body)
+                node = self._node(t)
+                if device:
+                    self._learn_device(t, node, msg)
+                else:
+                    node.bdseq = _bdseq(msg)
+            except ContractError:
+                continue
+
     def _check_seq(self, t: SpTopic, node: _Node, msg: Any) -> None:
         seq = int(msg.seq) if msg.HasField("seq") else None
         if seq is None:
@@ -172,10 +193,11 @@ class SparkplugHost:
                 self.metrics.sparkplug_seq_gaps.labels(key).inc()
         node.seq = seq
 
-    def _dbirth(self, t: SpTopic, node: _Node, msg: Any, out: Outcome) -> Outcome:
+    def _learn_device(self, t: SpTopic, node: _Node, msg: Any) -> BirthDevice:
+        """Take a DBIRTH's aliases, datatypes and tags; the device's birth entry."""
         dev = t.device
         assert dev is not None
-        ent, agent = t.group, t.node
+        ent = t.group
         aliases: dict[int, tuple[str, int]] = {}
         names: dict[str, int] = {}
         props: dict[str, str] = {}
@@ -208,6 +230,13 @@ class SparkplugHost:
         # batch is tagged as the registry will tag it, so a device keeps one series.
         family = bdev.family if bdev.family in FAMILY_LABELS else "other"
         node.tags[dev] = known or (family, bdev.profile)
+        return bdev
+
+    def _dbirth(self, t: SpTopic, node: _Node, msg: Any, out: Outcome) -> Outcome:
+        dev = t.device
+        assert dev is not None
+        ent, agent = t.group, t.node
+        bdev = self._learn_device(t, node, msg)
         birth = Birth(bdseq=node.bdseq or 0, ts=_ts(msg.timestamp), devices=[bdev])
         state = DeviceState(online=True, ts=_ts(msg.timestamp))
 
@@ -278,6 +307,13 @@ class SparkplugHost:
         node.rebirth_asked = now
         self.rebirths_requested += 1
         out.rebirth = str(SpTopic(t.group, MessageType.NCMD, t.node))
+
+
+def _save_birth(tx: Any, t: SpTopic, raw: bytes) -> None:
+    # Transactions without durable state (benchmarks, unit tests) keep births in memory.
+    save = getattr(tx, "save_birth", None)
+    if save is not None:
+        save(f"{t.group}/{t.node}", t.device or "", raw)
 
 
 def _bdseq(msg: Any) -> int:

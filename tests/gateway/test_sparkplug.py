@@ -335,3 +335,44 @@ def test_a_sparkplug_agent_cannot_publish_as_another_group_or_node(tmp_path: Pat
     finally:
         broker.stop()
         reg.close()
+
+
+def test_data_queued_while_the_gateway_was_down_is_read_with_the_kept_births(
+    tmp_path: Path, mosquitto: Mosquitto, victoria: VictoriaMetrics, sink: MemorySink
+) -> None:
+    config = gateway_config(tmp_path, mosquitto, victoria)
+    gw = Gateway(config, sink=sink, serve_api=False)
+    gw.start()
+    pub = Publisher(mosquitto.url, client_id="steady-node")
+    try:
+        _births(pub)
+        pub.raw(
+            f"{_T}/DDATA/agent-1/kiln-1", _payload(2, [{"alias": 1, "raw": ("double_value", 1.0)}])
+        )
+        wait_until(lambda: len(sink.summaries) == 1, what="the first DDATA")
+        gw.stop()
+        # The gateway's persistent session queues these; no birth comes with them.
+        for i in range(3, 6):
+            pub.raw(
+                f"{_T}/DDATA/agent-1/kiln-1",
+                _payload(i, [{"alias": 1, "raw": ("double_value", float(i)), "ts": BASE_TS + i}]),
+            )
+        gw = Gateway(config, sink=sink, serve_api=False)
+        gw.start()
+        wait_until(
+            lambda: (
+                sorted(
+                    v
+                    for s in series_by_name(victoria).get("telemetry_temp", [])
+                    for v in s["values"]
+                )
+                == [1.0, 3.0, 4.0, 5.0]
+            ),
+            what="the queued DDATA in victoria-metrics",
+        )
+        assert _rejected(gw, "unknown_alias") == 0
+        assert metric(gw, "iiot_gateway_sparkplug_rebirth_requests_total") == 0
+        assert metric(gw, "iiot_gateway_sparkplug_seq_gaps_total", {"node": "ent-1/agent-1"}) == 0
+    finally:
+        pub.close()
+        gw.stop()
