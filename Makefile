@@ -20,7 +20,7 @@ setup: $(STAMP)
 # Servers the integration tests run on loopback (Debian packages; needs root).
 system-deps:
 	@missing=""; \
-	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl; do \
+	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl node:nodejs npm:npm; do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
