@@ -49,6 +49,7 @@ __all__ = ["REBIRTH_INTERVAL", "SparkplugHost"]
 REBIRTH_INTERVAL = 10.0  # seconds between two Rebirth requests to the same node
 _MAX_NODES = 100_000
 _PROPS = "Properties/"
+_STATE = "spBv1.0/STATE/"
 
 
 @dataclass(slots=True)
@@ -81,6 +82,8 @@ class SparkplugHost:
     def handle(self, tx: _Tx, text: str, payload: bytes) -> Outcome:
         from gateway.ingest import Outcome
 
+        if text.startswith(_STATE):
+            return Outcome(source=text[:80])  # a host application's own online state
         try:
             t = parse_sp_topic(text)
         except ContractError as exc:

@@ -126,6 +126,7 @@ def test_births_data_death_and_bad_input(
             ),
         )
         pub.raw(f"{_T}/DDATA/agent-1/kiln-1", b"\xff\x00garbage")
+        pub.raw("spBv1.0/STATE/some-host", b'{"online": true, "timestamp": 1}')
         # seq 9 after 2: a gap; a historical sample is written, not counted as "now".
         pub.raw(
             f"{_T}/DDATA/agent-1/kiln-1",
@@ -161,6 +162,7 @@ def test_births_data_death_and_bad_input(
         pub.close()
     assert _rejected(gateway, "stale_ndeath") == 1
     assert _rejected(gateway, "bad_protobuf") == 1
+    assert _rejected(gateway, "bad_topic") == 0  # a host's STATE is no error
     assert sink.wills[0][2].bdseq == 5
     birth_devices = [d for _e, _a, b in sink.births for d in b.devices]
     assert [d.id for d in birth_devices] == ["kiln-1"]
