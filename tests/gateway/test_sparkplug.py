@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_profiles.loader import load_profiles
+from gateway.ingest import MessageProcessor
 from gateway.provisioning import Provisioner
 from gateway.ratios import compute_ratios
 from gateway.registry import Registry
@@ -63,29 +66,28 @@ def _payload(seq: int | None, metrics: list[dict[str, Any]], ts: int = BASE_TS) 
 _T = "spBv1.0/ent-1"
 
 
+def _birth_payloads(bdseq: int = 5) -> tuple[bytes, bytes]:
+    nbirth = _payload(
+        0,
+        [
+            {"name": BDSEQ, "datatype": DataType.UINT64, "value": bdseq},
+            {"name": REBIRTH, "datatype": DataType.BOOLEAN, "value": False},
+        ],
+    )
+    dbirth = _payload(
+        1,
+        [
+            {"name": "temp", "alias": 1, "datatype": DataType.DOUBLE, "value": 800.0},
+            {"name": "speed", "alias": 2, "datatype": DataType.INT16, "value": 3},
+        ],
+    )
+    return nbirth, dbirth
+
+
 def _births(pub: Publisher, bdseq: int = 5) -> None:
-    pub.raw(
-        f"{_T}/NBIRTH/agent-1",
-        _payload(
-            0,
-            [
-                {"name": BDSEQ, "datatype": DataType.UINT64, "value": bdseq},
-                {"name": REBIRTH, "datatype": DataType.BOOLEAN, "value": False},
-            ],
-        ),
-        qos=0,
-    )
-    pub.raw(
-        f"{_T}/DBIRTH/agent-1/kiln-1",
-        _payload(
-            1,
-            [
-                {"name": "temp", "alias": 1, "datatype": DataType.DOUBLE, "value": 800.0},
-                {"name": "speed", "alias": 2, "datatype": DataType.INT16, "value": 3},
-            ],
-        ),
-        qos=0,
-    )
+    nbirth, dbirth = _birth_payloads(bdseq)
+    pub.raw(f"{_T}/NBIRTH/agent-1", nbirth, qos=0)
+    pub.raw(f"{_T}/DBIRTH/agent-1/kiln-1", dbirth, qos=0)
 
 
 @pytest.fixture
@@ -378,3 +380,42 @@ def test_data_queued_while_the_gateway_was_down_is_read_with_the_kept_births(
     finally:
         pub.close()
         gw.stop()
+
+
+class _MemTx:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def first_time(self, dev: str, seq: int, ts: int) -> bool:
+        return True
+
+    def add(self, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+
+_KINDS = ["NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA", "NCMD", "XX"]
+
+
+@given(
+    kinds=st.lists(st.sampled_from(_KINDS), min_size=1, max_size=8),
+    blobs=st.lists(st.binary(max_size=200), min_size=1, max_size=8),
+)
+@settings(max_examples=300, deadline=None)
+def test_garbage_never_raises_and_good_data_still_lands(
+    kinds: list[str], blobs: list[bytes]
+) -> None:
+    proc = MessageProcessor(MemorySink(tags={("ent-1", "kiln-1"): ("kiln", "generic-kiln")}))
+    tx = _MemTx()
+    births = _birth_payloads()
+    proc.handle(tx, f"{_T}/NBIRTH/agent-1", births[0])
+    proc.handle(tx, f"{_T}/DBIRTH/agent-1/kiln-1", births[1])
+    for kind, blob in zip(kinds, blobs, strict=False):
+        device = "/kiln-1" if kind.startswith("D") else ""
+        out = proc.handle(tx, f"{_T}/{kind}/agent-1{device}", blob)
+        assert out.reject != "internal_error", out.detail
+    # Garbage that parses as an (empty) birth resets the node, as a birth does: born again.
+    proc.handle(tx, f"{_T}/NBIRTH/agent-1", births[0])
+    proc.handle(tx, f"{_T}/DBIRTH/agent-1/kiln-1", births[1])
+    good = _payload(2, [{"alias": 1, "raw": ("double_value", 5.5)}], ts=BASE_TS + 99)
+    out = proc.handle(tx, f"{_T}/DDATA/agent-1/kiln-1", good)
+    assert out.reject is None and any("temp=5.5" in line for line in tx.lines)
