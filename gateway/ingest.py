@@ -284,6 +284,8 @@ class Ingest:
         self.metrics = metrics or outbox.metrics
         self.processor = MessageProcessor(sink)
         self.processor.sparkplug.metrics = self.metrics
+        # Each instance of a shared group sees only part of a node's messages.
+        self.processor.sparkplug.count_seq_gaps = mqtt_config.shared_group is None
         self.processor.sparkplug.restore(outbox.sparkplug_births())
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
@@ -304,15 +306,23 @@ class Ingest:
         self._client = self._make_client()
 
     @property
-    def topic_filter(self) -> str:
-        return self.topic_filters[0]
-
-    @property
     def topic_filters(self) -> list[str]:
-        """The contract's topics and Sparkplug B's, shared when a group is configured."""
+        """The contract's topics and Sparkplug B's, shared when a group is configured.
+
+        In a shared group every instance still receives every Sparkplug birth and death
+        (they are few): each one needs the aliases to read the DDATA it is handed.
+        """
         group = self.mqtt_config.shared_group
-        bases = [f"{TOPIC_PREFIX}/#", f"{SPARKPLUG_PREFIX}#"]
-        return [f"$share/{group}/{b}" if group else b for b in bases]
+        if not group:
+            return [f"{TOPIC_PREFIX}/#", f"{SPARKPLUG_PREFIX}#"]
+        sp = SPARKPLUG_PREFIX
+        return [
+            f"$share/{group}/{TOPIC_PREFIX}/#",
+            *(f"{sp}+/{kind}/+" for kind in ("NBIRTH", "NDEATH")),
+            *(f"{sp}+/{kind}/+/+" for kind in ("DBIRTH", "DDEATH")),
+            f"$share/{group}/{sp}+/DDATA/+/+",
+            f"$share/{group}/{sp}+/NDATA/+",
+        ]
 
     @property
     def connected(self) -> bool:

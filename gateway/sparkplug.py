@@ -78,6 +78,7 @@ class SparkplugHost:
         self.rebirths_requested = 0
         self.clock = time.monotonic
         self.metrics: DataPathMetrics | None = None  # set by the ingest that owns this
+        self.count_seq_gaps = True
 
     def handle(self, tx: _Tx, text: str, payload: bytes) -> Outcome:
         from gateway.ingest import Outcome
@@ -189,7 +190,7 @@ class SparkplugHost:
         seq = int(msg.seq) if msg.HasField("seq") else None
         if seq is None:
             return
-        if node.seq is not None and seq != (node.seq + 1) % 256:
+        if node.seq is not None and seq != (node.seq + 1) % 256 and self.count_seq_gaps:
             key = f"{t.group}/{t.node}"
             self.seq_gaps[key] += 1
             if self.metrics is not None:

@@ -419,3 +419,50 @@ def test_garbage_never_raises_and_good_data_still_lands(
     good = _payload(2, [{"alias": 1, "raw": ("double_value", 5.5)}], ts=BASE_TS + 99)
     out = proc.handle(tx, f"{_T}/DDATA/agent-1/kiln-1", good)
     assert out.reject is None and any("temp=5.5" in line for line in tx.lines)
+
+
+def test_two_instances_in_a_shared_group_read_every_ddata_once(
+    tmp_path: Path, mosquitto: Mosquitto, victoria: VictoriaMetrics
+) -> None:
+    gws = []
+    for name in ("gw-a", "gw-b"):
+        cfg = gateway_config(
+            tmp_path, mosquitto, victoria, client_id=name, shared_group="gws", name=name
+        )
+        gw = Gateway(
+            cfg, sink=MemorySink(tags={("ent-1", "kiln-1"): ("kiln", "k")}), serve_api=False
+        )
+        gw.start()
+        gws.append(gw)
+    pub = Publisher(mosquitto.url, client_id="shared-node")
+    n = 40
+    try:
+        _births(pub)
+        time.sleep(0.5)  # both instances hold the births before the data comes
+        for i in range(n):
+            pub.raw(
+                f"{_T}/DDATA/agent-1/kiln-1",
+                _payload(
+                    2 + i, [{"alias": 1, "raw": ("double_value", float(i)), "ts": BASE_TS + i}]
+                ),
+            )
+        wait_until(
+            lambda: (
+                sum(len(s["values"]) for s in series_by_name(victoria).get("telemetry_temp", []))
+                >= n
+            ),
+            what="every DDATA in victoria-metrics",
+        )
+        time.sleep(0.5)
+        values = sorted(
+            v for s in series_by_name(victoria).get("telemetry_temp", []) for v in s["values"]
+        )
+        # Both instances took part, neither lacked the aliases, nothing was written twice.
+        assert values == [float(i) for i in range(n)]
+        assert all(metric(gw, "iiot_gateway_samples_total") > 0 for gw in gws)
+        assert all(_rejected(gw, "unknown_alias") == 0 for gw in gws)
+        assert all(metric(gw, "iiot_gateway_sparkplug_rebirth_requests_total") == 0 for gw in gws)
+    finally:
+        pub.close()
+        for gw in gws:
+            gw.stop()
