@@ -20,7 +20,7 @@ setup: $(STAMP)
 # Servers the integration tests run on loopback (Debian packages; needs root).
 system-deps:
 	@missing=""; \
-	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl; do \
+	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl node:nodejs npm:npm; do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -56,6 +56,7 @@ bench: setup system-deps
 	$(BIN)/python bench/agent_modbus.py
 	$(BIN)/python bench/gateway_ingest.py
 	$(BIN)/python bench/ratios.py
+	$(BIN)/python bench/sparkplug_wire.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data build $(DIST)

@@ -91,16 +91,30 @@ class Agent:
         self.store = RemoteConfigStore(cfg.data_dir)
         self.desired: DesiredConfig | None = None  # the applied remote configuration
         self.loaded = self._initial_config(loaded)
-        self.publisher = Publisher(
-            cfg,
-            self.spool,
-            self.metrics,
-            devices=self._birth_devices(),
-            version=__version__,
-            codec=codec,
-        )
-        self.publisher.config_version = self.config_version
         enabled = [d for d in self.loaded.config.devices if d.enabled]
+        self.publisher: Publisher
+        if cfg.mqtt.codec == "sparkplug":
+            from edge_agent.sparkplug import SparkplugPublisher
+
+            self.publisher = SparkplugPublisher(
+                cfg,
+                self.spool,
+                self.metrics,
+                devices=self._birth_devices(),
+                profiles={d.id: self.loaded.device_profiles[d.id] for d in enabled},
+                version=__version__,
+            )
+            self.codec = self.publisher.codec
+        else:
+            self.publisher = Publisher(
+                cfg,
+                self.spool,
+                self.metrics,
+                devices=self._birth_devices(),
+                version=__version__,
+                codec=codec,
+            )
+        self.publisher.config_version = self.config_version
         self._pollers: dict[str, DevicePoller] = {
             d.id: self._make_poller(d, i / len(enabled)) for i, d in enumerate(enabled)
         }

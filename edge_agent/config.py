@@ -85,6 +85,10 @@ class MqttConfig(_Strict):
         default=MQTT_RECONNECT_MAX, gt=0, le=3600, description="Longest backoff, seconds."
     )
     max_inflight: int = Field(default=20, ge=1, le=1000, description="Unacknowledged messages.")
+    codec: Literal["json", "sparkplug"] = Field(
+        default="json",
+        description="Wire format: the iiot/v1 JSON contract, or Sparkplug B 3.0 (spBv1.0/...).",
+    )
 
     @field_validator("url")
     @classmethod

@@ -161,9 +161,8 @@ class Publisher:
         self._tasks = []
         client = self._client
         if client is not None and self.connected and self.bdseq is not None:
-            info = client.publish(
-                self._agent_topic, encode(Will(bdseq=self.bdseq)), qos=1, retain=True
-            )
+            topic, payload, retain = self._will(self.bdseq)
+            info = client.publish(topic, payload, qos=1, retain=retain)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
             client.disconnect()
@@ -247,14 +246,32 @@ class Publisher:
             self._mark_dirty(dev)
         self.state = ConnState.CONNECTED
         self.metrics.mqtt_connected.set(1)
-        self._publish_birth(client, bdseq)
-        for dev, st in self._states.items():
-            self._publish_state(dev, st)
+        self._announce(client, bdseq)
         if self.subscriptions:
             client.subscribe([(t, 1) for t in self.subscriptions])
         log.info("mqtt connected", extra={"broker": f"{m.host}:{m.port}", "bdseq": bdseq})
         self._wake.set()
         return True, False
+
+    def _will(self, bdseq: int) -> tuple[str, bytes, bool]:
+        """The offline message of session ``bdseq``: (topic, payload, retain)."""
+        return self._agent_topic, encode(Will(bdseq=bdseq)), True
+
+    def _announce(self, client: mqtt.Client, bdseq: int) -> None:
+        """A new session: the birth, then every device's state."""
+        self._publish_birth(client, bdseq)
+        for dev, st in self._states.items():
+            self._publish_state(dev, st)
+
+    def _data_message(self, device: str, rows: list[SpoolRow]) -> tuple[str, bytes]:
+        """(topic, payload) of one data message of ``device``'s spooled ``rows``."""
+        topic = self._data_topics.get(device)
+        if topic is None:
+            topic = str(
+                Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA)
+            )
+            self._data_topics[device] = topic
+        return topic, self.codec.pack(rows[0].seq, [r.body for r in rows])
 
     def _make_client(self, session: int, bdseq: int) -> mqtt.Client:
         m = self.cfg.mqtt
@@ -267,7 +284,8 @@ class Publisher:
         )
         client.max_inflight_messages_set(max(m.max_inflight + 8, 20))
         client.max_queued_messages_set(0)
-        client.will_set(self._agent_topic, encode(Will(bdseq=bdseq)), qos=1, retain=True)
+        will_topic, will_payload, will_retain = self._will(bdseq)
+        client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
         if m.username is not None:
             client.username_pw_set(m.username, self.cfg.mqtt_password())
         if m.tls:
@@ -429,13 +447,7 @@ class Publisher:
             await asyncio.sleep(0)
 
     def _publish_rows(self, client: mqtt.Client, device: str, rows: list[SpoolRow]) -> None:
-        topic = self._data_topics.get(device)
-        if topic is None:
-            topic = str(
-                Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.DATA)
-            )
-            self._data_topics[device] = topic
-        payload = self.codec.pack(rows[0].seq, [r.body for r in rows])
+        topic, payload = self._data_message(device, rows)
         info = client.publish(topic, payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return

@@ -40,6 +40,7 @@ from gateway.influx import format_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
+from gateway.sparkplug import SparkplugHost
 from iiot_common.backoff import Backoff
 from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
 from protocols.mqtt.contract import (
@@ -54,12 +55,15 @@ from protocols.mqtt.contract import (
     parse_topic,
 )
 from protocols.mqtt.control import ControlTopic, parse_control_topic
+from protocols.mqtt.sparkplug.node import rebirth_request
+from protocols.mqtt.sparkplug.payload import NAMESPACE as _SP_NAMESPACE
 
 __all__ = ["MEASUREMENT", "ControlHandler", "Ingest", "MessageProcessor", "Outcome"]
 
 log = logging.getLogger(__name__)
 
 MEASUREMENT = "telemetry"
+SPARKPLUG_PREFIX = f"{_SP_NAMESPACE}/"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
@@ -90,6 +94,7 @@ class Outcome:
     points: int = 0
     point_errors: int = 0
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
+    rebirth: str | None = None  # a Sparkplug NCMD topic to send a Rebirth request to
 
 
 class MessageProcessor:
@@ -106,6 +111,7 @@ class MessageProcessor:
         self.control = control
         self.codec = codec
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
+        self.sparkplug = SparkplugHost(self)
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
         """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
@@ -123,6 +129,8 @@ class MessageProcessor:
             text = topic.decode("utf-8") if isinstance(topic, bytes) else topic
         except UnicodeDecodeError:
             return Outcome("bad_topic", "topic is not UTF-8", source=repr(topic[:80]))
+        if text.startswith(SPARKPLUG_PREFIX):
+            return self.sparkplug.handle(tx, text, payload)
         try:
             ctl = parse_control_topic(text)
         except ContractError as exc:
@@ -184,8 +192,10 @@ class MessageProcessor:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
         return Outcome(source=source, notify=lambda _sink: apply())
 
-    def _prefix(self, ent: str, agent: str, device: str) -> str:
-        tags = self.sink.device_tags(ent, device)
+    def _prefix(
+        self, ent: str, agent: str, device: str, born: tuple[str, str] | None = None
+    ) -> str:
+        tags = self.sink.device_tags(ent, device) or born
         family, profile = tags if tags is not None else ("", "")
         key = (ent, agent, device, family, profile)
         prefix = self._prefixes.get(key)
@@ -214,7 +224,16 @@ class MessageProcessor:
         seq: int,
         samples: list[DecodedSample],
         source: str,
+        *,
+        by_ts: bool = False,
+        born: tuple[str, str] | None = None,
     ) -> Outcome:
+        """Lines and a registry summary of a device's samples, replays dropped.
+
+        Samples are keyed by ``seq`` (+1 per sample), or with ``by_ts`` (Sparkplug, which
+        numbers messages, not samples) by their timestamp, in a key space of their own.
+        ``born`` is the (family, profile) a birth in the same batch gave an unknown device.
+        """
         for ts, _, _, _ in samples:
             if ts > MAX_TS_MS:
                 return Outcome(
@@ -222,8 +241,8 @@ class MessageProcessor:
                     f"{ent}/{agent}/{device}: sample ts {ts} is past what InfluxDB stores",
                     source=source,
                 )
-        prefix = self._prefix(ent, agent, device)
-        devkey = f"{ent}/{agent}/{device}"
+        prefix = self._prefix(ent, agent, device, born)
+        devkey = f"{SPARKPLUG_PREFIX}{ent}/{agent}/{device}" if by_ts else f"{ent}/{agent}/{device}"
         out = Outcome(source=source)
         lines: list[str] = []
         latest: dict[str, bool | int | float | str | None] = {}
@@ -231,7 +250,7 @@ class MessageProcessor:
         last_good: int | None = None
         first_time = tx.first_time
         for ts, values, errors, _ in samples:
-            this_seq = seq
+            this_seq = ts if by_ts else seq
             seq += 1
             if not first_time(devkey, this_seq, ts):
                 out.duplicates += 1
@@ -305,6 +324,10 @@ class Ingest:
         self.sink = sink
         self.metrics = metrics or outbox.metrics
         self.processor = MessageProcessor(sink, control)
+        self.processor.sparkplug.metrics = self.metrics
+        # Each instance of a shared group sees only part of a node's messages.
+        self.processor.sparkplug.count_seq_gaps = mqtt_config.shared_group is None
+        self.processor.sparkplug.restore(outbox.sparkplug_births())
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()
@@ -324,10 +347,23 @@ class Ingest:
         self._client = self._make_client()
 
     @property
-    def topic_filter(self) -> str:
-        base = f"{TOPIC_PREFIX}/#"
+    def topic_filters(self) -> list[str]:
+        """The contract's topics and Sparkplug B's, shared when a group is configured.
+
+        In a shared group every instance still receives every Sparkplug birth and death
+        (they are few): each one needs the aliases to read the DDATA it is handed.
+        """
         group = self.mqtt_config.shared_group
-        return f"$share/{group}/{base}" if group else base
+        if not group:
+            return [f"{TOPIC_PREFIX}/#", f"{SPARKPLUG_PREFIX}#"]
+        sp = SPARKPLUG_PREFIX
+        return [
+            f"$share/{group}/{TOPIC_PREFIX}/#",
+            *(f"{sp}+/{kind}/+" for kind in ("NBIRTH", "NDEATH")),
+            *(f"{sp}+/{kind}/+/+" for kind in ("DBIRTH", "DDEATH")),
+            f"$share/{group}/{sp}+/DDATA/+/+",
+            f"$share/{group}/{sp}+/NDATA/+",
+        ]
 
     @property
     def connected(self) -> bool:
@@ -475,13 +511,13 @@ class Ingest:
         # they must not be acked on this one. The broker redelivers them.
         self._gen += 1
         self._subscribed.clear()
-        client.subscribe(self.topic_filter, qos=1)
+        client.subscribe([(f, 1) for f in self.topic_filters])
         self._connected.set()
         self.metrics.mqtt_connects.inc()
         self.metrics.mqtt_connected.set(1)
         log.info(
             "connected to broker",
-            extra={"url": self.mqtt_config.url, "subscription": self.topic_filter},
+            extra={"url": self.mqtt_config.url, "subscription": self.topic_filters},
         )
 
     def _on_subscribe(
@@ -491,7 +527,7 @@ class Ingest:
         if failed:
             log.error(
                 "broker refused the subscription",
-                extra={"filter": self.topic_filter, "reason": ", ".join(failed)},
+                extra={"filter": self.topic_filters, "reason": ", ".join(failed)},
             )
             return
         self._subscribed.set()
@@ -570,6 +606,8 @@ class Ingest:
         met.batch_size.observe(len(batch))
         samples = duplicates = points = point_errors = 0
         for o in outcomes:
+            if o.rebirth is not None:
+                self._request_rebirth(o.rebirth)
             if o.reject is not None:
                 self._count_reject(o)
                 continue
@@ -600,6 +638,12 @@ class Ingest:
                 ack(q.mid, q.qos)
                 acked += 1
         met.acked.inc(acked)
+
+    def _request_rebirth(self, topic: str) -> None:
+        """Ask a Sparkplug edge node for its births (NCMD ``Node Control/Rebirth``)."""
+        self.metrics.sparkplug_rebirths.inc()
+        self._client.publish(topic, rebirth_request(), qos=0)
+        log.info("sparkplug rebirth requested", extra={"topic": topic})
 
     def _count_reject(self, o: Outcome) -> None:
         reason = o.reject or "unknown"

@@ -66,6 +66,23 @@ class DataPathMetrics:
             "Exceptions raised by the registry while handling an accepted message.",
             registry=r,
         )
+        self.sparkplug_rebirths = Counter(
+            "iiot_gateway_sparkplug_rebirth_requests_total",
+            "Rebirth requests (NCMD) sent to Sparkplug edge nodes.",
+            registry=r,
+        )
+        self.sparkplug_seq_gaps = Counter(
+            "iiot_gateway_sparkplug_seq_gaps_total",
+            "Sparkplug messages whose seq did not follow the previous one, by edge node.",
+            ["node"],
+            registry=r,
+        )
+        self.sparkplug_dropped_metrics = Counter(
+            "iiot_gateway_sparkplug_dropped_metrics_total",
+            "Sparkplug DDATA metrics skipped (the rest of the message kept), by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.mqtt_connects = Counter(
             "iiot_gateway_mqtt_connects_total", "Successful MQTT connections.", registry=r
         )

@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS seen (
     ts INTEGER NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS seen_key ON seen (dev, seq, ts);
+CREATE TABLE IF NOT EXISTS sparkplug_births (
+    node TEXT NOT NULL,
+    device TEXT NOT NULL,
+    body BLOB NOT NULL,
+    PRIMARY KEY (node, device)
+);
 """
 
 # Checking retention on every append would cost a query per batch; age is coarse anyway.
@@ -109,6 +115,19 @@ class OutboxTransaction:
 
     def add(self, lines: Sequence[str]) -> None:
         self._lines.extend(lines)
+
+    def save_birth(self, node: str, device: str, body: bytes) -> None:
+        """Keep a Sparkplug birth (device '' for NBIRTH, which forgets the node's DBIRTHs).
+
+        DDATA queued for the gateway while it was down names metrics by alias only; the
+        births committed with the data before them let a restarted gateway read it.
+        """
+        if not device:
+            self._cur.execute("DELETE FROM sparkplug_births WHERE node = ?", (node,))
+        self._cur.execute(
+            "INSERT OR REPLACE INTO sparkplug_births (node, device, body) VALUES (?, ?, ?)",
+            (node, device, body),
+        )
 
     def _flush_keys(self) -> None:
         if self._pending:
@@ -196,6 +215,15 @@ class Outbox:
                 self._high_water.clear()  # reloaded per device on demand
             self._high_water.update(tx._hw_new)
             self._after_commit()
+
+    def sparkplug_births(self) -> list[tuple[str, str, bytes]]:
+        """Every kept Sparkplug birth: (node, device, payload), NBIRTHs first."""
+        with self._lock:
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT node, device, body FROM sparkplug_births ORDER BY node, device"
+            ).fetchall()
+        return [(str(n), str(d), bytes(b)) for n, d, b in rows]
 
     def append(self, lines: Sequence[str]) -> None:
         """Append lines in their own transaction (ratio snapshots and the like)."""

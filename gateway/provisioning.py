@@ -37,6 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.registry import Conflict, Registry
 from iiot_common.backoff import Backoff
 from protocols.mqtt.contract import TOPIC_PREFIX
+from protocols.mqtt.sparkplug.payload import NAMESPACE as SP_NAMESPACE
 
 __all__ = [
     "Provisioner",
@@ -55,6 +56,9 @@ _FILE_MODE = 0o640
 # Topics below an agent's prefix: what it publishes, and what only the gateway publishes.
 _UPLINK = ("agent", "+/state", "+/data", "reported", "discovered", "+/result")
 _DOWNLINK = ("config", "scan", "+/cmd")
+# Sparkplug B message types an edge node publishes, for itself and for its devices.
+_SP_NODE = ("NBIRTH", "NDEATH", "NDATA")
+_SP_DEVICE = ("DBIRTH", "DDEATH", "DDATA")
 
 
 class ProvisioningError(RuntimeError):
@@ -193,6 +197,11 @@ class Provisioner:
                 f"topic read {TOPIC_PREFIX}/#",
                 f"topic read $share/+/{TOPIC_PREFIX}/#",
                 *(f"topic write {TOPIC_PREFIX}/+/+/{t}" for t in _DOWNLINK),
+                f"topic read {SP_NAMESPACE}/#",
+                f"topic read $share/+/{SP_NAMESPACE}/#",
+                # Rebirth requests and writes to Sparkplug edge nodes.
+                f"topic write {SP_NAMESPACE}/+/NCMD/+",
+                f"topic write {SP_NAMESPACE}/+/DCMD/+/+",
                 "",
             ]
         for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
@@ -204,6 +213,12 @@ class Provisioner:
                 f"user {agent_id}",
                 *(f"topic write {prefix}/{t}" for t in _UPLINK),
                 *(f"topic read {prefix}/{t}" for t in _DOWNLINK),
+                # Sparkplug B: group = enterprise, edge node = agent; the node's own
+                # births, deaths and data, and the commands sent to it.
+                *(f"topic write {SP_NAMESPACE}/{enterprise}/{t}/{agent_id}" for t in _SP_NODE),
+                *(f"topic write {SP_NAMESPACE}/{enterprise}/{t}/{agent_id}/+" for t in _SP_DEVICE),
+                f"topic read {SP_NAMESPACE}/{enterprise}/NCMD/{agent_id}",
+                f"topic read {SP_NAMESPACE}/{enterprise}/DCMD/{agent_id}/+",
                 "",
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)

@@ -182,6 +182,7 @@ class _Demo:
         poll_interval: float,
         fault_every: float,
         console: Console,
+        sparkplug: frozenset[str] = frozenset(),
     ) -> None:
         self.data_dir = data_dir.resolve()
         self.broker_url = broker_url
@@ -191,6 +192,7 @@ class _Demo:
         self.plant_file = plant_file
         self.poll_interval = poll_interval
         self.fault_every = fault_every
+        self.sparkplug = sparkplug
         self.console = console
         self.view = _View()
         self.broker: Any = None
@@ -287,6 +289,9 @@ class _Demo:
         for enterprise, cred in creds.items():
             await self._start_agent(enterprise, cred)
         self._step(f"{len(self.agents)} agents polling every {self.poll_interval:g} s")
+        on_sp = sorted(e for e in creds if e in self.sparkplug)
+        if on_sp:
+            self._step(f"on Sparkplug B (spBv1.0/{{enterprise}}/...): {', '.join(on_sp)}")
 
     async def _onboard(self) -> dict[str, dict[str, Any]]:
         """Create enterprises, import the ledger, provision one agent each, via the API."""
@@ -370,6 +375,7 @@ class _Demo:
                     "username": cred["username"],
                     "password": cred["password"],
                     "reconnect_max": 5.0,
+                    "codec": "sparkplug" if enterprise in self.sparkplug else "json",
                 },
                 "devices": devices,
             },
@@ -550,6 +556,10 @@ def _log_to_file(path: Path) -> None:
     root.handlers[:] = [handler]
 
 
+# One enterprise of the demo site runs its agent on Sparkplug B, the others on JSON.
+_SPARKPLUG_DEFAULT = "zjk-wind"
+
+
 def demo(
     broker: str | None = typer.Option(
         None,
@@ -583,6 +593,11 @@ def demo(
     live: bool = typer.Option(
         True, "--live/--no-live", help="Redraw a live table (off: final table only)."
     ),
+    sparkplug: list[str] = typer.Option(
+        [_SPARKPLUG_DEFAULT],
+        "--sparkplug",
+        help="Enterprise whose agent speaks Sparkplug B (repeatable; 'none' for none).",
+    ),
 ) -> None:
     """Run a simulated site, agents, broker and gateway in one process, with a live table."""
     console = Console()
@@ -600,6 +615,7 @@ def demo(
         poll_interval=poll_interval,
         fault_every=fault_every,
         console=console,
+        sparkplug=frozenset(e for e in sparkplug if e != "none"),
     )
     try:
         code = asyncio.run(_main(d, duration, live and console.is_terminal))

@@ -51,6 +51,8 @@ def test_demo_final_table_shows_every_enterprise_and_matches_the_api(tmp_path: P
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stopped cleanly" in proc.stdout
+    # One enterprise's agent speaks Sparkplug B; its devices count like the others below.
+    assert "on Sparkplug B (spBv1.0/{enterprise}/...): zjk-wind" in proc.stdout
 
     summary = json.loads((data / "demo-summary.json").read_text(encoding="utf-8"))
     groups = {g["key"]: g for g in summary["ratios"]["enterprise"]["groups"]}

@@ -1,0 +1,140 @@
+"""The agent's publisher speaking Sparkplug B (``mqtt.codec: sparkplug``).
+
+Same connection, spool and acknowledgement handling as the JSON publisher; only what is
+said differs (``protocols.mqtt.sparkplug.node.EdgeNode`` keeps the session rules):
+
+    will        NDEATH with this session's bdSeq
+    connected   NBIRTH, DBIRTH of every device, DDEATH of those known offline
+    state       DBIRTH when a device comes online, DDEATH (with the reason) when it goes
+    data        DDATA by alias; samples older than the NBIRTH flagged is_historical
+    NCMD        ``Node Control/Rebirth``: NBIRTH and every DBIRTH again
+"""
+
+from __future__ import annotations
+
+import logging
+
+import paho.mqtt.client as mqtt
+
+from device_profiles.schema import Profile
+from edge_agent.config import AgentConfig
+from edge_agent.metrics import AgentMetrics
+from edge_agent.publisher import Publisher
+from edge_agent.spool import Spool, SpoolRow
+from iiot_common.backoff import Backoff
+from protocols.driver import now_ms
+from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
+from protocols.mqtt.sparkplug.codec import SPARKPLUG_CODEC
+from protocols.mqtt.sparkplug.node import EdgeNode, NodeDevice, is_rebirth_request
+from protocols.mqtt.sparkplug.payload import MessageType, datatype_for
+
+__all__ = ["SparkplugPublisher", "node_devices"]
+
+log = logging.getLogger("iiot.agent.sparkplug")
+
+
+def node_devices(devices: list[BirthDevice], profiles: dict[str, Profile]) -> list[NodeDevice]:
+    """The edge node's devices: each birth device with its profile's points."""
+    return [
+        NodeDevice(
+            d.id,
+            d.profile,
+            d.protocol,
+            d.family,
+            d.category,
+            tuple((p.name, datatype_for(p), p.unit) for p in profiles[d.id].points),
+        )
+        for d in devices
+    ]
+
+
+class SparkplugPublisher(Publisher):
+    """A ``Publisher`` whose messages are Sparkplug B 3.0."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        spool: Spool,
+        metrics: AgentMetrics,
+        *,
+        devices: list[BirthDevice],
+        profiles: dict[str, Profile],
+        version: str,
+        backoff: Backoff | None = None,
+    ) -> None:
+        super().__init__(
+            config,
+            spool,
+            metrics,
+            devices=devices,
+            version=version,
+            backoff=backoff,
+            codec=SPARKPLUG_CODEC,
+        )
+        self.node = EdgeNode(
+            config.enterprise, config.agent_id, node_devices(devices, profiles), version=version
+        )
+        self._ncmd = self.node.topic(MessageType.NCMD)
+        self.rebirths = 0
+
+    def _will(self, bdseq: int) -> tuple[str, bytes, bool]:
+        # Not retained: a Sparkplug host learns of the node from its NBIRTH.
+        return self.node.topic(MessageType.NDEATH), self.node.death(bdseq), False
+
+    def _announce(self, client: mqtt.Client, bdseq: int) -> None:
+        client.subscribe(self._ncmd, qos=1)
+        self._births(client, bdseq, new_session=True)
+
+    def _births(self, client: mqtt.Client, bdseq: int, *, new_session: bool) -> None:
+        node = self.node
+        payload = node.nbirth(bdseq, new_session=new_session)
+        self._track(client.publish(node.topic(MessageType.NBIRTH), payload, qos=0), "birth")
+        for dev in node.devices:
+            topic = node.topic(MessageType.DBIRTH, dev)
+            self._track(client.publish(topic, node.dbirth(dev), qos=0), "birth")
+            st = self._states.get(dev)
+            if st is not None and not st.online:
+                self._publish_state(dev, st)
+
+    def _publish_state(self, device: str, state: DeviceState) -> None:
+        client = self._client
+        if client is None or device not in self.node.devices:
+            return
+        node = self.node
+        if state.online:
+            topic, payload = node.topic(MessageType.DBIRTH, device), node.dbirth(device)
+        else:
+            topic = node.topic(MessageType.DDEATH, device)
+            payload = node.ddeath(device, state.reason or "offline", state.ts)
+        self._track(client.publish(topic, payload, qos=0), "state")
+
+    def _data_message(self, device: str, rows: list[SpoolRow]) -> tuple[str, bytes]:
+        return self.node.topic(MessageType.DDATA, device), self.node.ddata(
+            device, [r.body for r in rows]
+        )
+
+    def _make_client(self, session: int, bdseq: int) -> mqtt.Client:
+        client = super()._make_client(session, bdseq)
+        client.on_message = lambda c, u, msg: self._command(session, msg.topic, bytes(msg.payload))
+        return client
+
+    def _command(self, session: int, topic: str, payload: bytes) -> None:
+        """paho thread: an NCMD; a Rebirth request is answered on the event loop."""
+        if topic != self._ncmd:
+            return
+        try:
+            rebirth = is_rebirth_request(payload)
+        except ContractError as exc:
+            self.metrics.errors.labels("ncmd", exc.reason).inc()
+            return
+        if rebirth:
+            self._call_soon(self._rebirth, session)
+
+    def _rebirth(self, session: int) -> None:
+        client = self._client
+        if session != self.session or client is None or not self.connected:
+            return
+        assert self.bdseq is not None
+        self.rebirths += 1
+        log.info("rebirth requested", extra={"bdseq": self.bdseq & 0xFF, "ts": now_ms()})
+        self._births(client, self.bdseq, new_session=False)
