@@ -42,9 +42,6 @@ _POINTS: list[dict[str, Any]] = [
 PRESS = press_profile(_POINTS)
 
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-
 def _frozen(profile: Profile) -> SimDevice:
     """A device whose simulation clock stands still: its values only change when written."""
     return SimDevice(profile, device_id="dev-1", seed=7, clock=lambda: 100.0)

@@ -53,9 +53,6 @@ MIXED = press_profile(
 )  # fmt: skip
 
 
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
-
-
 @contextlib.asynccontextmanager
 async def _serving(profile: Profile, **kwargs: Any) -> AsyncIterator[OpcUaSimServer]:
     sim = OpcUaSimServer(
