@@ -14,7 +14,8 @@ from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from iiot_common.localservers import Mosquitto, free_port
 from protocols.driver import Reading, Value, now_ms
-from tests.edge_agent.helpers import agent_dict, wait_for
+from tests.edge_agent.helpers import agent_dict
+from tests.waiting import wait_for
 
 _CAP = 4 * 1024 * 1024
 

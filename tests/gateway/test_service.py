@@ -25,8 +25,8 @@ from tests.gateway.test_ingest import (
     metric,
     sample,
     series_by_name,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 PLATFORM_TOKEN = "platform-token-for-tests"
 
