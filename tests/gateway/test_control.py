@@ -61,7 +61,7 @@ class _Agent(_Client):
 
     def _on_agent_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.got:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, bytes(msg.payload)))
             self.got.notify_all()
         if msg.topic.endswith("/cmd") and self.answer is not None:
             cmd = json.loads(msg.payload)

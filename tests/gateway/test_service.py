@@ -67,7 +67,8 @@ class _Proc:
             headers={"Authorization": f"Bearer {PLATFORM_TOKEN}"},
         )
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.read().decode()
+            body: bytes = r.read()
+            return body.decode()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -85,7 +85,7 @@ async def _node(client: Client, profile: Profile, point: Point) -> Any:
     if point.opcua.node_id is not None:
         nid = ua.NodeId.from_string(point.opcua.node_id)
         return client.get_node(ua.NodeId(nid.Identifier, ns, nid.NodeIdType))
-    path = [f"{ns}:{part.split(':', 1)[1]}" for part in point.opcua.browse_path.split("/")]  # type: ignore[union-attr]
+    path = [f"{ns}:{part.split(':', 1)[1]}" for part in point.opcua.browse_path.split("/")]
     return await client.nodes.objects.get_child(path)
 
 
