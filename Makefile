@@ -5,7 +5,7 @@ DIST   ?= dist
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup system-deps check lint typecheck test test-fast demo bench dist clean
+.PHONY: all setup system-deps check lint typecheck deadcode test test-fast demo bench dist clean
 
 all: test
 
@@ -37,6 +37,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck
+
+# Unused code; names reached by a framework are listed in vulture_whitelist.py.
+deadcode: $(STAMP)
+	$(BIN)/vulture
 
 test: setup system-deps check
 	$(BIN)/pytest -q

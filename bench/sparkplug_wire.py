@@ -131,7 +131,7 @@ def main() -> None:
         asyncio.run(am._role_sim(args.profiles, ports))
         return
     if args.role == "agent":
-        asyncio.run(am._role_agent(args.config, args.duration))
+        asyncio.run(am._role_agent(args.config, args.duration, 0.0))
         return
 
     me = [sys.executable, str(Path(__file__).resolve())]

@@ -60,10 +60,6 @@ class DataDirLock:
                 os.ftruncate(fd, 0)
             os.close(fd)
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
 
 def _read_pid(fd: int) -> int | None:
     try:

@@ -114,13 +114,7 @@ class DevicePoller:
             if self._stop.is_set():
                 raise ConnectError(f"device '{dev.id}': poller is stopping")
             if self._driver is None:
-                driver = self._factory(self.profile, dev.connection, name=dev.id)
-                try:
-                    await driver.connect()
-                except BaseException:
-                    self._close_later(driver)
-                    raise
-                self._driver = driver
+                self._driver = await self._connect()
             yield self._driver
 
     def stop(self) -> None:
@@ -192,13 +186,7 @@ class DevicePoller:
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()
-                    driver = self._factory(self.profile, dev.connection, name=dev.id)
-                    try:
-                        await driver.connect()
-                    except BaseException:
-                        self._close_later(driver)
-                        raise
-                    self._driver = driver
+                    self._driver = await self._connect()
                     connecting = False
                 reading = await self._driver.read(self.points)
         except TimeoutError:
@@ -303,6 +291,17 @@ class DevicePoller:
         self._last_sent.update(changed)
         quality = {k: v for k, v in reading.quality.items() if k in changed}
         self._on_sample(dev.id, Reading(reading.ts, changed, dict(reading.errors), quality))
+
+    async def _connect(self) -> Driver:
+        """Make and connect the device's driver; one that fails to connect is closed."""
+        dev = self.device
+        driver = self._factory(self.profile, dev.connection, name=dev.id)
+        try:
+            await driver.connect()
+        except BaseException:
+            self._close_later(driver)
+            raise
+        return driver
 
     def _close_later(self, driver: Driver) -> None:
         """Close in the background: a hung close must not hold the schedule."""

@@ -75,7 +75,7 @@ def _is_sunspec(profile: Profile) -> bool:
     return "sunspec" in profile.standard.lower()
 
 
-def score_reading(profile: Profile, reading: Reading, points_read: int) -> ProbeResult:
+def score_reading(profile: Profile, reading: Reading) -> ProbeResult:
     """Score one profile from what its points read as."""
     res = ProbeResult(profile)
     total = len(profile.points)
@@ -121,7 +121,7 @@ async def probe_profile(
         async with asyncio.timeout(limit):
             await driver.connect()
             reading = await driver.read(profile.points)
-        return score_reading(profile, reading, len(profile.points))
+        return score_reading(profile, reading)
     except (ProtocolError, TimeoutError) as exc:
         reason = getattr(exc, "reason", "timeout")
         return ProbeResult(profile, error=f"{reason}: {exc}".rstrip(": "))

@@ -343,7 +343,6 @@ class Ingest:
         self._auth_failed = False
         self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
-        self.committed_messages = 0
         self._client = self._make_client()
 
     @property
@@ -599,7 +598,6 @@ class Ingest:
         with self.outbox.transaction() as tx:
             for m in batch:
                 outcomes.append(handle(tx, m.topic, m.payload))
-        self.committed_messages += len(batch)
         met = self.metrics
         met.received.inc(len(batch))
         met.batches.inc()

@@ -41,6 +41,18 @@ class ServerUnavailable(RuntimeError):
     """A server's program is missing and cannot be installed here; names the package."""
 
 
+def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL if it is still there after ``grace`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -150,13 +162,7 @@ class Mosquitto:
         time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
         self.proc = None
 
 
@@ -268,13 +274,7 @@ class DebianMosquitto:
         self.proc.send_signal(signal.SIGHUP)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc)
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
@@ -319,13 +319,7 @@ class VictoriaMetrics:
         raise TimeoutError("victoria-metrics did not become healthy")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        _terminate(self.proc, grace=10)
         self.proc = None
 
     def flush(self) -> None:
@@ -373,9 +367,7 @@ class PtyPair:
         raise TimeoutError("socat did not create the pty pair")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(5)
+        _terminate(self.proc)
         self.proc = None
 
 

@@ -504,13 +504,6 @@ class Plant:
     def running(self) -> bool:
         return self._running
 
-    def server_for(self, device_id: str) -> _Server:
-        """The running server that serves ``device_id``."""
-        for lst, server in zip(self._listeners, self._servers, strict=False):
-            if device_id in lst.units.values():
-                return server
-        raise KeyError(f"device '{device_id}' is not served")
-
     async def start(self) -> None:
         """Start every listener; on failure, stop the ones already started and raise."""
         if self._running:

@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
 from gateway.provisioning import Provisioner, mosquitto_hash
@@ -157,7 +158,7 @@ class _Agents:
 def _provisioner(tmp_path: Path, agents: _Agents) -> Provisioner:
     config = GatewayConfig(
         data_dir=tmp_path,
-        mqtt=MqttConfig(username=GATEWAY_USER, password=GATEWAY_PW),  # type: ignore[arg-type]
+        mqtt=MqttConfig(username=GATEWAY_USER, password=GATEWAY_PW),
         broker_auth=BrokerAuthConfig(
             password_file=tmp_path / "passwd", acl_file=tmp_path / "acl.conf"
         ),
@@ -179,7 +180,7 @@ class _Client:
     ) -> None:
         self.port = port
         self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=clean_session,
@@ -235,7 +236,13 @@ class _Client:
 def no_threads_left_behind() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
-    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    # asyncio_N threads are the default executor of the test's event loop, which
+    # pytest-asyncio shuts down with the loop after this check.
+    left = [
+        t
+        for t in threading.enumerate()
+        if t not in before and t.is_alive() and not t.name.startswith("asyncio_")
+    ]
     for t in left:
         t.join(WAIT)
     assert not [t.name for t in left if t.is_alive()]
@@ -530,7 +537,7 @@ def test_shared_subscription_splits_messages_between_gateways(
     while len(received) < 10 and time.monotonic() < deadline:
         for i, gw in enumerate(gws):
             with contextlib.suppress(queue.Empty):
-                received.append(gw.messages.get(timeout=0.02).payload)
+                received.append(bytes(gw.messages.get(timeout=0.02).payload))
                 per_gateway[i] += 1
     assert sorted(received) == sorted(str(n).encode() for n in range(10))
     assert per_gateway[0] > 0 and per_gateway[1] > 0

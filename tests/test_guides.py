@@ -23,6 +23,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iiot_common.localservers import (
     DebianMosquitto,
@@ -286,7 +287,7 @@ def test_integrator_guide(tmp_path: Path, mosquitto: Mosquitto, wheel_bin: Path)
         if msg.topic.endswith("/cc500-1/data"):
             got.set()
 
-    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="guide-watch")
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="guide-watch")
     sub.on_message = on_message
     sub.connect("127.0.0.1", mosquitto.port)
     sub.subscribe("iiot/v1/#", qos=1)

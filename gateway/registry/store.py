@@ -185,27 +185,12 @@ class RegistryStore:
         idx.saved_good[i] = idx.last_good[i]
         idx.saved_ts[i] = idx.last_ts[i]
         return {
-            "enterprise": m.enterprise,
-            "id": m.id,
-            "agent": m.agent,
-            "name": m.name,
-            "region": m.region,
-            "industry": m.industry,
-            "family": m.family,
-            "category": m.category,
-            "profile": m.profile,
-            "status": m.status,
-            "source": m.source,
-            "not_in_ledger": m.not_in_ledger,
-            "created_ms": m.created_ms,
-            "first_seen_ms": m.first_seen_ms,
+            **_rows.meta_row(m),
             "last_seen_ms": _rows.opt(idx.last_ts[i]),
             "last_good_ms": _rows.opt(idx.last_good[i]),
             "online": bool(idx.dev_online[i] and idx.agent_alive[i]),
             "offline_since_ms": _rows.opt(idx.offline_since[i]),
             "reason": m.reason[:200],
-            "kind": m.kind,
-            "site_region": m.site_region,
         }
 
     def _flush_locked(self) -> int:

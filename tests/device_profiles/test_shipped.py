@@ -109,7 +109,7 @@ def test_cnc_follows_machine_tool_structure() -> None:
 def _addr(p: Profile, name: str) -> int:
     a = p.point(name).modbus
     assert a is not None and a.table is ModbusTable.HOLDING
-    return a.address
+    return int(a.address)
 
 
 def test_pv_inverter_follows_the_sunspec_map() -> None:

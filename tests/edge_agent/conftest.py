@@ -1,4 +1,4 @@
-"""Every edge-agent test must leave no thread and no asyncio task behind."""
+"""Every edge-agent test must leave no thread behind (tasks: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,3 @@ def _no_leftover_threads() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not extra, f"threads left running: {[t.name for t in extra]}"
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_tasks(no_leftover_tasks: None) -> None:
-    """Every agent test fails if it leaves asyncio tasks behind."""

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import DataMessage, Payload, decode_payload, parse_topic
+from tests.waiting import wait_for as wait_for  # for tests that import it from here
 
 __all__ = [
     "PersistentMosquitto",
@@ -99,15 +97,6 @@ class Subscriber:
             for i, s in enumerate(msg.samples):
                 out.append((msg.seq + i, s))
         return out
-
-
-async def wait_for(cond: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {within}s waiting for {what or cond}")
 
 
 def modbus_device(

@@ -20,13 +20,8 @@ from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import Birth, Will
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
-from tests.edge_agent.helpers import (
-    PersistentMosquitto,
-    Subscriber,
-    agent_dict,
-    modbus_device,
-    wait_for,
-)
+from tests.edge_agent.helpers import PersistentMosquitto, Subscriber, agent_dict, modbus_device
+from tests.waiting import wait_for
 
 _IIOT = [str(Path(sys.executable).parent / "iiot")]
 

@@ -16,7 +16,8 @@ from protocols.modbus import codec
 from protocols.mqtt.contract import Birth, DeviceState, Will
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
-from tests.edge_agent.helpers import Subscriber, agent_dict, modbus_device, wait_for
+from tests.edge_agent.helpers import Subscriber, agent_dict, modbus_device
+from tests.waiting import wait_for
 
 
 @pytest.mark.parametrize("mqtt_protocol", ["3.1.1", "5"])

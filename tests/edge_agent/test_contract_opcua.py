@@ -16,7 +16,8 @@ from protocols.mqtt.contract import Birth, DeviceState
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
-from tests.edge_agent.helpers import Subscriber, agent_dict, wait_for
+from tests.edge_agent.helpers import Subscriber, agent_dict
+from tests.waiting import wait_for
 
 
 def _opcua_profiles() -> list[str]:

@@ -39,7 +39,8 @@ from protocols.mqtt.control import (
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from simulators.opcua_server import OpcUaSimServer
-from tests.edge_agent.helpers import PersistentMosquitto, agent_dict, modbus_device, wait_for
+from tests.edge_agent.helpers import PersistentMosquitto, agent_dict, modbus_device
+from tests.waiting import wait_for
 
 BASE = "iiot/v1/ent-1/agent-1"
 INTERVAL = 1.0  # seconds between polls of every device in these tests

@@ -13,13 +13,8 @@ from iiot_common.localservers import Mosquitto
 from protocols.mqtt.contract import DeviceState
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
-from tests.edge_agent.helpers import (
-    PersistentMosquitto,
-    Subscriber,
-    agent_dict,
-    modbus_device,
-    wait_for,
-)
+from tests.edge_agent.helpers import PersistentMosquitto, Subscriber, agent_dict, modbus_device
+from tests.waiting import wait_for
 
 
 def _states(sub: Subscriber, device: str) -> list[DeviceState]:

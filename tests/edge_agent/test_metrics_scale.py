@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from iiot_common.localservers import free_port
-from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
+from tests.edge_agent.helpers import agent_dict, modbus_device
+from tests.waiting import wait_for
 
 _DEVICES = 300
 _IIOT = str(Path(sys.executable).with_name("iiot"))

@@ -21,7 +21,8 @@ from iiot_common.localservers import Mosquitto, free_port
 from protocols.driver import Reading
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
-from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
+from tests.edge_agent.helpers import agent_dict, modbus_device
+from tests.waiting import wait_for
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:

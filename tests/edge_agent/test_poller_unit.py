@@ -15,7 +15,7 @@ from edge_agent.poller import DevicePoller
 from iiot_common.backoff import Backoff
 from protocols.driver import Reading, Value, now_ms
 from protocols.errors import ConnectError
-from tests.edge_agent.helpers import wait_for
+from tests.waiting import wait_for
 
 
 class FakeDriver:

@@ -20,7 +20,7 @@ from edge_agent.poller import DevicePoller
 from iiot_common.backoff import Backoff
 from iiot_common.localservers import PtyPair
 from protocols.driver import create_driver
-from tests.edge_agent.helpers import wait_for
+from tests.waiting import wait_for
 
 
 def _pty_refuses_parity(tty: str) -> bool:

@@ -13,13 +13,14 @@ from device_profiles.schema import Point, Profile
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from iiot_common.localservers import Mosquitto, free_port
-from protocols.driver import Reading, Value, now_ms
-from tests.edge_agent.helpers import agent_dict, wait_for
+from protocols.driver import DriverBase, Reading, Value, now_ms
+from tests.edge_agent.helpers import agent_dict
+from tests.waiting import wait_for
 
 _CAP = 4 * 1024 * 1024
 
 
-class _KilnDriver:
+class _KilnDriver(DriverBase):
     """Answers every point with a fresh plausible value, as a busy device would."""
 
     def __init__(self, profile: Profile, conn: Any, *, name: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import SecretStr, ValidationError
@@ -99,9 +100,7 @@ class _Client:
         self.disconnects = 0
         self.messages: list[bytes] = []
         self.got = threading.Condition()
-        self.c = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-        )
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self.c.tls_set(ca_certs=str(broker.etc / "certs" / "ca.crt"))
         self.c.username_pw_set(username, password)
         self.c.on_connect = self._on_connect
@@ -133,7 +132,7 @@ class _Client:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.got:
-            self.messages.append(msg.payload)
+            self.messages.append(bytes(msg.payload))
             self.got.notify_all()
 
     @property

@@ -29,9 +29,10 @@ from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto
-from tests.gateway.test_ingest import metric, wait_until
+from tests.gateway.test_ingest import metric
 from tests.gateway.test_provisioning import _Client
 from tests.gateway.test_registry_fixtures import PG_URL, _registry_url
+from tests.waiting import wait_until
 
 ADMIN, OPERATOR, PLATFORM = "admin-token-t", "operator-token-t", "platform-token-t"
 ENT, AGENT = "ent-a", "edge-a"
@@ -60,7 +61,7 @@ class _Agent(_Client):
 
     def _on_agent_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.got:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, bytes(msg.payload)))
             self.got.notify_all()
         if msg.topic.endswith("/cmd") and self.answer is not None:
             cmd = json.loads(msg.payload)

@@ -17,7 +17,8 @@ from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto, VictoriaMetrics
-from tests.gateway.test_ingest import Publisher, gateway_config, sample, wait_until
+from tests.gateway.test_ingest import Publisher, gateway_config, sample
+from tests.waiting import wait_until
 
 
 def _get(gw: Gateway, path: str) -> tuple[int, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from gateway.config import InfluxConfig
@@ -10,6 +9,7 @@ from gateway.influx import InfluxWriter, WriteRejected, format_fields, series_pr
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox
 from iiot_common.localservers import VictoriaMetrics
+from tests.waiting import wait_until
 
 
 def test_series_prefix_escapes_and_omits_empty_tags() -> None:
@@ -68,15 +68,14 @@ def test_writer_drains_outbox_into_victoria(tmp_path: Path, victoria: VictoriaMe
     )
     writer.start()
     try:
-        deadline = time.monotonic() + 10
-        while box.pending_lines and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not box.pending_lines, 10, "the outbox to drain")
     finally:
         writer.stop(2)
         box.close()
     series = _series(victoria, "telemetry_count")
     assert series["metric"] == {"__name__": "telemetry_count", "device": "d1", "enterprise": "e1"}
-    assert sorted(series["values"]) == list(range(120))  # type: ignore[arg-type]
+    assert isinstance(series["values"], list)
+    assert sorted(series["values"]) == list(range(120))
     assert metrics.registry.get_sample_value("iiot_gateway_written_lines_total") == 120
 
 
@@ -96,27 +95,25 @@ def test_database_down_then_back_loses_and_duplicates_nothing(tmp_path: Path) ->
     writer.start()
     try:
         box.append(_lines(100))
-        deadline = time.monotonic() + 10
-        while box.pending_lines and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not box.pending_lines, 10, "the outbox to drain")
         vm.stop()
         box.append(_lines(300, start=100))
-        deadline = time.monotonic() + 10
-        while (
-            not metrics.registry.get_sample_value(
-                "iiot_gateway_write_errors_total", {"kind": "NewConnectionError"}
-            )
-            and time.monotonic() < deadline
-        ):
-            time.sleep(0.05)
+        wait_until(
+            lambda: bool(
+                metrics.registry.get_sample_value(
+                    "iiot_gateway_write_errors_total", {"kind": "NewConnectionError"}
+                )
+            ),
+            10,
+            "a connection error counted",
+        )
         assert box.pending_lines == 300  # kept while the database is down
         vm.start()  # same port, same data directory
-        deadline = time.monotonic() + 15
-        while box.pending_lines and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not box.pending_lines, 15, "the outbox to drain")
         assert box.pending_lines == 0
         values = _series(vm, "telemetry_count")["values"]
-        assert sorted(values) == list(range(400))  # type: ignore[arg-type]
+        assert isinstance(values, list)
+        assert sorted(values) == list(range(400))
     finally:
         writer.stop(1)
         box.close()
@@ -143,9 +140,7 @@ def test_refused_lines_are_dropped_and_counted(tmp_path: Path) -> None:
     )
     writer.start()
     try:
-        deadline = time.monotonic() + 5
-        while box.pending_lines and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: not box.pending_lines, 5, "the outbox to drain")
     finally:
         writer.stop(1)
         box.close()

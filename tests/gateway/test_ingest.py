@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from gateway.service import Gateway
 from gateway.sink import SampleSummary
 from iiot_common.localservers import Mosquitto, VictoriaMetrics
 from protocols.mqtt.contract import Birth, DeviceState, Will
+from tests.waiting import wait_until
 
 BASE_TS = 1_700_000_000_000
 
@@ -113,15 +113,6 @@ def gateway_config(
         mqtt=MqttConfig(url=broker.url, client_id=client_id, shared_group=shared_group),
         influx=InfluxConfig(url=vm.url if vm else None, flush_interval=0.05, timeout=3),
     )
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or cond}")
 
 
 def metric(gw: Gateway, name: str, labels: dict[str, str] | None = None) -> float:

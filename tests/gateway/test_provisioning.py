@@ -12,6 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
+from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
@@ -31,7 +32,7 @@ class _Client:
         self.messages: list[tuple[str, bytes]] = []
         self.got = threading.Condition()
         self.c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"t-{username}-{next(_ids)}",
             protocol=mqtt.MQTTv311,
         )
@@ -48,7 +49,7 @@ class _Client:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self.got:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, bytes(msg.payload)))
             self.got.notify_all()
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import TypedDict
 
 import pytest
 
@@ -75,8 +76,15 @@ def test_windows_change_connected_only(hebei: Registry) -> None:
     assert {counts[w]["online"] for w in counts} == {7}
 
 
+class _Filter(TypedDict, total=False):
+    enterprise: str
+    region: str
+    industry: str
+    category: str
+
+
 def test_filters_match_the_reference(hebei: Registry) -> None:
-    filters = [
+    filters: list[_Filter] = [
         {"enterprise": "hb-steel"},
         {"region": "13"},
         {"region": "1301"},

@@ -25,8 +25,8 @@ from tests.gateway.test_ingest import (
     metric,
     sample,
     series_by_name,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 PLATFORM_TOKEN = "platform-token-for-tests"
 
@@ -67,7 +67,8 @@ class _Proc:
             headers={"Authorization": f"Bearer {PLATFORM_TOKEN}"},
         )
         with urllib.request.urlopen(req, timeout=5) as r:
-            return r.read().decode()
+            body: bytes = r.read()
+            return body.decode()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -36,10 +36,10 @@ from tests.gateway.test_ingest import (
     gateway_config,
     metric,
     series_by_name,
-    wait_until,
 )
 from tests.gateway.test_provisioning import _Client, _config
 from tests.sparkplug_client import SpSubscriber
+from tests.waiting import wait_until
 
 
 def _payload(seq: int | None, metrics: list[dict[str, Any]], ts: int = BASE_TS) -> bytes:
@@ -59,6 +59,7 @@ def _payload(seq: int | None, metrics: list[dict[str, Any]], ts: int = BASE_TS) 
         if "raw" in spec:
             setattr(m, spec["raw"][0], spec["raw"][1])
         elif "value" in spec:
+            assert dt is not None, "a value needs its datatype"
             set_value(m, DataType(dt), spec["value"])
     return bytes(msg.SerializeToString())
 

@@ -9,11 +9,10 @@ import pytest
 
 from device_profiles.schema import Point, ValueType
 from protocols.opcua.address import decode_value
-from protocols.opcua.profile import OpcUaAddress
 
 
 def _point(t: ValueType) -> Point:
-    return Point(name="p", type=t, opcua=OpcUaAddress(node_id="ns=2;s=p"))
+    return Point.model_validate({"name": "p", "type": t, "opcua": {"node_id": "ns=2;s=p"}})
 
 
 def test_a_legacy_encoded_string_becomes_publishable_text() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
 from tests.opcua_profiles import SHIPPED, press_profile
+from tests.waiting import wait_for
 
 _POINTS: list[dict[str, Any]] = [
     {"name": "force", "unit": "kN", "type": "float32", "range": [0, 500],
@@ -40,9 +41,6 @@ _POINTS: list[dict[str, Any]] = [
     {"name": "program", "type": "string", "opcua": {"node_id": "ns=2;s=Press.Program"}},
 ]  # fmt: skip
 PRESS = press_profile(_POINTS)
-
-
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
 
 def _frozen(profile: Profile) -> SimDevice:
@@ -81,14 +79,6 @@ def _assert_matches(profile: Profile, reading: Reading, expected: dict[str, Any]
             assert abs(got - want) <= abs(p.scale) / 2 + 1e-9, (p.name, got, want)
         else:
             assert got == want and type(got) is type(want), (p.name, got, want)
-
-
-async def _until(check: Callable[[], Awaitable[bool]], what: str, limit: float = 5.0) -> None:
-    for _ in range(int(limit / 0.02)):
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"gave up waiting for {what}")
 
 
 @pytest.mark.parametrize("profile_id", SHIPPED)
@@ -161,13 +151,13 @@ async def test_bad_status_goes_to_errors_with_its_name() -> None:
         async def failed() -> bool:
             return bool((await driver.read(PRESS.points)).errors)
 
-        await _until(failed, "BadDeviceFailure")
+        await wait_for(failed, what="BadDeviceFailure")
         reading = await driver.read(PRESS.points)
         assert reading.values == {}
         assert reading.errors == {p.name: "BadDeviceFailure" for p in PRESS.points}
         assert driver.stats.bad_status["BadDeviceFailure"] >= len(PRESS.points)
         device.faults.clear()
-        await _until(lambda: _is(driver, ok=True), "good values again")
+        await wait_for(lambda: _is(driver, ok=True), what="good values again")
 
 
 async def test_uncertain_value_is_kept_with_its_quality() -> None:
@@ -267,17 +257,17 @@ async def test_subscription_delivers_changes_beyond_the_deadband() -> None:
                 return (await driver.read([setpoint])).values.get("setpoint")
 
             device.write("setpoint", 100.0)
-            await _until(lambda: _eq(latest(), 100.0), "setpoint 100")
+            await wait_for(lambda: _eq(latest(), 100.0), what="setpoint 100")
             all_points = await driver.read(PRESS.points)
             _assert_matches(PRESS, all_points, device.values())
             # 102 is within the 5 kN deadband of 100: not reported.
             device.write("setpoint", 102.0)
             start = sim.updates
-            await _until(lambda: _eq(_const(sim.updates >= start + 4), True), "four updates")
+            await wait_for(lambda: _eq(_const(sim.updates >= start + 4), True), what="four updates")
             assert await latest() == 100.0
             # 110 is beyond it: reported.
             device.write("setpoint", 110.0)
-            await _until(lambda: _eq(latest(), 110.0), "setpoint 110")
+            await wait_for(lambda: _eq(latest(), 110.0), what="setpoint 110")
             assert driver.stats.notifications >= len(PRESS.points) + 1
 
 
@@ -303,7 +293,7 @@ async def test_subscription_reports_no_data_then_bad_status_then_lost_session() 
         await driver.connect()
         try:
             bad = {p.name: "BadDeviceFailure" for p in PRESS.points}
-            await _until(lambda: _eq(_errors(driver), bad), "bad values")
+            await wait_for(lambda: _eq(_errors(driver), bad), what="bad values")
             device.faults.set(FaultMode.RESTART, delay=0.3)
             with pytest.raises(errors.ConnectError):
                 for _ in range(200):  # bounded: the lost session must surface

@@ -13,6 +13,7 @@ import yaml
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusIOException
 from pymodbus.framer import FramerType
+from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
 
 from device_profiles.loader import load_profiles, parse_profile
 from device_profiles.schema import Point, Profile, ValueType
@@ -442,13 +443,15 @@ async def test_read_device_identification_names_the_profile(
     server = await serve({4: _device(profile, "boiler-4")})
     client = await _connect(clients, server.port)
     basic = await client.read_device_information(read_code=1, object_id=0, device_id=4)
-    assert not basic.isError(), basic
+    assert isinstance(basic, ReadDeviceInformationResponse), basic
     assert basic.information == {0: b"Generic", 1: b"boiler-steam-coal", 2: b"1.0"}
     regular = await client.read_device_information(read_code=2, object_id=0, device_id=4)
+    assert isinstance(regular, ReadDeviceInformationResponse), regular
     assert regular.information[4] == profile.name.encode()
     assert regular.information[5] == b"boiler-steam-coal"
     assert regular.information[6] == b"boiler-4"
     one = await client.read_device_information(read_code=4, object_id=4, device_id=4)
+    assert isinstance(one, ReadDeviceInformationResponse), one
     assert one.information == {4: profile.name.encode()}
     missing = await client.read_device_information(read_code=4, object_id=3, device_id=4)
     assert missing.isError() and missing.exception_code == 2

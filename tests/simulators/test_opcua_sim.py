@@ -21,6 +21,7 @@ from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.opcua_server import OpcUaSimServer
 from tests.opcua_profiles import SHIPPED, press_profile
+from tests.waiting import wait_for
 
 _VTYPES = {
     ValueType.BOOL: ua.VariantType.Boolean,
@@ -51,9 +52,6 @@ MIXED = press_profile(
         {"name": "program", "type": "string", "opcua": {"node_id": "ns=2;s=Press.Program"}},
     ]
 )  # fmt: skip
-
-
-pytestmark = pytest.mark.usefixtures("no_leftover_tasks")
 
 
 @contextlib.asynccontextmanager
@@ -87,7 +85,7 @@ async def _node(client: Client, profile: Profile, point: Point) -> Any:
     if point.opcua.node_id is not None:
         nid = ua.NodeId.from_string(point.opcua.node_id)
         return client.get_node(ua.NodeId(nid.Identifier, ns, nid.NodeIdType))
-    path = [f"{ns}:{part.split(':', 1)[1]}" for part in point.opcua.browse_path.split("/")]  # type: ignore[union-attr]
+    path = [f"{ns}:{part.split(':', 1)[1]}" for part in point.opcua.browse_path.split("/")]
     return await client.nodes.objects.get_child(path)
 
 
@@ -97,14 +95,6 @@ async def _read_all(client: Client, profile: Profile) -> dict[str, ua.DataValue]
         node = await _node(client, profile, p)
         out[p.name] = await node.read_data_value()
     return out
-
-
-async def _wait_for(predicate: Any, what: str, limit: float = 5.0) -> None:
-    for _ in range(int(limit / 0.02)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"gave up waiting for {what}")
 
 
 @pytest.mark.parametrize("profile_id", SHIPPED)
@@ -157,7 +147,7 @@ async def test_values_change_over_time() -> None:
             now = await _read_all(client, profile)
             return any(now[p.name].Value.Value != first[p.name] for p in numeric)
 
-        await _wait_for(changed, "a value to change")
+        await wait_for(changed, what="a value to change")
 
 
 async def test_write_to_rw_point_reaches_device_and_reads_back() -> None:
@@ -169,7 +159,7 @@ async def test_write_to_rw_point_reaches_device_and_reads_back() -> None:
         assert sim.device.values()["setpoint"] == 321.5
         assert sim.device.values()["enabled"] is True
         start = sim.updates
-        await _wait_for(lambda: _ready(sim.updates >= start + 2), "two updates")
+        await wait_for(lambda: _ready(sim.updates >= start + 2), what="two updates")
         assert await setpoint.read_value() == 321.5  # updates keep the written value
         # Read-only points and wrong types are refused, as by a real server.
         with pytest.raises(ua.UaStatusCodeError):
@@ -202,7 +192,7 @@ async def test_boiler_pressure_follows_a_setpoint_written_by_a_client() -> None:
             async def at(t: float) -> tuple[float, float]:
                 now[0] = t
                 start = sim.updates
-                await _wait_for(lambda: _ready(sim.updates >= start + 2), "two updates")
+                await wait_for(lambda: _ready(sim.updates >= start + 2), what="two updates")
                 return float(await pressure.read_value()), float(twin.values()["steam_pressure"])
 
             written, untouched = await at(2 * 3600.0)
@@ -241,7 +231,7 @@ async def test_exception_fault_gives_bad_device_failure_then_recovers() -> None:
             dv = await node.read_data_value(raise_on_bad_status=False)
             return bool(dv.StatusCode.value == ua.StatusCodes.BadDeviceFailure)
 
-        await _wait_for(bad, "BadDeviceFailure")
+        await wait_for(bad, what="BadDeviceFailure")
         with pytest.raises(ua.uaerrors.BadDeviceFailure):
             await node.read_value()
         sim.device.faults.clear()
@@ -250,7 +240,7 @@ async def test_exception_fault_gives_bad_device_failure_then_recovers() -> None:
             dv = await node.read_data_value(raise_on_bad_status=False)
             return bool(dv.StatusCode.is_good())
 
-        await _wait_for(good, "Good status again")
+        await wait_for(good, what="Good status again")
 
 
 async def test_silent_fault_keeps_tcp_but_requests_time_out() -> None:
@@ -320,8 +310,8 @@ async def test_restart_fault_goes_away_and_comes_back_with_same_nodes() -> None:
             await writer.wait_closed()
             return False
 
-        await _wait_for(refused, "the listener to go away")
-        await _wait_for(lambda: _ready(sim.restarts == 1), "the server to come back")
+        await wait_for(refused, what="the listener to go away")
+        await wait_for(lambda: _ready(sim.restarts == 1), what="the server to come back")
         assert sim.device.faults.mode is FaultMode.NONE
         async with _client(sim, request_timeout=1.0) as client:
             assert await client.get_namespace_index("urn:test:press") == 3
@@ -342,7 +332,7 @@ async def test_out_of_range_fault_serves_values_beyond_range() -> None:
         async def beyond() -> bool:
             return bool(await node.read_value() > 500)
 
-        await _wait_for(beyond, "an out-of-range force")
+        await wait_for(beyond, what="an out-of-range force")
         # Scaled points are out of range in engineering units (raw 1521.0 degC here).
         assert await client.get_node("ns=2;i=1001").read_value() * 0.1 > 120
 

@@ -76,7 +76,7 @@ async def client(inverter: tuple[SimDevice, ModbusSimServer]) -> AsyncIterator[A
 def _addr(name: str) -> int:
     a = PV.point(name).modbus
     assert a is not None and a.table is ModbusTable.HOLDING
-    return a.address
+    return int(a.address)
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))

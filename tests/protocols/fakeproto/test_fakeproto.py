@@ -97,7 +97,7 @@ def test_its_address_errors_name_the_file_and_point() -> None:
         parse_profile(data, "press-bad.yaml")
     text = str(info.value)
     assert "press-bad.yaml: point 'speed': fakeproto.key: String should match" in text
-    data["points"] = data["points"][:2]  # type: ignore[index]
+    data["points"] = data["points"][:2]
     with pytest.raises(ProfileError, match="point 'force2': key 'force' is also point 'force'"):
         parse_profile(data, "press-bad.yaml")
 
