@@ -66,6 +66,9 @@ log = logging.getLogger("iiot.gateway.control")
 _POLL = 0.2  # seconds between two database looks while waiting for a write's answer
 _REPUBLISH_EVERY = 5.0  # seconds between two looks for configurations not yet published
 _GRACE = 1.0  # seconds past a command's expiry that an answer may still be in flight
+# A write's record an agent's answer may still fill in: waiting, or given up on by the API
+# call (no answer in time, or the broker did not acknowledge the command).
+_ANSWERABLE = ("pending", WriteStatus.TIMEOUT.value, WriteStatus.FAILED.value)
 
 
 class ControlError(ValueError):
@@ -340,6 +343,13 @@ class ControlService:
             log.warning(
                 "write result for no write we sent", extra={"agent": agent, "id": result.id}
             )
+            return
+        if row["status"] not in _ANSWERABLE or (
+            (row["status"], row["reason"]) == (result.status.value, result.reason)
+        ):
+            # The agent answers a repeated request id (a redelivered or replayed command)
+            # with its first result: the record already holds what happened.
+            self.counters["results_repeated"] += 1
             return
         now = self._now_ms()
         fields: dict[str, Any] = {

@@ -284,6 +284,27 @@ def test_writes_are_answered_refused_when_offline_timed_out_and_audited(plane: _
     assert plane.call("GET", "/api/v1/writes", token=PLATFORM).status_code == 403
 
 
+def test_a_repeated_answer_leaves_the_write_record_alone(plane: _Plane) -> None:
+    """An agent answers a redelivered command with its first result; nothing is rewritten."""
+    agent = plane.agent()
+    try:
+        agent.birth()
+        plane.online()
+        agent.answer = {"status": "ok", "previous": 3.0, "value": 3.2}
+        body = {"point": "kiln_speed_sp", "value": 3.2}
+        r = plane.call("POST", f"/api/v1/devices/{ENT}/kiln-1/write", token=OPERATOR, json=body)
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        first = plane.call("GET", "/api/v1/writes", token=OPERATOR).json()
+        again = {"id": r.json()["id"], "ts": _now_ms(), **agent.answer}
+        agent.publish(f"{PREFIX}/kiln-1/result", json.dumps(again).encode())
+        assert plane.gw.control is not None
+        counters = plane.gw.control.counters
+        wait_until(lambda: counters["results_repeated"] == 1, what="the repeated answer")
+    finally:
+        agent.close()
+    assert plane.call("GET", "/api/v1/writes", token=OPERATOR).json() == first
+
+
 def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _Plane) -> None:
     path = f"/api/v1/agents/{ENT}/{AGENT}/config"
     assert plane.call("PUT", path, json={"devices": [KILN]}).status_code == 200
