@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.auth import Caller
 from gateway.config import GatewayConfig
-from gateway.control.desired import DesiredConfigError, check_config
+from gateway.control.desired import CheckedConfig, DesiredConfigError, check_config
 from gateway.control.store import ControlStore, StaleVersion
 from gateway.registry import Registry, RegistryError
 from gateway.registry.ledger import check_row
@@ -224,25 +224,34 @@ class ControlService:
     ) -> dict[str, Any]:
         """Validate, store as the next version, publish retained; returns the config view."""
         self._agent(enterprise, agent)
+        # Families the current version ships stay known unless the request redefines them,
+        # so its uploaded profiles can be used again without uploading anything.
+        given = body.get("families", [])
+        keys = {f.get("key") for f in given if isinstance(f, dict)}
+        current = self.store.desired(agent)
+        kept = [
+            f for f in (current["document"].get("families", []) if current else [])
+            if f.get("key") not in keys
+        ]  # fmt: skip
         try:
             checked = check_config(
-                body.get("devices", []), body.get("profiles", []), self.store.stored_profiles()
+                body.get("devices", []),
+                body.get("profiles", []),
+                self.store.stored_profiles(),
+                [*kept, *given],
             )
         except DesiredConfigError as exc:
             self.counters["config_invalid"] += 1
             raise ControlInvalid(exc.problems) from exc
         self.store.save_profiles(checked.uploads, self._now_ms())
-        self._commit(
-            enterprise, agent, checked.devices, checked.ship, body.get("discovery"), caller
-        )
+        self._commit(enterprise, agent, checked, body.get("discovery"), caller)
         return self.config_view(enterprise, agent)
 
     def _commit(
         self,
         enterprise: str,
         agent: str,
-        devices: list[dict[str, Any]],
-        ship: list[dict[str, Any]],
+        checked: CheckedConfig,
         discovery: dict[str, Any] | None,
         caller: Caller,
     ) -> int:
@@ -251,8 +260,9 @@ class ControlService:
         doc = DesiredConfig(
             version=(previous or 0) + 1,
             ts=self._now_ms(),
-            devices=devices,
-            profiles=ship,
+            devices=checked.devices,
+            profiles=checked.ship,
+            families=checked.families,
             discovery=discovery,
         )
         try:
@@ -552,7 +562,10 @@ class ControlService:
         doc = desired["document"] if desired else {}
         devices = [*doc.get("devices", []), entry]
         try:
-            checked = check_config(devices, [], self.store.stored_profiles())
+            # The families the current version ships keep its uploaded profiles usable.
+            checked = check_config(
+                devices, [], self.store.stored_profiles(), doc.get("families", [])
+            )
         except DesiredConfigError as exc:
             raise ControlInvalid(exc.problems) from exc
         prof = checked.profiles[profile]
@@ -573,7 +586,7 @@ class ControlService:
             view, _created = self.registry.register_device(row)
         except (ValueError, RegistryError) as exc:
             raise ControlInvalid([str(exc)]) from exc
-        self._commit(ent, agent, checked.devices, checked.ship, doc.get("discovery"), caller)
+        self._commit(ent, agent, checked, doc.get("discovery"), caller)
         self.store.set_discovered(proposal_id, "approved", device_id)
         self.counters["approved"] += 1
         return {"device": view, "config": self.config_view(ent, agent)}
