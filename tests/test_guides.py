@@ -3,8 +3,8 @@
 Blocks preceded by ``<!-- guide: NAME -->`` are shell commands, run in order in one bash
 session; ``<!-- guide: NAME file: PATH -->`` blocks are written to PATH first. The ``iiot``
 command is the one of the wheel ``make dist`` builds, installed into a virtual
-environment. Only what the README's "Guides" section lists is changed: ports, device addresses, paths,
-the ``iiot`` user, and systemd's part (starting and reloading the broker).
+environment. Only what the README's "Guides" section lists is changed: ports, device
+addresses, paths, the ``iiot`` user, and systemd's part (starting and reloading the broker).
 """
 
 from __future__ import annotations
