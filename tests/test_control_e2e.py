@@ -373,8 +373,8 @@ def test_a_pushed_configuration_adds_a_device_refuses_a_bad_one_and_reaches_an_o
         assert any("device 'ghost'" in d["msg"] for d in r.json()["detail"]), r.text
         assert platform.config_view("line1-edge")["desired"]["version"] == 2
 
-        # A version the agent itself refuses (sent by another gateway instance that took an
-        # uploaded profile the agent cannot use): the report names the device, the old runs.
+        # A version the agent itself refuses (published by a peer gateway instance without
+        # the API's check): the report names the device, and the running version goes on.
         _refused_version_reported(platform, plant)
 
         # Offline during the push: the agent applies the retained version when it is back.
