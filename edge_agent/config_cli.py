@@ -95,9 +95,18 @@ def push(
     if not isinstance(data, dict):
         raise _fail(f"{file}: expected a mapping with 'devices'", 2)
     ent, ag = _names(data, enterprise, agent)
+    docs = _profile_docs(data.get("profiles") or [], file.resolve().parent)
+    # A folder's families.yaml ({families: [...]}) travels beside its profiles.
+    families = [
+        f
+        for d in docs
+        if set(d) == {"families"} and isinstance(d["families"], list)
+        for f in d["families"]
+    ]
     body: dict[str, Any] = {
         "devices": data.get("devices") or [],
-        "profiles": _profile_docs(data.get("profiles") or [], file.resolve().parent),
+        "profiles": [d for d in docs if set(d) != {"families"}],
+        "families": families,
     }
     if data.get("discovery") is not None:
         body["discovery"] = data["discovery"]

@@ -233,6 +233,10 @@ class ControlPlane:
         self._publish(self.topic(ControlKind.REPORTED), encode(report), True)
 
     async def _scan_task(self, request: ScanRequest) -> None:
+        # A scan asked for after a configuration scans where that one allows: the lock is
+        # fair, so the versions that arrived before this request are applied first.
+        async with self._config_lock:
+            pass
         if self._scanning:
             report = ScanReport(
                 scan=request.id, ts=now_ms(), errors=["another scan is still running"]

@@ -5,8 +5,11 @@ registry and outbox in SQLite under ``--data-dir``, a simulated site of several 
 enterprises, imports their ledger (more devices than are switched on; an equipment
 maker's products too), sets the province's target of enterprises on the cloud,
 provisions one agent per enterprise through the API, runs the agents against the
-simulators, and serves the API and dashboard. A few devices fail and recover while it runs, so the
-ratios move. The terminal shows a live table; ``--duration`` or Ctrl-C stops it.
+simulators, and serves the API and dashboard. One enterprise's devices are not in any file:
+its agent starts with none, the demo asks it to scan and approves what it proposes, so
+they are onboarded through discovery as a platform operator would. A few devices fail
+and recover while it runs, so the ratios move. The terminal shows a live table;
+``--duration`` or Ctrl-C stops it.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console, Group
@@ -33,6 +37,7 @@ from rich.text import Text
 __all__ = ["demo"]
 
 log = logging.getLogger("iiot.demo")
+_T = TypeVar("_T")
 
 _DEMO_PLANT = Path(__file__).with_name("demo_plant.yaml")
 _GATEWAY_USER = "iiot-gateway"
@@ -288,6 +293,9 @@ class _Demo:
         creds = await self._onboard()
         for enterprise, cred in creds.items():
             await self._start_agent(enterprise, cred)
+        for enterprise, cred in creds.items():
+            if self._by_discovery(enterprise):
+                await self._discover(enterprise, cred["agent_id"])
         self._step(f"{len(self.agents)} agents polling every {self.poll_interval:g} s")
         on_sp = sorted(e for e in creds if e in self.sparkplug)
         if on_sp:
@@ -345,6 +353,76 @@ class _Demo:
         self._step(f"{len(creds)} agents provisioned with their own MQTT credentials")
         return creds
 
+    def _by_discovery(self, enterprise: str) -> bool:
+        """True when the enterprise's devices are switched on but in no agent file."""
+        eps = [ep for ep in self.plant.endpoints.values() if ep.enterprise == enterprise]
+        return bool(eps) and not any(ep.configured for ep in eps)
+
+    def _scope(self, enterprise: str) -> dict[str, Any]:
+        """Where the enterprise's agent may scan: its addresses, as a site survey lists them."""
+        eps = [ep for ep in self.plant.endpoints.values() if ep.enterprise == enterprise]
+        ports = sorted({ep.port for ep in eps if ep.protocol == "modbus" and ep.port})
+        units = sorted({ep.unit or 1 for ep in eps if ep.protocol == "modbus"})
+        scope: dict[str, Any] = {"rate": 200, "timeout": 0.5}
+        if ports:
+            scope["modbus_tcp"] = [
+                {"hosts": [self.plant.config.host], "ports": ports, "units": units}
+            ]
+        opcua = sorted(ep.url for ep in eps if ep.protocol == "opcua")
+        if opcua:
+            scope["opcua"] = opcua
+        return scope
+
+    async def _discover(self, enterprise: str, agent_id: str) -> None:
+        """Push a scan scope, scan, and approve each proposal under its ledger id."""
+        import httpx
+
+        assert self.secrets is not None
+        admin = {"Authorization": f"Bearer {self.secrets.admin_token}"}
+        async with httpx.AsyncClient(base_url=self.api, headers=admin, timeout=30) as client:
+            config = f"/api/v1/agents/{enterprise}/{agent_id}/config"
+            r = await client.put(config, json={"devices": [], "discovery": self._scope(enterprise)})
+            _raise_for(r, f"pushing the scan scope of {agent_id}")
+            await _wait_for(lambda: self._online(client, agent_id), 30, f"{agent_id} online")
+            r = await client.post(f"/api/v1/agents/{enterprise}/{agent_id}/scan")
+            _raise_for(r, f"asking {agent_id} to scan")
+            expected = {
+                _address_key(ep): ep.device
+                for ep in self.plant.endpoints.values()
+                if ep.enterprise == enterprise
+            }
+            self._step(f"{agent_id} scans for {enterprise}'s equipment (no devices in its file)")
+            found = await _wait_for(
+                lambda: self._proposals(client, agent_id, len(expected)), 90, "the scan"
+            )
+            approved = 0
+            for p in found:
+                where = _address_key_of(p["address"])
+                device = expected.get(where)
+                if device is None:
+                    continue  # it answered, but is no equipment of this site's ledger
+                profile = p["candidates"][0]["profile"] if p["candidates"] else "?"
+                r = await client.post(
+                    f"/api/v1/discovered/{p['id']}/approve",
+                    json={"device_id": device, "poll_interval": self.poll_interval},
+                )
+                _raise_for(r, f"approving {device}")
+                approved += 1
+                self._step(f"  found {where}: {profile}, approved as {device}")
+        self._step(f"{enterprise}: {approved} devices onboarded by discovery and approval")
+
+    @staticmethod
+    async def _online(client: Any, agent_id: str) -> bool:
+        r = await client.get("/api/v1/agents")
+        return r.status_code == 200 and any(a["id"] == agent_id and a["online"] for a in r.json())
+
+    @staticmethod
+    async def _proposals(client: Any, agent_id: str, want: int) -> list[dict[str, Any]]:
+        """The scan's proposals once there are ``want`` of them, else none."""
+        r = await client.get("/api/v1/discovered", params={"agent": agent_id, "status": "new"})
+        rows: list[dict[str, Any]] = r.json() if r.status_code == 200 else []
+        return rows if len(rows) >= want else []
+
     async def _start_agent(self, enterprise: str, cred: dict[str, Any]) -> None:
         from edge_agent.agent import Agent
         from edge_agent.config import parse_config
@@ -377,6 +455,8 @@ class _Demo:
                     "reconnect_max": 5.0,
                     "codec": "sparkplug" if enterprise in self.sparkplug else "json",
                 },
+                # Devices pushed by the platform replace the (then empty) list here.
+                "remote_config": {"enabled": self._by_discovery(enterprise)},
                 "devices": devices,
             },
             source=f"demo agent {cred['agent_id']}",
@@ -531,6 +611,37 @@ class _Demo:
         if self.broker is not None:
             with contextlib.suppress(Exception):
                 await self.broker.stop()
+
+
+def _raise_for(r: Any, what: str) -> None:
+    if r.status_code >= 400:
+        raise RuntimeError(f"{what}: {r.status_code} {r.text}")
+
+
+async def _wait_for(check: Callable[[], Awaitable[_T]], within: float, what: str) -> _T:
+    """Poll ``check`` every half second until it returns something true, or fail naming ``what``."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        got = await check()
+        if got:
+            return got
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"timed out after {within:g} s waiting for {what}")
+
+
+def _address_key_of(address: dict[str, Any]) -> str:
+    """'modbus 127.0.0.1:25031 unit 1' or 'opcua opc.tcp://…' for a proposal's address."""
+    if "opcua" in address:
+        return f"opcua {address['opcua']['endpoint']}"
+    m = address.get("modbus", {})
+    return f"modbus {m.get('host')}:{m.get('port', 502)} unit {m.get('unit', 1)}"
+
+
+def _address_key(ep: Any) -> str:
+    """The same key for a plant endpoint."""
+    if ep.protocol == "opcua":
+        return f"opcua {ep.url}"
+    return f"modbus {ep.host}:{ep.port} unit {ep.unit or 1}"
 
 
 async def _main(d: _Demo, duration: float | None, live: bool) -> int:

@@ -67,6 +67,15 @@ def test_demo_final_table_shows_every_enterprise_and_matches_the_api(tmp_path: P
         assert ent in proc.stdout
         assert f"{100.0 * g['ratio']:.1f}%" in proc.stdout
 
+    # The machinery shop's devices are in no agent's file: its agent scanned, the demo
+    # approved each proposal through the API, and they count as connected above.
+    plant = load_plant_config(DEMO_PLANT)
+    found = {d.id for e in plant.enterprises for d in e.devices if d.on and not d.configured}
+    assert found, "the demo site onboards no device by discovery"
+    for dev in found:
+        assert f"approved as {dev}" in proc.stdout, dev
+    assert "devices onboarded by discovery and approval" in proc.stdout
+
     # The compressor maker's products at customers' sites: their own pair of numbers.
     made = {e.id: e.products for e in load_plant_config(DEMO_PLANT).enterprises if e.products}
     products = {g["key"]: (g["connected"], g["total"]) for g in summary["products"]["groups"]}

@@ -3,8 +3,8 @@
 Blocks preceded by ``<!-- guide: NAME -->`` are shell commands, run in order in one bash
 session; ``<!-- guide: NAME file: PATH -->`` blocks are written to PATH first. The ``iiot``
 command is the one of the wheel ``make dist`` builds, installed into a virtual
-environment. Only what the README's "Guides" section lists is changed: ports, paths,
-the ``iiot`` user, and systemd's part (starting and reloading the broker).
+environment. Only what the README's "Guides" section lists is changed: ports, device
+addresses, paths, the ``iiot`` user, and systemd's part (starting and reloading the broker).
 """
 
 from __future__ import annotations
@@ -21,13 +21,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from iiot_common.localservers import (
     DebianMosquitto,
-    Mosquitto,
     VictoriaMetrics,
     free_port,
     require,
@@ -185,17 +182,18 @@ def _stat(path: Path) -> os.stat_result | None:
         return None
 
 
-def test_platform_and_factory_guides(
+def test_platform_factory_and_integrator_guides(
     tmp_path: Path,
     shipped_broker: DebianMosquitto,
     victoria: VictoriaMetrics,
     wheel_bin: Path,
 ) -> None:
+    """The three guides in one session: the integrator sends its model to the factory's box."""
     require("curl", "curl")
     broker = shipped_broker
     work = tmp_path / "guide"
     work.mkdir()
-    api_port, kiln_port, comp_port = free_port(), free_port(), free_port()
+    api_port, kiln_port, comp_port, sim_port = free_port(), free_port(), free_port(), free_port()
     conf = broker.etc / "mosquitto.conf"
     start_broker = (
         f"{broker.binary} -c {conf} &\n"
@@ -215,6 +213,9 @@ def test_platform_and_factory_guides(
         "127.0.0.1:8086": f"127.0.0.1:{victoria.port}",
         "host: 192.168.10.21, port: 502": f"host: 127.0.0.1, port: {kiln_port}",
         "host: 192.168.10.22, port: 502": f"host: 127.0.0.1, port: {comp_port}",
+        "hosts: [192.168.10.22], ports: [502]": f"hosts: [127.0.0.1], ports: [{comp_port}]",
+        "--port 502": f"--port {sim_port}",
+        "host: 127.0.0.1, port: 502": f"host: 127.0.0.1, port: {sim_port}",
         # systemd's part, and the iiot user (the test runs as root); last, so the paths
         # these insert are not moved twice
         "systemctl restart mosquitto": start_broker,
@@ -228,7 +229,9 @@ def test_platform_and_factory_guides(
     watcher.start()
     sims = [_sim("kiln-rotary-cement", kiln_port), _sim("aircomp-screw", comp_port)]
     try:
-        proc = run_guides(["platform", "factory"], work, replace, bin_dir=wheel_bin)
+        proc = run_guides(
+            ["platform", "factory", "integrator"], work, replace, bin_dir=wheel_bin, timeout=420
+        )
     finally:
         stop.set()
         watcher.join(5)
@@ -254,7 +257,12 @@ def test_platform_and_factory_guides(
     assert (city["registered"], city["on_cloud"], city["target"]) == (1, 0, 8000)
     assert (on_cloud["overall"]["target"], on_cloud["overall"]["progress"]) == (100000, 0.0)
 
-    # Factory: the two devices the agent polls are online, the ledger's other three are not.
+    # Factory: the agent's file names no device; one was pushed, one found and approved.
+    agent_yaml = (work / "etc-iiot" / "agent.yaml").read_text()
+    assert "devices" not in agent_yaml and "remote_config" in agent_yaml, agent_yaml
+    (proposal,) = json.loads((work / "discovered.json").read_text())
+    assert proposal["candidates"][0]["profile"] == "aircomp-screw", proposal
+    # The two devices the agent polls are online, the ledger's other three are not.
     devices = json.loads((work / "devices.json").read_text())
     items = devices.get("items", devices.get("devices", []))
     online = {d["id"] for d in items if d["online"]}
@@ -265,6 +273,16 @@ def test_platform_and_factory_guides(
     series = victoria.export('{__name__=~"telemetry_.*", device="sjz-kiln-1"}')
     assert series, "no telemetry for sjz-kiln-1 in victoria-metrics"
 
+    # Integrator: the profiles validate, probe names the new model as the best fit, and the
+    # model pushed with its profile reports from the factory's box.
+    assert "ok" in proc.stdout and "acme-cc-500" in proc.stdout
+    probe = (work / "probe.txt").read_text()
+    best = [line for line in probe.splitlines() if "best" in line.lower()]
+    assert best and "acme-cc-500" in best[0], probe
+    cc500 = json.loads((work / "cc500.json").read_text())
+    assert cc500["online"] and cc500["profile"] == "acme-cc-500", cc500
+    assert cc500["latest"], cc500
+
 
 def _stop_pid_file(broker: DebianMosquitto) -> None:
     """Stop a broker the guide started, should the session's own trap have missed it."""
@@ -273,43 +291,3 @@ def _stop_pid_file(broker: DebianMosquitto) -> None:
         os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
     except (OSError, ValueError):
         pass
-
-
-def test_integrator_guide(tmp_path: Path, mosquitto: Mosquitto, wheel_bin: Path) -> None:
-    work = tmp_path / "guide"
-    work.mkdir()
-    sim_port = free_port()
-    received: list[str] = []
-    got = threading.Event()
-
-    def on_message(_c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        received.append(msg.topic)
-        if msg.topic.endswith("/cc500-1/data"):
-            got.set()
-
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="guide-watch")
-    sub.on_message = on_message
-    sub.connect("127.0.0.1", mosquitto.port)
-    sub.subscribe("iiot/v1/#", qos=1)
-    sub.loop_start()
-    try:
-        proc = run_guides(
-            ["integrator"],
-            work,
-            {
-                "127.0.0.1:1883": f"127.0.0.1:{mosquitto.port}",
-                "--port 502": f"--port {sim_port}",
-                "port: 502": f"port: {sim_port}",
-            },
-            bin_dir=wheel_bin,
-        )
-        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        assert got.wait(5), f"no data from the new model's device; topics seen: {received[:10]}"
-    finally:
-        sub.loop_stop()
-        sub.disconnect()
-    assert "ok" in proc.stdout and "acme-cc-500" in proc.stdout
-    # probe names the new model as the best fit.
-    probe = (work / "probe.txt").read_text()
-    best = [line for line in probe.splitlines() if "best" in line.lower()]
-    assert best and "acme-cc-500" in best[0], probe

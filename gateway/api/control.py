@@ -32,11 +32,18 @@ class _In(BaseModel):
 
 
 class ConfigIn(_In):
-    """An agent's desired configuration: agent.yaml's device entries, and profiles to add."""
+    """An agent's desired configuration: agent.yaml's device entries, profiles to add and
+    the families they need."""
 
     devices: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
     profiles: list[dict[str, Any]] = Field(
         default_factory=list, max_length=1000, description="Profiles to upload (YAML as JSON)."
+    )
+    families: list[dict[str, Any]] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Families the uploaded profiles name that no shipped families.yaml has "
+        "(entries of a families.yaml: key, name_zh, name, category).",
     )
     discovery: dict[str, Any] | None = Field(
         default=None, description="Where a scan may look, with agent.yaml's discovery keys."

@@ -3,7 +3,8 @@
 Devices are validated with the agent's own ``DeviceConfig`` model; every problem is
 collected and names the device (``device 'boiler-3': profile 'x' not found``). Profiles
 come from the shipped ``device_profiles`` package, from the request, or from earlier
-uploads; those that are not shipped travel with the configuration.
+uploads; those that are not shipped travel with the configuration, and so do the
+families (``families.yaml`` entries) they name that no shipped family file has.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from device_profiles.families import FamilyInfo, builtin_families
 from device_profiles.loader import ProfileError, ProfileSet, load_profiles, parse_profile
 from device_profiles.schema import Profile
 from edge_agent.config import DeviceConfig
@@ -35,6 +37,7 @@ class CheckedConfig:
     profiles: dict[str, Profile]  # every profile a device uses, by id
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)  # new uploads, by id
     ship: list[dict[str, Any]] = field(default_factory=list)  # non-shipped profiles used
+    families: list[dict[str, Any]] = field(default_factory=list)  # non-shipped ones they name
 
 
 @functools.cache
@@ -53,8 +56,32 @@ def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
     return out
 
 
+def _check_families(
+    raw_families: list[Any], problems: list[str]
+) -> tuple[dict[str, FamilyInfo], dict[str, dict[str, Any]]]:
+    """The shipped families plus the request's; a shipped key redefined is refused."""
+    families = dict(builtin_families())
+    docs: dict[str, dict[str, Any]] = {}
+    for i, raw in enumerate(raw_families):
+        key = raw.get("key") if isinstance(raw, dict) else None
+        where = f"family '{key}'" if isinstance(key, str) else f"families[{i}]"
+        try:
+            fam = FamilyInfo.model_validate(raw)
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(where, exc))
+            continue
+        if fam.key in families and families[fam.key] != fam:
+            shipped = fam.key in builtin_families()
+            problems.append(f"{where}: " + ("a shipped family" if shipped else "given twice"))
+            continue
+        families[fam.key] = fam
+        if fam.key not in builtin_families():
+            docs[fam.key] = fam.model_dump(mode="json", exclude_none=True)
+    return families, docs
+
+
 def _check_uploads(
-    raw_profiles: list[Any], problems: list[str]
+    raw_profiles: list[Any], families: dict[str, FamilyInfo], problems: list[str]
 ) -> tuple[dict[str, Profile], dict[str, dict[str, Any]]]:
     parsed: dict[str, Profile] = {}
     docs: dict[str, dict[str, Any]] = {}
@@ -63,7 +90,7 @@ def _check_uploads(
         name = raw.get("id") if isinstance(raw, dict) else None
         where = f"profile '{name}'" if isinstance(name, str) else f"profiles[{i}]"
         try:
-            prof = parse_profile(raw, where)
+            prof = parse_profile(raw, where, families=families)
         except ProfileError as exc:
             problems.extend(f"{where}: {p}" for p in exc.problems)
             continue
@@ -105,16 +132,19 @@ def check_config(
     raw_devices: list[Any],
     raw_profiles: list[Any],
     stored_profiles: dict[str, dict[str, Any]],
+    raw_families: list[Any] | None = None,
 ) -> CheckedConfig:
-    """Validate devices and uploaded profiles; raises ``DesiredConfigError`` listing all."""
+    """Validate devices, uploaded profiles and the families they add; raises
+    ``DesiredConfigError`` listing every problem."""
     problems: list[str] = []
-    uploads, upload_docs = _check_uploads(raw_profiles, problems)
+    families, family_docs = _check_families(raw_families or [], problems)
+    uploads, upload_docs = _check_uploads(raw_profiles, families, problems)
     lookup: dict[str, Profile] = {p.id: p for p in builtin_profiles()}
     stored_docs: dict[str, dict[str, Any]] = {}
     for pid, doc in stored_profiles.items():
         if pid not in uploads and pid not in lookup:
             try:
-                lookup[pid] = parse_profile(doc, f"stored profile '{pid}'")
+                lookup[pid] = parse_profile(doc, f"stored profile '{pid}'", families=families)
                 stored_docs[pid] = doc
             except ProfileError:
                 continue  # a stored profile the schema no longer accepts is not offered
@@ -140,4 +170,7 @@ def check_config(
         raise DesiredConfigError(problems)
     docs = {**stored_docs, **upload_docs}
     ship = [docs[pid] for pid in sorted(used) if pid in docs]
-    return CheckedConfig(devices, used, upload_docs, ship)
+    named = sorted({used[pid].family for pid in used if pid in docs})
+    return CheckedConfig(
+        devices, used, upload_docs, ship, [family_docs[k] for k in named if k in family_docs]
+    )

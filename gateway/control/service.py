@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.auth import Caller
 from gateway.config import GatewayConfig
-from gateway.control.desired import DesiredConfigError, check_config
+from gateway.control.desired import CheckedConfig, DesiredConfigError, check_config
 from gateway.control.store import ControlStore, StaleVersion
 from gateway.registry import Registry, RegistryError
 from gateway.registry.ledger import check_row
@@ -66,6 +66,9 @@ log = logging.getLogger("iiot.gateway.control")
 _POLL = 0.2  # seconds between two database looks while waiting for a write's answer
 _REPUBLISH_EVERY = 5.0  # seconds between two looks for configurations not yet published
 _GRACE = 1.0  # seconds past a command's expiry that an answer may still be in flight
+# A write's record an agent's answer may still fill in: waiting, or given up on by the API
+# call (no answer in time, or the broker did not acknowledge the command).
+_ANSWERABLE = ("pending", WriteStatus.TIMEOUT.value, WriteStatus.FAILED.value)
 
 
 class ControlError(ValueError):
@@ -221,25 +224,34 @@ class ControlService:
     ) -> dict[str, Any]:
         """Validate, store as the next version, publish retained; returns the config view."""
         self._agent(enterprise, agent)
+        # Families the current version ships stay known unless the request redefines them,
+        # so its uploaded profiles can be used again without uploading anything.
+        given = body.get("families", [])
+        keys = {f.get("key") for f in given if isinstance(f, dict)}
+        current = self.store.desired(agent)
+        kept = [
+            f for f in (current["document"].get("families", []) if current else [])
+            if f.get("key") not in keys
+        ]  # fmt: skip
         try:
             checked = check_config(
-                body.get("devices", []), body.get("profiles", []), self.store.stored_profiles()
+                body.get("devices", []),
+                body.get("profiles", []),
+                self.store.stored_profiles(),
+                [*kept, *given],
             )
         except DesiredConfigError as exc:
             self.counters["config_invalid"] += 1
             raise ControlInvalid(exc.problems) from exc
         self.store.save_profiles(checked.uploads, self._now_ms())
-        self._commit(
-            enterprise, agent, checked.devices, checked.ship, body.get("discovery"), caller
-        )
+        self._commit(enterprise, agent, checked, body.get("discovery"), caller)
         return self.config_view(enterprise, agent)
 
     def _commit(
         self,
         enterprise: str,
         agent: str,
-        devices: list[dict[str, Any]],
-        ship: list[dict[str, Any]],
+        checked: CheckedConfig,
         discovery: dict[str, Any] | None,
         caller: Caller,
     ) -> int:
@@ -248,8 +260,9 @@ class ControlService:
         doc = DesiredConfig(
             version=(previous or 0) + 1,
             ts=self._now_ms(),
-            devices=devices,
-            profiles=ship,
+            devices=checked.devices,
+            profiles=checked.ship,
+            families=checked.families,
             discovery=discovery,
         )
         try:
@@ -340,6 +353,13 @@ class ControlService:
             log.warning(
                 "write result for no write we sent", extra={"agent": agent, "id": result.id}
             )
+            return
+        if row["status"] not in _ANSWERABLE or (
+            (row["status"], row["reason"]) == (result.status.value, result.reason)
+        ):
+            # The agent answers a repeated request id (a redelivered or replayed command)
+            # with its first result: the record already holds what happened.
+            self.counters["results_repeated"] += 1
             return
         now = self._now_ms()
         fields: dict[str, Any] = {
@@ -542,7 +562,10 @@ class ControlService:
         doc = desired["document"] if desired else {}
         devices = [*doc.get("devices", []), entry]
         try:
-            checked = check_config(devices, [], self.store.stored_profiles())
+            # The families the current version ships keep its uploaded profiles usable.
+            checked = check_config(
+                devices, [], self.store.stored_profiles(), doc.get("families", [])
+            )
         except DesiredConfigError as exc:
             raise ControlInvalid(exc.problems) from exc
         prof = checked.profiles[profile]
@@ -563,7 +586,7 @@ class ControlService:
             view, _created = self.registry.register_device(row)
         except (ValueError, RegistryError) as exc:
             raise ControlInvalid([str(exc)]) from exc
-        self._commit(ent, agent, checked.devices, checked.ship, doc.get("discovery"), caller)
+        self._commit(ent, agent, checked, doc.get("discovery"), caller)
         self.store.set_discovered(proposal_id, "approved", device_id)
         self.counters["approved"] += 1
         return {"device": view, "config": self.config_view(ent, agent)}

@@ -566,6 +566,39 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     assert 5 < call["left"] <= 8
 
 
+async def test_a_scan_sent_right_after_a_config_uses_that_configs_scope(
+    tmp_path: Path, mosquitto: Mosquitto, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The platform pushes a scope and asks for a scan at once: the scan waits for it."""
+    scopes: list[DiscoveryScope] = []
+
+    async def scan(
+        scope: DiscoveryScope, profiles: Any, *, exclude: set[str], deadline: float
+    ) -> list[Proposal]:
+        scopes.append(scope)
+        return []
+
+    fake = types.ModuleType("edge_agent.discovery")
+    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
+    fake.scan = scan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
+    with Gateway(mosquitto.port) as gw:
+        agent = _agent(tmp_path, mosquitto, [_kiln(site)])
+        await agent.start()
+        try:
+            await wait_for(lambda: agent.publisher.connected, 10, "connected")
+            await asyncio.sleep(0.2)  # the subscription is in place after the birth
+            gw.send("config", _desired(1, [_kiln(site)], discovery=scope), retain=True)
+            gw.send("scan", {"id": "scan-3", "ts": now_ms(), "expires": now_ms() + 8000})
+            await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")
+        finally:
+            await agent.stop()
+    report = ScanReport.model_validate_json(gw.on("discovered")[0][0])
+    assert report.errors == [], report.errors
+    assert scopes == [DiscoveryScope.model_validate(scope)]
+
+
 async def test_a_push_during_a_broker_outage_is_applied_after_the_reconnect(
     tmp_path: Path, site: Site
 ) -> None:

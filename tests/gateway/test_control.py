@@ -229,6 +229,39 @@ def test_an_uploaded_profile_travels_with_the_config(plane: _Plane) -> None:
     assert all(d["msg"].startswith("profile 'kiln-broken'") for d in r.json()["detail"])
 
 
+def test_an_uploaded_family_travels_with_the_profiles_that_name_it(plane: _Plane) -> None:
+    import yaml
+
+    from device_profiles.loader import BUILTIN_DIR
+
+    doc = yaml.safe_load((BUILTIN_DIR / "kiln" / "kiln-rotary-cement.yaml").read_text())
+    doc.update(id="acme-saw", family="sawmill")
+    family = {"key": "sawmill", "name_zh": "锯木机", "name": "Sawmill", "category": "intelligent"}
+    path = f"/api/v1/agents/{ENT}/{AGENT}/config"
+    dev = {**KILN, "profile": "acme-saw"}
+    r = plane.call("PUT", path, json={"devices": [dev], "profiles": [doc]})
+    assert r.status_code == 422
+    assert any(d["msg"].startswith("profile 'acme-saw'") and "sawmill" in d["msg"]
+               for d in r.json()["detail"]), r.text  # fmt: skip
+
+    r = plane.call("PUT", path, json={"devices": [dev], "profiles": [doc], "families": [family]})
+    assert r.status_code == 200, r.text
+    assert r.json()["desired"]["config"]["families"] == [family]
+    agent = plane.agent()
+    try:
+        assert agent.on("config")["families"] == [family]
+    finally:
+        agent.close()
+    # A later version uses the stored profile, and its family goes with it again.
+    r = plane.call("PUT", path, json={"devices": [{**dev, "poll_interval": 3}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["desired"]["config"]["families"] == [family]
+
+    shipped = {**family, "key": "kiln"}
+    r = plane.call("PUT", path, json={"devices": [], "families": [shipped]})
+    assert r.status_code == 422 and "family 'kiln': a shipped family" in r.text, r.text
+
+
 def test_writes_are_answered_refused_when_offline_timed_out_and_audited(plane: _Plane) -> None:
     agent = plane.agent()
     write = f"/api/v1/devices/{ENT}/kiln-1/write"
@@ -283,6 +316,27 @@ def test_writes_are_answered_refused_when_offline_timed_out_and_audited(plane: _
     assert OPERATOR not in audit.text and ADMIN not in audit.text
     assert rows[3]["previous"] == 3.0 and rows[3]["value"] == 3.2
     assert plane.call("GET", "/api/v1/writes", token=PLATFORM).status_code == 403
+
+
+def test_a_repeated_answer_leaves_the_write_record_alone(plane: _Plane) -> None:
+    """An agent answers a redelivered command with its first result; nothing is rewritten."""
+    agent = plane.agent()
+    try:
+        agent.birth()
+        plane.online()
+        agent.answer = {"status": "ok", "previous": 3.0, "value": 3.2}
+        body = {"point": "kiln_speed_sp", "value": 3.2}
+        r = plane.call("POST", f"/api/v1/devices/{ENT}/kiln-1/write", token=OPERATOR, json=body)
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        first = plane.call("GET", "/api/v1/writes", token=OPERATOR).json()
+        again = {"id": r.json()["id"], "ts": _now_ms(), **agent.answer}
+        agent.publish(f"{PREFIX}/kiln-1/result", json.dumps(again).encode())
+        assert plane.gw.control is not None
+        counters = plane.gw.control.counters
+        wait_until(lambda: counters["results_repeated"] == 1, what="the repeated answer")
+    finally:
+        agent.close()
+    assert plane.call("GET", "/api/v1/writes", token=OPERATOR).json() == first
 
 
 def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _Plane) -> None:
