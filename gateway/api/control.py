@@ -125,6 +125,11 @@ def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
         """Ask the agent to scan where its configuration allows; answers become proposals."""
         return _call(service.scan, enterprise, agent)
 
+    @router.get("/profiles/{profile_id}")
+    def get_profile(profile_id: Ident, _role: Any = read) -> dict[str, Any]:
+        """A device profile (shipped or uploaded): its points with type, unit and access."""
+        return _call(service.profile, profile_id)
+
     @router.get("/discovered")
     def list_discovered(
         _role: Any = read,
