@@ -168,15 +168,22 @@
     scanNotes[key] = "…";
     const r = await api("POST", "/api/v1/agents/" + seg(a.enterprise) + "/" + seg(a.id) + "/scan");
     scanNotes[key] = r.ok
-      ? "已发送 scan sent, " + when(r.data.expires_ms) + " 前有效 until then"
+      ? "已发送 scan sent; 有效至 runs until " + when(r.data.expires_ms).slice(11)
       : "失败 refused (" + r.status + "): " + detail(r.data);
     refresh();
   }
 
+  // What answered the scan, one "key: value" per line; nested objects flattened.
   function answeredText(ans) {
-    return Object.entries(ans || {}).map(function (e) {
-      return e[0] + ": " + (typeof e[1] === "object" ? JSON.stringify(e[1]) : e[1]);
-    }).join(", ");
+    const lines = [];
+    Object.entries(ans || {}).forEach(function (e) {
+      if (e[1] && typeof e[1] === "object" && !Array.isArray(e[1])) {
+        Object.entries(e[1]).forEach(function (f) { lines.push(f[0] + ": " + f[1]); });
+      } else {
+        lines.push(e[0] + ": " + (Array.isArray(e[1]) ? e[1].join(", ") : e[1]));
+      }
+    });
+    return lines.join("\n");
   }
 
   function addressText(p) {
@@ -194,7 +201,7 @@
     const common = [
       h("td", {}, p.enterprise + "/" + p.agent),
       h("td", { class: "address" }, addressText(p)),
-      h("td", { class: "small" }, answeredText(p.answered)),
+      h("td", { class: "small answered" }, answeredText(p.answered)),
     ];
     if (p.status !== "new") {
       return h("tr", { "data-proposal": p.id, class: "done" }, ...common,
@@ -434,9 +441,11 @@
 
   async function showRole() {
     const r = await api("GET", "/api/v1/writes?limit=1");
-    document.getElementById("role").textContent = r.ok
-      ? "令牌可用 token accepted"
-      : "只读令牌：操作会被拒绝 read-only token: actions will be refused";
+    if (r.status === 403) {
+      document.getElementById("role").textContent = "只读令牌：操作会被拒绝 read-only token: actions will be refused";
+      return;
+    }
+    document.getElementById("role").textContent = r.ok ? "令牌可用 token accepted" : "HTTP " + r.status;
   }
 
   token = readToken();
