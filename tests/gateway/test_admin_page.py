@@ -285,7 +285,9 @@ def test_write_a_setpoint_and_see_the_read_back(site: _Site, tmp_path: Path) -> 
         options = b.eval(
             "Array.from(document.querySelectorAll('#write-point option')).map(o => o.value)"
         )
-        writable = [p.name for p in load_profiles()["kiln-rotary-cement"].points if p.access == "rw"]
+        writable = [
+            p.name for p in load_profiles()["kiln-rotary-cement"].points if p.access == "rw"
+        ]
         assert options == writable
 
         # Refused in the page before anything is sent.
@@ -338,8 +340,7 @@ def test_state_history_and_profile_endpoints(site: _Site) -> None:
 
     site.stop_agent()
     wait_until(
-        lambda: site.call("GET", f"{kiln}/history").json()["items"][0]["reason"]
-        == "agent offline",
+        lambda: site.call("GET", f"{kiln}/history").json()["items"][0]["reason"] == "agent offline",
         what="the offline change",
     )
     items = site.call("GET", f"{kiln}/history", params={"limit": 1}).json()["items"]
