@@ -28,6 +28,7 @@ from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.gateway.browser import Browser
 from tests.gateway.test_ingest import wait_until
+from tests.gateway.test_provisioning import _Client
 
 ADMIN, OPERATOR, PLATFORM = "admin-token-web", "operator-token-web", "platform-token-web"
 ENT, AGENT = "ent-web", "edge-web"
@@ -58,6 +59,8 @@ class _Site:
     loop: _Loop
     sim: ModbusSimServer
     agent: Agent
+    broker_port: int
+    agent_password: str
     agent_running: bool = True
 
     def stop_agent(self) -> None:
@@ -185,7 +188,7 @@ def site(tmp_path: Path) -> Iterator[_Site]:
         assert r.status_code == 200, r.text
         # Made in the loop's thread: its spool's SQLite connection belongs to that thread.
         agent = loop.run(_start_agent(tmp_path, broker.url, password))
-        running = _Site(gw, api, loop, sim, agent)
+        running = _Site(gw, api, loop, sim, agent, broker.port, password)
         yield running
         api.close()
     finally:
@@ -329,6 +332,45 @@ def test_write_a_setpoint_and_see_the_read_back(site: _Site, tmp_path: Path) -> 
             what="the offline change in the history",
         )
         assert b.text("#dev-online") == "离线 offline"
+
+
+def test_a_refused_version_shows_each_device_error(site: _Site, tmp_path: Path) -> None:
+    agent_row = f'#agents tr[data-agent="{ENT}/{AGENT}"]'
+    site.stop_agent()
+    # What an agent whose devices could not start answers, sent with its own credentials.
+    stand_in = _Client(site.broker_port, AGENT, site.agent_password)
+    try:
+        assert stand_in.ok
+        report = {
+            "version": 1,
+            "applied": False,
+            "running_version": 0,
+            "ts": 1,
+            "errors": {"kiln-1": "port 502 refused", "config": "discovery: bad scope"},
+        }
+        stand_in.publish(f"iiot/v1/{ENT}/{AGENT}/reported", json.dumps(report).encode())
+        with Browser(tmp_path) as b:
+            b.goto(f"{site.page}#token={OPERATOR}")
+            b.wait(
+                f"(document.querySelector({json.dumps(agent_row)}) || {{}}).innerText"
+                "?.includes('已拒绝 refused v1')",
+                what="the refused version",
+            )
+            errors = b.eval(
+                f"Array.from(document.querySelectorAll({json.dumps(agent_row + ' ul.errors li')}))"
+                ".map(li => li.innerText)"
+            )
+            assert sorted(errors) == ["config: discovery: bad scope", "kiln-1: port 502 refused"]
+            assert "离线 offline" in b.text(agent_row)
+            # An operator may not scan: the page says so.
+            _click(b, f'button.scan[data-agent="{ENT}/{AGENT}"]')
+            b.wait(
+                f"document.querySelector({json.dumps(agent_row + ' .note')}).innerText"
+                ".includes('403')",
+                what="the scan refused",
+            )
+    finally:
+        stand_in.close()
 
 
 def test_state_history_and_profile_endpoints(site: _Site) -> None:
