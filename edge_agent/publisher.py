@@ -152,6 +152,9 @@ class Publisher:
                 self._wake.set()
                 await asyncio.sleep(0.02)
         self._stopping = True
+        # Python 3.11's wait_for may swallow the cancel below when a connect finishes at
+        # the same moment; the connection loop then waits on _lost, so wake it there too.
+        self._lost.set()
         self._wake.set()
         for t in self._tasks:
             t.cancel()
@@ -180,6 +183,8 @@ class Publisher:
             if ok:
                 self.metrics.mqtt_connects.labels("ok").inc()
                 await self._lost.wait()
+                if self._stopping:
+                    return  # stop() says offline and closes the client
                 log.warning("mqtt connection lost", extra={"bdseq": self.bdseq})
                 await self._close_client()
                 if self._stopping:

@@ -23,7 +23,9 @@ __all__ = ["ApproveIn", "ConfigIn", "WriteIn", "control_router"]
 
 _ID = r"^[A-Za-z0-9_.-]{1,64}$"
 Ident = Annotated[str, Path(pattern=_ID, max_length=64)]
-_QIdent = Query(default=None, pattern=_ID, max_length=64)
+# An Annotated alias, not one shared ``Query(...)`` default: FastAPI would read every
+# parameter given that same object from the first one's name.
+_QIdent = Annotated[str | None, Query(pattern=_ID, max_length=64)]
 _ProposalId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
@@ -120,8 +122,8 @@ def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
     @router.get("/writes")
     def list_writes(
         _caller: Caller = operate,
-        enterprise: str | None = _QIdent,
-        device: str | None = _QIdent,
+        enterprise: _QIdent = None,
+        device: _QIdent = None,
         limit: int = Query(default=100, ge=1, le=10_000),
     ) -> list[dict[str, Any]]:
         """The write audit, newest first."""
@@ -132,11 +134,16 @@ def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
         """Ask the agent to scan where its configuration allows; answers become proposals."""
         return _call(service.scan, enterprise, agent)
 
+    @router.get("/profiles/{profile_id}")
+    def get_profile(profile_id: Ident, _role: Any = read) -> dict[str, Any]:
+        """A device profile (shipped or uploaded): its points with type, unit and access."""
+        return _call(service.profile, profile_id)
+
     @router.get("/discovered")
     def list_discovered(
         _role: Any = read,
-        enterprise: str | None = _QIdent,
-        agent: str | None = _QIdent,
+        enterprise: _QIdent = None,
+        agent: _QIdent = None,
         status: Literal["new", "approved", "rejected"] | None = None,
     ) -> list[dict[str, Any]]:
         """Equipment found by scans; rejected entries only when asked for by status."""

@@ -16,6 +16,7 @@ __all__ = [
     "DeviceIn",
     "DeviceListOut",
     "DeviceOut",
+    "DeviceStatesOut",
     "EnterpriseIn",
     "EnterpriseOut",
     "ErrorOut",
@@ -35,6 +36,7 @@ __all__ = [
     "RatioGroup",
     "RatiosOut",
     "ReadyOut",
+    "StateChangeOut",
     "TargetIn",
     "TargetOut",
     "TargetsIn",
@@ -190,6 +192,22 @@ else:
 class DeviceDetailOut(DeviceOut):
     latest_ts: int | None
     latest: dict[str, PointValue]
+
+
+class StateChangeOut(BaseModel):
+    ts: int = Field(description="Unix time, milliseconds.")
+    online: bool
+    reason: str
+    source: Literal["agent", "device"] = Field(
+        description="agent: the agent's session began or ended; device: the agent's "
+        "report about the device."
+    )
+
+
+class DeviceStatesOut(BaseModel):
+    enterprise: str
+    device: str
+    items: list[StateChangeOut] = Field(description="Newest first.")
 
 
 class DeviceListOut(BaseModel):

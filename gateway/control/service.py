@@ -29,9 +29,15 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ValidationError
 
+from device_profiles.loader import ProfileError, parse_profile
 from gateway.auth import Caller
 from gateway.config import GatewayConfig
-from gateway.control.desired import CheckedConfig, DesiredConfigError, check_config
+from gateway.control.desired import (
+    CheckedConfig,
+    DesiredConfigError,
+    builtin_profiles,
+    check_config,
+)
 from gateway.control.store import ControlStore, StaleVersion
 from gateway.registry import Registry, RegistryError
 from gateway.registry.ledger import check_row
@@ -530,6 +536,20 @@ class ControlService:
         self, enterprise: str | None, agent: str | None, status: str | None
     ) -> list[dict[str, Any]]:
         return self.store.list_discovered(enterprise, agent, status)
+
+    def profile(self, profile_id: str) -> dict[str, Any]:
+        """A shipped or uploaded profile as JSON (an uploaded one may not shadow a shipped one)."""
+        shipped = builtin_profiles()
+        if profile_id in shipped:
+            return shipped[profile_id].model_dump(mode="json", exclude_none=True)
+        doc = self.store.stored_profiles().get(profile_id)
+        if doc is not None:
+            try:
+                parsed = parse_profile(doc, f"stored profile '{profile_id}'")
+            except ProfileError as exc:
+                raise ControlInvalid([str(exc)]) from None
+            return parsed.model_dump(mode="json", exclude_none=True)
+        raise ControlNotFound(f"profile {profile_id!r} is neither shipped nor uploaded")
 
     def _proposal(self, proposal_id: int) -> dict[str, Any]:
         found = self.store.get_discovered(proposal_id)

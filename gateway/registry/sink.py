@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
 from gateway.registry.codes import CATEGORY_LABELS, FAMILY_CATEGORY, FAMILY_LABELS, UNKNOWN
+from gateway.registry.history import StateChange
 from gateway.registry.index import DeviceMeta
 from gateway.registry.store import RegistryStore
 from gateway.sink import SampleSummary
@@ -145,6 +146,9 @@ class IngestSinkPart(RegistryStore):
                     idx.set_agent(i, agent, True)
                 self._dirty.add(i)
             for i in idx.by_agent.get(agent, ()):
+                if not idx.agent_alive[i]:
+                    change = StateChange(birth.ts or now, True, "agent online", "agent")
+                    self._history.record((enterprise, idx.meta[i].id), change)
                 idx.agent_alive[i] = True
                 self._dirty.add(i)
 
@@ -167,6 +171,9 @@ class IngestSinkPart(RegistryStore):
                 if idx.dev_online[i] and idx.agent_alive[i]:
                     idx.offline_since[i] = now
                     idx.meta[i].reason = "agent offline"
+                if idx.agent_alive[i]:
+                    change = StateChange(now, False, "agent offline", "agent")
+                    self._history.record((enterprise, idx.meta[i].id), change)
                 idx.agent_alive[i] = False
                 idx.dev_online[i] = False
                 self._dirty.add(i)
@@ -186,7 +193,16 @@ class IngestSinkPart(RegistryStore):
                 idx.offline_since[i] = state.ts or self._now_ms()
             idx.dev_online[i] = state.online
             idx.meta[i].reason = state.reason[:200]
+            change = StateChange(
+                state.ts or self._now_ms(), state.online, state.reason[:200], "device"
+            )
+            self._history.record((enterprise, device), change)
             self._dirty.add(i)
+
+    def state_history(self, enterprise: str, device: str, limit: int = 50) -> list[StateChange]:
+        """The device's last online/offline changes seen by this instance, newest first."""
+        with self._lock:
+            return self._history.newest_first((enterprise, device), limit)
 
     def on_samples(self, summary: SampleSummary) -> None:
         self.counters["sample_messages"] += 1

@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
+from gateway.registry.history import StateHistory
 from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta
 from gateway.registry.model import Agent, Enterprise
 
@@ -59,6 +60,7 @@ class RegistryStore:
         self._enterprises: dict[str, Enterprise] = {}
         self._agents: dict[str, Agent] = {}
         self._latest: dict[tuple[str, str], tuple[int, dict[str, PointValue]]] = {}
+        self._history = StateHistory()  # online/offline changes, for the device page
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
         self._dirty_agents: set[str] = set()

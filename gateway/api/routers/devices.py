@@ -24,6 +24,7 @@ from gateway.api.models import (
     DeviceIn,
     DeviceListOut,
     DeviceOut,
+    DeviceStatesOut,
     ErrorOut,
     LedgerOut,
     OfflineOut,
@@ -130,6 +131,34 @@ def get_device(enterprise: Ident, device_id: Ident, registry: RegistryDep) -> di
     if view is None:
         raise HTTPException(404, f"device {enterprise}/{device_id} is not registered")
     return view
+
+
+@router.get(
+    "/api/v1/devices/{enterprise}/{device_id}/history",
+    response_model=DeviceStatesOut,
+    responses={**AUTH_RESPONSES, **NOT_FOUND},
+    dependencies=[READ],
+)
+def device_history(
+    enterprise: Ident,
+    device_id: Ident,
+    registry: RegistryDep,
+    limit: Annotated[int, Query(ge=1, le=50)] = 50,
+) -> dict[str, Any]:
+    """The device's last online/offline changes with their reasons, newest first.
+
+    Kept in this gateway instance's memory (the last 50 per device), so a restart empties it.
+    """
+    if registry.get_device(enterprise, device_id) is None:
+        raise HTTPException(404, f"device {enterprise}/{device_id} is not registered")
+    items = registry.state_history(enterprise, device_id, limit)
+    return {
+        "enterprise": enterprise,
+        "device": device_id,
+        "items": [
+            {"ts": c.ts, "online": c.online, "reason": c.reason, "source": c.source} for c in items
+        ],
+    }
 
 
 @router.post(
