@@ -37,6 +37,7 @@ from gateway.config import GatewayConfig
 from gateway.control import ControlService
 from gateway.health import Readiness
 from gateway.provisioning import Provisioner, ProvisioningError
+from gateway.quality import QUALITY_DEFINITION
 from gateway.ratios import DEFINITIONS, on_cloud_definition
 from gateway.registry import Registry
 
@@ -60,7 +61,10 @@ _DESCRIPTION = (
     "Device registry, onboarding and connection ratios (联网设备总量 / 企业设备总量; "
     "联网产品总量 / 生产产品总量), and enterprises on the cloud (上云企业数). "
     "Every endpoint but /health and the dashboard takes `Authorization: Bearer "
-    "<token>`: platform tokens read, admin tokens also write.\n\n" + DEFINITIONS
+    "<token>`: platform tokens read, admin tokens also write.\n\n"
+    + DEFINITIONS
+    + "\n\n"
+    + QUALITY_DEFINITION
 )
 
 

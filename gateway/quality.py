@@ -1,0 +1,184 @@
+"""The data-quality gate and each device's recent telemetry, from a bounded in-memory window.
+
+``connected`` asks only for one good sample in the window; a device that is up but
+sends almost nothing, or the same values over and over, would count. The gate is
+stricter (the API and the dashboard state the same):
+
+- **quality_connected** = connected devices that, in the part of the window this
+  gateway has watched, sent at least ``min_share`` of their expected samples
+  (watched span / poll interval) and whose values changed at least once (not
+  *frozen*: identical values for the whole window).
+
+Samples are counted in time buckets (at most ``_BUCKETS`` a device) and the latest
+values of each message are kept for ``points`` messages a device; both are bounded,
+and both start empty when the gateway starts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.sink import SampleSummary
+
+__all__ = ["QUALITY_DEFINITION", "QualityWindow"]
+
+PointValue = bool | int | float | str | None
+_BUCKETS = 240
+_MAX_DEVICES = 2_000_000
+_STATES = 50
+
+QUALITY_DEFINITION = (
+    "**quality_connected** (数据质量达标) = connected devices that, over the part of the "
+    "window this gateway has watched since it started, sent at least `min_share` of the "
+    "samples their poll interval implies (watched span / `default_poll_interval`) and "
+    "whose values changed at least once (a device sending the same values for the whole "
+    "window is *frozen* and does not count). **quality_ratio** = quality_connected / total."
+)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    start_ms: int
+    count: int
+    first_fp: int
+    varied: bool
+
+
+class _Track:
+    __slots__ = ("buckets", "points", "states")
+
+    def __init__(self, points: int) -> None:
+        self.buckets: deque[_Bucket] = deque(maxlen=_BUCKETS)
+        self.points: deque[tuple[int, dict[str, PointValue]]] = deque(maxlen=points)
+        self.states: deque[tuple[int, bool, str]] = deque(maxlen=_STATES)
+
+
+def _fingerprint(values: dict[str, PointValue]) -> int:
+    return hash(tuple(sorted((k, repr(v)) for k, v in values.items())))
+
+
+class QualityWindow:
+    """Per device: sample counts in time buckets and the latest values of recent messages.
+
+    ``horizon_s`` is the longest window the gate can judge; ``points`` the messages kept
+    a device for its telemetry chart.
+    """
+
+    def __init__(
+        self,
+        *,
+        horizon_s: int = 86400,
+        points: int = 360,
+        min_share: float = 0.8,
+        poll_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 0 < min_share <= 1:
+            raise ValueError("quality min_share must be more than 0 and at most 1")
+        self.horizon_ms = horizon_s * 1000
+        self.bucket_ms = max(10_000, self.horizon_ms // _BUCKETS)
+        self.points = points
+        self.min_share = min_share
+        self.poll_ms = int(poll_interval_s * 1000)
+        self.started_ms = int(clock() * 1000)
+        self._tracks: dict[tuple[str, str], _Track] = {}
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def _track(self, key: tuple[str, str]) -> _Track | None:
+        track = self._tracks.get(key)
+        if track is None:
+            if len(self._tracks) >= _MAX_DEVICES:
+                self.dropped += 1
+                return None
+            track = self._tracks[key] = _Track(self.points)
+        return track
+
+    def record_state(self, key: tuple[str, str], ts_ms: int, online: bool, reason: str) -> None:
+        """Keep a change of the device's online state (the last ``_STATES`` a device)."""
+        with self._lock:
+            track = self._track(key)
+            if track is None:
+                return
+            if track.states and track.states[-1][1:] == (online, reason):
+                return  # a repeated state is not a change
+            track.states.append((ts_ms, online, reason))
+
+    def states(self, key: tuple[str, str]) -> list[dict[str, Any]]:
+        """The device's kept state changes, newest first."""
+        with self._lock:
+            track = self._tracks.get(key)
+            kept = list(track.states) if track else []
+        return [{"ts": ts, "online": on, "reason": why} for ts, on, why in reversed(kept)]
+
+    def record(self, summary: SampleSummary) -> None:
+        """Count one data message of a known device."""
+        key = (summary.enterprise, summary.device)
+        fp = _fingerprint(summary.latest) if summary.latest else 0
+        start = summary.last_ts // self.bucket_ms * self.bucket_ms
+        with self._lock:
+            track = self._track(key)
+            if track is None:
+                return
+            last = track.buckets[-1] if track.buckets else None
+            if last is not None and last.start_ms == start:
+                last.count += summary.count
+                last.varied = last.varied or fp != last.first_fp
+            elif last is None or start > last.start_ms:
+                track.buckets.append(_Bucket(start, summary.count, fp, False))
+            else:
+                # A late message for an older bucket: counted, never reordering the deque.
+                for b in track.buckets:
+                    if b.start_ms == start:
+                        b.count += summary.count
+                        b.varied = b.varied or fp != b.first_fp
+                        break
+            if summary.latest:
+                track.points.append((summary.last_ts, dict(summary.latest)))
+
+    def judge(self, key: tuple[str, str], as_of_ms: int, window_ms: int) -> dict[str, Any]:
+        """The gate's evidence for one device: samples, expected, frozen, passes."""
+        lo = max(as_of_ms - window_ms, self.started_ms)
+        expected = max(1, (as_of_ms - lo) // self.poll_ms) if as_of_ms > lo else 1
+        with self._lock:
+            track = self._tracks.get(key)
+            kept = list(track.buckets) if track else []
+        buckets = [b for b in kept if lo - self.bucket_ms < b.start_ms <= as_of_ms]
+        samples = sum(b.count for b in buckets)
+        fps = {b.first_fp for b in buckets}
+        frozen = samples > 1 and len(fps) == 1 and not any(b.varied for b in buckets)
+        complete = samples >= self.min_share * expected
+        return {
+            "samples": samples,
+            "expected": int(expected),
+            "complete": complete,
+            "frozen": frozen,
+            "passes": complete and not frozen and samples > 0,
+        }
+
+    def mask(
+        self, positions: dict[tuple[str, str], int], n: int, as_of_ms: int, window_ms: int
+    ) -> Any:
+        """Devices that pass the gate, as a mask by index position (``positions``: key → i)."""
+        out = np.zeros(n, np.bool_)
+        with self._lock:
+            tracked = list(self._tracks)
+        for key in tracked:
+            i = positions.get(key)
+            if i is not None and i < n:
+                out[i] = self.judge(key, as_of_ms, window_ms)["passes"]
+        return out
+
+    def telemetry(self, key: tuple[str, str], from_ms: int) -> list[dict[str, Any]]:
+        """The device's kept messages since ``from_ms``: ts and values, oldest first."""
+        with self._lock:
+            track = self._tracks.get(key)
+            points = list(track.points) if track else []
+        return [{"ts": ts, "values": v} for ts, v in points if ts >= from_ms]
