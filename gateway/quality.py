@@ -92,6 +92,13 @@ class QualityWindow:
         self._lock = threading.Lock()
         self.dropped = 0
 
+    def configure(self, *, min_share: float, points: int) -> None:
+        """Change the gate's share and the messages kept (for devices tracked from now)."""
+        if not 0 < min_share <= 1:
+            raise ValueError("quality min_share must be more than 0 and at most 1")
+        self.min_share = min_share
+        self.points = points
+
     def _track(self, key: tuple[str, str]) -> _Track | None:
         track = self._tracks.get(key)
         if track is None:

@@ -28,6 +28,7 @@ from gateway.api.routers import (
     on_cloud,
     onboarding,
     ops,
+    provincial,
     provisioning,
     ratios,
     reports,
@@ -36,6 +37,7 @@ from gateway.auth import TokenAuth
 from gateway.config import GatewayConfig
 from gateway.control import ControlService
 from gateway.health import Readiness
+from gateway.provincial import default_rubric, load_rubric
 from gateway.provisioning import Provisioner, ProvisioningError
 from gateway.quality import QUALITY_DEFINITION
 from gateway.ratios import DEFINITIONS, on_cloud_definition
@@ -52,6 +54,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     ratios.router,
     reports.router,
     on_cloud.router,
+    provincial.router,
     devices.router,
     onboarding.router,
     provisioning.router,
@@ -118,6 +121,9 @@ def create_app(
     state.api_metrics = api_metrics
     state.data_metrics = metrics
     state.readiness = readiness or Readiness(config.health)
+    prov = config.provincial
+    registry.quality.configure(min_share=prov.quality_min_share, points=prov.telemetry_points)
+    state.rubric = load_rubric(prov.rubric_file) if prov.rubric_file else default_rubric()
     _add_handlers(app, requests)
     for router in ROUTERS:
         app.include_router(router)
