@@ -27,7 +27,7 @@ import numpy as np
 
 from gateway.sink import SampleSummary
 
-__all__ = ["QUALITY_DEFINITION", "QualityWindow"]
+__all__ = ["QUALITY_DEFINITION", "PointValue", "QualityWindow"]
 
 PointValue = bool | int | float | str | None
 _BUCKETS = 240

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from gateway.api import create_app
 from gateway.control.store import ControlStore
 from gateway.provincial import RubricError, default_rubric, load_rubric
-from gateway.quality import QualityWindow
+from gateway.quality import PointValue, QualityWindow
 from gateway.ratios import Snapshotter
 from gateway.registry import Registry, parse_ledger
 from gateway.sink import SampleSummary
@@ -44,7 +44,7 @@ def _import(reg: Registry, text: str) -> None:
     assert result.errors == []
 
 
-def _report(reg: Registry, ent: str, dev: str, ts: int, values: dict[str, float]) -> None:
+def _report(reg: Registry, ent: str, dev: str, ts: int, values: dict[str, PointValue]) -> None:
     reg.on_samples(
         SampleSummary(
             ent,
