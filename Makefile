@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Servers the integration tests run on loopback (Debian packages; needs root).
+# Servers the integration tests run on loopback, and the CJK fonts headless Chromium
+# renders the dashboard with (Debian packages; needs root).
 system-deps:
 	@missing=""; \
 	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl; do \
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
+	dpkg -s fonts-noto-cjk >/dev/null 2>&1 || missing="$$missing fonts-noto-cjk"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \

@@ -367,6 +367,9 @@
       select.appendChild(o);
     }
     select.value = value;
+    for (const o of select.options) {
+      if (o.value === value) o.setAttribute("selected", ""); else o.removeAttribute("selected");
+    }
   }
 
   function setHead(table, labels, sortHref) {
@@ -424,6 +427,18 @@
     });
   }
 
+  // The names of the city and county of a region code, for the breadcrumbs.
+  async function regionNames(r) {
+    const names = {};
+    const label = async function (level, code) {
+      const groups = (await api("/api/v1/ratios?group_by=" + level + "&region=" + code)).groups;
+      return groups.length ? groups[0].label : code;
+    };
+    if (r.length >= 4) names.city = await label("city", r.slice(0, 4));
+    if (r.length >= 6) names.county = await label("county", r);
+    return names;
+  }
+
   async function renderDrill(state, win) {
     const scope = { region: state.region, industry: state.industry, category: state.category, window: win };
     const group = drillGroup(state);
@@ -433,10 +448,7 @@
     ]);
     fillSelect(document.getElementById("f-industry"), industries.groups, state.industry);
     fillSelect(document.getElementById("f-category"), categories.groups, state.category);
-    const names = {};
-    const r = state.region;
-    if (r.length >= 4) names.city = (await api("/api/v1/ratios?group_by=city&region=" + r.slice(0, 4))).groups.map(function (g) { return g.label; })[0];
-    if (r.length >= 6) names.county = (await api("/api/v1/ratios?group_by=county&region=" + r)).groups.map(function (g) { return g.label; })[0];
+    const names = await regionNames(state.region);
     const title = document.getElementById("drill-title");
     const table = document.getElementById("drill-table");
     const body = table.querySelector("tbody");
@@ -458,7 +470,7 @@
         row.parentNode.insertBefore(a, row);
         a.appendChild(row);
       });
-      const sortHref = group === "enterprise" ? link(state, { sort: state.sort === "ratio" ? "ratio-asc" : "ratio" }) : "";
+      const sortHref = link(state, { sort: state.sort === "ratio" ? "ratio-asc" : "ratio" });
       setHead(table, [
         { text: "名称 Name" }, { text: "联网 Connected" }, { text: "数据达标 Good data" },
         { text: "总量 Total" }, { text: "联网率 Ratio" + (state.sort === "ratio" ? " ▼" : state.sort === "ratio-asc" ? " ▲" : ""), sort: true },
@@ -613,7 +625,10 @@
       api("/api/v1/devices/" + path),
       api("/api/v1/devices/" + path + "/telemetry?hours=6"),
     ]);
-    drawCrumbs(document.getElementById("dev-crumbs"), state, { ent: d.enterprise_name, dev: d.name || d.id });
+    const names = await regionNames(state.region);
+    names.ent = d.enterprise_name;
+    names.dev = d.name || d.id;
+    drawCrumbs(document.getElementById("dev-crumbs"), state, names);
     document.getElementById("dev-title").textContent = (d.name ? d.name + " " : "") + "(" + d.id + ") · " + d.enterprise_name;
     const facts = document.querySelector("#dev-facts tbody");
     facts.textContent = "";
