@@ -513,19 +513,23 @@
         Object.assign({ group_by: "category", enterprise: state.ent }, scope));
       drawCrumbs(document.getElementById("crumbs"), state, names);
     }
-    await renderDrillTrend(state);
+    await renderDrillTrend(state, industries.as_of);
   }
 
   // The stored snapshots of the grouping that matches the view; filters without a region
   // use the industry or category series.
-  async function renderDrillTrend(state) {
+  async function renderDrillTrend(state, asOf) {
     let group = "overall", key = "all", what = "全省 province";
     if (state.ent) { group = "enterprise"; key = state.ent; what = state.ent; }
     else if (state.region) { group = regionLevel(state.region); key = state.region.padEnd(6, "0"); what = key; }
     else if (state.industry) { group = "industry"; key = state.industry; what = state.industry; }
     else if (state.category) { group = "category"; key = state.category; what = state.category; }
     document.getElementById("drill-trend-what").textContent = "(" + group + " " + what + ")";
-    const hist = await api("/api/v1/ratios/history?" + query({ group_by: group, key: group === "overall" ? "" : key, step: "5m" }));
+    // The last day by minute: a short snapshot interval (the demo's) draws a line within minutes.
+    const hist = await api("/api/v1/ratios/history?" + query({
+      group_by: group, key: group === "overall" ? "" : key, step: "1m",
+      from: String(asOf - 24 * 3600e3), to: String(asOf),
+    }));
     drawTrend(document.getElementById("drill-trend"), hist.series[0]);
   }
 

@@ -99,8 +99,16 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
         dom, "drill-table", "130100"
     )
 
+    # The trend of the view is a line through the four hourly snapshots.
+    trend = _part(dom, "drill-trend", "</svg>")
+    line = re.search(r'<polyline class="connected" points="([^"]+)"', trend)
+    assert line is not None and len(line.group(1).split()) == 4
+
     city = _open(tmp_path, served, _row_link(dom, "drill-table", "130100"))
     assert [t for _h, t in _crumbs(city)] == ["全省 Province", "石家庄市 Shijiazhuang"]
+    assert "(city 130100)" in _text(_part(city, "drill-trend-what", "</span>"))
+    city_trend = _part(city, "drill-trend", "</svg>")
+    assert len(re.findall(r"<polyline", city_trend)) == 2  # connected and online
     counties = _rows(city, "drill-table")
     assert counties == {
         "130102": ["长安区 Chang'an District", "5", "2", "10", "50.0%"],
