@@ -33,6 +33,7 @@ PointValue = bool | int | float | str | None
 _BUCKETS = 240
 _MAX_DEVICES = 2_000_000
 _STATES = 50
+_MASK_TTL_S = 2.0
 
 QUALITY_DEFINITION = (
     "**quality_connected** (数据质量达标) = connected devices that, over the part of the "
@@ -90,6 +91,7 @@ class QualityWindow:
         self.started_ms = int(clock() * 1000)
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._lock = threading.Lock()
+        self._mask_cache: tuple[tuple[int, int, int, int], float, Any] | None = None
         self.dropped = 0
 
     def configure(self, *, min_share: float, points: int) -> None:
@@ -174,6 +176,12 @@ class QualityWindow:
         self, positions: dict[tuple[str, str], int], n: int, as_of_ms: int, window_ms: int
     ) -> Any:
         """Devices that pass the gate, as a mask by index position (``positions``: key → i)."""
+        # A snapshot asks for the same mask once per grouping and kind: reuse it briefly.
+        cache_key = (as_of_ms // 1000, window_ms, n, id(positions))
+        now = time.monotonic()
+        cached = self._mask_cache
+        if cached is not None and cached[0] == cache_key and now - cached[1] < _MASK_TTL_S:
+            return cached[2]
         out = np.zeros(n, np.bool_)
         with self._lock:
             tracked = list(self._tracks)
@@ -181,6 +189,7 @@ class QualityWindow:
             i = positions.get(key)
             if i is not None and i < n:
                 out[i] = self.judge(key, as_of_ms, window_ms)["passes"]
+        self._mask_cache = (cache_key, now, out)
         return out
 
     def telemetry(self, key: tuple[str, str], from_ms: int) -> list[dict[str, Any]]:
