@@ -662,6 +662,8 @@
       charts.appendChild(svg);
       drawSeries(svg, pts, name);
     }
+    exportLinks(document.getElementById("dev-csv"), document.getElementById("dev-xlsx"), "telemetry",
+      { enterprise: state.ent, device: state.dev, hours: "6" });
     if (!charts.firstChild) charts.textContent = "网关启动后尚无数据 No samples since the gateway started";
     const states = document.querySelector("#dev-states tbody");
     states.textContent = "";
@@ -706,7 +708,7 @@
   }
 
   token = readToken();
-  for (const id of ["export-csv", "export-xlsx", "rec-csv", "rec-xlsx", "grades-csv", "grades-xlsx"]) {
+  for (const id of ["export-csv", "export-xlsx", "rec-csv", "rec-xlsx", "grades-csv", "grades-xlsx", "dev-csv", "dev-xlsx"]) {
     wireDownload(document.getElementById(id));
   }
   document.getElementById("f-industry").addEventListener("change", onFilter("industry"));

@@ -132,6 +132,12 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
     assert _rows(dev, "dev-latest") == {"temperature": ["temperature", "20"]}
     chart = _part(dev, "dev-charts", "</div>")
     assert 'data-point="temperature"' in chart and "<polyline" in chart
+    found = re.search(r'<a id="dev-csv"[^>]*href="([^"]+)"', dev)
+    assert found is not None
+    text = httpx.get(
+        served + html.unescape(found.group(1)), headers={"Authorization": f"Bearer {TOKEN}"}
+    ).text
+    assert text.splitlines()[1:] == ["时间 ts_ms,temperature", f"{_fx.T0 - 5000},20.0"]
     crumbs = _crumbs(dev, "dev-crumbs")
     assert [t for _h, t in crumbs] == [
         "全省 Province",

@@ -39,13 +39,14 @@ from gateway.registry.codes import (
     region_label,
     region_prefix_range,
 )
+from iiot_common.identifier import IDENTIFIER_PATTERN
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["provincial"], responses=AUTH_RESPONSES, dependencies=[READ])
 
 Table = tuple[list[str], list[list[Any]]]
-Report = Literal["connection", "ratios", "reconciliation", "grades"]
+Report = Literal["connection", "ratios", "reconciliation", "grades", "telemetry"]
 Format = Literal["csv", "xlsx"]
 _MAX_TELEMETRY_HOURS = 24
 
@@ -210,13 +211,17 @@ def report_file(
     as_of: Annotated[str | None, Query(max_length=40)] = None,
     group_by: Grouping | None = None,
     enterprise: str | None = QIdent,
+    # Its own Query: FastAPI names a shared parameter object after its first use.
+    device: Annotated[str | None, Query(pattern=IDENTIFIER_PATTERN, max_length=64)] = None,
     region: Annotated[str | None, Query(max_length=6)] = None,
     industry: Annotated[str | None, Query(max_length=8)] = None,
     category: Annotated[str | None, Query(max_length=32)] = None,
+    hours: Annotated[float, Query(gt=0, le=_MAX_TELEMETRY_HOURS)] = 6,
 ) -> Response:
     """A view's table for download, with the view's filters: ``connection`` (per
     enterprise and category; ``connection.csv`` itself is the form's report), ``ratios``
-    (the drill-down's groups, ``group_by``), ``reconciliation`` or ``grades``; ``csv``
+    (the drill-down's groups, ``group_by``), ``reconciliation``, ``grades`` or
+    ``telemetry`` (one device's recent messages: ``enterprise``, ``device``, ``hours``); ``csv``
     (UTF-8 with BOM) or ``xlsx``. The file's first rows name the filters and versions."""
     if report == "connection" and fmt == "csv":
         raise HTTPException(404, detail="connection.csv is served by the form's report")
@@ -231,6 +236,7 @@ def report_file(
         "grades": lambda: _grades_table(
             registry, _rubric(request), window_s, as_of_ms, region, industry
         ),
+        "telemetry": lambda: _telemetry_table(registry, enterprise, device, now_ms, hours),
     }
     try:
         header, rows = builders[report]()
@@ -458,6 +464,19 @@ def _grades_table(
             ]
         )
     return header, rows
+
+
+def _telemetry_table(
+    registry: Any, enterprise: str | None, device: str | None, now_ms: int, hours: float
+) -> Table:
+    if enterprise is None or device is None:
+        raise invalid("query", "device", "the telemetry report needs enterprise and device")
+    if registry.get_device(enterprise, device) is None:
+        raise HTTPException(404, detail=f"device {device!r} of {enterprise!r} not found")
+    points = registry.quality.telemetry((enterprise, device), now_ms - int(hours * 3600_000))
+    names = sorted({k for p in points for k in p["values"]})
+    header = ["时间 ts_ms", *names]
+    return header, [[p["ts"], *(p["values"].get(k) for k in names)] for p in points]
 
 
 def _short(value: Any) -> str:
