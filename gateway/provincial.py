@@ -117,8 +117,9 @@ def _device_item(registry: Any, idx: Any, i: int, names: dict[str, str]) -> dict
     }
 
 
-def reconcile(registry: Any, *, as_of_ms: int, window_s: int) -> dict[str, Any]:
-    """The four lists of the ledger reconciliation at ``as_of_ms`` (see the module doc)."""
+def reconcile(registry: Any, *, as_of_ms: int, window_s: int, limit: int = 1000) -> dict[str, Any]:
+    """The four lists of the ledger reconciliation at ``as_of_ms`` (see the module doc);
+    each list keeps its first ``limit`` entries, ``counts`` counts them all."""
     names = {e.id: e.name for e in registry.list_enterprises()}
     since = as_of_ms - window_s * 1000
     not_in_ledger: list[dict[str, Any]] = []
@@ -149,10 +150,11 @@ def reconcile(registry: Any, *, as_of_ms: int, window_s: int) -> dict[str, Any]:
     return {
         "as_of": as_of_ms,
         "window_s": window_s,
-        "not_in_ledger": not_in_ledger,
-        "never_seen": never_seen,
-        "not_seen_in_window": stale,
-        "duplicate_serials": duplicates,
+        "limit": limit,
+        "not_in_ledger": not_in_ledger[:limit],
+        "never_seen": never_seen[:limit],
+        "not_seen_in_window": stale[:limit],
+        "duplicate_serials": duplicates[:limit],
         "counts": {
             "not_in_ledger": len(not_in_ledger),
             "never_seen": len(never_seen),

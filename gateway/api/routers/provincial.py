@@ -49,6 +49,7 @@ Table = tuple[list[str], list[list[Any]]]
 Report = Literal["connection", "ratios", "reconciliation", "grades", "telemetry"]
 Format = Literal["csv", "xlsx"]
 _MAX_TELEMETRY_HOURS = 24
+_MAX_EXPORT_ROWS = 1_000_000
 
 _RECONCILIATION_DOC = (
     "Ledger reconciliation (台账核对) at `as_of`: **not_in_ledger**, devices that report "
@@ -56,7 +57,7 @@ _RECONCILIATION_DOC = (
     "devices that never sent anything; **not_seen_in_window**, devices seen before but "
     "not within the window; **duplicate_serials**, a serial number (the ledger's "
     "optional `serial` column) claimed by more than one enterprise. Decommissioned "
-    "devices are left out."
+    "devices are left out. Each list has at most `limit` entries; `counts` counts them all."
 )
 _GRADES_DOC = (
     "Graded evaluation (分级分类评价): each enterprise's production equipment against "
@@ -101,9 +102,13 @@ def reconciliation(
     now_ms: NowMs,
     window: Annotated[str, Query(max_length=16)] = "24h",
     as_of: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=_MAX_EXPORT_ROWS, description="Per list.")] = 1000,
 ) -> Response:
     result = reconcile(
-        registry, as_of_ms=_as_of(as_of, now_ms), window_s=parse_window_param(window, "window")
+        registry,
+        as_of_ms=_as_of(as_of, now_ms),
+        window_s=parse_window_param(window, "window"),
+        limit=limit,
     )
     return _json(result)
 
@@ -383,7 +388,7 @@ def _reconciliation_table(registry: Any, window_s: int, as_of_ms: int) -> Table:
         "最后上报 last_seen_ms",
         "序列号 serial",
     ]
-    result = reconcile(registry, as_of_ms=as_of_ms, window_s=window_s)
+    result = reconcile(registry, as_of_ms=as_of_ms, window_s=window_s, limit=_MAX_EXPORT_ROWS)
     issues = {
         "not_in_ledger": "未入台账 reporting, not in the ledger",
         "never_seen": "从未上报 in the ledger, never seen",
