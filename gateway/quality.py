@@ -5,20 +5,20 @@ sends almost nothing, or the same values over and over, would count. The gate is
 stricter (the API and the dashboard state the same):
 
 - **quality_connected** = connected devices that, in the part of the window this
-  gateway has watched, sent at least ``min_share`` of their expected samples
+  gateway has watched (at most the last 24 h), sent at least ``min_share`` of their expected samples
   (watched span / poll interval) and whose values changed at least once (not
   *frozen*: identical values for the whole window).
 
 Samples are counted in time buckets (at most ``_BUCKETS`` a device) and the latest
-values of each message are kept for ``points`` messages a device; both are bounded,
-and both start empty when the gateway starts.
+values of each message are kept for ``points`` messages a device (fewer when more
+devices report than ``_POINTS_BUDGET / points``); both are bounded, and both start
+empty when the gateway starts.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +30,11 @@ from gateway.sink import SampleSummary
 __all__ = ["QUALITY_DEFINITION", "PointValue", "QualityWindow"]
 
 PointValue = bool | int | float | str | None
-_BUCKETS = 240
+_BUCKETS = 48
 _MAX_DEVICES = 2_000_000
+# Messages kept for telemetry charts across all devices: the per-device number shrinks
+# as more devices report, so the memory stays bounded at province scale.
+_POINTS_BUDGET = 2_000_000
 _STATES = 50
 _MASK_TTL_S = 2.0
 
@@ -53,16 +56,26 @@ class _Bucket:
 
 
 class _Track:
+    """One device's buckets, messages and state changes: plain lists (a deque costs
+    some 600 bytes even empty, and a province has 10⁶ devices), trimmed as they grow."""
+
     __slots__ = ("buckets", "points", "states")
 
-    def __init__(self, points: int) -> None:
-        self.buckets: deque[_Bucket] = deque(maxlen=_BUCKETS)
-        self.points: deque[tuple[int, dict[str, PointValue]]] = deque(maxlen=points)
-        self.states: deque[tuple[int, bool, str]] = deque(maxlen=_STATES)
+    def __init__(self) -> None:
+        self.buckets: list[_Bucket] = []
+        self.points: list[tuple[int, dict[str, PointValue]]] = []
+        self.states: list[tuple[int, bool, str]] = []
+
+
+def _trim(items: list[Any], keep: int) -> None:
+    # Trimming only at twice the bound keeps appends amortised O(1).
+    if len(items) > 2 * keep:
+        del items[:-keep]
 
 
 def _fingerprint(values: dict[str, PointValue]) -> int:
-    return hash(tuple(sorted((k, repr(v)) for k, v in values.items())))
+    # Point values are all hashable; an agent sends a device's points in one order.
+    return hash(tuple(values.items()))
 
 
 class QualityWindow:
@@ -101,13 +114,17 @@ class QualityWindow:
         self.min_share = min_share
         self.points = points
 
+    def _points_kept(self) -> int:
+        """Messages kept a device: ``points``, less when many devices share the budget."""
+        return max(2, min(self.points, _POINTS_BUDGET // max(1, len(self._tracks))))
+
     def _track(self, key: tuple[str, str]) -> _Track | None:
         track = self._tracks.get(key)
         if track is None:
             if len(self._tracks) >= _MAX_DEVICES:
                 self.dropped += 1
                 return None
-            track = self._tracks[key] = _Track(self.points)
+            track = self._tracks[key] = _Track()
         return track
 
     def record_state(self, key: tuple[str, str], ts_ms: int, online: bool, reason: str) -> None:
@@ -119,12 +136,13 @@ class QualityWindow:
             if track.states and track.states[-1][1:] == (online, reason):
                 return  # a repeated state is not a change
             track.states.append((ts_ms, online, reason))
+            _trim(track.states, _STATES)
 
     def states(self, key: tuple[str, str]) -> list[dict[str, Any]]:
         """The device's kept state changes, newest first."""
         with self._lock:
             track = self._tracks.get(key)
-            kept = list(track.states) if track else []
+            kept = track.states[-_STATES:] if track else []
         return [{"ts": ts, "online": on, "reason": why} for ts, on, why in reversed(kept)]
 
     def record(self, summary: SampleSummary) -> None:
@@ -142,8 +160,9 @@ class QualityWindow:
                 last.varied = last.varied or fp != last.first_fp
             elif last is None or start > last.start_ms:
                 track.buckets.append(_Bucket(start, summary.count, fp, False))
+                _trim(track.buckets, _BUCKETS)
             else:
-                # A late message for an older bucket: counted, never reordering the deque.
+                # A late message for an older bucket: counted, never reordering the list.
                 for b in track.buckets:
                     if b.start_ms == start:
                         b.count += summary.count
@@ -151,22 +170,42 @@ class QualityWindow:
                         break
             if summary.latest:
                 track.points.append((summary.last_ts, dict(summary.latest)))
+                _trim(track.points, self._points_kept())
+
+    def _span(self, as_of_ms: int, window_ms: int) -> tuple[int, int]:
+        """(lowest bucket start counted, expected samples) of a window."""
+        # Only what the buckets still hold can be judged: at most the last horizon.
+        lo = max(as_of_ms - window_ms, self.started_ms, as_of_ms - self.horizon_ms)
+        expected = max(1, (as_of_ms - lo) // self.poll_ms) if as_of_ms > lo else 1
+        return lo - self.bucket_ms, int(expected)
+
+    @staticmethod
+    def _verdict(
+        buckets: list[_Bucket], low: int, as_of_ms: int, need: float
+    ) -> tuple[int, bool, bool]:
+        """(samples, complete, frozen) from a device's buckets in (low, as_of]."""
+        samples = 0
+        first: int | None = None
+        changed = False
+        for b in buckets:
+            if low < b.start_ms <= as_of_ms:
+                samples += b.count
+                if first is None:
+                    first = b.first_fp
+                changed = changed or b.varied or b.first_fp != first
+        return samples, samples >= need, samples > 1 and not changed
 
     def judge(self, key: tuple[str, str], as_of_ms: int, window_ms: int) -> dict[str, Any]:
         """The gate's evidence for one device: samples, expected, frozen, passes."""
-        lo = max(as_of_ms - window_ms, self.started_ms)
-        expected = max(1, (as_of_ms - lo) // self.poll_ms) if as_of_ms > lo else 1
+        low, expected = self._span(as_of_ms, window_ms)
         with self._lock:
             track = self._tracks.get(key)
-            kept = list(track.buckets) if track else []
-        buckets = [b for b in kept if lo - self.bucket_ms < b.start_ms <= as_of_ms]
-        samples = sum(b.count for b in buckets)
-        fps = {b.first_fp for b in buckets}
-        frozen = samples > 1 and len(fps) == 1 and not any(b.varied for b in buckets)
-        complete = samples >= self.min_share * expected
+            kept = track.buckets[-_BUCKETS:] if track else []
+        need = self.min_share * expected
+        samples, complete, frozen = self._verdict(kept, low, as_of_ms, need)
         return {
             "samples": samples,
-            "expected": int(expected),
+            "expected": expected,
             "complete": complete,
             "frozen": frozen,
             "passes": complete and not frozen and samples > 0,
@@ -183,12 +222,18 @@ class QualityWindow:
         if cached is not None and cached[0] == cache_key and now - cached[1] < _MASK_TTL_S:
             return cached[2]
         out = np.zeros(n, np.bool_)
+        low, expected = self._span(as_of_ms, window_ms)
+        need = max(self.min_share * expected, 1)
+        verdict = self._verdict
         with self._lock:
-            tracked = list(self._tracks)
-        for key in tracked:
+            tracked = list(self._tracks.items())
+        # Reads lists the ingest thread appends to: a bucket added meanwhile is either
+        # seen or not, which the next computation settles.
+        for key, track in tracked:
             i = positions.get(key)
             if i is not None and i < n:
-                out[i] = self.judge(key, as_of_ms, window_ms)["passes"]
+                _samples, complete, frozen = verdict(track.buckets, low, as_of_ms, need)
+                out[i] = complete and not frozen
         self._mask_cache = (cache_key, now, out)
         return out
 
@@ -196,5 +241,5 @@ class QualityWindow:
         """The device's kept messages since ``from_ms``: ts and values, oldest first."""
         with self._lock:
             track = self._tracks.get(key)
-            points = list(track.points) if track else []
+            points = track.points[-self._points_kept() :] if track else []
         return [{"ts": ts, "values": v} for ts, v in points if ts >= from_ms]

@@ -319,3 +319,25 @@ def test_each_view_exports_as_csv_and_excel_with_its_filters(client: TestClient)
     assert client.get("/api/v1/reports/nothing.xlsx", headers=PLATFORM).status_code == 422
     assert client.get("/api/v1/reports/ratios.xlsx?region=1x", headers=PLATFORM).status_code == 422
     assert client.get("/api/v1/reports/ratios.xlsx").status_code == 401
+
+
+def test_the_window_keeps_a_bounded_number_of_messages_and_states() -> None:
+    window = QualityWindow(points=50, poll_interval_s=10, clock=lambda: (T0 - 2 * HOUR) / 1000)
+    for k in range(500):
+        ts = T0 - 2 * HOUR + k * 10_000
+        summary = SampleSummary(
+            "e", "a", "d", count=1, first_ts=ts, last_ts=ts, last_good_ts=ts, latest={"v": k}
+        )
+        window.record(summary)
+        window.record_state(("e", "d"), ts, k % 2 == 0, "" if k % 2 == 0 else "timeout")
+    points = window.telemetry(("e", "d"), 0)
+    assert len(points) == 50 and points[-1]["values"] == {"v": 499}
+    states = window.states(("e", "d"))
+    assert len(states) == 50 and states[0] == {
+        "ts": T0 - 2 * HOUR + 499 * 10_000,
+        "online": False,
+        "reason": "timeout",
+    }
+    # 500 samples at 10 s over the 2 h watched: 720 expected, 0.8 needs 576.
+    assert window.judge(("e", "d"), T0, 86400_000)["expected"] == 720
+    assert window.judge(("e", "d"), T0, 86400_000)["complete"] is False
