@@ -45,6 +45,14 @@ def served_graded(graded: Registry) -> Iterator[str]:
     yield from _serve(graded)
 
 
+def _good(base: str, query: str) -> dict[str, str]:
+    """The API's quality_connected per group, as the page should show it."""
+    body = httpx.get(
+        f"{base}/api/v1/ratios?{query}", headers={"Authorization": f"Bearer {TOKEN}"}
+    ).json()
+    return {g["key"]: str(g["quality_connected"]) for g in body["groups"]}
+
+
 def _open(tmp_path: Path, base: str, fragment: str) -> str:
     """The page's DOM after it loaded ``#fragment`` (with the read-only token)."""
     frag = fragment.lstrip("#")
@@ -91,7 +99,8 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
     dom = _open(tmp_path, served, "")
     cities = _rows(dom, "drill-table")
     assert list(cities) == ["130100", "130200", "130600", "130900"]
-    assert cities["130100"] == ["石家庄市 Shijiazhuang", "10", "4", "20", "50.0%"]
+    good = _good(served, "group_by=city")
+    assert cities["130100"] == ["石家庄市 Shijiazhuang", "10", good["130100"], "20", "50.0%"]
     # Each bar is a link to the same place as its row.
     chart = _part(dom, "drill-chart", "</svg>")
     bar = re.search(r'<a href="([^"]+)" class="drill"><g class="row" data-key="130100"', chart)
@@ -110,14 +119,16 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
     city_trend = _part(city, "drill-trend", "</svg>")
     assert len(re.findall(r"<polyline", city_trend)) == 2  # connected and online
     counties = _rows(city, "drill-table")
+    good = _good(served, "group_by=county&region=1301")
     assert counties == {
-        "130102": ["长安区 Chang'an District", "5", "2", "10", "50.0%"],
-        "130104": ["桥西区 Qiaoxi District", "5", "2", "10", "50.0%"],
+        "130102": ["长安区 Chang'an District", "5", good["130102"], "10", "50.0%"],
+        "130104": ["桥西区 Qiaoxi District", "5", good["130104"], "10", "50.0%"],
     }
     county = _open(tmp_path, served, _row_link(city, "drill-table", "130102"))
     assert [t for _h, t in _crumbs(county)][-1] == "长安区 Chang'an District"
+    good = _good(served, "group_by=enterprise&region=130102")
     assert _rows(county, "drill-table") == {
-        "hb-cement": ["冀东水泥 Jidong Cement", "5", "2", "10", "50.0%"]
+        "hb-cement": ["冀东水泥 Jidong Cement", "5", good["hb-cement"], "10", "50.0%"]
     }
     ent = _open(tmp_path, served, _row_link(county, "drill-table", "hb-cement"))
     devices = _rows(ent, "drill-table")
@@ -175,8 +186,9 @@ def test_filters_survive_the_drill_down_and_the_exports_follow_them(
 ) -> None:
     dom = _open(tmp_path, served, "industry=C30")
     # Only the cement works (Shijiazhuang) is in C30.
+    good = _good(served, "group_by=city&industry=C30")
     assert _rows(dom, "drill-table") == {
-        "130100": ["石家庄市 Shijiazhuang", "5", "2", "10", "50.0%"]
+        "130100": ["石家庄市 Shijiazhuang", "5", good["130100"], "10", "50.0%"]
     }
     assert re.search(r'<option value="C30" selected=""', dom)
     down = _row_link(dom, "drill-table", "130100")
@@ -198,7 +210,8 @@ def test_filters_survive_the_drill_down_and_the_exports_follow_them(
     assert found is not None
     csv_href = html.unescape(found.group(1))
     text = httpx.get(served + csv_href, headers={"Authorization": f"Bearer {TOKEN}"}).text
-    assert "130102,长安区 Chang'an District,5,2,2,10,0.5" in text
+    chang_an = _good(served, "group_by=county&region=1301&industry=C30")["130102"]
+    assert f"130102,长安区 Chang'an District,5,{chang_an},2,10,0.5" in text
 
 
 def test_the_table_sorts_by_ratio(served: str, tmp_path: Path) -> None:
