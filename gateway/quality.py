@@ -36,14 +36,15 @@ _MAX_DEVICES = 2_000_000
 # as more devices report, so the memory stays bounded at province scale.
 _POINTS_BUDGET = 2_000_000
 _STATES = 50
-_MASK_TTL_S = 2.0
+_LIVE_S = 15.0
 
 QUALITY_DEFINITION = (
     "**quality_connected** (数据质量达标) = connected devices that, over the part of the "
     "window this gateway has watched since it started, sent at least `min_share` of the "
     "samples their poll interval implies (watched span / `default_poll_interval`) and "
     "whose values changed at least once (a device sending the same values for the whole "
-    "window is *frozen* and does not count). **quality_ratio** = quality_connected / total."
+    "window is *frozen* and does not count). **quality_ratio** = quality_connected / total. "
+    "For a query at the current time the gate's verdicts may be up to 15 s old."
 )
 
 
@@ -104,7 +105,8 @@ class QualityWindow:
         self.started_ms = int(clock() * 1000)
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._lock = threading.Lock()
-        self._mask_cache: tuple[tuple[int, int, int, int], float, Any] | None = None
+        self._clock = clock
+        self._mask_cache: tuple[tuple[int, int, int], int, float, bool, Any] | None = None
         self.dropped = 0
 
     def configure(self, *, min_share: float, points: int) -> None:
@@ -215,12 +217,16 @@ class QualityWindow:
         self, positions: dict[tuple[str, str], int], n: int, as_of_ms: int, window_ms: int
     ) -> Any:
         """Devices that pass the gate, as a mask by index position (``positions``: key → i)."""
-        # A snapshot asks for the same mask once per grouping and kind: reuse it briefly.
-        cache_key = (as_of_ms // 1000, window_ms, n, id(positions))
+        # The gate costs a pass over every tracked device (seconds at 10⁶), so a mask
+        # is reused: for the same as_of (a snapshot asks once per grouping and kind),
+        # and for queries at "now" (as_of within _LIVE_S of the clock) for _LIVE_S.
         now = time.monotonic()
+        live = abs(as_of_ms - self._clock() * 1000) <= _LIVE_S * 1000
         cached = self._mask_cache
-        if cached is not None and cached[0] == cache_key and now - cached[1] < _MASK_TTL_S:
-            return cached[2]
+        if cached is not None and cached[0] == (window_ms, n, id(positions)):
+            age = now - cached[2]
+            if (cached[1] == as_of_ms and age < _LIVE_S) or (live and cached[3] and age < _LIVE_S):
+                return cached[4]
         out = np.zeros(n, np.bool_)
         low, expected = self._span(as_of_ms, window_ms)
         need = max(self.min_share * expected, 1)
@@ -234,7 +240,7 @@ class QualityWindow:
             if i is not None and i < n:
                 _samples, complete, frozen = verdict(track.buckets, low, as_of_ms, need)
                 out[i] = complete and not frozen
-        self._mask_cache = (cache_key, now, out)
+        self._mask_cache = ((window_ms, n, id(positions)), as_of_ms, now, live, out)
         return out
 
     def telemetry(self, key: tuple[str, str], from_ms: int) -> list[dict[str, Any]]:
