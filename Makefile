@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Servers the integration tests run on loopback (Debian packages; needs root).
+# Servers the integration tests run on loopback, and the CJK fonts headless Chromium
+# renders the dashboard with (Debian packages; needs root).
 system-deps:
 	@missing=""; \
 	for cmd in mosquitto:mosquitto victoria-metrics:victoria-metrics socat:socat chromium:chromium curl:curl node:nodejs npm:npm; do \

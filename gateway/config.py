@@ -31,6 +31,7 @@ __all__ = [
     "MqttConfig",
     "OnCloudConfig",
     "OutboxConfig",
+    "ProvincialConfig",
     "load_gateway_config",
 ]
 
@@ -224,6 +225,29 @@ class OnCloudConfig(_Cfg):
     )
 
 
+class ProvincialConfig(_Cfg):
+    """The provincial platform's checks: the data-quality gate, telemetry kept, grades."""
+
+    quality_min_share: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Share of its expected samples (window / poll interval) a connected "
+        "device must send in the window to pass the data-quality gate.",
+    )
+    telemetry_points: int = Field(
+        default=360,
+        ge=1,
+        le=10_000,
+        description="Messages kept in memory per device for its telemetry chart.",
+    )
+    rubric_file: Path | None = Field(
+        default=None,
+        description="YAML rubric of the graded evaluation; default: the shipped one "
+        "(gateway/rubrics/default.yaml).",
+    )
+
+
 class GatewayConfig(_Cfg):
     data_dir: Path = Path("./iiot-data")
     database_url: str | None = Field(
@@ -238,6 +262,7 @@ class GatewayConfig(_Cfg):
     health: HealthConfig = Field(default_factory=HealthConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     on_cloud: OnCloudConfig = Field(default_factory=OnCloudConfig)
+    provincial: ProvincialConfig = Field(default_factory=ProvincialConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."
@@ -264,7 +289,7 @@ def load_gateway_config(path: Path | str) -> GatewayConfig:
     except (YamlFileError, UnsetVariable) as exc:
         raise GatewayConfigError(f"{path}: {exc}") from exc
     try:
-        return GatewayConfig.model_validate(data)
+        cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         lines = [
             f"{path}: {'.'.join(str(x) for x in e['loc'])}: "
@@ -272,3 +297,12 @@ def load_gateway_config(path: Path | str) -> GatewayConfig:
             for e in exc.errors()
         ]
         raise GatewayConfigError("\n".join(lines)) from exc
+    if cfg.provincial.rubric_file is not None:
+        # A bad rubric stops the start here, naming the file and the entry.
+        from gateway.provincial import RubricError, load_rubric
+
+        try:
+            load_rubric(cfg.provincial.rubric_file)
+        except RubricError as exc:
+            raise GatewayConfigError(f"{path}: provincial.rubric_file: {exc}") from exc
+    return cfg

@@ -62,6 +62,7 @@ __all__ = [
     "online_mask",
     "parse_as_of",
     "parse_window",
+    "quality_mask",
     "ratio",
     "report_year",
     "target_region",
@@ -210,16 +211,29 @@ def filter_mask(
     return mask
 
 
-def _group(key: str, label: str, total: int, connected: int, online: int) -> dict[str, Any]:
+def _group(
+    key: str, label: str, total: int, connected: int, online: int, quality: int = 0
+) -> dict[str, Any]:
     return {
         "key": key,
         "label": label,
         "total": total,
         "connected": connected,
+        "quality_connected": quality,
         "online": online,
         "ratio": ratio(connected, total),
+        "quality_ratio": ratio(quality, total),
         "online_ratio": ratio(online, total),
     }
+
+
+def quality_mask(registry: Any, idx: DeviceIndex, as_of_ms: int, window_ms: int) -> Mask:
+    """Devices passing the data-quality gate (see ``gateway.quality``); none without one."""
+    window = getattr(registry, "quality", None)
+    if window is None:
+        return np.zeros(idx.n, np.bool_)
+    mask: Mask = window.mask(idx.keys, idx.n, as_of_ms, window_ms)
+    return mask
 
 
 def compute_ratios(
@@ -250,6 +264,7 @@ def compute_ratios(
         # NEVER (-1) is below any threshold >= -1, so "never reported" needs no extra test.
         connected = idx.last_good[:n] > max(as_of - window_ms, NEVER)
         online = online_mask(idx, as_of, registry.freshness_ms)
+        quality = connected & quality_mask(registry, idx, as_of, window_ms)
         groups: list[dict[str, Any]] = []
         if group_by is None:
             overall = _group(
@@ -258,6 +273,7 @@ def compute_ratios(
                 int(np.count_nonzero(scope)),
                 int(np.count_nonzero(scope & connected)),
                 int(np.count_nonzero(scope & online)),
+                int(np.count_nonzero(scope & quality)),
             )
         else:
             col, enc = idx.column(group_by)
@@ -273,7 +289,10 @@ def compute_ratios(
             tot = c.sum(axis=1)
             con = c[:, 1] + c[:, 3]
             onl = c[:, 2] + c[:, 3]
-            overall = _group("all", "全部 All", int(tot.sum()), int(con.sum()), int(onl.sum()))
+            qua = np.bincount(col[scope & quality], minlength=k)
+            overall = _group(
+                "all", "全部 All", int(tot.sum()), int(con.sum()), int(onl.sum()), int(qua.sum())
+            )
             values = list(enc.values)
             names = (
                 {e.id: e.name for e in registry.list_enterprises()}
@@ -289,6 +308,7 @@ def compute_ratios(
                         int(tot[code]),
                         int(con[code]),
                         int(onl[code]),
+                        int(qua[code]),
                     )
                 )
     groups.sort(key=lambda g: g["key"])
@@ -596,6 +616,13 @@ class Snapshotter:
             rows.extend(by_key[k] for k in sorted(by_key))
         self.registry.save_snapshot(ts_ms, self.window_s, rows)
         self.registry.prune_snapshots(ts_ms - self.retention_ms)
+        if hasattr(self.registry, "save_snapshot_audit"):
+            # What this snapshot counted, so GET /api/v1/reports/verify can recompute it.
+            from gateway.provincial import snapshot_audit_record
+
+            record = snapshot_audit_record(self.registry, ts_ms=ts_ms, window_s=self.window_s)
+            self.registry.save_snapshot_audit(record)
+            self.registry.prune_snapshot_audit(ts_ms - self.retention_ms)
         self.write_lines(lines)
         self.runs += 1
         self.last_ts_ms = ts_ms

@@ -28,6 +28,7 @@ from gateway.api.routers import (
     on_cloud,
     onboarding,
     ops,
+    provincial,
     provisioning,
     ratios,
     reports,
@@ -36,7 +37,9 @@ from gateway.auth import TokenAuth
 from gateway.config import GatewayConfig
 from gateway.control import ControlService
 from gateway.health import Readiness
+from gateway.provincial import default_rubric, load_rubric
 from gateway.provisioning import Provisioner, ProvisioningError
+from gateway.quality import QUALITY_DEFINITION
 from gateway.ratios import DEFINITIONS, on_cloud_definition
 from gateway.registry import Registry
 
@@ -51,6 +54,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     ratios.router,
     reports.router,
     on_cloud.router,
+    provincial.router,
     devices.router,
     onboarding.router,
     provisioning.router,
@@ -60,7 +64,10 @@ _DESCRIPTION = (
     "Device registry, onboarding and connection ratios (联网设备总量 / 企业设备总量; "
     "联网产品总量 / 生产产品总量), and enterprises on the cloud (上云企业数). "
     "Every endpoint but /health and the dashboard takes `Authorization: Bearer "
-    "<token>`: platform tokens read, admin tokens also write.\n\n" + DEFINITIONS
+    "<token>`: platform tokens read, admin tokens also write.\n\n"
+    + DEFINITIONS
+    + "\n\n"
+    + QUALITY_DEFINITION
 )
 
 
@@ -114,6 +121,9 @@ def create_app(
     state.api_metrics = api_metrics
     state.data_metrics = metrics
     state.readiness = readiness or Readiness(config.health)
+    prov = config.provincial
+    registry.quality.configure(min_share=prov.quality_min_share, points=prov.telemetry_points)
+    state.rubric = load_rubric(prov.rubric_file) if prov.rubric_file else default_rubric()
     _add_handlers(app, requests)
     for router in ROUTERS:
         app.include_router(router)

@@ -77,8 +77,12 @@ class RatioGroup(BaseModel):
     label: str
     total: int
     connected: int
+    quality_connected: int = Field(
+        description="Connected and passing the data-quality gate (see the definitions)."
+    )
     online: int
     ratio: float
+    quality_ratio: float
     online_ratio: float
 
 

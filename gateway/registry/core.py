@@ -9,6 +9,7 @@ in ``gateway.ratios``.
 
 from __future__ import annotations
 
+from gateway.quality import QualityWindow
 from gateway.registry.agents import AgentsPart
 from gateway.registry.devices import STATUSES, DevicesPart
 from gateway.registry.model import (
@@ -19,9 +20,12 @@ from gateway.registry.model import (
     NotFound,
     RegistryError,
 )
+from gateway.registry.provincial import ProvincialPart
 from gateway.registry.sink import IngestSinkPart
 from gateway.registry.snapshots import SnapshotsPart
 from gateway.registry.targets import TargetsPart
+from gateway.sink import SampleSummary
+from protocols.mqtt.contract import DeviceState, Will
 
 __all__ = [
     "STATUSES",
@@ -35,5 +39,46 @@ __all__ = [
 ]
 
 
-class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart, TargetsPart):
+class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart, TargetsPart, ProvincialPart):
     """The registry; also the gateway's ``IngestSink``."""
+
+    _quality: QualityWindow | None = None
+
+    @property
+    def quality(self) -> QualityWindow:
+        """The data-quality gate's window (created with the registry's defaults if unset)."""
+        if self._quality is None:
+            self._quality = QualityWindow(
+                poll_interval_s=self.default_poll_interval, clock=self._clock
+            )
+        return self._quality
+
+    def set_quality(self, window: QualityWindow) -> None:
+        self._quality = window
+
+    def on_samples(self, summary: SampleSummary) -> None:
+        super().on_samples(summary)
+        with self._lock:
+            known = (summary.enterprise, summary.device) in self._index.keys
+        if known:
+            self.quality.record(summary)
+
+    def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:
+        super().on_device_state(enterprise, agent, device, state)
+        with self._lock:
+            known = (enterprise, device) in self._index.keys
+        if known:
+            ts = state.ts or self._now_ms()
+            self.quality.record_state((enterprise, device), ts, state.online, state.reason[:200])
+
+    def on_will(self, enterprise: str, agent: str, will: Will) -> None:
+        super().on_will(enterprise, agent, will)
+        now = self._now_ms()
+        with self._lock:
+            a = self._agents.get(agent)
+            if a is None or a.online or a.enterprise != enterprise:
+                return  # refused or stale: nothing changed
+            idx = self._index
+            keys = [(enterprise, idx.meta[i].id) for i in idx.by_agent.get(agent, ())]
+        for key in keys:
+            self.quality.record_state(key, now, False, "agent offline")

@@ -173,6 +173,9 @@ class DevicesPart(RegistryStore):
                 for i, meta in changed:
                     self._set_meta_locked(i, meta)
             created, updated = len(new_metas) - raced, len(changed) + raced
+        save_serials = getattr(self, "save_serials", None)
+        if callable(save_serials) and good:
+            save_serials([row for _line, row in good.values()])
         self.counters["ledger_rows_accepted"] += created + updated
         self.counters["ledger_rows_rejected"] += len(errors)
         return ImportResult(created + updated, created, updated, errors)

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 LEDGER_COLUMNS = ("device_id", "enterprise", "region", "industry", "family", "category", "name")
-_OPTIONAL = ("agent", "profile", "kind", "site_region")
+_OPTIONAL = ("agent", "profile", "kind", "site_region", "serial")
 # What a ledger row is: production equipment (the default) or a product the enterprise
 # made, counted in the maker's region wherever it is installed.
 KINDS = ("equipment", "product")
@@ -59,6 +59,8 @@ class DeviceInput:
     profile: str | None = None
     kind: str = "equipment"
     site_region: str | None = None
+    # The maker's serial number, to find one machine claimed by two enterprises.
+    serial: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ def check_row(raw: Mapping[str, object]) -> DeviceInput:
         None if _blank(raw.get("profile")) else check_ident(_strip(raw.get("profile")), "profile")
     )
     kind, site_region = _check_kind(raw)
+    serial = None if _blank(raw.get("serial")) else _check_serial(raw.get("serial"))
     return DeviceInput(
         enterprise,
         device_id,
@@ -111,7 +114,17 @@ def check_row(raw: Mapping[str, object]) -> DeviceInput:
         profile,
         kind,
         site_region,
+        serial,
     )
+
+
+def _check_serial(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("serial must be text")
+    serial = check_text(value.strip(), "serial")
+    if len(serial) > 64:
+        raise ValueError("serial is longer than 64 characters")
+    return serial
 
 
 def _check_kind(raw: Mapping[str, object]) -> tuple[str, str | None]:

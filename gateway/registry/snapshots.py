@@ -50,15 +50,19 @@ class SnapshotsPart(RegistryStore):
         return int(done.rowcount or 0)
 
     def snapshot_rows(
-        self, group_by: str, from_ms: int, to_ms: int, *, limit: int = 100_000
+        self,
+        group_by: str,
+        from_ms: int,
+        to_ms: int,
+        *,
+        limit: int = 100_000,
+        key: str | None = None,
     ) -> list[sa.Row[Any]]:
-        """Stored snapshots of one grouping in [from, to], oldest first."""
+        """Stored snapshots of one grouping (one group's, with ``key``) in [from, to]."""
         c = t.ratio_snapshots.c
-        stmt = (
-            sa.select(t.ratio_snapshots)
-            .where(c.group_by == group_by, c.ts_ms >= from_ms, c.ts_ms <= to_ms)
-            .order_by(c.ts_ms, c.key)
-            .limit(limit)
-        )
+        where = [c.group_by == group_by, c.ts_ms >= from_ms, c.ts_ms <= to_ms]
+        if key is not None:
+            where.append(c.key == key)
+        stmt = sa.select(t.ratio_snapshots).where(*where).order_by(c.ts_ms, c.key).limit(limit)
         with self._engine.connect() as conn:
             return list(conn.execute(stmt).all())

@@ -169,8 +169,16 @@ def _v3(conn: sa.Connection) -> None:
     targets.create(conn, checkfirst=True)
 
 
+def _v4(conn: sa.Connection) -> None:
+    """Ledger serial numbers and the snapshots' audit records."""
+    from gateway.registry.provincial import PROVINCIAL_TABLES
+
+    for table in PROVINCIAL_TABLES:
+        table.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

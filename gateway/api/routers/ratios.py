@@ -96,7 +96,7 @@ def history(
     step_s = parse_window_param(step, "step") if step is not None else None
     if step_s is not None and (to_ms - from_ms) // (step_s * 1000) > _MAX_HISTORY_POINTS:
         raise invalid("query", "step", f"more than {_MAX_HISTORY_POINTS} steps; use a longer step")
-    rows = registry.snapshot_rows(str(group_by), from_ms, to_ms)
+    rows = registry.snapshot_rows(str(group_by), from_ms, to_ms, key=key)
     return {
         "group_by": str(group_by),
         "kind": kind,

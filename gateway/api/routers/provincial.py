@@ -1,0 +1,492 @@
+"""The provincial platform's views: reconciliation, grades, report verification, the
+drill-down's tables as CSV and Excel, and a device's recent telemetry."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+import xlsxwriter
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+
+from gateway.api.deps import (
+    AUTH_RESPONSES,
+    NOT_FOUND,
+    READ,
+    Ident,
+    NowMs,
+    QIdent,
+    RegistryDep,
+    invalid,
+    parse_time,
+    parse_window_param,
+)
+from gateway.provincial import (
+    DEFINITIONS_VERSION,
+    Rubric,
+    grade_enterprises,
+    reconcile,
+    verify_report,
+)
+from gateway.quality import QUALITY_DEFINITION
+from gateway.ratios import DEFINITIONS, Grouping, compute_ratios, enterprise_category_table, ratio
+from gateway.registry.codes import (
+    CATEGORY_LABELS,
+    industry_label,
+    region_label,
+    region_prefix_range,
+)
+from iiot_common.identifier import IDENTIFIER_PATTERN
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["provincial"], responses=AUTH_RESPONSES, dependencies=[READ])
+
+Table = tuple[list[str], list[list[Any]]]
+Report = Literal["connection", "ratios", "reconciliation", "grades", "telemetry"]
+Format = Literal["csv", "xlsx"]
+_MAX_TELEMETRY_HOURS = 24
+_MAX_EXPORT_ROWS = 1_000_000
+
+_RECONCILIATION_DOC = (
+    "Ledger reconciliation (台账核对) at `as_of`: **not_in_ledger**, devices that report "
+    "(an agent's birth announced them) but no ledger row lists; **never_seen**, ledger "
+    "devices that never sent anything; **not_seen_in_window**, devices seen before but "
+    "not within the window; **duplicate_serials**, a serial number (the ledger's "
+    "optional `serial` column) claimed by more than one enterprise. Decommissioned "
+    "devices are left out. Each list has at most `limit` entries; `counts` counts them all."
+)
+_GRADES_DOC = (
+    "Graded evaluation (分级分类评价): each enterprise's production equipment against "
+    "the rubric's levels (the gateway config's `provincial.rubric_file`, default "
+    "`gateway/rubrics/default.yaml`). The grade is the highest level whose criteria, and "
+    "those of every level below, are met; `levels` gives each criterion's required and "
+    "actual value. `control_in_use` counts remote configurations the agent reported "
+    "applied and writes that were read back (status ok), up to `as_of`.\n\n" + QUALITY_DEFINITION
+)
+_VERIFY_DOC = (
+    "Recomputes the stored ratio snapshot at or before `as_of` from the registry as it "
+    "is now and compares total and connected (equipment and products) per group. Each "
+    "snapshot records `registry_version` (a hash of the devices it counted: ledger "
+    "fields and whether each was connected at its time) and `definitions_version` (a "
+    "hash of the definitions). `reproducible` is true when every number is the same and "
+    "the definitions have not changed; `registry_unchanged` says whether the counted "
+    "devices are the same. `online` is the state at the snapshot's moment and is not "
+    "recomputed."
+)
+
+
+def _as_of(as_of: str | None, now_ms: int) -> int:
+    return parse_time(as_of, "as_of") if as_of is not None else now_ms
+
+
+def _check_scope(region: str | None) -> None:
+    if region is not None:
+        try:
+            region_prefix_range(region)
+        except ValueError as exc:
+            raise invalid("query", "region", str(exc)) from None
+
+
+def _rubric(request: Request) -> Rubric:
+    rubric: Rubric = request.app.state.rubric
+    return rubric
+
+
+@router.get("/api/v1/reconciliation", description=_RECONCILIATION_DOC)
+def reconciliation(
+    registry: RegistryDep,
+    now_ms: NowMs,
+    window: Annotated[str, Query(max_length=16)] = "24h",
+    as_of: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=_MAX_EXPORT_ROWS, description="Per list.")] = 1000,
+) -> Response:
+    result = reconcile(
+        registry,
+        as_of_ms=_as_of(as_of, now_ms),
+        window_s=parse_window_param(window, "window"),
+        limit=limit,
+    )
+    return _json(result)
+
+
+@router.get("/api/v1/grades", description=_GRADES_DOC)
+def grades(
+    request: Request,
+    registry: RegistryDep,
+    now_ms: NowMs,
+    window: Annotated[str, Query(max_length=16)] = "24h",
+    as_of: Annotated[str | None, Query(max_length=40)] = None,
+    region: Annotated[str | None, Query(max_length=6)] = None,
+    industry: Annotated[str | None, Query(max_length=8)] = None,
+) -> Response:
+    _check_scope(region)
+    result = grade_enterprises(
+        registry,
+        _rubric(request),
+        as_of_ms=_as_of(as_of, now_ms),
+        window_s=parse_window_param(window, "window"),
+        region=region,
+        industry=industry,
+    )
+    return _json(result)
+
+
+@router.get("/api/v1/reports/verify", description=_VERIFY_DOC, responses=NOT_FOUND)
+def verify(
+    registry: RegistryDep,
+    now_ms: NowMs,
+    as_of: Annotated[str | None, Query(max_length=40)] = None,
+) -> Response:
+    result = verify_report(registry, _as_of(as_of, now_ms))
+    if result is None:
+        raise HTTPException(404, detail="no stored snapshot at or before as_of")
+    return _json(result)
+
+
+@router.get("/api/v1/definitions")
+def definitions() -> dict[str, str]:
+    """The definitions the numbers follow, and their version (a hash of the text)."""
+    return {
+        "version": DEFINITIONS_VERSION,
+        "ratios": DEFINITIONS,
+        "quality": QUALITY_DEFINITION,
+    }
+
+
+@router.get(
+    "/api/v1/devices/{enterprise}/{device_id}/telemetry",
+    responses=NOT_FOUND,
+)
+def telemetry(
+    enterprise: Ident,
+    device_id: Ident,
+    registry: RegistryDep,
+    now_ms: NowMs,
+    hours: Annotated[float, Query(gt=0, le=_MAX_TELEMETRY_HOURS)] = 6,
+) -> Response:
+    """The device's recent messages (latest values of each) and state changes, from the
+    gateway's bounded in-memory window (empty after a restart), and the quality gate's
+    verdict over the last 24 h."""
+    key = (enterprise, device_id)
+    if registry.get_device(enterprise, device_id) is None:
+        raise HTTPException(404, detail=f"device {device_id!r} of {enterprise!r} not found")
+    window = registry.quality
+    return _json(
+        {
+            "enterprise": enterprise,
+            "device_id": device_id,
+            "from_ms": now_ms - int(hours * 3600_000),
+            "points": window.telemetry(key, now_ms - int(hours * 3600_000)),
+            "states": window.states(key),
+            "quality": window.judge(key, now_ms, 86400_000),
+        }
+    )
+
+
+def _json(result: dict[str, Any]) -> Response:
+    body = json.dumps(result, ensure_ascii=False, separators=(",", ":"))
+    return Response(body.encode(), media_type="application/json")
+
+
+@router.get(
+    "/api/v1/reports/{report}.{fmt}",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+            }
+        },
+    },
+)
+def report_file(
+    report: Report,
+    fmt: Format,
+    request: Request,
+    registry: RegistryDep,
+    now_ms: NowMs,
+    window: Annotated[str, Query(max_length=16)] = "24h",
+    as_of: Annotated[str | None, Query(max_length=40)] = None,
+    group_by: Grouping | None = None,
+    enterprise: str | None = QIdent,
+    # Its own Query: FastAPI names a shared parameter object after its first use.
+    device: Annotated[str | None, Query(pattern=IDENTIFIER_PATTERN, max_length=64)] = None,
+    region: Annotated[str | None, Query(max_length=6)] = None,
+    industry: Annotated[str | None, Query(max_length=8)] = None,
+    category: Annotated[str | None, Query(max_length=32)] = None,
+    hours: Annotated[float, Query(gt=0, le=_MAX_TELEMETRY_HOURS)] = 6,
+) -> Response:
+    """A view's table for download, with the view's filters: ``connection`` (per
+    enterprise and category; ``connection.csv`` itself is the form's report), ``ratios``
+    (the drill-down's groups, ``group_by``), ``reconciliation``, ``grades`` or
+    ``telemetry`` (one device's recent messages: ``enterprise``, ``device``, ``hours``); ``csv``
+    (UTF-8 with BOM) or ``xlsx``. The file's first rows name the filters and versions."""
+    if report == "connection" and fmt == "csv":
+        raise HTTPException(404, detail="connection.csv is served by the form's report")
+    _check_scope(region)
+    window_s = parse_window_param(window, "window")
+    as_of_ms = _as_of(as_of, now_ms)
+    scope = {"enterprise": enterprise, "region": region, "industry": industry}
+    builders: dict[str, Callable[[], Table]] = {
+        "connection": lambda: _connection_table(registry, window_s, as_of_ms, scope, category),
+        "ratios": lambda: _ratios_table(registry, group_by, window_s, as_of_ms, scope, category),
+        "reconciliation": lambda: _reconciliation_table(registry, window_s, as_of_ms),
+        "grades": lambda: _grades_table(
+            registry, _rubric(request), window_s, as_of_ms, region, industry
+        ),
+        "telemetry": lambda: _telemetry_table(registry, enterprise, device, now_ms, hours),
+    }
+    try:
+        header, rows = builders[report]()
+    except ValueError as exc:
+        raise invalid("query", "region", str(exc)) from None
+    title = [
+        f"{report} as_of={as_of_ms} window_s={window_s} definitions_version={DEFINITIONS_VERSION}"
+        + "".join(
+            f" {k}={v}"
+            for k, v in {**scope, "category": category, "group_by": group_by}.items()
+            if v
+        )
+    ]
+    if fmt == "csv":
+        return _csv_response(report, [title, header, *rows])
+    return _xlsx_response(report, title[0], header, rows)
+
+
+def _csv_response(name: str, rows: Sequence[Sequence[Any]]) -> Response:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerows(rows)
+    return Response(
+        ("\ufeff" + buf.getvalue()).encode("utf-8"),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
+def _xlsx_response(name: str, title: str, header: list[str], rows: list[list[Any]]) -> Response:
+    buf = io.BytesIO()
+    book = xlsxwriter.Workbook(buf, {"in_memory": True, "strings_to_numbers": False})
+    sheet = book.add_worksheet(name[:31])
+    bold = book.add_format({"bold": True})
+    sheet.write_string(0, 0, title)
+    sheet.write_row(1, 0, header, bold)
+    for r, row in enumerate(rows, start=2):
+        for c, value in enumerate(row):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                sheet.write_number(r, c, value)
+            else:
+                sheet.write_string(r, c, "" if value is None else str(value))
+    sheet.freeze_panes(2, 0)
+    book.close()
+    return Response(
+        buf.getvalue(),
+        media_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        headers={"Content-Disposition": f'attachment; filename="{name}.xlsx"'},
+    )
+
+
+_CONNECTION_HEADER = [
+    "企业标识 enterprise_id",
+    "企业名称 enterprise_name",
+    "行政区划 region",
+    "地区 region_name",
+    "行业 industry",
+    "设备类别 category",
+    "类别名称 category_name",
+    "联网设备总量 connected_devices",
+    "企业设备总量 total_devices",
+    "设备联网率 connection_ratio",
+    "联网产品总量 connected_products",
+    "生产产品总量 total_products",
+    "产品联网率 product_connection_ratio",
+]
+
+
+def _connection_table(
+    registry: Any, window_s: int, as_of_ms: int, scope: dict[str, str | None], category: str | None
+) -> Table:
+    lo, hi = region_prefix_range(scope["region"]) if scope["region"] else (0, 10**6)
+    prefix = (scope["industry"] or "").strip().upper()
+    rows = []
+    for r in enterprise_category_table(registry, window_s=window_s, as_of_ms=as_of_ms):
+        if scope["enterprise"] and r["enterprise"] != scope["enterprise"]:
+            continue
+        if not r["region"] or not lo <= int(r["region"]) < hi:
+            continue
+        if not r["industry"].upper().startswith(prefix) or (category and r["category"] != category):
+            continue
+        rows.append(
+            [
+                r["enterprise"],
+                r["name"],
+                r["region"],
+                region_label(r["region"]),
+                r["industry"],
+                r["category"],
+                CATEGORY_LABELS.get(r["category"], r["category"]).split(" ")[0],
+                r["connected"],
+                r["total"],
+                ratio(r["connected"], r["total"], 4),
+                r["products_connected"],
+                r["products_total"],
+                ratio(r["products_connected"], r["products_total"], 4),
+            ]
+        )
+    return _CONNECTION_HEADER, rows
+
+
+def _ratios_table(
+    registry: Any,
+    group_by: str | None,
+    window_s: int,
+    as_of_ms: int,
+    scope: dict[str, str | None],
+    category: str | None,
+) -> Table:
+    header = [
+        "分组 key",
+        "名称 label",
+        "联网设备 connected",
+        "数据达标 quality_connected",
+        "在线 online",
+        "设备总量 total",
+        "联网率 ratio",
+        "达标率 quality_ratio",
+        "在线率 online_ratio",
+    ]
+    result = compute_ratios(
+        registry,
+        group_by,
+        window_s=window_s,
+        as_of_ms=as_of_ms,
+        enterprise=scope["enterprise"],
+        region=scope["region"],
+        industry=scope["industry"],
+        category=category,
+    )
+    groups = [*result["groups"], result["overall"]]
+    fields = ("connected", "quality_connected", "online", "total", "ratio", "quality_ratio")
+    rows = [[g["key"], g["label"], *(g[f] for f in fields), g["online_ratio"]] for g in groups]
+    return header, rows
+
+
+def _reconciliation_table(registry: Any, window_s: int, as_of_ms: int) -> Table:
+    header = [
+        "问题 issue",
+        "企业标识 enterprise_id",
+        "企业名称 enterprise_name",
+        "设备 device_id",
+        "设备名称 device_name",
+        "地区 region",
+        "最后上报 last_seen_ms",
+        "序列号 serial",
+    ]
+    result = reconcile(registry, as_of_ms=as_of_ms, window_s=window_s, limit=_MAX_EXPORT_ROWS)
+    issues = {
+        "not_in_ledger": "未入台账 reporting, not in the ledger",
+        "never_seen": "从未上报 in the ledger, never seen",
+        "not_seen_in_window": "窗口内未上报 not seen within the window",
+    }
+    rows: list[list[Any]] = []
+    for field, label in issues.items():
+        for d in result[field]:
+            rows.append(
+                [
+                    label,
+                    d["enterprise"],
+                    d["enterprise_name"],
+                    d["device_id"],
+                    d["name"],
+                    d["region_label"],
+                    d["last_seen_ms"] or "",
+                    "",
+                ]
+            )
+    for dup in result["duplicate_serials"]:
+        for c in dup["claims"]:
+            rows.append(
+                [
+                    "序列号重复 serial claimed by several enterprises",
+                    c["enterprise"],
+                    c["enterprise_name"],
+                    c["device_id"],
+                    "",
+                    "",
+                    "",
+                    dup["serial"],
+                ]
+            )
+    return header, rows
+
+
+def _grades_table(
+    registry: Any,
+    rubric: Rubric,
+    window_s: int,
+    as_of_ms: int,
+    region: str | None,
+    industry: str | None,
+) -> Table:
+    header = [
+        "企业标识 enterprise_id",
+        "企业名称 enterprise_name",
+        "地区 region",
+        "行业 industry",
+        "等级 grade",
+        "联网设备 connected",
+        "数据达标 quality_connected",
+        "设备总量 total",
+        "依据 evidence",
+    ]
+    result = grade_enterprises(
+        registry, rubric, as_of_ms=as_of_ms, window_s=window_s, region=region, industry=industry
+    )
+    rows = []
+    for it in result["items"]:
+        evidence = "; ".join(
+            f"{lv['level']} {'✓' if lv['met'] else '✗'} "
+            + ", ".join(f"{e['criterion']}={_short(e['actual'])}" for e in lv["evidence"])
+            for lv in it["levels"]
+        )
+        rows.append(
+            [
+                it["enterprise"],
+                it["name"],
+                it["region_label"],
+                industry_label(it["industry"]),
+                it["grade"] or "—",
+                it["connected"],
+                it["quality_connected"],
+                it["total"],
+                evidence,
+            ]
+        )
+    return header, rows
+
+
+def _telemetry_table(
+    registry: Any, enterprise: str | None, device: str | None, now_ms: int, hours: float
+) -> Table:
+    if enterprise is None or device is None:
+        raise invalid("query", "device", "the telemetry report needs enterprise and device")
+    if registry.get_device(enterprise, device) is None:
+        raise HTTPException(404, detail=f"device {device!r} of {enterprise!r} not found")
+    points = registry.quality.telemetry((enterprise, device), now_ms - int(hours * 3600_000))
+    names = sorted({k for p in points for k in p["values"]})
+    header = ["时间 ts_ms", *names]
+    return header, [[p["ts"], *(p["values"].get(k) for k in names)] for p in points]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "/".join(str(v) for v in value) or "—"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{v}" for k, v in value.items()) or "0"
+    return str(value)
