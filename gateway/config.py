@@ -129,6 +129,13 @@ class IngestConfig(_Cfg):
     dedup_window: int = Field(
         default=1_000_000, ge=1000, description="Recent sample keys kept to drop replays."
     )
+    max_points_per_device: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Distinct point names written per device; further new names are "
+        "dropped (reason point_limit).",
+    )
 
 
 class OutboxConfig(_Cfg):

@@ -9,6 +9,14 @@ persistent (MQTT 5, clean_start=False, session expiry), so what arrives while th
 gateway is down is delivered after it reconnects; a message committed but not yet
 acknowledged when the process died is delivered again and dropped as a duplicate.
 
+Each device's sample sequence is followed: a ``seq`` past the next expected one is a gap
+(samples the agent dropped), counted on ``/metrics``, told to the registry and logged; a
+``seq`` starting over with newer timestamps is an agent with a fresh spool, and replays
+are duplicates, neither a gap. Point values are screened before they are written:
+non-finite numbers (no line-protocol form), names outside the device's profile and names
+beyond ``max_points_per_device`` are dropped and counted by reason; the sample's other
+values are written.
+
 Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
 connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
 never retries on its own here.
@@ -49,13 +57,21 @@ from protocols.mqtt.contract import (
     ContractError,
     DeviceState,
     Kind,
+    PointValue,
     Will,
     decode_payload,
     parse_topic,
 )
 from protocols.mqtt.control import ControlTopic, parse_control_topic
 
-__all__ = ["MEASUREMENT", "ControlHandler", "Ingest", "MessageProcessor", "Outcome"]
+__all__ = [
+    "MEASUREMENT",
+    "ControlHandler",
+    "Ingest",
+    "MessageProcessor",
+    "Outcome",
+    "ProfilePoints",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +79,76 @@ MEASUREMENT = "telemetry"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
+_NO_PROFILE = "unknown"  # what the registry's device_tags gives for a device without one
+_MAX_TRACKED = 1_000_000  # devices whose seq and point names are remembered
+_UPLOADED_RECHECK = 30.0  # seconds before an unknown profile id is looked up again
+
+PointsOf = Callable[[str], frozenset[str] | None]
+
+
+class ProfilePoints:
+    """Point names by profile id: the shipped profiles, then uploaded ones (if given).
+
+    ``uploaded`` returns the stored profile documents by id (the control plane's); it is
+    read again at most every 30 s when an id is not known yet.
+    """
+
+    def __init__(self, uploaded: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+        self._uploaded = uploaded
+        self._points: dict[str, frozenset[str]] | None = None
+        self._checked_at = -_UPLOADED_RECHECK
+        self._lock = threading.Lock()
+
+    def __call__(self, profile: str) -> frozenset[str] | None:
+        with self._lock:
+            if self._points is None:
+                self._points = self._builtin()
+            found = self._points.get(profile)
+            now = time.monotonic()
+            if found is None and self._uploaded and now - self._checked_at >= _UPLOADED_RECHECK:
+                self._checked_at = now
+                self._points.update(self._read_uploaded())
+                found = self._points.get(profile)
+            return found
+
+    @staticmethod
+    def _builtin() -> dict[str, frozenset[str]]:
+        try:
+            from device_profiles.loader import load_profiles
+
+            return {p.id: frozenset(pt.name for pt in p.points) for p in load_profiles()}
+        except Exception as exc:  # a broken shipped profile must not stop ingest
+            log.error(
+                "shipped profiles unreadable; point names only capped", extra={"error": repr(exc)}
+            )
+            return {}
+
+    def _read_uploaded(self) -> dict[str, frozenset[str]]:
+        assert self._uploaded is not None
+        try:
+            docs = self._uploaded()
+        except Exception as exc:
+            log.warning("uploaded profiles unreadable", extra={"error": repr(exc)})
+            return {}
+        out: dict[str, frozenset[str]] = {}
+        for pid, doc in docs.items():
+            points = doc.get("points") if isinstance(doc, dict) else None
+            if isinstance(points, list):
+                names = (p.get("name") for p in points if isinstance(p, dict))
+                out[pid] = frozenset(n for n in names if isinstance(n, str))
+        return out
+
+
+class _DevPoints:
+    """The point names a device may write, and which drop reasons were logged."""
+
+    __slots__ = ("allowed", "known", "logged", "profile")
+
+    def __init__(self, profile: str, allowed: frozenset[str] | None) -> None:
+        self.profile = profile
+        self.allowed = allowed
+        self.known: frozenset[str] = frozenset()
+        self.logged: frozenset[str] = frozenset()
 
 
 class ControlHandler(Protocol):
@@ -89,6 +175,10 @@ class Outcome:
     duplicates: int = 0
     points: int = 0
     point_errors: int = 0
+    dropped: dict[str, int] | None = None  # point values left out, by reason
+    gaps: int = 0
+    missed: int = 0
+    gap_detail: str = ""
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
 
 
@@ -101,11 +191,32 @@ class MessageProcessor:
         control: ControlHandler | None = None,
         *,
         codec: Codec = JSON_CODEC,
+        max_points_per_device: int = 500,
+        profile_points: PointsOf | None = None,
     ) -> None:
         self.sink = sink
         self.control = control
         self.codec = codec
+        self.max_points = max_points_per_device
+        self.profile_points: PointsOf = profile_points or ProfilePoints()
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
+        # (last seq, its ts) per device: committed, and this batch's (see commit()).
+        self._seqs: dict[str, tuple[int, int]] = {}
+        self._seqs_new: dict[str, tuple[int, int]] = {}
+        self._points: dict[str, _DevPoints] = {}
+        # Devices without a profile mostly share the same names: one frozenset for all.
+        self._name_sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def commit(self) -> None:
+        """The batch's transaction committed: keep the sequence positions it saw."""
+        if len(self._seqs) > _MAX_TRACKED:
+            self._seqs.clear()
+        self._seqs.update(self._seqs_new)
+        self._seqs_new.clear()
+
+    def discard(self) -> None:
+        """The batch's transaction rolled back: it will be seen again."""
+        self._seqs_new.clear()
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
         """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
@@ -184,7 +295,8 @@ class MessageProcessor:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
         return Outcome(source=source, notify=lambda _sink: apply())
 
-    def _prefix(self, ent: str, agent: str, device: str) -> str:
+    def _prefix(self, ent: str, agent: str, device: str) -> tuple[str, str]:
+        """The series prefix of a device, and its profile id ("" when not known)."""
         tags = self.sink.device_tags(ent, device)
         family, profile = tags if tags is not None else ("", "")
         key = (ent, agent, device, family, profile)
@@ -203,7 +315,7 @@ class MessageProcessor:
             if len(self._prefixes) > 200_000:
                 self._prefixes.clear()
             self._prefixes[key] = prefix
-        return prefix
+        return prefix, profile
 
     def _data(
         self,
@@ -222,22 +334,40 @@ class MessageProcessor:
                     f"{ent}/{agent}/{device}: sample ts {ts} is past what InfluxDB stores",
                     source=source,
                 )
-        prefix = self._prefix(ent, agent, device)
+        prefix, profile = self._prefix(ent, agent, device)
         devkey = f"{ent}/{agent}/{device}"
+        dp = self._dev_points(devkey, profile)
         out = Outcome(source=source)
         lines: list[str] = []
         latest: dict[str, bool | int | float | str | None] = {}
         first_ts = last_ts = -1
         last_good: int | None = None
+        last_gap: int | None = None
         first_time = tx.first_time
+        prev_seq, prev_ts = self._seq_state(tx, devkey)
         for ts, values, errors, _ in samples:
             this_seq = seq
             seq += 1
             if not first_time(devkey, this_seq, ts):
                 out.duplicates += 1
                 continue
+            if prev_seq < 0 or this_seq == prev_seq + 1:
+                prev_seq, prev_ts = this_seq, ts
+            else:
+                missed = self._gap(out, this_seq, ts, prev_seq, prev_ts)
+                # -1: a late sample of an older stretch; written, but not a new position.
+                if missed >= 0:
+                    prev_seq, prev_ts = this_seq, ts
+                    if missed:
+                        last_gap = ts
             out.samples += 1
             out.point_errors += len(errors)
+            if not dp.known.issuperset(values):
+                values = self._admit(dp, devkey, values, out)
+            for v in values.values():
+                if type(v) is float and v - v != 0.0:  # NaN and ±inf (x - x is NaN)
+                    values = self._finite(values, out)
+                    break
             fields = format_fields(values, errors if errors else None)
             if fields:
                 lines.append(f"{prefix}{fields} {ts}")
@@ -252,6 +382,8 @@ class MessageProcessor:
                     latest.update((k, v) for k, v in values.items() if k not in errors)
                 else:
                     latest.update(values)
+        if prev_seq >= 0:
+            self._seqs_new[devkey] = (prev_seq, prev_ts)
         if lines:
             tx.add(lines)
             out.lines = len(lines)
@@ -265,9 +397,109 @@ class MessageProcessor:
                 last_ts=last_ts,
                 last_good_ts=last_good,
                 latest=latest,
+                gaps=out.gaps,
+                missed=out.missed,
+                last_gap_ts=last_gap,
             )
             out.notify = lambda sink: sink.on_samples(summary)
         return out
+
+    def _seq_state(self, tx: _Tx, devkey: str) -> tuple[int, int]:
+        """(last seq, its ts) of a device; (-1, -1) when nothing of it is known."""
+        state = self._seqs_new.get(devkey) or self._seqs.get(devkey)
+        if state is None:
+            # After a restart the outbox still knows the device's latest sample.
+            last_seen = getattr(tx, "last_seen", None)
+            found = last_seen(devkey) if last_seen is not None else None
+            state = found if found is not None else (-1, -1)
+            self._seqs_new[devkey] = state
+        return state
+
+    @staticmethod
+    def _gap(out: Outcome, seq: int, ts: int, prev_seq: int, prev_ts: int) -> int:
+        """Samples missing before ``seq`` (0: none); -1 for a late sample of the past."""
+        if seq > prev_seq:
+            missed = seq - prev_seq - 1
+            where = f"seq {prev_seq + 1}..{seq - 1}"
+        elif ts > prev_ts:
+            # Numbering starts over with newer samples: an agent with a fresh spool.
+            missed = seq
+            where = f"seq 0..{seq - 1} after the agent started over"
+        else:
+            return -1
+        if missed:
+            out.gaps += 1
+            out.missed += missed
+            out.gap_detail = where
+        return missed
+
+    def _admit(
+        self, dp: _DevPoints, devkey: str, values: dict[str, PointValue], out: Outcome
+    ) -> dict[str, PointValue]:
+        """``values`` without names outside the profile or beyond the per-device cap."""
+        keep: dict[str, PointValue] = {}
+        known = set(dp.known)
+        drops: dict[str, int] = {}
+        for k, v in values.items():
+            if k not in known:
+                if dp.allowed is not None and k not in dp.allowed:
+                    drops["unknown_point"] = drops.get("unknown_point", 0) + 1
+                    continue
+                if len(known) >= self.max_points:
+                    drops["point_limit"] = drops.get("point_limit", 0) + 1
+                    continue
+                known.add(k)
+            keep[k] = v
+        if len(known) != len(dp.known):
+            frozen = frozenset(known)
+            if dp.allowed is None and len(self._name_sets) < 100_000:
+                frozen = self._name_sets.setdefault(frozen, frozen)
+            dp.known = frozen
+        if drops:
+            dropped = out.dropped if out.dropped is not None else {}
+            for reason, n in drops.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+            out.dropped = dropped
+            new = drops.keys() - dp.logged
+            if new:
+                dp.logged = dp.logged | new
+                log.warning(
+                    "point values dropped",
+                    extra={
+                        "device": devkey,
+                        "profile": dp.profile or None,
+                        "reasons": ", ".join(sorted(new)),
+                        "names": ", ".join(sorted(values.keys() - keep.keys())[:5]),
+                        "max_points_per_device": self.max_points,
+                    },
+                )
+        return keep
+
+    @staticmethod
+    def _finite(values: dict[str, PointValue], out: Outcome) -> dict[str, PointValue]:
+        keep = {k: v for k, v in values.items() if type(v) is not float or v - v == 0.0}
+        dropped = out.dropped if out.dropped is not None else {}
+        dropped["non_finite_value"] = dropped.get("non_finite_value", 0) + len(values) - len(keep)
+        out.dropped = dropped
+        return keep
+
+    def _dev_points(self, devkey: str, profile: str) -> _DevPoints:
+        dp = self._points.get(devkey)
+        if dp is None or dp.profile != profile:
+            allowed = self.profile_points(profile) if profile and profile != _NO_PROFILE else None
+            if dp is not None or allowed is not None:
+                log.info(
+                    "device point names checked",
+                    extra={
+                        "device": devkey,
+                        "profile": profile or None,
+                        "profile_points": None if allowed is None else len(allowed),
+                    },
+                )
+            if len(self._points) > _MAX_TRACKED:
+                self._points.clear()
+            dp = self._points[devkey] = _DevPoints(profile, allowed)
+        return dp
 
 
 def _source_of(topic: str) -> str:
@@ -298,13 +530,19 @@ class Ingest:
         config: IngestConfig | None = None,
         metrics: DataPathMetrics | None = None,
         control: ControlHandler | None = None,
+        profile_points: PointsOf | None = None,
     ) -> None:
         self.mqtt_config = mqtt_config
         self.config = config or IngestConfig()
         self.outbox = outbox
         self.sink = sink
         self.metrics = metrics or outbox.metrics
-        self.processor = MessageProcessor(sink, control)
+        self.processor = MessageProcessor(
+            sink,
+            control,
+            max_points_per_device=self.config.max_points_per_device,
+            profile_points=profile_points,
+        )
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
         self._connected = threading.Event()
@@ -320,6 +558,7 @@ class Ingest:
         self._auth_failed = False
         self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
+        self._gaps_unlogged: dict[tuple[str, str], tuple[int, int]] = {}
         self.committed_messages = 0
         self._client = self._make_client()
 
@@ -560,9 +799,14 @@ class Ingest:
     def _process(self, batch: list[_Queued]) -> None:
         handle = self.processor.handle
         outcomes: list[Outcome] = []
-        with self.outbox.transaction() as tx:
-            for m in batch:
-                outcomes.append(handle(tx, m.topic, m.payload))
+        try:
+            with self.outbox.transaction() as tx:
+                for m in batch:
+                    outcomes.append(handle(tx, m.topic, m.payload))
+        except BaseException:
+            self.processor.discard()
+            raise
+        self.processor.commit()
         self.committed_messages += len(batch)
         met = self.metrics
         met.received.inc(len(batch))
@@ -577,6 +821,11 @@ class Ingest:
             duplicates += o.duplicates
             points += o.points
             point_errors += o.point_errors
+            if o.dropped:
+                for reason, n in o.dropped.items():
+                    met.dropped_values.labels(reason=reason).inc(n)
+            if o.gaps:
+                self._count_gap(o)
             if o.notify is not None:
                 try:
                     o.notify(self.sink)
@@ -600,6 +849,29 @@ class Ingest:
                 ack(q.mid, q.qos)
                 acked += 1
         met.acked.inc(acked)
+
+    def _count_gap(self, o: Outcome) -> None:
+        met = self.metrics
+        met.sequence_gaps.inc(o.gaps)
+        met.missed_samples.inc(o.missed)
+        # One line per gap, but a device dropping all the time is summed per minute.
+        key = (o.source, "sequence_gap")
+        pending = self._gaps_unlogged.get(key, (0, 0))
+        gaps, missed = pending[0] + o.gaps, pending[1] + o.missed
+        now = time.monotonic()
+        last = self._last_logged.get(key)
+        if last is None or now - last >= _LOG_EVERY:
+            if len(self._last_logged) > 10_000:
+                self._last_logged.clear()
+                self._gaps_unlogged.clear()
+            self._last_logged[key] = now
+            self._gaps_unlogged.pop(key, None)
+            log.warning(
+                "sequence gap: samples missing",
+                extra={"source": o.source, "gaps": gaps, "missed": missed, "last": o.gap_detail},
+            )
+        else:
+            self._gaps_unlogged[key] = (gaps, missed)
 
     def _count_reject(self, o: Outcome) -> None:
         reason = o.reject or "unknown"

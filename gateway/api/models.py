@@ -190,6 +190,11 @@ else:
 class DeviceDetailOut(DeviceOut):
     latest_ts: int | None
     latest: dict[str, PointValue]
+    sequence_gaps: int = Field(
+        description="Breaks in the device's sample sequence seen since the gateway started."
+    )
+    missed_samples: int = Field(description="Samples missing in those gaps.")
+    last_gap_ms: int | None = Field(description="Timestamp of the sample after the last gap.")
 
 
 class DeviceListOut(BaseModel):
