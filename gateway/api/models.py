@@ -35,6 +35,7 @@ __all__ = [
     "RatioGroup",
     "RatiosOut",
     "ReadyOut",
+    "RotationOut",
     "TargetIn",
     "TargetOut",
     "TargetsIn",
@@ -239,8 +240,18 @@ class EnterpriseOut(BaseModel):
 
 
 class KeyIn(_In):
-    expires_in_s: int | None = Field(default=None, ge=1, le=366 * 86400)
+    expires_in_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=366 * 86400,
+        description="Validity in seconds; default api.provisioning_key_expiry (7 days).",
+    )
     max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
+    allow_rotation: bool = Field(
+        default=False,
+        description="May give an agent id that exists already a new password (locking "
+        "out the running agent); every such use is audited.",
+    )
 
 
 class KeyOut(BaseModel):
@@ -249,6 +260,15 @@ class KeyOut(BaseModel):
     enterprise: str
     expires_ms: int | None
     max_uses: int | None
+    allow_rotation: bool
+
+
+class RotationOut(BaseModel):
+    agent: str
+    enterprise: str
+    at_ms: int
+    by: str = Field(description="key:<key id>, or the admin token's fingerprint.")
+    via: Literal["api", "key"]
 
 
 class AgentOut(BaseModel):
@@ -272,3 +292,6 @@ class CredentialsOut(BaseModel):
     password: str = Field(description="Shown once; the broker stores only its hash.")
     broker_url: str
     topic_prefix: str
+    rotated: bool = Field(
+        description="The agent existed: this password replaced its old one, which no longer works."
+    )
