@@ -142,11 +142,12 @@ class ProfilePoints:
 class _DevPoints:
     """The point names a device may write, and which drop reasons were logged."""
 
-    __slots__ = ("allowed", "known", "logged", "profile")
+    __slots__ = ("allowed", "checked_at", "known", "logged", "profile")
 
     def __init__(self, profile: str, allowed: frozenset[str] | None) -> None:
         self.profile = profile
         self.allowed = allowed
+        self.checked_at = time.monotonic()
         self.known: frozenset[str] = frozenset()
         self.logged: frozenset[str] = frozenset()
 
@@ -179,6 +180,7 @@ class Outcome:
     gaps: int = 0
     missed: int = 0
     gap_detail: str = ""
+    device: str = ""
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
 
 
@@ -193,11 +195,13 @@ class MessageProcessor:
         codec: Codec = JSON_CODEC,
         max_points_per_device: int = 500,
         profile_points: PointsOf | None = None,
+        track_gaps: bool = True,
     ) -> None:
         self.sink = sink
         self.control = control
         self.codec = codec
         self.max_points = max_points_per_device
+        self.track_gaps = track_gaps
         self.profile_points: PointsOf = profile_points or ProfilePoints()
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
         # (last seq, its ts) per device: committed, and this batch's (see commit()).
@@ -337,14 +341,15 @@ class MessageProcessor:
         prefix, profile = self._prefix(ent, agent, device)
         devkey = f"{ent}/{agent}/{device}"
         dp = self._dev_points(devkey, profile)
-        out = Outcome(source=source)
+        out = Outcome(source=source, device=device)
         lines: list[str] = []
         latest: dict[str, bool | int | float | str | None] = {}
         first_ts = last_ts = -1
         last_good: int | None = None
         last_gap: int | None = None
         first_time = tx.first_time
-        prev_seq, prev_ts = self._seq_state(tx, devkey)
+        # (-1, -1): no position known, nothing is a gap (also when gaps are not tracked).
+        prev_seq, prev_ts = self._seq_state(tx, devkey) if self.track_gaps else (-1, -1)
         for ts, values, errors, _ in samples:
             this_seq = seq
             seq += 1
@@ -382,7 +387,7 @@ class MessageProcessor:
                     latest.update((k, v) for k, v in values.items() if k not in errors)
                 else:
                     latest.update(values)
-        if prev_seq >= 0:
+        if prev_seq >= 0 and self.track_gaps:
             self._seqs_new[devkey] = (prev_seq, prev_ts)
         if lines:
             tx.add(lines)
@@ -485,9 +490,20 @@ class MessageProcessor:
 
     def _dev_points(self, devkey: str, profile: str) -> _DevPoints:
         dp = self._points.get(devkey)
+        if (
+            dp is not None
+            and dp.allowed is None
+            and dp.profile
+            and dp.profile != _NO_PROFILE
+            and time.monotonic() - dp.checked_at >= _UPLOADED_RECHECK
+        ):
+            # A profile uploaded after this device's first message: look again.
+            dp.checked_at = time.monotonic()
+            if self.profile_points(dp.profile) is not None:
+                dp = None
         if dp is None or dp.profile != profile:
             allowed = self.profile_points(profile) if profile and profile != _NO_PROFILE else None
-            if dp is not None or allowed is not None:
+            if dp is not None:  # a new birth changed the profile (first sight is not logged)
                 log.info(
                     "device point names checked",
                     extra={
@@ -542,6 +558,9 @@ class Ingest:
             control,
             max_points_per_device=self.config.max_points_per_device,
             profile_points=profile_points,
+            # Under a shared subscription each instance gets only some of a device's
+            # messages: every other instance's share would look like a gap.
+            track_gaps=mqtt_config.shared_group is None,
         )
         self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._gen = 0
@@ -855,7 +874,7 @@ class Ingest:
         met.sequence_gaps.inc(o.gaps)
         met.missed_samples.inc(o.missed)
         # One line per gap, but a device dropping all the time is summed per minute.
-        key = (o.source, "sequence_gap")
+        key = (o.source, f"sequence_gap:{o.device}")
         pending = self._gaps_unlogged.get(key, (0, 0))
         gaps, missed = pending[0] + o.gaps, pending[1] + o.missed
         now = time.monotonic()
@@ -868,7 +887,13 @@ class Ingest:
             self._gaps_unlogged.pop(key, None)
             log.warning(
                 "sequence gap: samples missing",
-                extra={"source": o.source, "gaps": gaps, "missed": missed, "last": o.gap_detail},
+                extra={
+                    "source": o.source,
+                    "device": o.device,
+                    "gaps": gaps,
+                    "missed": missed,
+                    "last": o.gap_detail,
+                },
             )
         else:
             self._gaps_unlogged[key] = (gaps, missed)
