@@ -27,6 +27,7 @@ acknowledged and ignored; ``publish`` sends downlink messages on the same connec
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sqlite3
@@ -44,7 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import IngestConfig, MqttConfig
-from gateway.influx import format_fields, series_prefix
+from gateway.influx import format_fields, format_finite_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
@@ -86,6 +87,20 @@ _UPLOADED_RECHECK = 30.0  # seconds before an unknown profile id is looked up ag
 PointsOf = Callable[[str], frozenset[str] | None]
 
 
+@functools.cache
+def _builtin_points() -> dict[str, frozenset[str]]:
+    """Point names of the shipped profiles, read once per process."""
+    try:
+        from device_profiles.loader import load_profiles
+
+        return {p.id: frozenset(pt.name for pt in p.points) for p in load_profiles()}
+    except Exception as exc:  # a broken shipped profile must not stop ingest
+        log.error(
+            "shipped profiles unreadable; point names only capped", extra={"error": repr(exc)}
+        )
+        return {}
+
+
 class ProfilePoints:
     """Point names by profile id: the shipped profiles, then uploaded ones (if given).
 
@@ -102,7 +117,7 @@ class ProfilePoints:
     def __call__(self, profile: str) -> frozenset[str] | None:
         with self._lock:
             if self._points is None:
-                self._points = self._builtin()
+                self._points = dict(_builtin_points())
             found = self._points.get(profile)
             now = time.monotonic()
             if found is None and self._uploaded and now - self._checked_at >= _UPLOADED_RECHECK:
@@ -110,18 +125,6 @@ class ProfilePoints:
                 self._points.update(self._read_uploaded())
                 found = self._points.get(profile)
             return found
-
-    @staticmethod
-    def _builtin() -> dict[str, frozenset[str]]:
-        try:
-            from device_profiles.loader import load_profiles
-
-            return {p.id: frozenset(pt.name for pt in p.points) for p in load_profiles()}
-        except Exception as exc:  # a broken shipped profile must not stop ingest
-            log.error(
-                "shipped profiles unreadable; point names only capped", extra={"error": repr(exc)}
-            )
-            return {}
 
     def _read_uploaded(self) -> dict[str, frozenset[str]]:
         assert self._uploaded is not None
@@ -367,13 +370,12 @@ class MessageProcessor:
                         last_gap = ts
             out.samples += 1
             out.point_errors += len(errors)
-            if not dp.known.issuperset(values):
+            if not values.keys() <= dp.known:  # no new set built, unlike issuperset
                 values = self._admit(dp, devkey, values, out)
-            for v in values.values():
-                if type(v) is float and v - v != 0.0:  # NaN and ±inf (x - x is NaN)
-                    values = self._finite(values, out)
-                    break
-            fields = format_fields(values, errors if errors else None)
+            fields = format_finite_fields(values, errors if errors else None)
+            if fields is None:  # NaN or ±inf: no line-protocol form
+                values = self._finite(values, out)
+                fields = format_fields(values, errors if errors else None)
             if fields:
                 lines.append(f"{prefix}{fields} {ts}")
                 out.points += len(values) - (sum(1 for k in errors if k in values) if errors else 0)
