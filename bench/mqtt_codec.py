@@ -33,7 +33,7 @@ class _Sink:
         return None
 
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
-        return ("kiln", "kiln-rotary-cement")
+        return ("kiln", "bench-kiln")  # not a shipped profile: p0..p19 are its names
 
     def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None: ...
 

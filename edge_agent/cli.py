@@ -121,6 +121,13 @@ def provision(
         except ValueError:
             detail = r.text
         typer.echo(f"provisioning refused ({r.status_code}): {detail}", err=True)
+        if r.status_code == 409 and "already provisioned" in str(detail):
+            typer.echo(
+                "  this agent id has credentials already; to replace them (a replaced box),\n"
+                "  ask the platform for a key created with allow_rotation, or an admin to\n"
+                "  rotate them (POST /api/v1/agents/{enterprise}/{agent}/rotate)",
+                err=True,
+            )
         raise typer.Exit(1)
     cred = r.json()
     fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -147,6 +154,11 @@ def provision(
     # A provisioned agent takes its devices from the gateway unless the file says otherwise.
     data.setdefault("remote_config", {"enabled": True})
     config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    if cred.get("rotated"):
+        typer.echo(
+            f"replaced the credentials of existing agent '{cred['agent_id']}': "
+            "its previous password no longer works"
+        )
     typer.echo(
         f"provisioned agent '{cred['agent_id']}' of enterprise '{cred['enterprise']}'\n"
         f"  broker   {cred['broker_url']} as user '{cred['username']}'\n"

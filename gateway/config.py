@@ -130,6 +130,13 @@ class IngestConfig(_Cfg):
     dedup_window: int = Field(
         default=1_000_000, ge=1000, description="Recent sample keys kept to drop replays."
     )
+    max_points_per_device: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="Distinct point names written per device; further new names are "
+        "dropped (reason point_limit).",
+    )
 
 
 class OutboxConfig(_Cfg):
@@ -150,6 +157,12 @@ class OutboxConfig(_Cfg):
 class ApiConfig(_Cfg):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    provisioning_key_expiry: int = Field(
+        default=7 * 86400,
+        ge=60,
+        le=366 * 86400,
+        description="Seconds a provisioning key is valid when its request gives no expires_in_s.",
+    )
     admin_tokens: list[SecretStr] = Field(default_factory=list)
     platform_tokens: list[SecretStr] = Field(default_factory=list)
     operator_tokens: list[SecretStr] = Field(

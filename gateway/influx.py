@@ -31,6 +31,7 @@ __all__ = [
     "escape_measurement",
     "escape_string",
     "format_fields",
+    "format_finite_fields",
     "series_prefix",
 ]
 
@@ -91,6 +92,27 @@ def format_fields(values: Mapping[str, Any], skip: Mapping[str, Any] | None = No
             parts = []
         if parts and len(parts) == len(values):
             return ",".join(parts)
+    return _format_fields(values, skip)
+
+
+def format_finite_fields(
+    values: Mapping[str, Any], skip: Mapping[str, Any] | None = None
+) -> str | None:
+    """``format_fields``, or None when a float value is NaN or infinite (to be counted)."""
+    if not skip:
+        try:
+            parts = [
+                f"{_field_keys[k]}={v!r}"
+                for k, v in values.items()
+                if type(v) is float and v - v == 0.0
+            ]
+        except KeyError:
+            parts = []
+        if parts and len(parts) == len(values):
+            return ",".join(parts)
+    for key, v in values.items():
+        if type(v) is float and v - v != 0.0 and (skip is None or key not in skip):
+            return None
     return _format_fields(values, skip)
 
 

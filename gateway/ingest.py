@@ -9,6 +9,14 @@ persistent (MQTT 5, clean_start=False, session expiry), so what arrives while th
 gateway is down is delivered after it reconnects; a message committed but not yet
 acknowledged when the process died is delivered again and dropped as a duplicate.
 
+Each device's sample sequence is followed: a ``seq`` past the next expected one is a gap
+(samples the agent dropped), counted on ``/metrics``, told to the registry and logged; a
+``seq`` starting over with newer timestamps is an agent with a fresh spool, and replays
+are duplicates, neither a gap. Point values are screened before they are written:
+non-finite numbers (no line-protocol form), names outside the device's profile and names
+beyond ``max_points_per_device`` are dropped and counted by reason; the sample's other
+values are written.
+
 Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
 connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
 never retries on its own here.
@@ -19,6 +27,7 @@ acknowledged and ignored; ``publish`` sends downlink messages on the same connec
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sqlite3
@@ -36,7 +45,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.config import IngestConfig, MqttConfig
-from gateway.influx import format_fields, series_prefix
+from gateway.influx import format_fields, format_finite_fields, series_prefix
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
@@ -50,6 +59,7 @@ from protocols.mqtt.contract import (
     ContractError,
     DeviceState,
     Kind,
+    PointValue,
     Will,
     decode_payload,
     parse_topic,
@@ -58,7 +68,14 @@ from protocols.mqtt.control import ControlTopic, parse_control_topic
 from protocols.mqtt.sparkplug.node import rebirth_request
 from protocols.mqtt.sparkplug.payload import NAMESPACE as _SP_NAMESPACE
 
-__all__ = ["MEASUREMENT", "ControlHandler", "Ingest", "MessageProcessor", "Outcome"]
+__all__ = [
+    "MEASUREMENT",
+    "ControlHandler",
+    "Ingest",
+    "MessageProcessor",
+    "Outcome",
+    "ProfilePoints",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +84,79 @@ SPARKPLUG_PREFIX = f"{_SP_NAMESPACE}/"
 _LOG_EVERY = 60.0  # seconds between two logs of the same reject reason from one source
 
 _OUTBOX_ERRORS = (sqlite3.Error, OutboxError)
+_NO_PROFILE = "unknown"  # what the registry's device_tags gives for a device without one
+_MAX_TRACKED = 1_000_000  # devices whose seq and point names are remembered
+_UPLOADED_RECHECK = 30.0  # seconds before an unknown profile id is looked up again
+
+PointsOf = Callable[[str], frozenset[str] | None]
+
+
+@functools.cache
+def _builtin_points() -> dict[str, frozenset[str]]:
+    """Point names of the shipped profiles, read once per process."""
+    try:
+        from device_profiles.loader import load_profiles
+
+        return {p.id: frozenset(pt.name for pt in p.points) for p in load_profiles()}
+    except Exception as exc:  # a broken shipped profile must not stop ingest
+        log.error(
+            "shipped profiles unreadable; point names only capped", extra={"error": repr(exc)}
+        )
+        return {}
+
+
+class ProfilePoints:
+    """Point names by profile id: the shipped profiles, then uploaded ones (if given).
+
+    ``uploaded`` returns the stored profile documents by id (the control plane's); it is
+    read again at most every 30 s when an id is not known yet.
+    """
+
+    def __init__(self, uploaded: Callable[[], dict[str, dict[str, Any]]] | None = None) -> None:
+        self._uploaded = uploaded
+        self._points: dict[str, frozenset[str]] | None = None
+        self._checked_at = -_UPLOADED_RECHECK
+        self._lock = threading.Lock()
+
+    def __call__(self, profile: str) -> frozenset[str] | None:
+        with self._lock:
+            if self._points is None:
+                self._points = dict(_builtin_points())
+            found = self._points.get(profile)
+            now = time.monotonic()
+            if found is None and self._uploaded and now - self._checked_at >= _UPLOADED_RECHECK:
+                self._checked_at = now
+                self._points.update(self._read_uploaded())
+                found = self._points.get(profile)
+            return found
+
+    def _read_uploaded(self) -> dict[str, frozenset[str]]:
+        assert self._uploaded is not None
+        try:
+            docs = self._uploaded()
+        except Exception as exc:
+            log.warning("uploaded profiles unreadable", extra={"error": repr(exc)})
+            return {}
+        out: dict[str, frozenset[str]] = {}
+        for pid, doc in docs.items():
+            points = doc.get("points") if isinstance(doc, dict) else None
+            if isinstance(points, list):
+                names = (p.get("name") for p in points if isinstance(p, dict))
+                out[pid] = frozenset(n for n in names if isinstance(n, str))
+        return out
+
+
+class _DevPoints:
+    """The point names a device may write, and which drop reasons were logged."""
+
+    __slots__ = ("allowed", "checked_at", "known", "logged", "profile")
+
+    def __init__(self, profile: str, allowed: frozenset[str] | None) -> None:
+        self.profile = profile
+        self.allowed = allowed
+        self.checked_at = time.monotonic()
+        self.known: frozenset[str] = frozenset()
+        self.logged: frozenset[str] = frozenset()
 
 
 class ControlHandler(Protocol):
@@ -93,6 +183,11 @@ class Outcome:
     duplicates: int = 0
     points: int = 0
     point_errors: int = 0
+    dropped: dict[str, int] | None = None  # point values left out, by reason
+    gaps: int = 0
+    missed: int = 0
+    gap_detail: str = ""
+    device: str = ""
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
     rebirth: str | None = None  # a Sparkplug NCMD topic to send a Rebirth request to
 
@@ -106,12 +201,35 @@ class MessageProcessor:
         control: ControlHandler | None = None,
         *,
         codec: Codec = JSON_CODEC,
+        max_points_per_device: int = 500,
+        profile_points: PointsOf | None = None,
+        track_gaps: bool = True,
     ) -> None:
         self.sink = sink
         self.control = control
         self.codec = codec
+        self.max_points = max_points_per_device
+        self.track_gaps = track_gaps
+        self.profile_points: PointsOf = profile_points or ProfilePoints()
         self._prefixes: dict[tuple[str, str, str, str, str], str] = {}
         self.sparkplug = SparkplugHost(self)
+        # (last seq, its ts) per device: committed, and this batch's (see commit()).
+        self._seqs: dict[str, tuple[int, int]] = {}
+        self._seqs_new: dict[str, tuple[int, int]] = {}
+        self._points: dict[str, _DevPoints] = {}
+        # Devices without a profile mostly share the same names: one frozenset for all.
+        self._name_sets: dict[frozenset[str], frozenset[str]] = {}
+
+    def commit(self) -> None:
+        """The batch's transaction committed: keep the sequence positions it saw."""
+        if len(self._seqs) > _MAX_TRACKED:
+            self._seqs.clear()
+        self._seqs.update(self._seqs_new)
+        self._seqs_new.clear()
+
+    def discard(self) -> None:
+        """The batch's transaction rolled back: it will be seen again."""
+        self._seqs_new.clear()
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
         """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
@@ -194,7 +312,8 @@ class MessageProcessor:
 
     def _prefix(
         self, ent: str, agent: str, device: str, born: tuple[str, str] | None = None
-    ) -> str:
+    ) -> tuple[str, str]:
+        """The series prefix of a device, and its profile id ("" when not known)."""
         tags = self.sink.device_tags(ent, device) or born
         family, profile = tags if tags is not None else ("", "")
         key = (ent, agent, device, family, profile)
@@ -213,7 +332,7 @@ class MessageProcessor:
             if len(self._prefixes) > 200_000:
                 self._prefixes.clear()
             self._prefixes[key] = prefix
-        return prefix
+        return prefix, profile
 
     def _data(
         self,
@@ -241,23 +360,43 @@ class MessageProcessor:
                     f"{ent}/{agent}/{device}: sample ts {ts} is past what InfluxDB stores",
                     source=source,
                 )
-        prefix = self._prefix(ent, agent, device, born)
+        prefix, profile = self._prefix(ent, agent, device, born)
         devkey = f"{SPARKPLUG_PREFIX}{ent}/{agent}/{device}" if by_ts else f"{ent}/{agent}/{device}"
-        out = Outcome(source=source)
+        dp = self._dev_points(devkey, profile)
+        out = Outcome(source=source, device=device)
         lines: list[str] = []
         latest: dict[str, bool | int | float | str | None] = {}
         first_ts = last_ts = -1
         last_good: int | None = None
+        last_gap: int | None = None
         first_time = tx.first_time
+        # Sparkplug numbers messages per node, not samples: its gaps are counted per node.
+        track = self.track_gaps and not by_ts
+        # (-1, -1): no position known, nothing is a gap (also when gaps are not tracked).
+        prev_seq, prev_ts = self._seq_state(tx, devkey) if track else (-1, -1)
         for ts, values, errors, _ in samples:
             this_seq = ts if by_ts else seq
             seq += 1
             if not first_time(devkey, this_seq, ts):
                 out.duplicates += 1
                 continue
+            if track and (prev_seq < 0 or this_seq == prev_seq + 1):
+                prev_seq, prev_ts = this_seq, ts
+            elif track:
+                missed = self._gap(out, this_seq, ts, prev_seq, prev_ts)
+                # -1: a late sample of an older stretch; written, but not a new position.
+                if missed >= 0:
+                    prev_seq, prev_ts = this_seq, ts
+                    if missed:
+                        last_gap = ts
             out.samples += 1
             out.point_errors += len(errors)
-            fields = format_fields(values, errors if errors else None)
+            if not values.keys() <= dp.known:  # no new set built, unlike issuperset
+                values = self._admit(dp, devkey, values, out)
+            fields = format_finite_fields(values, errors if errors else None)
+            if fields is None:  # NaN or ±inf: no line-protocol form
+                values = self._finite(values, out)
+                fields = format_fields(values, errors if errors else None)
             if fields:
                 lines.append(f"{prefix}{fields} {ts}")
                 out.points += len(values) - (sum(1 for k in errors if k in values) if errors else 0)
@@ -271,6 +410,8 @@ class MessageProcessor:
                     latest.update((k, v) for k, v in values.items() if k not in errors)
                 else:
                     latest.update(values)
+        if prev_seq >= 0 and track:
+            self._seqs_new[devkey] = (prev_seq, prev_ts)
         if lines:
             tx.add(lines)
             out.lines = len(lines)
@@ -284,9 +425,120 @@ class MessageProcessor:
                 last_ts=last_ts,
                 last_good_ts=last_good,
                 latest=latest,
+                gaps=out.gaps,
+                missed=out.missed,
+                last_gap_ts=last_gap,
             )
             out.notify = lambda sink: sink.on_samples(summary)
         return out
+
+    def _seq_state(self, tx: _Tx, devkey: str) -> tuple[int, int]:
+        """(last seq, its ts) of a device; (-1, -1) when nothing of it is known."""
+        state = self._seqs_new.get(devkey) or self._seqs.get(devkey)
+        if state is None:
+            # After a restart the outbox still knows the device's latest sample.
+            last_seen = getattr(tx, "last_seen", None)
+            found = last_seen(devkey) if last_seen is not None else None
+            state = found if found is not None else (-1, -1)
+            self._seqs_new[devkey] = state
+        return state
+
+    @staticmethod
+    def _gap(out: Outcome, seq: int, ts: int, prev_seq: int, prev_ts: int) -> int:
+        """Samples missing before ``seq`` (0: none); -1 for a late sample of the past."""
+        if seq > prev_seq:
+            missed = seq - prev_seq - 1
+            where = f"seq {prev_seq + 1}..{seq - 1}"
+        elif ts > prev_ts:
+            # Numbering starts over with newer samples: an agent with a fresh spool.
+            missed = seq
+            where = f"seq 0..{seq - 1} after the agent started over"
+        else:
+            return -1
+        if missed:
+            out.gaps += 1
+            out.missed += missed
+            out.gap_detail = where
+        return missed
+
+    def _admit(
+        self, dp: _DevPoints, devkey: str, values: dict[str, PointValue], out: Outcome
+    ) -> dict[str, PointValue]:
+        """``values`` without names outside the profile or beyond the per-device cap."""
+        keep: dict[str, PointValue] = {}
+        known = set(dp.known)
+        drops: dict[str, int] = {}
+        for k, v in values.items():
+            if k not in known:
+                if dp.allowed is not None and k not in dp.allowed:
+                    drops["unknown_point"] = drops.get("unknown_point", 0) + 1
+                    continue
+                if len(known) >= self.max_points:
+                    drops["point_limit"] = drops.get("point_limit", 0) + 1
+                    continue
+                known.add(k)
+            keep[k] = v
+        if len(known) != len(dp.known):
+            frozen = frozenset(known)
+            if dp.allowed is None and len(self._name_sets) < 100_000:
+                frozen = self._name_sets.setdefault(frozen, frozen)
+            dp.known = frozen
+        if drops:
+            dropped = out.dropped if out.dropped is not None else {}
+            for reason, n in drops.items():
+                dropped[reason] = dropped.get(reason, 0) + n
+            out.dropped = dropped
+            new = drops.keys() - dp.logged
+            if new:
+                dp.logged = dp.logged | new
+                log.warning(
+                    "point values dropped",
+                    extra={
+                        "device": devkey,
+                        "profile": dp.profile or None,
+                        "reasons": ", ".join(sorted(new)),
+                        "names": ", ".join(sorted(values.keys() - keep.keys())[:5]),
+                        "max_points_per_device": self.max_points,
+                    },
+                )
+        return keep
+
+    @staticmethod
+    def _finite(values: dict[str, PointValue], out: Outcome) -> dict[str, PointValue]:
+        keep = {k: v for k, v in values.items() if type(v) is not float or v - v == 0.0}
+        dropped = out.dropped if out.dropped is not None else {}
+        dropped["non_finite_value"] = dropped.get("non_finite_value", 0) + len(values) - len(keep)
+        out.dropped = dropped
+        return keep
+
+    def _dev_points(self, devkey: str, profile: str) -> _DevPoints:
+        dp = self._points.get(devkey)
+        if (
+            dp is not None
+            and dp.allowed is None
+            and dp.profile
+            and dp.profile != _NO_PROFILE
+            and time.monotonic() - dp.checked_at >= _UPLOADED_RECHECK
+        ):
+            # A profile uploaded after this device's first message: look again.
+            dp.checked_at = time.monotonic()
+            if self.profile_points(dp.profile) is not None:
+                dp = None
+        if dp is None or dp.profile != profile:
+            allowed = self.profile_points(profile) if profile and profile != _NO_PROFILE else None
+            if dp is not None:  # a new birth changed the profile (first sight is not logged)
+                log.info(
+                    "device point names checked",
+                    extra={
+                        "device": devkey,
+                        "profile": profile or None,
+                        "profile_points": None if allowed is None else len(allowed),
+                    },
+                )
+            if len(self._points) > _MAX_TRACKED:
+                self._points.clear()
+            dp = self._points[devkey] = _DevPoints(profile, allowed)
+        return dp
 
 
 def _source_of(topic: str) -> str:
@@ -317,13 +569,22 @@ class Ingest:
         config: IngestConfig | None = None,
         metrics: DataPathMetrics | None = None,
         control: ControlHandler | None = None,
+        profile_points: PointsOf | None = None,
     ) -> None:
         self.mqtt_config = mqtt_config
         self.config = config or IngestConfig()
         self.outbox = outbox
         self.sink = sink
         self.metrics = metrics or outbox.metrics
-        self.processor = MessageProcessor(sink, control)
+        self.processor = MessageProcessor(
+            sink,
+            control,
+            max_points_per_device=self.config.max_points_per_device,
+            profile_points=profile_points,
+            # Under a shared subscription each instance gets only some of a device's
+            # messages: every other instance's share would look like a gap.
+            track_gaps=mqtt_config.shared_group is None,
+        )
         self.processor.sparkplug.metrics = self.metrics
         # Each instance of a shared group sees only part of a node's messages.
         self.processor.sparkplug.count_seq_gaps = mqtt_config.shared_group is None
@@ -343,6 +604,7 @@ class Ingest:
         self._auth_failed = False
         self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
+        self._gaps_unlogged: dict[tuple[str, str], tuple[int, int]] = {}
         self._client = self._make_client()
 
     @property
@@ -595,9 +857,14 @@ class Ingest:
     def _process(self, batch: list[_Queued]) -> None:
         handle = self.processor.handle
         outcomes: list[Outcome] = []
-        with self.outbox.transaction() as tx:
-            for m in batch:
-                outcomes.append(handle(tx, m.topic, m.payload))
+        try:
+            with self.outbox.transaction() as tx:
+                for m in batch:
+                    outcomes.append(handle(tx, m.topic, m.payload))
+        except BaseException:
+            self.processor.discard()
+            raise
+        self.processor.commit()
         met = self.metrics
         met.received.inc(len(batch))
         met.batches.inc()
@@ -613,6 +880,11 @@ class Ingest:
             duplicates += o.duplicates
             points += o.points
             point_errors += o.point_errors
+            if o.dropped:
+                for reason, n in o.dropped.items():
+                    met.dropped_values.labels(reason=reason).inc(n)
+            if o.gaps:
+                self._count_gap(o)
             if o.notify is not None:
                 try:
                     o.notify(self.sink)
@@ -642,6 +914,35 @@ class Ingest:
         self.metrics.sparkplug_rebirths.inc()
         self._client.publish(topic, rebirth_request(), qos=0)
         log.info("sparkplug rebirth requested", extra={"topic": topic})
+
+    def _count_gap(self, o: Outcome) -> None:
+        met = self.metrics
+        met.sequence_gaps.inc(o.gaps)
+        met.missed_samples.inc(o.missed)
+        # One line per gap, but a device dropping all the time is summed per minute.
+        key = (o.source, f"sequence_gap:{o.device}")
+        pending = self._gaps_unlogged.get(key, (0, 0))
+        gaps, missed = pending[0] + o.gaps, pending[1] + o.missed
+        now = time.monotonic()
+        last = self._last_logged.get(key)
+        if last is None or now - last >= _LOG_EVERY:
+            if len(self._last_logged) > 10_000:
+                self._last_logged.clear()
+                self._gaps_unlogged.clear()
+            self._last_logged[key] = now
+            self._gaps_unlogged.pop(key, None)
+            log.warning(
+                "sequence gap: samples missing",
+                extra={
+                    "source": o.source,
+                    "device": o.device,
+                    "gaps": gaps,
+                    "missed": missed,
+                    "last": o.gap_detail,
+                },
+            )
+        else:
+            self._gaps_unlogged[key] = (gaps, missed)
 
     def _count_reject(self, o: Outcome) -> None:
         reason = o.reject or "unknown"

@@ -47,6 +47,22 @@ class DataPathMetrics:
             "Point errors reported by agents (not written as fields).",
             registry=r,
         )
+        self.dropped_values = Counter(
+            "iiot_gateway_dropped_values_total",
+            "Point values dropped from accepted samples (the rest is written), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.sequence_gaps = Counter(
+            "iiot_gateway_sequence_gaps_total",
+            "Breaks in a device's sample sequence numbers (samples the agent never sent).",
+            registry=r,
+        )
+        self.missed_samples = Counter(
+            "iiot_gateway_missed_samples_total",
+            "Samples missing in sequence gaps, summed over all devices.",
+            registry=r,
+        )
         self.batches = Counter(
             "iiot_gateway_ingest_batches_total", "Ingest transactions committed.", registry=r
         )

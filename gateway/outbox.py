@@ -113,6 +113,14 @@ class OutboxTransaction:
             return True
         return False
 
+    def last_seen(self, dev: str) -> tuple[int, int] | None:
+        """(seq, ts) of the sample of ``dev`` recorded last, or None."""
+        self._flush_keys()
+        row = self._cur.execute(
+            "SELECT seq, ts FROM seen WHERE dev = ? ORDER BY id DESC LIMIT 1", (dev,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
     def add(self, lines: Sequence[str]) -> None:
         self._lines.extend(lines)
 

@@ -151,8 +151,9 @@ class Provisioner:
         """Register ``agent_id`` under the key's enterprise; returns its credentials once.
 
         Raises ``gateway.registry.NotFound`` for a bad/expired/used key, ``Conflict``
-        when the agent id belongs to another enterprise or is a gateway instance's MQTT
-        username, ``ProvisioningError`` when the broker files cannot be written.
+        when the agent id belongs to another enterprise, is a gateway instance's MQTT
+        username, or is provisioned already and the key does not allow rotation;
+        ``ProvisioningError`` when the broker files cannot be written.
         """
         if agent_id in self.gateway_users:
             # render() keeps the gateway users' entries, so such an agent would get a
@@ -166,17 +167,39 @@ class Provisioner:
             )
             raise Conflict(f"agent id {agent_id!r} is {whose}; choose another id")
         password = secrets.token_urlsafe(24)
-        agent = self.registry.redeem_provisioning_key(key, agent_id, mosquitto_hash(password))
+        agent, rotated = self.registry.redeem_provisioning_key(
+            key, agent_id, mosquitto_hash(password)
+        )
         self.sync()
         self.counters["provisioned"] += 1
         log.info("agent provisioned", extra={"agent": agent.id, "enterprise": agent.enterprise})
+        return self._credentials(agent.id, agent.enterprise, password, rotated=rotated)
+
+    def rotate(self, enterprise: str, agent_id: str, *, by: str) -> dict[str, Any]:
+        """A new password for an existing agent (the old one stops working); audited.
+
+        Raises ``gateway.registry.NotFound`` for an unknown agent, ``ProvisioningError``
+        when the broker files cannot be written.
+        """
+        if agent_id in self.gateway_users:
+            raise Conflict(f"{agent_id!r} is a gateway instance's MQTT username, not an agent")
+        password = secrets.token_urlsafe(24)
+        self.registry.rotate_agent(enterprise, agent_id, mosquitto_hash(password), by=by)
+        self.sync()
+        self.counters["rotated"] += 1
+        return self._credentials(agent_id, enterprise, password, rotated=True)
+
+    def _credentials(
+        self, agent_id: str, enterprise: str, password: str, *, rotated: bool
+    ) -> dict[str, Any]:
         return {
-            "agent_id": agent.id,
-            "enterprise": agent.enterprise,
-            "username": agent.id,
+            "rotated": rotated,
+            "agent_id": agent_id,
+            "enterprise": enterprise,
+            "username": agent_id,
             "password": password,
             "broker_url": self.broker_url,
-            "topic_prefix": f"{TOPIC_PREFIX}/{agent.enterprise}/{agent.id}",
+            "topic_prefix": f"{TOPIC_PREFIX}/{enterprise}/{agent_id}",
         }
 
     def render(self) -> tuple[str, str]:

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 from gateway.config import GatewayConfig
 from gateway.health import BrokerWatch, Readiness
 from gateway.influx import InfluxWriter
-from gateway.ingest import Ingest
+from gateway.ingest import Ingest, ProfilePoints
 from gateway.metrics import DataPathMetrics
 from gateway.outbox import Outbox
 from gateway.sink import IngestSink
@@ -174,6 +174,9 @@ class Gateway:
             config=cfg.ingest,
             metrics=self.metrics,
             control=self.control,
+            profile_points=ProfilePoints(
+                self.control.store.stored_profiles if self.control is not None else None
+            ),
         )
         # Readiness hears the broker's answers (a refusal's reason) on the ingest's client.
         self.broker_watch.attach(self.ingest._client)

@@ -22,9 +22,12 @@ class SampleSummary:
         "device",
         "enterprise",
         "first_ts",
+        "gaps",
+        "last_gap_ts",
         "last_good_ts",
         "last_ts",
         "latest",
+        "missed",
     )
 
     def __init__(
@@ -38,6 +41,9 @@ class SampleSummary:
         last_ts: int,
         last_good_ts: int | None,
         latest: dict[str, bool | int | float | str | None],
+        gaps: int = 0,
+        missed: int = 0,
+        last_gap_ts: int | None = None,
     ) -> None:
         self.enterprise = enterprise
         self.agent = agent
@@ -48,6 +54,10 @@ class SampleSummary:
         # ts of the newest sample with at least one good value: what "connected" counts.
         self.last_good_ts = last_good_ts
         self.latest = latest
+        # Sequence gaps seen in this message: how many, samples missing, ts after the last.
+        self.gaps = gaps
+        self.missed = missed
+        self.last_gap_ts = last_gap_ts
 
 
 class IngestSink(Protocol):

@@ -341,7 +341,12 @@ class _Demo:
             r = await client.put("/api/v1/targets", json={"targets": _DEMO_TARGETS})
             r.raise_for_status()
             for e in ents.values():
-                r = await client.post(f"/api/v1/enterprises/{e.id}/provisioning-keys", json={})
+                # A demo started again on its data folder provisions the same agent ids
+                # and runs them with the new credentials: its keys may rotate them.
+                r = await client.post(
+                    f"/api/v1/enterprises/{e.id}/provisioning-keys",
+                    json={"allow_rotation": True},
+                )
                 r.raise_for_status()
                 key = r.json()["key"]
                 r = await client.post(

@@ -36,6 +36,7 @@ __all__ = [
     "RatioGroup",
     "RatiosOut",
     "ReadyOut",
+    "RotationOut",
     "StateChangeOut",
     "TargetIn",
     "TargetOut",
@@ -196,6 +197,11 @@ else:
 class DeviceDetailOut(DeviceOut):
     latest_ts: int | None
     latest: dict[str, PointValue]
+    sequence_gaps: int = Field(
+        description="Breaks in the device's sample sequence seen since the gateway started."
+    )
+    missed_samples: int = Field(description="Samples missing in those gaps.")
+    last_gap_ms: int | None = Field(description="Timestamp of the sample after the last gap.")
 
 
 class StateChangeOut(BaseModel):
@@ -256,8 +262,18 @@ class EnterpriseOut(BaseModel):
 
 
 class KeyIn(_In):
-    expires_in_s: int | None = Field(default=None, ge=1, le=366 * 86400)
+    expires_in_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=366 * 86400,
+        description="Validity in seconds; default api.provisioning_key_expiry (7 days).",
+    )
     max_uses: int | None = Field(default=None, ge=1, le=1_000_000)
+    allow_rotation: bool = Field(
+        default=False,
+        description="May give an agent id that exists already a new password (locking "
+        "out the running agent); every such use is audited.",
+    )
 
 
 class KeyOut(BaseModel):
@@ -266,6 +282,15 @@ class KeyOut(BaseModel):
     enterprise: str
     expires_ms: int | None
     max_uses: int | None
+    allow_rotation: bool
+
+
+class RotationOut(BaseModel):
+    agent: str
+    enterprise: str
+    at_ms: int
+    by: str = Field(description="key:<key id>, or the admin token's fingerprint.")
+    via: Literal["api", "key"]
 
 
 class AgentOut(BaseModel):
@@ -289,3 +314,6 @@ class CredentialsOut(BaseModel):
     password: str = Field(description="Shown once; the broker stores only its hash.")
     broker_url: str
     topic_prefix: str
+    rotated: bool = Field(
+        description="The agent existed: this password replaced its old one, which no longer works."
+    )

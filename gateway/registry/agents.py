@@ -6,6 +6,7 @@ import hashlib
 import logging
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -190,9 +191,18 @@ class AgentsPart(RegistryStore):
         return agent, found is not None
 
     def create_provisioning_key(
-        self, enterprise: str, *, expires_ms: int | None = None, max_uses: int | None = None
+        self,
+        enterprise: str,
+        *,
+        expires_ms: int | None = None,
+        max_uses: int | None = None,
+        allow_rotation: bool = False,
     ) -> tuple[str, str]:
-        """A new key for an enterprise: returns (key id, key). Only the hash is stored."""
+        """A new key for an enterprise: returns (key id, key). Only the hash is stored.
+
+        Only a key with ``allow_rotation`` gives an agent id that exists already a new
+        password (which locks out whatever runs with the old one).
+        """
         with self._lock:
             if enterprise not in self._enterprises:
                 raise NotFound(f"enterprise {enterprise!r} is not registered")
@@ -208,12 +218,19 @@ class AgentsPart(RegistryStore):
                     expires_ms=expires_ms,
                     max_uses=max_uses,
                     uses=0,
+                    allow_rotation=allow_rotation,
                 )
             )
         return key_id, key
 
-    def redeem_provisioning_key(self, key: str, agent_id: str, password_hash: str) -> Agent:
-        """Check a key and register the agent under its enterprise, atomically."""
+    def redeem_provisioning_key(
+        self, key: str, agent_id: str, password_hash: str
+    ) -> tuple[Agent, bool]:
+        """Check a key and register the agent under its enterprise, atomically.
+
+        Returns the agent and whether it existed (its password rotated, which only a key
+        with ``allow_rotation`` may do; otherwise ``Conflict``).
+        """
         check_ident(agent_id, "agent_id")
         now = self._now_ms()
         with self._db_lock:
@@ -244,12 +261,71 @@ class AgentsPart(RegistryStore):
                 )
                 if counted.rowcount != 1:
                     raise NotFound("provisioning key has been used up")
+                existing = conn.execute(
+                    sa.select(t.agents.c.enterprise).where(t.agents.c.id == agent_id)
+                ).first()
+                if existing is not None and existing.enterprise == row.enterprise:
+                    if not row.allow_rotation:
+                        # Raised inside the transaction: the key's use is not spent.
+                        self.counters["reprovision_refused"] += 1
+                        raise Conflict(
+                            f"agent {agent_id!r} of enterprise {row.enterprise!r} is already "
+                            "provisioned; a new password would lock out the running agent. "
+                            "An admin can rotate its credentials (POST /api/v1/agents/"
+                            f"{row.enterprise}/{agent_id}/rotate) or create a key with "
+                            "allow_rotation"
+                        )
                 agent, existed = self._put_agent(conn, row.enterprise, agent_id, password_hash)
+                if existed:
+                    self._audit_rotation(conn, agent, now, by=f"key:{row.id}", via="key")
         self.counters["agents_provisioned"] += 1
         if existed:
             self.counters["agents_reprovisioned"] += 1
             log.warning(
-                "agent re-provisioned: its previous password no longer works",
-                extra={"agent": agent.id, "enterprise": agent.enterprise},
+                "agent credentials rotated with a provisioning key: its previous password "
+                "no longer works",
+                extra={"agent": agent.id, "enterprise": agent.enterprise, "key_id": row.id},
             )
+        return agent, existed
+
+    def rotate_agent(self, enterprise: str, agent_id: str, password_hash: str, *, by: str) -> Agent:
+        """Give an existing agent a new password; audited. NotFound if it does not exist."""
+        now = self._now_ms()
+        with self._db_lock:
+            self._flush_locked()
+            with self._engine.begin() as conn:
+                found = conn.execute(
+                    sa.select(t.agents.c.enterprise).where(t.agents.c.id == agent_id)
+                ).first()
+                if found is None or found.enterprise != enterprise:
+                    raise NotFound(
+                        f"agent {agent_id!r} of enterprise {enterprise!r} is not registered"
+                    )
+                agent, _ = self._put_agent(conn, enterprise, agent_id, password_hash)
+                self._audit_rotation(conn, agent, now, by=by, via="api")
+        self.counters["agents_rotated"] += 1
+        log.warning(
+            "agent credentials rotated: its previous password no longer works",
+            extra={"agent": agent_id, "enterprise": enterprise, "by": by},
+        )
         return agent
+
+    @staticmethod
+    def _audit_rotation(conn: sa.Connection, agent: Agent, now: int, *, by: str, via: str) -> None:
+        conn.execute(
+            t.agent_rotations.insert().values(
+                enterprise=agent.enterprise, agent=agent.id, at_ms=now, by=by[:80], via=via
+            )
+        )
+
+    def list_rotations(
+        self, enterprise: str, agent: str | None = None, *, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Credential rotations of an enterprise's agents, newest first."""
+        r = t.agent_rotations.c
+        q = sa.select(r.agent, r.enterprise, r.at_ms, r.by, r.via).where(r.enterprise == enterprise)
+        if agent is not None:
+            q = q.where(r.agent == agent)
+        with self._engine.connect() as conn:
+            rows = conn.execute(q.order_by(r.id.desc()).limit(limit)).all()
+        return [dict(row._mapping) for row in rows]

@@ -309,8 +309,12 @@ class DevicesPart(RegistryStore):
                 return None
             view = self._view(i, now)
             latest = self._latest.get((enterprise, device))
+            gaps, missed, last_gap = self._gaps.get((enterprise, device), (0, 0, 0))
         view["latest_ts"] = latest[0] if latest else None
         view["latest"] = dict(latest[1]) if latest else {}
+        view["sequence_gaps"] = gaps
+        view["missed_samples"] = missed
+        view["last_gap_ms"] = last_gap or None
         return view
 
     def list_devices(

@@ -238,5 +238,12 @@ class IngestSinkPart(RegistryStore):
                     values = dict(old[1]) if old else {}
                     values.update(summary.latest)
                     self._latest[key] = (summary.last_ts, values)
+            if summary.gaps:
+                gaps, missed, last_gap = self._gaps.get(key, (0, 0, 0))
+                self._gaps[key] = (
+                    gaps + summary.gaps,
+                    missed + summary.missed,
+                    max(last_gap, summary.last_gap_ts or 0),
+                )
             if changed:
                 self._dirty.add(i)

@@ -61,6 +61,8 @@ class RegistryStore:
         self._agents: dict[str, Agent] = {}
         self._latest: dict[tuple[str, str], tuple[int, dict[str, PointValue]]] = {}
         self._history = StateHistory()  # online/offline changes, for the device page
+        # Sequence gaps per device since this process started: (gaps, missed, last gap ts).
+        self._gaps: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
         self._dirty_agents: set[str] = set()

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 __all__ = [
     "SCHEMA_VERSION",
+    "agent_rotations",
     "agents",
     "devices",
     "enterprises",
@@ -119,6 +120,20 @@ provisioning_keys = sa.Table(
     sa.Column("expires_ms", sa.BigInteger, nullable=True),
     sa.Column("max_uses", sa.Integer, nullable=True),
     sa.Column("uses", sa.Integer, nullable=False, default=0),
+    # A key that may give an existing agent a new password (locking out the old one).
+    sa.Column("allow_rotation", sa.Boolean, nullable=False, server_default=sa.text("false")),
+)
+
+# Every time an existing agent got a new password: who asked, when, how.
+agent_rotations = sa.Table(
+    "agent_rotations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("enterprise", sa.String(64), nullable=False),
+    sa.Column("agent", sa.String(64), nullable=False),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("by", sa.String(80), nullable=False),
+    sa.Column("via", sa.String(16), nullable=False),
 )
 
 sa.Index("ix_devices_agent", devices.c.agent)
@@ -177,8 +192,14 @@ def _v4(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v5(conn: sa.Connection) -> None:
+    """Keys that may rotate an existing agent's password, and the rotations' audit."""
+    _add_missing_columns(conn, provisioning_keys, ("allow_rotation",))
+    agent_rotations.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -283,10 +283,18 @@ def test_an_agent_may_not_take_the_gateways_mqtt_username(
         assert r.status_code == 409 and "gateway's own MQTT username" in r.json()["detail"]
         # The refusal did not spend a use: the key still provisions two agents.
         assert client.post("/api/v1/provision", json={"key": key, "agent_id": "edge-1"}).is_success
-        # Re-provisioning an agent (a replaced box) works and leaves a warning.
+        # Re-provisioning an agent (a replaced box) needs a key that allows rotation,
+        # and leaves a warning.
+        refused = client.post("/api/v1/provision", json={"key": key, "agent_id": "edge-1"})
+        assert refused.status_code == 409 and "already provisioned" in refused.json()["detail"]
+        key = client.post(
+            "/api/v1/enterprises/hb-steel/provisioning-keys",
+            json={"allow_rotation": True},
+            headers=ADMIN,
+        ).json()["key"]
         with caplog.at_level(logging.WARNING, logger="iiot.gateway.registry"):
             again = client.post("/api/v1/provision", json={"key": key, "agent_id": "edge-1"})
-        assert again.status_code == 200
+        assert again.status_code == 200 and again.json()["rotated"] is True
         warned = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert [(getattr(r, "agent", None), getattr(r, "enterprise", None)) for r in warned] == [
             ("edge-1", "hb-steel")

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
 from gateway.provisioning import Provisioner, mosquitto_hash, verify_mosquitto_hash
-from gateway.registry import NotFound, Registry
+from gateway.registry import Conflict, NotFound, Registry
 from iiot_common.localservers import Mosquitto
 
 _ids = itertools.count()
@@ -165,7 +165,10 @@ def test_rotating_an_agent_password_locks_out_the_old_one(
     prov = Provisioner(reg, _config(pw, acl, None))
     _id, key = reg.create_provisioning_key("ent-a")
     first = prov.provision(key, "edge-a")
-    second = prov.provision(key, "edge-a")
+    # Any key of the enterprise may not take over a live agent's id.
+    with pytest.raises(Conflict, match="already provisioned"):
+        prov.provision(key, "edge-a")
+    second = prov.rotate("ent-a", "edge-a", by="admin test")
     broker.reload()
     old = _Client(broker.port, "edge-a", first["password"])
     new = _Client(broker.port, "edge-a", second["password"])
