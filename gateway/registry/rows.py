@@ -20,6 +20,7 @@ __all__ = [
     "LOAD_COLUMNS",
     "META_UPDATE",
     "STATE_COLUMNS",
+    "TIME_COLUMNS",
     "agent_of",
     "agent_row",
     "chunks",
@@ -31,6 +32,7 @@ __all__ = [
     "meta_row",
     "opt",
     "update_devices",
+    "update_times",
 ]
 
 FLUSH_BATCH = 5000
@@ -81,6 +83,7 @@ LOAD_COLUMNS = (
     "last_seen_ms",
     "offline_since_ms",
     "online",
+    "reported_online",
 )
 
 META_UPDATE = (
@@ -151,6 +154,7 @@ def meta_row(m: DeviceMeta) -> dict[str, Any]:
         "created_ms": m.created_ms,
         "first_seen_ms": m.first_seen_ms,
         "online": False,
+        "reported_online": False,
         "reason": m.reason,
         "kind": m.kind,
         "site_region": m.site_region,
@@ -167,9 +171,13 @@ STATE_COLUMNS = (
     "last_seen_ms",
     "last_good_ms",
     "online",
+    "reported_online",
     "offline_since_ms",
     "reason",
 )
+# What a sample moves: written without the state columns, so an instance that only saw
+# samples never overwrites the state another instance has just written.
+TIME_COLUMNS = ("first_seen_ms", "last_seen_ms", "last_good_ms")
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -182,35 +190,53 @@ def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
             conn.execute(table.insert(), chunk)
         return
     cols = list(rows[0])
-    sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    values = ", ".join("?" * len(cols))
+    if "updated_ms" in table.c:
+        sql = f"INSERT INTO {table.name} ({', '.join(cols)}, updated_ms) VALUES ({values}, "
+        sql += f"{t.DB_NOW_MS_SQLITE})"
+    else:
+        sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({values})"
     get = operator.itemgetter(*cols)
     conn.exec_driver_sql(sql, [get(r) for r in rows])
 
 
 def update_devices(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    """Write the state columns of ``rows`` (timestamps never move back on PostgreSQL)."""
+    _update(conn, rows, STATE_COLUMNS)
+
+
+def update_times(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    """Write only the sample timestamps of ``rows``."""
+    _update(conn, rows, TIME_COLUMNS)
+
+
+def _update(conn: sa.Connection, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
     if not rows:
         return
     if conn.dialect.name == "sqlite":
-        sets = ", ".join(f"{k} = ?" for k in STATE_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in columns)
         conn.exec_driver_sql(
-            f"UPDATE devices SET {sets} WHERE enterprise = ? AND id = ?",
-            list(map(operator.itemgetter(*STATE_COLUMNS, "enterprise", "id"), rows)),
+            f"UPDATE devices SET {sets}, updated_ms = {t.DB_NOW_MS_SQLITE} "
+            "WHERE enterprise = ? AND id = ?",
+            list(map(operator.itemgetter(*columns, "enterprise", "id"), rows)),
         )
         return
+    c = t.devices.c
+    values: dict[str, Any] = {k: sa.bindparam("v_" + k) for k in columns}
+    # Several instances write the same row: a timestamp only ever moves forward, so a
+    # late write from an instance that saw older samples cannot take it back.
+    for name in ("last_seen_ms", "last_good_ms"):
+        if name in values:
+            values[name] = sa.func.greatest(c[name], values[name])
+    if "first_seen_ms" in values:
+        values["first_seen_ms"] = sa.func.least(c.first_seen_ms, values["first_seen_ms"])
     stmt = (
         t.devices.update()
-        .where(
-            t.devices.c.enterprise == sa.bindparam("b_enterprise"),
-            t.devices.c.id == sa.bindparam("b_id"),
-        )
-        .values({k: sa.bindparam("v_" + k) for k in STATE_COLUMNS})
+        .where(c.enterprise == sa.bindparam("b_enterprise"), c.id == sa.bindparam("b_id"))
+        .values(values)
     )
     data = [
-        {
-            "b_enterprise": r["enterprise"],
-            "b_id": r["id"],
-            **{"v_" + k: r[k] for k in STATE_COLUMNS},
-        }
+        {"b_enterprise": r["enterprise"], "b_id": r["id"], **{"v_" + k: r[k] for k in columns}}
         for r in rows
     ]
     for chunk in chunks(data, FLUSH_BATCH):

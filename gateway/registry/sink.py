@@ -201,10 +201,10 @@ class IngestSinkPart(RegistryStore):
             # Timestamps move with every poll; writing each one would be 10⁵ UPDATEs a
             # second at province scale. The database copy may lag by the granularity;
             # status changes and the first sample are written at once, close() writes all.
-            changed = False
+            changed = moved = False
             if summary.last_ts > idx.last_ts[i]:
                 idx.last_ts[i] = summary.last_ts
-                changed = summary.last_ts - idx.saved_ts[i] >= self.persist_granularity_ms
+                moved = summary.last_ts - idx.saved_ts[i] >= self.persist_granularity_ms
             meta = idx.meta[i]
             if summary.last_good_ts is not None and summary.last_good_ts > idx.last_good[i]:
                 idx.last_good[i] = summary.last_good_ts
@@ -212,10 +212,10 @@ class IngestSinkPart(RegistryStore):
                     meta.status = "connected"
                     changed = True
                 elif summary.last_good_ts - idx.saved_good[i] >= self.persist_granularity_ms:
-                    changed = True
+                    moved = True
             if meta.first_seen_ms is None or summary.first_ts < meta.first_seen_ms:
                 meta.first_seen_ms = summary.first_ts
-                changed = True
+                moved = True
             if summary.latest:
                 old = self._latest.get(key)
                 if old is None or summary.last_ts >= old[0]:
@@ -224,3 +224,6 @@ class IngestSinkPart(RegistryStore):
                     self._latest[key] = (summary.last_ts, values)
             if changed:
                 self._dirty.add(i)
+            elif moved:
+                # Only the timestamps: the state columns stay as whoever changed them wrote.
+                self._dirty_times.add(i)

@@ -8,6 +8,12 @@ batches (``flush``). Sample timestamps are written when they have moved by
 ``last_seen``/``last_good`` may lag by that much while running; ``close()`` writes them
 exactly. Writes that come through the API go to the database at once, after pending
 ingest changes, so the two never overtake each other.
+
+Several gateway instances may share one database. Each stamps the rows it writes with
+the database's clock (``updated_ms``), and with ``refresh_interval`` set a thread reads
+the rows changed since its last look (``refresh``) into this instance's index, so every
+instance's ratios follow every instance's ingest: at most ``persist_granularity +
+flush_interval + refresh_interval`` behind.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
@@ -45,9 +51,15 @@ class RegistryStore:
         default_poll_interval: float = 10.0,
         flush_interval: float = 1.0,
         persist_granularity: float = 60.0,
+        refresh_interval: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
+        self.refresh_interval = refresh_interval
+        # Rows are read again this far behind the newest stamp seen: a transaction that
+        # stamped its rows earlier may commit after a newer one was read.
+        self.refresh_overlap_ms = 2000
+        self._watermark = 0
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
         self.flush_interval = flush_interval
@@ -61,6 +73,8 @@ class RegistryStore:
         self._latest: dict[tuple[str, str], tuple[int, dict[str, PointValue]]] = {}
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
+        # Positions whose sample timestamps only have moved (no state change).
+        self._dirty_times: set[int] = set()
         self._dirty_agents: set[str] = set()
         # Publishers not found in the database either: (enterprise, agent) -> when looked up.
         self._misses: dict[tuple[str, str], float] = {}
@@ -70,6 +84,7 @@ class RegistryStore:
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refresher: threading.Thread | None = None
         self._started = False
         self._closed = False
         # Schema and index are ready as soon as the object exists, so a caller that
@@ -88,6 +103,11 @@ class RegistryStore:
         self._stop.clear()
         self._thread = threading.Thread(target=self._flush_loop, name="registry-flush", daemon=True)
         self._thread.start()
+        if self.refresh_interval is not None:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="registry-refresh", daemon=True
+            )
+            self._refresher.start()
         self._started = True
         return self
 
@@ -97,16 +117,17 @@ class RegistryStore:
             return
         self._closed = True
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        for thread in (self._thread, self._refresher):
+            if thread is not None:
+                thread.join(timeout=10)
+        self._thread = self._refresher = None
         with self._lock:
             idx = self._index
             n = idx.n
             lagging = np.flatnonzero(
                 (idx.last_ts[:n] != idx.saved_ts[:n]) | (idx.last_good[:n] != idx.saved_good[:n])
             )
-            self._dirty.update(int(i) for i in lagging)
+            self._dirty_times.update(int(i) for i in lagging)
         self.flush()
         self._started = False
         self._engine.dispose()
@@ -140,8 +161,27 @@ class RegistryStore:
                 self.counters["flush_errors"] += 1
                 log.exception("registry flush failed; will retry")
 
+    def _refresh_loop(self) -> None:
+        # Bounded by the stop event; each pass has the database timeout of the engine.
+        assert self.refresh_interval is not None
+        failing = False
+        while not self._stop.wait(self.refresh_interval):
+            try:
+                self.refresh()
+            except Exception:
+                self.counters["refresh_errors"] += 1
+                if not failing:  # once per change, not every few seconds
+                    log.exception("registry refresh failed; will retry")
+                failing = True
+            else:
+                if failing:
+                    log.info("registry refresh works again")
+                failing = False
+
     def _load(self) -> None:
         with self._engine.connect() as conn:
+            # Read before the rows: a change made while they are read is read again.
+            self._watermark = _newest_stamp(conn)
             ents = conn.execute(sa.select(t.enterprises)).all()
             agts = conn.execute(sa.select(t.agents)).all()
             # Plain tuples in DeviceMeta's field order, then the runtime columns.
@@ -151,25 +191,117 @@ class RegistryStore:
         with self._lock:
             self._enterprises = {r.id: _rows.enterprise_of(r) for r in ents}
             self._agents = {r.id: _rows.agent_of(r) for r in agts}
-            metas = [DeviceMeta(*r[:17]) for r in devs]
-            start = index.add_many(metas)
-            sl = slice(start, start + len(devs))
-            index.last_good[sl] = [NEVER if r[17] is None else r[17] for r in devs]
-            index.last_ts[sl] = [NEVER if r[18] is None else r[18] for r in devs]
-            index.offline_since[sl] = [NEVER if r[19] is None else r[19] for r in devs]
-            index.saved_good[sl] = index.last_good[sl]
-            index.saved_ts[sl] = index.last_ts[sl]
-            index.dev_online[sl] = [bool(r[20]) for r in devs]
-            alive = {a.id for a in self._agents.values() if a.online}
-            index.agent_alive[sl] = [r[8] in alive for r in devs]
-            for m in metas:
-                m.not_in_ledger = bool(m.not_in_ledger)
+            self._add_loaded(index, devs)
             self._index = index
         _rows.freeze_long_lived()
         log.info(
             "registry loaded",
             extra={"enterprises": len(ents), "agents": len(agts), "devices": len(devs)},
         )
+
+    def _add_loaded(self, index: DeviceIndex, devs: list[tuple[Any, ...]]) -> None:
+        """Append rows read in ``LOAD_COLUMNS`` order to ``index`` (under the lock)."""
+        metas = [DeviceMeta(*r[:17]) for r in devs]
+        for m in metas:
+            m.not_in_ledger = bool(m.not_in_ledger)
+        start = index.add_many(metas)
+        sl = slice(start, start + len(devs))
+        index.last_good[sl] = [NEVER if r[17] is None else r[17] for r in devs]
+        index.last_ts[sl] = [NEVER if r[18] is None else r[18] for r in devs]
+        index.offline_since[sl] = [NEVER if r[19] is None else r[19] for r in devs]
+        index.saved_good[sl] = index.last_good[sl]
+        index.saved_ts[sl] = index.last_ts[sl]
+        index.dev_online[sl] = [bool(r[21]) for r in devs]
+        alive = {a.id for a in self._agents.values() if a.online}
+        index.agent_alive[sl] = [r[8] in alive for r in devs]
+
+    # ------------------------------------------------------------------ refreshing
+
+    def refresh(self) -> int:
+        """Read the rows changed since the last refresh (by any instance) into memory.
+
+        Returns the rows read. A device with a change of this instance's own not yet
+        written keeps its state; its timestamps take the later of the two.
+        """
+        cols = [t.devices.c[name] for name in _rows.LOAD_COLUMNS] + [t.devices.c.updated_ms]
+        # Under the write lock: a flush between the read and the apply would otherwise let
+        # the rows read (older) overwrite the state the flush has just written.
+        with self._db_lock:
+            since = self._watermark - self.refresh_overlap_ms
+            with self._engine.connect() as conn:
+                ents = conn.execute(
+                    sa.select(t.enterprises).where(t.enterprises.c.updated_ms > since)
+                ).all()
+                agts = conn.execute(sa.select(t.agents).where(t.agents.c.updated_ms > since)).all()
+                devs = [
+                    tuple(r)
+                    for r in conn.execute(
+                        sa.select(*cols).where(t.devices.c.updated_ms > since)
+                    ).all()
+                ]
+            stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
+            stamps += [r[-1] for r in devs]
+            with self._lock:
+                for r in ents:
+                    self._enterprises[r.id] = _rows.enterprise_of(r)
+                self._refresh_agents(agts)
+                self._refresh_devices(devs)
+                if stamps:
+                    self._watermark = max(self._watermark, max(stamps))
+        self.counters["refresh_runs"] += 1
+        self.counters["refresh_rows"] += len(stamps)
+        return len(stamps)
+
+    def _refresh_agents(self, rows: Sequence[Any]) -> None:
+        idx = self._index
+        for r in rows:
+            if r.id in self._dirty_agents:
+                continue  # this instance's newer change is about to be written
+            a = self._agents.get(r.id)
+            online = bool(r.online)
+            if a is None:
+                self._agents[r.id] = _rows.agent_of(r)
+                self._misses.clear()
+            else:
+                a.password_hash, a.bdseq = r.password_hash, r.bdseq
+                a.last_birth_ms = r.last_birth_ms
+                if a.online == online:
+                    continue
+                a.online = online
+            for i in idx.by_agent.get(r.id, ()):
+                idx.agent_alive[i] = online
+
+    def _refresh_devices(self, rows: list[tuple[Any, ...]]) -> None:
+        idx = self._index
+        new = [r for r in rows if (r[0], r[1]) not in idx.keys]
+        if new:
+            self._add_loaded(idx, new)
+        known = [r for r in rows if (r[0], r[1]) in idx.keys]
+        if not known:
+            return
+        pos = np.array([idx.keys[(r[0], r[1])] for r in known], np.int64)
+        for col, saved, k in (("last_good", "saved_good", 17), ("last_ts", "saved_ts", 18)):
+            db = np.array([NEVER if r[k] is None else r[k] for r in known], np.int64)
+            mem, was = getattr(idx, col), getattr(idx, saved)
+            mem[pos] = np.maximum(mem[pos], db)
+            was[pos] = np.maximum(was[pos], db)
+        alive = self._agents
+        for i, r in zip(pos.tolist(), known, strict=True):
+            if i in self._dirty or i in self._pending_inserts:
+                continue
+            meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
+            first = meta.first_seen_ms
+            for name in _REFRESHED_META:
+                setattr(meta, name, getattr(fresh, name))
+            meta.not_in_ledger = bool(fresh.not_in_ledger)
+            if first is not None and (meta.first_seen_ms is None or first < meta.first_seen_ms):
+                meta.first_seen_ms = first
+            idx.set_static(i, meta)
+            agent = alive.get(r[8]) if r[8] else None
+            idx.set_agent(i, r[8], agent is not None and agent.online)
+            idx.agent_alive[i] = agent is not None and agent.online
+            idx.offline_since[i] = NEVER if r[19] is None else r[19]
+            idx.dev_online[i] = bool(r[21])
 
     # ------------------------------------------------------------------ flushing
 
@@ -202,6 +334,7 @@ class RegistryStore:
             "last_seen_ms": _rows.opt(idx.last_ts[i]),
             "last_good_ms": _rows.opt(idx.last_good[i]),
             "online": bool(idx.dev_online[i] and idx.agent_alive[i]),
+            "reported_online": bool(idx.dev_online[i]),
             "offline_since_ms": _rows.opt(idx.offline_since[i]),
             "reason": m.reason[:200],
             "kind": m.kind,
@@ -212,6 +345,10 @@ class RegistryStore:
         with self._lock:
             inserts = [self._device_row(i) for i in sorted(self._pending_inserts)]
             updates = [self._device_row(i) for i in sorted(self._dirty - self._pending_inserts)]
+            times = [
+                self._device_row(i)
+                for i in sorted(self._dirty_times - self._dirty - self._pending_inserts)
+            ]
             agent_rows = [
                 {
                     "b_id": a.id,
@@ -222,18 +359,21 @@ class RegistryStore:
                 for a in (self._agents.get(x) for x in self._dirty_agents)
                 if a is not None
             ]
-            pending, dirty, dirty_agents = (
+            pending, dirty, dirty_times, dirty_agents = (
                 self._pending_inserts,
                 self._dirty,
+                self._dirty_times,
                 self._dirty_agents,
             )
             self._pending_inserts, self._dirty, self._dirty_agents = set(), set(), set()
-        if not (inserts or updates or agent_rows):
+            self._dirty_times = set()
+        if not (inserts or updates or times or agent_rows):
             return 0
         try:
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, inserts)
                 _rows.update_devices(conn, updates)
+                _rows.update_times(conn, times)
                 if agent_rows:
                     conn.execute(
                         t.agents.update()
@@ -250,12 +390,15 @@ class RegistryStore:
             with self._lock:
                 self._pending_inserts |= pending
                 self._dirty |= dirty
+                self._dirty_times |= dirty_times
                 self._dirty_agents |= dirty_agents
             self.counters["flush_errors"] += 1
-            log.exception("registry flush failed", extra={"rows": len(inserts) + len(updates)})
+            written = len(inserts) + len(updates) + len(times)
+            log.exception("registry flush failed", extra={"rows": written})
             return 0
-        self.counters["flushed_rows"] += len(inserts) + len(updates) + len(agent_rows)
-        return len(inserts) + len(updates) + len(agent_rows)
+        written = len(inserts) + len(updates) + len(times) + len(agent_rows)
+        self.counters["flushed_rows"] += written
+        return written
 
     # ------------------------------------------------------------------ reads
 
@@ -275,5 +418,31 @@ class RegistryStore:
                 "enterprises": len(self._enterprises),
                 "agents": len(self._agents),
                 "agents_online": sum(1 for a in self._agents.values() if a.online),
-                "pending_rows": len(self._dirty) + len(self._pending_inserts),
+                "pending_rows": len(self._dirty | self._dirty_times) + len(self._pending_inserts),
             }
+
+
+# The metadata a refresh takes from the database (first_seen_ms: the earlier of the two).
+_REFRESHED_META = (
+    "name",
+    "region",
+    "industry",
+    "family",
+    "category",
+    "profile",
+    "status",
+    "source",
+    "first_seen_ms",
+    "reason",
+    "kind",
+    "site_region",
+)
+
+
+def _newest_stamp(conn: sa.Connection) -> int:
+    """The newest ``updated_ms`` of enterprises, agents and devices (0 for none)."""
+    newest = 0
+    for table in (t.enterprises, t.agents, t.devices):
+        stamp = conn.execute(sa.select(sa.func.max(table.c.updated_ms))).scalar()
+        newest = max(newest, int(stamp or 0))
+    return newest
