@@ -18,7 +18,9 @@ from gateway.registry.model import Agent, Enterprise
 __all__ = [
     "FLUSH_BATCH",
     "LOAD_COLUMNS",
+    "META_COLUMNS",
     "META_UPDATE",
+    "REPORT_COLUMNS",
     "STATE_COLUMNS",
     "TIME_COLUMNS",
     "agent_of",
@@ -32,7 +34,6 @@ __all__ = [
     "meta_row",
     "opt",
     "update_devices",
-    "update_times",
 ]
 
 FLUSH_BATCH = 5000
@@ -175,9 +176,14 @@ STATE_COLUMNS = (
     "offline_since_ms",
     "reason",
 )
-# What a sample moves: written without the state columns, so an instance that only saw
-# samples never overwrites the state another instance has just written.
+# Each kind of change writes its own columns, so an instance never writes back a column
+# it did not change over what another instance has just written there.
+# What a sample moves:
 TIME_COLUMNS = ("first_seen_ms", "last_seen_ms", "last_good_ms")
+# What a birth, a ledger change or a first good sample changes (``online`` is derived):
+META_COLUMNS = ("agent", "profile", "status", "family", "category", "online", *TIME_COLUMNS)
+# What a device's state report or its agent's will changes:
+REPORT_COLUMNS = ("online", "reported_online", "offline_since_ms", "reason", *TIME_COLUMNS)
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -200,17 +206,10 @@ def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
     conn.exec_driver_sql(sql, [get(r) for r in rows])
 
 
-def update_devices(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-    """Write the state columns of ``rows`` (timestamps never move back on PostgreSQL)."""
-    _update(conn, rows, STATE_COLUMNS)
-
-
-def update_times(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
-    """Write only the sample timestamps of ``rows``."""
-    _update(conn, rows, TIME_COLUMNS)
-
-
-def _update(conn: sa.Connection, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+def update_devices(
+    conn: sa.Connection, rows: list[dict[str, Any]], columns: tuple[str, ...] = STATE_COLUMNS
+) -> None:
+    """Write ``columns`` of ``rows`` (timestamps never move back on PostgreSQL)."""
     if not rows:
         return
     if conn.dialect.name == "sqlite":

@@ -169,7 +169,7 @@ class IngestSinkPart(RegistryStore):
                     idx.meta[i].reason = "agent offline"
                 idx.agent_alive[i] = False
                 idx.dev_online[i] = False
-                self._dirty.add(i)
+                self._dirty_report.add(i)
 
     def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:
         self.counters["device_states"] += 1
@@ -180,13 +180,15 @@ class IngestSinkPart(RegistryStore):
                 self.counters["unknown_device"] += 1
                 return
             a = self._agents.get(agent)
-            idx.set_agent(i, agent, a is not None and a.online)
+            if idx.meta[i].agent != agent:
+                idx.set_agent(i, agent, a is not None and a.online)
+                self._dirty.add(i)
             was = bool(idx.dev_online[i])
             if was and not state.online:
                 idx.offline_since[i] = state.ts or self._now_ms()
             idx.dev_online[i] = state.online
             idx.meta[i].reason = state.reason[:200]
-            self._dirty.add(i)
+            self._dirty_report.add(i)
 
     def on_samples(self, summary: SampleSummary) -> None:
         self.counters["sample_messages"] += 1

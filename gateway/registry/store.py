@@ -73,7 +73,10 @@ class RegistryStore:
         self._latest: dict[tuple[str, str], tuple[int, dict[str, PointValue]]] = {}
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
-        # Positions whose sample timestamps only have moved (no state change).
+        # What changed, by the columns it writes (see rows.META_COLUMNS): ``_dirty`` the
+        # metadata, ``_dirty_report`` the device's reported state, ``_dirty_times`` only
+        # the sample timestamps.
+        self._dirty_report: set[int] = set()
         self._dirty_times: set[int] = set()
         self._dirty_agents: set[str] = set()
         # Publishers not found in the database either: (enterprise, agent) -> when looked up.
@@ -287,7 +290,7 @@ class RegistryStore:
             was[pos] = np.maximum(was[pos], db)
         alive = self._agents
         for i, r in zip(pos.tolist(), known, strict=True):
-            if i in self._dirty or i in self._pending_inserts:
+            if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
                 continue
             meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
             first = meta.first_seen_ms
@@ -343,11 +346,26 @@ class RegistryStore:
 
     def _flush_locked(self) -> int:
         with self._lock:
-            inserts = [self._device_row(i) for i in sorted(self._pending_inserts)]
-            updates = [self._device_row(i) for i in sorted(self._dirty - self._pending_inserts)]
-            times = [
-                self._device_row(i)
-                for i in sorted(self._dirty_times - self._dirty - self._pending_inserts)
+            pending, meta, report, dirty_times, dirty_agents = (
+                self._pending_inserts,
+                self._dirty,
+                self._dirty_report,
+                self._dirty_times,
+                self._dirty_agents,
+            )
+            self._pending_inserts, self._dirty, self._dirty_agents = set(), set(), set()
+            self._dirty_report, self._dirty_times = set(), set()
+            row = self._device_row
+            inserts = [row(i) for i in sorted(pending)]
+            both = (meta & report) - pending
+            groups = [
+                (_rows.STATE_COLUMNS, [row(i) for i in sorted(both)]),
+                (_rows.META_COLUMNS, [row(i) for i in sorted(meta - both - pending)]),
+                (_rows.REPORT_COLUMNS, [row(i) for i in sorted(report - both - pending)]),
+                (
+                    _rows.TIME_COLUMNS,
+                    [row(i) for i in sorted(dirty_times - meta - report - pending)],
+                ),
             ]
             agent_rows = [
                 {
@@ -356,24 +374,17 @@ class RegistryStore:
                     "v_bdseq": a.bdseq,
                     "v_online": a.online,
                 }
-                for a in (self._agents.get(x) for x in self._dirty_agents)
+                for a in (self._agents.get(x) for x in dirty_agents)
                 if a is not None
             ]
-            pending, dirty, dirty_times, dirty_agents = (
-                self._pending_inserts,
-                self._dirty,
-                self._dirty_times,
-                self._dirty_agents,
-            )
-            self._pending_inserts, self._dirty, self._dirty_agents = set(), set(), set()
-            self._dirty_times = set()
-        if not (inserts or updates or times or agent_rows):
+        updates = sum(len(rows) for _cols, rows in groups)
+        if not (inserts or updates or agent_rows):
             return 0
         try:
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, inserts)
-                _rows.update_devices(conn, updates)
-                _rows.update_times(conn, times)
+                for columns, rows in groups:
+                    _rows.update_devices(conn, rows, columns)
                 if agent_rows:
                     conn.execute(
                         t.agents.update()
@@ -389,14 +400,14 @@ class RegistryStore:
             # Keep the changes in memory and try again on the next pass: nothing is lost.
             with self._lock:
                 self._pending_inserts |= pending
-                self._dirty |= dirty
+                self._dirty |= meta
+                self._dirty_report |= report
                 self._dirty_times |= dirty_times
                 self._dirty_agents |= dirty_agents
             self.counters["flush_errors"] += 1
-            written = len(inserts) + len(updates) + len(times)
-            log.exception("registry flush failed", extra={"rows": written})
+            log.exception("registry flush failed", extra={"rows": len(inserts) + updates})
             return 0
-        written = len(inserts) + len(updates) + len(times) + len(agent_rows)
+        written = len(inserts) + updates + len(agent_rows)
         self.counters["flushed_rows"] += written
         return written
 
@@ -418,7 +429,8 @@ class RegistryStore:
                 "enterprises": len(self._enterprises),
                 "agents": len(self._agents),
                 "agents_online": sum(1 for a in self._agents.values() if a.online),
-                "pending_rows": len(self._dirty | self._dirty_times) + len(self._pending_inserts),
+                "pending_rows": len(self._dirty | self._dirty_report | self._dirty_times)
+                + len(self._pending_inserts),
             }
 
 
