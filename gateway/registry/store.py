@@ -57,8 +57,10 @@ class RegistryStore:
         self.url = url
         self.refresh_interval = refresh_interval
         # Rows are read again this far behind the newest stamp seen: a transaction that
-        # stamped its rows earlier may commit after a newer one was read.
-        self.refresh_overlap_ms = 2000
+        # stamped its rows earlier may commit after a newer one was read. A flush that
+        # takes longer is counted (``slow_flushes``): others may miss its rows.
+        self.refresh_overlap_ms = 5000
+        self._slow = False
         self._watermark = 0
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
@@ -380,6 +382,7 @@ class RegistryStore:
         updates = sum(len(rows) for _cols, rows in groups)
         if not (inserts or updates or agent_rows):
             return 0
+        began = time.monotonic()
         try:
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, inserts)
@@ -409,6 +412,15 @@ class RegistryStore:
             return 0
         written = len(inserts) + updates + len(agent_rows)
         self.counters["flushed_rows"] += written
+        slow = (time.monotonic() - began) * 1000 > self.refresh_overlap_ms
+        if slow:
+            self.counters["slow_flushes"] += 1
+        if slow and not self._slow:  # once per change, not every second
+            log.warning(
+                "registry flush took longer than the refresh overlap",
+                extra={"rows": written, "seconds": round(time.monotonic() - began, 1)},
+            )
+        self._slow = slow
         return written
 
     # ------------------------------------------------------------------ reads
