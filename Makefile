@@ -57,6 +57,7 @@ bench: setup system-deps
 	$(BIN)/python bench/agent_modbus.py
 	$(BIN)/python bench/gateway_ingest.py
 	$(BIN)/python bench/ratios.py
+	$(BIN)/python bench/ratios.py --instances 3
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data build $(DIST)
