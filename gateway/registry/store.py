@@ -294,6 +294,8 @@ class RegistryStore:
         for i, r in zip(pos.tolist(), known, strict=True):
             if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
                 continue
+            if _same_state(idx, i, r):
+                continue  # most rows read only carry newer sample times, merged above
             meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
             first = meta.first_seen_ms
             for name in _REFRESHED_META:
@@ -461,6 +463,29 @@ _REFRESHED_META = (
     "kind",
     "site_region",
 )
+
+
+def _same_state(idx: DeviceIndex, i: int, r: tuple[Any, ...]) -> bool:
+    """Whether row ``r`` (``LOAD_COLUMNS`` order) holds what position ``i`` has already."""
+    m = idx.meta[i]
+    return bool(
+        m.status == r[9]
+        and m.agent == r[8]
+        and m.reason == r[14]
+        and m.profile == r[7]
+        and m.family == r[5]
+        and m.category == r[6]
+        and m.name == r[2]
+        and m.region == r[3]
+        and m.industry == r[4]
+        and m.source == r[10]
+        and m.kind == r[15]
+        and m.site_region == r[16]
+        and m.not_in_ledger == bool(r[11])
+        and m.first_seen_ms == r[13]
+        and bool(idx.dev_online[i]) == bool(r[21])
+        and int(idx.offline_since[i]) == (NEVER if r[19] is None else r[19])
+    )
 
 
 def _newest_stamp(conn: sa.Connection) -> int:
