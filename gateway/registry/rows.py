@@ -229,6 +229,18 @@ def update_devices(
             values[name] = sa.func.greatest(c[name], values[name])
     if "first_seen_ms" in values:
         values["first_seen_ms"] = sa.func.least(c.first_seen_ms, values["first_seen_ms"])
+    if "status" in values:
+        # Nor does a device go back from 'connected' to before its first good sample.
+        values["status"] = sa.case(
+            (
+                sa.and_(
+                    c.status == "connected",
+                    sa.or_(values["status"] == "registered", values["status"] == "provisioned"),
+                ),
+                c.status,
+            ),
+            else_=values["status"],
+        )
     stmt = (
         t.devices.update()
         .where(c.enterprise == sa.bindparam("b_enterprise"), c.id == sa.bindparam("b_id"))
