@@ -246,11 +246,12 @@ class RegistryStore:
                 ]
             stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
             stamps += [r[-1] for r in devs]
+            prep = self._prepare_devices(devs)
             with self._lock:
                 for r in ents:
                     self._enterprises[r.id] = _rows.enterprise_of(r)
                 self._refresh_agents(agts)
-                self._refresh_devices(devs)
+                self._apply_devices(prep)
                 if stamps:
                     self._watermark = max(self._watermark, max(stamps))
         self.counters["refresh_runs"] += 1
@@ -276,39 +277,69 @@ class RegistryStore:
             for i in idx.by_agent.get(r.id, ()):
                 idx.agent_alive[i] = online
 
-    def _refresh_devices(self, rows: list[tuple[Any, ...]]) -> None:
+    def _prepare_devices(self, rows: list[tuple[Any, ...]]) -> _DeviceRows:
+        """Sort rows read into new devices, sample times and state changes.
+
+        Runs without the memory lock, so queries are not held up by the bulk of the work;
+        ``_apply_devices`` checks again under the lock what may have moved meanwhile.
+        """
         idx = self._index
-        new = [r for r in rows if (r[0], r[1]) not in idx.keys]
+        keys = idx.keys
+        prep = _DeviceRows()
+        known: list[tuple[Any, ...]] = []
+        positions: list[int] = []
+        for r in rows:
+            i = keys.get((r[0], r[1]))
+            if i is None:
+                prep.new.append(r)
+                continue
+            known.append(r)
+            positions.append(i)
+            if not _same_state(idx, i, r):  # most rows only carry newer sample times
+                prep.changed.append((i, r))
+        prep.pos = np.array(positions, np.int64)
+        prep.good = np.array([NEVER if r[17] is None else r[17] for r in known], np.int64)
+        prep.ts = np.array([NEVER if r[18] is None else r[18] for r in known], np.int64)
+        return prep
+
+    def _apply_devices(self, prep: _DeviceRows) -> None:
+        """Apply prepared rows to the index (under the lock)."""
+        idx = self._index
+        new = [r for r in prep.new if (r[0], r[1]) not in idx.keys]
+        # Added meanwhile by this instance's ingest: apply like any known device.
+        raced = [(idx.keys[(r[0], r[1])], r) for r in prep.new if (r[0], r[1]) in idx.keys]
         if new:
             self._add_loaded(idx, new)
-        known = [r for r in rows if (r[0], r[1]) in idx.keys]
-        if not known:
-            return
-        pos = np.array([idx.keys[(r[0], r[1])] for r in known], np.int64)
-        for col, saved, k in (("last_good", "saved_good", 17), ("last_ts", "saved_ts", 18)):
-            db = np.array([NEVER if r[k] is None else r[k] for r in known], np.int64)
+        for col, saved, db in (
+            ("last_good", "saved_good", prep.good),
+            ("last_ts", "saved_ts", prep.ts),
+        ):
             mem, was = getattr(idx, col), getattr(idx, saved)
-            mem[pos] = np.maximum(mem[pos], db)
-            was[pos] = np.maximum(was[pos], db)
-        alive = self._agents
-        for i, r in zip(pos.tolist(), known, strict=True):
+            mem[prep.pos] = np.maximum(mem[prep.pos], db)
+            was[prep.pos] = np.maximum(was[prep.pos], db)
+        for i, r in prep.changed + raced:
             if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
-                continue
-            if _same_state(idx, i, r):
-                continue  # most rows read only carry newer sample times, merged above
-            meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
-            first = meta.first_seen_ms
-            for name in _REFRESHED_META:
-                setattr(meta, name, getattr(fresh, name))
-            meta.not_in_ledger = bool(fresh.not_in_ledger)
-            if first is not None and (meta.first_seen_ms is None or first < meta.first_seen_ms):
-                meta.first_seen_ms = first
-            idx.set_static(i, meta)
-            agent = alive.get(r[8]) if r[8] else None
-            idx.set_agent(i, r[8], agent is not None and agent.online)
-            idx.agent_alive[i] = agent is not None and agent.online
-            idx.offline_since[i] = NEVER if r[19] is None else r[19]
-            idx.dev_online[i] = bool(r[21])
+                continue  # this instance's newer change is about to be written
+            self._apply_device_row(i, r)
+
+    def _apply_device_row(self, i: int, r: tuple[Any, ...]) -> None:
+        idx = self._index
+        meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
+        first = meta.first_seen_ms
+        for name in _REFRESHED_META:
+            setattr(meta, name, getattr(fresh, name))
+        meta.not_in_ledger = bool(fresh.not_in_ledger)
+        if first is not None and (meta.first_seen_ms is None or first < meta.first_seen_ms):
+            meta.first_seen_ms = first
+        idx.set_static(i, meta)
+        agent = self._agents.get(r[8]) if r[8] else None
+        idx.set_agent(i, r[8], agent is not None and agent.online)
+        idx.agent_alive[i] = agent is not None and agent.online
+        for col, k in (("last_good", 17), ("last_ts", 18)):
+            if r[k] is not None and r[k] > getattr(idx, col)[i]:
+                getattr(idx, col)[i] = r[k]
+        idx.offline_since[i] = NEVER if r[19] is None else r[19]
+        idx.dev_online[i] = bool(r[21])
 
     # ------------------------------------------------------------------ flushing
 
@@ -446,6 +477,17 @@ class RegistryStore:
                 "pending_rows": len(self._dirty | self._dirty_report | self._dirty_times)
                 + len(self._pending_inserts),
             }
+
+
+class _DeviceRows:
+    """Device rows a refresh read, sorted for applying (see ``_prepare_devices``)."""
+
+    def __init__(self) -> None:
+        self.new: list[tuple[Any, ...]] = []
+        self.changed: list[tuple[int, tuple[Any, ...]]] = []
+        self.pos = np.zeros(0, np.int64)
+        self.good = np.zeros(0, np.int64)
+        self.ts = np.zeros(0, np.int64)
 
 
 # The metadata a refresh takes from the database (first_seen_ms: the earlier of the two).
