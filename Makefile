@@ -12,7 +12,7 @@ all: test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -25,6 +25,7 @@ system-deps:
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v $${cmd%%:*} >/dev/null 2>&1 || missing="$$missing $${cmd##*:}"; \
 	done; \
 	dpkg -s fonts-noto-cjk >/dev/null 2>&1 || missing="$$missing fonts-noto-cjk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
@@ -63,6 +64,7 @@ bench: setup system-deps
 	$(BIN)/python bench/gateway_ingest.py
 	$(BIN)/python bench/ratios.py
 	$(BIN)/python bench/sparkplug_wire.py
+	$(BIN)/python bench/ratios.py --instances 3
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache iiot-data build $(DIST)

@@ -32,6 +32,7 @@ __all__ = [
     "OnCloudConfig",
     "OutboxConfig",
     "ProvincialConfig",
+    "RegistryConfig",
     "load_gateway_config",
 ]
 
@@ -261,6 +262,37 @@ class ProvincialConfig(_Cfg):
     )
 
 
+class RegistryConfig(_Cfg):
+    """How the registry keeps the database and, with several instances, other instances' rows."""
+
+    refresh_interval: float | None = Field(
+        default=None,
+        gt=0,
+        le=60,
+        description="Seconds between reads of the rows other gateway instances sharing the "
+        "database changed; default 2 with mqtt.shared_group, else off (one instance).",
+    )
+    persist_granularity: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="How far a device's last sample time moves before it is written; "
+        "default 5 s when refreshing (other instances read it), else 60 s.",
+    )
+
+    def refresh_for(self, shared_group: str | None) -> float | None:
+        """The refresh interval in effect (seconds), None for none."""
+        if self.refresh_interval is not None:
+            return self.refresh_interval
+        return 2.0 if shared_group else None
+
+    def granularity_for(self, shared_group: str | None) -> float:
+        """The persist granularity in effect (seconds)."""
+        if self.persist_granularity is not None:
+            return self.persist_granularity
+        return 5.0 if self.refresh_for(shared_group) is not None else 60.0
+
+
 class GatewayConfig(_Cfg):
     data_dir: Path = Path("./iiot-data")
     database_url: str | None = Field(
@@ -276,6 +308,7 @@ class GatewayConfig(_Cfg):
     control: ControlConfig = Field(default_factory=ControlConfig)
     on_cloud: OnCloudConfig = Field(default_factory=OnCloudConfig)
     provincial: ProvincialConfig = Field(default_factory=ProvincialConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."

@@ -133,8 +133,12 @@ class Gateway:
         if self.sink is None:
             from gateway.registry import Registry
 
+            group = cfg.mqtt.shared_group
             self.registry = Registry(
-                cfg.registry_url, default_poll_interval=cfg.default_poll_interval
+                cfg.registry_url,
+                default_poll_interval=cfg.default_poll_interval,
+                refresh_interval=cfg.registry.refresh_for(group),
+                persist_granularity=cfg.registry.granularity_for(group),
             )
             self.sink = self.registry
             if targets is not None:

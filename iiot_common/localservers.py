@@ -1,4 +1,5 @@
-"""Real servers on loopback for tests and benchmarks: Mosquitto, victoria-metrics, socat ptys.
+"""Real servers on loopback for tests and benchmarks: Mosquitto, PostgreSQL,
+victoria-metrics, socat ptys.
 
 Each is started on a free port in a folder of the caller's and stopped by ``stop()``. When
 a Debian package is missing and we are root, it is installed; otherwise ``require`` raises
@@ -8,12 +9,15 @@ a Debian package is missing and we are root, it is installed; otherwise ``requir
 from __future__ import annotations
 
 import contextlib
+import glob
+import itertools
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -23,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "DebianMosquitto",
     "Mosquitto",
+    "PostgreSQL",
     "PtyPair",
     "ServerUnavailable",
     "VictoriaMetrics",
@@ -278,6 +283,138 @@ class DebianMosquitto:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
         self.proc = None
+
+
+def _pg_bindir() -> Path:
+    """Debian's PostgreSQL programs folder (the newest version), installing it when root."""
+
+    def found() -> list[str]:
+        return sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=_version_key)
+
+    if not found():
+        with contextlib.suppress(ServerUnavailable):
+            require("pg_ctlcluster", "postgresql")
+    paths = found()
+    if not paths:
+        raise ServerUnavailable(
+            "needs the Debian package 'postgresql' (apt-get install -y postgresql)"
+        )
+    return Path(paths[-1]).parent
+
+
+def _version_key(path: str) -> int:
+    digits = path.split("/")[4]
+    return int(digits) if digits.isdigit() else 0
+
+
+class PostgreSQL:
+    """A PostgreSQL server on 127.0.0.1:port, its data and socket folders in a tmp folder.
+
+    PostgreSQL refuses to run as root, so as root it runs as ``user`` (Debian's package
+    makes ``postgres``). Authentication is ``trust`` on loopback only; the durability
+    settings are off (a test server). ``create_database()`` gives each caller its own
+    empty database on the one server.
+    """
+
+    def __init__(self, *, port: int | None = None, user: str = "postgres") -> None:
+        self.bindir = _pg_bindir()
+        self.port = port or free_port()
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                self._uid = pwd.getpwnam(user).pw_uid
+            except KeyError:
+                raise ServerUnavailable(f"no '{user}' user to run PostgreSQL as") from None
+            self._user = user
+        self.workdir: Path | None = None
+        self.proc_started = False
+        self._names = itertools.count(1)
+
+    @property
+    def url(self) -> str:
+        """SQLAlchemy URL of the ``iiot`` database (psycopg 3)."""
+        return self.url_of("iiot")
+
+    def url_of(self, database: str) -> str:
+        return f"postgresql+psycopg://iiot@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str) -> None:
+        done = subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            user=self._user,
+            capture_output=True,
+            check=False,
+            cwd="/",
+        )
+        if done.returncode != 0:
+            out = (done.stdout + done.stderr).decode(errors="replace")
+            raise RuntimeError(f"{args[0]} exited {done.returncode}: {out}")
+
+    def start(self) -> PostgreSQL:
+        # Not under the caller's folder: pytest's are private to root, the server's user
+        # must reach its own files.
+        self.workdir = Path(tempfile.mkdtemp(prefix="iiot-pg-"))
+        if self._user is not None:
+            os.chown(self.workdir, self._uid, -1)
+        data = self.workdir / "data"
+        self._run(
+            "initdb",
+            "-D",
+            str(data),
+            "-U",
+            "iiot",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--locale=C",
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(data),
+            "-l",
+            str(self.workdir / "postgresql.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            " ".join(
+                (
+                    f"-p {self.port}",
+                    f"-k {self.workdir}",
+                    "-c listen_addresses=127.0.0.1",
+                    "-c fsync=off",
+                    "-c synchronous_commit=off",
+                    "-c full_page_writes=off",
+                    "-c max_connections=200",
+                )
+            ),
+            "start",
+        )
+        self.proc_started = True
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "iiot", "iiot")
+        return self
+
+    def create_database(self) -> str:
+        """A new empty database on this server; returns its URL."""
+        name = f"t{os.getpid()}_{next(self._names)}"
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "iiot", name)
+        return self.url_of(name)
+
+    def stop(self) -> None:
+        if self.workdir is None:
+            return
+        if self.proc_started:
+            with contextlib.suppress(RuntimeError):
+                self._run(
+                    "pg_ctl", "-D", str(self.workdir / "data"), "-m", "immediate", "-w", "stop"
+                )
+            self.proc_started = False
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir = None
 
 
 class VictoriaMetrics:

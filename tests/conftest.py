@@ -11,6 +11,7 @@ import pytest
 
 from iiot_common.localservers import (
     Mosquitto,
+    PostgreSQL,
     PtyPair,
     ServerUnavailable,
     VictoriaMetrics,
@@ -38,6 +39,20 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker = Mosquitto(d).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgreSQL]:
+    """One PostgreSQL on a free loopback port for the whole session; tests take databases."""
+    server = PostgreSQL().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry_url(tmp_path: Path) -> str:
+    """The registry's database: SQLite here; the registry's own tests take both databases."""
+    return f"sqlite:///{tmp_path / 'registry.db'}"
 
 
 @pytest.fixture

@@ -266,6 +266,7 @@ class DevicesPart(RegistryStore):
             self._set_meta_locked(i, _ledger_update(idx.meta[i], m))
             self._pending_inserts.discard(i)
             self._dirty.add(i)
+            self._dirty_report.add(i)
         self.counters["ledger_birth_races"] += len(raced)
         return len(raced)
 

@@ -18,8 +18,11 @@ from gateway.registry.model import Agent, Enterprise
 __all__ = [
     "FLUSH_BATCH",
     "LOAD_COLUMNS",
+    "META_COLUMNS",
     "META_UPDATE",
+    "REPORT_COLUMNS",
     "STATE_COLUMNS",
+    "TIME_COLUMNS",
     "agent_of",
     "agent_row",
     "chunks",
@@ -81,6 +84,7 @@ LOAD_COLUMNS = (
     "last_seen_ms",
     "offline_since_ms",
     "online",
+    "reported_online",
 )
 
 META_UPDATE = (
@@ -151,6 +155,7 @@ def meta_row(m: DeviceMeta) -> dict[str, Any]:
         "created_ms": m.created_ms,
         "first_seen_ms": m.first_seen_ms,
         "online": False,
+        "reported_online": False,
         "reason": m.reason,
         "kind": m.kind,
         "site_region": m.site_region,
@@ -167,9 +172,18 @@ STATE_COLUMNS = (
     "last_seen_ms",
     "last_good_ms",
     "online",
+    "reported_online",
     "offline_since_ms",
     "reason",
 )
+# Each kind of change writes its own columns, so an instance never writes back a column
+# it did not change over what another instance has just written there.
+# What a sample moves:
+TIME_COLUMNS = ("first_seen_ms", "last_seen_ms", "last_good_ms")
+# What a birth, a ledger change or a first good sample changes (``online`` is derived):
+META_COLUMNS = ("agent", "profile", "status", "family", "category", "online", *TIME_COLUMNS)
+# What a device's state report or its agent's will changes:
+REPORT_COLUMNS = ("online", "reported_online", "offline_since_ms", "reason", *TIME_COLUMNS)
 
 
 def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
@@ -182,35 +196,58 @@ def insert_many(conn: sa.Connection, table: sa.Table, rows: list[dict[str, Any]]
             conn.execute(table.insert(), chunk)
         return
     cols = list(rows[0])
-    sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    values = ", ".join("?" * len(cols))
+    if "updated_ms" in table.c:
+        sql = f"INSERT INTO {table.name} ({', '.join(cols)}, updated_ms) VALUES ({values}, "
+        sql += f"{t.DB_NOW_MS_SQLITE})"
+    else:
+        sql = f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({values})"
     get = operator.itemgetter(*cols)
     conn.exec_driver_sql(sql, [get(r) for r in rows])
 
 
-def update_devices(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+def update_devices(
+    conn: sa.Connection, rows: list[dict[str, Any]], columns: tuple[str, ...] = STATE_COLUMNS
+) -> None:
+    """Write ``columns`` of ``rows`` (timestamps never move back on PostgreSQL)."""
     if not rows:
         return
     if conn.dialect.name == "sqlite":
-        sets = ", ".join(f"{k} = ?" for k in STATE_COLUMNS)
+        sets = ", ".join(f"{k} = ?" for k in columns)
         conn.exec_driver_sql(
-            f"UPDATE devices SET {sets} WHERE enterprise = ? AND id = ?",
-            list(map(operator.itemgetter(*STATE_COLUMNS, "enterprise", "id"), rows)),
+            f"UPDATE devices SET {sets}, updated_ms = {t.DB_NOW_MS_SQLITE} "
+            "WHERE enterprise = ? AND id = ?",
+            list(map(operator.itemgetter(*columns, "enterprise", "id"), rows)),
         )
         return
+    c = t.devices.c
+    values: dict[str, Any] = {k: sa.bindparam("v_" + k) for k in columns}
+    # Several instances write the same row: a timestamp only ever moves forward, so a
+    # late write from an instance that saw older samples cannot take it back.
+    for name in ("last_seen_ms", "last_good_ms"):
+        if name in values:
+            values[name] = sa.func.greatest(c[name], values[name])
+    if "first_seen_ms" in values:
+        values["first_seen_ms"] = sa.func.least(c.first_seen_ms, values["first_seen_ms"])
+    if "status" in values:
+        # Nor does a device go back from 'connected' to before its first good sample.
+        values["status"] = sa.case(
+            (
+                sa.and_(
+                    c.status == "connected",
+                    sa.or_(values["status"] == "registered", values["status"] == "provisioned"),
+                ),
+                c.status,
+            ),
+            else_=values["status"],
+        )
     stmt = (
         t.devices.update()
-        .where(
-            t.devices.c.enterprise == sa.bindparam("b_enterprise"),
-            t.devices.c.id == sa.bindparam("b_id"),
-        )
-        .values({k: sa.bindparam("v_" + k) for k in STATE_COLUMNS})
+        .where(c.enterprise == sa.bindparam("b_enterprise"), c.id == sa.bindparam("b_id"))
+        .values(values)
     )
     data = [
-        {
-            "b_enterprise": r["enterprise"],
-            "b_id": r["id"],
-            **{"v_" + k: r[k] for k in STATE_COLUMNS},
-        }
+        {"b_enterprise": r["enterprise"], "b_id": r["id"], **{"v_" + k: r[k] for k in columns}}
         for r in rows
     ]
     for chunk in chunks(data, FLUSH_BATCH):

@@ -176,7 +176,7 @@ class IngestSinkPart(RegistryStore):
                     self._history.record((enterprise, idx.meta[i].id), change)
                 idx.agent_alive[i] = False
                 idx.dev_online[i] = False
-                self._dirty.add(i)
+                self._dirty_report.add(i)
 
     def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:
         self.counters["device_states"] += 1
@@ -187,7 +187,9 @@ class IngestSinkPart(RegistryStore):
                 self.counters["unknown_device"] += 1
                 return
             a = self._agents.get(agent)
-            idx.set_agent(i, agent, a is not None and a.online)
+            if idx.meta[i].agent != agent:
+                idx.set_agent(i, agent, a is not None and a.online)
+                self._dirty.add(i)
             was = bool(idx.dev_online[i])
             if was and not state.online:
                 idx.offline_since[i] = state.ts or self._now_ms()
@@ -197,7 +199,7 @@ class IngestSinkPart(RegistryStore):
                 state.ts or self._now_ms(), state.online, state.reason[:200], "device"
             )
             self._history.record((enterprise, device), change)
-            self._dirty.add(i)
+            self._dirty_report.add(i)
 
     def state_history(self, enterprise: str, device: str, limit: int = 50) -> list[StateChange]:
         """The device's last online/offline changes seen by this instance, newest first."""
@@ -217,10 +219,10 @@ class IngestSinkPart(RegistryStore):
             # Timestamps move with every poll; writing each one would be 10⁵ UPDATEs a
             # second at province scale. The database copy may lag by the granularity;
             # status changes and the first sample are written at once, close() writes all.
-            changed = False
+            changed = moved = False
             if summary.last_ts > idx.last_ts[i]:
                 idx.last_ts[i] = summary.last_ts
-                changed = summary.last_ts - idx.saved_ts[i] >= self.persist_granularity_ms
+                moved = summary.last_ts - idx.saved_ts[i] >= self.persist_granularity_ms
             meta = idx.meta[i]
             if summary.last_good_ts is not None and summary.last_good_ts > idx.last_good[i]:
                 idx.last_good[i] = summary.last_good_ts
@@ -228,10 +230,10 @@ class IngestSinkPart(RegistryStore):
                     meta.status = "connected"
                     changed = True
                 elif summary.last_good_ts - idx.saved_good[i] >= self.persist_granularity_ms:
-                    changed = True
+                    moved = True
             if meta.first_seen_ms is None or summary.first_ts < meta.first_seen_ms:
                 meta.first_seen_ms = summary.first_ts
-                changed = True
+                moved = True
             if summary.latest:
                 old = self._latest.get(key)
                 if old is None or summary.last_ts >= old[0]:
@@ -247,3 +249,6 @@ class IngestSinkPart(RegistryStore):
                 )
             if changed:
                 self._dirty.add(i)
+            elif moved:
+                # Only the timestamps: the state columns stay as whoever changed them wrote.
+                self._dirty_times.add(i)

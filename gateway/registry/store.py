@@ -8,6 +8,12 @@ batches (``flush``). Sample timestamps are written when they have moved by
 ``last_seen``/``last_good`` may lag by that much while running; ``close()`` writes them
 exactly. Writes that come through the API go to the database at once, after pending
 ingest changes, so the two never overtake each other.
+
+Several gateway instances may share one database. Each stamps the rows it writes with
+the database's clock (``updated_ms``), and with ``refresh_interval`` set a thread reads
+the rows changed since its last look (``refresh``) into this instance's index, so every
+instance's ratios follow every instance's ingest: at most ``persist_granularity +
+flush_interval + refresh_interval`` behind.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
@@ -46,9 +52,17 @@ class RegistryStore:
         default_poll_interval: float = 10.0,
         flush_interval: float = 1.0,
         persist_granularity: float = 60.0,
+        refresh_interval: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
+        self.refresh_interval = refresh_interval
+        # Rows are read again this far behind the newest stamp seen: a transaction that
+        # stamped its rows earlier may commit after a newer one was read. A flush that
+        # takes longer is counted (``slow_flushes``): others may miss its rows.
+        self.refresh_overlap_ms = 5000
+        self._slow = False
+        self._watermark = 0
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
         self.flush_interval = flush_interval
@@ -65,6 +79,11 @@ class RegistryStore:
         self._gaps: dict[tuple[str, str], tuple[int, int, int]] = {}
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
+        # What changed, by the columns it writes (see rows.META_COLUMNS): ``_dirty`` the
+        # metadata, ``_dirty_report`` the device's reported state, ``_dirty_times`` only
+        # the sample timestamps.
+        self._dirty_report: set[int] = set()
+        self._dirty_times: set[int] = set()
         self._dirty_agents: set[str] = set()
         # Publishers not found in the database either: (enterprise, agent) -> when looked up.
         self._misses: dict[tuple[str, str], float] = {}
@@ -74,6 +93,7 @@ class RegistryStore:
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._refresher: threading.Thread | None = None
         self._started = False
         self._closed = False
         # Schema and index are ready as soon as the object exists, so a caller that
@@ -92,6 +112,11 @@ class RegistryStore:
         self._stop.clear()
         self._thread = threading.Thread(target=self._flush_loop, name="registry-flush", daemon=True)
         self._thread.start()
+        if self.refresh_interval is not None:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="registry-refresh", daemon=True
+            )
+            self._refresher.start()
         self._started = True
         return self
 
@@ -101,16 +126,17 @@ class RegistryStore:
             return
         self._closed = True
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        for thread in (self._thread, self._refresher):
+            if thread is not None:
+                thread.join(timeout=10)
+        self._thread = self._refresher = None
         with self._lock:
             idx = self._index
             n = idx.n
             lagging = np.flatnonzero(
                 (idx.last_ts[:n] != idx.saved_ts[:n]) | (idx.last_good[:n] != idx.saved_good[:n])
             )
-            self._dirty.update(int(i) for i in lagging)
+            self._dirty_times.update(int(i) for i in lagging)
         self.flush()
         self._started = False
         self._engine.dispose()
@@ -144,8 +170,27 @@ class RegistryStore:
                 self.counters["flush_errors"] += 1
                 log.exception("registry flush failed; will retry")
 
+    def _refresh_loop(self) -> None:
+        # Bounded by the stop event; each pass has the database timeout of the engine.
+        assert self.refresh_interval is not None
+        failing = False
+        while not self._stop.wait(self.refresh_interval):
+            try:
+                self.refresh()
+            except Exception:
+                self.counters["refresh_errors"] += 1
+                if not failing:  # once per change, not every few seconds
+                    log.exception("registry refresh failed; will retry")
+                failing = True
+            else:
+                if failing:
+                    log.info("registry refresh works again")
+                failing = False
+
     def _load(self) -> None:
         with self._engine.connect() as conn:
+            # Read before the rows: a change made while they are read is read again.
+            self._watermark = _newest_stamp(conn)
             ents = conn.execute(sa.select(t.enterprises)).all()
             agts = conn.execute(sa.select(t.agents)).all()
             # Plain tuples in DeviceMeta's field order, then the runtime columns.
@@ -155,25 +200,150 @@ class RegistryStore:
         with self._lock:
             self._enterprises = {r.id: _rows.enterprise_of(r) for r in ents}
             self._agents = {r.id: _rows.agent_of(r) for r in agts}
-            metas = [DeviceMeta(*r[:17]) for r in devs]
-            start = index.add_many(metas)
-            sl = slice(start, start + len(devs))
-            index.last_good[sl] = [NEVER if r[17] is None else r[17] for r in devs]
-            index.last_ts[sl] = [NEVER if r[18] is None else r[18] for r in devs]
-            index.offline_since[sl] = [NEVER if r[19] is None else r[19] for r in devs]
-            index.saved_good[sl] = index.last_good[sl]
-            index.saved_ts[sl] = index.last_ts[sl]
-            index.dev_online[sl] = [bool(r[20]) for r in devs]
-            alive = {a.id for a in self._agents.values() if a.online}
-            index.agent_alive[sl] = [r[8] in alive for r in devs]
-            for m in metas:
-                m.not_in_ledger = bool(m.not_in_ledger)
+            self._add_loaded(index, devs)
             self._index = index
         _rows.freeze_long_lived()
         log.info(
             "registry loaded",
             extra={"enterprises": len(ents), "agents": len(agts), "devices": len(devs)},
         )
+
+    def _add_loaded(self, index: DeviceIndex, devs: list[tuple[Any, ...]]) -> None:
+        """Append rows read in ``LOAD_COLUMNS`` order to ``index`` (under the lock)."""
+        metas = [DeviceMeta(*r[:17]) for r in devs]
+        for m in metas:
+            m.not_in_ledger = bool(m.not_in_ledger)
+        start = index.add_many(metas)
+        sl = slice(start, start + len(devs))
+        index.last_good[sl] = [NEVER if r[17] is None else r[17] for r in devs]
+        index.last_ts[sl] = [NEVER if r[18] is None else r[18] for r in devs]
+        index.offline_since[sl] = [NEVER if r[19] is None else r[19] for r in devs]
+        index.saved_good[sl] = index.last_good[sl]
+        index.saved_ts[sl] = index.last_ts[sl]
+        index.dev_online[sl] = [bool(r[21]) for r in devs]
+        alive = {a.id for a in self._agents.values() if a.online}
+        index.agent_alive[sl] = [r[8] in alive for r in devs]
+
+    # ------------------------------------------------------------------ refreshing
+
+    def refresh(self) -> int:
+        """Read the rows changed since the last refresh (by any instance) into memory.
+
+        Returns the rows read. A device with a change of this instance's own not yet
+        written keeps its state; its timestamps take the later of the two.
+        """
+        cols = [t.devices.c[name] for name in _rows.LOAD_COLUMNS] + [t.devices.c.updated_ms]
+        # Under the write lock: a flush between the read and the apply would otherwise let
+        # the rows read (older) overwrite the state the flush has just written.
+        with self._db_lock:
+            since = self._watermark - self.refresh_overlap_ms
+            with self._engine.connect() as conn:
+                ents = conn.execute(
+                    sa.select(t.enterprises).where(t.enterprises.c.updated_ms > since)
+                ).all()
+                agts = conn.execute(sa.select(t.agents).where(t.agents.c.updated_ms > since)).all()
+                devs = [
+                    tuple(r)
+                    for r in conn.execute(
+                        sa.select(*cols).where(t.devices.c.updated_ms > since)
+                    ).all()
+                ]
+            stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
+            stamps += [r[-1] for r in devs]
+            prep = self._prepare_devices(devs)
+            with self._lock:
+                for r in ents:
+                    self._enterprises[r.id] = _rows.enterprise_of(r)
+                self._refresh_agents(agts)
+                self._apply_devices(prep)
+                if stamps:
+                    self._watermark = max(self._watermark, max(stamps))
+        self.counters["refresh_runs"] += 1
+        self.counters["refresh_rows"] += len(stamps)
+        return len(stamps)
+
+    def _refresh_agents(self, rows: Sequence[Any]) -> None:
+        idx = self._index
+        for r in rows:
+            if r.id in self._dirty_agents:
+                continue  # this instance's newer change is about to be written
+            a = self._agents.get(r.id)
+            online = bool(r.online)
+            if a is None:
+                self._agents[r.id] = _rows.agent_of(r)
+                self._misses.clear()
+            else:
+                a.password_hash, a.bdseq = r.password_hash, r.bdseq
+                a.last_birth_ms = r.last_birth_ms
+                if a.online == online:
+                    continue
+                a.online = online
+            for i in idx.by_agent.get(r.id, ()):
+                idx.agent_alive[i] = online
+
+    def _prepare_devices(self, rows: list[tuple[Any, ...]]) -> _DeviceRows:
+        """Sort rows read into new devices, sample times and state changes.
+
+        Runs without the memory lock, so queries are not held up by the bulk of the work;
+        ``_apply_devices`` checks again under the lock what may have moved meanwhile.
+        """
+        idx = self._index
+        keys = idx.keys
+        prep = _DeviceRows()
+        known: list[tuple[Any, ...]] = []
+        positions: list[int] = []
+        for r in rows:
+            i = keys.get((r[0], r[1]))
+            if i is None:
+                prep.new.append(r)
+                continue
+            known.append(r)
+            positions.append(i)
+            if not _same_state(idx, i, r):  # most rows only carry newer sample times
+                prep.changed.append((i, r))
+        prep.pos = np.array(positions, np.int64)
+        prep.good = np.array([NEVER if r[17] is None else r[17] for r in known], np.int64)
+        prep.ts = np.array([NEVER if r[18] is None else r[18] for r in known], np.int64)
+        return prep
+
+    def _apply_devices(self, prep: _DeviceRows) -> None:
+        """Apply prepared rows to the index (under the lock)."""
+        idx = self._index
+        new = [r for r in prep.new if (r[0], r[1]) not in idx.keys]
+        # Added meanwhile by this instance's ingest: apply like any known device.
+        raced = [(idx.keys[(r[0], r[1])], r) for r in prep.new if (r[0], r[1]) in idx.keys]
+        if new:
+            self._add_loaded(idx, new)
+        for col, saved, db in (
+            ("last_good", "saved_good", prep.good),
+            ("last_ts", "saved_ts", prep.ts),
+        ):
+            mem, was = getattr(idx, col), getattr(idx, saved)
+            mem[prep.pos] = np.maximum(mem[prep.pos], db)
+            was[prep.pos] = np.maximum(was[prep.pos], db)
+        for i, r in prep.changed + raced:
+            if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
+                continue  # this instance's newer change is about to be written
+            self._apply_device_row(i, r)
+
+    def _apply_device_row(self, i: int, r: tuple[Any, ...]) -> None:
+        idx = self._index
+        meta, fresh = idx.meta[i], DeviceMeta(*r[:17])
+        first = meta.first_seen_ms
+        for name in _REFRESHED_META:
+            setattr(meta, name, getattr(fresh, name))
+        meta.not_in_ledger = bool(fresh.not_in_ledger)
+        if first is not None and (meta.first_seen_ms is None or first < meta.first_seen_ms):
+            meta.first_seen_ms = first
+        idx.set_static(i, meta)
+        agent = self._agents.get(r[8]) if r[8] else None
+        idx.set_agent(i, r[8], agent is not None and agent.online)
+        idx.agent_alive[i] = agent is not None and agent.online
+        for col, k in (("last_good", 17), ("last_ts", 18)):
+            if r[k] is not None and r[k] > getattr(idx, col)[i]:
+                getattr(idx, col)[i] = r[k]
+        idx.offline_since[i] = NEVER if r[19] is None else r[19]
+        idx.dev_online[i] = bool(r[21])
 
     # ------------------------------------------------------------------ flushing
 
@@ -193,14 +363,34 @@ class RegistryStore:
             "last_seen_ms": _rows.opt(idx.last_ts[i]),
             "last_good_ms": _rows.opt(idx.last_good[i]),
             "online": bool(idx.dev_online[i] and idx.agent_alive[i]),
+            "reported_online": bool(idx.dev_online[i]),
             "offline_since_ms": _rows.opt(idx.offline_since[i]),
             "reason": m.reason[:200],
         }
 
     def _flush_locked(self) -> int:
         with self._lock:
-            inserts = [self._device_row(i) for i in sorted(self._pending_inserts)]
-            updates = [self._device_row(i) for i in sorted(self._dirty - self._pending_inserts)]
+            pending, meta, report, dirty_times, dirty_agents = (
+                self._pending_inserts,
+                self._dirty,
+                self._dirty_report,
+                self._dirty_times,
+                self._dirty_agents,
+            )
+            self._pending_inserts, self._dirty, self._dirty_agents = set(), set(), set()
+            self._dirty_report, self._dirty_times = set(), set()
+            row = self._device_row
+            inserts = [row(i) for i in sorted(pending)]
+            both = (meta & report) - pending
+            groups = [
+                (_rows.STATE_COLUMNS, [row(i) for i in sorted(both)]),
+                (_rows.META_COLUMNS, [row(i) for i in sorted(meta - both - pending)]),
+                (_rows.REPORT_COLUMNS, [row(i) for i in sorted(report - both - pending)]),
+                (
+                    _rows.TIME_COLUMNS,
+                    [row(i) for i in sorted(dirty_times - meta - report - pending)],
+                ),
+            ]
             agent_rows = [
                 {
                     "b_id": a.id,
@@ -208,21 +398,18 @@ class RegistryStore:
                     "v_bdseq": a.bdseq,
                     "v_online": a.online,
                 }
-                for a in (self._agents.get(x) for x in self._dirty_agents)
+                for a in (self._agents.get(x) for x in dirty_agents)
                 if a is not None
             ]
-            pending, dirty, dirty_agents = (
-                self._pending_inserts,
-                self._dirty,
-                self._dirty_agents,
-            )
-            self._pending_inserts, self._dirty, self._dirty_agents = set(), set(), set()
+        updates = sum(len(rows) for _cols, rows in groups)
         if not (inserts or updates or agent_rows):
             return 0
+        began = time.monotonic()
         try:
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, inserts)
-                _rows.update_devices(conn, updates)
+                for columns, rows in groups:
+                    _rows.update_devices(conn, rows, columns)
                 if agent_rows:
                     conn.execute(
                         t.agents.update()
@@ -238,13 +425,25 @@ class RegistryStore:
             # Keep the changes in memory and try again on the next pass: nothing is lost.
             with self._lock:
                 self._pending_inserts |= pending
-                self._dirty |= dirty
+                self._dirty |= meta
+                self._dirty_report |= report
+                self._dirty_times |= dirty_times
                 self._dirty_agents |= dirty_agents
             self.counters["flush_errors"] += 1
-            log.exception("registry flush failed", extra={"rows": len(inserts) + len(updates)})
+            log.exception("registry flush failed", extra={"rows": len(inserts) + updates})
             return 0
-        self.counters["flushed_rows"] += len(inserts) + len(updates) + len(agent_rows)
-        return len(inserts) + len(updates) + len(agent_rows)
+        written = len(inserts) + updates + len(agent_rows)
+        self.counters["flushed_rows"] += written
+        slow = (time.monotonic() - began) * 1000 > self.refresh_overlap_ms
+        if slow:
+            self.counters["slow_flushes"] += 1
+        if slow and not self._slow:  # once per change, not every second
+            log.warning(
+                "registry flush took longer than the refresh overlap",
+                extra={"rows": written, "seconds": round(time.monotonic() - began, 1)},
+            )
+        self._slow = slow
+        return written
 
     # ------------------------------------------------------------------ reads
 
@@ -264,5 +463,66 @@ class RegistryStore:
                 "enterprises": len(self._enterprises),
                 "agents": len(self._agents),
                 "agents_online": sum(1 for a in self._agents.values() if a.online),
-                "pending_rows": len(self._dirty) + len(self._pending_inserts),
+                "pending_rows": len(self._dirty | self._dirty_report | self._dirty_times)
+                + len(self._pending_inserts),
             }
+
+
+class _DeviceRows:
+    """Device rows a refresh read, sorted for applying (see ``_prepare_devices``)."""
+
+    def __init__(self) -> None:
+        self.new: list[tuple[Any, ...]] = []
+        self.changed: list[tuple[int, tuple[Any, ...]]] = []
+        self.pos = np.zeros(0, np.int64)
+        self.good = np.zeros(0, np.int64)
+        self.ts = np.zeros(0, np.int64)
+
+
+# The metadata a refresh takes from the database (first_seen_ms: the earlier of the two).
+_REFRESHED_META = (
+    "name",
+    "region",
+    "industry",
+    "family",
+    "category",
+    "profile",
+    "status",
+    "source",
+    "first_seen_ms",
+    "reason",
+    "kind",
+    "site_region",
+)
+
+
+def _same_state(idx: DeviceIndex, i: int, r: tuple[Any, ...]) -> bool:
+    """Whether row ``r`` (``LOAD_COLUMNS`` order) holds what position ``i`` has already."""
+    m = idx.meta[i]
+    return bool(
+        m.status == r[9]
+        and m.agent == r[8]
+        and m.reason == r[14]
+        and m.profile == r[7]
+        and m.family == r[5]
+        and m.category == r[6]
+        and m.name == r[2]
+        and m.region == r[3]
+        and m.industry == r[4]
+        and m.source == r[10]
+        and m.kind == r[15]
+        and m.site_region == r[16]
+        and m.not_in_ledger == bool(r[11])
+        and m.first_seen_ms == r[13]
+        and bool(idx.dev_online[i]) == bool(r[21])
+        and int(idx.offline_since[i]) == (NEVER if r[19] is None else r[19])
+    )
+
+
+def _newest_stamp(conn: sa.Connection) -> int:
+    """The newest ``updated_ms`` of enterprises, agents and devices (0 for none)."""
+    newest = 0
+    for table in (t.enterprises, t.agents, t.devices):
+        stamp = conn.execute(sa.select(sa.func.max(table.c.updated_ms))).scalar()
+        newest = max(newest, int(stamp or 0))
+    return newest

@@ -1,18 +1,25 @@
 """The registry's tables and their versioned migrations (table ``schema_version``).
 
 Times are Unix milliseconds (BIGINT) so SQLite and PostgreSQL agree exactly.
+``updated_ms`` on enterprises, agents and devices is the database's clock at the row's
+last write: gateway instances sharing the database poll it for rows changed since their
+last look (``RegistryStore.refresh``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
 
 __all__ = [
+    "DB_NOW_MS_SQLITE",
     "SCHEMA_VERSION",
     "agent_rotations",
     "agents",
+    "db_now_ms",
     "devices",
     "enterprises",
     "metadata",
@@ -24,6 +31,39 @@ __all__ = [
 ]
 
 metadata = sa.MetaData()
+
+
+class db_now_ms(sa.sql.expression.FunctionElement[int]):
+    """The database server's clock in Unix milliseconds (one clock for every instance)."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+DB_NOW_MS_SQLITE = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+
+
+@compiles(db_now_ms)
+def _db_now_ms_default(_element: db_now_ms, _compiler: Any, **_kw: Any) -> str:
+    return DB_NOW_MS_SQLITE
+
+
+@compiles(db_now_ms, "postgresql")
+def _db_now_ms_pg(_element: db_now_ms, _compiler: Any, **_kw: Any) -> str:
+    # clock_timestamp(), not now(): a long transaction must not stamp rows in the past.
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+
+
+def _updated_ms() -> sa.Column[int]:
+    return sa.Column(
+        "updated_ms",
+        sa.BigInteger,
+        nullable=False,
+        default=db_now_ms(),
+        onupdate=db_now_ms(),
+        server_default="0",
+    )
+
 
 schema_version = sa.Table(
     "schema_version",
@@ -40,6 +80,7 @@ enterprises = sa.Table(
     sa.Column("region", sa.String(6), nullable=False),
     sa.Column("industry", sa.String(8), nullable=False),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
+    _updated_ms(),
 )
 
 agents = sa.Table(
@@ -53,6 +94,7 @@ agents = sa.Table(
     sa.Column("last_birth_ms", sa.BigInteger, nullable=True),
     sa.Column("bdseq", sa.BigInteger, nullable=True),
     sa.Column("online", sa.Boolean, nullable=False, default=False),
+    _updated_ms(),
 )
 
 devices = sa.Table(
@@ -81,6 +123,9 @@ devices = sa.Table(
     # anywhere; ``region`` is the maker's, ``site_region`` where it is installed).
     sa.Column("kind", sa.String(16), nullable=False, server_default="equipment"),
     sa.Column("site_region", sa.String(6), nullable=True),
+    # The device's own last reported state; ``online`` is it and its agent's being alive.
+    sa.Column("reported_online", sa.Boolean, nullable=False, server_default=sa.false()),
+    _updated_ms(),
 )
 
 ratio_snapshots = sa.Table(
@@ -138,6 +183,9 @@ agent_rotations = sa.Table(
 
 sa.Index("ix_devices_agent", devices.c.agent)
 sa.Index("ix_snapshots_group_ts", ratio_snapshots.c.group_by, ratio_snapshots.c.ts_ms)
+sa.Index("ix_devices_updated", devices.c.updated_ms)
+sa.Index("ix_agents_updated", agents.c.updated_ms)
+sa.Index("ix_enterprises_updated", enterprises.c.updated_ms)
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -198,8 +246,19 @@ def _v5(conn: sa.Connection) -> None:
     agent_rotations.create(conn, checkfirst=True)
 
 
+def _v6(conn: sa.Connection) -> None:
+    """Change stamps for instances sharing the database; the device's own reported state."""
+    for table in (enterprises, agents, devices):
+        _add_missing_columns(conn, table, ("updated_ms",))
+    _add_missing_columns(conn, devices, ("reported_online",))
+    conn.execute(devices.update().where(devices.c.online).values(reported_online=True))
+    for table in (enterprises, agents, devices):
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -29,9 +29,9 @@ from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto
+from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_ingest import metric
 from tests.gateway.test_provisioning import _Client
-from tests.gateway.test_registry_fixtures import PG_URL, _registry_url
 from tests.waiting import wait_until
 
 ADMIN, OPERATOR, PLATFORM = "admin-token-t", "operator-token-t", "platform-token-t"
@@ -45,6 +45,9 @@ CNC = {
     "opcua": {"endpoint": "opc.tcp://10.0.0.8:4840", "username": "u", "password": "s3cret"},
 }
 KILN = {"id": "kiln-1", "profile": "kiln-rotary-cement", "modbus": {"host": "10.0.0.7"}}
+
+# The control plane runs on SQLite and on PostgreSQL.
+registry_url = _fx.both_registry_urls
 
 
 def _now_ms() -> int:
@@ -115,11 +118,11 @@ class _Plane:
 
 
 @pytest.fixture
-def plane(tmp_path: Path) -> Iterator[_Plane]:
+def plane(tmp_path: Path, registry_url: str) -> Iterator[_Plane]:
     pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
     cfg = GatewayConfig(
         data_dir=tmp_path / "gw",
-        database_url=_registry_url(tmp_path) if PG_URL else None,
+        database_url=registry_url,
         api=ApiConfig(
             port=0,
             admin_tokens=[SecretStr(ADMIN)],

@@ -19,8 +19,12 @@ from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
 from gateway.provisioning import Provisioner, mosquitto_hash, verify_mosquitto_hash
 from gateway.registry import Conflict, NotFound, Registry
 from iiot_common.localservers import Mosquitto
+from tests.gateway import test_registry_fixtures as _fx
 
 _ids = itertools.count()
+
+# These run on SQLite and on PostgreSQL.
+registry_url = _fx.both_registry_urls
 
 
 class _Client:
@@ -82,9 +86,11 @@ def test_password_hash_is_mosquittos_format() -> None:
 
 
 @pytest.fixture
-def broker_setup(tmp_path: Path) -> Iterator[tuple[Registry, Mosquitto, Path, Path]]:
+def broker_setup(
+    tmp_path: Path, registry_url: str
+) -> Iterator[tuple[Registry, Mosquitto, Path, Path]]:
     pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
-    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    reg = Registry(registry_url)
     reg.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
     reg.add_enterprise("ent-b", "Enterprise B", "130203", "C31")
     # Write the gateway's own entry first so the broker starts with a valid file.
@@ -179,8 +185,10 @@ def test_rotating_an_agent_password_locks_out_the_old_one(
         new.close()
 
 
-def test_gateway_instances_sharing_a_database_see_each_others_agents(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_gateway_instances_sharing_a_database_see_each_others_agents(
+    tmp_path: Path, registry_url: str
+) -> None:
+    url = registry_url
     pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
     a = Registry(url)
     a.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
@@ -219,8 +227,10 @@ def test_gateway_instances_sharing_a_database_see_each_others_agents(tmp_path: P
         b.close()
 
 
-def test_a_single_use_key_works_once_across_gateway_instances(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
+def test_a_single_use_key_works_once_across_gateway_instances(
+    tmp_path: Path, registry_url: str
+) -> None:
+    url = registry_url
     pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
     a = Registry(url)
     a.add_enterprise("ent-a", "Enterprise A", "130102", "C30")

@@ -18,7 +18,8 @@ from gateway.registry import Registry
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_registry_fixtures import T0, reference
 
-# Fixtures shared with the other registry/API tests.
+# Fixtures shared with the other registry/API tests; these run on SQLite and PostgreSQL.
+registry_url = _fx.both_registry_urls
 registry = _fx.registry
 hebei = _fx.hebei
 

@@ -15,7 +15,8 @@ from tests.gateway.test_registry_fixtures import T0, reference
 
 HOUR = 3600_000
 
-# Fixtures shared with the other registry/API tests.
+# Fixtures shared with the other registry/API tests; these run on SQLite and PostgreSQL.
+registry_url = _fx.both_registry_urls
 registry = _fx.registry
 hebei = _fx.hebei
 

@@ -17,13 +17,14 @@ from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Will
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_registry_fixtures import POLL_S, T0, agent_of
 
-# Fixtures shared with the other registry/API tests.
+# Fixtures shared with the other registry/API tests; these run on SQLite and PostgreSQL.
+registry_url = _fx.both_registry_urls
 registry = _fx.registry
 hebei = _fx.hebei
 
 
-def test_state_survives_a_restart(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+def test_state_survives_a_restart(tmp_path: Path, registry_url: str) -> None:
+    url = registry_url
     from tests.gateway.test_registry_fixtures import populate
 
     with Registry(url, default_poll_interval=POLL_S) as reg:
@@ -39,8 +40,10 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
     assert dev is not None and dev["status"] == "connected" and dev["agent"] == "agent-hb-cement"
 
 
-def test_frequent_samples_are_written_coarsely_and_exactly_at_close(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+def test_frequent_samples_are_written_coarsely_and_exactly_at_close(
+    tmp_path: Path, registry_url: str
+) -> None:
+    url = registry_url
     reg = Registry(url, default_poll_interval=POLL_S, clock=lambda: T0 / 1000)
     reg.add_enterprise("e", "E", "130102", "C30")
     reg.add_agent("e", "a", None)
@@ -325,14 +328,14 @@ def _birth_of(device: str) -> Birth:
 
 
 def test_a_birth_while_a_ledger_import_writes_its_rows_counts_the_device_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, registry_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The import writes its new rows without the memory lock; an agent announcing one of
     # those devices in that moment must not give it a second position (counted twice, and
     # a duplicate INSERT failing every later flush).
     from gateway.registry import rows as registry_rows
 
-    url = f"sqlite:///{tmp_path / 'r.db'}"
+    url = registry_url
     reg = Registry(url, default_poll_interval=POLL_S, clock=lambda: T0 / 1000)
     reg.add_enterprise("e", "E", "130102", "C30")
     reg.add_agent("e", "a", None)
@@ -367,3 +370,31 @@ def test_a_birth_while_a_ledger_import_writes_its_rows_counts_the_device_once(
         d2 = again.get_device("e", "d2")
         assert d2 is not None and d2["status"] == "provisioned" and d2["agent"] == "a"
         assert d2["not_in_ledger"] is False and d2["family"] == "kiln"
+
+
+def test_an_instance_sharing_the_database_refreshes_to_the_same_ratios(registry_url: str) -> None:
+    from tests.gateway.test_registry_fixtures import populate
+
+    # B starts on the empty database; everything then happens at A, as when A ingests.
+    a = Registry(registry_url, default_poll_interval=POLL_S, persist_granularity=0.001)
+    b = Registry(registry_url, default_poll_interval=POLL_S, refresh_interval=60.0)
+    try:
+        populate(a)
+        a.flush()
+        b.refresh()
+        for group_by in (None, "county", "enterprise"):
+            want = compute_ratios(a, group_by, window_s=86400, as_of_ms=T0)
+            assert compute_ratios(b, group_by, window_s=86400, as_of_ms=T0) == want
+        # A will ingested at A takes the agent's devices offline at B too.
+        before = compute_ratios(a, None, window_s=86400, as_of_ms=T0)["overall"]["online"]
+        a.on_will("hb-cement", agent_of("hb-cement"), Will(bdseq=1))
+        a.flush()
+        assert b.refresh() > 0
+        after = compute_ratios(b, None, window_s=86400, as_of_ms=T0)["overall"]
+        assert after == compute_ratios(a, None, window_s=86400, as_of_ms=T0)["overall"]
+        assert after["online"] < before
+        dev = b.get_device("hb-cement", "dev-00")
+        assert dev is not None and dev["online"] is False and dev["status"] == "connected"
+    finally:
+        a.close()
+        b.close()

@@ -23,7 +23,6 @@ Five enterprises in four cities (Dingzhou rolls up to Baoding by code prefix). D
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import pytest
 from gateway.registry import Registry, parse_ledger
 from gateway.registry.codes import FAMILY_CATEGORY
 from gateway.sink import SampleSummary
+from iiot_common.localservers import PostgreSQL
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Will
 
 T0 = 1_750_000_000_000
@@ -294,29 +294,19 @@ def reference(
     return {key: (v[0], v[1], v[2]) for key, v in out.items()}
 
 
-# Set to a PostgreSQL URL (postgresql+psycopg://...) to run the registry tests against
-# PostgreSQL instead of SQLite; every test starts from empty tables.
-PG_URL = os.environ.get("IIOT_TEST_POSTGRES_URL")
-
-
-def _registry_url(tmp_path: Path) -> str:
-    if not PG_URL:
+@pytest.fixture(name="registry_url", params=["sqlite", "postgresql"])
+def both_registry_urls(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The registry's database, once SQLite and once an empty database on PostgreSQL."""
+    if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'registry.db'}"
-    import sqlalchemy as sa
-
-    from gateway.registry import tables
-
-    engine = sa.create_engine(PG_URL)
-    with engine.begin() as conn:
-        tables.metadata.drop_all(conn)
-    engine.dispose()
-    return PG_URL
+    server: PostgreSQL = request.getfixturevalue("postgres_server")
+    return server.create_database()
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
+def registry(registry_url: str) -> Iterator[Registry]:
     reg = Registry(
-        _registry_url(tmp_path),
+        registry_url,
         default_poll_interval=POLL_S,
         clock=lambda: T0 / 1000,
     )

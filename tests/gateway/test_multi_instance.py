@@ -1,0 +1,219 @@
+"""Three gateway processes on one Mosquitto and one PostgreSQL give one answer.
+
+Each message goes to whichever instance the broker picks ($share subscription); every
+instance's `GET /api/v1/ratios` must agree within the stated bound (README: at most
+persist_granularity + flush_interval + refresh_interval, 5 + 1 + 2 = 8 s by default).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway.registry import Registry, parse_ledger
+from iiot_common.localservers import Mosquitto, PostgreSQL, free_port, wait_port
+from tests.gateway.test_ingest import Publisher
+
+TOKEN = "platform-token-for-tests"
+ENT, AGENT = "ent-1", "agent-1"
+LEDGER = [f"d{k}" for k in range(6)]  # d6 is announced by the agent only
+# Freshness for "online" is three poll intervals: 9 s, above the 8 s bound.
+POLL_S = 3.0
+BOUND_S = 10.0
+
+Numbers = tuple[int, int, int]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class _Instance:
+    """One `iiot gateway run` process with its API on a free port."""
+
+    def __init__(self, config: Path, api_port: int) -> None:
+        self.config, self.api_port = config, api_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{api_port}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=10,
+        )
+
+    def start(self) -> None:
+        iiot = str(Path(sys.executable).parent / "iiot")
+        log = self.config.with_suffix(".log").open("ab")
+        self.proc = subprocess.Popen(
+            [iiot, "gateway", "run", "--config", str(self.config)], stdout=log, stderr=log
+        )
+        wait_port(self.api_port, timeout=60)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.http.close()
+
+    def overall(self) -> Numbers:
+        o = self.http.get("/api/v1/ratios").json()["overall"]
+        return int(o["total"]), int(o["connected"]), int(o["online"])
+
+    def received(self) -> float:
+        for line in self.http.get("/metrics").text.splitlines():
+            if line.startswith("iiot_gateway_messages_received_total "):
+                return float(line.split()[1])
+        return 0.0
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, mosquitto: Mosquitto, postgres_server: PostgreSQL
+) -> Iterator[list[_Instance]]:
+    url = postgres_server.create_database()
+    with Registry(url) as reg:
+        reg.add_enterprise(ENT, "Test Works", "130102", "C30")
+        reg.add_agent(ENT, AGENT, None)
+        csv = "device_id,enterprise,family\n" + "".join(f"{d},{ENT},kiln\n" for d in LEDGER)
+        rows, _errors = parse_ledger(csv.encode(), "text/csv")
+        reg.import_devices(rows)
+    instances = []
+    for k in range(3):
+        port = free_port()
+        cfg: dict[str, Any] = {
+            "data_dir": str(tmp_path / f"gw{k}"),
+            "database_url": url,
+            "default_poll_interval": POLL_S,
+            "mqtt": {"url": mosquitto.url, "client_id": f"gw-{k}", "shared_group": "ingest"},
+            "api": {"host": "127.0.0.1", "port": port, "platform_tokens": [TOKEN]},
+        }
+        path = tmp_path / f"gw{k}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        instances.append(_Instance(path, port))
+    try:
+        for gw in instances:
+            gw.start()
+        yield instances
+    finally:
+        for gw in instances:
+            gw.stop()
+
+
+class _Agent:
+    """Publishes as the agent; ``keep_sending`` devices send a sample every second."""
+
+    def __init__(self, url: str) -> None:
+        self.pub = Publisher(url, client_id="agent-under-test")
+        self.keep_sending: set[str] = set()
+        self._stop = threading.Event()
+        self._seq: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _topic(self, tail: str) -> str:
+        return f"iiot/v1/{ENT}/{AGENT}/{tail}"
+
+    def birth(self, devices: list[str]) -> None:
+        birth = {
+            "bdseq": 1,
+            "ts": _now_ms(),
+            "devices": [{"id": d, "profile": "p", "protocol": "modbus"} for d in devices],
+        }
+        self.pub.raw(self._topic("agent"), json.dumps(birth).encode())
+
+    def state(self, device: str, online: bool) -> None:
+        body = {"online": online, "ts": _now_ms(), "reason": "" if online else "unplugged"}
+        self.pub.raw(self._topic(f"{device}/state"), json.dumps(body).encode())
+
+    def sample(self, device: str) -> None:
+        seq = self._seq.get(device, 0)
+        self._seq[device] = seq + 1
+        self.pub.data(device, seq, [{"ts": _now_ms(), "values": {"t": 1.0}}], enterprise=ENT)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            for device in sorted(self.keep_sending):
+                self.sample(device)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pub.close()
+
+
+def _agree(instances: list[_Instance], want: Numbers, what: str) -> None:
+    """Every instance answers ``want`` within the bound (plus time for the HTTP calls)."""
+    deadline = time.monotonic() + BOUND_S + 5
+    seen: list[Numbers] = []
+    while time.monotonic() < deadline:
+        seen = [gw.overall() for gw in instances]
+        if all(s == want for s in seen):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{what}: instances answer {seen}, expected {want} at each")
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_instances_agree_catch_up_after_a_kill_and_drop_silent_devices(
+    cluster: list[_Instance], mosquitto: Mosquitto
+) -> None:
+    agent = _Agent(mosquitto.url)
+    try:
+        # The birth reaches one instance; d6 (not in the ledger) is created there.
+        agent.birth([*LEDGER, "d6"])
+        _agree(cluster, (7, 0, 0), "device d6 created by one instance")
+        for d in [*LEDGER, "d6"]:
+            agent.state(d, True)
+        agent.keep_sending |= {"d0", "d1", "d2"}
+        agent.sample("d3")  # one message: one instance ingests it, all must count it
+        _agree(cluster, (7, 4, 4), "connected and online everywhere")
+        # The broker shared the work out: more than one instance received messages.
+        assert sum(1 for gw in cluster if gw.received() > 0) >= 2
+
+        # d3 sends nothing more: after the freshness (9 s) it is offline everywhere.
+        _agree(cluster, (7, 4, 3), "silent d3 dropped out of online")
+
+        # An instance killed; meanwhile d1 reports offline and d4 sends its first sample.
+        # (The broker keeps the share of messages it hands the dead instance's persistent
+        # session until that instance is back, so these are only all applied after it.)
+        cluster[2].kill()
+        agent.state("d1", False)
+        agent.state("d4", False)
+        agent.sample("d4")
+        time.sleep(3)
+        cluster[2].start()
+        _agree(cluster, (7, 5, 2), "the restarted instance caught up")
+
+        # Changes after the restart reach it too, whichever instance ingests them.
+        agent.keep_sending.discard("d2")
+        _agree(cluster, (7, 5, 1), "silent d2 dropped out of online")
+        agent.state("d1", True)
+        _wait(lambda: all(gw.overall() == (7, 5, 2) for gw in cluster), BOUND_S + 5, "d1 back")
+    finally:
+        agent.close()
