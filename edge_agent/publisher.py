@@ -29,6 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_profiles.schema import Profile
 from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
@@ -121,8 +122,17 @@ class Publisher:
         if self.state is ConnState.CONNECTED:
             self._publish_state(device, state)
 
-    def set_birth(self, devices: list[BirthDevice], config_version: int | None) -> None:
-        """Change what the birth announces, and announce it again when connected."""
+    def set_birth(
+        self,
+        devices: list[BirthDevice],
+        config_version: int | None,
+        *,
+        profiles: dict[str, Profile] | None = None,
+    ) -> None:
+        """Change what the birth announces, and announce it again when connected.
+
+        ``profiles`` (device id → profile) is what a Sparkplug birth also names.
+        """
         self.devices = devices
         self.config_version = config_version
         client = self._client

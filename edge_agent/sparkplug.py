@@ -8,11 +8,15 @@ said differs (``protocols.mqtt.sparkplug.node.EdgeNode`` keeps the session rules
     state       DBIRTH when a device comes online, DDEATH (with the reason) when it goes
     data        DDATA by alias; samples older than the NBIRTH flagged is_historical
     NCMD        ``Node Control/Rebirth``: NBIRTH and every DBIRTH again
+    DCMD        handed to ``on_dcmd`` (device, payload): writes, answered by the agent
+    devices     ``set_birth`` (remote configuration): DBIRTH of added and changed
+                devices, DDEATH of removed ones
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 
@@ -75,15 +79,44 @@ class SparkplugPublisher(Publisher):
             config.enterprise, config.agent_id, node_devices(devices, profiles), version=version
         )
         self._ncmd = self.node.topic(MessageType.NCMD)
+        self._dcmd_prefix = f"{self.node.topic(MessageType.DCMD, '_')[:-1]}"
         self.rebirths = 0
+        # A DCMD (device, payload), on the event loop: the agent turns it into writes.
+        self.on_dcmd: Callable[[str, bytes], None] | None = None
 
     def _will(self, bdseq: int) -> tuple[str, bytes, bool]:
         # Not retained: a Sparkplug host learns of the node from its NBIRTH.
         return self.node.topic(MessageType.NDEATH), self.node.death(bdseq), False
 
     def _announce(self, client: mqtt.Client, bdseq: int) -> None:
-        client.subscribe(self._ncmd, qos=1)
+        client.subscribe([(self._ncmd, 1), (self._dcmd_prefix + "+", 1)])
         self._births(client, bdseq, new_session=True)
+
+    def set_birth(
+        self,
+        devices: list[BirthDevice],
+        config_version: int | None,
+        *,
+        profiles: dict[str, Profile] | None = None,
+    ) -> None:
+        """A new device set: DBIRTH of added and changed devices, DDEATH of removed ones."""
+        self.devices = devices
+        self.config_version = config_version
+        if profiles is None:
+            return
+        born, gone = self.node.set_devices(node_devices(devices, profiles))
+        client = self._client
+        if not self.connected or client is None:
+            return  # the next connection's births announce the new set
+        node = self.node
+        for dev in gone:
+            st = self._states.pop(dev, None)
+            if st is None or st.online:
+                payload = node.ddeath(dev, "removed")
+                self._track(client.publish(node.topic(MessageType.DDEATH, dev), payload), "state")
+        for dev in born:
+            topic = node.topic(MessageType.DBIRTH, dev)
+            self._track(client.publish(topic, node.dbirth(dev), qos=0), "birth")
 
     def _births(self, client: mqtt.Client, bdseq: int, *, new_session: bool) -> None:
         node = self.node
@@ -115,13 +148,20 @@ class SparkplugPublisher(Publisher):
 
     def _make_client(self, session: int, bdseq: int) -> mqtt.Client:
         client = super()._make_client(session, bdseq)
-        client.on_message = lambda c, u, msg: self._command(session, msg.topic, bytes(msg.payload))
+        client.on_message = lambda c, u, msg: self._command(session, msg)
         return client
 
-    def _command(self, session: int, topic: str, payload: bytes) -> None:
-        """paho thread: an NCMD; a Rebirth request is answered on the event loop."""
-        if topic != self._ncmd:
+    def _command(self, session: int, msg: mqtt.MQTTMessage) -> None:
+        """paho thread: NCMD and DCMD here, the JSON control topics to ``on_message``."""
+        topic = msg.topic
+        if topic.startswith(self._dcmd_prefix):
+            if self.on_dcmd is not None and session == self.session:
+                self._call_soon(self.on_dcmd, topic[len(self._dcmd_prefix) :], bytes(msg.payload))
             return
+        if topic != self._ncmd:
+            self._message(session, msg)
+            return
+        payload = bytes(msg.payload)
         try:
             rebirth = is_rebirth_request(payload)
         except ContractError as exc:
