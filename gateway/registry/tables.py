@@ -52,6 +52,9 @@ agents = sa.Table(
     sa.Column("last_birth_ms", sa.BigInteger, nullable=True),
     sa.Column("bdseq", sa.BigInteger, nullable=True),
     sa.Column("online", sa.Boolean, nullable=False, default=False),
+    # The wire format of its last birth: 'json' (iiot/v1) or 'sparkplug' (spBv1.0), which
+    # decides how a write reaches it.
+    sa.Column("codec", sa.String(16), nullable=False, server_default="json"),
 )
 
 devices = sa.Table(
@@ -169,8 +172,13 @@ def _v3(conn: sa.Connection) -> None:
     targets.create(conn, checkfirst=True)
 
 
+def _v4(conn: sa.Connection) -> None:
+    """Each agent's wire format, from its births."""
+    _add_missing_columns(conn, agents, ("codec",))
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
