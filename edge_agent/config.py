@@ -68,6 +68,11 @@ class SparkplugConfig(_Strict):
         description="Seconds after its timestamp that a DCMD is refused unwritten, so "
         "nothing is written late after an outage.",
     )
+    primary_host: Identifier | None = Field(
+        default=None,
+        description="Host id of the primary host application: births and data go out only "
+        "while spBv1.0/STATE/{primary_host} says it is online.",
+    )
 
 
 class MqttConfig(_Strict):

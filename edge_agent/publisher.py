@@ -381,7 +381,7 @@ class Publisher:
         self._track(client.publish(self._agent_topic, encode(birth), qos=1, retain=True), "birth")
 
     def _publish_state(self, device: str, state: DeviceState) -> None:
-        if self._client is None:
+        if self._client is None or not self._may_send():
             return
         topic = str(Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.STATE))
         self._track(self._client.publish(topic, encode(state), qos=1, retain=True), "state")
@@ -424,6 +424,10 @@ class Publisher:
             self._dirty.append(device)
         self._wake.set()
 
+    def _may_send(self) -> bool:
+        """Whether data may go out on this connection (a Sparkplug node waits for its host)."""
+        return True
+
     def _data_inflight(self) -> int:
         return self._data_count
 
@@ -434,6 +438,7 @@ class Publisher:
             client = self._client
             if (
                 not self.connected
+                or not self._may_send()
                 or client is None
                 or not self._dirty
                 or self._data_inflight() >= self.cfg.mqtt.max_inflight
