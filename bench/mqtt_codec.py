@@ -35,7 +35,9 @@ class _Sink:
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         return ("kiln", "bench-kiln")  # not a shipped profile: p0..p19 are its names
 
-    def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None: ...
+    def on_birth(
+        self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json"
+    ) -> None: ...
 
     def on_will(self, enterprise: str, agent: str, will: Will) -> None: ...
 

@@ -19,6 +19,7 @@ import time
 from collections import deque
 from pathlib import Path
 
+from device_profiles.schema import Profile
 from edge_agent.commands import CommandExecutor
 from edge_agent.config import DeviceConfig, LoadedConfig
 from edge_agent.control import ControlMetrics, ControlPlane, run_scan
@@ -28,12 +29,21 @@ from edge_agent.metrics_http import MetricsServer
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
 from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_config
+from edge_agent.sparkplug import SparkplugPublisher
 from edge_agent.spool import Spool
 from iiot_common import __version__
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
-from protocols.mqtt.control import ConfigReport, DesiredConfig, ScanReport, ScanRequest
+from protocols.mqtt.control import (
+    ConfigReport,
+    DesiredConfig,
+    ScanReport,
+    ScanRequest,
+    WriteResult,
+    WriteStatus,
+)
+from protocols.mqtt.sparkplug.command import read_dcmd
 
 __all__ = ["Agent", "AgentLockedError", "AgentStartError"]
 
@@ -94,14 +104,12 @@ class Agent:
         enabled = [d for d in self.loaded.config.devices if d.enabled]
         self.publisher: Publisher
         if cfg.mqtt.codec == "sparkplug":
-            from edge_agent.sparkplug import SparkplugPublisher
-
             self.publisher = SparkplugPublisher(
                 cfg,
                 self.spool,
                 self.metrics,
                 devices=self._birth_devices(),
-                profiles={d.id: self.loaded.device_profiles[d.id] for d in enabled},
+                profiles=self._enabled_profiles(),
                 version=__version__,
             )
             self.codec = self.publisher.codec
@@ -135,6 +143,8 @@ class Agent:
         )
         self.publisher.subscriptions = self.control.subscriptions
         self.publisher.on_message = self.control.on_message
+        if isinstance(self.publisher, SparkplugPublisher):
+            self.publisher.on_dcmd = self._on_dcmd
         self._http: MetricsServer | None = None
         self.metrics_port: int | None = None
         self.samples_spooled = 0
@@ -169,6 +179,10 @@ class Agent:
         self.desired = stored
         log.info("remote configuration restored", extra={"version": stored.version})
         return built
+
+    def _enabled_profiles(self) -> dict[str, Profile]:
+        loaded = self.loaded
+        return {d.id: loaded.device_profiles[d.id] for d in loaded.config.devices if d.enabled}
 
     def _birth_devices(self) -> list[BirthDevice]:
         loaded = self.loaded
@@ -287,7 +301,9 @@ class Agent:
             return report(False, {"config": f"cannot store it in {self.store.path}: {exc}"})
         changes = await self._reconcile(new)
         self.desired = desired
-        self.publisher.set_birth(self._birth_devices(), self.config_version)
+        self.publisher.set_birth(
+            self._birth_devices(), self.config_version, profiles=self._enabled_profiles()
+        )
         log.info("remote configuration applied", extra={"version": desired.version, **changes})
         return report(True)
 
@@ -319,6 +335,29 @@ class Agent:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, _POLLER_STOP_TIMEOUT)
+
+    def _on_dcmd(self, device: str, payload: bytes) -> None:
+        """A Sparkplug DCMD: each metric a write through the executor, answered twice.
+
+        The answer goes on the JSON result topic (the gateway audits it) and, when a value
+        was read back, as a DDATA of that value through the spool (the Sparkplug way).
+        """
+        pub = self.publisher
+        assert isinstance(pub, SparkplugPublisher)
+        max_age = int(self.cfg.mqtt.sparkplug.dcmd_max_age * 1000)
+        try:
+            commands = read_dcmd(
+                device, payload, lambda m: pub.node.resolve(device, m), max_age_ms=max_age
+            )
+        except ContractError as exc:
+            self.control.bad("dcmd", exc.reason, f"DCMD to {device}: {exc}")
+            return
+
+        def written(point: str, result: WriteResult) -> None:
+            if result.value is not None and result.status in (WriteStatus.OK, WriteStatus.MISMATCH):
+                self._on_sample(device, Reading(ts=result.ts, values={point: result.value}))
+
+        self.control.on_dcmd(device, commands, written)
 
     async def _scan(self, request: ScanRequest) -> ScanReport:
         return await run_scan(request, self.loaded)

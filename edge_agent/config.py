@@ -44,6 +44,7 @@ __all__ = [
     "MetricsConfig",
     "MqttConfig",
     "RemoteConfigOptions",
+    "SparkplugConfig",
     "SpoolConfig",
     "load_config",
     "parse_config",
@@ -55,6 +56,23 @@ _P = TypeVar("_P", Path, Path | None)
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class SparkplugConfig(_Strict):
+    """Sparkplug B options (``mqtt.codec: sparkplug``)."""
+
+    dcmd_max_age: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Seconds after its timestamp that a DCMD is refused unwritten, so "
+        "nothing is written late after an outage.",
+    )
+    primary_host: Identifier | None = Field(
+        default=None,
+        description="Host id of the primary host application: births and data go out only "
+        "while spBv1.0/STATE/{primary_host} says it is online.",
+    )
 
 
 class MqttConfig(_Strict):
@@ -89,6 +107,7 @@ class MqttConfig(_Strict):
         default="json",
         description="Wire format: the iiot/v1 JSON contract, or Sparkplug B 3.0 (spBv1.0/...).",
     )
+    sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig)
 
     @field_validator("url")
     @classmethod

@@ -5,7 +5,8 @@ message to ``ControlPlane.on_message`` on the event loop. A message is decoded w
 models of ``protocols.mqtt.control``; one that cannot be is counted by reason
 (``iiot_agent_control_bad_messages``), logged once per change of reason, and dropped —
 it never ends the agent. Good ones run as tasks: configurations one after the other,
-one scan at a time, writes through ``CommandExecutor``.
+one scan at a time, writes through ``CommandExecutor``. A Sparkplug agent's DCMD metrics
+(``on_dcmd``) are writes too, answered on the same ``.../{device}/result`` topic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import contextlib
 import importlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -33,8 +34,11 @@ from protocols.mqtt.control import (
     ScanReport,
     ScanRequest,
     WriteCommand,
+    WriteResult,
+    WriteStatus,
     parse_control_topic,
 )
+from protocols.mqtt.sparkplug.command import DeviceCommand
 
 __all__ = ["MAX_CONTROL_PAYLOAD", "ControlMetrics", "ControlPlane", "exclude_keys", "run_scan"]
 
@@ -44,6 +48,7 @@ MAX_CONTROL_PAYLOAD = 4 * 1024 * 1024  # bytes; a desired configuration of a lar
 _M = TypeVar("_M", bound=BaseModel)
 
 _Publish = Callable[[str, bytes, bool], bool]
+_OnResult = Callable[[str, WriteResult], None]  # (point, result) of an executed write
 
 
 class ControlMetrics:
@@ -182,6 +187,37 @@ class ControlPlane:
             if cmd is not None:
                 self._spawn(self._write(ct.device, cmd), f"control-cmd-{cmd.id}")
 
+    def on_dcmd(
+        self, device: str, commands: Sequence[DeviceCommand], on_result: _OnResult | None = None
+    ) -> None:
+        """A Sparkplug DCMD's writes (event loop): the same checks, executor and answers."""
+        if self._closed:
+            return
+        for c in commands:
+            reason = c.problem
+            cmd: WriteCommand | None = None
+            if reason is None:
+                try:
+                    cmd = WriteCommand(
+                        id=c.id, point=c.point, value=c.value, ts=c.ts, expires=c.expires
+                    )
+                except ValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(x) for x in first["loc"])
+                    reason = f"metric {c.point[:80]!r}: {where}: {first['msg']}"
+            if cmd is None:
+                self.metrics.messages.labels("dcmd", WriteStatus.REFUSED.value).inc()
+                result = WriteResult(
+                    id=c.id, status=WriteStatus.REFUSED, reason=reason or "", ts=now_ms()
+                )
+                self._publish(self.topic(ControlKind.RESULT, device), encode(result), False)
+                continue
+            self._spawn(self._write(device, cmd, "dcmd", on_result), f"control-dcmd-{cmd.id}")
+
+    def bad(self, kind: str, reason: str, detail: str) -> None:
+        """Count and log (once per change of reason) a control message dropped unread."""
+        self._bad(kind, reason, detail)
+
     async def aclose(self) -> None:
         """Cancel what is still running (a write waiting for its device, a scan)."""
         self._closed = True
@@ -251,13 +287,21 @@ class ControlPlane:
             self.metrics.messages.labels("scan", "error" if report.errors else "ok").inc()
         self._publish(self.topic(ControlKind.DISCOVERED), encode(report), False)
 
-    async def _write(self, device: str, cmd: WriteCommand) -> None:
+    async def _write(
+        self,
+        device: str,
+        cmd: WriteCommand,
+        kind: str = "cmd",
+        on_result: _OnResult | None = None,
+    ) -> None:
         result, repeated = await self.executor.execute(device, cmd)
-        self.metrics.messages.labels("cmd", "repeated" if repeated else result.status.value).inc()
+        self.metrics.messages.labels(kind, "repeated" if repeated else result.status.value).inc()
         if not repeated:
             log.info(
                 "write command answered",
                 extra={"device": device, "id": cmd.id, "status": result.status.value},
             )
+            if on_result is not None:
+                on_result(cmd.point, result)
         topic = self.topic(ControlKind.RESULT, device)
         self._publish(topic, encode(result), False)

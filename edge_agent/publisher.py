@@ -29,6 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_profiles.schema import Profile
 from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
@@ -121,8 +122,17 @@ class Publisher:
         if self.state is ConnState.CONNECTED:
             self._publish_state(device, state)
 
-    def set_birth(self, devices: list[BirthDevice], config_version: int | None) -> None:
-        """Change what the birth announces, and announce it again when connected."""
+    def set_birth(
+        self,
+        devices: list[BirthDevice],
+        config_version: int | None,
+        *,
+        profiles: dict[str, Profile] | None = None,
+    ) -> None:
+        """Change what the birth announces, and announce it again when connected.
+
+        ``profiles`` (device id → profile) is what a Sparkplug birth also names.
+        """
         self.devices = devices
         self.config_version = config_version
         client = self._client
@@ -376,7 +386,7 @@ class Publisher:
         self._track(client.publish(self._agent_topic, encode(birth), qos=1, retain=True), "birth")
 
     def _publish_state(self, device: str, state: DeviceState) -> None:
-        if self._client is None:
+        if self._client is None or not self._may_send():
             return
         topic = str(Topic.device_topic(self.cfg.enterprise, self.cfg.agent_id, device, Kind.STATE))
         self._track(self._client.publish(topic, encode(state), qos=1, retain=True), "state")
@@ -419,6 +429,10 @@ class Publisher:
             self._dirty.append(device)
         self._wake.set()
 
+    def _may_send(self) -> bool:
+        """Whether data may go out on this connection (a Sparkplug node waits for its host)."""
+        return True
+
     def _data_inflight(self) -> int:
         return self._data_count
 
@@ -429,6 +443,7 @@ class Publisher:
             client = self._client
             if (
                 not self.connected
+                or not self._may_send()
                 or client is None
                 or not self._dirty
                 or self._data_inflight() >= self.cfg.mqtt.max_inflight

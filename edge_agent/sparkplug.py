@@ -8,12 +8,20 @@ said differs (``protocols.mqtt.sparkplug.node.EdgeNode`` keeps the session rules
     state       DBIRTH when a device comes online, DDEATH (with the reason) when it goes
     data        DDATA by alias; samples older than the NBIRTH flagged is_historical
     NCMD        ``Node Control/Rebirth``: NBIRTH and every DBIRTH again
+    DCMD        handed to ``on_dcmd`` (device, payload): writes, answered by the agent
+    devices     ``set_birth`` (remote configuration): DBIRTH of added and changed
+                devices, DDEATH of removed ones
+    STATE       with ``mqtt.sparkplug.primary_host``: births (and data) only once
+                ``spBv1.0/STATE/{host}`` says online; offline: NDEATH, disconnect, and
+                births again when the host is back
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import orjson
 import paho.mqtt.client as mqtt
 
 from device_profiles.schema import Profile
@@ -75,17 +83,60 @@ class SparkplugPublisher(Publisher):
             config.enterprise, config.agent_id, node_devices(devices, profiles), version=version
         )
         self._ncmd = self.node.topic(MessageType.NCMD)
+        self._dcmd_prefix = f"{self.node.topic(MessageType.DCMD, '_')[:-1]}"
         self.rebirths = 0
+        host = config.mqtt.sparkplug.primary_host
+        self._state_topic = f"spBv1.0/STATE/{host}" if host else None
+        self._host_ts = -1  # timestamp of the newest STATE seen: older ones are stale
+        self._born = False  # this connection's NBIRTH is out
+        # A DCMD (device, payload), on the event loop: the agent turns it into writes.
+        self.on_dcmd: Callable[[str, bytes], None] | None = None
 
     def _will(self, bdseq: int) -> tuple[str, bytes, bool]:
         # Not retained: a Sparkplug host learns of the node from its NBIRTH.
         return self.node.topic(MessageType.NDEATH), self.node.death(bdseq), False
 
+    def _may_send(self) -> bool:
+        return self._born
+
     def _announce(self, client: mqtt.Client, bdseq: int) -> None:
-        client.subscribe(self._ncmd, qos=1)
+        self._born = False
+        topics = [(self._ncmd, 1), (self._dcmd_prefix + "+", 1)]
+        if self._state_topic is not None:
+            # The host's retained STATE answers the subscription; births wait for it.
+            client.subscribe([*topics, (self._state_topic, 1)])
+            return
+        client.subscribe(topics)
         self._births(client, bdseq, new_session=True)
 
+    def set_birth(
+        self,
+        devices: list[BirthDevice],
+        config_version: int | None,
+        *,
+        profiles: dict[str, Profile] | None = None,
+    ) -> None:
+        """A new device set: DBIRTH of added and changed devices, DDEATH of removed ones."""
+        self.devices = devices
+        self.config_version = config_version
+        if profiles is None:
+            return
+        born, gone = self.node.set_devices(node_devices(devices, profiles))
+        client = self._client
+        if not self.connected or client is None or not self._born:
+            return  # the next births announce the new set
+        node = self.node
+        for dev in gone:
+            st = self._states.pop(dev, None)
+            if st is None or st.online:
+                payload = node.ddeath(dev, "removed")
+                self._track(client.publish(node.topic(MessageType.DDEATH, dev), payload), "state")
+        for dev in born:
+            topic = node.topic(MessageType.DBIRTH, dev)
+            self._track(client.publish(topic, node.dbirth(dev), qos=0), "birth")
+
     def _births(self, client: mqtt.Client, bdseq: int, *, new_session: bool) -> None:
+        self._born = True
         node = self.node
         payload = node.nbirth(bdseq, new_session=new_session)
         self._track(client.publish(node.topic(MessageType.NBIRTH), payload, qos=0), "birth")
@@ -98,7 +149,7 @@ class SparkplugPublisher(Publisher):
 
     def _publish_state(self, device: str, state: DeviceState) -> None:
         client = self._client
-        if client is None or device not in self.node.devices:
+        if client is None or not self._born or device not in self.node.devices:
             return
         node = self.node
         if state.online:
@@ -115,13 +166,23 @@ class SparkplugPublisher(Publisher):
 
     def _make_client(self, session: int, bdseq: int) -> mqtt.Client:
         client = super()._make_client(session, bdseq)
-        client.on_message = lambda c, u, msg: self._command(session, msg.topic, bytes(msg.payload))
+        client.on_message = lambda c, u, msg: self._command(session, msg)
         return client
 
-    def _command(self, session: int, topic: str, payload: bytes) -> None:
-        """paho thread: an NCMD; a Rebirth request is answered on the event loop."""
-        if topic != self._ncmd:
+    def _command(self, session: int, msg: mqtt.MQTTMessage) -> None:
+        """paho thread: NCMD and DCMD here, the JSON control topics to ``on_message``."""
+        topic = msg.topic
+        if topic.startswith(self._dcmd_prefix):
+            if self.on_dcmd is not None and session == self.session:
+                self._call_soon(self.on_dcmd, topic[len(self._dcmd_prefix) :], bytes(msg.payload))
             return
+        if topic == self._state_topic:
+            self._call_soon(self._host_state, session, bytes(msg.payload))
+            return
+        if topic != self._ncmd:
+            self._message(session, msg)
+            return
+        payload = bytes(msg.payload)
         try:
             rebirth = is_rebirth_request(payload)
         except ContractError as exc:
@@ -130,9 +191,38 @@ class SparkplugPublisher(Publisher):
         if rebirth:
             self._call_soon(self._rebirth, session)
 
-    def _rebirth(self, session: int) -> None:
+    def _host_state(self, session: int, payload: bytes) -> None:
+        """The primary host's STATE: be born when it is online, go when it goes."""
         client = self._client
         if session != self.session or client is None or not self.connected:
+            return
+        assert self.bdseq is not None
+        try:
+            body = orjson.loads(payload)
+            online, ts = body["online"], int(body.get("timestamp", 0))
+            if not isinstance(online, bool):
+                raise TypeError("online is not a boolean")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            self.metrics.errors.labels("state", "bad_state").inc()
+            return
+        if ts < self._host_ts:
+            return  # an older STATE of the host, delivered late
+        self._host_ts = ts
+        if online and not self._born:
+            log.info("primary host online: births", extra={"bdseq": self.bdseq & 0xFF})
+            self._births(client, self.bdseq, new_session=True)
+            self._wake.set()
+        elif not online and self._born:
+            # As the specification says: NDEATH and disconnect; births again once it is back.
+            log.warning("primary host offline: disconnecting", extra={"ts": ts})
+            self._born = False
+            topic, death, _ = self._will(self.bdseq)
+            client.publish(topic, death, qos=1)
+            client.disconnect()
+
+    def _rebirth(self, session: int) -> None:
+        client = self._client
+        if session != self.session or client is None or not self.connected or not self._born:
             return
         assert self.bdseq is not None
         self.rebirths += 1

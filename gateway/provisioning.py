@@ -242,6 +242,7 @@ class Provisioner:
                 *(f"topic write {SP_NAMESPACE}/{enterprise}/{t}/{agent_id}/+" for t in _SP_DEVICE),
                 f"topic read {SP_NAMESPACE}/{enterprise}/NCMD/{agent_id}",
                 f"topic read {SP_NAMESPACE}/{enterprise}/DCMD/{agent_id}/+",
+                f"topic read {SP_NAMESPACE}/STATE/+",  # primary hosts' online state
                 "",
             ]
         return "\n".join(pw_lines) + "\n", "\n".join(acl)

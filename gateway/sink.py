@@ -68,7 +68,8 @@ class IngestSink(Protocol):
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         """(family, profile) of a known device, for the time-series tags; None if unknown."""
 
-    def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None: ...
+    def on_birth(self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json") -> None:
+        """An agent's birth; ``codec`` is the wire format it spoke ('json', 'sparkplug')."""
 
     def on_will(self, enterprise: str, agent: str, will: Will) -> None: ...
 

@@ -139,7 +139,7 @@ class SparkplugHost:
                 ts=_ts(msg.timestamp),
                 version=_string_metric(msg, "Properties/Version")[:100],
             )
-            out.notify = lambda s: s.on_birth(ent, agent, birth)
+            out.notify = lambda s: s.on_birth(ent, agent, birth, codec="sparkplug")
             return out
         self._check_seq(t, node, msg)
         if node.bdseq is None:
@@ -245,7 +245,7 @@ class SparkplugHost:
         state = DeviceState(online=True, ts=_ts(msg.timestamp))
 
         def notify(s: Any) -> None:
-            s.on_birth(ent, agent, birth)
+            s.on_birth(ent, agent, birth, codec="sparkplug")
             s.on_device_state(ent, agent, dev, state)
 
         out.notify = notify

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
@@ -25,12 +26,14 @@ from gateway.ratios import compute_ratios
 from gateway.registry import Registry
 from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto, VictoriaMetrics, require
+from protocols.mqtt.control import WriteResult, WriteStatus
 from protocols.mqtt.sparkplug.codec import read_samples
 from protocols.mqtt.sparkplug.payload import DataType, datatype_for
 from simulators.device import SimDevice
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device, wait_for
 from tests.gateway.test_ingest import gateway_config, series_by_name
+from tests.gateway.test_provisioning import _Client
 from tests.sparkplug_client import SpSubscriber
 
 _PACKAGES = ["sparkplug-payload@1.0.3", "sparkplug-client@3.2.4"]
@@ -233,3 +236,60 @@ def test_a_tahu_edge_node_lands_in_our_gateway(
     assert got["telemetry_speed"] == [(t0 + i * 1000, -i) for i in range(n)]
     assert got["telemetry_count"] == [(t0 + i * 1000, 4_000_000_000 + i) for i in range(n)]
     assert series["telemetry_temp"][0]["metric"]["agent"] == "tahu-node"
+
+
+def _tahu_encode(env: dict[str, str], payload: dict[str, Any]) -> bytes:
+    res = subprocess.run(
+        [env["IIOT_NODE"], str(_HERE / "encode.js")],
+        input=json.dumps(payload),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    return base64.b64decode(res.stdout)
+
+
+async def test_a_tahu_encoded_dcmd_is_written(
+    tmp_path: Path, mosquitto: Mosquitto, tahu: dict[str, str]
+) -> None:
+    dev = SimDevice(load_profiles()[_PROFILE], device_id="kiln-1", seed=1)
+    sim = ModbusSimServer({1: dev}, port=0)
+    await sim.start()
+    cfg = agent_dict(tmp_path, mosquitto.port, [modbus_device("kiln-1", _PROFILE, sim.port)])
+    cfg["mqtt"]["codec"] = "sparkplug"
+    agent = Agent(parse_config(cfg))
+    host = _Client(mosquitto.port, "host", "unused")
+    host.subscribe("iiot/v1/ent-1/agent-1/kiln-1/result")
+    now = int(time.time() * 1000)
+    command = {
+        "timestamp": now,
+        "metrics": [
+            {"name": "burning_zone_temp_setpoint", "type": "Double", "value": 1300.5},
+            {"name": "kiln_speed_setpoint", "type": "Double", "value": 3.25, "timestamp": now},
+        ],
+    }
+    payload = await asyncio.to_thread(_tahu_encode, tahu, command)
+    with SpSubscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: bool(sub.of("DDATA")), 15, "DDATA")
+            host.publish("spBv1.0/ent-1/DCMD/agent-1/kiln-1", payload)
+            await wait_for(lambda: len(host.messages) >= 2, 10, "two WriteResults")
+        finally:
+            await agent.stop()
+            host.c.disconnect()
+            host.c.loop_stop()
+    client = AsyncModbusTcpClient("127.0.0.1", port=sim.port)
+    await client.connect()
+    try:
+        rr = await client.read_holding_registers(0, count=2, device_id=1)
+    finally:
+        client.close()
+        await sim.stop()
+
+    results = [WriteResult.model_validate_json(p) for _, p in host.messages]
+    assert [r.status for r in results] == [WriteStatus.OK, WriteStatus.OK], results
+    assert {r.value for r in results} == {1300.5, 3.25}
+    assert rr.registers == [13005, 325]  # what a Modbus client reads after the writes

@@ -300,6 +300,9 @@ class AgentOut(BaseModel):
     last_birth_ms: int | None
     bdseq: int | None
     online: bool
+    codec: Literal["json", "sparkplug"] = Field(
+        description="Wire format of its last birth; a write to a 'sparkplug' agent is a DCMD."
+    )
 
 
 class ProvisionIn(_In):

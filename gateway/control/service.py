@@ -54,6 +54,8 @@ from protocols.mqtt.control import (
     WriteResult,
     WriteStatus,
 )
+from protocols.mqtt.sparkplug.command import dcmd
+from protocols.mqtt.sparkplug.payload import DataType, MessageType, SpTopic, datatype_for
 
 __all__ = [
     "ControlCollector",
@@ -208,7 +210,9 @@ class ControlService:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    def _publish(self, topic: ControlTopic, payload: bytes, *, retain: bool = False) -> bool:
+    def _publish(
+        self, topic: ControlTopic | SpTopic, payload: bytes, *, retain: bool = False
+    ) -> bool:
         if self.publisher is None:
             raise ControlUnavailable("this gateway has no broker connection to publish on")
         ok = self.publisher(str(topic), payload, retain=retain)
@@ -460,15 +464,14 @@ class ControlService:
             return self._write_view(request_id)
         assert agent is not None
         self.store.insert_write(row)
-        cmd = WriteCommand(
-            id=request_id, point=point, value=value, ts=now, expires=now + timeout_ms
+        topic, payload = self._command(
+            enterprise, agent, device, view, request_id, point, value, now, now + timeout_ms
         )
         waiter = threading.Event()
         with self._lock:
             self._waiters[request_id] = waiter
         try:
-            topic = ControlTopic(enterprise, agent, ControlKind.CMD, device)
-            if not self._publish(topic, _json(cmd)):
+            if not self._publish(topic, payload):
                 self.store.finish_write(
                     request_id,
                     WriteStatus.FAILED.value,
@@ -483,6 +486,48 @@ class ControlService:
                 self._waiters.pop(request_id, None)
         self.counters["writes"] += 1
         return self._write_view(request_id)
+
+    def _command(
+        self,
+        enterprise: str,
+        agent: str,
+        device: str,
+        view: dict[str, Any] | None,
+        request_id: str,
+        point: str,
+        value: Any,
+        now: int,
+        expires: int,
+    ) -> tuple[ControlTopic | SpTopic, bytes]:
+        """The command's topic and payload: a JSON WriteCommand, or a DCMD to a Sparkplug node.
+
+        The DCMD names the metric with the profile's datatype and carries the request id
+        and expiry as metric properties, so the WriteResult matches this audit row.
+        """
+        if self.store.agent_codec(agent) != "sparkplug":
+            cmd = WriteCommand(id=request_id, point=point, value=value, ts=now, expires=expires)
+            return ControlTopic(enterprise, agent, ControlKind.CMD, device), _json(cmd)
+        profile = view.get("profile") if view is not None else None
+        declared = self._declared_datatype(profile, point) if profile else None
+        payload = dcmd([(point, declared, value)], ts=now, request_id=request_id, expires=expires)
+        self.counters["dcmd"] += 1
+        return SpTopic(enterprise, MessageType.DCMD, agent, device), payload
+
+    def _declared_datatype(self, profile_id: str, point: str) -> DataType | None:
+        """The datatype ``point`` is born with in profile ``profile_id``; None if unknown."""
+        found = {p.id: p for p in builtin_profiles()}.get(profile_id)
+        if found is None:
+            doc = self.store.stored_profiles().get(profile_id)
+            if doc is None:
+                return None
+            try:
+                found = parse_profile(doc, f"stored profile '{profile_id}'")
+            except ProfileError:
+                return None
+        try:
+            return datatype_for(found.point(point))
+        except KeyError:
+            return None
 
     def _wait(self, request_id: str, waiter: threading.Event, deadline_ms: int) -> None:
         while True:

@@ -155,6 +155,13 @@ class ControlStore:
             row = conn.execute(sa.select(a.c.enterprise, a.c.online).where(a.c.id == agent)).first()
         return None if row is None else (str(row.enterprise), bool(row.online))
 
+    def agent_codec(self, agent: str) -> str:
+        """The wire format of the agent's last birth: 'json' or 'sparkplug'."""
+        a = rt.agents
+        with self.engine.connect() as conn:
+            codec = conn.execute(sa.select(a.c.codec).where(a.c.id == agent)).scalar()
+        return str(codec or "json")
+
     # -- writes -------------------------------------------------------------------------
 
     def insert_write(self, row: dict[str, Any]) -> None:

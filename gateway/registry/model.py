@@ -63,6 +63,7 @@ class Agent:
     last_birth_ms: int | None = None
     bdseq: int | None = None
     online: bool = False
+    codec: str = "json"
 
     def view(self) -> dict[str, Any]:
         return {
@@ -72,6 +73,7 @@ class Agent:
             "last_birth_ms": self.last_birth_ms,
             "bdseq": self.bdseq,
             "online": self.online,
+            "codec": self.codec,
         }
 
 

@@ -115,6 +115,7 @@ def agent_of(r: Any) -> Agent:
         r.last_birth_ms,
         r.bdseq,
         bool(r.online),
+        str(r.codec or "json"),
     )
 
 

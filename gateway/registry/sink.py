@@ -91,7 +91,7 @@ class IngestSinkPart(RegistryStore):
             m = self._index.meta[i]
             return m.family, m.profile or UNKNOWN
 
-    def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None:
+    def on_birth(self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json") -> None:
         self.counters["births"] += 1
         reject = self.check_publisher(enterprise, agent)
         if reject is not None:
@@ -101,6 +101,7 @@ class IngestSinkPart(RegistryStore):
         with self._lock:
             a = self._agents[agent]
             a.online = True
+            a.codec = codec
             a.bdseq = birth.bdseq
             a.last_birth_ms = birth.ts or now
             self._dirty_agents.add(agent)

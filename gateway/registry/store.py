@@ -397,6 +397,7 @@ class RegistryStore:
                     "v_last_birth_ms": a.last_birth_ms,
                     "v_bdseq": a.bdseq,
                     "v_online": a.online,
+                    "v_codec": a.codec,
                 }
                 for a in (self._agents.get(x) for x in dirty_agents)
                 if a is not None
@@ -418,6 +419,7 @@ class RegistryStore:
                             last_birth_ms=sa.bindparam("v_last_birth_ms"),
                             bdseq=sa.bindparam("v_bdseq"),
                             online=sa.bindparam("v_online"),
+                            codec=sa.bindparam("v_codec"),
                         ),
                         agent_rows,
                     )

@@ -95,6 +95,9 @@ agents = sa.Table(
     sa.Column("bdseq", sa.BigInteger, nullable=True),
     sa.Column("online", sa.Boolean, nullable=False, default=False),
     _updated_ms(),
+    # The wire format of its last birth: 'json' (iiot/v1) or 'sparkplug' (spBv1.0), which
+    # decides how a write reaches it.
+    sa.Column("codec", sa.String(16), nullable=False, server_default="json"),
 )
 
 devices = sa.Table(
@@ -257,8 +260,13 @@ def _v6(conn: sa.Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _v7(conn: sa.Connection) -> None:
+    """Each agent's wire format, from its births."""
+    _add_missing_columns(conn, agents, ("codec",))
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +239,52 @@ async def test_kill_9_makes_the_broker_publish_ndeath(tmp_path: Path, mosquitto:
             await sim.stop()
     assert _bdseq(sub.of("NDEATH")[0]) == _bdseq(sub.of("NBIRTH")[0])
     assert sub.bad == []
+
+
+def _host_state(port: int, online: bool, ts: int) -> None:
+    body = json.dumps({"online": online, "timestamp": ts}).encode()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="scada-1")
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    c.publish("spBv1.0/STATE/scada-1", body, qos=1, retain=True).wait_for_publish(5)
+    c.disconnect()
+    c.loop_stop()
+
+
+async def test_births_wait_for_the_primary_host_and_follow_its_state(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    sim = await _sim("kiln-1")
+    cfg = _sp_config(tmp_path, mosquitto.port, [modbus_device("kiln-1", _PROFILE, sim.port)])
+    cfg["mqtt"]["sparkplug"] = {"primary_host": "scada-1"}
+    agent = Agent(parse_config(cfg))
+    t0 = int(time.time() * 1000)
+    _host_state(mosquitto.port, False, t0)
+    with SpSubscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: agent.spool.depth >= 3, 15, "samples spooled")
+            assert agent.publisher.connected
+            assert sub.all() == []  # nothing from the node before its host is online
+            _host_state(mosquitto.port, True, t0 + 1)
+            await wait_for(lambda: bool(sub.of("DDATA")), 10, "data once the host is online")
+            first = sub.of("NBIRTH")[0]
+            # What was polled while the host was away goes out as history.
+            early = [m for d in sub.of("DDATA") for m in d.payload.metrics if m.is_historical]
+            assert early
+            _host_state(mosquitto.port, False, t0 + 2)
+            await wait_for(lambda: bool(sub.of("NDEATH")), 10, "NDEATH when the host goes")
+            gone = len(sub.all())
+            await asyncio.sleep(1.0)
+            assert not [m for m in sub.all()[gone:] if m.topic.type.value == "DDATA"]
+            _host_state(mosquitto.port, False, t0 + 1)  # a stale STATE changes nothing
+            _host_state(mosquitto.port, True, t0 + 3)
+            await wait_for(lambda: len(sub.of("NBIRTH")) >= 2, 10, "births when it is back")
+        finally:
+            await agent.stop()
+            await sim.stop()
+
+    # The subscriber sees the host's STATE messages too; it reads only node topics.
+    assert all(b.startswith("spBv1.0/STATE/scada-1:") for b in sub.bad)
+    assert _bdseq(sub.of("NDEATH")[0]) == _bdseq(first)
+    assert _bdseq(sub.of("NBIRTH")[1]) != _bdseq(first)

@@ -51,7 +51,7 @@ class MemorySink:
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         return self.tags.get((enterprise, device))
 
-    def on_birth(self, enterprise: str, agent: str, birth: Birth) -> None:
+    def on_birth(self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json") -> None:
         with self.lock:
             self.births.append((enterprise, agent, birth))
 

@@ -86,15 +86,51 @@ class EdgeNode:
         self.born_at = 0  # ms of the current NBIRTH: older samples are historical
         self._seq = 0
         self._alias: dict[str, dict[str, tuple[int, DataType]]] = {}
-        alias = 0
+        self._by_alias: dict[str, dict[int, tuple[str, DataType]]] = {}
+        self._last_alias = 0
         for d in devices:
-            per: dict[str, tuple[int, DataType]] = {}
-            for name, dt, _ in d.points:
-                alias += 1
-                per[name] = (alias, dt)
-            self._alias[d.id] = per
+            self._number(d)
         self._latest: dict[str, dict[str, tuple[PointValue, int]]] = {}
         self._topics: dict[tuple[MessageType, str | None], str] = {}
+
+    def _number(self, d: NodeDevice) -> None:
+        """Give ``d``'s points aliases never used before in this node."""
+        per: dict[str, tuple[int, DataType]] = {}
+        for name, dt, _ in d.points:
+            self._last_alias += 1
+            per[name] = (self._last_alias, dt)
+        self._alias[d.id] = per
+        self._by_alias[d.id] = {a: (n, dt) for n, (a, dt) in per.items()}
+
+    def set_devices(self, devices: Sequence[NodeDevice]) -> tuple[list[str], list[str]]:
+        """Replace the device set: (added or changed ids to DBIRTH, removed ids to DDEATH).
+
+        Unchanged devices keep their aliases, so a host's DDATA reading is undisturbed;
+        added and changed ones get fresh aliases.
+        """
+        new = {d.id: d for d in devices}
+        gone = [i for i in self.devices if i not in new]
+        born = [i for i, d in new.items() if self.devices.get(i) != d]
+        for i in gone:
+            self._alias.pop(i, None)
+            self._by_alias.pop(i, None)
+            self._latest.pop(i, None)
+        for i in born:
+            self._number(new[i])
+        self.devices = new
+        return born, gone
+
+    def resolve(self, device: str, metric: Any) -> tuple[str, DataType] | None:
+        """(point, born datatype) of a metric a host sent by alias or by name; None if unknown."""
+        if metric.HasField("alias"):
+            found = self._by_alias.get(device, {}).get(metric.alias)
+            if found is not None:
+                return found
+        if metric.name:
+            known = self._alias.get(device, {}).get(metric.name)
+            if known is not None:
+                return metric.name, known[1]
+        return None
 
     def topic(self, kind: MessageType, device: str | None = None) -> str:
         key = (kind, device)
