@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 from gateway.api import create_app
 from gateway.config import GatewayConfig
 from gateway.registry import Registry
-from gateway.registry.tables import SCHEMA_VERSION
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_api import ADMIN, PLATFORM, make_config
 from tests.gateway.test_registry_fixtures import T0
@@ -139,7 +138,8 @@ def test_a_database_of_the_previous_schema_gains_rotation(tmp_path: Path) -> Non
     with sqlite3.connect(tmp_path / "old.db") as db:
         db.execute("ALTER TABLE provisioning_keys DROP COLUMN allow_rotation")
         db.execute("DROP TABLE agent_rotations")
-        db.execute(f"DELETE FROM schema_version WHERE version >= {SCHEMA_VERSION}")
+        # Rotation came with schema step 5: the database is left as step 4 had it.
+        db.execute("DELETE FROM schema_version WHERE version >= 5")
     reg = Registry(url, clock=lambda: T0 / 1000)
     try:
         _id, key = reg.create_provisioning_key("hb-steel", allow_rotation=True)
