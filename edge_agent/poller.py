@@ -188,19 +188,29 @@ class DevicePoller:
         try:
             # The lock first: a poll waiting for a write (itself bounded) starts late
             # rather than failing, so a write never makes a device look offline.
-            async with self._lock, asyncio.timeout(dev.probe_limit if probing else dev.timeout):
+            async with self._lock:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()
                     driver = self._factory(self.profile, dev.connection, name=dev.id)
+                    # A driver that gives its own connect_timeout connects within that
+                    # (opening a session can take longer than a fast poll), then polls
+                    # within the poll timeout; others connect and poll within one deadline.
+                    own = _connect_limit(driver)
                     try:
-                        await driver.connect()
+                        async with asyncio.timeout(own) if own else asyncio.timeout_at(deadline):
+                            await driver.connect()
                     except BaseException:
                         self._close_later(driver)
                         raise
                     self._driver = driver
                     connecting = False
-                reading = await self._driver.read(self.points)
+                    if own:
+                        deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
+                async with asyncio.timeout_at(deadline):
+                    reading = await self._driver.read(self.points)
         except TimeoutError:
             if connecting:
                 return self._failed("connect_failed", "connect timed out", reconnect=True)
@@ -317,6 +327,12 @@ class DevicePoller:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.backoff.state = ConnState.STOPPED
+
+
+def _connect_limit(driver: Driver) -> float | None:
+    """The driver's own bound on ``connect()`` (its ``connect_timeout``), if it gives one."""
+    limit = getattr(driver, "connect_timeout", None)
+    return float(limit) if isinstance(limit, int | float) and limit > 0 else None
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
