@@ -328,6 +328,15 @@ class OpcUaDriver(DriverBase):
         name = self.profile.opcua.root_name
         return None, ([ua.QualifiedName(name, ns)] if name else [])
 
+    def _root_text(self) -> str:
+        root = self.connection.root
+        if isinstance(root, list):
+            return "/".join(root)
+        if root is not None:
+            return root
+        assert self.profile.opcua is not None
+        return f"2:{self.profile.opcua.root_name}"
+
     async def _resolve(self, client: Client, session: Session) -> None:
         assert self.profile.opcua is not None
         uri = self.profile.opcua.namespace_uri
@@ -360,11 +369,12 @@ class OpcUaDriver(DriverBase):
                     names = browse_path(a.path, ns)
                     start = root_node if root_node is not None else objects
                     prefix = [] if root_node is not None else root_path
-                    paths.append((p.name, a.path, _browse(start, prefix + names)))
+                    text = f"{self._root_text()}/{a.path}"
+                    paths.append((p.name, text, _browse(start, prefix + names)))
             except ValueError as exc:
                 raise ConfigError(f"{self._where()}: point '{p.name}': {exc}") from exc
         if suffixed and root_node is None:
-            paths.append(("", "root", _browse(objects, root_path)))
+            paths.append(("", self._root_text(), _browse(objects, root_path)))
         if paths:
             found = await self._translate(client, paths)
             root_node = found.pop("", root_node)
