@@ -238,10 +238,11 @@ def _start_server(
         env=env,
     )
     assert proc.stdout is not None
-    if proc.stdout.readline().strip() != "READY":
-        proc.kill()
-        sys.exit("node-opcua server did not start")
-    return proc, port
+    for line in proc.stdout:  # node-opcua prints its warnings on stdout too
+        if line.strip() == "READY":
+            return proc, port
+    proc.kill()
+    sys.exit("node-opcua server did not start")
 
 
 def _measure(cmd: list[str], server_pid: int) -> dict[str, Any]:

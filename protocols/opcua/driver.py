@@ -26,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
@@ -45,6 +45,7 @@ from protocols.errors import (
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
 from protocols.opcua.config import OpcUaConnection
+from protocols.opcua.fastread import PreparedRead, Result
 from protocols.opcua.session import (
     Latest,
     Session,
@@ -160,6 +161,7 @@ class OpcUaDriver(DriverBase):
         # Monitored items this device holds: (subscription, client handles, server ids).
         self._items: list[tuple[SharedSubscription, list[int], list[int]]] = []
         self._lost: str | None = None
+        self._prepared: dict[tuple[str, ...], list[PreparedRead]] = {}
         self._undecodable: dict[str, str] = {}  # point -> type of the value last logged
 
     # --- connection ---
@@ -269,6 +271,7 @@ class OpcUaDriver(DriverBase):
         self._session = session
         self._lost = None
         self._latest = {}
+        self._prepared = {}
         limit = self.connection.connect_timeout
         try:
             try:
@@ -533,7 +536,9 @@ class OpcUaDriver(DriverBase):
         self.stats.requests += 1
         timeout = self.connection.timeout
         try:
-            result = await asyncio.wait_for(aw, timeout)
+            # A timeout context rather than wait_for: no task per request.
+            async with asyncio.timeout(timeout):
+                result = await aw
         except TimeoutError as exc:
             self.stats.timeouts += 1
             raise DeviceTimeout(f"{self._where()}: no answer to {what} within {timeout}s") from exc
@@ -574,13 +579,17 @@ class OpcUaDriver(DriverBase):
 
     def _accept(self, reading: Reading, point: Point, dv: ua.DataValue) -> None:
         """Put one DataValue into the reading as value, quality, or error."""
-        status = dv.StatusCode
+        code = dv.StatusCode.value if dv.StatusCode is not None else 0
+        self._take(reading, point, dv.Value.Value if dv.Value is not None else None, code)
+
+    def _take(self, reading: Reading, point: Point, raw: Any, code: int) -> None:
+        """Put one raw value and its status code into the reading."""
+        status = ua.StatusCode(code) if code else None
         if status is not None and status.is_bad():
             name = _status_name(status)
             reading.errors[point.name] = name
             self.stats.bad_status[name] = self.stats.bad_status.get(name, 0) + 1
             return
-        raw = dv.Value.Value if dv.Value is not None else None
         try:
             value = decode_value(point, raw)
         except ValueError as exc:
@@ -618,26 +627,31 @@ class OpcUaDriver(DriverBase):
                 else:
                     reading.errors[p.name] = self._subscribe_errors.get(p.name, "no_data")
             return reading
-        assert self._session is not None
-        step = self._session.max_per_read or len(node_ids)
-        if step >= len(node_ids):
-            results = await self._call(
-                "read", client.uaclient.read_attributes(node_ids, ua.AttributeIds.Value)
-            )
-        else:
-            results = []
-            for i in range(0, len(node_ids), step):
-                results += await self._call(
-                    "read",
-                    client.uaclient.read_attributes(node_ids[i : i + step], ua.AttributeIds.Value),
-                )
+        results: list[Result] = []
+        for prepared in self._prepared_reads(points, node_ids):
+            results += await self._call("read", prepared.send(client, self.connection.timeout))
         if len(results) != len(points):
             raise DecodeError(
                 f"{self._where()}: read of {len(points)} values answered {len(results)}"
             )
-        for p, dv in zip(points, results, strict=True):
-            self._accept(reading, p, dv)
+        for p, (raw, code) in zip(points, results, strict=True):
+            self._take(reading, p, raw, code)
         return reading
+
+    def _prepared_reads(
+        self, points: Sequence[Point], node_ids: list[ua.NodeId]
+    ) -> list[PreparedRead]:
+        """The Read requests for these points, serialised on first use (per session)."""
+        key = tuple(p.name for p in points)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            assert self._session is not None
+            step = self._session.max_per_read or len(node_ids)
+            prepared = [PreparedRead(node_ids[i : i + step]) for i in range(0, len(node_ids), step)]
+            if len(self._prepared) >= 16:  # point subsets asked for by commands: bounded
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
 
     async def write(self, point: Point, value: Value) -> None:
         """Write one rw point (engineering value; scale and offset are reversed)."""

@@ -83,7 +83,15 @@ class SharedSubscription:
     lost: str | None = None
 
     def on_publish(self, result: ua.PublishResult) -> None:
-        """Put each notification into its device's table (the publish loop calls this)."""
+        """Apply a publish response after the callbacks now due (the publish loop calls this).
+
+        Deferred by one turn of the loop, as asyncua's own dispatch does, so the answer to
+        a request that arrived with it (a connect's last step) is seen first.
+        """
+        asyncio.get_running_loop().call_soon(self._apply, result)
+
+    def _apply(self, result: ua.PublishResult) -> None:
+        """Put each notification into its device's table."""
         data = result.NotificationMessage.NotificationData
         if not data:
             return
