@@ -8,7 +8,8 @@ each device giving its own ``root``, and publishes to a Mosquitto on loopback.
 
 The parent measures, over the window after a warm-up, the agent process's CPU (psutil)
 and the server's CPU, and counts in the agent process what its pollers hand over for
-publishing: datapoints per second, delivered % (against D·V per interval), and the lag
+publishing: new values per second (each value counted once), delivered % (against D·V
+per interval), and the lag
 of each value (hand-over time minus the server time the value carries; the agent's
 clock and the server's are the same machine's). CPU per datapoint = agent CPU seconds /
 datapoints handed over. ThingsBoard's figures measured the same way are printed beside.
@@ -134,13 +135,21 @@ async def _role_agent(config: Path, duration: float, profile_out: Path | None) -
     lags: list[float] = []
     handover = agent._on_sample
 
+    seen: dict[str, dict[str, Any]] = {}
+
     def on_sample(device: str, reading: Reading) -> None:
         if counted["on"]:
-            values = reading.values
-            counted["dp"] += len(values)
-            if values:
+            # Each value once: the server's clock in ms, new every second.
+            last = seen.setdefault(device, {})
+            fresh = 0
+            for k, v in reading.values.items():
+                if last.get(k) != v:
+                    last[k] = v
+                    fresh += 1
+            counted["dp"] += fresh
+            if fresh:
                 # One value per sample is enough for the lag distribution.
-                lags.append(time.time() * 1000 - float(next(iter(values.values()))))
+                lags.append(time.time() * 1000 - float(next(iter(reading.values.values()))))
         handover(device, reading)
 
     for p in agent.pollers:  # created with the agent: hand their samples through the count
@@ -288,7 +297,8 @@ def _config(work: Path, args: argparse.Namespace, port: int, mqtt_port: int) -> 
             {
                 "id": f"dev-{d:04d}",
                 "profile": PROFILE_ID,
-                "poll_interval": args.interval,
+                # Subscribe mode hands values over as they arrive; the poll is a heartbeat.
+                "poll_interval": args.interval if args.mode == "read" else 10.0,
                 "opcua": {**conn, "root": f"ns=2;s=Dev{d:04d}"},
             }
             for d in range(1, args.devices + 1)

@@ -102,6 +102,7 @@ class DevicePoller:
         self._m_duration = metrics.poll_duration
         self._m_ok = metrics.polls.labels(device.id, "ok")
         self._closing: set[asyncio.Task[None]] = set()
+        self._data_waiting = False  # a driver that pushes (subscribe mode) has new values
         # Fraction of the interval by which this device's grid is offset, so that many
         # devices with one interval do not all fire in the same instant.
         self.phase = phase % 1.0
@@ -138,8 +139,14 @@ class DevicePoller:
             while not self._stop.is_set():
                 deadline = start + tick * interval
                 wait = deadline - time.monotonic()
-                if wait > 0 and await self._sleep(wait):
-                    return
+                if wait > 0:
+                    if await self._sleep(wait):
+                        return
+                    if self._data_waiting:
+                        # A subscription brought values: hand them over now, then wait
+                        # out the same tick.
+                        self._hand_over_changes()
+                        continue
                 begun = time.monotonic()
                 self.lags.append(begun - deadline)
                 self.metrics.poll_lag.observe(max(0.0, begun - deadline))
@@ -160,6 +167,32 @@ class DevicePoller:
                 tick = nxt
         finally:
             await self._close_driver()
+
+    def _listen(self, driver: Driver) -> None:
+        """Be told when a driver that pushes values (``on_data``) has new ones."""
+        if hasattr(driver, "on_data") and hasattr(driver, "read_changes"):
+            driver.on_data = self._data_arrived
+
+    def _data_arrived(self) -> None:
+        self._data_waiting = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _hand_over_changes(self) -> None:
+        """The values a subscription brought since the last poll, as one sample."""
+        self._data_waiting = False
+        driver = self._driver
+        if driver is None or self._lock.locked():
+            return  # the next poll hands them over
+        try:
+            reading = driver.read_changes(self.points)  # type: ignore[attr-defined]
+        except ProtocolError:
+            return  # the next poll finds out and reports it
+        if reading.values or reading.errors:
+            try:
+                self._emit(reading)
+            except Exception:  # a sample that cannot be spooled must not end the poller
+                log.exception("sample could not be spooled", extra={"device": self.device.id})
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, or return True at once when stopped."""
@@ -207,6 +240,7 @@ class DevicePoller:
                         raise
                     self._driver = driver
                     connecting = False
+                    self._listen(driver)
                     if own:
                         deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
                 async with asyncio.timeout_at(deadline):

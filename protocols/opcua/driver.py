@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,6 +162,9 @@ class OpcUaDriver(DriverBase):
         self._items: list[tuple[SharedSubscription, list[int], list[int]]] = []
         self._lost: str | None = None
         self._prepared: dict[tuple[str, ...], list[PreparedRead]] = {}
+        # Subscribe mode: points notified since the last read, and who to tell.
+        self.changed: set[str] = set()
+        self.on_data: Callable[[], None] | None = None
         self._undecodable: dict[str, str] = {}  # point -> type of the value last logged
 
     # --- connection ---
@@ -425,7 +428,7 @@ class OpcUaDriver(DriverBase):
         """Monitored items for every point, in the session's shared subscriptions."""
         period_ms = self.connection.sampling_interval * 1000.0
         points = list(self.profile.points)
-        handles = session.new_handles(self._latest, [p.name for p in points], self.stats)
+        handles = session.new_handles(self._latest, [p.name for p in points], self)
         by_handle = dict(zip(handles, points, strict=True))
         self._subscribe_errors = {}
         self._items = []
@@ -620,6 +623,7 @@ class OpcUaDriver(DriverBase):
         if not points:
             return reading
         if self.connection.mode == "subscribe":
+            self.changed.clear()
             for p in points:
                 dv = self._latest.get(p.name)
                 if dv is not None:
@@ -636,6 +640,23 @@ class OpcUaDriver(DriverBase):
             )
         for p, (raw, code) in zip(points, results, strict=True):
             self._take(reading, p, raw, code)
+        return reading
+
+    def data_arrived(self) -> None:
+        """A publish response brought values for this device (the session calls this)."""
+        if self.on_data is not None:
+            self.on_data()
+
+    def read_changes(self, points: Sequence[Point]) -> Reading:
+        """Subscribe mode: the points notified since the last read, without a round trip."""
+        self._require()
+        reading = Reading(ts=now_ms())
+        changed, self.changed = self.changed, set()
+        for p in points:
+            if p.name in changed:
+                dv = self._latest.get(p.name)
+                if dv is not None:
+                    self._accept(reading, p, dv)
         return reading
 
     def _prepared_reads(

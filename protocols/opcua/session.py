@@ -69,7 +69,7 @@ Latest = dict[str, ua.DataValue]
 class _Target:
     latest: Latest
     point: str
-    stats: Any  # the device's counters (``notifications`` is counted here)
+    owner: Any  # the device's driver: ``stats``, ``changed`` and ``data_arrived()``
 
 
 @dataclass(slots=True)
@@ -97,17 +97,23 @@ class SharedSubscription:
             return
         targets = self.session.targets
         count = 0
+        touched: set[Any] = set()
         for notif in data:
             if isinstance(notif, ua.DataChangeNotification):
                 for item in notif.MonitoredItems:
                     t = targets.get(item.ClientHandle)
                     if t is not None:
                         t.latest[t.point] = item.Value
-                        t.stats.notifications += 1
+                        owner = t.owner
+                        owner.changed.add(t.point)
+                        owner.stats.notifications += 1
+                        touched.add(owner)
                         count += 1
             elif isinstance(notif, ua.StatusChangeNotification) and not notif.Status.is_good():
                 self.lost = f"subscription ended: {notif.Status.name}"
         self.session.notifications += count
+        for owner in touched:
+            owner.data_arrived()
 
 
 class Session:
@@ -182,12 +188,12 @@ class Session:
         self.max_per_call = limits[1] or _DEFAULT_PER_CALL
         self.max_per_subscription = min(limits[2] or _DEFAULT_PER_SUBSCRIPTION, 65_535)
 
-    def new_handles(self, latest: Latest, points: list[str], stats: Any) -> list[int]:
+    def new_handles(self, latest: Latest, points: list[str], owner: Any) -> list[int]:
         """Client handles for ``points``, routed to ``latest`` by the publish callback."""
         handles = []
         for name in points:
             h = next(self._handles)
-            self.targets[h] = _Target(latest, name, stats)
+            self.targets[h] = _Target(latest, name, owner)
             handles.append(h)
         return handles
 

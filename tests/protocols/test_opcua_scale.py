@@ -240,7 +240,7 @@ _PRESS = press_profile(
 
 
 def _pollers(
-    endpoint: str, count: int, **conn: Any
+    endpoint: str, count: int, interval: float = 0.2, **conn: Any
 ) -> tuple[list[DevicePoller], list[tuple[str, bool, str]], dict[str, int]]:
     states: list[tuple[str, bool, str]] = []
     samples: dict[str, int] = {}
@@ -255,7 +255,7 @@ def _pollers(
             {
                 "id": f"press-{n}",
                 "profile": _PRESS.id,
-                "poll_interval": 0.2,
+                "poll_interval": interval,
                 "opcua": {"endpoint": endpoint, "timeout": 1.0, **conn},
             }
         )
@@ -323,6 +323,18 @@ async def test_a_lost_session_takes_its_devices_offline_together_and_back() -> N
             assert {id(p._driver.session) for p in pollers} == {id(driver.session)}  # type: ignore[union-attr]
         offline = {d for d, on, _ in states if not on}
         assert offline == {p.device.id for p in pollers}
+
+
+async def test_subscribe_mode_hands_changes_over_as_they_arrive_not_at_the_next_poll() -> None:
+    device = SimDevice(_PRESS, device_id="press", seed=3)  # values change every update
+    async with OpcUaSimServer(device, port=0, update_interval=0.1) as sim:
+        pollers, _, samples = _pollers(
+            sim.endpoint, 1, interval=30.0, mode="subscribe", sampling_interval=0.1
+        )
+        async with _running(pollers):
+            # One poll in 30 s, yet a sample every time the subscription brings values.
+            await _wait(lambda: samples.get("press-0", 0) >= 5, "five samples")
+            assert pollers[0].health.polls <= 2
 
 
 # --- connect timeout --------------------------------------------------------------------
