@@ -339,7 +339,9 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=10)
     ap.add_argument("--mode", choices=["read", "subscribe"], default="read")
     ap.add_argument("--interval", type=float, default=1.0, help="Poll interval, seconds.")
-    ap.add_argument("--sampling", type=float, default=1.0, help="Subscribe mode, seconds.")
+    ap.add_argument(
+        "--sampling", type=float, default=0.25, help="Subscribe mode: sampling and publishing, s."
+    )
     ap.add_argument("--duration", type=float, default=20.0, help="Measuring window, seconds.")
     ap.add_argument("--max-sessions", type=int, default=10)
     ap.add_argument("--node-modules", type=Path)
