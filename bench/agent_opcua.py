@@ -43,7 +43,7 @@ import yaml
 
 PROFILE_ID = "bench-opcua-folder"
 URI = "urn:iiot:bench"
-WARMUP = 5.0
+WARMUP = 6.0  # longer than any device's first tick (its phase within the interval)
 
 # ThingsBoard IoT Gateway 3.8.5, OPC UA connector, same server and layout (µs of gateway
 # CPU per datapoint; delivered %; lag p99 ms).
@@ -298,7 +298,7 @@ def _config(work: Path, args: argparse.Namespace, port: int, mqtt_port: int) -> 
                 "id": f"dev-{d:04d}",
                 "profile": PROFILE_ID,
                 # Subscribe mode hands values over as they arrive; the poll is a heartbeat.
-                "poll_interval": args.interval if args.mode == "read" else 10.0,
+                "poll_interval": args.interval if args.mode == "read" else 5.0,
                 "opcua": {**conn, "root": f"ns=2;s=Dev{d:04d}"},
             }
             for d in range(1, args.devices + 1)

@@ -140,7 +140,7 @@ class DevicePoller:
                 deadline = start + tick * interval
                 wait = deadline - time.monotonic()
                 if wait > 0:
-                    if await self._sleep(wait):
+                    if not self._data_waiting and await self._sleep(wait):
                         return
                     if self._data_waiting:
                         # A subscription brought values: hand them over now, then wait
