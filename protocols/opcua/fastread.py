@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,10 +28,11 @@ from asyncua import Client, ua
 from asyncua.ua.ua_binary import nodeid_from_binary, nodeid_to_binary, struct_from_binary
 from asyncua.ua.ua_binary import struct_to_binary as _to_binary
 
-__all__ = ["PreparedRead", "Result", "decode_results"]
+__all__ = ["PreparedRead", "Result", "decode_results", "request_header"]
 
 _READ_TYPE = nodeid_to_binary(ua.FourByteNodeId(ua.ObjectIds.ReadRequest_Encoding_DefaultBinary))
 _INT32 = struct.Struct("<i")
+_INT64 = struct.Struct("<q")
 _UINT32 = struct.Struct("<I")
 
 # Variant type id → (decoder, size) for the scalar types a profile's points use.
@@ -96,6 +98,29 @@ def decode_results(raw: bytes | memoryview, count: int) -> list[Result] | None:
     return out
 
 
+# RequestHandle, ReturnDiagnostics, AuditEntryId (null string), TimeoutHint
+_HEADER_TAIL = struct.Struct("<IIiI")
+_NULL_EXTENSION = b"\x00\x00\x00"  # AdditionalHeader: no extension object
+_EPOCH_OFFSET = 116_444_736_000_000_000  # 1601-01-01 to 1970-01-01, in 100 ns
+_TOKENS: dict[ua.NodeId, bytes] = {}
+
+
+def request_header(token: ua.NodeId, handle: int, timeout_ms: int) -> bytes:
+    """A RequestHeader as asyncua serialises it, without building the object."""
+    token_bytes = _TOKENS.get(token)
+    if token_bytes is None:
+        if len(_TOKENS) > 64:  # one per session opened: bounded
+            _TOKENS.clear()
+        token_bytes = _TOKENS[token] = nodeid_to_binary(token)
+    now = time.time_ns() // 100 + _EPOCH_OFFSET
+    return (
+        token_bytes
+        + _INT64.pack(now)
+        + _HEADER_TAIL.pack(handle & 0xFFFFFFFF, 0, -1, timeout_ms)
+        + _NULL_EXTENSION
+    )
+
+
 class PreparedRead:
     """A Read of fixed nodes' values: serialised once, sent per poll."""
 
@@ -120,9 +145,11 @@ class PreparedRead:
             proto = uaclient.protocol
             if proto is None or proto.transport is None:
                 raise ConnectionError("Connection is not open")
-            header = ua.RequestHeader()
-            proto._setup_request_header(header, hint)
-            body = _READ_TYPE + _to_binary(header) + self._params
+            proto._request_handle += 1
+            header = request_header(
+                proto.authentication_token, proto._request_handle, int(hint * 1000)
+            )
+            body = _READ_TYPE + header + self._params
             request_id = proto._request_id + 1
             try:
                 proto.revolve_security_token()

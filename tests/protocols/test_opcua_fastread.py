@@ -59,3 +59,23 @@ def test_arrays_and_structures_are_left_to_asyncua() -> None:
 def test_a_count_that_does_not_match_the_request_is_refused() -> None:
     values = [ua.DataValue(ua.Variant(1.0, ua.VariantType.Double))]
     assert decode_results(_body(values), 2) is None
+
+
+def test_request_header_is_what_asyncua_would_send() -> None:
+    import struct
+
+    from asyncua.ua.ua_binary import nodeid_to_binary
+
+    from protocols.opcua.fastread import request_header
+
+    for token in (ua.NodeId(12345, 0), ua.NodeId(b"\x01\x02" * 8, 1, ua.NodeIdType.ByteString)):
+        header = ua.RequestHeader(AuthenticationToken=token, RequestHandle=77, TimeoutHint=4000)
+        theirs, mine = struct_to_binary(header), request_header(token, 77, 4000)
+        n = len(nodeid_to_binary(token))
+        assert mine[:n] == theirs[:n]
+        assert mine[n + 8 :] == theirs[n + 8 :]  # all but the timestamp, which is now
+        (t_theirs,), (t_mine,) = (
+            struct.unpack_from("<q", theirs, n),
+            struct.unpack_from("<q", mine, n),
+        )
+        assert abs(t_mine - t_theirs) < 50_000_000  # within 5 s, in 100 ns units
