@@ -60,6 +60,12 @@ _SESSION_FIELDS = (
 # Used when the server does not publish its limits (0 or absent means "no limit").
 _DEFAULT_PER_CALL = 1000
 _DEFAULT_PER_SUBSCRIPTION = 10_000
+# Servers put at most about this many notifications in one publish response (node-opcua:
+# 1000) and answer one subscription per publish request: a subscription holds no more
+# items than that, and each extra subscription gets a publish request of its own in
+# flight (up to _MAX_PUBLISHERS), so a large session is not limited by round trips.
+_ITEMS_PER_SUBSCRIPTION = 1000
+_MAX_PUBLISHERS = 8
 
 # Latest values of one device, written by the publish callback: point → DataValue.
 Latest = dict[str, ua.DataValue]
@@ -137,6 +143,7 @@ class Session:
         self.notifications = 0
         self.opened = 0
         self._handles = itertools.count(1)
+        self._publishers: list[asyncio.Task[None]] = []
 
     @property
     def healthy(self) -> bool:
@@ -154,6 +161,7 @@ class Session:
     async def open(self, connect: Callable[[], Any]) -> None:
         """Replace a lost client by a new one from ``connect()`` (the caller holds ``lock``)."""
         old, self.client = self.client, None
+        self._stop_publishers()
         if old is not None:
             abandon(old)
         self.subscriptions = []
@@ -186,7 +194,9 @@ class Session:
         limits = [_limit(dv) for dv in values]
         self.max_per_read = limits[0]
         self.max_per_call = limits[1] or _DEFAULT_PER_CALL
-        self.max_per_subscription = min(limits[2] or _DEFAULT_PER_SUBSCRIPTION, 65_535)
+        self.max_per_subscription = min(
+            limits[2] or _DEFAULT_PER_SUBSCRIPTION, _ITEMS_PER_SUBSCRIPTION
+        )
 
     def new_handles(self, latest: Latest, points: list[str], owner: Any) -> list[int]:
         """Client handles for ``points``, routed to ``latest`` by the publish callback."""
@@ -219,9 +229,22 @@ class Session:
         result = await self.client.uaclient.create_subscription(params, sub.on_publish)
         sub.subscription_id = result.SubscriptionId
         self.subscriptions.append(sub)
+        if 1 < len(self.subscriptions) <= _MAX_PUBLISHERS:
+            # asyncua keeps one publish request in flight; more run beside it.
+            loop = self.client.uaclient.session._publish_loop()
+            self._publishers.append(asyncio.create_task(loop, name="opcua publish"))
         return sub
 
+    def _stop_publishers(self) -> list[asyncio.Task[None]]:
+        tasks, self._publishers = self._publishers, []
+        for t in tasks:
+            t.cancel()
+        return tasks
+
     async def close(self) -> None:
+        stopped = self._stop_publishers()
+        if stopped:
+            await asyncio.gather(*stopped, return_exceptions=True)
         client, self.client = self.client, None
         if client is not None:
             graceful = self.lost is None and client.uaclient.state is UaClientState.CONNECTED

@@ -376,3 +376,33 @@ async def test_simulator_refuses_sessions_beyond_its_limit() -> None:
             for c in clients:
                 with contextlib.suppress(Exception):
                     await c.disconnect()
+
+
+async def test_items_beyond_one_subscription_are_split_and_all_delivered() -> None:
+    big = Profile.model_validate(
+        {
+            **_MODEL.model_dump(exclude={"points"}),
+            "points": [
+                {"name": f"t{i:04d}", "type": "float64", "opcua": {"node_suffix": f".T{i:04d}"}}
+                for i in range(1200)
+            ],
+        }
+    )
+    async with _instances_server(big, [["2:Plant", "2:Dev0007"]]) as (endpoint, _):
+        conn = OpcUaConnection(
+            endpoint=endpoint, root="ns=2;s=Dev0007", mode="subscribe", sampling_interval=0.1
+        )
+        driver = OpcUaDriver(big, conn, name="big-7")
+        try:
+            await driver.connect()
+            assert driver.session is not None and len(driver.session.subscriptions) == 2
+            reading = await _settled(driver)
+            for _ in range(100):
+                if len(reading.values) == 1200:
+                    break
+                await asyncio.sleep(0.05)
+                reading = await driver.read(big.points)
+            assert len(reading.values) == 1200 and reading.errors == {}
+            assert set(reading.values.values()) == {_value("Dev0007", "t", ValueType.FLOAT64)}
+        finally:
+            await driver.aclose()
