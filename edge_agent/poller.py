@@ -122,6 +122,7 @@ class DevicePoller:
                     self._close_later(driver)
                     raise
                 self._driver = driver
+                self._listen(driver)
             yield self._driver
 
     def stop(self) -> None:
