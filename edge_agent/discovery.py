@@ -712,12 +712,20 @@ async def _resolved_share(
     hierarchical = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
     for p in profile.points:
         assert p.opcua is not None
+        # Relative addresses are looked for under the profile's default root object.
+        root = profile.opcua.root_name or profile.id
         try:
             if p.opcua.node_id is not None:
                 ids.append(node_id(p.opcua.node_id, ns, uri))
                 continue
-            assert p.opcua.browse_path is not None
-            names = browse_path(p.opcua.browse_path, ns)
+            if p.opcua.node_suffix is not None:
+                ids.append(ua.NodeId(root + p.opcua.node_suffix, ns))
+                continue
+            if p.opcua.path is not None:
+                names = [ua.QualifiedName(root, ns), *browse_path(p.opcua.path, ns)]
+            else:
+                assert p.opcua.browse_path is not None
+                names = browse_path(p.opcua.browse_path, ns)
         except ValueError:
             continue  # an address this server cannot have
         elements = [

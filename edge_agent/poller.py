@@ -102,6 +102,7 @@ class DevicePoller:
         self._m_duration = metrics.poll_duration
         self._m_ok = metrics.polls.labels(device.id, "ok")
         self._closing: set[asyncio.Task[None]] = set()
+        self._data_waiting = False  # a driver that pushes (subscribe mode) has new values
         # Fraction of the interval by which this device's grid is offset, so that many
         # devices with one interval do not all fire in the same instant.
         self.phase = phase % 1.0
@@ -114,7 +115,8 @@ class DevicePoller:
             if self._stop.is_set():
                 raise ConnectError(f"device '{dev.id}': poller is stopping")
             if self._driver is None:
-                self._driver = await self._connect()
+                self._driver, _own = await self._connect()
+                self._listen(self._driver)
             yield self._driver
 
     def stop(self) -> None:
@@ -132,8 +134,14 @@ class DevicePoller:
             while not self._stop.is_set():
                 deadline = start + tick * interval
                 wait = deadline - time.monotonic()
-                if wait > 0 and await self._sleep(wait):
-                    return
+                if wait > 0:
+                    if not self._data_waiting and await self._sleep(wait):
+                        return
+                    if self._data_waiting:
+                        # A subscription brought values: hand them over now, then wait
+                        # out the same tick.
+                        self._hand_over_changes()
+                        continue
                 begun = time.monotonic()
                 self.lags.append(begun - deadline)
                 self.metrics.poll_lag.observe(max(0.0, begun - deadline))
@@ -154,6 +162,32 @@ class DevicePoller:
                 tick = nxt
         finally:
             await self._close_driver()
+
+    def _listen(self, driver: Driver) -> None:
+        """Be told when a driver that pushes values (``on_data``) has new ones."""
+        if hasattr(driver, "on_data") and hasattr(driver, "read_changes"):
+            driver.on_data = self._data_arrived
+
+    def _data_arrived(self) -> None:
+        self._data_waiting = True
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _hand_over_changes(self) -> None:
+        """The values a subscription brought since the last poll, as one sample."""
+        self._data_waiting = False
+        driver = self._driver
+        if driver is None or self._lock.locked():
+            return  # the next poll hands them over
+        try:
+            reading = driver.read_changes(self.points)  # type: ignore[attr-defined]
+        except ProtocolError:
+            return  # the next poll finds out and reports it
+        if reading.values or reading.errors:
+            try:
+                self._emit(reading)
+            except Exception:  # a sample that cannot be spooled must not end the poller
+                log.exception("sample could not be spooled", extra={"device": self.device.id})
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep, or return True at once when stopped."""
@@ -182,13 +216,20 @@ class DevicePoller:
         try:
             # The lock first: a poll waiting for a write (itself bounded) starts late
             # rather than failing, so a write never makes a device look offline.
-            async with self._lock, asyncio.timeout(dev.probe_limit if probing else dev.timeout):
+            async with self._lock:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
                 if self._driver is None:
                     connecting = True
                     self.backoff.connecting()
-                    self._driver = await self._connect()
+                    driver, own = await self._connect(deadline)
+                    self._driver = driver
                     connecting = False
-                reading = await self._driver.read(self.points)
+                    self._listen(driver)
+                    if own:
+                        deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
+                async with asyncio.timeout_at(deadline):
+                    reading = await self._driver.read(self.points)
         except TimeoutError:
             if connecting:
                 return self._failed("connect_failed", "connect timed out", reconnect=True)
@@ -292,16 +333,29 @@ class DevicePoller:
         quality = {k: v for k, v in reading.quality.items() if k in changed}
         self._on_sample(dev.id, Reading(reading.ts, changed, dict(reading.errors), quality))
 
-    async def _connect(self) -> Driver:
-        """Make and connect the device's driver; one that fails to connect is closed."""
+    async def _connect(self, deadline: float | None = None) -> tuple[Driver, float | None]:
+        """Make and connect the device's driver; one that fails to connect is closed.
+
+        A driver that gives its own connect_timeout connects within that (opening a session
+        can take longer than a fast poll); others connect within ``deadline`` (loop time),
+        if given. Returns the driver and its own connect limit, if any.
+        """
         dev = self.device
         driver = self._factory(self.profile, dev.connection, name=dev.id)
+        own = _connect_limit(driver)
         try:
-            await driver.connect()
+            if own:
+                async with asyncio.timeout(own):
+                    await driver.connect()
+            elif deadline is not None:
+                async with asyncio.timeout_at(deadline):
+                    await driver.connect()
+            else:
+                await driver.connect()
         except BaseException:
             self._close_later(driver)
             raise
-        return driver
+        return driver, own
 
     def _close_later(self, driver: Driver) -> None:
         """Close in the background: a hung close must not hold the schedule."""
@@ -316,6 +370,12 @@ class DevicePoller:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.backoff.state = ConnState.STOPPED
+
+
+def _connect_limit(driver: Driver) -> float | None:
+    """The driver's own bound on ``connect()`` (its ``connect_timeout``), if it gives one."""
+    limit = getattr(driver, "connect_timeout", None)
+    return float(limit) if isinstance(limit, int | float) and limit > 0 else None
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

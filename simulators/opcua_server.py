@@ -20,6 +20,9 @@ restart       the listener and every connection go away for ``delay`` seconds, t
               server listens again on the same port with the same namespace and nodes;
               the fault then clears itself
 
+``max_sessions`` caps the sessions open at once, as real servers do (node-opcua: 10);
+one more is refused with BadTooManySessions.
+
 Start-up: asyncua builds the standard OPC UA address space (about 6,000 nodes, well
 over a second) for every server. Here the first server of a process builds it once and
 later servers copy it in a fraction of that, so starting many simulators stays fast.
@@ -52,6 +55,7 @@ from asyncua.server.address_space import (
 )
 from asyncua.server.binary_server_asyncio import BinaryServer, OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
+from asyncua.server.internal_session import SessionState
 from asyncua.server.monitored_item_service import MonitoredItemService
 
 from device_profiles.schema import Point, Profile, ValueType
@@ -111,8 +115,25 @@ def _standard_nodes() -> dict[ua.NodeId, NodeData]:
 
 
 class _InternalServer(InternalServer):  # type: ignore[misc]
+    # At most this many sessions at once (None: no limit), as real servers cap them.
+    max_sessions: int | None = None
+
     async def load_standard_address_space(self, shelf_file: Path | None = None) -> None:
         self.aspace._nodes = await asyncio.to_thread(_standard_nodes)
+
+    def create_session(self, name: str, user: Any = None, external: bool = False) -> Any:
+        live: list[Any] | None = getattr(self, "_iiot_sessions", None)
+        if live is None:
+            live = []
+            self._iiot_sessions = live
+        live[:] = [s for s in live if s.state is not SessionState.Closed]
+        if external and self.max_sessions is not None and len(live) >= self.max_sessions:
+            raise ua.uaerrors.BadTooManySessions()
+        kwargs = {"user": user} if user is not None else {}
+        session = super().create_session(name, external=external, **kwargs)
+        if external:
+            live.append(session)
+        return session
 
 
 def _free_port(host: str) -> int:
@@ -294,6 +315,7 @@ class OpcUaSimServer:
         users: Mapping[str, str] | None = None,
         update_interval: float = 0.5,
         extra_namespaces: Sequence[str] = (),
+        max_sessions: int | None = None,
     ) -> None:
         profile = device.profile
         if profile.protocol != "opcua" or profile.opcua is None:
@@ -311,6 +333,7 @@ class OpcUaSimServer:
         self.users = dict(users) if users is not None else None
         self.update_interval = update_interval
         self.extra_namespaces = list(extra_namespaces)
+        self.max_sessions = max_sessions
         self.endpoint = f"opc.tcp://{host}:{port}/iiot/"
         self.namespace_index = -1
         # point name -> the NodeId it is served at
@@ -347,7 +370,9 @@ class OpcUaSimServer:
             self.port = _free_port(self.host)
             self.endpoint = f"opc.tcp://{self.host}:{self.port}/iiot/"
         user_manager = _UserManager(self.users) if self.users is not None else None
-        server = _Server(self, _InternalServer(user_manager=user_manager))
+        iserver = _InternalServer(user_manager=user_manager)
+        iserver.max_sessions = self.max_sessions
+        server = _Server(self, iserver)
         await server.init()
         server.disable_clock()  # its 1 s loop would delay stop() by up to a second
         server.set_endpoint(self.endpoint)
@@ -414,10 +439,14 @@ class OpcUaSimServer:
         ns = self.namespace_index
         uri = profile.opcua.namespace_uri
         objects = server.nodes.objects
+        root_name = profile.opcua.root_name or profile.id
         wanted: dict[str, ua.NodeId] = {}
         for p in profile.points:
             assert p.opcua is not None
-            if p.opcua.node_id is not None:
+            if p.opcua.node_suffix is not None:
+                # Relative to the root object, whose NodeId is ns=<profile>;s=<root_name>.
+                wanted[p.name] = ua.NodeId(root_name + p.opcua.node_suffix, ns)
+            elif p.opcua.node_id is not None:
                 try:
                     wanted[p.name] = node_id(p.opcua.node_id, ns, uri)
                 except ValueError as exc:
@@ -433,10 +462,13 @@ class OpcUaSimServer:
 
         self._free_id = free_id
 
-        # NodeId points hang under one object named after the device.
-        if wanted:
-            root_name = profile.opcua.root_name or profile.id
+        # NodeId points hang under one object named after the device, which is also the
+        # root of the profile's relative (path) points.
+        containers: dict[tuple[tuple[int, str], ...], Node] = {(): objects}
+        relative = any(p.opcua is not None and p.opcua.path for p in profile.points)
+        if wanted or relative:
             root = await objects.add_object(free_id(root_name), ua.QualifiedName(root_name, ns))
+            containers[((ns, root_name),)] = root
             for p in profile.points:
                 if p.name in wanted:
                     await self._add_point(
@@ -444,15 +476,19 @@ class OpcUaSimServer:
                     )
 
         # Browse-path points: shallow paths first, so a variable can parent deeper ones.
-        containers: dict[tuple[tuple[int, str], ...], Node] = {(): objects}
         by_path: list[tuple[list[ua.QualifiedName], Point]] = []
         for p in profile.points:
             assert p.opcua is not None
-            if p.opcua.browse_path is not None:
-                try:
-                    by_path.append((browse_path(p.opcua.browse_path, ns), p))
-                except ValueError as exc:
-                    raise ValueError(f"profile '{profile.id}': point '{p.name}': {exc}") from exc
+            text = p.opcua.browse_path or p.opcua.path
+            if text is None:
+                continue
+            try:
+                names = browse_path(text, ns)
+            except ValueError as exc:
+                raise ValueError(f"profile '{profile.id}': point '{p.name}': {exc}") from exc
+            if p.opcua.path is not None:
+                names = [ua.QualifiedName(root_name, ns), *names]
+            by_path.append((names, p))
         by_path.sort(key=lambda item: len(item[0]))
         for names, p in by_path:
             parent = objects
@@ -467,9 +503,10 @@ class OpcUaSimServer:
                 parent = node
             key = tuple(keys)
             if key in containers:
+                where = (p.opcua.browse_path or p.opcua.path) if p.opcua else ""
                 raise ValueError(
                     f"profile '{profile.id}': point '{p.name}': browse path "
-                    f"'{p.opcua.browse_path if p.opcua else ''}' is already a node"
+                    f"'{where}' is already a node"
                 )
             nid = free_id("/".join(n.Name for n in names))
             containers[key] = await self._add_point(server, parent, p, nid, names[-1])

@@ -11,6 +11,8 @@ __all__ = ["OpcUaConnection"]
 
 
 class OpcUaConnection(BaseModel):
+    """The ``opcua:`` key of a device entry."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     endpoint: str = Field(pattern=r"^opc\.tcp://", description="e.g. opc.tcp://10.0.0.5:4840")
@@ -25,7 +27,19 @@ class OpcUaConnection(BaseModel):
         default="read", description="Batched reads each poll, or a subscription."
     )
     sampling_interval: float = Field(default=1.0, gt=0, description="Seconds (subscribe mode).")
-    timeout: float = Field(default=4.0, gt=0, le=120)
+    timeout: float = Field(default=4.0, gt=0, le=120, description="Seconds per service call.")
+    connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="Seconds to open the session (channel, session, address resolution), "
+        "independent of the poll interval.",
+    )
+    root: str | list[str] | None = Field(
+        default=None,
+        description="Where this instance's points live, for a profile's relative addresses: "
+        "a NodeId ('ns=2;s=Dev0001') or a browse path from Objects (['2:Plant', '2:Dev0001']).",
+    )
 
     @model_validator(mode="after")
     def _security(self) -> Self:
@@ -33,6 +47,10 @@ class OpcUaConnection(BaseModel):
             self.certificate is None or self.private_key is None
         ):
             raise ValueError("security_policy Basic256Sha256 needs certificate and private_key")
+        if isinstance(self.root, list) and (not self.root or not all(self.root)):
+            raise ValueError("root as a browse path needs at least one non-empty element")
+        if isinstance(self.root, str) and not self.root.strip():
+            raise ValueError("root must not be empty")
         if (self.username is None) != (self.password is None):
             raise ValueError("give both username and password, or neither")
         return self

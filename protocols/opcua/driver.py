@@ -23,14 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from asyncua import Client, ua
-from asyncua.client.ua_client import UaClientState
-from asyncua.common.subscription import DataChangeNotif, Subscription
 from asyncua.crypto import security_policies
 from cryptography import x509
 
@@ -47,6 +45,16 @@ from protocols.errors import (
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
 from protocols.opcua.config import OpcUaConnection
+from protocols.opcua.fastread import PreparedRead, Result
+from protocols.opcua.session import (
+    Latest,
+    Session,
+    SharedSubscription,
+    abandon,
+    acquire_session,
+    release_session,
+    teardown,
+)
 
 __all__ = ["OpcUaDriver", "OpcUaStats"]
 
@@ -114,50 +122,66 @@ def _certificate_uri(path: Path) -> str | None:
     return uris[0] if uris else None
 
 
-class _Handler:
-    """Subscription callbacks: keep the latest DataValue per point."""
-
-    def __init__(self, driver: OpcUaDriver) -> None:
-        self._driver = driver
-
-    def datachange_notification(self, node: Any, val: Any, data: DataChangeNotif) -> None:
-        item = data.monitored_item
-        name = self._driver._handles.get(item.ClientHandle)
-        if name is not None:
-            self._driver._latest[name] = item.Value
-            self._driver.stats.notifications += 1
-
-    def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
-        if not status.Status.is_good():
-            self._driver._lost = f"subscription ended: {_status_name(status.Status)}"
+def _browse(start: ua.NodeId, names: list[ua.QualifiedName]) -> ua.BrowsePath:
+    hierarchical = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+    elements = [
+        ua.RelativePathElement(
+            ReferenceTypeId=hierarchical, IsInverse=False, IncludeSubtypes=True, TargetName=qn
+        )
+        for qn in names
+    ]
+    return ua.BrowsePath(StartingNode=start, RelativePath=ua.RelativePath(elements))
 
 
 class OpcUaDriver(DriverBase):
-    """Reads and writes one device's points on an OPC UA server."""
+    """Reads and writes one device's points on an OPC UA server (over a shared session)."""
 
     def __init__(self, profile: Profile, connection: OpcUaConnection, *, name: str) -> None:
         if profile.protocol != "opcua" or profile.opcua is None:
             raise ConfigError(f"device '{name}': profile '{profile.id}' is not an OPC UA profile")
+        if (
+            connection.root is None
+            and profile.opcua.root_name is None
+            and any(p.opcua is not None and p.opcua.relative for p in profile.points)
+        ):
+            raise ConfigError(
+                f"device '{name}': profile '{profile.id}' addresses points relative to the "
+                "device's root and has no root_name: give 'opcua: {root: ...}'"
+            )
         self.profile = profile
         self.connection = connection
         self.name = name
         self.stats = OpcUaStats()
         self.namespace_index: int | None = None
-        self._client: Client | None = None
-        self._subscription: Subscription | None = None
+        self._session: Session | None = None
+        self._generation = -1
         self._node_ids: dict[str, ua.NodeId] = {}
-        self._handles: dict[int, str] = {}
-        self._latest: dict[str, ua.DataValue] = {}
+        self._latest: Latest = {}
         self._subscribe_errors: dict[str, str] = {}
+        # Monitored items this device holds: (subscription, client handles, server ids).
+        self._items: list[tuple[SharedSubscription, list[int], list[int]]] = []
         self._lost: str | None = None
-        self._healthy = False
+        self._prepared: dict[tuple[str, ...], list[PreparedRead]] = {}
+        # Subscribe mode: points notified since the last read, and who to tell.
+        self.changed: set[str] = set()
+        self.on_data: Callable[[], None] | None = None
         self._undecodable: dict[str, str] = {}  # point -> type of the value last logged
 
     # --- connection ---
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._lost is None
+        return self._usable() is None
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a ``connect()`` may take, independent of the poll interval."""
+        return self.connection.connect_timeout
+
+    @property
+    def session(self) -> Session | None:
+        """The shared session this device uses (after ``connect()``)."""
+        return self._session
 
     @property
     def node_ids(self) -> dict[str, ua.NodeId]:
@@ -170,7 +194,8 @@ class OpcUaDriver(DriverBase):
     def _new_client(self) -> Client:
         c = self.connection
         client = Client(c.endpoint, timeout=c.timeout, watchdog_intervall=c.timeout)
-        client.name = f"iiot edge agent ({self.name})"
+        # The session serves every device of this server and identity.
+        client.name = f"iiot edge agent ({c.endpoint})"
         client.description = client.name
         client.application_uri = CLIENT_APPLICATION_URI
         client.product_uri = "urn:iiot:edge-agent"
@@ -212,71 +237,116 @@ class OpcUaDriver(DriverBase):
             mode=mode,
         )
 
-    async def connect(self) -> None:
-        """Open a session and resolve the profile's addresses (ConnectError, DeviceTimeout)."""
-        if self._client is not None:
-            await self.aclose()
+    async def _open_client(self) -> Client:
+        """A new connected client; asyncua's errors mapped, the socket never left open."""
         client = self._new_client()
-        self._lost = None
-        self._latest = {}
         try:
-            async with asyncio.timeout(self.connection.timeout):
-                await self._secure(client)
-                await client.connect()
+            await self._secure(client)
+            await client.connect()
         except ProtocolError:
-            self.stats.connect_errors += 1
-            await self._teardown(client, graceful=False)
+            await teardown(client, graceful=False, limit=self.connection.timeout)
             raise
-        except TimeoutError as exc:
-            self.stats.connect_errors += 1
-            self.stats.timeouts += 1
-            await self._teardown(client, graceful=False)
+        except TimeoutError as exc:  # asyncua's own per-request timeout (an OSError)
+            await teardown(client, graceful=False, limit=self.connection.timeout)
             raise DeviceTimeout(
                 f"{self._where()}: no answer within {self.connection.timeout}s while connecting"
             ) from exc
         except ua.UaStatusCodeError as exc:
-            self.stats.connect_errors += 1
-            await self._teardown(client, graceful=False)
+            await teardown(client, graceful=False, limit=self.connection.timeout)
             name = _status_name(ua.StatusCode(exc.code))
             raise ConnectError(f"{self._where()}: session refused: {name}", detail=name) from exc
         except (OSError, ua.UaError, ValueError) as exc:
-            self.stats.connect_errors += 1
-            await self._teardown(client, graceful=False)
+            await teardown(client, graceful=False, limit=self.connection.timeout)
             raise ConnectError(
                 f"{self._where()}: cannot connect: {exc or type(exc).__name__}"
             ) from exc
-        except asyncio.CancelledError:
-            # Cancelled from outside (a poll deadline): never leave the socket open.
-            self._abandon(client)
-            raise
-        self._client = client
-        self._healthy = True
-        client.connection_lost_callback = self._on_connection_lost
-        self.stats.connects += 1
-        try:
-            await self._resolve(client)
-            if self.connection.mode == "subscribe":
-                await self._subscribe(client)
         except BaseException:
+            # Cancelled (the connect deadline, or from outside): never leave the socket open.
+            abandon(client)
+            raise
+        return client
+
+    async def connect(self) -> None:
+        """Join (or open) the server's session and resolve the profile's addresses."""
+        if self._session is not None:
+            await self.aclose()
+        session = acquire_session(self.connection, self.name)
+        self._session = session
+        self._lost = None
+        self._latest = {}
+        self._prepared = {}
+        limit = self.connection.connect_timeout
+        try:
+            try:
+                async with asyncio.timeout(limit):
+                    # Another device may be opening this session: wait for its attempt.
+                    async with session.lock:
+                        if not session.healthy:
+                            await session.open(self._open_client)
+                            await session.read_limits(self.connection.timeout)
+                            _log.info(
+                                "opcua session opened",
+                                extra={"endpoint": self.connection.endpoint,
+                                       "devices": len(session.users)},
+                            )  # fmt: skip
+                    client = session.client
+                    assert client is not None
+                    self._generation = session.generation
+                    await self._resolve(client, session)
+                    if self.connection.mode == "subscribe":
+                        await self._subscribe(session)
+            except TimeoutError as exc:
+                self.stats.timeouts += 1
+                raise DeviceTimeout(
+                    f"{self._where()}: not connected within connect_timeout {limit}s"
+                ) from exc
+            except ProtocolError:
+                raise
+            except ua.UaStatusCodeError as exc:
+                name = _status_name(ua.StatusCode(exc.code))
+                session.lost = session.lost or name
+                raise ConnectError(f"{self._where()}: {name}", detail=name) from exc
+            except (OSError, ua.UaError, ValueError) as exc:
+                session.lost = session.lost or str(exc)
+                raise ConnectError(f"{self._where()}: {exc or type(exc).__name__}") from exc
+        except BaseException:
+            self.stats.connect_errors += 1
             await self.aclose()
             raise
-        _log.info(
-            "opcua connected",
-            extra={
-                "device": self.name,
-                "endpoint": self.connection.endpoint,
-                "namespace_index": self.namespace_index,
-                "mode": self.connection.mode,
-            },
-        )
+        self.stats.connects += 1
+        _log.debug(
+            "opcua device ready",
+            extra={"device": self.name, "endpoint": self.connection.endpoint,
+                   "namespace_index": self.namespace_index, "mode": self.connection.mode},
+        )  # fmt: skip
 
-    async def _on_connection_lost(self, exc: Exception) -> None:
-        self._lost = f"connection lost: {exc!r}"
+    def _root(self, ns: int, uri: str) -> tuple[ua.NodeId | None, list[ua.QualifiedName]]:
+        """The device's root as a NodeId, or as a browse path from Objects."""
+        assert self.profile.opcua is not None
+        root = self.connection.root
+        try:
+            if isinstance(root, str):
+                return node_id(root, ns, uri), []
+            if isinstance(root, list):
+                return None, browse_path("/".join(root), ns)
+        except ValueError as exc:
+            raise ConfigError(f"{self._where()}: root: {exc}") from exc
+        name = self.profile.opcua.root_name
+        return None, ([ua.QualifiedName(name, ns)] if name else [])
 
-    async def _resolve(self, client: Client) -> None:
+    def _root_text(self) -> str:
+        root = self.connection.root
+        if isinstance(root, list):
+            return "/".join(root)
+        if root is not None:
+            return root
+        assert self.profile.opcua is not None
+        return f"2:{self.profile.opcua.root_name}"
+
+    async def _resolve(self, client: Client, session: Session) -> None:
         assert self.profile.opcua is not None
         uri = self.profile.opcua.namespace_uri
-        namespaces = await self._call("read namespace array", client.get_namespace_array())
+        namespaces = session.namespaces
         if uri not in namespaces:
             raise ConfigError(
                 f"{self._where()}: the server has no namespace '{uri}' "
@@ -284,155 +354,203 @@ class OpcUaDriver(DriverBase):
             )
         ns = namespaces.index(uri)
         self.namespace_index = ns
+        root_node, root_path = self._root(ns, uri)
         ids: dict[str, ua.NodeId] = {}
-        paths: list[tuple[Point, ua.BrowsePath]] = []
+        paths: list[tuple[str, str, ua.BrowsePath]] = []  # (key, address text, path)
         objects = ua.NodeId(ua.ObjectIds.ObjectsFolder)
-        hierarchical = ua.NodeId(ua.ObjectIds.HierarchicalReferences)
+        suffixed: list[Point] = []
         for p in self.profile.points:
-            assert p.opcua is not None
+            a = p.opcua
+            assert a is not None
             try:
-                if p.opcua.node_id is not None:
-                    ids[p.name] = node_id(p.opcua.node_id, ns, uri)
-                    continue
-                assert p.opcua.browse_path is not None
-                names = browse_path(p.opcua.browse_path, ns)
+                if a.node_id is not None:
+                    ids[p.name] = node_id(a.node_id, ns, uri)
+                elif a.node_suffix is not None:
+                    suffixed.append(p)
+                elif a.browse_path is not None:
+                    names = browse_path(a.browse_path, ns)
+                    paths.append((p.name, a.browse_path, _browse(objects, names)))
+                else:
+                    assert a.path is not None
+                    names = browse_path(a.path, ns)
+                    start = root_node if root_node is not None else objects
+                    prefix = [] if root_node is not None else root_path
+                    text = f"{self._root_text()}/{a.path}"
+                    paths.append((p.name, text, _browse(start, prefix + names)))
             except ValueError as exc:
                 raise ConfigError(f"{self._where()}: point '{p.name}': {exc}") from exc
-            elements = [
-                ua.RelativePathElement(
-                    ReferenceTypeId=hierarchical,
-                    IsInverse=False,
-                    IncludeSubtypes=True,
-                    TargetName=qn,
-                )
-                for qn in names
-            ]
-            paths.append(
-                (p, ua.BrowsePath(StartingNode=objects, RelativePath=ua.RelativePath(elements)))
-            )
+        if suffixed and root_node is None:
+            paths.append(("", self._root_text(), _browse(objects, root_path)))
         if paths:
+            found = await self._translate(client, paths)
+            root_node = found.pop("", root_node)
+            ids.update(found)
+        for p in suffixed:
+            assert p.opcua is not None and p.opcua.node_suffix is not None
+            if root_node is None or not isinstance(root_node.Identifier, str):
+                raise ConfigError(
+                    f"{self._where()}: point '{p.name}': node_suffix needs a root NodeId with "
+                    f"a string identifier, the root is {root_node}"
+                )
+            ids[p.name] = ua.NodeId(
+                root_node.Identifier + p.opcua.node_suffix, root_node.NamespaceIndex
+            )
+        self._node_ids = ids
+
+    async def _translate(
+        self, client: Client, paths: list[tuple[str, str, ua.BrowsePath]]
+    ) -> dict[str, ua.NodeId]:
+        """TranslateBrowsePathsToNodeIds, in calls of at most the server's limit."""
+        assert self._session is not None
+        step = self._session.max_per_call
+        found: dict[str, ua.NodeId] = {}
+        missing: list[str] = []
+        for i in range(0, len(paths), step):
+            chunk = paths[i : i + step]
             results = await self._call(
                 "translate browse paths",
-                client.uaclient.translate_browsepaths_to_nodeids([bp for _, bp in paths]),
+                client.uaclient.translate_browsepaths_to_nodeids([bp for _, _, bp in chunk]),
             )
-            missing: list[str] = []
-            for (p, _), res in zip(paths, results, strict=True):
+            for (key, text, _), res in zip(chunk, results, strict=True):
                 if not res.StatusCode.is_good() or not res.Targets:
-                    assert p.opcua is not None
+                    what = f"point '{key}'" if key else "root"
                     missing.append(
-                        f"point '{p.name}': browse path '{p.opcua.browse_path}' not found "
-                        f"({_status_name(res.StatusCode)})"
+                        f"{what}: browse path '{text}' not found ({_status_name(res.StatusCode)})"
                     )
                     continue
                 t = res.Targets[0].TargetId
-                ids[p.name] = ua.NodeId(t.Identifier, t.NamespaceIndex, t.NodeIdType)
-            if missing:
-                raise ConfigError(f"{self._where()}: " + "; ".join(missing))
-        self._node_ids = ids
+                found[key] = ua.NodeId(t.Identifier, t.NamespaceIndex, t.NodeIdType)
+        if missing:
+            raise ConfigError(f"{self._where()}: " + "; ".join(missing))
+        return found
 
-    async def _subscribe(self, client: Client) -> None:
-        c = self.connection
-        period_ms = c.sampling_interval * 1000.0
-        sub = await self._call(
-            "create subscription", client.create_subscription(period_ms, _Handler(self))
-        )
-        self._subscription = sub
-        requests: list[ua.MonitoredItemCreateRequest] = []
-        self._handles = {}
-        for handle, p in enumerate(self.profile.points, start=1):
-            params = ua.MonitoringParameters(
-                ClientHandle=handle,
-                SamplingInterval=period_ms,
-                QueueSize=1,
-                DiscardOldest=True,
-            )
-            if p.deadband and p.type in _NUMERIC:
-                # The server compares raw values; the profile's deadband is after scaling.
-                params.Filter = ua.DataChangeFilter(
-                    Trigger=ua.DataChangeTrigger.StatusValue,
-                    DeadbandType=ua.DeadbandType.Absolute,
-                    DeadbandValue=p.deadband / abs(p.scale),
-                )
-            requests.append(
-                ua.MonitoredItemCreateRequest(
-                    ItemToMonitor=ua.ReadValueId(
-                        NodeId=self._node_ids[p.name], AttributeId=ua.AttributeIds.Value
-                    ),
-                    MonitoringMode=ua.MonitoringMode.Reporting,
-                    RequestedParameters=params,
-                )
-            )
-            self._handles[handle] = p.name
-        results = await self._call("create monitored items", sub.create_monitored_items(requests))
+    async def _subscribe(self, session: Session) -> None:
+        """Monitored items for every point, in the session's shared subscriptions."""
+        period_ms = self.connection.sampling_interval * 1000.0
+        points = list(self.profile.points)
+        handles = session.new_handles(self._latest, [p.name for p in points], self)
+        by_handle = dict(zip(handles, points, strict=True))
         self._subscribe_errors = {}
-        for handle, result in zip(self._handles, results, strict=True):
-            if isinstance(result, ua.StatusCode):
-                self._subscribe_errors[self._handles[handle]] = _status_name(result)
+        self._items = []
+        step = max(1, min(session.max_per_call, session.max_per_subscription))
+        for i in range(0, len(handles), step):
+            chunk = handles[i : i + step]
+            sub = await self._call(
+                "create subscription", session.subscription_for(period_ms, len(chunk))
+            )
+            requests = [self._item_request(h, by_handle[h], period_ms) for h in chunk]
+            params = ua.CreateMonitoredItemsParameters(
+                SubscriptionId=sub.subscription_id,
+                TimestampsToReturn=ua.TimestampsToReturn.Both,
+                ItemsToCreate=requests,
+            )
+            assert session.client is not None
+            results = await self._call(
+                "create monitored items", session.client.uaclient.create_monitored_items(params)
+            )
+            ids: list[int] = []
+            for h, result in zip(chunk, results, strict=True):
+                if result.StatusCode.is_good():
+                    ids.append(result.MonitoredItemId)
+                else:
+                    self._subscribe_errors[by_handle[h].name] = _status_name(result.StatusCode)
+            sub.items += len(ids)
+            self._items.append((sub, chunk, ids))
 
-    async def _teardown(self, client: Client, *, graceful: bool) -> None:
-        """Close ``client``, politely when the server answers; never raises, never hangs."""
-        if graceful:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnect(), self.connection.timeout)
-        # Whatever happened above: stop asyncua's background tasks and close the socket.
-        pending = self._abandon(client)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+    def _item_request(
+        self, handle: int, p: Point, period_ms: float
+    ) -> ua.MonitoredItemCreateRequest:
+        params = ua.MonitoringParameters(
+            ClientHandle=handle, SamplingInterval=period_ms, QueueSize=1, DiscardOldest=True
+        )
+        if p.deadband and p.type in _NUMERIC:
+            # The server compares raw values; the profile's deadband is after scaling.
+            params.Filter = ua.DataChangeFilter(
+                Trigger=ua.DataChangeTrigger.StatusValue,
+                DeadbandType=ua.DeadbandType.Absolute,
+                DeadbandValue=p.deadband / abs(p.scale),
+            )
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(
+                NodeId=self._node_ids[p.name], AttributeId=ua.AttributeIds.Value
+            ),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=params,
+        )
 
-    @staticmethod
-    def _abandon(client: Client) -> list[asyncio.Task[Any]]:
-        """Close the socket and cancel asyncua's background tasks, without waiting."""
-        client.uaclient.request_disconnect()
-        tasks = [
-            getattr(client, "_stale_watchdog_task", None),
-            getattr(client, "_supervisor_task", None),
-            getattr(client, "_renew_channel_task", None),
-            getattr(client.uaclient.session, "_publish_task", None),
-        ]
-        pending = [t for t in tasks if isinstance(t, asyncio.Task) and not t.done()]
-        for t in pending:
-            t.cancel()
-        with contextlib.suppress(Exception):
-            client.disconnect_socket()
-        return pending
+    async def _unsubscribe(self, session: Session) -> None:
+        """Delete this device's monitored items (best effort: the session may be gone)."""
+        items, self._items = self._items, []
+        for _sub, handles, _ids in items:
+            session.drop_handles(handles)
+        if session.healthy and session.generation == self._generation and session.client:
+            for sub, _, ids in items:
+                if not ids:
+                    continue
+                sub.items -= len(ids)
+                params = ua.DeleteMonitoredItemsParameters(
+                    SubscriptionId=sub.subscription_id, MonitoredItemIds=ids
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        session.client.uaclient.delete_monitored_items(params),
+                        self.connection.timeout,
+                    )
 
     async def aclose(self) -> None:
-        """Close the session; safe to call twice."""
-        client, self._client = self._client, None
-        self._subscription = None
-        if client is None:
+        """Leave the session (the last device on it closes it); safe to call twice."""
+        session, self._session = self._session, None
+        if session is None:
             return
-        connected = client.uaclient.state is UaClientState.CONNECTED
-        await self._teardown(client, graceful=self._healthy and connected and self._lost is None)
+        try:
+            await self._unsubscribe(session)
+        finally:
+            await release_session(session, self.name)
 
     # --- requests ---
 
+    def _usable(self) -> str | None:
+        """Why this device cannot use its session now, or None."""
+        session = self._session
+        if session is None:
+            return "not connected"
+        if not session.healthy:
+            return session.reason()
+        if session.generation != self._generation:
+            return "session reopened since this device connected"
+        if self._lost is not None:
+            return self._lost
+        for sub, _, _ in self._items:
+            if sub.lost is not None:
+                return sub.lost
+        return None
+
     def _require(self) -> Client:
-        client = self._client
-        if client is None:
-            raise ConnectError(f"{self._where()}: not connected")
-        if self._lost is not None or client.uaclient.state is not UaClientState.CONNECTED:
-            reason = self._lost or f"session state {client.uaclient.state.value}"
-            self.stats.sessions_lost += 1
-            self._healthy = False
+        reason = self._usable()
+        if reason is not None:
+            if self._session is not None:
+                self.stats.sessions_lost += 1
             raise ConnectError(f"{self._where()}: {reason}")
-        return client
+        assert self._session is not None and self._session.client is not None
+        return self._session.client
 
     async def _call(self, what: str, aw: Awaitable[_T]) -> _T:
         """One service call, bounded by the timeout, with asyncua's errors mapped."""
         self.stats.requests += 1
         timeout = self.connection.timeout
         try:
-            result = await asyncio.wait_for(aw, timeout)
+            # A timeout context rather than wait_for: no task per request.
+            async with asyncio.timeout(timeout):
+                result = await aw
         except TimeoutError as exc:
             self.stats.timeouts += 1
-            self._healthy = False
             raise DeviceTimeout(f"{self._where()}: no answer to {what} within {timeout}s") from exc
         except ua.UaStatusCodeError as exc:
             code = ua.StatusCode(exc.code)
             name = _status_name(code)
             if exc.code in _SESSION_LOST:
-                self._healthy = False
+                # The session is gone for every device on it: all reconnect together.
+                self._mark_lost(name)
                 self.stats.sessions_lost += 1
                 raise ConnectError(f"{self._where()}: {what}: {name}", detail=name) from exc
             if exc.code in _TIMEOUT_CODES:
@@ -442,11 +560,16 @@ class OpcUaDriver(DriverBase):
                 f"{self._where()}: {what} refused: {name}", code=exc.code, detail=name
             ) from exc
         except (ConnectionError, OSError, ua.UaError) as exc:
-            self._healthy = False
+            self._mark_lost(str(exc) or type(exc).__name__)
             self.stats.connect_errors += 1
             raise ConnectError(f"{self._where()}: {what}: {exc or type(exc).__name__}") from exc
         self.stats.responses += 1
         return result
+
+    def _mark_lost(self, reason: str) -> None:
+        session = self._session
+        if session is not None and session.generation == self._generation and not session.lost:
+            session.lost = reason
 
     def _node_for(self, point: Point) -> ua.NodeId:
         nid = self._node_ids.get(point.name)
@@ -459,13 +582,17 @@ class OpcUaDriver(DriverBase):
 
     def _accept(self, reading: Reading, point: Point, dv: ua.DataValue) -> None:
         """Put one DataValue into the reading as value, quality, or error."""
-        status = dv.StatusCode
+        code = dv.StatusCode.value if dv.StatusCode is not None else 0
+        self._take(reading, point, dv.Value.Value if dv.Value is not None else None, code)
+
+    def _take(self, reading: Reading, point: Point, raw: Any, code: int) -> None:
+        """Put one raw value and its status code into the reading."""
+        status = ua.StatusCode(code) if code else None
         if status is not None and status.is_bad():
             name = _status_name(status)
             reading.errors[point.name] = name
             self.stats.bad_status[name] = self.stats.bad_status.get(name, 0) + 1
             return
-        raw = dv.Value.Value if dv.Value is not None else None
         try:
             value = decode_value(point, raw)
         except ValueError as exc:
@@ -496,6 +623,7 @@ class OpcUaDriver(DriverBase):
         if not points:
             return reading
         if self.connection.mode == "subscribe":
+            self.changed.clear()
             for p in points:
                 dv = self._latest.get(p.name)
                 if dv is not None:
@@ -503,16 +631,48 @@ class OpcUaDriver(DriverBase):
                 else:
                     reading.errors[p.name] = self._subscribe_errors.get(p.name, "no_data")
             return reading
-        results = await self._call(
-            "read", client.uaclient.read_attributes(node_ids, ua.AttributeIds.Value)
-        )
+        results: list[Result] = []
+        for prepared in self._prepared_reads(points, node_ids):
+            results += await self._call("read", prepared.send(client, self.connection.timeout))
         if len(results) != len(points):
             raise DecodeError(
                 f"{self._where()}: read of {len(points)} values answered {len(results)}"
             )
-        for p, dv in zip(points, results, strict=True):
-            self._accept(reading, p, dv)
+        for p, (raw, code) in zip(points, results, strict=True):
+            self._take(reading, p, raw, code)
         return reading
+
+    def data_arrived(self) -> None:
+        """A publish response brought values for this device (the session calls this)."""
+        if self.on_data is not None:
+            self.on_data()
+
+    def read_changes(self, points: Sequence[Point]) -> Reading:
+        """Subscribe mode: the points notified since the last read, without a round trip."""
+        self._require()
+        reading = Reading(ts=now_ms())
+        changed, self.changed = self.changed, set()
+        for p in points:
+            if p.name in changed:
+                dv = self._latest.get(p.name)
+                if dv is not None:
+                    self._accept(reading, p, dv)
+        return reading
+
+    def _prepared_reads(
+        self, points: Sequence[Point], node_ids: list[ua.NodeId]
+    ) -> list[PreparedRead]:
+        """The Read requests for these points, serialised on first use (per session)."""
+        key = tuple(p.name for p in points)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            assert self._session is not None
+            step = self._session.max_per_read or len(node_ids)
+            prepared = [PreparedRead(node_ids[i : i + step]) for i in range(0, len(node_ids), step)]
+            if len(self._prepared) >= 16:  # point subsets asked for by commands: bounded
+                self._prepared.clear()
+            self._prepared[key] = prepared
+        return prepared
 
     async def write(self, point: Point, value: Value) -> None:
         """Write one rw point (engineering value; scale and offset are reversed)."""

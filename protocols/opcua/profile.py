@@ -16,7 +16,12 @@ class _Strict(BaseModel):
 
 
 class OpcUaAddress(_Strict):
-    """Where a point lives on an OPC UA server: a NodeId or a browse path, not both."""
+    """Where a point lives on an OPC UA server: exactly one of four forms.
+
+    ``node_id`` and ``browse_path`` are absolute; ``path`` and ``node_suffix`` are relative
+    to the device's root (its agent config's ``opcua.root``, else the profile's
+    ``root_name`` object under Objects), so one profile serves many instances.
+    """
 
     node_id: str | None = Field(
         default=None,
@@ -29,11 +34,29 @@ class OpcUaAddress(_Strict):
         "'nsidx:Name', e.g. '2:Machine/2:Monitoring/2:Spindle/2:Speed'.",
     )
 
+    path: str | None = Field(
+        default=None,
+        description="Slash-separated browse path from the device's root object, "
+        "e.g. '2:Monitoring/2:Spindle/2:Speed'.",
+    )
+    node_suffix: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Appended to the string identifier of the device's root NodeId: "
+        "root 'ns=2;s=Dev0001' and suffix '.Temperature' give 'ns=2;s=Dev0001.Temperature'.",
+    )
+
     @model_validator(mode="after")
     def _exactly_one(self) -> Self:
-        if (self.node_id is None) == (self.browse_path is None):
-            raise ValueError("give exactly one of node_id or browse_path")
+        given = [self.node_id, self.browse_path, self.path, self.node_suffix]
+        if sum(v is not None for v in given) != 1:
+            raise ValueError("give exactly one of node_id, browse_path, path or node_suffix")
         return self
+
+    @property
+    def relative(self) -> bool:
+        """The address is relative to the device's root."""
+        return self.path is not None or self.node_suffix is not None
 
 
 class OpcUaSettings(_Strict):
@@ -41,7 +64,9 @@ class OpcUaSettings(_Strict):
 
     namespace_uri: str = Field(description="URI of the namespace the profile's NodeIds live in.")
     root_name: str | None = Field(
-        default=None, description="Name of the device's root object under Objects."
+        default=None,
+        description="Name of the device's root object under Objects (browse name in the "
+        "profile namespace); the default root of relative addresses.",
     )
 
 
@@ -67,7 +92,7 @@ def check_profile(profile: Profile) -> list[str]:
         a = opcua_address(p)
         if a is None:
             continue
-        key = a.node_id or a.browse_path or ""
+        key = a.node_id or a.browse_path or f"path:{a.path or ''}:{a.node_suffix or ''}"
         if key in seen:
             errors.append(f"point '{p.name}': same OPC UA address as point '{seen[key]}'")
         seen[key] = p.name

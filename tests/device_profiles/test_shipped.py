@@ -87,13 +87,21 @@ def test_opcua_profiles_address_their_namespace(pid: str) -> None:
             elements = pt.opcua.browse_path.split("/")
             assert all(e.startswith("2:") for e in elements), pt.name
             assert elements[0] == f"2:{p.opcua.root_name}"
+        elif pt.opcua.path is not None:  # relative to the device's root (root_name by default)
+            assert all(e.startswith("2:") for e in pt.opcua.path.split("/")), pt.name
         else:
             assert pt.opcua.node_id is not None and pt.opcua.node_id.startswith("ns=2;s=")
 
 
 def test_cnc_follows_machine_tool_structure() -> None:
     p = PROFILES["cnc-machine-tool"]
-    paths = {pt.opcua.browse_path for pt in p.points if pt.opcua}
+    assert p.opcua is not None
+    # Relative paths start at the machine object, Objects/2:<root_name> by default.
+    paths = {
+        pt.opcua.browse_path or f"2:{p.opcua.root_name}/{pt.opcua.path}"
+        for pt in p.points
+        if pt.opcua
+    }
     for path in (
         "2:Machine/2:Monitoring/2:MachineTool/2:OperationMode",
         "2:Machine/2:Monitoring/2:Spindle/2:Override",

@@ -85,7 +85,13 @@ async def _node(client: Client, profile: Profile, point: Point) -> Any:
     if point.opcua.node_id is not None:
         nid = ua.NodeId.from_string(point.opcua.node_id)
         return client.get_node(ua.NodeId(nid.Identifier, ns, nid.NodeIdType))
-    path = [f"{ns}:{part.split(':', 1)[1]}" for part in point.opcua.browse_path.split("/")]
+    if point.opcua.path is not None:
+        # Relative to the device's root object, which the simulator names root_name.
+        text = f"2:{profile.opcua.root_name or profile.id}/{point.opcua.path}"
+    else:
+        assert point.opcua.browse_path is not None
+        text = point.opcua.browse_path
+    path = [f"{ns}:{part.split(':', 1)[1]}" for part in text.split("/")]
     return await client.nodes.objects.get_child(path)
 
 
