@@ -24,6 +24,7 @@ from gateway.api.deps import (
     parse_time,
     parse_window_param,
 )
+from gateway.api.routers.reports import CONNECTION_HEADER
 from gateway.provincial import (
     DEFINITIONS_VERSION,
     Rubric,
@@ -292,23 +293,6 @@ def _xlsx_response(name: str, title: str, header: list[str], rows: list[list[Any
     )
 
 
-_CONNECTION_HEADER = [
-    "企业标识 enterprise_id",
-    "企业名称 enterprise_name",
-    "行政区划 region",
-    "地区 region_name",
-    "行业 industry",
-    "设备类别 category",
-    "类别名称 category_name",
-    "联网设备总量 connected_devices",
-    "企业设备总量 total_devices",
-    "设备联网率 connection_ratio",
-    "联网产品总量 connected_products",
-    "生产产品总量 total_products",
-    "产品联网率 product_connection_ratio",
-]
-
-
 def _connection_table(
     registry: Any, window_s: int, as_of_ms: int, scope: dict[str, str | None], category: str | None
 ) -> Table:
@@ -339,7 +323,7 @@ def _connection_table(
                 ratio(r["products_connected"], r["products_total"], 4),
             ]
         )
-    return _CONNECTION_HEADER, rows
+    return CONNECTION_HEADER, rows
 
 
 def _ratios_table(

@@ -19,11 +19,12 @@ from gateway.api.deps import (
 from gateway.ratios import enterprise_category_table, ratio
 from gateway.registry.codes import CATEGORY_LABELS, region_label
 
-__all__ = ["router"]
+__all__ = ["CONNECTION_HEADER", "router"]
 
 router = APIRouter(tags=["ratios"], dependencies=[READ])
 
-_HEADER = [
+# The programmes' form: one row per enterprise and category, Chinese and English headers.
+CONNECTION_HEADER = [
     "企业标识 enterprise_id",
     "企业名称 enterprise_name",
     "行政区划 region",
@@ -62,7 +63,7 @@ def connection_report(
     rows = enterprise_category_table(registry, window_s=window_s, as_of_ms=as_of_ms)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\r\n")
-    w.writerow(_HEADER)
+    w.writerow(CONNECTION_HEADER)
     for r in rows:
         zh = CATEGORY_LABELS.get(r["category"], r["category"]).split(" ")[0]
         w.writerow(
