@@ -81,18 +81,24 @@ _field_keys: dict[str, str] = {}
 def format_fields(values: Mapping[str, Any], skip: Mapping[str, Any] | None = None) -> str:
     """The field set of one line; empty if no value has a line-protocol form."""
     if not skip:
-        # Hot path: every value a finite float with a known key (x - x is NaN for inf/NaN).
-        try:
-            parts = [
-                f"{_field_keys[k]}={v!r}"
-                for k, v in values.items()
-                if type(v) is float and v - v == 0.0
-            ]
-        except KeyError:
-            parts = []
-        if parts and len(parts) == len(values):
-            return ",".join(parts)
+        fast = _finite_floats(values)
+        if fast is not None:
+            return fast
     return _format_fields(values, skip)
+
+
+def _finite_floats(values: Mapping[str, Any]) -> str | None:
+    """The hot path: the fields when every value is a finite float with a known key."""
+    try:
+        # x - x is NaN for inf and NaN, so they fall through to the general path.
+        parts = [
+            f"{_field_keys[k]}={v!r}"
+            for k, v in values.items()
+            if type(v) is float and v - v == 0.0
+        ]
+    except KeyError:
+        return None
+    return ",".join(parts) if parts and len(parts) == len(values) else None
 
 
 def format_finite_fields(
@@ -100,16 +106,9 @@ def format_finite_fields(
 ) -> str | None:
     """``format_fields``, or None when a float value is NaN or infinite (to be counted)."""
     if not skip:
-        try:
-            parts = [
-                f"{_field_keys[k]}={v!r}"
-                for k, v in values.items()
-                if type(v) is float and v - v == 0.0
-            ]
-        except KeyError:
-            parts = []
-        if parts and len(parts) == len(values):
-            return ",".join(parts)
+        fast = _finite_floats(values)
+        if fast is not None:
+            return fast
     for key, v in values.items():
         if type(v) is float and v - v != 0.0 and (skip is None or key not in skip):
             return None
