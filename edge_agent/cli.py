@@ -131,6 +131,7 @@ def provision(
         raise typer.Exit(1)
     cred = r.json()
     fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode applies only to a new file
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(cred["password"] + "\n")
     data = {}

@@ -41,6 +41,8 @@ def run(
         raise typer.Exit(2) from None
     if data_dir is not None:
         cfg = cfg.model_copy(update={"data_dir": data_dir})
+    # The file's level applies from here on; `iiot --log-level` covers reading the file.
+    logging.getLogger().setLevel(cfg.log_level.upper())
 
     stop = threading.Event()
 

@@ -212,6 +212,13 @@ class Provisioner:
         for user in gateway_users:
             if user == mqtt.username:
                 secret = mqtt.password.get_secret_value() if mqtt.password else ""
+                if not secret:
+                    # An empty password would let anyone in as the gateway, which reads
+                    # everything and writes every agent's downlink.
+                    raise ProvisioningError(
+                        f"mqtt.password of gateway user {user!r} is empty: set it (it is "
+                        "written to the broker's password file)"
+                    )
                 pw_lines.append(f"{user}:{mosquitto_hash(secret)}")
             elif user in kept:
                 pw_lines.append(kept[user])

@@ -620,7 +620,12 @@ class ControlService:
         )
         if profile is None:
             raise ControlInvalid(["profile: no candidate profile answered; give one"])
-        entry: dict[str, Any] = {"id": device_id, "profile": profile, **p["address"]}
+        # The agent's report says only where the device is: its protocol's connection keys.
+        # Everything else in the entry is the admin's (an agent may not pick the id).
+        where = {k: v for k, v in p["address"].items() if k == p["protocol"]}
+        if not where:
+            raise ControlInvalid([f"proposal {proposal_id}: no {p['protocol']} address"])
+        entry: dict[str, Any] = {**where, "id": device_id, "profile": profile}
         if body.get("poll_interval") is not None:
             entry["poll_interval"] = body["poll_interval"]
         desired = self.store.desired(agent)

@@ -363,7 +363,13 @@ def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _
         def proposal(host: str, port: int = 502) -> dict[str, Any]:
             return {
                 "protocol": "modbus",
-                "address": {"modbus": {"host": host, "port": port, "unit": 1}},
+                # An agent's report may carry more than where the device is; approval
+                # keeps only the address: the admin names the device and its schedule.
+                "address": {
+                    "modbus": {"host": host, "port": port, "unit": 1},
+                    "id": "agent-chosen",
+                    "poll_interval": 0.5,
+                },
                 "answered": {"vendor": "Sim"},
                 "candidates": [{"profile": "kiln-rotary-cement", "score": 0.9}],
             }

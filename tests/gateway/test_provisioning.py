@@ -16,7 +16,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
 from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
-from gateway.provisioning import Provisioner, mosquitto_hash, verify_mosquitto_hash
+from gateway.provisioning import (
+    Provisioner,
+    ProvisioningError,
+    mosquitto_hash,
+    verify_mosquitto_hash,
+)
 from gateway.registry import Conflict, NotFound, Registry
 from iiot_common.localservers import Mosquitto
 from tests.gateway import test_registry_fixtures as _fx
@@ -263,3 +268,15 @@ def test_a_single_use_key_works_once_across_gateway_instances(
     finally:
         a.close()
         b.close()
+
+
+def test_an_empty_gateway_password_is_never_written_to_the_broker(tmp_path: Path) -> None:
+    reg = Registry(f"sqlite:///{tmp_path / 'reg.db'}")
+    try:
+        cfg = _config(tmp_path / "passwd", tmp_path / "acl", None)
+        cfg.mqtt = MqttConfig(username="gateway", password=SecretStr(""))
+        with pytest.raises(ProvisioningError, match=r"mqtt\.password of gateway user 'gateway'"):
+            Provisioner(reg, cfg).sync()
+        assert not (tmp_path / "passwd").exists()
+    finally:
+        reg.close()
