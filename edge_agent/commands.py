@@ -171,9 +171,15 @@ class CommandExecutor:
                 after = await driver.read([point])
             settle = _settle(target.device)
             if settle and not _matches(point, cmd.value, after.values.get(point.name)):
-                # A subscription reports the write late; polls need not wait for it.
-                async with asyncio.timeout(settle + 1.0):
-                    after = await _read_back(driver, point, cmd.value, settle)
+                # A subscription reports the write late; polls need not wait for it. The
+                # write is done: whatever happens now is a read-back that did not match,
+                # never a failure an operator would retry (and so actuate twice).
+                try:
+                    async with asyncio.timeout(settle + 1.0), target.driver() as driver:
+                        after = await _read_back(driver, point, cmd.value, settle)
+                except (TimeoutError, ProtocolError) as exc:
+                    why = f"written; no read-back within {settle + 1.0:g}s ({exc or 'timeout'})"
+                    return answer(WriteStatus.MISMATCH, why, previous=previous)
         except TimeoutError:
             return answer(
                 WriteStatus.FAILED, f"no answer within {self._timeout:g}s", previous=previous
