@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -88,6 +89,9 @@ def _call(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
         raise _http(exc) from None
 
 
+_MAX_WRITES_IN_FLIGHT = 16
+
+
 def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
     """The routes over ``service``; reads need any token, changes the roles named."""
     router = APIRouter(prefix="/api/v1", tags=["control"])
@@ -109,10 +113,21 @@ def control_router(auth: TokenAuth, service: ControlService) -> APIRouter:
         """The desired configuration and what the agent reported about it."""
         return _call(service.config_view, enterprise, agent)
 
+    # A write waits for its answer in one of the server's worker threads; bounding the
+    # writes in flight keeps threads for every other request (ratios, devices, ...).
+    writes_in_flight = threading.BoundedSemaphore(_MAX_WRITES_IN_FLIGHT)
+
     @router.post("/devices/{enterprise}/{device}/write")
     def write(enterprise: Ident, device: Ident, body: WriteIn, caller: Caller = operate) -> Any:
         """Write one point; 409 at once when the agent is offline, 504 on no answer."""
-        out = _call(service.write, enterprise, device, body.point, body.value, caller)
+        if not writes_in_flight.acquire(blocking=False):
+            raise HTTPException(
+                429, detail=f"{_MAX_WRITES_IN_FLIGHT} writes are waiting for answers; retry"
+            )
+        try:
+            out = _call(service.write, enterprise, device, body.point, body.value, caller)
+        finally:
+            writes_in_flight.release()
         if out["status"] == WriteStatus.OFFLINE.value:
             return JSONResponse(out, status_code=409)
         if out["status"] == WriteStatus.TIMEOUT.value:
