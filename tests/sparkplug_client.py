@@ -10,6 +10,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from protocols.mqtt.sparkplug.payload import SpTopic, parse_payload, parse_sp_topic
+from tests.edge_agent.helpers import SubscriberLifecycle
 
 __all__ = ["SpMessage", "SpSubscriber"]
 
@@ -28,7 +29,7 @@ class SpMessage:
 
 
 @dataclass
-class SpSubscriber:
+class SpSubscriber(SubscriberLifecycle):
     """Subscribes to ``spBv1.0/#``; keeps messages in arrival order."""
 
     port: int
@@ -61,23 +62,6 @@ class SpSubscriber:
             return
         with self._lock:
             self.messages.append(m)
-
-    def start(self) -> SpSubscriber:
-        self.client.connect("127.0.0.1", self.port, keepalive=10)
-        self.client.loop_start()
-        if not self._subscribed.wait(5):
-            raise TimeoutError("subscriber did not get its SUBACK")
-        return self
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def __enter__(self) -> SpSubscriber:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def of(self, kind: str, device: str | None = None) -> list[SpMessage]:
         with self._lock:

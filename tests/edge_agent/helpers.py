@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -18,6 +18,7 @@ __all__ = [
     "PersistentMosquitto",
     "Received",
     "Subscriber",
+    "SubscriberLifecycle",
     "agent_dict",
     "modbus_device",
     "wait_for",
@@ -32,8 +33,33 @@ class Received:
     decoded: Payload
 
 
+class SubscriberLifecycle:
+    """Connect, wait for the SUBACK, and disconnect a test subscriber's paho client."""
+
+    port: int
+    client: mqtt.Client
+    _subscribed: threading.Event
+
+    def start(self) -> Self:
+        self.client.connect("127.0.0.1", self.port, keepalive=10)
+        self.client.loop_start()
+        if not self._subscribed.wait(5):
+            raise TimeoutError("subscriber did not get its SUBACK")
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
-class Subscriber:
+class Subscriber(SubscriberLifecycle):
     """A plain paho subscriber on ``iiot/v1/#``; every message is decoded with the contract."""
 
     port: int
@@ -65,23 +91,6 @@ class Subscriber:
             return
         with self._lock:
             self.messages.append(Received(msg.topic, bytes(msg.payload), bool(msg.retain), decoded))
-
-    def start(self) -> Subscriber:
-        self.client.connect("127.0.0.1", self.port, keepalive=10)
-        self.client.loop_start()
-        if not self._subscribed.wait(5):
-            raise TimeoutError("subscriber did not get its SUBACK")
-        return self
-
-    def stop(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-    def __enter__(self) -> Subscriber:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def on(self, suffix: str) -> list[Received]:
         with self._lock:

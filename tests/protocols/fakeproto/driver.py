@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from device_profiles.schema import Point, Profile
 from protocols.driver import DriverBase, Reading, Value, now_ms
-from protocols.errors import ConnectError, DeviceTimeout
+from protocols.errors import ConfigError, ConnectError, DeviceTimeout
 from tests.protocols.fakeproto.protocol import FakeAddress, FakeConnection
 
 
@@ -46,7 +46,7 @@ class FakeProtoDriver(DriverBase):
         return reading
 
     async def write(self, point: Point, value: Value) -> None:
-        raise NotImplementedError("the fake protocol is read-only")
+        raise ConfigError(f"point '{point.name}': the fake protocol is read-only")
 
     async def aclose(self) -> None:
         io, self._io = self._io, None
