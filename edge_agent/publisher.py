@@ -466,6 +466,24 @@ class Publisher:
             self._mark_dirty(device)
             await asyncio.sleep(0)
 
+    def _flush_device(self, client: mqtt.Client, device: str) -> None:
+        """Publish every spooled sample of ``device`` not yet sent, now (before its death)."""
+        sp = self.cfg.spool
+        self.spool.flush(bounded=True)  # samples still waiting for the group commit too
+        while True:
+            rows = self.spool.batch(
+                device,
+                after_id=self._cursor.get(device, 0),
+                max_samples=sp.batch_samples,
+                max_bytes=sp.batch_bytes,
+            )
+            if not rows:
+                return
+            before = self._cursor.get(device, 0)
+            self._publish_rows(client, device, rows)
+            if self._cursor.get(device, 0) == before:
+                return  # the connection is going: the rows stay spooled
+
     def _publish_rows(self, client: mqtt.Client, device: str, rows: list[SpoolRow]) -> None:
         topic, payload = self._data_message(device, rows)
         info = client.publish(topic, payload, qos=1)

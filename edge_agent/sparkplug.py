@@ -121,9 +121,17 @@ class SparkplugPublisher(Publisher):
         self.config_version = config_version
         if profiles is None:
             return
-        born, gone = self.node.set_devices(node_devices(devices, profiles))
         client = self._client
-        if not self.connected or client is None or not self._born:
+        live = self.connected and client is not None and self._born
+        if live:
+            assert client is not None
+            # A removed device's last samples go out while its aliases are known, before
+            # its DDEATH: a host sees no DDATA of a device after its death.
+            kept = {d.id for d in devices}
+            for dev in [d for d in self.node.devices if d not in kept]:
+                self._flush_device(client, dev)
+        born, gone = self.node.set_devices(node_devices(devices, profiles))
+        if not live or client is None:
             return  # the next births announce the new set
         node = self.node
         for dev in gone:
@@ -155,6 +163,7 @@ class SparkplugPublisher(Publisher):
         if state.online:
             topic, payload = node.topic(MessageType.DBIRTH, device), node.dbirth(device)
         else:
+            self._flush_device(client, device)  # its last samples before its death
             topic = node.topic(MessageType.DDEATH, device)
             payload = node.ddeath(device, state.reason or "offline", state.ts)
         self._track(client.publish(topic, payload, qos=0), "state")

@@ -20,6 +20,7 @@ from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from iiot_common.localservers import Mosquitto
+from protocols.mqtt.contract import DeviceState
 from protocols.mqtt.sparkplug.node import REASON_METRIC, REBIRTH, rebirth_request
 from protocols.mqtt.sparkplug.payload import DataType, datatype_for
 from simulators.device import SimDevice
@@ -142,6 +143,43 @@ async def test_device_death_and_rebirth_follow_the_device(
             await sim.stop()
     death = sub.of("DDEATH", "kiln-1")[0]
     assert death.metric(REASON_METRIC).string_value == "timeout"
+    assert sub.bad == []
+
+
+async def test_a_device_s_last_samples_go_out_before_its_ddeath(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """A host must never see DDATA of a device after its DDEATH, even for samples still
+    waiting for the spool's group commit when the device goes."""
+    sim = await _sim("kiln-1")
+    devices = [modbus_device("kiln-1", _PROFILE, sim.port, interval=0.2)]
+    agent = Agent(parse_config(_sp_config(tmp_path, mosquitto.port, devices)))
+    with SpSubscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: len(sub.of("DDATA")) >= 2, 15, "DDATA")
+            await agent._stop_pollers(["kiln-1"])
+            # A last sample staged and the device's death, in one step of the event loop:
+            # the commit that spools the sample has not run when the death is published.
+            last_ts = int(time.time() * 1000)
+            body = agent.codec.encode_sample(last_ts, {"kiln_speed": 3.5}, {}, {})
+            agent.spool.stage("kiln-1", last_ts, body)
+            agent.publisher.set_state("kiln-1", DeviceState(online=False, ts=last_ts, reason="x"))
+            await wait_for(lambda: bool(sub.of("DDEATH", "kiln-1")), 10, "DDEATH")
+            await asyncio.sleep(0.5)
+        finally:
+            await agent.stop()
+            await sim.stop()
+    msgs = [m for m in sub.all() if m.topic.device == "kiln-1"]
+    death = sub.of("DDEATH", "kiln-1")[0]
+    after = msgs[msgs.index(death) + 1 :]
+    assert [m.topic.type.value for m in after if m.topic.type.value == "DDATA"] == []
+    before = msgs[: msgs.index(death)]
+    assert any(
+        m.payload.timestamp and any(x.timestamp == last_ts for x in m.payload.metrics)
+        for m in before
+        if m.topic.type.value == "DDATA"
+    ), "the last sample is lost"
     assert sub.bad == []
 
 
