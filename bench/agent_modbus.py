@@ -312,6 +312,9 @@ def main() -> None:
     ap.add_argument(
         "--scrape-every", type=float, default=0.0, help="Scrape the agent's /metrics (s)."
     )
+    ap.add_argument(
+        "--batch", action="store_true", help="The agent sends agent-level batch messages."
+    )
     ap.add_argument("--role", choices=["parent", "sim", "agent", "bare"], default="parent")
     ap.add_argument("--profiles", type=Path)
     ap.add_argument("--config", type=Path)
@@ -351,7 +354,11 @@ def main() -> None:
                 "enterprise": "bench",
                 "data_dir": str(work / "agent-data"),
                 "profiles": [str(work / "profiles")],
-                "mqtt": {"url": f"mqtt://127.0.0.1:{mqtt_port}", "max_inflight": 100},
+                "mqtt": {
+                    "url": f"mqtt://127.0.0.1:{mqtt_port}",
+                    "max_inflight": 100,
+                    "batch": args.batch,
+                },
                 "metrics": {"host": "127.0.0.1", "port": 0},
                 "devices": [
                     {

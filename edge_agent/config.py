@@ -108,6 +108,11 @@ class MqttConfig(_Strict):
         description="Wire format: the iiot/v1 JSON contract, or Sparkplug B 3.0 (spBv1.0/...).",
     )
     sparkplug: SparkplugConfig = Field(default_factory=SparkplugConfig)
+    batch: bool = Field(
+        default=False,
+        description="Publish several devices' samples in one message on .../batch (json "
+        "codec; the gateway must know the batch topic). For hundreds of devices and more.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -130,6 +135,14 @@ class MqttConfig(_Strict):
             raise ValueError(
                 f"client_id {self.client_id!r} differs from username {self.username!r}: the "
                 "broker uses the username as the client id; leave client_id out"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _batch_is_json(self) -> Self:
+        if self.batch and self.codec != "json":
+            raise ValueError(
+                "batch works with the json codec only; Sparkplug B sends DDATA per device"
             )
         return self
 

@@ -304,6 +304,16 @@ class Spool:
             size += len(body) + 1
         return out
 
+    def rows_after(self, after_id: int, *, max_samples: int = 500) -> list[SpoolRow]:
+        """The oldest rows of every device after ``after_id``, in spool (id) order."""
+        return [
+            SpoolRow(int(rid), str(dev), int(seq), int(ts), str(body))
+            for rid, dev, seq, ts, body in self._db.execute(
+                "SELECT id, device, seq, ts, body FROM samples WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, max_samples),
+            )
+        ]
+
     def devices(self) -> list[str]:
         """Devices with rows waiting."""
         return [

@@ -34,7 +34,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -51,7 +51,7 @@ from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
 from gateway.sparkplug import SparkplugHost
 from iiot_common.backoff import Backoff
-from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample
+from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample, decode_batch
 from protocols.mqtt.contract import (
     MAX_TS_MS,
     TOPIC_PREFIX,
@@ -190,6 +190,7 @@ class Outcome:
     device: str = ""
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
     rebirth: str | None = None  # a Sparkplug NCMD topic to send a Rebirth request to
+    parts: list[Outcome] | None = None  # a batch message: one outcome per device
 
 
 class MessageProcessor:
@@ -275,6 +276,13 @@ class MessageProcessor:
             except ContractError as exc:
                 return Outcome(exc.reason, f"{text}: {exc}", source=source)
             return self._data(tx, ent, agent, t.device, seq, samples, source)
+        if t.kind is Kind.BATCH:
+            try:
+                parts = decode_batch(payload)
+            except ContractError as exc:
+                return Outcome(exc.reason, f"{text}: {exc}", source=source)
+            outs = [self._data(tx, ent, agent, d, q, ss, source) for d, (q, ss) in parts]
+            return Outcome(source=source, parts=outs)
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:
@@ -539,6 +547,15 @@ class MessageProcessor:
                 self._points.clear()
             dp = self._points[devkey] = _DevPoints(profile, allowed)
         return dp
+
+
+def _flat(outcomes: list[Outcome]) -> Iterator[Outcome]:
+    """Each message's outcome, a batch message's per device."""
+    for o in outcomes:
+        if o.parts is None:
+            yield o
+        else:
+            yield from o.parts
 
 
 def _source_of(topic: str) -> str:
@@ -870,7 +887,7 @@ class Ingest:
         met.batches.inc()
         met.batch_size.observe(len(batch))
         samples = duplicates = points = point_errors = 0
-        for o in outcomes:
+        for o in _flat(outcomes):
             if o.rebirth is not None:
                 self._request_rebirth(o.rebirth)
             if o.reject is not None:

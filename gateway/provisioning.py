@@ -54,7 +54,7 @@ _RELOAD_RETRY_MIN = 1.0
 _RELOAD_RETRY_MAX = 60.0
 _FILE_MODE = 0o640
 # Topics below an agent's prefix: what it publishes, and what only the gateway publishes.
-_UPLINK = ("agent", "+/state", "+/data", "reported", "discovered", "+/result")
+_UPLINK = ("agent", "batch", "+/state", "+/data", "reported", "discovered", "+/result")
 _DOWNLINK = ("config", "scan", "+/cmd")
 # Sparkplug B message types an edge node publishes, for itself and for its devices.
 _SP_NODE = ("NBIRTH", "NDEATH", "NDATA")

@@ -6,6 +6,10 @@ A codec has three jobs on the data path:
     publisher  pack(seq, bodies) -> payload                          (one MQTT data message)
     gateway    decode_data(payload) -> DecodedData                   (for the ingest)
 
+An agent may also put several devices' data messages into one batch message
+(``pack_batch`` / ``decode_batch``, JSON only): fewer, larger MQTT messages at thousands
+of devices.
+
 ``JSON_CODEC`` (contract v1 JSON, the default) answers the common shape with orjson and
 hands anything unusual to the pydantic models of ``protocols.mqtt.contract``, so both
 accept and refuse exactly the same messages, with the same reason. A binary codec
@@ -27,11 +31,21 @@ from protocols.mqtt.contract import (
     ContractError,
     PointValue,
     Sample,
+    decode_batch_message,
     decode_data_message,
     encode,
 )
 
-__all__ = ["JSON_CODEC", "Codec", "DecodedData", "DecodedSample", "JsonCodec"]
+__all__ = [
+    "JSON_CODEC",
+    "BatchPart",
+    "Codec",
+    "DecodedData",
+    "DecodedSample",
+    "JsonCodec",
+    "decode_batch",
+    "pack_batch",
+]
 
 
 # Plain tuples, not classes: the gateway builds one per sample it receives.
@@ -39,6 +53,8 @@ __all__ = ["JSON_CODEC", "Codec", "DecodedData", "DecodedSample", "JsonCodec"]
 DecodedSample = tuple[int, dict[str, PointValue], dict[str, str], dict[str, str] | None]
 # (seq of the first sample, samples in seq order)
 DecodedData = tuple[int, list[DecodedSample]]
+# (device, seq of its first sample, its spooled sample bodies): one device's part of a batch
+BatchPart = tuple[str, int, Sequence[str]]
 
 
 class Codec(Protocol):
@@ -104,16 +120,41 @@ def _texts_ok(d: Any) -> bool:
 
 
 def _fast_decode(payload: bytes) -> DecodedData | None:
-    """Decode the common shape of a data message; None means "ask the model".
+    """Decode the common shape of a data message; None means "ask the model"."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return _fast_message(doc)
+
+
+def _fast_batch(payload: bytes) -> list[tuple[str, DecodedData]] | None:
+    """Decode the common shape of a batch message; None means "ask the model"."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(doc) is not dict or len(doc) != 1:
+        return None
+    devices = doc.get("devices")
+    if type(devices) is not dict or not devices or not _names_ok(devices):
+        return None
+    out: list[tuple[str, DecodedData]] = []
+    for device, message in devices.items():
+        data = _fast_message(message)
+        if data is None:
+            return None
+        out.append((device, data))
+    return out
+
+
+def _fast_message(doc: Any) -> DecodedData | None:
+    """A parsed data message's samples; None means "ask the model".
 
     Accepts only what ``DataMessage`` accepts with the same meaning (exact JSON types, no
     extra keys), so anything unusual, valid or not, takes the model. One function with
     its loops inline: this runs for every message the gateway receives.
     """
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return None
     if type(doc) is not dict or len(doc) != 2:
         return None
     seq = doc.get("seq")
@@ -216,3 +257,34 @@ class JsonCodec:
 
 
 JSON_CODEC: Codec = JsonCodec()
+
+
+def pack_batch(parts: Sequence[BatchPart]) -> bytes:
+    """One batch message of several devices' data (JSON codec bodies, distinct devices).
+
+    Device ids are identifiers (no character JSON escapes) and the bodies compact Sample
+    JSON: the message is assembled, not re-encoded.
+    """
+    return (
+        '{"devices":{'
+        + ",".join(
+            f'"{device}":{{"seq":{seq},"samples":[{",".join(bodies)}]}}'
+            for device, seq, bodies in parts
+        )
+        + "}}"
+    ).encode()
+
+
+def decode_batch(payload: bytes) -> list[tuple[str, DecodedData]]:
+    """Decode and validate a batch message; raises ContractError with a reason.
+
+    A batch is accepted or refused whole, as one data message is.
+    """
+    fast = _fast_batch(payload)
+    if fast is not None:
+        return fast
+    msg = decode_batch_message(payload)
+    return [
+        (device, (m.seq, [(s.ts, s.values, s.errors, s.quality) for s in m.samples]))
+        for device, m in msg.devices.items()
+    ]

@@ -3,6 +3,7 @@
 Topics, all under ``iiot/v1/{enterprise}/{agent}``:
 
     .../agent              retained, QoS 1   Birth (will: {"online": false, "bdseq": n})
+    .../batch              QoS 1             BatchMessage: {"devices": {device: DataMessage}}
     .../{device}/state     retained, QoS 1   DeviceState
     .../{device}/data      QoS 1             DataMessage: {"seq", "samples": [Sample]}
     .../{device}/cmd       QoS 1             gateway → agent writes (reserved)
@@ -34,6 +35,7 @@ __all__ = [
     "MAX_SEQ",
     "MAX_TS_MS",
     "TOPIC_PREFIX",
+    "BatchMessage",
     "Birth",
     "BirthDevice",
     "ContractError",
@@ -46,6 +48,7 @@ __all__ = [
     "Topic",
     "Will",
     "agent_filter",
+    "decode_batch_message",
     "decode_data_message",
     "decode_payload",
     "encode",
@@ -82,9 +85,14 @@ def validate_identifier(value: str, what: str = "identifier") -> str:
 
 class Kind(StrEnum):
     AGENT = "agent"
+    BATCH = "batch"
     STATE = "state"
     DATA = "data"
     CMD = "cmd"
+
+
+# Topics of the agent itself, with no device level.
+_AGENT_LEVEL = frozenset({Kind.AGENT, Kind.BATCH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +107,9 @@ class Topic:
     def __post_init__(self) -> None:
         validate_identifier(self.enterprise, "enterprise")
         validate_identifier(self.agent, "agent")
-        if self.kind is Kind.AGENT:
+        if self.kind in _AGENT_LEVEL:
             if self.device is not None:
-                raise ContractError("bad_topic", "an agent topic has no device")
+                raise ContractError("bad_topic", f"an {self.kind.value} topic has no device")
         else:
             if self.device is None:
                 raise ContractError("bad_topic", f"a {self.kind.value} topic needs a device")
@@ -109,13 +117,17 @@ class Topic:
 
     def __str__(self) -> str:
         base = f"{TOPIC_PREFIX}/{self.enterprise}/{self.agent}"
-        if self.kind is Kind.AGENT:
-            return f"{base}/agent"
+        if self.kind in _AGENT_LEVEL:
+            return f"{base}/{self.kind.value}"
         return f"{base}/{self.device}/{self.kind.value}"
 
     @classmethod
     def agent_topic(cls, enterprise: str, agent: str) -> Topic:
         return cls(enterprise, agent, Kind.AGENT)
+
+    @classmethod
+    def batch_topic(cls, enterprise: str, agent: str) -> Topic:
+        return cls(enterprise, agent, Kind.BATCH)
 
     @classmethod
     def device_topic(cls, enterprise: str, agent: str, device: str, kind: Kind) -> Topic:
@@ -127,8 +139,8 @@ def parse_topic(topic: str) -> Topic:
     parts = topic.split("/")
     if len(parts) < 5 or parts[0] != "iiot" or parts[1] != "v1":
         raise ContractError("bad_topic", f"topic {topic!r} is not under {TOPIC_PREFIX}/")
-    if len(parts) == 5 and parts[4] == "agent":
-        return Topic(parts[2], parts[3], Kind.AGENT)
+    if len(parts) == 5 and parts[4] in ("agent", "batch"):
+        return Topic(parts[2], parts[3], Kind(parts[4]))
     if len(parts) == 6:
         try:
             kind = Kind(parts[5])
@@ -136,8 +148,8 @@ def parse_topic(topic: str) -> Topic:
             raise ContractError(
                 "bad_topic", f"topic {topic!r}: unknown kind {parts[5]!r}"
             ) from None
-        if kind is Kind.AGENT:
-            raise ContractError("bad_topic", f"topic {topic!r}: 'agent' takes no device")
+        if kind in _AGENT_LEVEL:
+            raise ContractError("bad_topic", f"topic {topic!r}: {kind.value!r} takes no device")
         return Topic(parts[2], parts[3], kind, parts[4])
     raise ContractError("bad_topic", f"topic {topic!r} has the wrong number of levels")
 
@@ -216,7 +228,17 @@ class DataMessage(_Msg):
         return self
 
 
-Payload = Birth | Will | DeviceState | DataMessage
+class BatchMessage(_Msg):
+    """Data messages of several devices of one agent in one MQTT message.
+
+    Each device's part is exactly a ``DataMessage`` and is read as if it had come on that
+    device's data topic: its own seq numbering, replays and gaps.
+    """
+
+    devices: dict[Identifier, DataMessage] = Field(min_length=1)
+
+
+Payload = Birth | Will | DeviceState | DataMessage | BatchMessage
 
 
 def encode(payload: BaseModel) -> bytes:
@@ -235,10 +257,20 @@ def decode_data_message(payload: bytes) -> DataMessage:
         raise _refusal(Kind.DATA, exc) from exc
 
 
+def decode_batch_message(payload: bytes) -> BatchMessage:
+    """Validate a batch message with the model; raises ContractError with a reason."""
+    try:
+        return BatchMessage.model_validate_json(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _refusal(Kind.BATCH, exc) from exc
+
+
 def decode_payload(topic: Topic, payload: bytes) -> Payload:
     """Validate a payload against its topic kind; raises ContractError with a reason."""
     if topic.kind is Kind.DATA:
         return decode_data_message(payload)
+    if topic.kind is Kind.BATCH:
+        return decode_batch_message(payload)
     try:
         if topic.kind is Kind.STATE:
             return DeviceState.model_validate_json(payload)

@@ -11,7 +11,13 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from iiot_common.localservers import Mosquitto
-from protocols.mqtt.contract import DataMessage, Payload, decode_payload, parse_topic
+from protocols.mqtt.contract import (
+    BatchMessage,
+    DataMessage,
+    Payload,
+    decode_payload,
+    parse_topic,
+)
 from tests.waiting import wait_for as wait_for  # for tests that import it from here
 
 __all__ = [
@@ -97,7 +103,17 @@ class Subscriber(SubscriberLifecycle):
             return [m for m in self.messages if m.topic.endswith(suffix)]
 
     def data(self, device: str) -> list[DataMessage]:
-        return [m.decoded for m in self.on(f"/{device}/data") if isinstance(m.decoded, DataMessage)]
+        """``device``'s data messages, on its own topic or as its part of batch messages."""
+        own = f"/{device}/data"
+        with self._lock:
+            received = list(self.messages)
+        out: list[DataMessage] = []
+        for m in received:
+            if isinstance(m.decoded, DataMessage) and m.topic.endswith(own):
+                out.append(m.decoded)
+            elif isinstance(m.decoded, BatchMessage) and device in m.decoded.devices:
+                out.append(m.decoded.devices[device])
+        return out
 
     def samples(self, device: str) -> list[tuple[int, Any]]:
         """(seq, sample) of every sample received for ``device``, in arrival order."""

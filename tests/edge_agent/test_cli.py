@@ -82,6 +82,10 @@ _BAD_CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"mqtt": {"url": "mqtt://127.0.0.1:1883", "reconnect_min": 60, "reconnect_max": 5}},
         "reconnect_min (60.0) is above reconnect_max (5.0)",
     ),
+    "batch with sparkplug": (
+        {"mqtt": {"url": "mqtt://127.0.0.1:1883", "codec": "sparkplug", "batch": True}},
+        "batch works with the json codec only",
+    ),
     "credentials in the broker url": (
         {"mqtt": {"url": "mqtt://agent:S3cretPw@127.0.0.1:1883"}},
         "url must not carry credentials; use username and password_file",

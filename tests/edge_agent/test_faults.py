@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
@@ -70,7 +72,8 @@ async def test_silent_device_goes_offline_and_others_keep_their_rate(
     assert sub.bad == []
 
 
-async def test_broker_outage_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["per-device", "batch"])
+async def test_broker_outage_loses_and_duplicates_nothing(tmp_path: Path, batch: bool) -> None:
     profiles = load_profiles()
     dev = SimDevice(profiles["kiln-rotary-cement"], device_id="kiln-1", seed=3)
     sim = ModbusSimServer({1: dev}, port=0)
@@ -79,8 +82,9 @@ async def test_broker_outage_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     broker_dir.mkdir()
     broker = PersistentMosquitto(broker_dir).start()
     devices = [modbus_device("kiln-1", "kiln-rotary-cement", sim.port, interval=0.05)]
-    loaded = parse_config(agent_dict(tmp_path, broker.port, devices))
-    agent = Agent(loaded)
+    cfg = agent_dict(tmp_path, broker.port, devices)
+    cfg["mqtt"]["batch"] = batch
+    agent = Agent(parse_config(cfg))
     sub = Subscriber(broker.port, client_id="outage-sub", clean=False).start()
     try:
         await agent.start()
@@ -111,6 +115,9 @@ async def test_broker_outage_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     assert seqs == list(range(seqs[0], seqs[-1] + 1)), "gap or duplicate after the outage"
     assert any(len(m.samples) > 1 for m in sub.data("kiln-1")), "backlog was not packed"
     assert sub.bad == []
+    # The shape asked for, and only it.
+    assert bool(sub.on("/batch")) is batch
+    assert bool(sub.on("/kiln-1/data")) is not batch
 
 
 async def test_device_exceptions_become_point_errors_and_are_counted(

@@ -240,6 +240,43 @@ def test_replayed_samples_are_written_once(
     assert metric(gateway, "iiot_gateway_duplicate_samples_total") == 7
 
 
+def test_a_batch_is_read_per_device_replays_gaps_and_refusals_included(
+    gateway: Gateway, publisher: Publisher, victoria: VictoriaMetrics
+) -> None:
+    def batch(parts: dict[str, tuple[int, list[dict[str, Any]]]]) -> bytes:
+        devices = {d: {"seq": q, "samples": ss} for d, (q, ss) in parts.items()}
+        return json.dumps({"devices": devices}).encode()
+
+    topic = "iiot/v1/ent-1/agent-1/batch"
+    publisher.raw(
+        topic, batch({"kiln-1": (0, [sample(0, v=1.0)]), "kiln-2": (0, [sample(0, v=5.0)])})
+    )
+    # kiln-1 replayed (dropped), kiln-2 skips seq 1 and 2 (a gap of its own).
+    publisher.raw(
+        topic,
+        batch(
+            {"kiln-1": (0, [sample(0, v=1.0), sample(1, v=2.0)]), "kiln-2": (3, [sample(3, v=6.0)])}
+        ),
+    )
+    # Refused whole, with the reason: a bad device id, a bad sample, another agent's batch.
+    publisher.raw(topic, b'{"devices": {"kiln 3": {"seq": 0, "samples": [{"ts": 1}]}}}')
+    publisher.raw(topic, b'{"devices": {"kiln-1": {"seq": 2, "samples": [{"ts": -1}]}}}')
+    publisher.raw(topic, b'{"devices": {}}')
+    publisher.raw("iiot/v1/ent-1/agent-2/batch", batch({"kiln-1": (9, [sample(9, v=9.0)])}))
+    publisher.raw("iiot/v1/ent-1/agent-1/kiln-1/batch", batch({"kiln-1": (9, [sample(9)])}))
+    wait_until(lambda: metric(gateway, "iiot_gateway_messages_acked_total") >= 7, what="acks")
+    wait_until(lambda: gateway.outbox is not None and gateway.outbox.pending_lines == 0)
+    by_device = {
+        s["metric"]["device"]: sorted(s["values"]) for s in series_by_name(victoria)["telemetry_v"]
+    }
+    assert by_device == {"kiln-1": [1, 2], "kiln-2": [5, 6]}
+    assert metric(gateway, "iiot_gateway_duplicate_samples_total") == 1
+    assert metric(gateway, "iiot_gateway_sequence_gaps_total") == 1
+    assert metric(gateway, "iiot_gateway_missed_samples_total") == 2
+    for reason, n in (("bad_payload", 3), ("agent_enterprise_mismatch", 1), ("bad_topic", 1)):
+        assert metric(gateway, "iiot_gateway_rejected_total", {"reason": reason}) == n, reason
+
+
 def test_bad_messages_are_rejected_by_reason_and_good_ones_still_land(
     gateway: Gateway, publisher: Publisher, victoria: VictoriaMetrics
 ) -> None:

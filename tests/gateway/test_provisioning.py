@@ -150,13 +150,16 @@ def test_agents_are_confined_to_their_own_prefix(
         gw.subscribe("iiot/v1/#")
         agent_a.publish("iiot/v1/ent-b/edge-b/dev-1/data", b"forged")
         agent_a.publish("iiot/v1/ent-a/edge-b/dev-1/data", b"forged-agent")
+        agent_a.publish("iiot/v1/ent-b/edge-b/batch", b"forged-batch")
         agent_a.publish("iiot/v1/ent-a/edge-a/dev-1/data", b"from-a")
+        agent_a.publish("iiot/v1/ent-a/edge-a/batch", b"batch-from-a")
         agent_b.publish("iiot/v1/ent-b/edge-b/dev-1/data", b"from-b")
         gw.wait_for(b"from-a")
+        gw.wait_for(b"batch-from-a")
         gw.wait_for(b"from-b")
         payloads = [p for _t, p in gw.messages]
         # QoS 1 from one connection arrives in order: the forged ones would be here by now.
-        assert b"forged" not in payloads and b"forged-agent" not in payloads
+        assert not {b"forged", b"forged-agent", b"forged-batch"} & set(payloads)
         # An agent cannot read another enterprise's data either.
         agent_b.subscribe("iiot/v1/ent-a/#")
         agent_a.publish("iiot/v1/ent-a/edge-a/dev-1/data", b"secret-a")

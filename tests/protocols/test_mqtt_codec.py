@@ -14,13 +14,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from protocols.mqtt.codec import JSON_CODEC, DecodedData, DecodedSample
+from protocols.mqtt.codec import JSON_CODEC, DecodedData, DecodedSample, decode_batch, pack_batch
 from protocols.mqtt.contract import (
     MAX_SEQ,
     MAX_TS_MS,
     ContractError,
     DataMessage,
     Sample,
+    decode_batch_message,
     decode_data_message,
     encode,
 )
@@ -145,6 +146,55 @@ def test_valid_messages_take_the_fast_path(seq: int, samples: list[dict[str, Any
     assert fast is not None or big
     if fast is not None:
         assert ("accepted", _decoded(fast)) == _model_decode(payload)
+
+
+def _model_batch(payload: bytes) -> _Result:
+    try:
+        msg = decode_batch_message(payload)
+    except ContractError as exc:
+        return ("refused", (exc.reason, str(exc)))
+    return (
+        "accepted",
+        [
+            [d, _decoded((m.seq, [(s.ts, s.values, s.errors, s.quality) for s in m.samples]))]
+            for d, m in msg.devices.items()
+        ],
+    )
+
+
+def _codec_batch(payload: bytes) -> _Result:
+    try:
+        return ("accepted", [[d, _decoded(data)] for d, data in decode_batch(payload)])
+    except ContractError as exc:
+        return ("refused", (exc.reason, str(exc)))
+
+
+_batch = st.fixed_dictionaries(
+    {"devices": st.dictionaries(_name, _message | _odd, max_size=3) | _odd},
+    optional={"extra": st.integers()},
+)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_batch.map(lambda d: json.dumps(d).encode()) | st.binary(max_size=40))
+@example(payload=b'{"devices":{}}')
+@example(payload=b'{"devices":{"d1":{"seq":1,"samples":[{"ts":1}]},"a b":{"seq":1}}}')
+@example(payload=b'{"devices":{"d1":{"seq":1,"samples":[{"ts":1,"values":{"x":NaN}}]}}}')
+def test_batch_decoder_agrees_with_the_model(payload: bytes) -> None:
+    assert _codec_batch(payload) == _model_batch(payload)
+
+
+def test_a_packed_batch_reads_back_per_device() -> None:
+    a = JSON_CODEC.encode_sample(1000, {"t": 1.5}, {})
+    b = JSON_CODEC.encode_sample(2000, {"t": 2.5}, {"p": "timeout"})
+    payload = pack_batch([("kiln-1", 7, [a, b]), ("motor-1", 1, [a])])
+    assert _codec_batch(payload) == _model_batch(payload)
+    got = dict(decode_batch(payload))
+    assert got["kiln-1"] == (
+        7,
+        [(1000, {"t": 1.5}, {}, None), (2000, {"t": 2.5}, {"p": "timeout"}, None)],
+    )
+    assert got["motor-1"] == (1, [(1000, {"t": 1.5}, {}, None)])
 
 
 # -- encoding ---------------------------------------------------------------------------
