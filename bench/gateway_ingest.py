@@ -17,7 +17,10 @@ reach the offered rate: raise ``--rate`` to find either ceiling. When the gatewa
 behind, the test broker's per-client queue (``max_queued_messages 100000``) overflows
 and Mosquitto drops the excess; the last line then reports INCOMPLETE.
 
-    .venv/bin/python bench/gateway_ingest.py [--rate 100000] [--seconds 30]
+    .venv/bin/python bench/gateway_ingest.py [--rate 100000] [--seconds 30] [--batch N]
+
+``--batch N`` sends the agent-level batch shape instead: N devices' samples per message
+on ``iiot/v1/{enterprise}/{agent}/batch``, as an agent with ``mqtt.batch`` does.
 """
 
 from __future__ import annotations
@@ -58,8 +61,12 @@ def _publisher(
     start_at: float,
     stop_at: float,
     result: Any,
+    batch: int = 1,
 ) -> None:
-    """Publish ``rate_msgs`` messages/s (QoS 1) between two wall-clock instants."""
+    """Publish ``rate_msgs`` samples/s (QoS 1) between two wall-clock instants.
+
+    With ``batch`` > 1, ``batch`` devices' samples go in one batch message.
+    """
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -70,6 +77,8 @@ def _publisher(
     client.connect("127.0.0.1", port)
     client.loop_start()
     topics = [f"iiot/v1/{ENTERPRISE}/{agent}/dev-{index}-{d}/data" for d in range(devices)]
+    batch_topic = f"iiot/v1/{ENTERPRISE}/{agent}/batch"
+    parts: list[str] = []
     seqs = [0] * devices
     # Pre-encoded value sets keep the load generator cheap, leaving the CPU to the gateway.
     value_sets = [
@@ -97,9 +106,17 @@ def _publisher(
                 f'{{"seq":{seqs[d]},"samples":[{{"ts":{ts_d},"values":{value_sets[sent & 15]}}}]}}'
             )
             seqs[d] += 1
-            client.publish(topics[d], body, qos=1)
             sent += 1
+            if batch <= 1:
+                client.publish(topics[d], body, qos=1)
+                continue
+            parts.append(f'"dev-{index}-{d}":{body}')
+            if len(parts) == batch or sent % devices == 0:  # a device once per message
+                client.publish(batch_topic, '{"devices":{' + ",".join(parts) + "}}", qos=1)
+                parts = []
         time.sleep(0.01)
+    if parts:
+        client.publish(batch_topic, '{"devices":{' + ",".join(parts) + "}}", qos=1)
     # Let outstanding QoS 1 handshakes finish before leaving.
     deadline = time.time() + 10
     while client._out_messages and time.time() < deadline:
@@ -110,7 +127,7 @@ def _publisher(
 
 
 def _raw_subscriber(port: int, ready: Any, result: Any, stop_at: float) -> None:
-    """A bare paho subscriber: QoS 1, auto-ack, counts messages."""
+    """A bare paho subscriber: QoS 1, auto-ack, counts samples (one per "seq")."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -118,10 +135,10 @@ def _raw_subscriber(port: int, ready: Any, result: Any, stop_at: float) -> None:
     first: list[float] = []
     last = [0.0]
 
-    def on_message(_c: Any, _u: Any, _m: Any) -> None:
+    def on_message(_c: Any, _u: Any, m: Any) -> None:
         if not first:
             first.append(time.time())
-        count[0] += 1
+        count[0] += m.payload.count(b'"seq":')
         last[0] = time.time()
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-raw-sub")
@@ -208,7 +225,7 @@ def _run_publishers(
     procs = [
         ctx.Process(
             target=_publisher,
-            args=(port, i, per, args.points, args.devices, start_at, stop_at, result),
+            args=(port, i, per, args.points, args.devices, start_at, stop_at, result, args.batch),
         )
         for i in range(args.publishers)
     ]
@@ -237,15 +254,15 @@ def _metric(api_port: int, name: str) -> float:
 
 
 def _wait_written(api_port: int, published: int, timeout: float) -> float | None:
-    """Seconds until every published message is written, or None after ``timeout``."""
+    """Seconds until every published sample is written, or None after ``timeout``."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
-            acked = _metric(api_port, "iiot_gateway_messages_acked_total")
+            taken = _metric(api_port, "iiot_gateway_samples_total")
             pending = _metric(api_port, "iiot_gateway_outbox_lines")
         except OSError:
-            acked, pending = 0.0, 1.0
-        if acked >= published and pending == 0:
+            taken, pending = 0.0, 1.0
+        if taken >= published and pending == 0:
             return time.monotonic() - t0
         time.sleep(0.25)
     return None
@@ -278,6 +295,7 @@ def main() -> None:
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes")
     ap.add_argument("--devices", type=int, default=50, help="devices per publisher")
     ap.add_argument("--seconds", type=float, default=30, help="gateway phase duration")
+    ap.add_argument("--batch", type=int, default=1, help="devices' samples per batch message")
     ap.add_argument("--raw-seconds", type=float, default=10, help="baseline phase duration")
     ap.add_argument("--warmup", type=float, default=5, help="seconds left out of the rates")
     ap.add_argument(
@@ -383,12 +401,13 @@ def main() -> None:
     lat = stats["latencies"]
     raw_points = raw_msgs * args.points
     print(
-        f"offered load          {args.rate:,.0f} points/s ({args.points} points/message, "
-        f"{args.publishers} publishers x {args.devices} devices)"
+        f"offered load          {args.rate:,.0f} points/s ({args.points} points/sample, "
+        f"{args.publishers} publishers x {args.devices} devices, "
+        + (f"{args.batch} samples per batch message)" if args.batch > 1 else "one per message)")
     )
     print(
         f"raw subscriber        {raw_points:,.0f} points/s  ({raw_count:,} of {raw_sent:,} "
-        f"messages in {args.raw_seconds:.0f} s)"
+        f"samples in {args.raw_seconds:.0f} s)"
     )
     print(
         f"gateway sustained     {gw_points:,.0f} points/s written to victoria-metrics "
@@ -403,7 +422,7 @@ def main() -> None:
     wrote = sum(n for _, n in stats["writes"])
     print(f"gateway wrote         {wrote:,} lines (acknowledged by the write API)")
     print(
-        f"published / in VM     {gw_sent:,} messages / {written_in_vm:,} lines "
+        f"published / in VM     {gw_sent:,} samples / {written_in_vm:,} lines "
         f"({'complete' if written_in_vm == gw_sent else 'INCOMPLETE'})"
     )
 
