@@ -9,7 +9,7 @@ Topics, all under ``iiot/v1/{enterprise}/{agent}`` beside the uplink contract:
     .../{device}/cmd       gateway → agent   QoS 1             WriteCommand
     .../{device}/result    agent → gateway   QoS 1             WriteResult
 
-The broker's ACL lets an agent publish only the uplink topics (``agent``, ``+/state``,
+The broker's ACL lets an agent publish only the uplink topics (``agent``, ``batch``, ``+/state``,
 ``+/data``, ``reported``, ``discovered``, ``+/result``) and read only its own ``config``,
 ``scan`` and ``+/cmd``; only the gateway publishes the downlink ones. Commands are never
 retained, spooled or replayed: an agent refuses one past its ``expires`` and answers a
