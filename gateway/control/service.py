@@ -78,6 +78,7 @@ _GRACE = 1.0  # seconds past a command's expiry that an answer may still be in f
 # the expiry and gives up 5 s later, and the report may wait out a short reconnection.
 _SCAN_GRACE = 30.0
 _LOG_EVERY = 60.0  # seconds between two logs of the same refusal from one agent
+_HOST_ORIGIN = "sparkplug host"  # the audit's role of a DCMD the gateway did not send
 # A write's record an agent's answer may still fill in: waiting, or given up on by the API
 # call (no answer in time, or the broker did not acknowledge the command).
 _ANSWERABLE = ("pending", WriteStatus.TIMEOUT.value, WriteStatus.FAILED.value)
@@ -367,6 +368,8 @@ class ControlService:
 
     def _on_result(self, ent: str, agent: str, device: str, result: WriteResult) -> None:
         row = self.store.get_write(result.id)
+        if row is None and self._host_write(ent, agent, device, result):
+            return
         if row is None or (row["enterprise"], row["device"], row["agent"]) != (ent, device, agent):
             self.counters["results_unknown"] += 1
             log.warning(
@@ -399,6 +402,48 @@ class ControlService:
             waiter = self._waiters.get(result.id)
         if waiter is not None:
             waiter.set()
+
+    def _host_write(self, ent: str, agent: str, device: str, result: WriteResult) -> bool:
+        """Audit a DCMD another Sparkplug host sent, from the agent's answer; False if not one.
+
+        Only an answer naming the point (agents name it on DCMD answers alone), about
+        one of the agent's own devices, counts: the gateway never saw the command, so
+        the answer is all it knows.
+        """
+        if result.point is None:
+            return False
+        # The registry's memory first: a device born moments ago may not be flushed yet.
+        view = self.registry.get_device(ent, device)
+        if (view["agent"] if view is not None else self.store.agent_of(ent, device)) != agent:
+            return False
+        now = self._now_ms()
+        row = {
+            "id": result.id,
+            "enterprise": ent,
+            "device": device,
+            "agent": agent,
+            "point": result.point,
+            "value": result.requested,
+            "status": result.status.value,
+            "reason": result.reason[:500],
+            "previous": result.previous,
+            "read_back": result.value,
+            "role": _HOST_ORIGIN,
+            "token_label": "",
+            "requested_ms": now,
+            "expires_ms": now,  # the gateway never waited for it
+            "finished_ms": now,
+        }
+        if not self.store.insert_write(row, once=True):
+            # Stored already (a repeated answer, or another instance took the first).
+            self.counters["results_repeated"] += 1
+            return True
+        self.counters["host_writes"] += 1
+        log.info(
+            "write by another Sparkplug host audited",
+            extra={"agent": agent, "device": device, "id": result.id, "status": row["status"]},
+        )
+        return True
 
     def _scan_refusal(
         self, row: dict[str, Any] | None, ent: str, agent: str, scan: str

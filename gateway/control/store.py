@@ -165,10 +165,20 @@ class ControlStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    def insert_write(self, row: dict[str, Any]) -> None:
+    def insert_write(self, row: dict[str, Any], *, once: bool = False) -> bool:
+        """Add a write's record; with ``once``, False when its id is recorded already."""
         row = {**row, "value": _dumps(row["value"])}
-        with self.engine.begin() as conn:
-            conn.execute(ct.write_audit.insert().values(**row))
+        for key in ("previous", "read_back"):
+            if row.get(key) is not None:
+                row[key] = _dumps(row[key])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(ct.write_audit.insert().values(**row))
+        except sa.exc.IntegrityError:
+            if not once:
+                raise
+            return False
+        return True
 
     def finish_write(
         self,
