@@ -264,6 +264,13 @@ class Provisioner:
                 with contextlib.suppress(ProvisioningError):
                     self._write_files(None)
             raise
+        # Another instance sharing the database may have committed an agent meanwhile
+        # that this transaction could not see: write what is committed now. The files
+        # already hold this change, so a failure here loses nothing of it.
+        try:
+            self._write_files(None)
+        except ProvisioningError as exc:
+            log.warning("broker auth files not refreshed after a change", extra={"error": str(exc)})
         self._reload_now()
 
     def _credentials(
