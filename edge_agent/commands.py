@@ -27,7 +27,7 @@ from protocols.driver import Driver, Reading, Value, now_ms
 from protocols.errors import ConfigError, ProtocolError
 from protocols.mqtt.control import WriteCommand, WriteResult, WriteStatus
 
-__all__ = ["CommandExecutor", "WriteTarget", "check_write"]
+__all__ = ["CommandExecutor", "WriteTarget", "check_write", "settled"]
 
 log = logging.getLogger("iiot.agent.cmd")
 
@@ -36,6 +36,8 @@ _DEFAULT_TIMEOUT = 10.0  # seconds for read, write and read-back together
 _INT_TYPES = frozenset(
     {ValueType.INT16, ValueType.UINT16, ValueType.INT32, ValueType.UINT32, ValueType.INT64}
 )
+# One unit in the last place, relative, of the float types a device may hold a value in.
+_ULP = {ValueType.FLOAT32: 2.0**-23, ValueType.FLOAT64: 2.0**-52}
 
 
 class WriteTarget(Protocol):
@@ -78,15 +80,46 @@ def check_write(profile: Profile, point_name: str, value: Value) -> tuple[Point 
     return point, None
 
 
-def _matches(point: Point, wanted: Value, got: Value | None) -> bool:
-    """Whether the read-back shows the written value, within one raw step of the point."""
+def settled(point: Point, wanted: Value, got: Value | None, *, sf: int | None = None) -> bool:
+    """Whether the read-back ``got`` shows the written ``wanted``, to the point's resolution.
+
+    ``sf`` is the SunSpec scale-factor exponent the device reported with the read-back.
+    An integer register holds ``(value - offset) / scale / 10**sf`` rounded, so it comes
+    back within half of ``scale * 10**sf``: with sf=1, 1234 reads back as 1230. A float
+    register is off by at most one unit in its last place; text and booleans exactly.
+    """
     if got is None:
         return False
     if isinstance(wanted, bool | str) or isinstance(got, bool | str):
         return wanted == got
-    step = abs(point.scale) if point.type in _INT_TYPES else 0.0
-    tolerance = max(step * 0.5001, abs(float(wanted)) * 1e-6, 1e-9)
-    return abs(float(got) - float(wanted)) <= tolerance
+    want = float(wanted)
+    exponent = 10.0**sf if sf else 1.0
+    if point.type in _INT_TYPES:
+        tolerance = abs(point.scale) * exponent * 0.5
+    else:
+        tolerance = abs(want - point.offset) * _ULP.get(point.type, 0.0)
+    # The decoding's own float arithmetic (and its rounding to 10 decimals) adds a hair.
+    tolerance += abs(want) * 1e-12 + 1e-9
+    return abs(float(got) - want) <= tolerance
+
+
+def _with_scale_factor(profile: Profile, point: Point) -> list[Point]:
+    """``point``, and its SunSpec scale factor whose value sets the point's resolution."""
+    if point.scale_factor_point is None:
+        return [point]
+    return [point, profile.point(point.scale_factor_point)]
+
+
+def _exponent(profile: Profile, point: Point, reading: Reading) -> int | None:
+    """The scale-factor exponent ``reading`` shows for ``point``; None without one."""
+    if point.scale_factor_point is None:
+        return None
+    sf_point = profile.point(point.scale_factor_point)
+    value = reading.values.get(sf_point.name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    raw = (float(value) - sf_point.offset) / sf_point.scale
+    return round(raw) if math.isfinite(raw) and -20 <= raw <= 20 else None
 
 
 def _settle(device: DeviceConfig) -> float:
@@ -97,12 +130,19 @@ def _settle(device: DeviceConfig) -> float:
     return 0.0
 
 
-async def _read_back(driver: Driver, point: Point, wanted: Value, settle: float) -> Reading:
+def _shows(profile: Profile, point: Point, wanted: Value, reading: Reading) -> bool:
+    sf = _exponent(profile, point, reading)
+    return settled(point, wanted, reading.values.get(point.name), sf=sf)
+
+
+async def _read_back(
+    driver: Driver, profile: Profile, point: Point, wanted: Value, settle: float
+) -> Reading:
     """Read ``point`` until it shows ``wanted`` or ``settle`` seconds have passed."""
     deadline = time.monotonic() + settle
     while True:
-        after = await driver.read([point])
-        if _matches(point, wanted, after.values.get(point.name)) or time.monotonic() >= deadline:
+        after = await driver.read(_with_scale_factor(profile, point))
+        if _shows(profile, point, wanted, after) or time.monotonic() >= deadline:
             return after
         await asyncio.sleep(0.05)
 
@@ -168,15 +208,15 @@ class CommandExecutor:
                     return answer(WriteStatus.EXPIRED, "expired before it could be written")
                 self.executed += 1
                 await driver.write(point, cmd.value)
-                after = await driver.read([point])
+                after = await driver.read(_with_scale_factor(target.profile, point))
             settle = _settle(target.device)
-            if settle and not _matches(point, cmd.value, after.values.get(point.name)):
+            if settle and not _shows(target.profile, point, cmd.value, after):
                 # A subscription reports the write late; polls need not wait for it. The
                 # write is done: whatever happens now is a read-back that did not match,
                 # never a failure an operator would retry (and so actuate twice).
                 try:
                     async with asyncio.timeout(settle + 1.0), target.driver() as driver:
-                        after = await _read_back(driver, point, cmd.value, settle)
+                        after = await _read_back(driver, target.profile, point, cmd.value, settle)
                 except (TimeoutError, ProtocolError) as exc:
                     why = f"written; no read-back within {settle + 1.0:g}s ({exc or 'timeout'})"
                     return answer(WriteStatus.MISMATCH, why, previous=previous)
@@ -192,7 +232,7 @@ class CommandExecutor:
             log.exception("write failed unexpectedly", extra={"device": device, "id": cmd.id})
             return answer(WriteStatus.FAILED, f"error: {type(exc).__name__}", previous=previous)
         value = after.values.get(point.name)
-        if not _matches(point, cmd.value, value):
+        if not _shows(target.profile, point, cmd.value, after):
             why = after.errors.get(point.name) or f"read back {value!r}"
             return answer(WriteStatus.MISMATCH, why, previous=previous, value=value)
         log.info(

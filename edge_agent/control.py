@@ -208,7 +208,12 @@ class ControlPlane:
             if cmd is None:
                 self.metrics.messages.labels("dcmd", WriteStatus.REFUSED.value).inc()
                 result = WriteResult(
-                    id=c.id, status=WriteStatus.REFUSED, reason=reason or "", ts=now_ms()
+                    id=c.id,
+                    status=WriteStatus.REFUSED,
+                    reason=reason or "",
+                    ts=now_ms(),
+                    point=c.point[:64],
+                    requested=c.value,
                 )
                 self._publish(self.topic(ControlKind.RESULT, device), encode(result), False)
                 continue
@@ -303,5 +308,8 @@ class ControlPlane:
             )
             if on_result is not None:
                 on_result(cmd.point, result)
+        if kind == "dcmd":
+            # The gateway may not have sent it (another Sparkplug host): say what was asked.
+            result = result.model_copy(update={"point": cmd.point, "requested": cmd.value})
         topic = self.topic(ControlKind.RESULT, device)
         self._publish(topic, encode(result), False)

@@ -12,6 +12,10 @@ mosquitto) so the broker re-reads them. A failed reload (the broker not up yet, 
 logged, counted and retried in the background; a broker that starts later reads the
 files anyway.
 
+A new or changed password is written to the files inside the database transaction that
+records it: when a file cannot be written, nothing is committed, so the provisioning key
+is not spent, no agent is half-registered and a rotated agent keeps its old password.
+
 Client ids are usernames on the broker (``use_username_as_clientid``), so an agent's
 username is its agent id and no agent id may be a gateway instance's username.
 """
@@ -30,11 +34,13 @@ import subprocess
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.registry import Conflict, Registry
+from gateway.registry.agents import Credentials, Publish
 from iiot_common.backoff import Backoff
 from protocols.mqtt.contract import TOPIC_PREFIX
 from protocols.mqtt.sparkplug.payload import NAMESPACE as SP_NAMESPACE
@@ -96,7 +102,36 @@ def _group_id(name: str | None) -> int | None:
         raise ProvisioningError(f"broker_auth.file_group: no group named {name!r}") from None
 
 
-def _write_atomic(path: Path, text: str, mode: int = _FILE_MODE, gid: int | None = None) -> None:
+def _write_all(
+    files: list[tuple[Path, str]], mode: int = _FILE_MODE, gid: int | None = None
+) -> None:
+    """Replace each file atomically; all are written out before the first is replaced.
+
+    Raises ``ProvisioningError`` naming the file (and its folder) that failed. Writing
+    every temporary file first means a full disk or an unwritable folder changes none.
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text in files:
+            try:
+                staged.append((_stage(path, text, mode, gid), path))
+            except OSError as exc:
+                raise _file_error(path, exc) from exc
+        while staged:
+            tmp, path = staged[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _file_error(path, exc) from exc
+            staged.pop(0)
+    finally:
+        for tmp, _path in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _stage(path: Path, text: str, mode: int, gid: int | None) -> str:
+    """``text`` in a synced temporary file beside ``path``; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -107,11 +142,17 @@ def _write_atomic(path: Path, text: str, mode: int = _FILE_MODE, gid: int | None
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def _file_error(path: Path, exc: OSError) -> ProvisioningError:
+    return ProvisioningError(
+        f"cannot write the broker's auth file {path} (folder {path.parent}): {exc.strerror or exc}"
+    )
 
 
 class Provisioner:
@@ -153,7 +194,8 @@ class Provisioner:
         Raises ``gateway.registry.NotFound`` for a bad/expired/used key, ``Conflict``
         when the agent id belongs to another enterprise, is a gateway instance's MQTT
         username, or is provisioned already and the key does not allow rotation;
-        ``ProvisioningError`` when the broker files cannot be written.
+        ``ProvisioningError`` when the broker files cannot be written (the key is then
+        not spent and nothing is registered).
         """
         if agent_id in self.gateway_users:
             # render() keeps the gateway users' entries, so such an agent would get a
@@ -167,10 +209,10 @@ class Provisioner:
             )
             raise Conflict(f"agent id {agent_id!r} is {whose}; choose another id")
         password = secrets.token_urlsafe(24)
-        agent, rotated = self.registry.redeem_provisioning_key(
-            key, agent_id, mosquitto_hash(password)
-        )
-        self.sync()
+        with self._change("provision", agent_id) as publish:
+            agent, rotated = self.registry.redeem_provisioning_key(
+                key, agent_id, mosquitto_hash(password), publish=publish
+            )
         self.counters["provisioned"] += 1
         log.info("agent provisioned", extra={"agent": agent.id, "enterprise": agent.enterprise})
         return self._credentials(agent.id, agent.enterprise, password, rotated=rotated)
@@ -179,15 +221,57 @@ class Provisioner:
         """A new password for an existing agent (the old one stops working); audited.
 
         Raises ``gateway.registry.NotFound`` for an unknown agent, ``ProvisioningError``
-        when the broker files cannot be written.
+        when the broker files cannot be written (the old password then stays).
         """
         if agent_id in self.gateway_users:
             raise Conflict(f"{agent_id!r} is a gateway instance's MQTT username, not an agent")
         password = secrets.token_urlsafe(24)
-        self.registry.rotate_agent(enterprise, agent_id, mosquitto_hash(password), by=by)
-        self.sync()
+        with self._change("rotate", agent_id) as publish:
+            self.registry.rotate_agent(
+                enterprise, agent_id, mosquitto_hash(password), by=by, publish=publish
+            )
         self.counters["rotated"] += 1
         return self._credentials(agent_id, enterprise, password, rotated=True)
+
+    @contextlib.contextmanager
+    def _change(self, action: str, agent_id: str) -> Iterator[Publish | None]:
+        """Around a registry credentials change: the files are written before it commits.
+
+        A file that cannot be written aborts the change (counted, logged, re-raised). A
+        change that fails after the files were written (the commit, say) has them
+        rewritten from the database, so they never keep what was not committed.
+        """
+        if not self.manages_broker:
+            yield None
+            return
+        written: list[bool] = []
+
+        def publish(credentials: Credentials) -> None:
+            self._write_files(credentials)
+            written.append(True)
+
+        try:
+            yield publish
+        except ProvisioningError as exc:
+            self.counters[f"{action}_file_errors"] += 1
+            log.error(
+                "broker auth files not written; nothing changed, the request may be retried",
+                extra={"action": action, "agent": agent_id, "error": str(exc)},
+            )
+            raise
+        except BaseException:
+            if written:
+                with contextlib.suppress(ProvisioningError):
+                    self._write_files(None)
+            raise
+        # Another instance sharing the database may have committed an agent meanwhile
+        # that this transaction could not see: write what is committed now. The files
+        # already hold this change, so a failure here loses nothing of it.
+        try:
+            self._write_files(None)
+        except ProvisioningError as exc:
+            log.warning("broker auth files not refreshed after a change", extra={"error": str(exc)})
+        self._reload_now()
 
     def _credentials(
         self, agent_id: str, enterprise: str, password: str, *, rotated: bool
@@ -202,8 +286,8 @@ class Provisioner:
             "topic_prefix": f"{TOPIC_PREFIX}/{enterprise}/{agent_id}",
         }
 
-    def render(self) -> tuple[str, str]:
-        """The password file and ACL file contents for every agent in the database."""
+    def render(self, credentials: Credentials | None = None) -> tuple[str, str]:
+        """The password file and ACL file contents for ``credentials`` (default: the database's)."""
         pw_lines: list[str] = []
         acl = ["# Written by the iiot gateway; changes here are overwritten.", ""]
         mqtt = self.config.mqtt
@@ -234,7 +318,9 @@ class Provisioner:
                 f"topic write {SP_NAMESPACE}/+/DCMD/+/+",
                 "",
             ]
-        for agent_id, enterprise, pw_hash in self.registry.agent_credentials():
+        if credentials is None:
+            credentials = self.registry.agent_credentials()
+        for agent_id, enterprise, pw_hash in credentials:
             if agent_id in gateway_users:
                 continue
             pw_lines.append(f"{agent_id}:{pw_hash}")
@@ -275,28 +361,34 @@ class Provisioner:
         Raises ``ProvisioningError`` when a file cannot be written. A failed reload is
         logged, counted and retried in the background until it succeeds or ``close()``.
         """
-        b = self.config.broker_auth
-        if b.password_file is None or b.acl_file is None:
+        if not self.manages_broker:
             return False
+        self._write_files(None)
+        self._reload_now()
+        return True
+
+    def _write_files(self, credentials: Credentials | None) -> None:
+        """Write both files for ``credentials`` (default: the database's); counted."""
+        b = self.config.broker_auth
+        assert b.password_file is not None and b.acl_file is not None
         with self._lock:
-            passwords, acl = self.render()
-            gid = _group_id(b.file_group)
+            passwords, acl = self.render(credentials)
             try:
-                _write_atomic(b.acl_file, acl, gid=gid)
-                _write_atomic(b.password_file, passwords, gid=gid)
-            except OSError as exc:
+                _write_all(
+                    [(b.acl_file, acl), (b.password_file, passwords)],
+                    gid=_group_id(b.file_group),
+                )
+            except ProvisioningError:
                 self.counters["file_errors"] += 1
-                raise ProvisioningError(
-                    f"cannot write broker auth files {b.password_file} / {b.acl_file}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
+                raise
             self.counters["file_writes"] += 1
-            command = b.reload_command
-        if command:
+
+    def _reload_now(self) -> None:
+        command = self.config.broker_auth.reload_command
+        if command and self.manages_broker:
             error = self._reload(command)
             if error is not None:
                 self._retry_later(command, error)
-        return True
 
     def close(self) -> None:
         """Stop retrying a failed reload."""

@@ -74,6 +74,11 @@ log = logging.getLogger("iiot.gateway.control")
 _POLL = 0.2  # seconds between two database looks while waiting for a write's answer
 _REPUBLISH_EVERY = 5.0  # seconds between two looks for configurations not yet published
 _GRACE = 1.0  # seconds past a command's expiry that an answer may still be in flight
+# Seconds past a scan's expiry that its report is still taken: the agent stops scanning at
+# the expiry and gives up 5 s later, and the report may wait out a short reconnection.
+_SCAN_GRACE = 30.0
+_LOG_EVERY = 60.0  # seconds between two logs of the same refusal from one agent
+_HOST_ORIGIN = "sparkplug host"  # the audit's role of a DCMD the gateway did not send
 # A write's record an agent's answer may still fill in: waiting, or given up on by the API
 # call (no answer in time, or the broker did not acknowledge the command).
 _ANSWERABLE = ("pending", WriteStatus.TIMEOUT.value, WriteStatus.FAILED.value)
@@ -167,6 +172,7 @@ class ControlService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.counters: Counter[str] = Counter()
+        self._logged: dict[tuple[str, str], float] = {}  # (source, reason) -> last log
 
     def start(self, connections: Callable[[], int | None]) -> None:
         """Keep configurations on the broker: all after each (re)connect, else the unpublished.
@@ -353,11 +359,17 @@ class ControlService:
             return lambda: self._on_result(ent, agent, device, result)
         if topic.kind is ControlKind.DISCOVERED:
             scan: ScanReport = _decode(ScanReport, "discovered", payload)
+            # Refused here, so that the ingest counts it by reason and logs it per source.
+            refused = self._scan_refusal(self.store.get_scan(scan.scan), ent, agent, scan.scan)
+            if refused is not None:
+                raise ContractError(*refused)
             return lambda: self._on_scan_report(ent, agent, scan)
         raise ContractError("bad_topic", f"no payload is accepted on {topic.kind.value} topics")
 
     def _on_result(self, ent: str, agent: str, device: str, result: WriteResult) -> None:
         row = self.store.get_write(result.id)
+        if row is None and self._host_write(ent, agent, device, result):
+            return
         if row is None or (row["enterprise"], row["device"], row["agent"]) != (ent, device, agent):
             self.counters["results_unknown"] += 1
             log.warning(
@@ -391,9 +403,85 @@ class ControlService:
         if waiter is not None:
             waiter.set()
 
+    def _host_write(self, ent: str, agent: str, device: str, result: WriteResult) -> bool:
+        """Audit a DCMD another Sparkplug host sent, from the agent's answer; False if not one.
+
+        Only an answer naming the point (agents name it on DCMD answers alone), about
+        one of the agent's own devices, counts: the gateway never saw the command, so
+        the answer is all it knows.
+        """
+        if result.point is None:
+            return False
+        # The registry's memory first: a device born moments ago may not be flushed yet.
+        view = self.registry.get_device(ent, device)
+        if (view["agent"] if view is not None else self.store.agent_of(ent, device)) != agent:
+            return False
+        now = self._now_ms()
+        row = {
+            "id": result.id,
+            "enterprise": ent,
+            "device": device,
+            "agent": agent,
+            "point": result.point,
+            "value": result.requested,
+            "status": result.status.value,
+            "reason": result.reason[:500],
+            "previous": result.previous,
+            "read_back": result.value,
+            "role": _HOST_ORIGIN,
+            "token_label": "",
+            "requested_ms": now,
+            "expires_ms": now,  # the gateway never waited for it
+            "finished_ms": now,
+        }
+        if not self.store.insert_write(row, once=True):
+            # Stored already (a repeated answer, or another instance took the first).
+            self.counters["results_repeated"] += 1
+            return True
+        self.counters["host_writes"] += 1
+        log.info(
+            "write by another Sparkplug host audited",
+            extra={"agent": agent, "device": device, "id": result.id, "status": row["status"]},
+        )
+        return True
+
+    def _scan_refusal(
+        self, row: dict[str, Any] | None, ent: str, agent: str, scan: str
+    ) -> tuple[str, str] | None:
+        """(reason, message) when a report for ``scan`` from ``ent/agent`` is not wanted.
+
+        Only the agent a scan was asked of may answer it, and only until its final
+        report or its expiry (with ``_SCAN_GRACE``): anything else would put equipment
+        nobody looked for in front of the admin.
+        """
+        if row is None:
+            return "scan_unknown", f"discovered: scan {scan!r} was never requested"
+        if (row["enterprise"], row["agent"]) != (ent, agent):
+            return "scan_other_agent", (
+                f"discovered: scan {scan!r} was requested of another agent, not {agent!r}"
+            )
+        if row["finished_ms"] is not None:
+            return "scan_finished", f"discovered: scan {scan!r} has had its final report"
+        if self._now_ms() > row["expires_ms"] + _SCAN_GRACE * 1000:
+            return "scan_finished", f"discovered: scan {scan!r} expired"
+        return None
+
     def _on_scan_report(self, ent: str, agent: str, report: ScanReport) -> None:
-        if not self.store.scan_reported(report.scan, report.errors):
-            self.counters["scan_reports_unknown"] += 1
+        refused: list[tuple[str, str]] = []
+
+        def refusal(row: dict[str, Any] | None) -> str | None:
+            found = self._scan_refusal(row, ent, agent, report.scan)
+            if found is not None:
+                refused.append(found)
+            return None if found is None else found[0]
+
+        reason = self.store.scan_reported(
+            report.scan, report.errors, done=report.done, now_ms=self._now_ms(), refusal=refusal
+        )
+        if reason is not None:
+            # Passed ``accept`` but another report finished the scan meanwhile.
+            self._refused(f"{ent}/{agent}", reason, refused[0][1] if refused else report.scan)
+            return
         desired = self.store.desired(agent)
         configured = {
             address_key({k: v for k, v in dev.items() if k in ("modbus", "opcua")})
@@ -419,6 +507,21 @@ class ControlService:
                 }
             )
             self.counters["proposals"] += 1
+
+    def _refused(self, source: str, reason: str, detail: str) -> None:
+        """Count a refused control message; log it once a minute per source and reason."""
+        self.counters[f"refused_{reason}"] += 1
+        now = time.monotonic()
+        with self._lock:
+            last = self._logged.get((source, reason))
+            if last is not None and now - last < _LOG_EVERY:
+                return
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+            self._logged[(source, reason)] = now
+        log.warning(
+            "control message refused", extra={"source": source, "reason": reason, "detail": detail}
+        )
 
     # -- writes --------------------------------------------------------------------------
 

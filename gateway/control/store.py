@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -164,10 +165,20 @@ class ControlStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    def insert_write(self, row: dict[str, Any]) -> None:
+    def insert_write(self, row: dict[str, Any], *, once: bool = False) -> bool:
+        """Add a write's record; with ``once``, False when its id is recorded already."""
         row = {**row, "value": _dumps(row["value"])}
-        with self.engine.begin() as conn:
-            conn.execute(ct.write_audit.insert().values(**row))
+        for key in ("previous", "read_back"):
+            if row.get(key) is not None:
+                row[key] = _dumps(row[key])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(ct.write_audit.insert().values(**row))
+        except sa.exc.IntegrityError:
+            if not once:
+                raise
+            return False
+        return True
 
     def finish_write(
         self,
@@ -223,20 +234,55 @@ class ControlStore:
         with self.engine.begin() as conn:
             conn.execute(ct.scans.insert().values(reports=0, errors="[]", **row))
 
-    def scan_reported(self, scan: str, errors: list[str]) -> bool:
-        """Count a report for ``scan``; False when the gateway never asked for it."""
+    def get_scan(self, scan: str) -> dict[str, Any] | None:
+        """The scan's enterprise, agent, expires_ms and finished_ms; None if never asked for."""
+        table = ct.scans
+        q = sa.select(table.c.enterprise, table.c.agent, table.c.expires_ms, table.c.finished_ms)
+        with self.engine.connect() as conn:
+            row = conn.execute(q.where(table.c.id == scan)).first()
+        return None if row is None else dict(row._mapping)
+
+    def scan_reported(
+        self,
+        scan: str,
+        errors: list[str],
+        *,
+        done: bool,
+        now_ms: int,
+        refusal: Callable[[dict[str, Any] | None], str | None],
+    ) -> str | None:
+        """Count a report for ``scan`` unless ``refusal`` of its row names a reason; returns it.
+
+        The check and the count are one transaction, and a scan another report has just
+        finished (a concurrent instance, a repeated delivery) is refused as finished.
+        """
         table = ct.scans
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(table.c.errors).where(table.c.id == scan)).first()
-            if row is None:
-                return False
+            row = conn.execute(
+                sa.select(
+                    table.c.enterprise,
+                    table.c.agent,
+                    table.c.expires_ms,
+                    table.c.finished_ms,
+                    table.c.errors,
+                ).where(table.c.id == scan)
+            ).first()
+            reason = refusal(None if row is None else dict(row._mapping))
+            if reason is not None or row is None:
+                return reason or "scan_unknown"
             merged = (json.loads(row.errors) + errors)[-100:]
-            conn.execute(
+            counted = conn.execute(
                 table.update()
-                .where(table.c.id == scan)
-                .values(reports=table.c.reports + 1, errors=_dumps(merged))
+                .where(table.c.id == scan, table.c.finished_ms.is_(None))
+                .values(
+                    reports=table.c.reports + 1,
+                    errors=_dumps(merged),
+                    finished_ms=now_ms if done else None,
+                )
             )
-        return True
+            if counted.rowcount != 1:
+                return "scan_finished"
+        return None
 
     def upsert_proposal(self, row: dict[str, Any]) -> None:
         """Add a proposal, or refresh a new one seen again; approved/rejected ones stay so."""

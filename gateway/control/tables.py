@@ -85,6 +85,8 @@ scans = sa.Table(
     sa.Column("expires_ms", sa.BigInteger, nullable=False),
     sa.Column("reports", sa.Integer, nullable=False, default=0),
     sa.Column("errors", sa.Text, nullable=False, default="[]"),
+    # When its final (``done``) report arrived: later reports for it are refused.
+    sa.Column("finished_ms", sa.BigInteger, nullable=True),
 )
 
 discovered = sa.Table(

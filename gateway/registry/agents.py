@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,7 +16,13 @@ from gateway.registry.codes import check_ident, check_industry, check_region, ch
 from gateway.registry.model import Agent, Conflict, Enterprise, NotFound
 from gateway.registry.store import RegistryStore
 
-__all__ = ["AgentsPart"]
+__all__ = ["AgentsPart", "Credentials", "Publish"]
+
+# (agent id, enterprise, password hash) of every agent that has a password.
+Credentials = list[tuple[str, str, str]]
+# Called inside a credentials change's transaction with the credentials as they will be
+# once it commits; if it raises, nothing is committed.
+Publish = Callable[[Credentials], None]
 
 log = logging.getLogger("iiot.gateway.registry")
 
@@ -118,20 +124,55 @@ class AgentsPart(RegistryStore):
                 key=lambda a: a.id,
             )
 
-    def agent_credentials(self) -> list[tuple[str, str, str]]:
+    def agent_credentials(self) -> Credentials:
         """(agent id, enterprise, password hash) of every agent that has a password.
 
         Read from the database, not memory, so that gateway instances sharing it write
         the same broker files and one instance's rewrite keeps the others' agents.
         """
-        c = t.agents.c
         with self._engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(c.id, c.enterprise, c.password_hash)
-                .where(c.password_hash.is_not(None), c.password_hash != "")
-                .order_by(c.id)
-            ).all()
+            return self._credentials_in(conn)
+
+    @staticmethod
+    def _credentials_in(conn: sa.Connection) -> Credentials:
+        c = t.agents.c
+        rows = conn.execute(
+            sa.select(c.id, c.enterprise, c.password_hash)
+            .where(c.password_hash.is_not(None), c.password_hash != "")
+            .order_by(c.id)
+        ).all()
         return [(r.id, r.enterprise, r.password_hash) for r in rows]
+
+    def _publish_in(
+        self,
+        conn: sa.Connection,
+        publish: Publish | None,
+        agent_id: str,
+        cached: tuple[Agent | None, str | None],
+    ) -> None:
+        """Hand the uncommitted credentials to ``publish``; if it fails, undo the cache too.
+
+        ``cached`` is the agent memory held before this change and its password hash
+        (``_put_agent`` changes the cached agent in place).
+        """
+        if publish is None:
+            return
+        try:
+            publish(self._credentials_in(conn))
+        except BaseException:
+            agent, password_hash = cached
+            with self._lock:
+                if agent is None:
+                    self._agents.pop(agent_id, None)
+                else:
+                    agent.password_hash = password_hash
+                    self._agents[agent_id] = agent
+            raise
+
+    def _cached(self, agent_id: str) -> tuple[Agent | None, str | None]:
+        with self._lock:
+            agent = self._agents.get(agent_id)
+            return agent, agent.password_hash if agent is not None else None
 
     def add_agent(self, enterprise: str, agent_id: str, password_hash: str | None) -> Agent:
         """Register an agent (or rotate its password); the id is unique across enterprises."""
@@ -224,16 +265,18 @@ class AgentsPart(RegistryStore):
         return key_id, key
 
     def redeem_provisioning_key(
-        self, key: str, agent_id: str, password_hash: str
+        self, key: str, agent_id: str, password_hash: str, *, publish: Publish | None = None
     ) -> tuple[Agent, bool]:
         """Check a key and register the agent under its enterprise, atomically.
 
         Returns the agent and whether it existed (its password rotated, which only a key
-        with ``allow_rotation`` may do; otherwise ``Conflict``).
+        with ``allow_rotation`` may do; otherwise ``Conflict``). When ``publish`` raises,
+        the key's use is not spent and the agent is neither added nor changed.
         """
         check_ident(agent_id, "agent_id")
         now = self._now_ms()
         with self._db_lock:
+            cached = self._cached(agent_id)
             self._flush_locked()
             with self._engine.begin() as conn:
                 row = conn.execute(
@@ -278,6 +321,7 @@ class AgentsPart(RegistryStore):
                 agent, existed = self._put_agent(conn, row.enterprise, agent_id, password_hash)
                 if existed:
                     self._audit_rotation(conn, agent, now, by=f"key:{row.id}", via="key")
+                self._publish_in(conn, publish, agent_id, cached)
         self.counters["agents_provisioned"] += 1
         if existed:
             self.counters["agents_reprovisioned"] += 1
@@ -288,10 +332,22 @@ class AgentsPart(RegistryStore):
             )
         return agent, existed
 
-    def rotate_agent(self, enterprise: str, agent_id: str, password_hash: str, *, by: str) -> Agent:
-        """Give an existing agent a new password; audited. NotFound if it does not exist."""
+    def rotate_agent(
+        self,
+        enterprise: str,
+        agent_id: str,
+        password_hash: str,
+        *,
+        by: str,
+        publish: Publish | None = None,
+    ) -> Agent:
+        """Give an existing agent a new password; audited. NotFound if it does not exist.
+
+        When ``publish`` raises, neither the password nor the audit changes.
+        """
         now = self._now_ms()
         with self._db_lock:
+            cached = self._cached(agent_id)
             self._flush_locked()
             with self._engine.begin() as conn:
                 found = conn.execute(
@@ -303,6 +359,7 @@ class AgentsPart(RegistryStore):
                     )
                 agent, _ = self._put_agent(conn, enterprise, agent_id, password_hash)
                 self._audit_rotation(conn, agent, now, by=by, via="api")
+                self._publish_in(conn, publish, agent_id, cached)
         self.counters["agents_rotated"] += 1
         log.warning(
             "agent credentials rotated: its previous password no longer works",

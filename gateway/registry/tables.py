@@ -265,8 +265,15 @@ def _v7(conn: sa.Connection) -> None:
     _add_missing_columns(conn, agents, ("codec",))
 
 
+def _v8(conn: sa.Connection) -> None:
+    """When a scan's final report arrived, so that later ones are refused."""
+    from gateway.control.tables import scans
+
+    _add_missing_columns(conn, scans, ("finished_ms",))
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

@@ -184,6 +184,14 @@ class WriteResult(_Msg):
         default=None, description="The engineering value read back after the write."
     )
     ts: _Ts
+    # Only on answers to a Sparkplug DCMD, which another host may have sent: the gateway
+    # audits such a write from the answer alone.
+    point: str | None = Field(
+        default=None, max_length=64, description="The point (or DCMD metric) asked to write."
+    )
+    requested: bool | int | float | str | None = Field(
+        default=None, description="The value the DCMD asked for."
+    )
 
 
 class ScanRequest(_Msg):

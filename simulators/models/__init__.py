@@ -58,6 +58,8 @@ class GenericModel:
         if p.type is ValueType.STRING:
             return self.profile.name[:32]
         if p.name in self._constant:
+            if p.range is not None and p.range[0] == p.range[1]:
+                return round(p.range[0])  # the profile pins the device's scale factor
             return -1 if p.type is ValueType.INT16 else 0
         if p.enum:
             return min(p.enum)

@@ -17,11 +17,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import generate_latest
 from pymodbus.client import AsyncModbusTcpClient
 
-from device_profiles.loader import load_profiles
+from device_profiles.loader import BUILTIN_DIR, load_profiles
+from device_profiles.schema import Profile
 from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from edge_agent.discovery import DiscoveryScope
@@ -365,6 +367,58 @@ async def test_write_to_a_setpoint_reaches_the_device_and_reads_back(
     assert after_raw == 12345 != before_raw  # scale 0.1 reversed: 1234.5 degC is 12345
     assert result.value == 1234.5
     assert result.previous == codec.decode(point, [before_raw], kiln_profile.modbus)
+
+
+def _inverter_with_limits(folder: Path) -> Profile:
+    """The shipped SunSpec inverter plus two writable limits with scale factors 1 and -1."""
+    doc = yaml.safe_load((BUILTIN_DIR / "pv_inverter" / "pv-inverter-sunspec.yaml").read_text())
+    doc["id"] = "pv-inverter-limits"
+    doc["points"] += [
+        {"name": "WMax", "type": "uint16", "access": "rw", "unit": "W",
+         "scale_factor_point": "WMax_SF", "range": [0, 30000],
+         "modbus": {"table": "holding", "address": 40200}},
+        {"name": "WMax_SF", "type": "int16", "range": [1, 1],
+         "modbus": {"table": "holding", "address": 40201}},
+        {"name": "WMaxLimPct", "type": "uint16", "access": "rw", "unit": "%",
+         "scale_factor_point": "WMaxLimPct_SF", "range": [0, 100],
+         "modbus": {"table": "holding", "address": 40202}},
+        {"name": "WMaxLimPct_SF", "type": "int16", "range": [-1, -1],
+         "modbus": {"table": "holding", "address": 40203}},
+    ]  # fmt: skip
+    folder.mkdir()
+    (folder / "pv-inverter-limits.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return load_profiles([folder])["pv-inverter-limits"]
+
+
+async def test_a_write_reads_back_to_the_resolution_of_its_scale_factor(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    profile = _inverter_with_limits(tmp_path / "profiles")
+    sim = ModbusSimServer({1: SimDevice(profile, device_id="inv-1", seed=4)}, port=0)
+    await sim.start()
+    device = modbus_device("inv-1", profile.id, sim.port, interval=INTERVAL)
+    cfg = agent_dict(tmp_path, mosquitto.port, [device], profiles=[str(tmp_path / "profiles")])
+    try:
+        with Gateway(mosquitto.port) as gw:
+            agent = Agent(parse_config(cfg))
+            await agent.start()
+            try:
+                await wait_for(lambda: len(gw.seqs("inv-1")) >= 1, 15, "inverter data")
+                # WMax_SF = 1: the register holds tens of watts, so 1234 W is stored as 123.
+                gw.send("inv-1/cmd", _cmd("w-1", "WMax", 1234))
+                gw.send("inv-1/cmd", _cmd("w-2", "WMaxLimPct", 87.6))
+                await wait_for(lambda: len(gw.results("inv-1")) == 2, 10, "both results")
+                wmax_raw = await _holding(sim.port, 1, 40200)
+            finally:
+                await agent.stop()
+    finally:
+        await sim.stop()
+    results = {r.id: r for r in gw.results("inv-1")}
+    assert wmax_raw == 123
+    assert results["w-1"].status is WriteStatus.OK, results["w-1"].reason
+    assert results["w-1"].value == 1230
+    assert results["w-2"].status is WriteStatus.OK, results["w-2"].reason
+    assert results["w-2"].value == 87.6
 
 
 async def test_refused_writes_are_never_executed(

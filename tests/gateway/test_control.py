@@ -24,11 +24,14 @@ from gateway.config import (
     GatewayConfig,
     MqttConfig,
 )
+from gateway.control import ControlService
 from gateway.control import tables as control_tables
 from gateway.provisioning import Provisioner
 from gateway.registry import Registry
 from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto
+from protocols.mqtt.contract import ContractError
+from protocols.mqtt.control import ControlKind, ControlTopic
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_ingest import metric
 from tests.gateway.test_provisioning import _Client
@@ -415,8 +418,17 @@ def test_scan_then_approve_puts_the_device_in_the_ledger_and_the_config(plane: _
         assert bad.status_code == 422 and "duplicate device id" in bad.text
         assert plane.call("POST", f"/api/v1/discovered/{other}/reject").status_code == 200
         # Seen again by a later scan: approved and rejected entries are not proposed again.
-        agent.publish(f"{PREFIX}/discovered", json.dumps(report).encode())
-        time.sleep(0.5)
+        later = plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan").json()["scan"]
+        agent.publish(f"{PREFIX}/discovered", json.dumps({**report, "scan": later}).encode())
+        control = plane.gw.control
+        assert control is not None
+        # Two configured now (kiln-1, kiln-2), one rejected: that one is only seen again.
+        wait_until(
+            lambda: (
+                (control.counters["proposals_configured"], control.counters["proposals"]) == (3, 3)
+            ),
+            what="the later scan's report stored",
+        )
         assert plane.call("GET", "/api/v1/discovered", params={"status": "new"}).json() == []
         assert plane.call("GET", "/api/v1/discovered").json()[0]["status"] == "approved"
     finally:
@@ -569,3 +581,108 @@ def test_configs_return_to_a_broker_that_lost_them_and_bad_answers_are_counted(
         assert 'iiot_control_events_total{kind="republished"}' in text
     finally:
         agent.close()
+
+
+def _report(scan: str, host: str, *, done: bool = True) -> bytes:
+    proposal = {
+        "protocol": "modbus",
+        "address": {"modbus": {"host": host, "port": 502, "unit": 1}},
+        "candidates": [{"profile": "kiln-rotary-cement", "score": 0.9}],
+    }
+    body = {"scan": scan, "ts": _now_ms(), "done": done, "proposals": [proposal]}
+    return json.dumps(body).encode()
+
+
+def test_scan_reports_nobody_asked_for_are_refused_and_never_shown(plane: _Plane) -> None:
+    key = plane.gw.registry.create_provisioning_key(ENT)[1]
+    assert plane.gw.provisioner is not None
+    other_password = plane.gw.provisioner.provision(key, "edge-b")["password"]
+    plane.broker.reload()
+    agent = plane.agent()
+    other = _Client(plane.broker.port, "edge-b", other_password)
+    assert other.ok
+    rejected = "iiot_gateway_rejected_total"
+    try:
+        agent.birth()
+        plane.online()
+        r = plane.call("POST", f"/api/v1/agents/{ENT}/{AGENT}/scan")
+        assert r.status_code == 200, r.text
+        scan_id = r.json()["scan"]
+
+        # A scan id the gateway never issued.
+        agent.publish(f"{PREFIX}/discovered", _report("0123456789abcdef", "10.0.0.21"))
+        # Another agent reporting for edge-a's scan, under its own topics.
+        other.publish(f"iiot/v1/{ENT}/edge-b/discovered", _report(scan_id, "10.0.0.22"))
+        wait_until(
+            lambda: (
+                metric(plane.gw, rejected, {"reason": "scan_unknown"}) == 1
+                and metric(plane.gw, rejected, {"reason": "scan_other_agent"}) == 1
+            ),
+            what="both refusals counted",
+        )
+        # A partial report and then the final one are the scan's own: both are shown.
+        agent.publish(f"{PREFIX}/discovered", _report(scan_id, "10.0.0.23", done=False))
+        agent.publish(f"{PREFIX}/discovered", _report(scan_id, "10.0.0.24"))
+        wait_until(lambda: len(plane.call("GET", "/api/v1/discovered").json()) == 2, what="2")
+        # After its final report the scan is finished: a further report is refused.
+        agent.publish(f"{PREFIX}/discovered", _report(scan_id, "10.0.0.25"))
+        wait_until(
+            lambda: metric(plane.gw, rejected, {"reason": "scan_finished"}) == 1,
+            what="the late report refused",
+        )
+        shown = plane.call("GET", "/api/v1/discovered", params={"status": "new"}).json()
+        assert sorted(p["address"]["modbus"]["host"] for p in shown) == ["10.0.0.23", "10.0.0.24"]
+        assert {p["agent"] for p in shown} == {AGENT}
+    finally:
+        agent.close()
+        other.close()
+
+
+def test_a_scan_report_is_taken_until_shortly_after_expiry_and_only_once_final(
+    registry_url: str,
+) -> None:
+    now = [1_700_000_000.0]
+    reg = Registry(registry_url)
+    try:
+        reg.add_enterprise(ENT, "Enterprise A", "130102", "C30")
+        reg.add_agent(ENT, AGENT, None)
+        service = ControlService(reg, GatewayConfig(), clock=lambda: now[0])
+        topic = ControlTopic(ENT, AGENT, ControlKind.DISCOVERED)
+        for scan, expires_s in (("late", 300), ("twice", 300)):
+            service.store.insert_scan(
+                {
+                    "id": scan,
+                    "enterprise": ENT,
+                    "agent": AGENT,
+                    "requested_ms": int(now[0] * 1000),
+                    "expires_ms": int((now[0] + expires_s) * 1000),
+                }
+            )
+        # 20 s past the expiry: an agent that needed its last seconds still gets through.
+        now[0] += 320
+        service.accept(topic, _report("late", "10.0.0.31"))()
+        # Two final reports that both passed the first look (one batch, or two
+        # instances): the second finds the scan finished and stores nothing.
+        first = service.accept(topic, _report("twice", "10.0.0.32"))
+        second = service.accept(topic, _report("twice", "10.0.0.33"))
+        first()
+        second()
+        assert service.counters["refused_scan_finished"] == 1
+        hosts = [p["address"]["modbus"]["host"] for p in service.list_discovered(ENT, None, None)]
+        assert hosts == ["10.0.0.31", "10.0.0.32"]
+
+        service.store.insert_scan(
+            {
+                "id": "expired",
+                "enterprise": ENT,
+                "agent": AGENT,
+                "requested_ms": int(now[0] * 1000),
+                "expires_ms": int((now[0] + 10) * 1000),
+            }
+        )
+        now[0] += 41  # 31 s past its expiry
+        with pytest.raises(ContractError, match="expired") as refused:
+            service.accept(topic, _report("expired", "10.0.0.34"))
+        assert refused.value.reason == "scan_finished"
+    finally:
+        reg.close()

@@ -23,7 +23,7 @@ from gateway.provisioning import (
     verify_mosquitto_hash,
 )
 from gateway.registry import Conflict, NotFound, Registry
-from iiot_common.localservers import Mosquitto
+from iiot_common.localservers import Mosquitto, PostgreSQL
 from tests.gateway import test_registry_fixtures as _fx
 
 _ids = itertools.count()
@@ -283,3 +283,34 @@ def test_an_empty_gateway_password_is_never_written_to_the_broker(tmp_path: Path
         assert not (tmp_path / "passwd").exists()
     finally:
         reg.close()
+
+
+def test_instances_provisioning_at_once_both_keep_their_agents_in_the_files(
+    tmp_path: Path, postgres_server: PostgreSQL
+) -> None:
+    # PostgreSQL: two instances' transactions run side by side (SQLite takes one at a time).
+    url = postgres_server.create_database()
+    pw, acl = tmp_path / "auth" / "passwd", tmp_path / "auth" / "acl"
+    a = Registry(url)
+    a.add_enterprise("ent-a", "Enterprise A", "130102", "C30")
+    b = Registry(url)
+    pa, pb = Provisioner(a, _config(pw, acl, None)), Provisioner(b, _config(pw, acl, None))
+    try:
+        _id, key_a = a.create_provisioning_key("ent-a")
+        _id, key_b = a.create_provisioning_key("ent-a")
+        done: list[str] = []
+
+        def a_provisions_meanwhile(_conn: Any, _cur: Any, statement: str, *_rest: Any) -> None:
+            # B has read the credentials for its files; A commits its agent before B does.
+            if not done and "password_hash IS NOT NULL" in statement:
+                done.append(pa.provision(key_a, "edge-a")["agent_id"])
+
+        sa.event.listen(b._engine, "after_cursor_execute", a_provisions_meanwhile)
+        pb.provision(key_b, "edge-b")
+        assert done == ["edge-a"]
+        users = {line.split(":")[0] for line in pw.read_text().splitlines()}
+        assert users == {"gateway", "edge-a", "edge-b"}
+        assert "user edge-a" in acl.read_text() and "user edge-b" in acl.read_text()
+    finally:
+        a.close()
+        b.close()

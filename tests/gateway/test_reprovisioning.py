@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from gateway.api import create_app
-from gateway.config import GatewayConfig
+from gateway.config import BrokerAuthConfig, GatewayConfig, MqttConfig
+from gateway.provisioning import Provisioner, verify_mosquitto_hash
 from gateway.registry import Registry
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_api import ADMIN, PLATFORM, make_config
@@ -149,3 +153,113 @@ def test_a_database_of_the_previous_schema_gains_rotation(tmp_path: Path) -> Non
         assert [r["via"] for r in reg.list_rotations("hb-steel")] == ["key"]
     finally:
         reg.close()
+
+
+def _blocked_broker_config(tmp_path: Path) -> tuple[GatewayConfig, Path]:
+    """A config whose broker auth folder is a plain file, so the files cannot be written."""
+    folder = tmp_path / "mosquitto"
+    _block(folder)
+    config = make_config()
+    config.mqtt = MqttConfig(username="gateway", password=SecretStr("gw-pass"))
+    config.broker_auth = BrokerAuthConfig(password_file=folder / "passwd", acl_file=folder / "acl")
+    return config, folder
+
+
+def _block(folder: Path) -> None:
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.write_text("not a folder\n")
+
+
+def _unblock(folder: Path) -> None:
+    folder.unlink()
+    folder.mkdir()
+
+
+def _provisioning_counter(client: TestClient, kind: str) -> float:
+    text = client.get("/metrics", headers=PLATFORM).text
+    line = f'iiot_provisioning_total{{kind="{kind}"}} '
+    return sum(float(x[len(line) :]) for x in text.splitlines() if x.startswith(line))
+
+
+def _password_entry(folder: Path, agent: str) -> str:
+    lines = (folder / "passwd").read_text().splitlines()
+    return next(x.split(":", 1)[1] for x in lines if x.startswith(f"{agent}:"))
+
+
+def test_unwritable_broker_files_spend_nothing_and_the_same_key_works_after_the_fix(
+    hebei: Registry, tmp_path: Path
+) -> None:
+    config, folder = _blocked_broker_config(tmp_path)
+    with _client(hebei, config) as client:
+        once = _key(client, max_uses=1)["key"]
+        errors_before = _provisioning_counter(client, "file_errors")
+        status, body = _provision(client, once, "edge-1")
+        assert status == 503
+        # The user learns which file could not be written, and that the key is still good.
+        assert str(folder / "acl") in str(body["detail"])
+        assert "not used" in str(body["detail"])
+        assert _provisioning_counter(client, "file_errors") == errors_before + 1
+        assert "edge-1" not in [a.id for a in hebei.list_agents()]
+        assert _hash_of(hebei, "edge-1") is None
+
+        _unblock(folder)
+        status, creds = _provision(client, once, "edge-1")
+        assert status == 200, creds
+        assert creds["rotated"] is False
+        assert verify_mosquitto_hash(str(creds["password"]), _password_entry(folder, "edge-1"))
+        assert "user edge-1" in (folder / "acl").read_text()
+
+
+def test_a_rotation_the_broker_files_miss_keeps_the_old_password_and_no_audit(
+    hebei: Registry, tmp_path: Path
+) -> None:
+    config, folder = _blocked_broker_config(tmp_path)
+    _unblock(folder)
+    with _client(hebei, config) as client:
+        status, first = _provision(client, _key(client)["key"], "edge-1")
+        assert status == 200
+        rotating = _key(client, allow_rotation=True, max_uses=1)["key"]
+        before = _hash_of(hebei, "edge-1")
+        _block(folder)
+
+        assert _provision(client, rotating, "edge-1")[0] == 503
+        r = client.post("/api/v1/agents/hb-steel/edge-1/rotate", headers=ADMIN)
+        assert r.status_code == 503 and str(folder / "acl") in r.json()["detail"]
+        # The running agent keeps its password: a later rewrite of the files keeps it too.
+        assert _hash_of(hebei, "edge-1") == before
+        assert [a.password_hash for a in hebei.list_agents() if a.id == "edge-1"] == [before]
+        audit = client.get("/api/v1/enterprises/hb-steel/agent-rotations", headers=PLATFORM)
+        assert audit.json() == []
+
+        _unblock(folder)
+        status, creds = _provision(client, _key(client)["key"], "edge-2")
+        assert status == 200
+        assert verify_mosquitto_hash(str(first["password"]), _password_entry(folder, "edge-1"))
+        # The rotating key was not spent either.
+        status, creds = _provision(client, rotating, "edge-1")
+        assert status == 200 and creds["rotated"] is True
+        assert verify_mosquitto_hash(str(creds["password"]), _password_entry(folder, "edge-1"))
+
+
+def test_a_change_whose_commit_fails_leaves_the_files_as_the_database_has_them(
+    hebei: Registry, tmp_path: Path
+) -> None:
+    config, folder = _blocked_broker_config(tmp_path)
+    _unblock(folder)
+    provisioner = Provisioner(hebei, config)
+    first = provisioner.provision(hebei.create_provisioning_key("hb-steel")[1], "edge-1")
+    _id, rotating = hebei.create_provisioning_key("hb-steel", allow_rotation=True)
+
+    def commit_fails(_conn: object) -> None:
+        raise sa.exc.OperationalError("COMMIT", {}, Exception("database went away"))
+
+    sa.event.listen(hebei._engine, "commit", commit_fails)
+    try:
+        with pytest.raises(sa.exc.OperationalError):
+            provisioner.provision(rotating, "edge-1")
+    finally:
+        sa.event.remove(hebei._engine, "commit", commit_fails)
+    # The files were written before the commit, then put back: the old password works.
+    assert verify_mosquitto_hash(str(first["password"]), _password_entry(folder, "edge-1"))
+    assert provisioner.provision(rotating, "edge-1")["rotated"] is True

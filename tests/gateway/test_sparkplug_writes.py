@@ -222,6 +222,38 @@ async def test_the_write_api_sends_a_sparkplug_agent_a_dcmd_and_audits_it(site: 
     assert site.agent.commands.executed == 1
 
 
+async def test_a_dcmd_from_another_sparkplug_host_is_audited_from_the_agents_answer(
+    site: _Site,
+) -> None:
+    plane = site.plane
+    await asyncio.to_thread(plane.online)
+    command = dcmd([(_SETPOINT, DataType.DOUBLE, 1234.5)])  # no request id: derived
+    site.dcmd("kiln-1", command)
+    site.dcmd("kiln-1", dcmd([("kiln_speed", DataType.DOUBLE, 1.0)]))  # read-only
+    await wait_for(lambda: len(site.results("kiln-1")) == 2, 10, "two answers")
+    site.dcmd("kiln-1", command)  # delivered again: answered from memory
+    await wait_for(lambda: len(site.results("kiln-1")) == 3, 10, "the repeated answer")
+    answers = {r.status: r for r in site.results("kiln-1")}
+
+    def audit() -> dict[str, dict[str, Any]]:
+        rows = plane.call("GET", "/api/v1/writes", OPERATOR, params={"device": "kiln-1"})
+        return {r["id"]: r for r in rows.json()}
+
+    async def both() -> bool:
+        return len(await asyncio.to_thread(audit)) == 2
+
+    await wait_for(both, 10, "both writes in the audit")
+    rows = await asyncio.to_thread(audit)
+    ok = rows[answers[WriteStatus.OK].id]
+    assert (ok["role"], ok["token_label"], ok["agent"]) == ("sparkplug host", "", AGENT)
+    assert (ok["point"], ok["value"], ok["status"]) == (_SETPOINT, 1234.5, "ok")
+    assert ok["read_back"] == 1234.5 and ok["previous"] == answers[WriteStatus.OK].previous
+    refused = rows[answers[WriteStatus.REFUSED].id]
+    assert (refused["point"], refused["value"], refused["status"]) == ("kiln_speed", 1.0, "refused")
+    assert "read-only" in refused["reason"] and refused["role"] == "sparkplug host"
+    assert site.agent.commands.executed == 1
+
+
 async def test_remote_configuration_births_added_devices_and_kills_removed_ones(
     site: _Site,
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -34,7 +33,6 @@ from gateway.registry import Conflict, NotFound, RegistryError
 
 __all__ = ["router"]
 
-log = logging.getLogger("iiot.gateway.api")
 
 router = APIRouter(tags=["onboarding"])
 
@@ -89,7 +87,11 @@ def create_key(
             "description": "Agent id taken by another enterprise or by the gateway, or "
             "provisioned already (rotation needs an admin or an allow_rotation key).",
         },
-        503: {"model": ErrorOut, "description": "Broker auth files could not be updated."},
+        503: {
+            "model": ErrorOut,
+            "description": "Broker auth files could not be written (the detail names the "
+            "file); the key was not used and nothing was registered.",
+        },
     },
 )
 def provision(body: ProvisionIn, provisioner: ProvisionerDep) -> dict[str, Any]:
@@ -101,8 +103,12 @@ def provision(body: ProvisionIn, provisioner: ProvisionerDep) -> dict[str, Any]:
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
     except ProvisioningError as exc:
-        log.error("provisioning could not update the broker", extra={"error": str(exc)})
-        raise HTTPException(503, "the broker's auth files could not be updated") from None
+        # Logged and counted by the provisioner; only a valid key's holder gets this far.
+        raise HTTPException(
+            503,
+            f"{exc}. The key was not used and no agent was registered: retry with the "
+            "same key once the broker's auth files can be written",
+        ) from None
     except RegistryError as exc:
         raise invalid("body", "agent_id", str(exc)) from None
 
@@ -129,8 +135,9 @@ def rotate(
     except Conflict as exc:
         raise HTTPException(409, str(exc)) from None
     except ProvisioningError as exc:
-        log.error("rotation could not update the broker", extra={"error": str(exc)})
-        raise HTTPException(503, "the broker's auth files could not be updated") from None
+        raise HTTPException(
+            503, f"{exc}. The agent keeps its current password; retry once the files can be written"
+        ) from None
 
 
 @router.get(
