@@ -8,7 +8,7 @@ import pytest
 
 from gateway.ingest import MessageProcessor
 from gateway.registry import Registry
-from protocols.mqtt.contract import ContractError, Kind, Topic, decode_payload
+from protocols.mqtt.contract import Birth, ContractError, Kind, Topic, decode_payload
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_registry_fixtures import T0, agent_of
 
@@ -58,7 +58,8 @@ def test_a_protocol_name_must_still_be_an_identifier() -> None:
     topic = Topic.agent_topic("ent-1", "agent-1")
     assert topic.kind is Kind.AGENT
     ok = decode_payload(topic, _birth({"id": "d1", "profile": "p", "protocol": "bacnet-ip.v2"}))
-    assert ok.devices[0].protocol == "bacnet-ip.v2"  # type: ignore[union-attr]
+    assert isinstance(ok, Birth)
+    assert ok.devices[0].protocol == "bacnet-ip.v2"
     with pytest.raises(ContractError, match=r"devices\.0\.protocol") as info:
         decode_payload(topic, _birth({"id": "d1", "profile": "p", "protocol": "bac net"}))
     assert info.value.reason == "bad_payload"
