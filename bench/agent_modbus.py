@@ -110,13 +110,19 @@ async def _role_sim(profile_dir: Path, ports: list[int], profile_id: str = PROFI
 
 
 def _scrape(url: str, every: float, stop: threading.Event, out: list[tuple[int, float]]) -> None:
-    """GET ``url`` every ``every`` seconds until stopped; (bytes, seconds) per scrape."""
+    """GET ``url`` every ``every`` seconds until stopped; (bytes, seconds) per scrape.
+
+    A scrape that fails (refused, or no answer in 30 s) counts as 0 bytes.
+    """
     import urllib.request
 
     while not stop.wait(every):
         t = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=30) as r:
-            size = len(r.read())
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                size = len(r.read())
+        except OSError:
+            size = 0
         out.append((size, time.perf_counter() - t))
 
 

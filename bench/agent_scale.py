@@ -43,8 +43,10 @@ import logging
 import math
 import os
 import queue
+import random
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -73,6 +75,7 @@ ENTERPRISE = "bench"
 AGENT_ID = "bench-agent"
 INTERVAL = 1.0  # seconds between polls of one device
 _FIRST_DATA_TIMEOUT = 120.0
+_METRICS_TIMEOUT = 120.0  # an overloaded agent renders /metrics slowly; the count waits
 _QUIET = 1.0  # seconds without a new sample of the window before it counts as complete
 _MIN_DRAIN = 2.0  # seconds after the window before that quiet counts
 _NOFILE_START = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -88,6 +91,24 @@ def _raise_nofile() -> None:
 def _user_nofile() -> None:
     """In the agent's child: the limit the bench was started with, as a user's shell gives."""
     resource.setrlimit(resource.RLIMIT_NOFILE, _NOFILE_START)
+
+
+def _listen_ports(n: int) -> list[int]:
+    """``n`` free TCP ports below the ephemeral range, which no outgoing connection takes."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 10000 if low - 10000 > 2 * n else 1024
+    ports: list[int] = []
+    start = random.randrange(first, low)
+    for port in [*range(start, low), *range(first, start)]:
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", port))
+            ports.append(port)
+            if len(ports) == n:
+                return ports
+    sys.exit(f"fewer than {n} free ports between {first} and {low}")
 
 
 def _cpu_pressure() -> float:
@@ -252,10 +273,11 @@ class _Row:
     lag_p50: float = math.nan
     lag_p99: float = math.nan
     first_s: float = math.nan
+    first_cpu: float = math.nan  # the agent's CPU seconds until then
     sim_pct: float = math.nan
     sub_pct: float = math.nan
-    failed: int = 0
-    skipped: int = 0
+    failed: int = -1  # -1: not known
+    skipped: int = -1
     load: tuple[float, float] = (math.nan, math.nan)
     pressure: tuple[float, float] = (math.nan, math.nan)
     bare_pct: float = math.nan
@@ -308,28 +330,33 @@ def _line(r: _Row) -> str:
     ]  # fmt: skip
     cells = []
     for (_, width, fmt), v in zip(_COLUMNS, values, strict=True):
-        text = "-" if isinstance(v, float) and math.isnan(v) else fmt.format(v)
+        unknown = v < 0 if isinstance(v, int) else isinstance(v, float) and math.isnan(v)
+        text = "-" if unknown else fmt.format(v)
         cells.append(f"{text:>{width}}")
     return "".join(cells)
 
 
 def _details(r: _Row) -> str:
     parts = [
+        f"agent CPU to first data {r.first_cpu:.2f} s",
         f"subscriber CPU {r.sub_pct:.0f} %",
         f"duplicates {r.duplicates}",
         f"seq gaps {r.gaps}",
-        f"skipped ticks {r.skipped}",
     ]
+    if r.skipped >= 0:
+        parts.append(f"skipped ticks {r.skipped}")
     if not math.isnan(r.pressure[0]):
         parts.append(f"CPU pressure {r.pressure[0]:.0f}->{r.pressure[1]:.0f} %")
     if not math.isnan(r.bare_sim_pct):
         parts.append(f"simulators during bare {r.bare_sim_pct:.0f} %")
     if r.scrapes:
-        sizes = [b for b, _ in r.scrapes]
+        sizes = [b for b, _ in r.scrapes if b] or [0]
         times = sorted(s * 1000 for _, s in r.scrapes)
+        failed = sum(1 for b, _ in r.scrapes if not b)
         parts.append(
-            f"{len(r.scrapes)} scrapes of {min(sizes) / 1024:.0f}-{max(sizes) / 1024:.0f} KB, "
-            f"p50 {am._pct(times, 0.5):.0f} ms, max {times[-1]:.0f} ms"
+            f"{len(r.scrapes)} scrapes ({failed} failed) of {min(sizes) / 1024:.0f}-"
+            f"{max(sizes) / 1024:.0f} KB, p50 {am._pct(times, 0.5):.0f} ms, "
+            f"max {times[-1]:.0f} ms"
         )
     if r.note:
         parts.append(r.note)
@@ -387,11 +414,14 @@ class _PeakRss:
         return self.peak / 2**20
 
 
-def _poll_counts(metrics_port: int) -> tuple[int, int]:
-    """(failed polls, skipped ticks) so far, from the agent's ``/metrics``."""
+def _poll_counts(metrics_port: int) -> tuple[int, int] | None:
+    """(failed polls, skipped ticks) so far, from the agent's ``/metrics``; None: no answer."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=30) as r:
-        text = r.read().decode()
+    try:
+        with urllib.request.urlopen(url, timeout=_METRICS_TIMEOUT) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
     failed = skipped = 0.0
     for line in text.splitlines():
         if line.startswith("iiot_agent_polls_total{") and 'result="ok"' not in line:
@@ -490,7 +520,7 @@ def _window(
 ) -> tuple[float, float]:
     """The steady window: the agent's, simulators' and subscriber's CPU, failed polls, scrapes."""
     procs = [[psutil.Process(agent)], [psutil.Process(p) for p in sims], [psutil.Process(sub)]]
-    failed0, skipped0 = _poll_counts(metrics)
+    counts0 = _poll_counts(metrics)
     cpu0 = [am._cpu_seconds(p) for p in procs]
     w0 = time.time()
     stop = threading.Event()
@@ -507,12 +537,15 @@ def _window(
     stop.set()
     if scraper.is_alive():
         scraper.join(30)
-    failed1, skipped1 = _poll_counts(metrics)
+    counts1 = _poll_counts(metrics)
     wall = w1 - w0
     row.cpu_pct, row.sim_pct, row.sub_pct = (
         100 * (b - a) / wall for a, b in zip(cpu0, cpu1, strict=True)
     )
-    row.failed, row.skipped = failed1 - failed0, skipped1 - skipped0
+    if counts0 is None or counts1 is None:
+        row.note = f"/metrics gave no answer within {_METRICS_TIMEOUT:.0f} s: polls not counted"
+    else:
+        row.failed, row.skipped = counts1[0] - counts0[0], counts1[1] - counts0[1]
     row.offered = row.devices * am.REGISTERS * wall / INTERVAL
     return w0, w1
 
@@ -559,6 +592,7 @@ def _run_agent(
                 row.note = _log_note(log)
                 return
             row.first_s = float(first.split()[1]) / 1000 - t_start
+            row.first_cpu = am._cpu_seconds([psutil.Process(agent.pid)])
             _say(f"  first data {row.first_s:.2f} s after the agent started; warm-up")
             time.sleep(args.warmup)
             _say(f"  window of {args.duration:.0f} s")
@@ -602,7 +636,7 @@ def _row(n: int, args: argparse.Namespace, me: list[str], base: Path) -> _Row:
     row = _Row(devices=n)
     load0, pressure0 = os.getloadavg()[0], _cpu_pressure()
     work = Path(tempfile.mkdtemp(prefix=f"n{n}-", dir=base))
-    ports = am._free_ports(n)
+    ports = _listen_ports(n)
     sims_n = math.ceil(n / args.per_sim)
     _say(f"N={n}: {n * am.REGISTERS} datapoints/s offered; {sims_n} simulator process(es)")
     t = time.monotonic()
