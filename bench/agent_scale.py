@@ -20,6 +20,11 @@ not the agent's. One row per N:
   with a result other than ok, read from ``/metrics`` at the window's edges);
 - ``load``: the machine's 1-minute load average at the start and end of the row.
 
+A line under each row adds the agent's CPU seconds until its first data, the subscriber's
+CPU, duplicates and seq gaps seen, the agent's skipped ticks (polls not started because
+one overran), the CPU pressure (Linux PSI: the share of time some task waited for a CPU;
+near 100 % the machine is shared and every figure is an upper bound), and what went wrong.
+
 The window begins ``--warmup`` seconds after the first data message; samples of the window
 are counted until none has arrived for a second (at most ``--drain`` s after its end).
 With ``--scrape-every S`` a thread GETs ``/metrics`` every S s during the window, as
@@ -84,8 +89,9 @@ _NOFILE_START = resource.getrlimit(resource.RLIMIT_NOFILE)
 def _raise_nofile() -> None:
     """Soft open-file limit up to the hard one: 5,000 devices are 10,000 sockets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _user_nofile() -> None:
@@ -136,9 +142,8 @@ def _profile() -> dict[str, Any]:
         }
         for i in range(am.REGISTERS)
     ]
-    return {**am._profile(), "id": PROFILE_ID, "name": "Benchmark meter, 40 registers"} | {
-        "points": points
-    }
+    name = "Benchmark meter, 40 registers"
+    return {**am._profile(), "id": PROFILE_ID, "name": name, "points": points}
 
 
 # -- the subscriber role ---------------------------------------------------------------
@@ -266,6 +271,7 @@ def _report(counter: _Counter, w0: float, w1: float, max_drain: float) -> dict[s
 @dataclass
 class _Row:
     devices: int
+    wall: float = 0.0  # the window's length, seconds
     offered: float = 0.0  # datapoints the window asked for
     delivered: int = 0
     cpu_pct: float = math.nan
@@ -294,7 +300,7 @@ class _Row:
 
     @property
     def us_per_dp(self) -> float:
-        cpu_s = self.cpu_pct / 100 * self.offered * INTERVAL / (self.devices * am.REGISTERS)
+        cpu_s = self.cpu_pct / 100 * self.wall
         return 1e6 * cpu_s / self.delivered if self.delivered else math.nan
 
 
@@ -368,6 +374,7 @@ class _Lines:
 
     def __init__(self, stream: IO[str]) -> None:
         self._q: queue.Queue[str | None] = queue.Queue()
+        self._ended = False
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream: IO[str]) -> None:
@@ -378,12 +385,13 @@ class _Lines:
     def wait_for(self, prefix: str, timeout: float) -> str | None:
         """The next line starting with ``prefix``; None at end of output or on timeout."""
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
+        while not self._ended and (left := deadline - time.monotonic()) > 0:
             try:
                 line = self._q.get(timeout=left)
             except queue.Empty:
                 return None
             if line is None:
+                self._ended = True
                 return None
             if line.startswith(prefix):
                 return line
@@ -535,10 +543,10 @@ def _window(
     w1 = time.time()
     cpu1 = [am._cpu_seconds(p) for p in procs]
     stop.set()
+    counts1 = _poll_counts(metrics)
     if scraper.is_alive():
         scraper.join(30)
-    counts1 = _poll_counts(metrics)
-    wall = w1 - w0
+    row.wall = wall = w1 - w0
     row.cpu_pct, row.sim_pct, row.sub_pct = (
         100 * (b - a) / wall for a, b in zip(cpu0, cpu1, strict=True)
     )
