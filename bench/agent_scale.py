@@ -23,7 +23,9 @@ not the agent's. One row per N:
 A line under each row adds the agent's CPU seconds until its first data, the subscriber's
 CPU, duplicates and seq gaps seen, the agent's skipped ticks (polls not started because
 one overran), the CPU pressure (Linux PSI: the share of time some task waited for a CPU;
-near 100 % the machine is shared and every figure is an upper bound), and what went wrong.
+near 100 % the machine is shared and every figure is an upper bound), the share of the
+offered registers the bare loop read and the simulators' CPU meanwhile, the scrapes, and
+what went wrong.
 
 The window begins ``--warmup`` seconds after the first data message; samples of the window
 are counted until none has arrived for a second (at most ``--drain`` s after its end).
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -99,7 +102,7 @@ def _user_nofile() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, _NOFILE_START)
 
 
-def _listen_ports(n: int) -> list[int]:
+def _listen_ports(n: int, avoid: set[int] | None = None) -> list[int]:
     """``n`` free TCP ports below the ephemeral range, which no outgoing connection takes."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -109,6 +112,8 @@ def _listen_ports(n: int) -> list[int]:
     ports: list[int] = []
     start = random.randrange(first, low)
     for port in [*range(start, low), *range(first, start)]:
+        if avoid and port in avoid:
+            continue
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))
             ports.append(port)
@@ -289,10 +294,11 @@ class _Row:
     bare_pct: float = math.nan
     bare_us: float = math.nan
     bare_sim_pct: float = math.nan
+    bare_ratio: float = math.nan  # registers read / offered
     scrapes: list[tuple[int, float]] = field(default_factory=list)
     duplicates: int = 0
     gaps: int = 0
-    note: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -354,6 +360,7 @@ def _details(r: _Row) -> str:
     if not math.isnan(r.pressure[0]):
         parts.append(f"CPU pressure {r.pressure[0]:.0f}->{r.pressure[1]:.0f} %")
     if not math.isnan(r.bare_sim_pct):
+        parts.append(f"bare read {r.bare_ratio:.4f} of the offered registers")
         parts.append(f"simulators during bare {r.bare_sim_pct:.0f} %")
     if r.scrapes:
         sizes = [b for b, _ in r.scrapes if b] or [0]
@@ -364,8 +371,7 @@ def _details(r: _Row) -> str:
             f"{max(sizes) / 1024:.0f} KB, p50 {am._pct(times, 0.5):.0f} ms, "
             f"max {times[-1]:.0f} ms"
         )
-    if r.note:
-        parts.append(r.note)
+    parts += r.notes
     return f"{'':6}  " + "; ".join(parts)
 
 
@@ -505,12 +511,24 @@ def _agent_config(
 
 
 def _log_note(log: Path) -> str:
-    """What the agent's log says went wrong, for the row's note."""
+    """What the agent's log (JSON lines) says went wrong, most frequent first."""
     text = log.read_text(errors="replace") if log.exists() else ""
     if "Too many open files" in text:
         return "agent: Too many open files"
-    bad = [ln for ln in text.splitlines() if "error" in ln.lower() or "cannot" in ln.lower()]
-    return "agent log: " + (" | ".join(bad[-3:]) or text[-300:]).strip()
+    seen: collections.Counter[str] = collections.Counter()
+    other: list[str] = []
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            other.append(line)  # not a log record: a traceback, or typer's own message
+            continue
+        if isinstance(doc, dict) and doc.get("level") in ("warning", "error", "critical"):
+            reason = f" ({doc['reason']})" if "reason" in doc else ""
+            seen[f"{doc.get('msg')}{reason}"] += 1
+    # The first lines say why (a config error names the key), a traceback ends with it.
+    found = [f"{n}x {msg}" for msg, n in seen.most_common(3)] + other[:3] + other[3:][-1:]
+    return "agent log: " + (" | ".join(found) or "nothing logged")
 
 
 def _stop(proc: subprocess.Popen[Any], grace: float) -> None:
@@ -551,7 +569,9 @@ def _window(
         100 * (b - a) / wall for a, b in zip(cpu0, cpu1, strict=True)
     )
     if counts0 is None or counts1 is None:
-        row.note = f"/metrics gave no answer within {_METRICS_TIMEOUT:.0f} s: polls not counted"
+        row.notes.append(
+            f"/metrics gave no answer within {_METRICS_TIMEOUT:.0f} s: polls not counted"
+        )
     else:
         row.failed, row.skipped = counts1[0] - counts0[0], counts1[1] - counts0[1]
     row.offered = row.devices * am.REGISTERS * wall / INTERVAL
@@ -562,8 +582,6 @@ def _run_agent(
     row: _Row, args: argparse.Namespace, me: list[str], work: Path, ports: list[int], sims: _Sims
 ) -> None:
     """The agent over the row's devices, counted by the subscriber; fills ``row``."""
-    from iiot_common.localservers import free_port
-
     (work / "broker").mkdir()
     broker = Mosquitto(work / "broker").start()
     sub = subprocess.Popen(
@@ -577,14 +595,16 @@ def _run_agent(
     log = work / "agent.log"
     try:
         if lines.wait_for("READY", 30) is None:
-            row.note = "the subscriber did not start"
+            row.notes.append("the subscriber did not start")
             return
-        metrics = free_port()
+        metrics = _listen_ports(1, avoid=set(ports))[0]
         config = _agent_config(work, ports, broker.port, metrics, args.shape)
+        cmd = [sys.executable, "-m", "iiot", "--log-format", "json", "agent", "run", "-c"]
+        cmd.append(str(config))
         t_start = time.time()
         with log.open("wb") as out:
             agent = subprocess.Popen(
-                [sys.executable, "-m", "iiot", "agent", "run", "-c", str(config)],
+                cmd,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=work,
@@ -597,7 +617,9 @@ def _run_agent(
             while first is None and agent.poll() is None and time.monotonic() < deadline:
                 first = lines.wait_for("FIRST", 0.5)
             if first is None:
-                row.note = _log_note(log)
+                code = agent.poll()
+                gone = f"the agent exited ({code})" if code is not None else ""
+                row.notes += [gone or f"no data within {_FIRST_DATA_TIMEOUT:.0f} s", _log_note(log)]
                 return
             row.first_s = float(first.split()[1]) / 1000 - t_start
             row.first_cpu = am._cpu_seconds([psutil.Process(agent.pid)])
@@ -610,13 +632,13 @@ def _run_agent(
             sub.stdin.flush()
             report = lines.wait_for("{", args.drain + 60)
             if report is None:
-                row.note = "the subscriber gave no report"
+                row.notes.append("the subscriber gave no report")
                 return
             rep = json.loads(report)
             row.delivered, row.duplicates, row.gaps = rep["dp"], rep["duplicates"], rep["gaps"]
             row.lag_p50, row.lag_p99 = rep["lag_p50"], rep["lag_p99"]
-            if agent.poll() is not None or "Too many open files" in log.read_text(errors="replace"):
-                row.note = _log_note(log)
+            if agent.poll() is not None or row.ratio < 0.99:
+                row.notes.append(_log_note(log))
         finally:
             _stop(agent, 60)
             row.rss_mb = rss.stop()
@@ -636,8 +658,8 @@ def _run_bare(
     row.bare_pct = r["cpu_pct"]
     row.bare_us = 1e6 * r["cpu_pct"] / 100 * r["wall"] / reads if reads else math.nan
     row.bare_sim_pct = r["sim_cpu_pct"]
-    offered = row.devices * am.REGISTERS * r["wall"] / INTERVAL
-    _say(f"  bare loop read {reads / offered:.4f} of the registers offered")
+    row.bare_ratio = reads / (row.devices * am.REGISTERS * r["wall"] / INTERVAL)
+    _say(f"  bare loop read {row.bare_ratio:.4f} of the registers offered")
 
 
 def _row(n: int, args: argparse.Namespace, me: list[str], base: Path) -> _Row:
