@@ -17,7 +17,8 @@ not the agent's. One row per N:
 - the same N polled by ``bench/agent_modbus.py``'s bare pymodbus async loop, in the same
   run: its CPU %, µs per register read, and agent/bare CPU per datapoint;
 - ``failed``: the agent's polls that failed in the window (``iiot_agent_polls_total``
-  with a result other than ok, read from ``/metrics`` at the window's edges);
+  with a result other than ok, read from ``/metrics`` a second before the window and
+  right after it);
 - ``load``: the machine's 1-minute load average at the start and end of the row.
 
 A line under each row adds the agent's CPU seconds until its first data, the subscriber's
@@ -547,6 +548,8 @@ def _window(
     """The steady window: the agent's, simulators' and subscriber's CPU, failed polls, scrapes."""
     procs = [[psutil.Process(agent)], [psutil.Process(p) for p in sims], [psutil.Process(sub)]]
     counts0 = _poll_counts(metrics)
+    # A long scrape holds polls back; those would all land early in the window.
+    time.sleep(INTERVAL)
     cpu0 = [am._cpu_seconds(p) for p in procs]
     w0 = time.time()
     stop = threading.Event()
