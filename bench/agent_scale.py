@@ -2,11 +2,11 @@
 
 For each N of ``--devices``: N simulated Modbus TCP devices of 40 holding registers, spread
 over simulator processes of ``--per-sim`` devices each; Mosquitto on a free loopback port;
-the agent started as a user starts it (``python -m iiot agent run -c agent.yaml``, the
-generated config mapping every register as one uint16 point with a scale, so one poll is
-40 datapoints, every device polled every second, the spool in a temporary folder and the
-``/metrics`` endpoint on); and an MQTT subscriber in a process of its own, so its CPU is
-not the agent's. One row per N:
+the agent started as a user starts it (``python -m iiot agent run -c agent.yaml``, logging
+JSON lines; the generated config maps every register as one uint16 point with a scale, so
+one poll is 40 datapoints, polls every device every second, keeps the spool in a temporary
+folder and has the ``/metrics`` endpoint on); and an MQTT subscriber in a process of its
+own, so its CPU is not the agent's. One row per N:
 
 - ``deliv/off``: datapoints of the samples whose ``ts`` falls in the window (each
   (device, seq) counted once), against N·40 per second of window;
@@ -32,13 +32,14 @@ The window begins ``--warmup`` seconds after the first data message; samples of 
 are counted until none has arrived for a second (at most ``--drain`` s after its end).
 With ``--scrape-every S`` a thread GETs ``/metrics`` every S s during the window, as
 Prometheus would; a line under the row gives their number, size and time. ``--shape
-batch`` sets ``mqtt.batch: true`` (one message per agent on ``iiot/v1/{ent}/{agent}/batch``);
-the subscriber counts either shape. Progress goes to stderr, the table to stdout. The
-bench raises its own processes' open-file limit to the hard limit; the agent gets the
-limit the bench was started with, as from the user's shell.
+batch`` (the default) sets ``mqtt.batch: true``: messages of several devices' samples on
+``iiot/v1/{ent}/{agent}/batch``; ``--shape device`` leaves it off: messages per device on
+``iiot/v1/{ent}/{agent}/{device}/data``. The subscriber counts either shape. Progress goes
+to stderr, the table to stdout. The bench raises its own processes' open-file limit to the
+hard limit; the agent gets the limit the bench was started with, as from the user's shell.
 
     .venv/bin/python bench/agent_scale.py [--devices 200,1000,2000,5000] [--duration 30]
-        [--warmup 5] [--shape device] [--scrape-every 5] [--no-bare] [--per-sim 500]
+        [--warmup 5] [--shape batch|device] [--scrape-every 5] [--no-bare] [--per-sim 500]
 """
 
 from __future__ import annotations
@@ -693,7 +694,12 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="Steady window, seconds.")
     ap.add_argument("--warmup", type=float, default=5.0, help="Seconds after the first data.")
     ap.add_argument("--drain", type=float, default=10.0, help="Longest wait for late samples.")
-    ap.add_argument("--shape", choices=["device", "batch"], default="device")
+    ap.add_argument(
+        "--shape",
+        choices=["device", "batch"],
+        default="batch",
+        help="batch: mqtt.batch: true (several devices a message); device: one device a message.",
+    )
     ap.add_argument("--scrape-every", type=float, default=0.0, help="Scrape /metrics (s).")
     ap.add_argument("--no-bare", action="store_true", help="Skip the bare pymodbus loop.")
     ap.add_argument("--per-sim", type=int, default=500, help="Devices per simulator process.")

@@ -27,7 +27,7 @@ def _bench() -> ModuleType:
 def test_agent_scale_bench_prints_a_row_with_everything_delivered() -> None:
     require("mosquitto", "mosquitto")  # missing: the suite reports a skip
     cmd = [sys.executable, str(BENCH), "--devices", "20", "--duration", "3", "--warmup", "2",
-           "--no-bare"]  # fmt: skip
+           "--no-bare", "--shape", "device"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = [line.split() for line in out.stdout.splitlines()]
