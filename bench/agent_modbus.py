@@ -90,12 +90,12 @@ def _pct(values: list[float], q: float) -> float:
 # -- roles ------------------------------------------------------------------------------
 
 
-async def _role_sim(profile_dir: Path, ports: list[int]) -> None:
+async def _role_sim(profile_dir: Path, ports: list[int], profile_id: str = PROFILE_ID) -> None:
     from device_profiles.loader import load_profiles
     from simulators.device import SimDevice
     from simulators.modbus_server import ModbusSimServer
 
-    prof = load_profiles([profile_dir])[PROFILE_ID]
+    prof = load_profiles([profile_dir])[profile_id]
     servers = [
         ModbusSimServer({1: SimDevice(prof, device_id=f"d{i}", seed=i)}, port=port)
         for i, port in enumerate(ports)
@@ -110,13 +110,19 @@ async def _role_sim(profile_dir: Path, ports: list[int]) -> None:
 
 
 def _scrape(url: str, every: float, stop: threading.Event, out: list[tuple[int, float]]) -> None:
-    """GET ``url`` every ``every`` seconds until stopped; (bytes, seconds) per scrape."""
+    """GET ``url`` every ``every`` seconds until stopped; (bytes, seconds) per scrape.
+
+    A scrape that fails (refused, or no answer in 30 s) counts as 0 bytes.
+    """
     import urllib.request
 
     while not stop.wait(every):
         t = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=30) as r:
-            size = len(r.read())
+        try:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                size = len(r.read())
+        except OSError:
+            size = 0
         out.append((size, time.perf_counter() - t))
 
 
@@ -243,11 +249,21 @@ def _start_mosquitto(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     sys.exit("mosquitto did not start")
 
 
-def _measure(cmd: list[str], duration: float, sim_pid: int) -> dict[str, Any]:
-    """Run a child role; its CPU % and peak RSS, and the simulator's CPU %, over its window."""
+def _cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``procs`` so far (one that has gone counts nothing)."""
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def _measure(cmd: list[str], duration: float, sim_pids: list[int]) -> dict[str, Any]:
+    """Run a child role; its CPU % and peak RSS, and the simulators' CPU %, over its window."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    sim = psutil.Process(sim_pid)
+    sims = [psutil.Process(pid) for pid in sim_pids]
     peak = 0
     sampling = True
 
@@ -267,12 +283,10 @@ def _measure(cmd: list[str], duration: float, sim_pid: int) -> dict[str, Any]:
     for line in proc.stdout:
         line = line.strip()
         if line == "WINDOW":
-            c, sc = ps.cpu_times(), sim.cpu_times()
-            cpu0, sim0, t0 = c.user + c.system, sc.user + sc.system, time.monotonic()
+            cpu0, sim0, t0 = _cpu_seconds([ps]), _cpu_seconds(sims), time.monotonic()
         elif line == "END" and cpu0 is not None and sim0 is not None and t0 is not None:
-            c, sc = ps.cpu_times(), sim.cpu_times()
-            cpu, wall = c.user + c.system - cpu0, time.monotonic() - t0
-            sim_cpu = sc.user + sc.system - sim0
+            cpu, wall = _cpu_seconds([ps]) - cpu0, time.monotonic() - t0
+            sim_cpu = _cpu_seconds(sims) - sim0
         elif line.startswith("{"):
             result = json.loads(line)
     proc.wait(60)
@@ -384,14 +398,14 @@ def main() -> None:
                 _measure(
                     [*me, "--role", "agent", "--config", str(work / "agent.yaml"),
                      "--duration", str(args.duration), "--scrape-every", str(args.scrape_every)],
-                    args.duration, sim.pid,
+                    args.duration, [sim.pid],
                 )
             )  # fmt: skip
             bare = _figures(
                 _measure(
                     [*me, "--role", "bare", "--ports", port_arg, "--duration",
                      str(args.duration), "--interval", str(args.interval)],
-                    args.duration, sim.pid,
+                    args.duration, [sim.pid],
                 )
             )  # fmt: skip
         finally:
