@@ -7,6 +7,10 @@ from typing import Any
 
 import yaml
 
+# libyaml's loader where PyYAML was built with it: a 5,000-device agent config loads in a
+# fraction of the pure-Python loader's time. Both are safe loaders.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 __all__ = ["YamlFileError", "read_yaml"]
 
 
@@ -23,7 +27,7 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise YamlFileError(f"not UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
