@@ -8,8 +8,11 @@ from typing import Any
 import yaml
 
 # libyaml's loader where PyYAML was built with it: a 5,000-device agent config loads in a
-# fraction of the pure-Python loader's time. Both are safe loaders.
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# fraction of the pure-Python loader's time. Both are safe loaders. libyaml words errors
+# less helpfully (a tab is "found character that cannot start any token") and refuses a
+# few documents the pure-Python loader reads, so a file it refuses is read again by that
+# loader, which then decides: the result and the message are the pure-Python loader's.
+_FAST: Any = getattr(yaml, "CSafeLoader", None)
 
 __all__ = ["YamlFileError", "read_yaml"]
 
@@ -26,8 +29,13 @@ def read_yaml(path: Path) -> Any:
         raise YamlFileError(f"cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise YamlFileError(f"not UTF-8 (byte {exc.start}); save the file as UTF-8") from exc
+    if _FAST is not None:
+        try:
+            return yaml.load(text, Loader=_FAST)
+        except yaml.YAMLError:
+            pass  # read again below, for the pure-Python loader's verdict and wording
     try:
-        return yaml.load(text, Loader=_LOADER)
+        return yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
