@@ -429,7 +429,11 @@ class Publisher:
                 self.metrics.publish_latency.observe(max(0, now - ts) / 1000)
             self.metrics.published_samples.inc(len(flight.ids))
             self._update_spool_metrics()
+        self._acked(mid)
         self._wake.set()
+
+    def _acked(self, mid: int) -> None:
+        """The broker acknowledged tracked message ``mid`` of this session."""
 
     def _update_spool_metrics(self) -> None:
         self.metrics.spool_depth.set(self.spool.depth)

@@ -89,6 +89,8 @@ class SparkplugPublisher(Publisher):
         self._state_topic = f"spBv1.0/STATE/{host}" if host else None
         self._host_ts = -1  # timestamp of the newest STATE seen: older ones are stale
         self._born = False  # this connection's NBIRTH is out
+        # DDEATHs waiting for their device's DDATA in flight: device -> (mids, reason, ts).
+        self._deaths: dict[str, tuple[set[int], str, int | None]] = {}
         # A DCMD (device, payload), on the event loop: the agent turns it into writes.
         self.on_dcmd: Callable[[str, bytes], None] | None = None
 
@@ -101,6 +103,7 @@ class SparkplugPublisher(Publisher):
 
     def _announce(self, client: mqtt.Client, bdseq: int) -> None:
         self._born = False
+        self._deaths.clear()  # the new session's births say who is offline
         topics = [(self._ncmd, 1), (self._dcmd_prefix + "+", 1)]
         if self._state_topic is not None:
             # The host's retained STATE answers the subscription; births wait for it.
@@ -137,8 +140,7 @@ class SparkplugPublisher(Publisher):
         for dev in gone:
             st = self._states.pop(dev, None)
             if st is None or st.online:
-                payload = node.ddeath(dev, "removed")
-                self._track(client.publish(node.topic(MessageType.DDEATH, dev), payload), "state")
+                self._ddeath(client, dev, "removed")
         for dev in born:
             topic = node.topic(MessageType.DBIRTH, dev)
             self._track(client.publish(topic, node.dbirth(dev), qos=0), "birth")
@@ -161,12 +163,34 @@ class SparkplugPublisher(Publisher):
             return
         node = self.node
         if state.online:
+            self._deaths.pop(device, None)  # back before its death went out
             topic, payload = node.topic(MessageType.DBIRTH, device), node.dbirth(device)
+            self._track(client.publish(topic, payload, qos=0), "state")
         else:
             self._flush_device(client, device)  # its last samples before its death
-            topic = node.topic(MessageType.DDEATH, device)
-            payload = node.ddeath(device, state.reason or "offline", state.ts)
-        self._track(client.publish(topic, payload, qos=0), "state")
+            self._ddeath(client, device, state.reason or "offline", state.ts)
+
+    def _ddeath(self, client: mqtt.Client, device: str, reason: str, ts: int | None = None) -> None:
+        """DDEATH of ``device`` once the broker has its DDATA in flight, now if none is.
+
+        The MQTT client holds QoS 1 messages (DDATA) back past its in-flight window but
+        sends a QoS 0 one (DDEATH) at once: published now, a death could overtake its
+        device's last samples.
+        """
+        waiting = {m for m, f in self._inflight.items() if f.device == device and f.ids}
+        if waiting:
+            self._deaths[device] = (waiting, reason, ts)
+            return
+        self._deaths.pop(device, None)
+        payload = self.node.ddeath(device, reason, ts)
+        self._track(client.publish(self.node.topic(MessageType.DDEATH, device), payload), "state")
+
+    def _acked(self, mid: int) -> None:
+        for device, (waiting, reason, ts) in list(self._deaths.items()):
+            waiting.discard(mid)
+            client = self._client
+            if not waiting and client is not None and self._born:
+                self._ddeath(client, device, reason, ts)
 
     def _data_message(self, device: str, rows: list[SpoolRow]) -> tuple[str, bytes]:
         return self.node.topic(MessageType.DDATA, device), self.node.ddata(

@@ -183,6 +183,42 @@ async def test_a_device_s_last_samples_go_out_before_its_ddeath(
     assert sub.bad == []
 
 
+async def test_a_long_backlog_goes_out_before_the_ddeath_too(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    """More DDATA than the MQTT client sends at once (it holds QoS 1 messages back past
+    its in-flight window, never a QoS 0 one): the DDEATH still comes after all of it."""
+    sim = await _sim("kiln-1")
+    devices = [modbus_device("kiln-1", _PROFILE, sim.port, interval=0.2)]
+    cfg = _sp_config(tmp_path, mosquitto.port, devices)
+    cfg["mqtt"]["max_inflight"] = 1
+    cfg["spool"] = {"batch_samples": 1}  # a DDATA per sample
+    agent = Agent(parse_config(cfg))
+    with SpSubscriber(mosquitto.port) as sub:
+        await agent.start()
+        try:
+            await wait_for(lambda: len(sub.of("DDATA")) >= 2, 15, "DDATA")
+            await agent._stop_pollers(["kiln-1"])
+            first_ts = int(time.time() * 1000)
+            for i in range(60):
+                body = agent.codec.encode_sample(first_ts + i, {"kiln_speed": 3.5}, {}, {})
+                agent.spool.stage("kiln-1", first_ts + i, body)
+            agent.publisher.set_state(
+                "kiln-1", DeviceState(online=False, ts=first_ts + 60, reason="x")
+            )
+            await wait_for(lambda: bool(sub.of("DDEATH", "kiln-1")), 10, "DDEATH")
+            await wait_for(lambda: agent.spool.depth == 0, 10, "every sample acknowledged")
+            await asyncio.sleep(0.3)
+        finally:
+            await agent.stop()
+            await sim.stop()
+    msgs = [m for m in sub.all() if m.topic.device == "kiln-1"]
+    death = msgs.index(sub.of("DDEATH", "kiln-1")[0])
+    late = [m for m in msgs[death + 1 :] if m.topic.type.value == "DDATA"]
+    assert late == [], f"{len(late)} DDATA after the DDEATH"
+    assert sub.bad == []
+
+
 async def test_outage_replays_spooled_samples_as_historical_after_the_births(
     tmp_path: Path,
 ) -> None:
