@@ -16,6 +16,7 @@ import contextlib
 import importlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -141,6 +142,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._config_lock = asyncio.Lock()
         self._scanning = False
+        self._scan_ids: deque[str] = deque(maxlen=32)  # recent scan ids: a repeat is ignored
         self._last_bad: dict[str, str] = {}
         self._closed = False
 
@@ -278,6 +280,11 @@ class ControlPlane:
         # fair, so the versions that arrived before this request are applied first.
         async with self._config_lock:
             pass
+        if request.id in self._scan_ids:
+            # Delivered again (QoS 1 after a reconnect): its one report comes from the first.
+            self.metrics.messages.labels("scan", "repeated").inc()
+            return
+        self._scan_ids.append(request.id)
         if self._scanning:
             report = ScanReport(
                 scan=request.id, ts=now_ms(), errors=["another scan is still running"]

@@ -620,6 +620,43 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
     assert 5 < call["left"] <= 8
 
 
+async def test_a_scan_request_delivered_twice_is_scanned_and_answered_once(
+    tmp_path: Path, mosquitto: Mosquitto, site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repeat (QoS 1 redelivery) must not answer "busy" as if the scan were over."""
+    calls = 0
+
+    async def scan(
+        scope: DiscoveryScope, profiles: Any, *, exclude: set[str], deadline: float
+    ) -> list[Proposal]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.5)
+        return [Proposal(protocol="modbus", address={"modbus": {"host": "127.0.0.1"}})]
+
+    fake = types.ModuleType("edge_agent.discovery")
+    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
+    fake.scan = scan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
+    with Gateway(mosquitto.port) as gw:
+        agent = _agent(tmp_path, mosquitto, [_kiln(site)])
+        await agent.start()
+        try:
+            gw.send("config", _desired(1, [_kiln(site)], discovery=scope), retain=True)
+            await wait_for(lambda: bool(gw.reports()), 10, "config applied")
+            request = {"id": "scan-9", "ts": now_ms(), "expires": now_ms() + 8000}
+            gw.send("scan", request)
+            gw.send("scan", request)
+            await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")
+            await asyncio.sleep(1.0)  # a second answer would be here by now
+        finally:
+            await agent.stop()
+    reports = [ScanReport.model_validate_json(p) for p, *_ in gw.on("discovered")]
+    assert [(r.scan, r.errors, len(r.proposals)) for r in reports] == [("scan-9", [], 1)]
+    assert calls == 1
+
+
 async def test_a_scan_sent_right_after_a_config_uses_that_configs_scope(
     tmp_path: Path, mosquitto: Mosquitto, site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
