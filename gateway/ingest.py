@@ -51,7 +51,7 @@ from gateway.outbox import Outbox, OutboxError
 from gateway.sink import IngestSink, SampleSummary
 from gateway.sparkplug import SparkplugHost
 from iiot_common.backoff import Backoff
-from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedSample, decode_batch
+from protocols.mqtt.codec import JSON_CODEC, Codec, DecodedData, DecodedSample, decode_batch
 from protocols.mqtt.contract import (
     MAX_TS_MS,
     TOPIC_PREFIX,
@@ -281,8 +281,9 @@ class MessageProcessor:
                 parts = decode_batch(payload)
             except ContractError as exc:
                 return Outcome(exc.reason, f"{text}: {exc}", source=source)
-            outs = [self._data(tx, ent, agent, d, q, ss, source) for d, (q, ss) in parts]
-            return Outcome(source=source, parts=outs)
+            return Outcome(
+                source=source, parts=[self._part(tx, ent, agent, p, source) for p in parts]
+            )
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:
@@ -300,6 +301,23 @@ class MessageProcessor:
                 source=source, notify=lambda s: s.on_device_state(ent, agent, dev, state)
             )
         return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
+
+    def _part(
+        self, tx: _Tx, ent: str, agent: str, part: tuple[str, DecodedData], source: str
+    ) -> Outcome:
+        """One device's part of a batch, as its own data message would be read.
+
+        An internal error is that part's alone: the lines of the other parts are in the
+        transaction already, and their registry updates must go with them.
+        """
+        device, (seq, samples) = part
+        try:
+            return self._data(tx, ent, agent, device, seq, samples, source)
+        except _OUTBOX_ERRORS:
+            raise  # the transaction failed: the whole batch is retried, nothing acked
+        except Exception as exc:
+            log.exception("internal error on a batch part", extra={"device": device})
+            return Outcome("internal_error", f"{device}: {exc!r}", source=source, device=device)
 
     def _control(self, ctl: ControlTopic, text: str, payload: bytes) -> Outcome:
         source = f"{ctl.enterprise}/{ctl.agent}"

@@ -382,3 +382,32 @@ def test_a_registry_failure_rejects_that_message_only() -> None:
     good = proc.handle(Tx(), "iiot/v1/ent-1/agent-1/kiln-1/data", body)
     assert bad.reject == "internal_error" and "registry bug" in bad.detail
     assert good.reject is None and good.lines == 1
+
+
+def test_a_registry_failure_in_a_batch_rejects_that_device_s_part_only() -> None:
+    from gateway.ingest import MessageProcessor
+
+    class Tx:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def first_time(self, dev: str, seq: int, ts: int) -> bool:
+            return True
+
+        def add(self, lines: list[str]) -> None:
+            self.lines.extend(lines)
+
+    proc = MessageProcessor(_BrokenSink())
+    part = {"seq": 0, "samples": [sample(0, v=1.0)]}
+    body = json.dumps({"devices": {"kiln-1": part, "cursed": part, "kiln-2": part}}).encode()
+    tx = Tx()
+    out = proc.handle(tx, "iiot/v1/ent-1/agent-1/batch", body)
+    assert out.reject is None and out.parts is not None
+    by_device = {p.device: p for p in out.parts}
+    assert by_device["cursed"].reject == "internal_error"
+    assert "registry bug" in by_device["cursed"].detail
+    # The others' lines are written and their registry updates go with them.
+    for dev in ("kiln-1", "kiln-2"):
+        assert by_device[dev].reject is None and by_device[dev].lines == 1
+        assert by_device[dev].notify is not None
+    assert len(tx.lines) == 2
