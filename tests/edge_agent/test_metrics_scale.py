@@ -207,8 +207,10 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
     due = _DEVICES * scraping / _INTERVAL
     assert scraped.ticks >= 0.75 * due, f"{scraped.ticks} poll ticks while scraped, {due:.0f} due"
     # A scrape that held the loop up would make polls late, fail or skip, every time; what
-    # the machine's load does to them shows in the quiet slots too.
-    assert scraped.share <= quiet.share + 0.05, (
+    # the machine's load does to them shows in the quiet slots too. A machine so busy that
+    # it upsets polls anyway has no room for the scrapes' own work either: the allowance
+    # grows with the quiet share.
+    assert scraped.share <= 0.05 + 1.25 * quiet.share, (
         f"{scraped.upset} of {scraped.ticks} polls upset while scraped, "
         f"{quiet.upset} of {quiet.ticks} in as long without"
     )
