@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from iiot_common.localservers import (
     Mosquitto,
@@ -17,6 +18,12 @@ from iiot_common.localservers import (
     VictoriaMetrics,
     free_port,
 )
+
+# Property tests check what the code does, not how fast: no per-example deadline and no
+# too-slow health check, which a loaded machine trips at random (as "Flaky" or a failed
+# health check). Tests that set their own settings keep these unless they say otherwise.
+settings.register_profile("iiot", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("iiot")
 
 
 @pytest.hookimpl(wrapper=True)

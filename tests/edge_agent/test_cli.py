@@ -184,7 +184,12 @@ async def test_sigkill_while_broker_down_loses_nothing(tmp_path: Path) -> None:
     try:
         await wait_for(lambda: len(sub.samples("kiln-1")) >= 5, 20, "first samples")
         broker.stop()
-        await asyncio.sleep(1.5)  # ~15 polls go to the spool only
+        # Polls go to the spool only: a few more than the subscriber has seen.
+        await wait_for(
+            lambda: _spooled_last_seq(db, "kiln-1") > max(s for s, _ in sub.samples("kiln-1")) + 5,
+            20,
+            "samples spooled while the broker is down",
+        )
         agent.send_signal(signal.SIGKILL)
         await _wait_proc(agent, 10)
         last_spooled = _spooled_last_seq(db, "kiln-1")

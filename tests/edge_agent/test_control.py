@@ -572,8 +572,8 @@ async def test_a_scan_without_a_scope_is_answered_with_the_reason(
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
         await agent.start()
         try:
-            await wait_for(lambda: agent.publisher.connected, 10, "connected")
-            await asyncio.sleep(0.2)  # the subscription is in place after the birth
+            # The agent subscribes before it sends data: once data is here, a scan is heard.
+            await wait_for(lambda: bool(gw.seqs("kiln-1")), 15, "kiln data")
             gw.send("scan", {"id": "scan-1", "ts": now_ms(), "expires": now_ms() + 5000})
             await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")
         finally:
@@ -678,8 +678,8 @@ async def test_a_scan_sent_right_after_a_config_uses_that_configs_scope(
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
         await agent.start()
         try:
-            await wait_for(lambda: agent.publisher.connected, 10, "connected")
-            await asyncio.sleep(0.2)  # the subscription is in place after the birth
+            # The agent subscribes before it sends data: once data is here, a scan is heard.
+            await wait_for(lambda: bool(gw.seqs("kiln-1")), 15, "kiln data")
             gw.send("config", _desired(1, [_kiln(site)], discovery=scope), retain=True)
             gw.send("scan", {"id": "scan-3", "ts": now_ms(), "expires": now_ms() + 8000})
             await wait_for(lambda: bool(gw.on("discovered")), 10, "scan report")

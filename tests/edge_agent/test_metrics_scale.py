@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import re
+import itertools
 import socket
 import subprocess
 import sys
-import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,16 +23,70 @@ from tests.waiting import wait_for
 
 _DEVICES = 300
 _IIOT = str(Path(sys.executable).with_name("iiot"))
+_INTERVAL = 1.0
+# One request a poll (input registers 0..6): the simulator keeps up with 300 a second on a
+# busy machine too, so what the slots compare is the agent, not a simulator falling behind.
+_POINTS = ["burning_zone_temp", "transition_zone_temp", "inlet_temp"]
+_SCRAPES = 10  # scrapes in a slot, 0.2 s apart: a slot spans a poll interval or more
+_LATE = _INTERVAL / 4  # a poll that starts later than this is one a user would see as late
 
 
-def _failed_polls(agent: Agent) -> dict[tuple[str, str], float]:
-    """Polls that ended in an error, by (device, reason), from the agent's counter."""
-    return {
-        (s.labels["device"], s.labels["result"]): s.value
+@dataclass
+class _Tally:
+    """Poll ticks over a stretch of time, and those upset: failed, skipped or started late."""
+
+    ticks: int = 0
+    upset: int = 0
+
+    def add(self, other: _Tally) -> None:
+        self.ticks += other.ticks
+        self.upset += other.upset
+
+    @property
+    def share(self) -> float:
+        return self.upset / max(self.ticks, 1)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    counted: float  # polls done, by the agent's counter
+    good: int
+    skipped: int
+    lags: int  # poll start lags the agent has kept (one deque for all its pollers)
+
+
+def _snapshot(agent: Agent) -> _Snapshot:
+    counted = sum(
+        s.value
         for family in agent.metrics.polls.collect()
         for s in family.samples
-        if s.name.endswith("_total") and s.labels["result"] != "ok"
-    }
+        if s.name.endswith("_total")
+    )
+    good = sum(p.health.good for p in agent.pollers)
+    skipped = sum(p.health.skipped for p in agent.pollers)
+    assert len(agent.lags) != agent.lags.maxlen, "the agent's lags deque is full: none to count"
+    return _Snapshot(counted, good, skipped, len(agent.lags))
+
+
+def _tally(agent: Agent, before: _Snapshot, after: _Snapshot) -> _Tally:
+    """What happened to the polls between two snapshots."""
+    late = sum(1 for lag in itertools.islice(agent.lags, before.lags, after.lags) if lag > _LATE)
+    done = int(after.counted - before.counted)
+    skipped = after.skipped - before.skipped
+    return _Tally(ticks=done + skipped, upset=done - (after.good - before.good) + skipped + late)
+
+
+async def _settle(agent: Agent) -> None:
+    """Wait for an interval in which no poll is upset (the rush of connects over), up to 20 s.
+
+    Under a load that never lets up the slots compare as they are.
+    """
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        before = _snapshot(agent)
+        await asyncio.sleep(_INTERVAL)
+        if _tally(agent, before, _snapshot(agent)).upset == 0:
+            return
 
 
 def _distinct_free_ports(n: int) -> list[int]:
@@ -48,12 +103,27 @@ def _distinct_free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _scrape_loop(url: str, stop: threading.Event, sizes: list[int]) -> None:
-    """Scrape as fast as every 0.2 s, as an impatient Prometheus would, until stopped."""
-    with httpx.Client(timeout=10) as http:
-        while not stop.is_set():
-            sizes.append(len(http.get(url).content))
-            stop.wait(0.2)
+# A scraper in its own process, as Prometheus is: a thread of the test would take the GIL
+# from the agent's loop for every response it parses. Each line read is a number of scrapes
+# to make, 0.2 s apart (an impatient Prometheus); it answers with their sizes.
+_SCRAPER = """
+import sys, time, httpx
+with httpx.Client(timeout=10) as http:
+    for line in sys.stdin:
+        sizes = []
+        for _ in range(int(line)):
+            sizes.append(len(http.get(sys.argv[1]).content))
+            time.sleep(0.2)
+        print(*sizes, flush=True)
+"""
+
+
+def _scrape(scraper: subprocess.Popen[str], times: int) -> list[int]:
+    """Have ``scraper`` scrape ``times`` times; the sizes of the answers."""
+    assert scraper.stdin is not None and scraper.stdout is not None
+    scraper.stdin.write(f"{times}\n")
+    scraper.stdin.flush()
+    return [int(n) for n in scraper.stdout.readline().split()]
 
 
 async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None:
@@ -78,46 +148,82 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     devices = [
-        modbus_device(f"kiln-{i}", "kiln-rotary-cement", p, interval=1.0)
+        modbus_device(f"kiln-{i}", "kiln-rotary-cement", p, interval=_INTERVAL, points=_POINTS)
         for i, p in enumerate(ports)
     ]
     cfg = agent_dict(
         tmp_path, free_port(), devices, metrics={"host": "127.0.0.1", "port": 0}
     )  # no broker: the samples stay in the spool, polling is what is measured
     agent = Agent(parse_config(cfg))
-    stop = threading.Event()
     sizes: list[int] = []
-    scraper: threading.Thread | None = None
+    scraper: subprocess.Popen[str] | None = None
+    # Slots with scraping and as long quiet ones, in the order scrape, quiet, quiet, scrape,
+    # so whatever else loads this machine, and how it changes, weighs on both alike.
+    scraped, quiet = _Tally(), _Tally()
+    scraping = 0.0  # seconds
     try:
-        await wait_for(ready.exists, 60, "the simulator")
+        await wait_for(lambda: ready.exists() or sim.poll() is not None, 60, "the simulator")
+        assert sim.poll() is None, "the simulator exited (one of its ports taken meanwhile?)"
         await agent.start()
-        await wait_for(
-            lambda: all(p.health.online for p in agent.pollers), 30, "every device online"
-        )
-        before = _failed_polls(agent)
+        # Answered once: under a load spike some may be offline again at any one moment.
+        await wait_for(lambda: all(p.health.good for p in agent.pollers), 30, "every device")
         url = f"http://127.0.0.1:{agent.metrics_port}/metrics"
-        scraper = threading.Thread(target=_scrape_loop, args=(url, stop, sizes))
-        scraper.start()
-        await asyncio.sleep(10.0)
-        stop.set()
-        await asyncio.to_thread(scraper.join, 15)
-        failed = _failed_polls(agent)
+        scraper = await asyncio.to_thread(
+            subprocess.Popen, [sys.executable, "-c", _SCRAPER, url],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        await _settle(agent)
+        slot = 0.0
+        for scrape in (True, False, False, True):
+            before = _snapshot(agent)
+            t0 = time.monotonic()
+            if scrape:
+                sizes += await asyncio.to_thread(_scrape, scraper, _SCRAPES)
+                slot = time.monotonic() - t0
+                scraping += slot
+            else:
+                await asyncio.sleep(slot)
+            (scraped if scrape else quiet).add(_tally(agent, before, _snapshot(agent)))
+        counted_before = _snapshot(agent).counted
         text = (await asyncio.to_thread(httpx.get, url, timeout=10)).text
+        counted_after = _snapshot(agent).counted
+        failed_devices = {
+            s.labels["device"]
+            for family in agent.metrics.polls.collect()
+            for s in family.samples
+            if s.name.endswith("_total") and s.labels["result"] != "ok" and s.value
+        }
     finally:
-        stop.set()
+        if scraper is not None:
+            scraper.kill()
+            scraper.wait(10)
         await agent.stop()
         sim.terminate()
         sim.wait(10)
-    assert len(sizes) >= 10, f"only {len(sizes)} scrapes in 10 s"
-    new_failures = {k: n - before.get(k, 0) for k, n in failed.items() if n > before.get(k, 0)}
-    assert new_failures == {}, f"polls failed while scraped: {new_failures}"
-    timeouts = re.findall(r'^iiot_agent_polls_total\{device="[^"]+",result="timeout"\} (\S+)$',
-                          text, re.M)  # fmt: skip
-    assert sum(float(v) for v in timeouts) == 0
+    print(f"{len(sizes)} scrapes of {max(sizes)} bytes ({max(sizes) / _DEVICES:.0f} B per "
+          f"device); poll ticks upset: {scraped.upset} of {scraped.ticks} while scraped, "
+          f"{quiet.upset} of {quiet.ticks} in the quiet slots")  # fmt: skip
+    assert len(sizes) == 2 * _SCRAPES
+    due = _DEVICES * scraping / _INTERVAL
+    assert scraped.ticks >= 0.75 * due, f"{scraped.ticks} poll ticks while scraped, {due:.0f} due"
+    # A scrape that held the loop up would make polls late, fail or skip, every time; what
+    # the machine's load does to them shows in the quiet slots too. A machine so busy that
+    # it upsets polls anyway has no room for the scrapes' own work either: the allowance
+    # grows with the quiet share.
+    assert scraped.share <= 0.05 + 1.25 * quiet.share, (
+        f"{scraped.upset} of {scraped.ticks} polls upset while scraped, "
+        f"{quiet.upset} of {quiet.ticks} in as long without"
+    )
     families = {f.name: f for f in text_string_to_metric_families(text)}  # a valid exposition
     online = families["iiot_agent_device_online"].samples
-    assert len(online) == _DEVICES and all(s.value == 1 for s in online)
+    assert len(online) == _DEVICES
+    # Every device shows online but those whose polls had failed (a load spike may leave
+    # some offline at this moment).
+    offline = {s.labels["device"] for s in online if s.value != 1}
+    assert offline <= failed_devices, f"offline without a failed poll: {offline - failed_devices}"
+    # The exposition shows the agent's counters as they were while it was drawn.
+    polls = [s.value for s in families["iiot_agent_polls"].samples if s.name.endswith("_total")]
+    assert counted_before <= sum(polls) <= counted_after
     # Per-device series stay few: the exposition grows by a few lines per device.
     per_device = max(sizes) / _DEVICES
-    print(f"{len(sizes)} scrapes of {max(sizes)} bytes ({per_device:.0f} B per device)")
     assert per_device < 400, f"{per_device:.0f} bytes of metrics per device"

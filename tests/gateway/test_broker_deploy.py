@@ -33,6 +33,7 @@ from gateway.provisioning import Provisioner, ProvisioningError
 from gateway.registry import Conflict, Registry
 from gateway.service import Gateway
 from iiot_common.localservers import DebianMosquitto, free_port
+from tests.waiting import wait_until
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto.conf"
 GW_USER, GW_PASS = "iiot-gateway-1", "gateway-secret"
@@ -157,6 +158,13 @@ class _Client:
         self.c.loop_stop()
 
 
+def _accepted(broker: DebianMosquitto, username: str, password: str) -> bool:
+    """Whether the broker lets ``username`` in with ``password`` now."""
+    client = _Client(broker, username, password, client_id=f"probe-{username}")
+    client.close()
+    return client.ok
+
+
 def _uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -179,7 +187,10 @@ def provisioned(
     _id, key = reg.create_provisioning_key("ent-a")
     cred = prov.provision(key, "edge-a")
     cred["other"] = prov.provision(key, "edge-b")
-    time.sleep(0.5)  # the broker re-reads its files on SIGHUP asynchronously
+    # The broker re-reads its files on SIGHUP asynchronously: edge-b gets in once it has.
+    wait_until(
+        lambda: _accepted(shipped_broker, "edge-b", cred["other"]["password"]), what="the reload"
+    )
     try:
         yield shipped_broker, prov, cred
     finally:

@@ -74,8 +74,19 @@ class _Instance:
         self.http.close()
 
     def overall(self) -> Numbers:
-        o = self.http.get("/api/v1/ratios").json()["overall"]
+        try:
+            o = self.http.get("/api/v1/ratios").json()["overall"]
+        except httpx.TransportError as exc:
+            raise AssertionError(f"{self.config.stem}: {exc}; {self._status()}") from exc
         return int(o["total"]), int(o["connected"]), int(o["online"])
+
+    def _status(self) -> str:
+        """Whether the process still runs, and the end of its log."""
+        code = None if self.proc is None else self.proc.poll()
+        log = self.config.with_suffix(".log")
+        tail = log.read_text(errors="replace").splitlines()[-5:] if log.exists() else []
+        state = "running" if code is None else f"exited with {code}"
+        return f"the process is {state}; its log ends: {tail}"
 
     def received(self) -> float:
         for line in self.http.get("/metrics").text.splitlines():

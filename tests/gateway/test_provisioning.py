@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from gateway.provisioning import (
 from gateway.registry import Conflict, NotFound, Registry
 from iiot_common.localservers import Mosquitto, PostgreSQL
 from tests.gateway import test_registry_fixtures as _fx
+from tests.waiting import wait_until
 
 _ids = itertools.count()
 
@@ -83,6 +83,13 @@ class _Client:
         self.c.loop_stop()
 
 
+def _accepted(port: int, username: str, password: str) -> bool:
+    """Whether the broker lets ``username`` in with ``password`` now (files reloaded)."""
+    client = _Client(port, username, password)
+    client.close()
+    return client.ok
+
+
 def test_password_hash_is_mosquittos_format() -> None:
     entry = mosquitto_hash("secret", salt=b"0123456789ab")
     assert entry.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
@@ -139,7 +146,8 @@ def test_agents_are_confined_to_their_own_prefix(
     with pytest.raises(NotFound, match="used up"):
         prov.provision(key_b, "edge-b2")
 
-    time.sleep(0.3)  # the broker re-reads its files on SIGHUP asynchronously
+    # The broker re-reads its files on SIGHUP asynchronously.
+    wait_until(lambda: _accepted(broker.port, "edge-b", b["password"]), what="the reload")
     gw = _Client(broker.port, "gateway", "gw-pass")
     agent_a = _Client(broker.port, "edge-a", a["password"])
     agent_b = _Client(broker.port, "edge-b", b["password"])
@@ -184,6 +192,7 @@ def test_rotating_an_agent_password_locks_out_the_old_one(
         prov.provision(key, "edge-a")
     second = prov.rotate("ent-a", "edge-a", by="admin test")
     broker.reload()
+    wait_until(lambda: _accepted(broker.port, "edge-a", second["password"]), what="the reload")
     old = _Client(broker.port, "edge-a", first["password"])
     new = _Client(broker.port, "edge-a", second["password"])
     try:

@@ -37,7 +37,7 @@ from tests.gateway.test_ingest import (
     metric,
     series_by_name,
 )
-from tests.gateway.test_provisioning import _Client, _config
+from tests.gateway.test_provisioning import _accepted, _Client, _config
 from tests.sparkplug_client import SpSubscriber
 from tests.waiting import wait_until
 
@@ -310,7 +310,7 @@ def test_a_sparkplug_agent_cannot_publish_as_another_group_or_node(tmp_path: Pat
         a = prov.provision(key_a, "edge-a")
         prov.provision(key_b, "edge-b")
         broker.reload()
-        time.sleep(0.3)
+        wait_until(lambda: _accepted(broker.port, "edge-a", a["password"]), what="the reload")
         gw = _Client(broker.port, "gateway", "gw-pass")
         agent_a = _Client(broker.port, "edge-a", a["password"])
         try:
