@@ -68,6 +68,7 @@ class AgentsPart(RegistryStore):
                     existing.created_ms if existing else now,
                 )
                 self._enterprises[enterprise_id] = ent
+                self._changed_locked()  # its name labels its group
         return ent, existing is None
 
     def bulk_add_enterprises(
@@ -101,6 +102,7 @@ class AgentsPart(RegistryStore):
                 self._enterprises.update((e.id, e) for e in ents)
                 self._agents.update((a.id, a) for a in agents)
                 self._misses.clear()
+                self._changed_locked()
         return len(ents)
 
     def get_enterprise(self, enterprise_id: str) -> Enterprise | None:

@@ -172,6 +172,7 @@ class DevicesPart(RegistryStore):
                 raced = self._add_inserted_locked(new_metas)
                 for i, meta in changed:
                     self._set_meta_locked(i, meta)
+                self._changed_locked()
             created, updated = len(new_metas) - raced, len(changed) + raced
         save_serials = getattr(self, "save_serials", None)
         if callable(save_serials) and good:
@@ -217,6 +218,7 @@ class DevicesPart(RegistryStore):
             with self._lock:
                 self._index.meta[i].status = "decommissioned"
                 self._index.active[i] = False
+                self._changed_locked()
         self.counters["devices_decommissioned"] += 1
         view = self.get_device(enterprise, device)
         assert view is not None
@@ -243,6 +245,7 @@ class DevicesPart(RegistryStore):
                 _rows.insert_many(conn, t.devices, [_rows.meta_row(m) for m in metas])
             with self._lock:
                 self._add_inserted_locked(metas)
+                self._changed_locked()
         _rows.freeze_long_lived()
         return len(metas)
 

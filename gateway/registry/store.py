@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
@@ -32,10 +32,10 @@ import sqlalchemy as sa
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
 from gateway.registry.history import StateHistory
-from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta
+from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
 from gateway.registry.model import Agent, Enterprise
 
-__all__ = ["PointValue", "RegistryStore"]
+__all__ = ["AnswerCache", "PointValue", "RegistryStore"]
 
 log = logging.getLogger("iiot.gateway.registry")
 
@@ -53,10 +53,18 @@ class RegistryStore:
         flush_interval: float = 1.0,
         persist_granularity: float = 60.0,
         refresh_interval: float | None = None,
+        view_max_age: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.refresh_interval = refresh_interval
+        # A query at the current time may count over a view this old (seconds): ingest
+        # shows that much later in live ratios; API writes and refresh passes at once.
+        self.view_max_age = view_max_age
+        self._latest_view: IndexView | None = None
+        self._view_current = False
+        self._generation = 0
+        self.answers = AnswerCache()
         # Rows are read again this far behind the newest stamp seen: a transaction that
         # stamped its rows earlier may commit after a newer one was read. A flush that
         # takes longer is counted (``slow_flushes``): others may miss its rows.
@@ -258,6 +266,8 @@ class RegistryStore:
                 self._apply_devices(prep)
                 if stamps:
                     self._watermark = max(self._watermark, max(stamps))
+                    # Queries count either all of this pass or none of it.
+                    self._publish_locked()
         self.counters["refresh_runs"] += 1
         self.counters["refresh_rows"] += len(stamps)
         return len(stamps)
@@ -455,6 +465,35 @@ class RegistryStore:
         with self._lock:
             yield self._index
 
+    def view(self, *, live: bool = False) -> IndexView:
+        """The counting columns as a read-only view, to count over without the lock.
+
+        ``live`` (a query at the current time): the latest view will do if it is younger
+        than ``view_max_age`` and no API write came since; otherwise a view taken now.
+        """
+        latest = self._latest_view
+        if (
+            live
+            and latest is not None
+            and self._view_current
+            and time.monotonic() - latest.taken < self.view_max_age
+        ):
+            return latest
+        with self._lock:
+            return self._publish_locked()
+
+    def _publish_locked(self) -> IndexView:
+        """Take a view of the index now and make it the latest (under the lock)."""
+        self._generation += 1
+        view = IndexView(self._index, self._generation, self._latest_view)
+        self._latest_view, self._view_current = view, True
+        self.counters["index_views"] += 1
+        return view
+
+    def _changed_locked(self) -> None:
+        """An API write changed the index: live queries must not count the older view."""
+        self._view_current = False
+
     def stats(self) -> dict[str, int]:
         """Gauges for /metrics."""
         with self._lock:
@@ -468,6 +507,30 @@ class RegistryStore:
                 "pending_rows": len(self._dirty | self._dirty_report | self._dirty_times)
                 + len(self._pending_inserts),
             }
+
+
+class AnswerCache:
+    """Answers to live queries by (query, view generation), so that repeated dashboard
+    queries over one view cost a lookup. Bounded: the oldest query's entry goes first."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._entries: dict[Hashable, tuple[int, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, generation: int) -> Any:
+        """The answer stored for ``key`` over view ``generation``; None if there is none."""
+        with self._lock:
+            found = self._entries.get(key)
+        return found[1] if found is not None and found[0] == generation else None
+
+    def put(self, key: Hashable, generation: int, answer: Any) -> None:
+        with self._lock:
+            entries = self._entries
+            entries.pop(key, None)
+            while len(entries) >= self._size:
+                del entries[next(iter(entries))]
+            entries[key] = (generation, answer)
 
 
 class _DeviceRows:
