@@ -37,8 +37,7 @@ class AgentsPart(RegistryStore):
         region = check_region(region)
         industry = check_industry(industry)
         name = check_text(name.strip(), "name")[:200] or enterprise_id
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 existing = self._enterprises.get(enterprise_id)
             now = self._now_ms()
@@ -68,7 +67,6 @@ class AgentsPart(RegistryStore):
                     existing.created_ms if existing else now,
                 )
                 self._enterprises[enterprise_id] = ent
-                self._changed_locked()  # its name labels its group
         return ent, existing is None
 
     def bulk_add_enterprises(
@@ -87,8 +85,7 @@ class AgentsPart(RegistryStore):
                 Enterprise(ent_id, name, check_region(region), check_industry(industry), now)
             )
         agents = [Agent(f"{e.id}-agent", e.id, None, now) for e in ents] if with_agents else []
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 taken = [e.id for e in ents if e.id in self._enterprises]
             if taken:
@@ -102,7 +99,6 @@ class AgentsPart(RegistryStore):
                 self._enterprises.update((e.id, e) for e in ents)
                 self._agents.update((a.id, a) for a in agents)
                 self._misses.clear()
-                self._changed_locked()
         return len(ents)
 
     def get_enterprise(self, enterprise_id: str) -> Enterprise | None:
@@ -138,8 +134,7 @@ class AgentsPart(RegistryStore):
     def add_agent(self, enterprise: str, agent_id: str, password_hash: str | None) -> Agent:
         """Register an agent (or rotate its password); the id is unique across enterprises."""
         check_ident(agent_id, "agent")
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 return self._put_agent(conn, enterprise, agent_id, password_hash)[0]
 
@@ -235,8 +230,7 @@ class AgentsPart(RegistryStore):
         """
         check_ident(agent_id, "agent_id")
         now = self._now_ms()
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 row = conn.execute(
                     sa.select(t.provisioning_keys).where(
@@ -293,8 +287,7 @@ class AgentsPart(RegistryStore):
     def rotate_agent(self, enterprise: str, agent_id: str, password_hash: str, *, by: str) -> Agent:
         """Give an existing agent a new password; audited. NotFound if it does not exist."""
         now = self._now_ms()
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 found = conn.execute(
                     sa.select(t.agents.c.enterprise).where(t.agents.c.id == agent_id)

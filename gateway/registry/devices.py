@@ -134,8 +134,7 @@ class DevicesPart(RegistryStore):
                 good[(row.enterprise, row.device_id)] = (line, row)
         created = updated = 0
         now = self._now_ms()
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             new_metas: list[DeviceMeta] = []
             changed: list[tuple[int, DeviceMeta]] = []
             with self._lock:
@@ -172,7 +171,6 @@ class DevicesPart(RegistryStore):
                 raced = self._add_inserted_locked(new_metas)
                 for i, meta in changed:
                     self._set_meta_locked(i, meta)
-                self._changed_locked()
             created, updated = len(new_metas) - raced, len(changed) + raced
         save_serials = getattr(self, "save_serials", None)
         if callable(save_serials) and good:
@@ -203,8 +201,7 @@ class DevicesPart(RegistryStore):
         return view, result.created == 1
 
     def decommission(self, enterprise: str, device: str) -> dict[str, Any]:
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 i = self._index.keys.get((enterprise, device))
                 if i is None:
@@ -218,7 +215,6 @@ class DevicesPart(RegistryStore):
             with self._lock:
                 self._index.meta[i].status = "decommissioned"
                 self._index.active[i] = False
-                self._changed_locked()
         self.counters["devices_decommissioned"] += 1
         view = self.get_device(enterprise, device)
         assert view is not None
@@ -239,13 +235,11 @@ class DevicesPart(RegistryStore):
                 if (r.enterprise, r.device_id) in self._index.keys:
                     raise Conflict(f"device {r.enterprise}/{r.device_id} is already registered")
                 metas.append(_new_meta(ent, r, source, now))
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, [_rows.meta_row(m) for m in metas])
             with self._lock:
                 self._add_inserted_locked(metas)
-                self._changed_locked()
         _rows.freeze_long_lived()
         return len(metas)
 
@@ -270,6 +264,7 @@ class DevicesPart(RegistryStore):
             self._pending_inserts.discard(i)
             self._dirty.add(i)
             self._dirty_report.add(i)
+            self._touch_locked(i)
         self.counters["ledger_birth_races"] += len(raced)
         return len(raced)
 

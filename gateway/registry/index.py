@@ -109,6 +109,7 @@ _COLUMN_OF = {"enterprise": "ent", "province": "prov"}
 _INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
 _TS_COLUMNS = ("last_good", "last_ts", "offline_since", "saved_good", "saved_ts")
 _BOOL_COLUMNS = ("active", "agent_alive", "dev_online", "product")
+_ZERO_COLUMNS = (*_INT_COLUMNS, *_BOOL_COLUMNS, "state_seq")
 # What a view copies: the columns only ``set_static`` and ``add`` write (copied again
 # only when ``static_version`` has moved), and those ingest moves all the time.
 _STATIC_VIEW = (*_INT_COLUMNS, "product")
@@ -214,6 +215,9 @@ class DeviceIndex:
         self.dev_online: Bools = np.zeros(self._cap, np.bool_)
         # True for a product an enterprise made (kind 'product'), False for its equipment.
         self.product: Bools = np.zeros(self._cap, np.bool_)
+        # The registry's change number of the device's last state change made here (0:
+        # none), so a refresh can tell whether what it read is older than that.
+        self.state_seq: I64 = np.zeros(self._cap, np.int64)
         # Agent id -> positions of its devices, to flip agent_alive on birth/will.
         self.by_agent: dict[str, set[int]] = {}
         # Moves whenever a column of _STATIC_VIEW changes, so views copy them only then.
@@ -225,7 +229,7 @@ class DeviceIndex:
         cap = self._cap
         while cap < need:
             cap *= 2
-        for name in _INT_COLUMNS + _BOOL_COLUMNS:
+        for name in _ZERO_COLUMNS:
             old = getattr(self, name)
             new = np.zeros(cap, old.dtype)
             new[: self.n] = old[: self.n]

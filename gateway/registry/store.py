@@ -29,6 +29,7 @@ from typing import Any, Self
 import numpy as np
 import sqlalchemy as sa
 
+from gateway.registry import changes as _changes
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
 from gateway.registry.history import StateHistory
@@ -71,6 +72,17 @@ class RegistryStore:
         self.refresh_overlap_ms = 5000
         self._slow = False
         self._watermark = 0
+        # On PostgreSQL: the transactions whose device rows the next refresh reads.
+        self._mark: _changes.Mark | None = None
+        self._refresh_lock = threading.Lock()
+        # Local changes are numbered (``_seq``); a flush notes up to which number every
+        # change is in the database once it commits (``_committed_seq``). A refresh
+        # applies a row's state only where this instance's last change of it is no newer
+        # than that number was before the read. API writes are counted apart.
+        self._seq = 0
+        self._committed_seq = 0
+        self._api_writes = 0
+        self._agent_seq: dict[str, int] = {}
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
         self.flush_interval = flush_interval
@@ -199,6 +211,7 @@ class RegistryStore:
         with self._engine.connect() as conn:
             # Read before the rows: a change made while they are read is read again.
             self._watermark = _newest_stamp(conn)
+            self._mark = _changes.take_mark(conn)
             ents = conn.execute(sa.select(t.enterprises)).all()
             agts = conn.execute(sa.select(t.agents)).all()
             # Plain tuples in DeviceMeta's field order, then the runtime columns.
@@ -237,46 +250,52 @@ class RegistryStore:
     def refresh(self) -> int:
         """Read the rows changed since the last refresh (by any instance) into memory.
 
-        Returns the rows read. A device with a change of this instance's own not yet
-        written keeps its state; its timestamps take the later of the two.
+        Returns the rows read. A device whose state this instance changed after the
+        last flush that committed before the read keeps its state; its sample times
+        take the later of the two. Queries count either all of a pass or none of it.
         """
-        cols = [t.devices.c[name] for name in _rows.LOAD_COLUMNS] + [t.devices.c.updated_ms]
-        # Under the write lock: a flush between the read and the apply would otherwise let
-        # the rows read (older) overwrite the state the flush has just written.
-        with self._db_lock:
+        with self._refresh_lock:
+            with self._lock:
+                committed, api_writes = self._committed_seq, self._api_writes
             since = self._watermark - self.refresh_overlap_ms
             with self._engine.connect() as conn:
+                mark = _changes.take_mark(conn)  # before reading: see changes.py
                 ents = conn.execute(
                     sa.select(t.enterprises).where(t.enterprises.c.updated_ms > since)
                 ).all()
                 agts = conn.execute(sa.select(t.agents).where(t.agents.c.updated_ms > since)).all()
-                devs = [
-                    tuple(r)
-                    for r in conn.execute(
-                        sa.select(*cols).where(t.devices.c.updated_ms > since)
-                    ).all()
-                ]
-            stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
-            stamps += [r[-1] for r in devs]
-            prep = self._prepare_devices(devs)
+                stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
+                if self._mark is not None:
+                    times, devs = _changes.device_rows_stamped(conn, self._mark)
+                else:
+                    devs = _changes.device_rows_since(conn, since)
+                    times = [(r[0], r[1], r[13], r[17], r[18]) for r in devs]
+                    stamps += [r[-1] for r in devs]
+            prep = self._prepare_devices(devs, times)
             with self._lock:
-                for r in ents:
-                    self._enterprises[r.id] = _rows.enterprise_of(r)
-                self._refresh_agents(agts)
-                self._apply_devices(prep)
-                if stamps:
-                    self._watermark = max(self._watermark, max(stamps))
-                    # Queries count either all of this pass or none of it.
+                # An API write made meanwhile may be newer than what was read, or older:
+                # take only new devices and sample times, and read the rest again.
+                settled = self._api_writes == api_writes and api_writes % 2 == 0
+                if settled:
+                    for r in ents:
+                        self._enterprises[r.id] = _rows.enterprise_of(r)
+                    self._refresh_agents(agts, committed)
+                self._apply_devices(prep, committed if settled else -1)
+                if settled:
+                    self._watermark = max(self._watermark, *stamps) if stamps else self._watermark
+                    self._mark = mark
+                if ents or agts or devs or times:
                     self._publish_locked()
+        read = len(ents) + len(agts) + len(devs) + len(times)
         self.counters["refresh_runs"] += 1
-        self.counters["refresh_rows"] += len(stamps)
-        return len(stamps)
+        self.counters["refresh_rows"] += read
+        return read
 
-    def _refresh_agents(self, rows: Sequence[Any]) -> None:
+    def _refresh_agents(self, rows: Sequence[Any], committed: int) -> None:
         idx = self._index
         for r in rows:
-            if r.id in self._dirty_agents:
-                continue  # this instance's newer change is about to be written
+            if self._agent_seq.get(r.id, 0) > committed:
+                continue  # this instance's change is newer than what was read
             a = self._agents.get(r.id)
             online = bool(r.online)
             if a is None:
@@ -291,8 +310,10 @@ class RegistryStore:
             for i in idx.by_agent.get(r.id, ()):
                 idx.agent_alive[i] = online
 
-    def _prepare_devices(self, rows: list[tuple[Any, ...]]) -> _DeviceRows:
-        """Sort rows read into new devices, sample times and state changes.
+    def _prepare_devices(
+        self, rows: list[tuple[Any, ...]], times: list[tuple[Any, ...]]
+    ) -> _DeviceRows:
+        """Sort rows read into new devices, state changes and sample times (``TIME_ROW``).
 
         Runs without the memory lock, so queries are not held up by the bulk of the work;
         ``_apply_devices`` checks again under the lock what may have moved meanwhile.
@@ -300,24 +321,32 @@ class RegistryStore:
         idx = self._index
         keys = idx.keys
         prep = _DeviceRows()
-        known: list[tuple[Any, ...]] = []
-        positions: list[int] = []
         for r in rows:
             i = keys.get((r[0], r[1]))
             if i is None:
                 prep.new.append(r)
-                continue
-            known.append(r)
-            positions.append(i)
-            if not _same_state(idx, i, r):  # most rows only carry newer sample times
+            elif not _same_state(idx, i, r):  # most rows only carry newer sample times
                 prep.changed.append((i, r))
-        prep.pos = np.array(positions, np.int64)
-        prep.good = np.array([NEVER if r[17] is None else r[17] for r in known], np.int64)
-        prep.ts = np.array([NEVER if r[18] is None else r[18] for r in known], np.int64)
+        known = [(keys.get((r[0], r[1]), -1), r) for r in times]
+        known = [(i, r) for i, r in known if i >= 0]
+        prep.pos = np.fromiter((i for i, _r in known), np.int64, len(known))
+        prep.good = np.fromiter(
+            (NEVER if r[3] is None else r[3] for _i, r in known), np.int64, len(known)
+        )
+        prep.ts = np.fromiter(
+            (NEVER if r[4] is None else r[4] for _i, r in known), np.int64, len(known)
+        )
+        meta = idx.meta
+        prep.first_seen = [
+            (i, r[2])
+            for i, r in known
+            if r[2] is not None and (meta[i].first_seen_ms is None or r[2] < meta[i].first_seen_ms)
+        ]
         return prep
 
-    def _apply_devices(self, prep: _DeviceRows) -> None:
-        """Apply prepared rows to the index (under the lock)."""
+    def _apply_devices(self, prep: _DeviceRows, committed: int) -> None:
+        """Apply prepared rows to the index (under the lock): state only where this
+        instance's last change of it is numbered ``committed`` or lower."""
         idx = self._index
         new = [r for r in prep.new if (r[0], r[1]) not in idx.keys]
         # Added meanwhile by this instance's ingest: apply like any known device.
@@ -331,9 +360,13 @@ class RegistryStore:
             mem, was = getattr(idx, col), getattr(idx, saved)
             mem[prep.pos] = np.maximum(mem[prep.pos], db)
             was[prep.pos] = np.maximum(was[prep.pos], db)
+        for i, first in prep.first_seen:
+            m = idx.meta[i]
+            if m.first_seen_ms is None or first < m.first_seen_ms:
+                m.first_seen_ms = first
         for i, r in prep.changed + raced:
-            if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
-                continue  # this instance's newer change is about to be written
+            if idx.state_seq[i] > committed:
+                continue  # this instance's change is newer than what was read
             self._apply_device_row(i, r)
 
     def _apply_device_row(self, i: int, r: tuple[Any, ...]) -> None:
@@ -380,6 +413,7 @@ class RegistryStore:
 
     def _flush_locked(self) -> int:
         with self._lock:
+            seq = self._seq
             pending, meta, report, dirty_times, dirty_agents = (
                 self._pending_inserts,
                 self._dirty,
@@ -414,6 +448,9 @@ class RegistryStore:
             ]
         updates = sum(len(rows) for _cols, rows in groups)
         if not (inserts or updates or agent_rows):
+            # Every change up to seq was in an earlier flush, committed (flushes run
+            # one at a time); API writes commit before they change memory.
+            self._committed_seq = seq
             return 0
         began = time.monotonic()
         try:
@@ -444,6 +481,7 @@ class RegistryStore:
             self.counters["flush_errors"] += 1
             log.exception("registry flush failed", extra={"rows": len(inserts) + updates})
             return 0
+        self._committed_seq = seq
         written = len(inserts) + updates + len(agent_rows)
         self.counters["flushed_rows"] += written
         slow = (time.monotonic() - began) * 1000 > self.refresh_overlap_ms
@@ -490,9 +528,32 @@ class RegistryStore:
         self.counters["index_views"] += 1
         return view
 
-    def _changed_locked(self) -> None:
-        """An API write changed the index: live queries must not count the older view."""
-        self._view_current = False
+    @contextmanager
+    def _api_write(self) -> Iterator[None]:
+        """An API write: to the database, then to memory; after pending ingest changes.
+
+        A refresh pass that overlaps it applies no state it read (it reads it again next
+        time, when it cannot be older), and live queries count a new view after it.
+        """
+        with self._db_lock:
+            self._flush_locked()
+            with self._lock:
+                self._api_writes += 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._api_writes += 1
+                    self._view_current = False
+
+    def _touch_locked(self, i: int) -> None:
+        """Position ``i``'s state changed here (ingest), to be written by a flush."""
+        self._seq += 1
+        self._index.state_seq[i] = self._seq
+
+    def _touch_agent_locked(self, agent: str) -> None:
+        self._seq += 1
+        self._agent_seq[agent] = self._seq
 
     def stats(self) -> dict[str, int]:
         """Gauges for /metrics."""
@@ -539,9 +600,11 @@ class _DeviceRows:
     def __init__(self) -> None:
         self.new: list[tuple[Any, ...]] = []
         self.changed: list[tuple[int, tuple[Any, ...]]] = []
+        # Sample times by position, and first-seen times earlier than memory's.
         self.pos = np.zeros(0, np.int64)
         self.good = np.zeros(0, np.int64)
         self.ts = np.zeros(0, np.int64)
+        self.first_seen: list[tuple[int, int]] = []
 
 
 # The metadata a refresh takes from the database (first_seen_ms: the earlier of the two).
