@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Self
 
@@ -35,8 +35,9 @@ from gateway.registry import tables as t
 from gateway.registry.history import StateHistory
 from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
 from gateway.registry.model import Agent, Enterprise
+from gateway.registry.views import AnswerCache, ViewBoard
 
-__all__ = ["AnswerCache", "PointValue", "RegistryStore"]
+__all__ = ["PointValue", "RegistryStore"]
 
 log = logging.getLogger("iiot.gateway.registry")
 
@@ -54,18 +55,14 @@ class RegistryStore:
         flush_interval: float = 1.0,
         persist_granularity: float = 60.0,
         refresh_interval: float | None = None,
-        view_max_age: float = 1.0,
+        view_max_age: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.refresh_interval = refresh_interval
         # A query at the current time may count over a view this old (seconds): ingest
         # shows that much later in live ratios; API writes and refresh passes at once.
-        self.view_max_age = view_max_age
-        self._latest_view: IndexView | None = None
-        self._view_current = False
-        self._generation = 0
-        self.answers = AnswerCache()
+        self._views = ViewBoard(view_max_age)
         # Rows are read again this far behind the newest stamp seen: a transaction that
         # stamped its rows earlier may commit after a newer one was read. A flush that
         # takes longer is counted (``slow_flushes``): others may miss its rows.
@@ -114,6 +111,7 @@ class RegistryStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
+        self._publisher: threading.Thread | None = None
         self._started = False
         self._closed = False
         # Schema and index are ready as soon as the object exists, so a caller that
@@ -137,6 +135,10 @@ class RegistryStore:
                 target=self._refresh_loop, name="registry-refresh", daemon=True
             )
             self._refresher.start()
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="registry-views", daemon=True
+        )
+        self._publisher.start()
         self._started = True
         return self
 
@@ -146,10 +148,10 @@ class RegistryStore:
             return
         self._closed = True
         self._stop.set()
-        for thread in (self._thread, self._refresher):
+        for thread in (self._thread, self._refresher, self._publisher):
             if thread is not None:
                 thread.join(timeout=10)
-        self._thread = self._refresher = None
+        self._thread = self._refresher = self._publisher = None
         with self._lock:
             idx = self._index
             n = idx.n
@@ -205,6 +207,25 @@ class RegistryStore:
             else:
                 if failing:
                     log.info("registry refresh works again")
+                failing = False
+
+    def _publish_loop(self) -> None:
+        # Bounded by the stop event; a pass copies the index and answers a bounded
+        # number of queries ahead (views.py). Idle while nobody asks live queries.
+        interval = self._views.max_age / 2
+        failing = False
+        while not self._stop.wait(interval):
+            age = self._views.age()
+            if not self._views.answers.active() or (age is not None and age < interval):
+                continue  # nobody asking, or a refresh pass has just published
+            try:
+                self._publish()
+            except Exception:
+                self.counters["view_errors"] += 1
+                if not failing:  # once per change
+                    log.exception("publishing an index view failed; will retry")
+                failing = True
+            else:
                 failing = False
 
     def _load(self) -> None:
@@ -284,9 +305,14 @@ class RegistryStore:
                 if settled:
                     self._watermark = max(self._watermark, *stamps) if stamps else self._watermark
                     self._mark = mark
-                if ents or agts or devs or times:
-                    self._publish_locked()
-        read = len(ents) + len(agts) + len(devs) + len(times)
+                read = len(ents) + len(agts) + len(devs) + len(times)
+                # Taken with the pass applied, under the same hold of the lock: a query
+                # counts either all of this pass or none of it.
+                view = self._views.take(self._index) if read else None
+                writes = self._api_writes
+            if view is not None:
+                self._views.answers.warm(view)
+                self._views.publish(view, writes)
         self.counters["refresh_runs"] += 1
         self.counters["refresh_rows"] += read
         return read
@@ -411,6 +437,19 @@ class RegistryStore:
             "reason": m.reason[:200],
         }
 
+    def _time_values(
+        self, positions: list[int]
+    ) -> tuple[list[tuple[str, str, int | None]], list[int], list[int]]:
+        """Keys and first-seen, last good and last sample times of ``positions``, noted as
+        written (under the lock)."""
+        idx = self._index
+        pos = np.array(positions, np.int64)
+        good, seen = idx.last_good[pos], idx.last_ts[pos]
+        idx.saved_good[pos], idx.saved_ts[pos] = good, seen
+        meta = idx.meta
+        keys = [(m.enterprise, m.id, m.first_seen_ms) for m in (meta[i] for i in positions)]
+        return keys, good.tolist(), seen.tolist()
+
     def _flush_locked(self) -> int:
         with self._lock:
             seq = self._seq
@@ -430,11 +469,10 @@ class RegistryStore:
                 (_rows.STATE_COLUMNS, [row(i) for i in sorted(both)]),
                 (_rows.META_COLUMNS, [row(i) for i in sorted(meta - both - pending)]),
                 (_rows.REPORT_COLUMNS, [row(i) for i in sorted(report - both - pending)]),
-                (
-                    _rows.TIME_COLUMNS,
-                    [row(i) for i in sorted(dirty_times - meta - report - pending)],
-                ),
             ]
+            # Most rows move only sample times: taken as plain values here, made rows
+            # outside the lock, which ingest and views wait for.
+            times = self._time_values(sorted(dirty_times - meta - report - pending))
             agent_rows = [
                 {
                     "b_id": a.id,
@@ -446,6 +484,7 @@ class RegistryStore:
                 for a in (self._agents.get(x) for x in dirty_agents)
                 if a is not None
             ]
+        groups.append((_rows.TIME_COLUMNS, _time_rows(*times)))
         updates = sum(len(rows) for _cols, rows in groups)
         if not (inserts or updates or agent_rows):
             # Every change up to seq was in an earlier flush, committed (flushes run
@@ -503,30 +542,34 @@ class RegistryStore:
         with self._lock:
             yield self._index
 
+    @property
+    def answers(self) -> AnswerCache:
+        """Answers to live queries by view generation (see ``views.py``)."""
+        return self._views.answers
+
     def view(self, *, live: bool = False) -> IndexView:
         """The counting columns as a read-only view, to count over without the lock.
 
-        ``live`` (a query at the current time): the latest view will do if it is younger
-        than ``view_max_age`` and no API write came since; otherwise a view taken now.
+        ``live`` (a query at the current time): the latest published view if it is
+        younger than ``view_max_age`` and no API write came since; else one taken now.
         """
-        latest = self._latest_view
-        if (
-            live
-            and latest is not None
-            and self._view_current
-            and time.monotonic() - latest.taken < self.view_max_age
-        ):
-            return latest
+        if live:
+            found = self._views.live(self._api_writes)
+            if found is not None:
+                return found
+            self.counters["views_taken_by_queries"] += 1
         with self._lock:
-            return self._publish_locked()
-
-    def _publish_locked(self) -> IndexView:
-        """Take a view of the index now and make it the latest (under the lock)."""
-        self._generation += 1
-        view = IndexView(self._index, self._generation, self._latest_view)
-        self._latest_view, self._view_current = view, True
-        self.counters["index_views"] += 1
+            view, writes = self._views.take(self._index), self._api_writes
+        self._views.publish(view, writes)
         return view
+
+    def _publish(self) -> None:
+        """Take a view, answer the live queries asked lately over it, then publish it."""
+        with self._lock:
+            view, writes = self._views.take(self._index), self._api_writes
+        self._views.answers.warm(view)
+        self._views.publish(view, writes)
+        self.counters["views_published"] += 1
 
     @contextmanager
     def _api_write(self) -> Iterator[None]:
@@ -544,7 +587,6 @@ class RegistryStore:
             finally:
                 with self._lock:
                     self._api_writes += 1
-                    self._view_current = False
 
     def _touch_locked(self, i: int) -> None:
         """Position ``i``'s state changed here (ingest), to be written by a flush."""
@@ -568,30 +610,6 @@ class RegistryStore:
                 "pending_rows": len(self._dirty | self._dirty_report | self._dirty_times)
                 + len(self._pending_inserts),
             }
-
-
-class AnswerCache:
-    """Answers to live queries by (query, view generation), so that repeated dashboard
-    queries over one view cost a lookup. Bounded: the oldest query's entry goes first."""
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._entries: dict[Hashable, tuple[int, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable, generation: int) -> Any:
-        """The answer stored for ``key`` over view ``generation``; None if there is none."""
-        with self._lock:
-            found = self._entries.get(key)
-        return found[1] if found is not None and found[0] == generation else None
-
-    def put(self, key: Hashable, generation: int, answer: Any) -> None:
-        with self._lock:
-            entries = self._entries
-            entries.pop(key, None)
-            while len(entries) >= self._size:
-                del entries[next(iter(entries))]
-            entries[key] = (generation, answer)
 
 
 class _DeviceRows:
@@ -645,6 +663,22 @@ def _same_state(idx: DeviceIndex, i: int, r: tuple[Any, ...]) -> bool:
         and bool(idx.dev_online[i]) == bool(r[21])
         and int(idx.offline_since[i]) == (NEVER if r[19] is None else r[19])
     )
+
+
+def _time_rows(
+    keys: list[tuple[str, str, int | None]], good: list[int], seen: list[int]
+) -> list[dict[str, Any]]:
+    """Rows of ``TIME_COLUMNS`` from ``RegistryStore._time_values``."""
+    return [
+        {
+            "enterprise": ent,
+            "id": dev,
+            "first_seen_ms": first,
+            "last_good_ms": None if g == NEVER else g,
+            "last_seen_ms": None if s == NEVER else s,
+        }
+        for (ent, dev, first), g, s in zip(keys, good, seen, strict=True)
+    ]
 
 
 def _newest_stamp(conn: sa.Connection) -> int:

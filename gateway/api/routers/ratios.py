@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from gateway.api.deps import (
     AUTH_RESPONSES,
@@ -26,6 +29,8 @@ from gateway.ratios import (
     compute_ratios,
     history_series,
 )
+from gateway.registry import Registry
+from gateway.registry.index import IndexView
 
 __all__ = ["router"]
 
@@ -44,6 +49,7 @@ _KIND_DOC = (
     description="Connection ratios overall and per group.\n\n" + DEFINITIONS,
 )
 def ratios(
+    request: Request,
     registry: RegistryDep,
     now_ms: NowMs,
     group_by: Grouping | None = None,
@@ -56,35 +62,59 @@ def ratios(
     kind: Annotated[Kind, Query(description=_KIND_DOC)] = "equipment",
 ) -> Response:
     window_s = parse_window_param(window, "window")
-    as_of_ms = parse_time(as_of, "as_of") if as_of is not None else now_ms
-    # A query at the current time counts over the latest view and is answered once per
-    # view: dashboards repeating it cost a lookup until the view is replaced.
-    live = as_of is None
-    view = registry.view(live=live)
-    key = ("ratios", group_by, window_s, enterprise, region, industry, category, kind)
-    cached = registry.answers.get(key, view.generation) if live else None
-    if isinstance(cached, bytes):
-        return Response(cached, media_type="application/json")
-    try:
-        result = compute_ratios(
-            registry,
-            group_by,
-            window_s=window_s,
-            as_of_ms=as_of_ms,
-            enterprise=enterprise,
-            region=region,
-            industry=industry,
-            category=category,
-            kind=kind,
-            view=view,
-        )
-    except ValueError as exc:
-        raise invalid("query", "region", str(exc)) from None
-    # Built from plain ints/floats/strings already; re-validating 10⁴ enterprise
-    # groups through the response model would cost more than computing them.
-    body = json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
-    if live:
-        registry.answers.put(key, view.generation, body)
+    query = _Query(group_by, window_s, enterprise, region, industry, category, kind)
+    if as_of is not None:
+        return _json(query.answer(registry, parse_time(as_of, "as_of"), registry.view()))
+    # At the current time: over the latest view, answered once per view (and ahead of
+    # time for the queries asked lately), so a dashboard repeating it costs a lookup.
+    view = registry.view(live=True)
+    body = registry.answers.get(query, view.generation)
+    if not isinstance(body, bytes):
+        body = query.answer(registry, now_ms, view)
+        clock: Callable[[], float] = getattr(request.app.state, "clock", time.time)
+
+        def again(other: IndexView) -> bytes:
+            return query.answer(registry, int(clock() * 1000), other)
+
+        registry.answers.put(query, view.generation, body, again)
+    return _json(body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """A ratios query but for its time."""
+
+    group_by: str | None
+    window_s: int
+    enterprise: str | None
+    region: str | None
+    industry: str | None
+    category: str | None
+    kind: str
+
+    def answer(self, registry: Registry, as_of_ms: int, view: IndexView) -> bytes:
+        """The JSON answer over ``view`` at ``as_of_ms``; 422 for a malformed filter."""
+        try:
+            result = compute_ratios(
+                registry,
+                self.group_by,
+                window_s=self.window_s,
+                as_of_ms=as_of_ms,
+                enterprise=self.enterprise,
+                region=self.region,
+                industry=self.industry,
+                category=self.category,
+                kind=self.kind,
+                view=view,
+            )
+        except ValueError as exc:
+            raise invalid("query", "region", str(exc)) from None
+        # Built from plain ints/floats/strings already; re-validating 10⁴ enterprise
+        # groups through the response model would cost more than computing them.
+        return json.dumps(result, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _json(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
