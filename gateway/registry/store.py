@@ -42,6 +42,8 @@ __all__ = ["PointValue", "RegistryStore"]
 log = logging.getLogger("iiot.gateway.registry")
 
 PointValue = bool | int | float | str | None
+# Devices newly reporting between two freezes of the GC's long-lived objects.
+_FREEZE_EVERY = 2_000
 
 
 class RegistryStore:
@@ -94,6 +96,7 @@ class RegistryStore:
         self._history = StateHistory()  # online/offline changes, for the device page
         # Sequence gaps per device since this process started: (gaps, missed, last gap ts).
         self._gaps: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._frozen_at = 0  # len(_latest) when last frozen (see _freeze_grown)
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
         # What changed, by the columns it writes (see rows.META_COLUMNS): ``_dirty`` the
@@ -191,6 +194,21 @@ class RegistryStore:
             except Exception:
                 self.counters["flush_errors"] += 1
                 log.exception("registry flush failed; will retry")
+            self._freeze_grown()
+
+    def _freeze_grown(self) -> None:
+        """Freeze the per-device state that reporting devices added since the last time.
+
+        Each reporting device adds a few long-lived objects (its latest values, its
+        quality track); unfrozen, every full collection of the cyclic GC walks them all,
+        a stop of every thread that grew past a second at 10⁵ devices. Frozen every
+        ``_FREEZE_EVERY`` devices, a collection walks at most that many devices' worth.
+        """
+        grown = len(self._latest)
+        if grown - self._frozen_at >= _FREEZE_EVERY:
+            self._frozen_at = grown
+            _rows.freeze_long_lived()
+            self.counters["gc_freezes"] += 1
 
     def _refresh_loop(self) -> None:
         # Bounded by the stop event; each pass has the database timeout of the engine.
@@ -562,6 +580,11 @@ class RegistryStore:
             view, writes = self._views.take(self._index), self._api_writes
         self._views.publish(view, writes)
         return view
+
+    def published_view(self) -> IndexView | None:
+        """The latest view if a live query may count over it (see ``view``), without
+        waiting for anything; None if a new one must be taken."""
+        return self._views.live(self._api_writes)
 
     def _publish(self) -> None:
         """Take a view, answer the live queries asked lately over it, then publish it."""

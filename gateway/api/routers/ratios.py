@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from gateway.api.deps import (
     AUTH_RESPONSES,
@@ -48,7 +49,7 @@ _KIND_DOC = (
     response_model=RatiosOut,
     description="Connection ratios overall and per group.\n\n" + DEFINITIONS,
 )
-def ratios(
+async def ratios(
     request: Request,
     registry: RegistryDep,
     now_ms: NowMs,
@@ -64,20 +65,34 @@ def ratios(
     window_s = parse_window_param(window, "window")
     query = _Query(group_by, window_s, enterprise, region, industry, category, kind)
     if as_of is not None:
-        return _json(query.answer(registry, parse_time(as_of, "as_of"), registry.view()))
-    # At the current time: over the latest view, answered once per view (and ahead of
-    # time for the queries asked lately), so a dashboard repeating it costs a lookup.
+        at = parse_time(as_of, "as_of")
+        return _json(await run_in_threadpool(lambda: query.answer(registry, at, registry.view())))
+    # At the current time: over the latest published view, answered once per view (and
+    # ahead of time for the queries asked lately), so a dashboard repeating a query
+    # costs a lookup here on the event loop; counting goes to the thread pool.
+    view = registry.published_view()
+    body = registry.answers.get(query, view.generation) if view is not None else None
+    if isinstance(body, bytes):
+        return _json(body)
+    clock: Callable[[], float] = getattr(request.app.state, "clock", time.time)
+    return _json(await run_in_threadpool(_answer_live, registry, query, now_ms, clock))
+
+
+def _answer_live(
+    registry: Registry, query: _Query, now_ms: int, clock: Callable[[], float]
+) -> bytes:
+    """Answer ``query`` at ``now_ms`` over a live view and keep the answer (thread pool)."""
     view = registry.view(live=True)
     body = registry.answers.get(query, view.generation)
-    if not isinstance(body, bytes):
-        body = query.answer(registry, now_ms, view)
-        clock: Callable[[], float] = getattr(request.app.state, "clock", time.time)
+    if isinstance(body, bytes):
+        return body
+    body = query.answer(registry, now_ms, view)
 
-        def again(other: IndexView) -> bytes:
-            return query.answer(registry, int(clock() * 1000), other)
+    def again(other: IndexView) -> bytes:
+        return query.answer(registry, int(clock() * 1000), other)
 
-        registry.answers.put(query, view.generation, body, again)
-    return _json(body)
+    registry.answers.put(query, view.generation, body, again)
+    return body
 
 
 @dataclass(frozen=True, slots=True)
