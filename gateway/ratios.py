@@ -299,9 +299,7 @@ def compute_ratios(
             "all", "全部 All", int(tot.sum()), int(con.sum()), int(onl.sum()), int(qua.sum())
         )
         values = list(enc.values)
-        names = (
-            {e.id: e.name for e in registry.list_enterprises()} if group_by == "enterprise" else {}
-        )
+        names = registry.enterprise_names() if group_by == "enterprise" else {}
         for code in np.flatnonzero(tot):
             key = values[int(code)]
             groups.append(

@@ -105,6 +105,12 @@ class AgentsPart(RegistryStore):
         with self._lock:
             return self._enterprises.get(enterprise_id)
 
+    def enterprise_names(self) -> dict[str, str]:
+        """Enterprise id → name, without waiting for the registry's lock (queries count
+        over a view and must not wait for a refresh pass or a flush)."""
+        # dict.copy() runs in C under the GIL: it sees the dict between two changes.
+        return {e.id: e.name for e in self._enterprises.copy().values()}
+
     def list_enterprises(self) -> list[Enterprise]:
         with self._lock:
             return sorted(self._enterprises.values(), key=lambda e: e.id)
