@@ -123,7 +123,6 @@ class _Buckets:
         self.used = self.live = len(keep)
 
 
-_I64_MAX = np.iinfo(np.int64).max
 _I64_MIN = np.iinfo(np.int64).min
 
 
@@ -318,11 +317,14 @@ class QualityWindow:
         valid = (start > low) & (start <= as_of_ms)
         s = slot[valid]
         samples = np.bincount(s, weights=count[valid], minlength=slots)
-        lo = np.full(slots, _I64_MAX, np.int64)
-        hi = np.full(slots, _I64_MIN, np.int64)
-        np.minimum.at(lo, s, fp[valid])
-        np.maximum.at(hi, s, fp[valid])
-        changed = (lo != hi) | (np.bincount(s[varied[valid]], minlength=slots) > 0)
+        # Values changed in the window if a bucket saw two, or two buckets' first values
+        # differ: compare each with one of its device's (whichever a repeated index
+        # assignment leaves; any will do).
+        firsts = fp[valid]
+        ref = np.zeros(slots, np.int64)
+        ref[s] = firsts
+        differs = s[(firsts != ref[s]) | varied[valid]]
+        changed = np.bincount(differs, minlength=slots) > 0
         frozen = (samples > 1) & ~changed
         passes: Any = (samples >= need) & ~frozen
         return passes
@@ -333,11 +335,11 @@ class QualityWindow:
             keys = self._keys[:slots]
         if self._pos_of != id(positions):
             self._pos_of, self._slot_pos = id(positions), np.zeros(0, np.int64)
-        old = self._slot_pos
-        pos = np.full(slots, -1, np.int64)
-        pos[: len(old)] = old[:slots]
+        old = self._slot_pos[:slots]
         # Only slots new since the last time, or whose device was not indexed then.
-        for k in np.flatnonzero(pos == -1):
+        new = np.fromiter((positions.get(k, -1) for k in keys[len(old) :]), np.int64)
+        pos = np.concatenate([old, new])
+        for k in np.flatnonzero(old == -1):
             pos[k] = positions.get(keys[k], -1)
         self._slot_pos = pos
         return pos
