@@ -234,7 +234,7 @@ class RegistryStore:
         failing = False
         while not self._stop.wait(interval):
             age = self._views.age()
-            if not self._views.answers.active() or (age is not None and age < interval):
+            if not self._views.asked() or (age is not None and age < interval):
                 continue  # nobody asking, or a refresh pass has just published
             try:
                 self._publish()
@@ -329,7 +329,7 @@ class RegistryStore:
                 view = self._views.take(self._index) if read else None
                 writes = self._api_writes
             if view is not None:
-                self._views.answers.warm(view)
+                self._views.warm(view)
                 self._views.publish(view, writes)
         self.counters["refresh_runs"] += 1
         self.counters["refresh_rows"] += read
@@ -590,7 +590,7 @@ class RegistryStore:
         """Take a view, answer the live queries asked lately over it, then publish it."""
         with self._lock:
             view, writes = self._views.take(self._index), self._api_writes
-        self._views.answers.warm(view)
+        self._views.warm(view)
         self._views.publish(view, writes)
         self.counters["views_published"] += 1
 

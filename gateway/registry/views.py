@@ -5,8 +5,9 @@ nor waits for the registry's lock while it counts. The registry takes a view und
 lock (a few milliseconds: a copy of the columns ingest moves) and publishes it here.
 Queries at the current time ("live") take the latest view while it is younger than
 ``max_age`` and no API write came after it; the registry replaces it in the background
-before that, and answers the live queries asked lately over the new view before
-publishing it (``AnswerCache.warm``), so a dashboard's repeated queries are lookups.
+before that, and answers over the new view, before publishing it, the live queries asked
+since the latest was published (``ViewBoard.warm``): a query asked more often than views
+are published is then a lookup, and one asked less often costs what it did.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ __all__ = ["AnswerCache", "ViewBoard"]
 
 log = logging.getLogger("iiot.gateway.registry")
 
-# A live query asked within this many seconds is answered ahead over each new view.
-_WARM_FOR_S = 30.0
 # Wall time one publication may spend answering ahead; the rest are answered when asked.
 _WARM_BUDGET_S = 0.5
 
@@ -67,16 +66,15 @@ class AnswerCache:
                 del entries[oldest]
             entries[key] = [generation, answer, again, time.monotonic()]
 
-    def active(self) -> bool:
-        """Whether any live query was asked in the last ``_WARM_FOR_S`` seconds."""
-        since = time.monotonic() - _WARM_FOR_S
+    def asked_since(self, since: float) -> bool:
+        """Whether any live query was asked since ``since`` (``time.monotonic()``)."""
         with self._lock:
             return any(entry[3] >= since for entry in self._entries.values())
 
-    def warm(self, view: IndexView) -> int:
-        """Answer the queries asked lately over ``view``, latest asked first, for at most
-        ``_WARM_BUDGET_S``; returns how many."""
-        now = time.monotonic()
+    def warm(self, view: IndexView, since: float) -> int:
+        """Answer over ``view`` the queries asked since ``since``, latest asked first, for
+        at most ``_WARM_BUDGET_S``; returns how many."""
+        began = time.monotonic()
         with self._lock:
             asked = sorted(
                 ((entry[3], key, entry[2]) for key, entry in self._entries.items()),
@@ -84,7 +82,7 @@ class AnswerCache:
             )
         done = 0
         for when, key, again in asked:
-            if when < now - _WARM_FOR_S or time.monotonic() - now > _WARM_BUDGET_S:
+            if when < since or time.monotonic() - began > _WARM_BUDGET_S:
                 break
             try:
                 answer = again(view)
@@ -119,6 +117,16 @@ class ViewBoard:
         self._generation += 1
         latest = self._latest
         return IndexView(index, self._generation, latest[0] if latest else None)
+
+    def warm(self, view: IndexView) -> int:
+        """Answer over ``view`` the live queries asked since the latest was published."""
+        latest = self._latest
+        return self.answers.warm(view, latest[0].taken if latest else view.taken)
+
+    def asked(self) -> bool:
+        """Whether a live query was asked since the latest view was published."""
+        latest = self._latest
+        return latest is not None and self.answers.asked_since(latest[0].taken)
 
     def publish(self, view: IndexView, writes: int) -> None:
         """Make ``view`` the latest unless a newer one is already."""
