@@ -9,8 +9,10 @@ stamped by them: each committed change once, however late its transaction commit
 whatever the write rate, in index scans. Sample times come as narrow rows
 (``TIME_ROW``); whole rows only where something else changed.
 
-SQLite has one writer at a time and no transaction ids; there a pass reads the whole
-rows whose ``updated_ms`` is newer than the newest it saw, less an overlap.
+SQLite has no transaction ids; there a pass reads the whole rows whose ``updated_ms``
+(the database's clock at the write) is newer than the clock when the previous pass read,
+less an overlap for transactions that commit late. So are enterprises and agents read
+everywhere: few rows change.
 """
 
 from __future__ import annotations

@@ -65,12 +65,13 @@ class RegistryStore:
         # A query at the current time may count over a view this old (seconds): ingest
         # shows that much later in live ratios; API writes and refresh passes at once.
         self._views = ViewBoard(view_max_age)
-        # Rows are read again this far behind the newest stamp seen: a transaction that
-        # stamped its rows earlier may commit after a newer one was read. A flush that
-        # takes longer is counted (``slow_flushes``): others may miss its rows.
+        # Rows stamped by the clock (see changes.py) are read from this far before the
+        # previous pass read: a transaction may commit after a pass that its stamps
+        # precede. A flush that takes longer is counted (``slow_flushes``): others may
+        # miss its rows.
         self.refresh_overlap_ms = 5000
         self._slow = False
-        self._watermark = 0
+        self._watermark = 0  # the database's clock when the last pass read
         # On PostgreSQL: the transactions whose device rows the next refresh reads.
         self._mark: _changes.Mark | None = None
         self._refresh_lock = threading.Lock()
@@ -249,7 +250,7 @@ class RegistryStore:
     def _load(self) -> None:
         with self._engine.connect() as conn:
             # Read before the rows: a change made while they are read is read again.
-            self._watermark = _newest_stamp(conn)
+            self._watermark = _db_now(conn)
             self._mark = _changes.take_mark(conn)
             ents = conn.execute(sa.select(t.enterprises)).all()
             agts = conn.execute(sa.select(t.agents)).all()
@@ -298,18 +299,17 @@ class RegistryStore:
                 committed, api_writes = self._committed_seq, self._api_writes
             since = self._watermark - self.refresh_overlap_ms
             with self._engine.connect() as conn:
-                mark = _changes.take_mark(conn)  # before reading: see changes.py
+                # Both before reading: see changes.py.
+                read_at, mark = _db_now(conn), _changes.take_mark(conn)
                 ents = conn.execute(
                     sa.select(t.enterprises).where(t.enterprises.c.updated_ms > since)
                 ).all()
                 agts = conn.execute(sa.select(t.agents).where(t.agents.c.updated_ms > since)).all()
-                stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
                 if self._mark is not None:
                     times, devs = _changes.device_rows_stamped(conn, self._mark)
                 else:
                     devs = _changes.device_rows_since(conn, since)
                     times = [(r[0], r[1], r[13], r[17], r[18]) for r in devs]
-                    stamps += [r[-1] for r in devs]
             prep = self._prepare_devices(devs, times)
             with self._lock:
                 # An API write made meanwhile may be newer than what was read, or older:
@@ -321,8 +321,7 @@ class RegistryStore:
                     self._refresh_agents(agts, committed)
                 self._apply_devices(prep, committed if settled else -1)
                 if settled:
-                    self._watermark = max(self._watermark, *stamps) if stamps else self._watermark
-                    self._mark = mark
+                    self._watermark, self._mark = read_at, mark
                 read = len(ents) + len(agts) + len(devs) + len(times)
                 # Taken with the pass applied, under the same hold of the lock: a query
                 # counts either all of this pass or none of it.
@@ -704,10 +703,6 @@ def _time_rows(
     ]
 
 
-def _newest_stamp(conn: sa.Connection) -> int:
-    """The newest ``updated_ms`` of enterprises, agents and devices (0 for none)."""
-    newest = 0
-    for table in (t.enterprises, t.agents, t.devices):
-        stamp = conn.execute(sa.select(sa.func.max(table.c.updated_ms))).scalar()
-        newest = max(newest, int(stamp or 0))
-    return newest
+def _db_now(conn: sa.Connection) -> int:
+    """The database's clock, which stamps the rows, in Unix milliseconds."""
+    return int(conn.execute(sa.select(t.db_now_ms())).scalar_one())

@@ -4,6 +4,7 @@ count while one runs. On SQLite and PostgreSQL unless marked."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -169,6 +170,27 @@ def test_a_flush_between_a_pass_reading_and_applying_keeps_the_newer_local_state
             assert there is not None and there["state_reason"] == "unplugged"
         finally:
             writer_view.close()
+    finally:
+        reader.close()
+
+
+def test_when_nothing_changes_a_pass_reads_nothing(registry_url: str, writer: Registry) -> None:
+    populate(writer)
+    writer.flush()
+    reader = Registry(registry_url, default_poll_interval=POLL_S)
+    reader.refresh_overlap_ms = 200
+    try:
+        assert reader.get_device(ONLINE[0]["enterprise"], ONLINE[0]["device_id"]) is not None
+        time.sleep(0.3)  # past the overlap: the rows written before the start are old
+        reader.refresh()
+        time.sleep(0.3)
+        assert reader.refresh() == 0
+        _go_offline(writer, ONLINE[:1])
+        writer.flush()
+        assert reader.refresh() > 0
+        time.sleep(0.3)
+        reader.refresh()
+        assert reader.refresh() == 0
     finally:
         reader.close()
 
