@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,24 +47,83 @@ QUALITY_DEFINITION = (
 )
 
 
-@dataclass(slots=True)
-class _Bucket:
-    start_ms: int
-    count: int
-    first_fp: int
-    varied: bool
-
-
 class _Track:
-    """One device's buckets, messages and state changes: plain lists (a deque costs
-    some 600 bytes even empty, and a province has 10⁶ devices), trimmed as they grow."""
+    """One device's bucket rows (in ``_Buckets``, oldest first), messages and state
+    changes: plain lists (a deque costs some 600 bytes even empty, and a province has
+    10⁶ devices), trimmed as they grow."""
 
-    __slots__ = ("buckets", "points", "states")
+    __slots__ = ("points", "rows", "slot", "states")
 
-    def __init__(self) -> None:
-        self.buckets: list[_Bucket] = []
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.rows: list[int] = []
         self.points: list[tuple[int, dict[str, PointValue]]] = []
         self.states: list[tuple[int, bool, str]] = []
+
+
+class _Buckets:
+    """Every tracked device's sample-count buckets as flat columns (a row a bucket), so
+    that judging 10⁶ devices is a few numpy passes rather than a Python loop.
+
+    Per row: the device's slot, the bucket's start, its sample count, the fingerprint of
+    its first message's values, and whether a later one differed. Rows a track no longer
+    lists are garbage; ``compact`` drops them once they outnumber the rest.
+    """
+
+    _COLUMNS = ("slot", "start", "count", "fp", "varied")
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.used = 0
+        self.live = 0
+        self.slot = np.zeros(capacity, np.int64)
+        self.start = np.zeros(capacity, np.int64)
+        self.count = np.zeros(capacity, np.int64)
+        self.fp = np.zeros(capacity, np.int64)
+        self.varied = np.zeros(capacity, np.bool_)
+
+    def append(self, slot: int, start: int, count: int, fp: int) -> int:
+        """A new row; returns its number. The caller compacts first when ``full``."""
+        j = self.used
+        if j == len(self.start):
+            self._resize(2 * j)
+        self.slot[j], self.start[j], self.count[j], self.fp[j] = slot, start, count, fp
+        self.varied[j] = False
+        self.used = j + 1
+        self.live += 1
+        return j
+
+    @property
+    def full(self) -> bool:
+        return self.used == len(self.start)
+
+    def _resize(self, capacity: int) -> None:
+        for name in self._COLUMNS:
+            old = getattr(self, name)
+            new = np.zeros(capacity, old.dtype)
+            new[: self.used] = old[: self.used]
+            setattr(self, name, new)
+
+    def compact(self, tracks: list[_Track]) -> None:
+        """Keep only the rows the tracks list, renumbering them (call under the lock).
+
+        New arrays, not rewritten ones: a judgement under way keeps reading the old.
+        """
+        keep = [j for track in tracks for j in track.rows]
+        order = np.array(keep, np.int64)
+        for name in self._COLUMNS:
+            column = getattr(self, name)
+            new = np.zeros(max(1024, 2 * len(keep)), column.dtype)
+            new[: len(keep)] = column[order]
+            setattr(self, name, new)
+        k = 0
+        for track in tracks:
+            m = len(track.rows)
+            track.rows = list(range(k, k + m))
+            k += m
+        self.used = self.live = len(keep)
+
+
+_I64_MIN = np.iinfo(np.int64).min
 
 
 def _trim(items: list[Any], keep: int) -> None:
@@ -76,6 +134,7 @@ def _trim(items: list[Any], keep: int) -> None:
 
 def _fingerprint(values: dict[str, PointValue]) -> int:
     # Point values are all hashable; an agent sends a device's points in one order.
+    # Python's hash is a signed 64-bit int, which is what the fingerprint column holds.
     return hash(tuple(values.items()))
 
 
@@ -104,9 +163,14 @@ class QualityWindow:
         self.poll_ms = int(poll_interval_s * 1000)
         self.started_ms = int(clock() * 1000)
         self._tracks: dict[tuple[str, str], _Track] = {}
+        self._keys: list[tuple[str, str]] = []  # by slot
+        self._buckets = _Buckets()
         self._lock = threading.Lock()
         self._clock = clock
         self._mask_cache: tuple[tuple[int, int, int], int, float, bool, Any] | None = None
+        # Slot → index position, for the positions mapping of id ``_pos_of``.
+        self._pos_of = 0
+        self._slot_pos = np.zeros(0, np.int64)
         self.dropped = 0
 
     def configure(self, *, min_share: float, points: int) -> None:
@@ -126,7 +190,8 @@ class QualityWindow:
             if len(self._tracks) >= _MAX_DEVICES:
                 self.dropped += 1
                 return None
-            track = self._tracks[key] = _Track()
+            track = self._tracks[key] = _Track(len(self._keys))
+            self._keys.append(key)
         return track
 
     def record_state(self, key: tuple[str, str], ts_ms: int, online: bool, reason: str) -> None:
@@ -156,23 +221,38 @@ class QualityWindow:
             track = self._track(key)
             if track is None:
                 return
-            last = track.buckets[-1] if track.buckets else None
-            if last is not None and last.start_ms == start:
-                last.count += summary.count
-                last.varied = last.varied or fp != last.first_fp
-            elif last is None or start > last.start_ms:
-                track.buckets.append(_Bucket(start, summary.count, fp, False))
-                _trim(track.buckets, _BUCKETS)
-            else:
-                # A late message for an older bucket: counted, never reordering the list.
-                for b in track.buckets:
-                    if b.start_ms == start:
-                        b.count += summary.count
-                        b.varied = b.varied or fp != b.first_fp
-                        break
+            self._count(track, start, summary.count, fp)
             if summary.latest:
                 track.points.append((summary.last_ts, dict(summary.latest)))
                 _trim(track.points, self._points_kept())
+
+    def _count(self, track: _Track, start: int, count: int, fp: int) -> None:
+        """Add ``count`` samples to the track's bucket at ``start`` (under the lock)."""
+        b = self._buckets
+        rows = track.rows
+        last = rows[-1] if rows else -1
+        if last >= 0 and b.start[last] == start:
+            b.count[last] += count
+            if fp != b.fp[last]:
+                b.varied[last] = True
+            return
+        if last < 0 or start > b.start[last]:
+            if b.full and b.live <= b.used // 2:
+                b.compact(list(self._tracks.values()))
+                rows = track.rows
+            rows.append(b.append(track.slot, start, count, fp))
+            if len(rows) > 2 * _BUCKETS:  # trimming at twice the bound: O(1) amortised
+                b.live -= len(rows) - _BUCKETS
+                b.start[rows[:-_BUCKETS]] = _I64_MIN  # in no window any more
+                del rows[:-_BUCKETS]
+            return
+        # A late message for an older bucket: counted, never reordering the list.
+        for j in rows:
+            if b.start[j] == start:
+                b.count[j] += count
+                if fp != b.fp[j]:
+                    b.varied[j] = True
+                return
 
     def _span(self, as_of_ms: int, window_ms: int) -> tuple[int, int]:
         """(lowest bucket start counted, expected samples) of a window."""
@@ -181,30 +261,18 @@ class QualityWindow:
         expected = max(1, (as_of_ms - lo) // self.poll_ms) if as_of_ms > lo else 1
         return lo - self.bucket_ms, int(expected)
 
-    @staticmethod
-    def _verdict(
-        buckets: list[_Bucket], low: int, as_of_ms: int, need: float
-    ) -> tuple[int, bool, bool]:
-        """(samples, complete, frozen) from a device's buckets in (low, as_of]."""
-        samples = 0
-        first: int | None = None
-        changed = False
-        for b in buckets:
-            if low < b.start_ms <= as_of_ms:
-                samples += b.count
-                if first is None:
-                    first = b.first_fp
-                changed = changed or b.varied or b.first_fp != first
-        return samples, samples >= need, samples > 1 and not changed
-
     def judge(self, key: tuple[str, str], as_of_ms: int, window_ms: int) -> dict[str, Any]:
         """The gate's evidence for one device: samples, expected, frozen, passes."""
         low, expected = self._span(as_of_ms, window_ms)
+        b = self._buckets
         with self._lock:
             track = self._tracks.get(key)
-            kept = track.buckets[-_BUCKETS:] if track else []
-        need = self.min_share * expected
-        samples, complete, frozen = self._verdict(kept, low, as_of_ms, need)
+            kept = track.rows[-_BUCKETS:] if track else []
+            rows = [j for j in kept if low < b.start[j] <= as_of_ms]
+            samples = sum(int(b.count[j]) for j in rows)
+            varied = any(b.varied[j] for j in rows) or len({int(b.fp[j]) for j in rows}) > 1
+        complete = samples >= self.min_share * expected
+        frozen = samples > 1 and not varied
         return {
             "samples": samples,
             "expected": expected,
@@ -217,9 +285,9 @@ class QualityWindow:
         self, positions: dict[tuple[str, str], int], n: int, as_of_ms: int, window_ms: int
     ) -> Any:
         """Devices that pass the gate, as a mask by index position (``positions``: key → i)."""
-        # The gate costs a pass over every tracked device (seconds at 10⁶), so a mask
-        # is reused: for the same as_of (a snapshot asks once per grouping and kind),
-        # and for queries at "now" (as_of within _LIVE_S of the clock) for _LIVE_S.
+        # For the same as_of (a snapshot asks once per grouping and kind), and for
+        # queries at "now" (as_of within _LIVE_S of the clock) for _LIVE_S, a mask is
+        # reused: the verdicts change slowly, and a million devices take a while.
         now = time.monotonic()
         live = abs(as_of_ms - self._clock() * 1000) <= _LIVE_S * 1000
         cached = self._mask_cache
@@ -227,21 +295,54 @@ class QualityWindow:
             age = now - cached[2]
             if (cached[1] == as_of_ms and age < _LIVE_S) or (live and cached[3] and age < _LIVE_S):
                 return cached[4]
-        out = np.zeros(n, np.bool_)
         low, expected = self._span(as_of_ms, window_ms)
         need = max(self.min_share * expected, 1)
-        verdict = self._verdict
-        with self._lock:
-            tracked = list(self._tracks.items())
-        # Reads lists the ingest thread appends to: a bucket added meanwhile is either
-        # seen or not, which the next computation settles.
-        for key, track in tracked:
-            i = positions.get(key)
-            if i is not None and i < n:
-                _samples, complete, frozen = verdict(track.buckets, low, as_of_ms, need)
-                out[i] = complete and not frozen
+        passes = self._judge_all(low, as_of_ms, need)
+        pos = self._positions(positions, len(passes))
+        hit = pos[passes]
+        out = np.zeros(n, np.bool_)
+        out[hit[(hit >= 0) & (hit < n)]] = True
         self._mask_cache = ((window_ms, n, id(positions)), as_of_ms, now, live, out)
         return out
+
+    def _judge_all(self, low: int, as_of_ms: int, need: float) -> Any:
+        """Whether each slot's device passes over the buckets in (low, as_of]."""
+        b = self._buckets
+        with self._lock:
+            # Views of the current arrays: rows appended meanwhile are not counted, a
+            # count moving meanwhile is read before or after; either is settled next time.
+            used, slots = b.used, len(self._keys)
+            slot, start, count = b.slot[:used], b.start[:used], b.count[:used]
+            fp, varied = b.fp[:used], b.varied[:used]
+        valid = (start > low) & (start <= as_of_ms)
+        s = slot[valid]
+        samples = np.bincount(s, weights=count[valid], minlength=slots)
+        # Values changed in the window if a bucket saw two, or two buckets' first values
+        # differ: compare each with one of its device's (whichever a repeated index
+        # assignment leaves; any will do).
+        firsts = fp[valid]
+        ref = np.zeros(slots, np.int64)
+        ref[s] = firsts
+        differs = s[(firsts != ref[s]) | varied[valid]]
+        changed = np.bincount(differs, minlength=slots) > 0
+        frozen = (samples > 1) & ~changed
+        passes: Any = (samples >= need) & ~frozen
+        return passes
+
+    def _positions(self, positions: dict[tuple[str, str], int], slots: int) -> Any:
+        """Index position of each slot's device (-1: not in ``positions``)."""
+        with self._lock:
+            keys = self._keys[:slots]
+        if self._pos_of != id(positions):
+            self._pos_of, self._slot_pos = id(positions), np.zeros(0, np.int64)
+        old = self._slot_pos[:slots]
+        # Only slots new since the last time, or whose device was not indexed then.
+        new = np.fromiter((positions.get(k, -1) for k in keys[len(old) :]), np.int64)
+        pos = np.concatenate([old, new])
+        for k in np.flatnonzero(old == -1):
+            pos[k] = positions.get(keys[k], -1)
+        self._slot_pos = pos
+        return pos
 
     def telemetry(self, key: tuple[str, str], from_ms: int) -> list[dict[str, Any]]:
         """The device's kept messages since ``from_ms``: ts and values, oldest first."""

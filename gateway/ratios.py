@@ -39,7 +39,7 @@ from gateway.registry.codes import (
     region_label,
     region_prefix_range,
 )
-from gateway.registry.index import GROUPINGS, NEVER, DeviceIndex, Grouping
+from gateway.registry.index import GROUPINGS, NEVER, DeviceIndex, Grouping, IndexView
 
 __all__ = [
     "DEFINITIONS",
@@ -78,6 +78,8 @@ ON_CLOUD_GROUPINGS: tuple[OnCloudGrouping, ...] = get_args(OnCloudGrouping)
 # Report years follow China Standard Time (UTC+8): a year starts at 1 January 00:00 there.
 _CST = timezone(timedelta(hours=8))
 Mask = np.ndarray[Any, Any]
+# What the counting functions read: the registry's live index (under its lock) or a view.
+Counted = DeviceIndex | IndexView
 _WINDOW_RE = re.compile(r"^(\d{1,6})([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _MAX_WINDOW_S = 366 * 86400
@@ -157,7 +159,7 @@ def ratio(part: int, total: int, digits: int = 6) -> float:
     return round(part / total, digits) if total else 0.0
 
 
-def online_mask(idx: DeviceIndex, as_of_ms: int, freshness_ms: int) -> Mask:
+def online_mask(idx: Counted, as_of_ms: int, freshness_ms: int) -> Mask:
     """Devices online at ``as_of_ms``: agent alive, state online, sample fresh."""
     n = idx.n
     # NEVER (-1) is below any threshold >= -1: a device that never sent is not fresh.
@@ -166,7 +168,7 @@ def online_mask(idx: DeviceIndex, as_of_ms: int, freshness_ms: int) -> Mask:
     return mask
 
 
-def code_mask(idx: DeviceIndex, group: str, value: str) -> Mask:
+def code_mask(idx: Counted, group: str, value: str) -> Mask:
     """Devices whose ``group`` column is ``value`` (none if the value never occurs)."""
     col, enc = idx.column(group)
     code = enc.codes.get(value)
@@ -177,7 +179,7 @@ def code_mask(idx: DeviceIndex, group: str, value: str) -> Mask:
 
 
 def filter_mask(
-    idx: DeviceIndex,
+    idx: Counted,
     *,
     enterprise: str | None = None,
     region: str | None = None,
@@ -185,7 +187,8 @@ def filter_mask(
     category: str | None = None,
     kind: str | None = None,
 ) -> Mask:
-    """Scope filters as a boolean mask (call under ``reading``); ValueError if malformed.
+    """Scope filters as a boolean mask (of a view, or under ``reading``); ValueError if
+    malformed.
 
     ``kind``: 'equipment' or 'product'; None keeps both.
     """
@@ -227,7 +230,7 @@ def _group(
     }
 
 
-def quality_mask(registry: Any, idx: DeviceIndex, as_of_ms: int, window_ms: int) -> Mask:
+def quality_mask(registry: Any, idx: Counted, as_of_ms: int, window_ms: int) -> Mask:
     """Devices passing the data-quality gate (see ``gateway.quality``); none without one."""
     window = getattr(registry, "quality", None)
     if window is None:
@@ -247,10 +250,12 @@ def compute_ratios(
     industry: str | None = None,
     category: str | None = None,
     kind: str = "equipment",
+    view: IndexView | None = None,
 ) -> dict[str, Any]:
     """The ratios response: window_s, as_of, kind, group_by, groups (sorted by key), overall.
 
-    ``registry`` is a ``gateway.registry.Registry``; ValueError on a malformed filter.
+    ``registry`` is a ``gateway.registry.Registry``; counts over ``view`` (default: one
+    taken now); ValueError on a malformed filter.
     """
     if group_by is not None and group_by not in GROUPINGS:
         raise ValueError(f"group_by {group_by!r} must be one of {', '.join(GROUPINGS)}")
@@ -258,59 +263,55 @@ def compute_ratios(
     window_ms = window_s * 1000
     filters = {"enterprise": enterprise, "region": region, "industry": industry}
     filters["category"] = category
-    with registry.reading() as idx:
-        n = idx.n
-        scope = filter_mask(idx, **filters, kind=kind) & idx.active[:n]
-        # NEVER (-1) is below any threshold >= -1, so "never reported" needs no extra test.
-        connected = idx.last_good[:n] > max(as_of - window_ms, NEVER)
-        online = online_mask(idx, as_of, registry.freshness_ms)
-        quality = connected & quality_mask(registry, idx, as_of, window_ms)
-        groups: list[dict[str, Any]] = []
-        if group_by is None:
-            overall = _group(
-                "all",
-                "全部 All",
-                int(np.count_nonzero(scope)),
-                int(np.count_nonzero(scope & connected)),
-                int(np.count_nonzero(scope & online)),
-                int(np.count_nonzero(scope & quality)),
-            )
-        else:
-            col, enc = idx.column(group_by)
-            k = max(1, len(enc))
-            # One pass: each device adds 1 to slot (group, in scope, online, connected).
-            slots = (
-                (col << 3)
-                | (scope.view(np.uint8) << 2)
-                | (online.view(np.uint8) << 1)
-                | connected.view(np.uint8)
-            )
-            c = np.bincount(slots, minlength=k * 8).reshape(-1, 8)[:, 4:]
-            tot = c.sum(axis=1)
-            con = c[:, 1] + c[:, 3]
-            onl = c[:, 2] + c[:, 3]
-            qua = np.bincount(col[scope & quality], minlength=k)
-            overall = _group(
-                "all", "全部 All", int(tot.sum()), int(con.sum()), int(onl.sum()), int(qua.sum())
-            )
-            values = list(enc.values)
-            names = (
-                {e.id: e.name for e in registry.list_enterprises()}
-                if group_by == "enterprise"
-                else {}
-            )
-            for code in np.flatnonzero(tot):
-                key = values[int(code)]
-                groups.append(
-                    _group(
-                        key,
-                        _label(group_by, key, names),
-                        int(tot[code]),
-                        int(con[code]),
-                        int(onl[code]),
-                        int(qua[code]),
-                    )
+    idx = registry.view() if view is None else view
+    n = idx.n
+    scope = filter_mask(idx, **filters, kind=kind) & idx.active[:n]
+    # NEVER (-1) is below any threshold >= -1, so "never reported" needs no extra test.
+    connected = idx.last_good[:n] > max(as_of - window_ms, NEVER)
+    online = online_mask(idx, as_of, registry.freshness_ms)
+    quality = connected & quality_mask(registry, idx, as_of, window_ms)
+    groups: list[dict[str, Any]] = []
+    if group_by is None:
+        overall = _group(
+            "all",
+            "全部 All",
+            int(np.count_nonzero(scope)),
+            int(np.count_nonzero(scope & connected)),
+            int(np.count_nonzero(scope & online)),
+            int(np.count_nonzero(scope & quality)),
+        )
+    else:
+        col, enc = idx.column(group_by)
+        k = max(1, len(enc))
+        # One pass: each device adds 1 to slot (group, in scope, online, connected).
+        slots = (
+            (col << 3)
+            | (scope.view(np.uint8) << 2)
+            | (online.view(np.uint8) << 1)
+            | connected.view(np.uint8)
+        )
+        c = np.bincount(slots, minlength=k * 8).reshape(-1, 8)[:, 4:]
+        tot = c.sum(axis=1)
+        con = c[:, 1] + c[:, 3]
+        onl = c[:, 2] + c[:, 3]
+        qua = np.bincount(col[scope & quality], minlength=k)
+        overall = _group(
+            "all", "全部 All", int(tot.sum()), int(con.sum()), int(onl.sum()), int(qua.sum())
+        )
+        values = list(enc.values)
+        names = registry.enterprise_names() if group_by == "enterprise" else {}
+        for code in np.flatnonzero(tot):
+            key = values[int(code)]
+            groups.append(
+                _group(
+                    key,
+                    _label(group_by, key, names),
+                    int(tot[code]),
+                    int(con[code]),
+                    int(onl[code]),
+                    int(qua[code]),
                 )
+            )
     groups.sort(key=lambda g: g["key"])
     return {
         "window_s": window_s,
@@ -376,21 +377,21 @@ def enterprise_category_table(
     enterprise's products (the programmes' form: 联网设备总量 / 企业设备总量 and
     联网产品总量 / 生产产品总量)."""
     as_of = int(time.time() * 1000) if as_of_ms is None else as_of_ms
-    with registry.reading() as idx:
-        n = idx.n
-        active = idx.active[:n]
-        product = idx.product[:n]
-        last_good = idx.last_good[:n]
-        connected = active & (last_good > max(as_of - window_s * 1000, NEVER))
-        ncat = max(1, len(idx.enc["category"]))
-        combined = idx.ent[:n].astype(np.int64) * ncat + idx.category[:n]
-        size = max(1, len(idx.enc["enterprise"]) * ncat)
-        tot = np.bincount(combined[active & ~product], minlength=size)
-        con = np.bincount(combined[connected & ~product], minlength=size)
-        ptot = np.bincount(combined[active & product], minlength=size)
-        pcon = np.bincount(combined[connected & product], minlength=size)
-        ents = list(idx.enc["enterprise"].values)
-        cats = list(idx.enc["category"].values)
+    idx = registry.view()
+    n = idx.n
+    active = idx.active[:n]
+    product = idx.product[:n]
+    last_good = idx.last_good[:n]
+    connected = active & (last_good > max(as_of - window_s * 1000, NEVER))
+    ncat = max(1, len(idx.enc["category"]))
+    combined = idx.ent[:n].astype(np.int64) * ncat + idx.category[:n]
+    size = max(1, len(idx.enc["enterprise"]) * ncat)
+    tot = np.bincount(combined[active & ~product], minlength=size)
+    con = np.bincount(combined[connected & ~product], minlength=size)
+    ptot = np.bincount(combined[active & product], minlength=size)
+    pcon = np.bincount(combined[connected & product], minlength=size)
+    ents = idx.enc["enterprise"].values
+    cats = idx.enc["category"].values
     by_id = {e.id: e for e in registry.list_enterprises()}
     rows = []
     for code in np.flatnonzero(tot + ptot):
@@ -473,16 +474,13 @@ def _on_cloud_group(
 
 def _connected_equipment(registry: Any, as_of: int, window_s: int) -> dict[str, int]:
     """Enterprise id → its equipment connected in the window (not decommissioned)."""
-    with registry.reading() as idx:
-        n = idx.n
-        connected = (
-            idx.active[:n]
-            & ~idx.product[:n]
-            & (idx.last_good[:n] > max(as_of - window_s * 1000, NEVER))
-        )
-        enc = idx.enc["enterprise"]
-        counts = np.bincount(idx.ent[:n][connected], minlength=max(1, len(enc)))
-        return {value: int(counts[code]) for code, value in enumerate(enc.values)}
+    idx = registry.view()
+    n = idx.n
+    equipment = idx.active[:n] & ~idx.product[:n]
+    connected = equipment & (idx.last_good[:n] > max(as_of - window_s * 1000, NEVER))
+    enc = idx.enc["enterprise"]
+    counts = np.bincount(idx.ent[:n][connected], minlength=max(1, len(enc)))
+    return {value: int(counts[code]) for code, value in enumerate(enc.values)}
 
 
 def compute_on_cloud(
@@ -597,12 +595,18 @@ class Snapshotter:
             ts_ms = int(self._clock() * 1000) // step * step
         rows: list[dict[str, Any]] = []
         lines: list[str] = []
+        view = self.registry.view()  # every grouping counts the same devices
         for group_by in (None, *self.groupings):
             by_key: dict[str, dict[str, Any]] = {}
             name = "overall" if group_by is None else group_by
             for kind in KINDS:
                 result = compute_ratios(
-                    self.registry, group_by, window_s=self.window_s, as_of_ms=ts_ms, kind=kind
+                    self.registry,
+                    group_by,
+                    window_s=self.window_s,
+                    as_of_ms=ts_ms,
+                    kind=kind,
+                    view=view,
                 )
                 groups = [result["overall"]] if group_by is None else result["groups"]
                 for g in groups:

@@ -55,11 +55,16 @@ def _auth(request: Request) -> TokenAuth:
     return auth
 
 
-def _require_read(request: Request) -> Role:
+# The dependencies are coroutines though they never wait: FastAPI runs a plain function
+# in its thread pool, and each hop to a thread and back costs a request more than the
+# work itself when the machine is busy.
+
+
+async def _require_read(request: Request) -> Role:
     return _auth(request).read(request)
 
 
-def _require_write(request: Request) -> Role:
+async def _require_write(request: Request) -> Role:
     return _auth(request).write(request)
 
 
@@ -68,17 +73,17 @@ READ = Depends(_require_read)
 WRITE = Depends(_require_write)
 
 
-def _registry(request: Request) -> Registry:
+async def _registry(request: Request) -> Registry:
     registry: Registry = request.app.state.registry
     return registry
 
 
-def _provisioner(request: Request) -> Provisioner:
+async def _provisioner(request: Request) -> Provisioner:
     provisioner: Provisioner = request.app.state.provisioner
     return provisioner
 
 
-def _now_ms(request: Request) -> int:
+async def _now_ms(request: Request) -> int:
     clock: Callable[[], float] = getattr(request.app.state, "clock", time.time)
     return int(clock() * 1000)
 

@@ -43,8 +43,7 @@ class AgentsPart(RegistryStore):
         region = check_region(region)
         industry = check_industry(industry)
         name = check_text(name.strip(), "name")[:200] or enterprise_id
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 existing = self._enterprises.get(enterprise_id)
             now = self._now_ms()
@@ -92,8 +91,7 @@ class AgentsPart(RegistryStore):
                 Enterprise(ent_id, name, check_region(region), check_industry(industry), now)
             )
         agents = [Agent(f"{e.id}-agent", e.id, None, now) for e in ents] if with_agents else []
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 taken = [e.id for e in ents if e.id in self._enterprises]
             if taken:
@@ -112,6 +110,12 @@ class AgentsPart(RegistryStore):
     def get_enterprise(self, enterprise_id: str) -> Enterprise | None:
         with self._lock:
             return self._enterprises.get(enterprise_id)
+
+    def enterprise_names(self) -> dict[str, str]:
+        """Enterprise id → name, without waiting for the registry's lock (queries count
+        over a view and must not wait for a refresh pass or a flush)."""
+        # dict.copy() runs in C under the GIL: it sees the dict between two changes.
+        return {e.id: e.name for e in self._enterprises.copy().values()}
 
     def list_enterprises(self) -> list[Enterprise]:
         with self._lock:
@@ -177,8 +181,7 @@ class AgentsPart(RegistryStore):
     def add_agent(self, enterprise: str, agent_id: str, password_hash: str | None) -> Agent:
         """Register an agent (or rotate its password); the id is unique across enterprises."""
         check_ident(agent_id, "agent")
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 return self._put_agent(conn, enterprise, agent_id, password_hash)[0]
 
@@ -275,9 +278,8 @@ class AgentsPart(RegistryStore):
         """
         check_ident(agent_id, "agent_id")
         now = self._now_ms()
-        with self._db_lock:
+        with self._api_write():
             cached = self._cached(agent_id)
-            self._flush_locked()
             with self._engine.begin() as conn:
                 row = conn.execute(
                     sa.select(t.provisioning_keys).where(
@@ -346,9 +348,8 @@ class AgentsPart(RegistryStore):
         When ``publish`` raises, neither the password nor the audit changes.
         """
         now = self._now_ms()
-        with self._db_lock:
+        with self._api_write():
             cached = self._cached(agent_id)
-            self._flush_locked()
             with self._engine.begin() as conn:
                 found = conn.execute(
                     sa.select(t.agents.c.enterprise).where(t.agents.c.id == agent_id)

@@ -134,8 +134,7 @@ class DevicesPart(RegistryStore):
                 good[(row.enterprise, row.device_id)] = (line, row)
         created = updated = 0
         now = self._now_ms()
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             new_metas: list[DeviceMeta] = []
             changed: list[tuple[int, DeviceMeta]] = []
             with self._lock:
@@ -202,8 +201,7 @@ class DevicesPart(RegistryStore):
         return view, result.created == 1
 
     def decommission(self, enterprise: str, device: str) -> dict[str, Any]:
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._lock:
                 i = self._index.keys.get((enterprise, device))
                 if i is None:
@@ -237,8 +235,7 @@ class DevicesPart(RegistryStore):
                 if (r.enterprise, r.device_id) in self._index.keys:
                     raise Conflict(f"device {r.enterprise}/{r.device_id} is already registered")
                 metas.append(_new_meta(ent, r, source, now))
-        with self._db_lock:
-            self._flush_locked()
+        with self._api_write():
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, [_rows.meta_row(m) for m in metas])
             with self._lock:
@@ -267,6 +264,7 @@ class DevicesPart(RegistryStore):
             self._pending_inserts.discard(i)
             self._dirty.add(i)
             self._dirty_report.add(i)
+            self._touch_locked(i)
         self.counters["ledger_birth_races"] += len(raced)
         return len(raced)
 

@@ -2,20 +2,33 @@
 
 The database stays the source of truth; the index is rebuilt from it at start and kept
 up to date by the registry under its lock. Categorical columns are dictionary-encoded
-(``_Encoder``) so a grouping is one ``np.bincount``.
+(``Encoder``) so a grouping is one ``np.bincount``. Ratio queries count over an
+``IndexView``: a read-only copy of the counting columns taken under the lock in a few
+milliseconds, so a query never holds the lock while it counts and never sees half of
+a change (a refresh pass applies under the lock, then publishes a new view).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 from gateway.registry.codes import industry_division
 
-__all__ = ["GROUPINGS", "NEVER", "DeviceIndex", "DeviceMeta", "Encoder", "Grouping"]
+__all__ = [
+    "GROUPINGS",
+    "NEVER",
+    "DeviceIndex",
+    "DeviceMeta",
+    "Encoder",
+    "EncoderView",
+    "Grouping",
+    "IndexView",
+]
 
 NEVER = -1  # a timestamp column's value for "not yet"
 
@@ -44,6 +57,19 @@ class Encoder:
             self.codes[value] = c
             self.values.append(value)
         return c
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+class EncoderView:
+    """An encoder's values and codes as they were when a view was taken (read-only)."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self, enc: Encoder) -> None:
+        self.values: tuple[str, ...] = tuple(enc.values)
+        self.codes: dict[str, int] = dict(enc.codes)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -83,6 +109,81 @@ _COLUMN_OF = {"enterprise": "ent", "province": "prov"}
 _INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
 _TS_COLUMNS = ("last_good", "last_ts", "offline_since", "saved_good", "saved_ts")
 _BOOL_COLUMNS = ("active", "agent_alive", "dev_online", "product")
+_ZERO_COLUMNS = (*_INT_COLUMNS, *_BOOL_COLUMNS, "state_seq")
+# What a view copies: the columns only ``set_static`` and ``add`` write (copied again
+# only when ``static_version`` has moved), and those ingest moves all the time.
+_STATIC_VIEW = (*_INT_COLUMNS, "product")
+_DYNAMIC_VIEW = ("last_good", "last_ts", "active", "agent_alive", "dev_online")
+
+
+class IndexView:
+    """The counting columns of a ``DeviceIndex`` at one moment, read-only.
+
+    Shares nothing that changes with the index except ``keys`` (key → position), which
+    only ever gains entries; a position at or past ``n`` is not in the view.
+    ``generation`` numbers the views of one registry, in order; ``taken`` is when
+    (``time.monotonic()``).
+    """
+
+    n: int
+    generation: int
+    taken: float
+    keys: dict[tuple[str, str], int]
+    enc: dict[str, EncoderView]
+    ent: I32
+    prov: I32
+    city: I32
+    county: I32
+    region_num: I32
+    industry: I32
+    category: I32
+    family: I32
+    product: Bools
+    last_good: I64
+    last_ts: I64
+    active: Bools
+    agent_alive: Bools
+    dev_online: Bools
+
+    def __init__(self, index: DeviceIndex, generation: int, previous: IndexView | None) -> None:
+        """Copy ``index`` (call under the registry's lock); ``previous``, an earlier view
+        of the same index, lends the columns and encoders that have not changed since."""
+        n = self.n = index.n
+        self.generation = generation
+        self.taken = time.monotonic()
+        self.keys = index.keys
+        self._source = index
+        self._static_version = index.static_version
+        lend = (
+            previous
+            if previous is not None
+            and previous._source is index
+            and previous._static_version == index.static_version
+            and previous.n == n
+            else None
+        )
+        for name in _STATIC_VIEW:
+            col = getattr(lend, name) if lend is not None else _frozen(getattr(index, name)[:n])
+            setattr(self, name, col)
+        for name in _DYNAMIC_VIEW:
+            setattr(self, name, _frozen(getattr(index, name)[:n]))
+        old = previous.enc if previous is not None and previous._source is index else {}
+        self.enc = {
+            name: old[name] if name in old and len(old[name]) == len(enc) else EncoderView(enc)
+            for name, enc in index.enc.items()
+        }
+
+    def column(self, group_by: str) -> tuple[I32, EncoderView]:
+        """The code column and encoder of a grouping."""
+        enc = self.enc[group_by]  # KeyError for anything but a grouping
+        col: I32 = getattr(self, _COLUMN_OF.get(group_by, group_by))
+        return col, enc
+
+
+def _frozen(column: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    out = column.copy()
+    out.flags.writeable = False
+    return out
 
 
 class DeviceIndex:
@@ -114,8 +215,13 @@ class DeviceIndex:
         self.dev_online: Bools = np.zeros(self._cap, np.bool_)
         # True for a product an enterprise made (kind 'product'), False for its equipment.
         self.product: Bools = np.zeros(self._cap, np.bool_)
+        # The registry's change number of the device's last state change made here (0:
+        # none), so a refresh can tell whether what it read is older than that.
+        self.state_seq: I64 = np.zeros(self._cap, np.int64)
         # Agent id -> positions of its devices, to flip agent_alive on birth/will.
         self.by_agent: dict[str, set[int]] = {}
+        # Moves whenever a column of _STATIC_VIEW changes, so views copy them only then.
+        self.static_version = 0
 
     def _grow(self, need: int) -> None:
         if need <= self._cap:
@@ -123,7 +229,7 @@ class DeviceIndex:
         cap = self._cap
         while cap < need:
             cap *= 2
-        for name in _INT_COLUMNS + _BOOL_COLUMNS:
+        for name in _ZERO_COLUMNS:
             old = getattr(self, name)
             new = np.zeros(cap, old.dtype)
             new[: self.n] = old[: self.n]
@@ -138,16 +244,25 @@ class DeviceIndex:
     def set_static(self, i: int, meta: DeviceMeta) -> None:
         """(Re)write the categorical columns of position ``i`` from its metadata."""
         r = meta.region
-        self.ent[i] = self.enc["enterprise"].code(meta.enterprise)
-        self.prov[i] = self.enc["province"].code(r[:2] + "0000")
-        self.city[i] = self.enc["city"].code(r[:4] + "00")
-        self.county[i] = self.enc["county"].code(r)
-        self.region_num[i] = int(r)
-        self.industry[i] = self.enc["industry"].code(industry_division(meta.industry))
-        self.category[i] = self.enc["category"].code(meta.category)
-        self.family[i] = self.enc["family"].code(meta.family)
+        e = self.enc
+        codes = (
+            e["enterprise"].code(meta.enterprise),
+            e["province"].code(r[:2] + "0000"),
+            e["city"].code(r[:4] + "00"),
+            e["county"].code(r),
+            int(r),
+            e["industry"].code(industry_division(meta.industry)),
+            e["category"].code(meta.category),
+            e["family"].code(meta.family),
+            meta.kind == "product",
+        )
         self.active[i] = meta.status != "decommissioned"
-        self.product[i] = meta.kind == "product"
+        # Most calls rewrite what is there already (a refreshed row, a repeated birth):
+        # leave the version alone then, so the next view need not copy these columns.
+        if codes != tuple(getattr(self, name)[i] for name in _STATIC_VIEW):
+            for name, code in zip(_STATIC_VIEW, codes, strict=True):
+                getattr(self, name)[i] = code
+            self.static_version += 1
 
     def add(self, meta: DeviceMeta) -> int:
         i = self.n
@@ -156,6 +271,7 @@ class DeviceIndex:
         self.keys[(meta.enterprise, meta.id)] = i
         self.meta.append(meta)
         self.set_static(i, meta)
+        self.static_version += 1
         if meta.agent:
             self.by_agent.setdefault(meta.agent, set()).add(i)
         return i
@@ -184,6 +300,7 @@ class DeviceIndex:
                 self.by_agent.setdefault(m.agent, set()).add(j)
         self.meta.extend(metas)
         self.n = start + k
+        self.static_version += 1
         return start
 
     def set_agent(self, i: int, agent: str | None, alive: bool) -> None:

@@ -230,6 +230,9 @@ def update_devices(
             values[name] = sa.func.greatest(c[name], values[name])
     if "first_seen_ms" in values:
         values["first_seen_ms"] = sa.func.least(c.first_seen_ms, values["first_seen_ms"])
+    if columns == TIME_COLUMNS:
+        # Only sample times: other instances read such a row narrow (changes.py).
+        values["state_xid"] = c.state_xid
     if "status" in values:
         # Nor does a device go back from 'connected' to before its first good sample.
         values["status"] = sa.case(

@@ -105,6 +105,7 @@ class IngestSinkPart(RegistryStore):
             a.bdseq = birth.bdseq
             a.last_birth_ms = birth.ts or now
             self._dirty_agents.add(agent)
+            self._touch_agent_locked(agent)
             ent = self._enterprises[enterprise]
             idx = self._index
             for dev in birth.devices:
@@ -133,6 +134,7 @@ class IngestSinkPart(RegistryStore):
                     )
                     i = idx.add(meta)
                     self._pending_inserts.add(i)
+                    self._touch_locked(i)
                     self.counters["devices_not_in_ledger"] += 1
                 else:
                     meta = idx.meta[i]
@@ -146,12 +148,14 @@ class IngestSinkPart(RegistryStore):
                         meta.status = "provisioned"
                     idx.set_agent(i, agent, True)
                 self._dirty.add(i)
+                self._touch_locked(i)
             for i in idx.by_agent.get(agent, ()):
                 if not idx.agent_alive[i]:
                     change = StateChange(birth.ts or now, True, "agent online", "agent")
                     self._history.record((enterprise, idx.meta[i].id), change)
                 idx.agent_alive[i] = True
                 self._dirty.add(i)
+                self._touch_locked(i)
 
     def on_will(self, enterprise: str, agent: str, will: Will) -> None:
         self.counters["wills"] += 1
@@ -167,6 +171,7 @@ class IngestSinkPart(RegistryStore):
                 return
             a.online = False
             self._dirty_agents.add(agent)
+            self._touch_agent_locked(agent)
             idx = self._index
             for i in idx.by_agent.get(agent, ()):
                 if idx.dev_online[i] and idx.agent_alive[i]:
@@ -178,6 +183,7 @@ class IngestSinkPart(RegistryStore):
                 idx.agent_alive[i] = False
                 idx.dev_online[i] = False
                 self._dirty_report.add(i)
+                self._touch_locked(i)
 
     def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:
         self.counters["device_states"] += 1
@@ -201,6 +207,7 @@ class IngestSinkPart(RegistryStore):
             )
             self._history.record((enterprise, device), change)
             self._dirty_report.add(i)
+            self._touch_locked(i)
 
     def state_history(self, enterprise: str, device: str, limit: int = 50) -> list[StateChange]:
         """The device's last online/offline changes seen by this instance, newest first."""
@@ -250,6 +257,7 @@ class IngestSinkPart(RegistryStore):
                 )
             if changed:
                 self._dirty.add(i)
+                self._touch_locked(i)
             elif moved:
                 # Only the timestamps: the state columns stay as whoever changed them wrote.
                 self._dirty_times.add(i)

@@ -29,17 +29,21 @@ from typing import Any, Self
 import numpy as np
 import sqlalchemy as sa
 
+from gateway.registry import changes as _changes
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
 from gateway.registry.history import StateHistory
-from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta
+from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
 from gateway.registry.model import Agent, Enterprise
+from gateway.registry.views import AnswerCache, ViewBoard
 
 __all__ = ["PointValue", "RegistryStore"]
 
 log = logging.getLogger("iiot.gateway.registry")
 
 PointValue = bool | int | float | str | None
+# Devices newly reporting between two freezes of the GC's long-lived objects.
+_FREEZE_EVERY = 2_000
 
 
 class RegistryStore:
@@ -53,16 +57,32 @@ class RegistryStore:
         flush_interval: float = 1.0,
         persist_granularity: float = 60.0,
         refresh_interval: float | None = None,
+        view_max_age: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.refresh_interval = refresh_interval
-        # Rows are read again this far behind the newest stamp seen: a transaction that
-        # stamped its rows earlier may commit after a newer one was read. A flush that
-        # takes longer is counted (``slow_flushes``): others may miss its rows.
+        # A query at the current time may count over a view this old (seconds): ingest
+        # shows that much later in live ratios; API writes and refresh passes at once.
+        self._views = ViewBoard(view_max_age)
+        # Rows stamped by the clock (see changes.py) are read from this far before the
+        # previous pass read: a transaction may commit after a pass that its stamps
+        # precede. A flush that takes longer is counted (``slow_flushes``): others may
+        # miss its rows.
         self.refresh_overlap_ms = 5000
         self._slow = False
-        self._watermark = 0
+        self._watermark = 0  # the database's clock when the last pass read
+        # On PostgreSQL: the transactions whose device rows the next refresh reads.
+        self._mark: _changes.Mark | None = None
+        self._refresh_lock = threading.Lock()
+        # Local changes are numbered (``_seq``); a flush notes up to which number every
+        # change is in the database once it commits (``_committed_seq``). A refresh
+        # applies a row's state only where this instance's last change of it is no newer
+        # than that number was before the read. API writes are counted apart.
+        self._seq = 0
+        self._committed_seq = 0
+        self._api_writes = 0
+        self._agent_seq: dict[str, int] = {}
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
         self.flush_interval = flush_interval
@@ -77,6 +97,7 @@ class RegistryStore:
         self._history = StateHistory()  # online/offline changes, for the device page
         # Sequence gaps per device since this process started: (gaps, missed, last gap ts).
         self._gaps: dict[tuple[str, str], tuple[int, int, int]] = {}
+        self._frozen_at = 0  # len(_latest) when last frozen (see _freeze_grown)
         self._pending_inserts: set[int] = set()
         self._dirty: set[int] = set()
         # What changed, by the columns it writes (see rows.META_COLUMNS): ``_dirty`` the
@@ -94,6 +115,7 @@ class RegistryStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresher: threading.Thread | None = None
+        self._publisher: threading.Thread | None = None
         self._started = False
         self._closed = False
         # Schema and index are ready as soon as the object exists, so a caller that
@@ -117,6 +139,10 @@ class RegistryStore:
                 target=self._refresh_loop, name="registry-refresh", daemon=True
             )
             self._refresher.start()
+        self._publisher = threading.Thread(
+            target=self._publish_loop, name="registry-views", daemon=True
+        )
+        self._publisher.start()
         self._started = True
         return self
 
@@ -126,10 +152,10 @@ class RegistryStore:
             return
         self._closed = True
         self._stop.set()
-        for thread in (self._thread, self._refresher):
+        for thread in (self._thread, self._refresher, self._publisher):
             if thread is not None:
                 thread.join(timeout=10)
-        self._thread = self._refresher = None
+        self._thread = self._refresher = self._publisher = None
         with self._lock:
             idx = self._index
             n = idx.n
@@ -169,6 +195,21 @@ class RegistryStore:
             except Exception:
                 self.counters["flush_errors"] += 1
                 log.exception("registry flush failed; will retry")
+            self._freeze_grown()
+
+    def _freeze_grown(self) -> None:
+        """Freeze the per-device state that reporting devices added since the last time.
+
+        Each reporting device adds a few long-lived objects (its latest values, its
+        quality track); unfrozen, every full collection of the cyclic GC walks them all,
+        a stop of every thread that grew past a second at 10⁵ devices. Frozen every
+        ``_FREEZE_EVERY`` devices, a collection walks at most that many devices' worth.
+        """
+        grown = len(self._latest)
+        if grown - self._frozen_at >= _FREEZE_EVERY:
+            self._frozen_at = grown
+            _rows.freeze_long_lived()
+            self.counters["gc_freezes"] += 1
 
     def _refresh_loop(self) -> None:
         # Bounded by the stop event; each pass has the database timeout of the engine.
@@ -187,10 +228,30 @@ class RegistryStore:
                     log.info("registry refresh works again")
                 failing = False
 
+    def _publish_loop(self) -> None:
+        # Bounded by the stop event; a pass copies the index and answers a bounded
+        # number of queries ahead (views.py). Idle while nobody asks live queries.
+        interval = self._views.max_age / 2
+        failing = False
+        while not self._stop.wait(interval):
+            age = self._views.age()
+            if not self._views.asked() or (age is not None and age < interval):
+                continue  # nobody asking, or a refresh pass has just published
+            try:
+                self._publish()
+            except Exception:
+                self.counters["view_errors"] += 1
+                if not failing:  # once per change
+                    log.exception("publishing an index view failed; will retry")
+                failing = True
+            else:
+                failing = False
+
     def _load(self) -> None:
         with self._engine.connect() as conn:
             # Read before the rows: a change made while they are read is read again.
-            self._watermark = _newest_stamp(conn)
+            self._watermark = _db_now(conn)
+            self._mark = _changes.take_mark(conn)
             ents = conn.execute(sa.select(t.enterprises)).all()
             agts = conn.execute(sa.select(t.agents)).all()
             # Plain tuples in DeviceMeta's field order, then the runtime columns.
@@ -229,44 +290,55 @@ class RegistryStore:
     def refresh(self) -> int:
         """Read the rows changed since the last refresh (by any instance) into memory.
 
-        Returns the rows read. A device with a change of this instance's own not yet
-        written keeps its state; its timestamps take the later of the two.
+        Returns the rows read. A device whose state this instance changed after the
+        last flush that committed before the read keeps its state; its sample times
+        take the later of the two. Queries count either all of a pass or none of it.
         """
-        cols = [t.devices.c[name] for name in _rows.LOAD_COLUMNS] + [t.devices.c.updated_ms]
-        # Under the write lock: a flush between the read and the apply would otherwise let
-        # the rows read (older) overwrite the state the flush has just written.
-        with self._db_lock:
+        with self._refresh_lock:
+            with self._lock:
+                committed, api_writes = self._committed_seq, self._api_writes
             since = self._watermark - self.refresh_overlap_ms
             with self._engine.connect() as conn:
+                # Both before reading: see changes.py.
+                read_at, mark = _db_now(conn), _changes.take_mark(conn)
                 ents = conn.execute(
                     sa.select(t.enterprises).where(t.enterprises.c.updated_ms > since)
                 ).all()
                 agts = conn.execute(sa.select(t.agents).where(t.agents.c.updated_ms > since)).all()
-                devs = [
-                    tuple(r)
-                    for r in conn.execute(
-                        sa.select(*cols).where(t.devices.c.updated_ms > since)
-                    ).all()
-                ]
-            stamps = [r.updated_ms for r in ents] + [r.updated_ms for r in agts]
-            stamps += [r[-1] for r in devs]
-            prep = self._prepare_devices(devs)
+                if self._mark is not None:
+                    times, devs = _changes.device_rows_stamped(conn, self._mark)
+                else:
+                    devs = _changes.device_rows_since(conn, since)
+                    times = [(r[0], r[1], r[13], r[17], r[18]) for r in devs]
+            prep = self._prepare_devices(devs, times)
             with self._lock:
-                for r in ents:
-                    self._enterprises[r.id] = _rows.enterprise_of(r)
-                self._refresh_agents(agts)
-                self._apply_devices(prep)
-                if stamps:
-                    self._watermark = max(self._watermark, max(stamps))
+                # An API write made meanwhile may be newer than what was read, or older:
+                # take only new devices and sample times, and read the rest again.
+                settled = self._api_writes == api_writes and api_writes % 2 == 0
+                if settled:
+                    for r in ents:
+                        self._enterprises[r.id] = _rows.enterprise_of(r)
+                    self._refresh_agents(agts, committed)
+                self._apply_devices(prep, committed if settled else -1)
+                if settled:
+                    self._watermark, self._mark = read_at, mark
+                read = len(ents) + len(agts) + len(devs) + len(times)
+                # Taken with the pass applied, under the same hold of the lock: a query
+                # counts either all of this pass or none of it.
+                view = self._views.take(self._index) if read else None
+                writes = self._api_writes
+            if view is not None:
+                self._views.warm(view)
+                self._views.publish(view, writes)
         self.counters["refresh_runs"] += 1
-        self.counters["refresh_rows"] += len(stamps)
-        return len(stamps)
+        self.counters["refresh_rows"] += read
+        return read
 
-    def _refresh_agents(self, rows: Sequence[Any]) -> None:
+    def _refresh_agents(self, rows: Sequence[Any], committed: int) -> None:
         idx = self._index
         for r in rows:
-            if r.id in self._dirty_agents:
-                continue  # this instance's newer change is about to be written
+            if self._agent_seq.get(r.id, 0) > committed:
+                continue  # this instance's change is newer than what was read
             a = self._agents.get(r.id)
             online = bool(r.online)
             if a is None:
@@ -281,8 +353,10 @@ class RegistryStore:
             for i in idx.by_agent.get(r.id, ()):
                 idx.agent_alive[i] = online
 
-    def _prepare_devices(self, rows: list[tuple[Any, ...]]) -> _DeviceRows:
-        """Sort rows read into new devices, sample times and state changes.
+    def _prepare_devices(
+        self, rows: list[tuple[Any, ...]], times: list[tuple[Any, ...]]
+    ) -> _DeviceRows:
+        """Sort rows read into new devices, state changes and sample times (``TIME_ROW``).
 
         Runs without the memory lock, so queries are not held up by the bulk of the work;
         ``_apply_devices`` checks again under the lock what may have moved meanwhile.
@@ -290,24 +364,32 @@ class RegistryStore:
         idx = self._index
         keys = idx.keys
         prep = _DeviceRows()
-        known: list[tuple[Any, ...]] = []
-        positions: list[int] = []
         for r in rows:
             i = keys.get((r[0], r[1]))
             if i is None:
                 prep.new.append(r)
-                continue
-            known.append(r)
-            positions.append(i)
-            if not _same_state(idx, i, r):  # most rows only carry newer sample times
+            elif not _same_state(idx, i, r):  # most rows only carry newer sample times
                 prep.changed.append((i, r))
-        prep.pos = np.array(positions, np.int64)
-        prep.good = np.array([NEVER if r[17] is None else r[17] for r in known], np.int64)
-        prep.ts = np.array([NEVER if r[18] is None else r[18] for r in known], np.int64)
+        known = [(keys.get((r[0], r[1]), -1), r) for r in times]
+        known = [(i, r) for i, r in known if i >= 0]
+        prep.pos = np.fromiter((i for i, _r in known), np.int64, len(known))
+        prep.good = np.fromiter(
+            (NEVER if r[3] is None else r[3] for _i, r in known), np.int64, len(known)
+        )
+        prep.ts = np.fromiter(
+            (NEVER if r[4] is None else r[4] for _i, r in known), np.int64, len(known)
+        )
+        meta = idx.meta
+        prep.first_seen = [
+            (i, r[2])
+            for i, r in known
+            if r[2] is not None and (meta[i].first_seen_ms is None or r[2] < meta[i].first_seen_ms)
+        ]
         return prep
 
-    def _apply_devices(self, prep: _DeviceRows) -> None:
-        """Apply prepared rows to the index (under the lock)."""
+    def _apply_devices(self, prep: _DeviceRows, committed: int) -> None:
+        """Apply prepared rows to the index (under the lock): state only where this
+        instance's last change of it is numbered ``committed`` or lower."""
         idx = self._index
         new = [r for r in prep.new if (r[0], r[1]) not in idx.keys]
         # Added meanwhile by this instance's ingest: apply like any known device.
@@ -321,9 +403,13 @@ class RegistryStore:
             mem, was = getattr(idx, col), getattr(idx, saved)
             mem[prep.pos] = np.maximum(mem[prep.pos], db)
             was[prep.pos] = np.maximum(was[prep.pos], db)
+        for i, first in prep.first_seen:
+            m = idx.meta[i]
+            if m.first_seen_ms is None or first < m.first_seen_ms:
+                m.first_seen_ms = first
         for i, r in prep.changed + raced:
-            if i in self._dirty or i in self._dirty_report or i in self._pending_inserts:
-                continue  # this instance's newer change is about to be written
+            if idx.state_seq[i] > committed:
+                continue  # this instance's change is newer than what was read
             self._apply_device_row(i, r)
 
     def _apply_device_row(self, i: int, r: tuple[Any, ...]) -> None:
@@ -368,8 +454,22 @@ class RegistryStore:
             "reason": m.reason[:200],
         }
 
+    def _time_values(
+        self, positions: list[int]
+    ) -> tuple[list[tuple[str, str, int | None]], list[int], list[int]]:
+        """Keys and first-seen, last good and last sample times of ``positions``, noted as
+        written (under the lock)."""
+        idx = self._index
+        pos = np.array(positions, np.int64)
+        good, seen = idx.last_good[pos], idx.last_ts[pos]
+        idx.saved_good[pos], idx.saved_ts[pos] = good, seen
+        meta = idx.meta
+        keys = [(m.enterprise, m.id, m.first_seen_ms) for m in (meta[i] for i in positions)]
+        return keys, good.tolist(), seen.tolist()
+
     def _flush_locked(self) -> int:
         with self._lock:
+            seq = self._seq
             pending, meta, report, dirty_times, dirty_agents = (
                 self._pending_inserts,
                 self._dirty,
@@ -386,11 +486,10 @@ class RegistryStore:
                 (_rows.STATE_COLUMNS, [row(i) for i in sorted(both)]),
                 (_rows.META_COLUMNS, [row(i) for i in sorted(meta - both - pending)]),
                 (_rows.REPORT_COLUMNS, [row(i) for i in sorted(report - both - pending)]),
-                (
-                    _rows.TIME_COLUMNS,
-                    [row(i) for i in sorted(dirty_times - meta - report - pending)],
-                ),
             ]
+            # Most rows move only sample times: taken as plain values here, made rows
+            # outside the lock, which ingest and views wait for.
+            times = self._time_values(sorted(dirty_times - meta - report - pending))
             agent_rows = [
                 {
                     "b_id": a.id,
@@ -402,8 +501,12 @@ class RegistryStore:
                 for a in (self._agents.get(x) for x in dirty_agents)
                 if a is not None
             ]
+        groups.append((_rows.TIME_COLUMNS, _time_rows(*times)))
         updates = sum(len(rows) for _cols, rows in groups)
         if not (inserts or updates or agent_rows):
+            # Every change up to seq was in an earlier flush, committed (flushes run
+            # one at a time); API writes commit before they change memory.
+            self._committed_seq = seq
             return 0
         began = time.monotonic()
         try:
@@ -434,6 +537,7 @@ class RegistryStore:
             self.counters["flush_errors"] += 1
             log.exception("registry flush failed", extra={"rows": len(inserts) + updates})
             return 0
+        self._committed_seq = seq
         written = len(inserts) + updates + len(agent_rows)
         self.counters["flushed_rows"] += written
         slow = (time.monotonic() - began) * 1000 > self.refresh_overlap_ms
@@ -454,6 +558,66 @@ class RegistryStore:
         """The index, held under the registry lock for the duration of a computation."""
         with self._lock:
             yield self._index
+
+    @property
+    def answers(self) -> AnswerCache:
+        """Answers to live queries by view generation (see ``views.py``)."""
+        return self._views.answers
+
+    def view(self, *, live: bool = False) -> IndexView:
+        """The counting columns as a read-only view, to count over without the lock.
+
+        ``live`` (a query at the current time): the latest published view if it is
+        younger than ``view_max_age`` and no API write came since; else one taken now.
+        """
+        if live:
+            found = self._views.live(self._api_writes)
+            if found is not None:
+                return found
+            self.counters["views_taken_by_queries"] += 1
+        with self._lock:
+            view, writes = self._views.take(self._index), self._api_writes
+        self._views.publish(view, writes)
+        return view
+
+    def published_view(self) -> IndexView | None:
+        """The latest view if a live query may count over it (see ``view``), without
+        waiting for anything; None if a new one must be taken."""
+        return self._views.live(self._api_writes)
+
+    def _publish(self) -> None:
+        """Take a view, answer the live queries asked lately over it, then publish it."""
+        with self._lock:
+            view, writes = self._views.take(self._index), self._api_writes
+        self._views.warm(view)
+        self._views.publish(view, writes)
+        self.counters["views_published"] += 1
+
+    @contextmanager
+    def _api_write(self) -> Iterator[None]:
+        """An API write: to the database, then to memory; after pending ingest changes.
+
+        A refresh pass that overlaps it applies no state it read (it reads it again next
+        time, when it cannot be older), and live queries count a new view after it.
+        """
+        with self._db_lock:
+            self._flush_locked()
+            with self._lock:
+                self._api_writes += 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._api_writes += 1
+
+    def _touch_locked(self, i: int) -> None:
+        """Position ``i``'s state changed here (ingest), to be written by a flush."""
+        self._seq += 1
+        self._index.state_seq[i] = self._seq
+
+    def _touch_agent_locked(self, agent: str) -> None:
+        self._seq += 1
+        self._agent_seq[agent] = self._seq
 
     def stats(self) -> dict[str, int]:
         """Gauges for /metrics."""
@@ -476,9 +640,11 @@ class _DeviceRows:
     def __init__(self) -> None:
         self.new: list[tuple[Any, ...]] = []
         self.changed: list[tuple[int, tuple[Any, ...]]] = []
+        # Sample times by position, and first-seen times earlier than memory's.
         self.pos = np.zeros(0, np.int64)
         self.good = np.zeros(0, np.int64)
         self.ts = np.zeros(0, np.int64)
+        self.first_seen: list[tuple[int, int]] = []
 
 
 # The metadata a refresh takes from the database (first_seen_ms: the earlier of the two).
@@ -521,10 +687,22 @@ def _same_state(idx: DeviceIndex, i: int, r: tuple[Any, ...]) -> bool:
     )
 
 
-def _newest_stamp(conn: sa.Connection) -> int:
-    """The newest ``updated_ms`` of enterprises, agents and devices (0 for none)."""
-    newest = 0
-    for table in (t.enterprises, t.agents, t.devices):
-        stamp = conn.execute(sa.select(sa.func.max(table.c.updated_ms))).scalar()
-        newest = max(newest, int(stamp or 0))
-    return newest
+def _time_rows(
+    keys: list[tuple[str, str, int | None]], good: list[int], seen: list[int]
+) -> list[dict[str, Any]]:
+    """Rows of ``TIME_COLUMNS`` from ``RegistryStore._time_values``."""
+    return [
+        {
+            "enterprise": ent,
+            "id": dev,
+            "first_seen_ms": first,
+            "last_good_ms": None if g == NEVER else g,
+            "last_seen_ms": None if s == NEVER else s,
+        }
+        for (ent, dev, first), g, s in zip(keys, good, seen, strict=True)
+    ]
+
+
+def _db_now(conn: sa.Connection) -> int:
+    """The database's clock, which stamps the rows, in Unix milliseconds."""
+    return int(conn.execute(sa.select(t.db_now_ms())).scalar_one())

@@ -3,7 +3,10 @@
 Times are Unix milliseconds (BIGINT) so SQLite and PostgreSQL agree exactly.
 ``updated_ms`` on enterprises, agents and devices is the database's clock at the row's
 last write: gateway instances sharing the database poll it for rows changed since their
-last look (``RegistryStore.refresh``).
+last look (``RegistryStore.refresh``). On PostgreSQL a device row also carries the id of
+the transaction that last wrote it (``updated_xid``) and of the last that changed more
+than its sample times (``state_xid``), which the refresh reads by instead (see
+``gateway.registry.changes``); on SQLite both stay 0.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "agent_rotations",
     "agents",
     "db_now_ms",
+    "db_xid",
     "devices",
     "enterprises",
     "metadata",
@@ -52,6 +56,29 @@ def _db_now_ms_default(_element: db_now_ms, _compiler: Any, **_kw: Any) -> str:
 def _db_now_ms_pg(_element: db_now_ms, _compiler: Any, **_kw: Any) -> str:
     # clock_timestamp(), not now(): a long transaction must not stamp rows in the past.
     return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+
+
+class db_xid(sa.sql.expression.FunctionElement[int]):
+    """The writing transaction's id on PostgreSQL (64-bit, never wraps); 0 elsewhere."""
+
+    type = sa.BigInteger()
+    inherit_cache = True
+
+
+@compiles(db_xid)
+def _db_xid_default(_element: db_xid, _compiler: Any, **_kw: Any) -> str:
+    return "0"
+
+
+@compiles(db_xid, "postgresql")
+def _db_xid_pg(_element: db_xid, _compiler: Any, **_kw: Any) -> str:
+    return "CAST(CAST(pg_current_xact_id() AS TEXT) AS BIGINT)"
+
+
+def _xid_column(name: str) -> sa.Column[int]:
+    return sa.Column(
+        name, sa.BigInteger, nullable=False, default=db_xid(), onupdate=db_xid(), server_default="0"
+    )
 
 
 def _updated_ms() -> sa.Column[int]:
@@ -129,6 +156,10 @@ devices = sa.Table(
     # The device's own last reported state; ``online`` is it and its agent's being alive.
     sa.Column("reported_online", sa.Boolean, nullable=False, server_default=sa.false()),
     _updated_ms(),
+    # Every write stamps updated_xid; every write but one of sample times only (which
+    # keeps it: see rows.update_devices) stamps state_xid.
+    _xid_column("updated_xid"),
+    _xid_column("state_xid"),
 )
 
 ratio_snapshots = sa.Table(
@@ -189,6 +220,8 @@ sa.Index("ix_snapshots_group_ts", ratio_snapshots.c.group_by, ratio_snapshots.c.
 sa.Index("ix_devices_updated", devices.c.updated_ms)
 sa.Index("ix_agents_updated", agents.c.updated_ms)
 sa.Index("ix_enterprises_updated", enterprises.c.updated_ms)
+sa.Index("ix_devices_updated_xid", devices.c.updated_xid)
+sa.Index("ix_devices_state_xid", devices.c.state_xid)
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -257,7 +290,8 @@ def _v6(conn: sa.Connection) -> None:
     conn.execute(devices.update().where(devices.c.online).values(reported_online=True))
     for table in (enterprises, agents, devices):
         for index in table.indexes:
-            index.create(conn, checkfirst=True)
+            if index.name not in _V9_INDEXES:  # their columns come later
+                index.create(conn, checkfirst=True)
 
 
 def _v7(conn: sa.Connection) -> None:
@@ -272,8 +306,19 @@ def _v8(conn: sa.Connection) -> None:
     _add_missing_columns(conn, scans, ("finished_ms",))
 
 
+_V9_INDEXES = ("ix_devices_updated_xid", "ix_devices_state_xid")
+
+
+def _v9(conn: sa.Connection) -> None:
+    """Transaction stamps on devices, for the refresh on PostgreSQL."""
+    _add_missing_columns(conn, devices, ("updated_xid", "state_xid"))
+    for index in devices.indexes:
+        if index.name in _V9_INDEXES:
+            index.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
