@@ -81,7 +81,7 @@ class OpcUaConnection(BaseModel):
         """
         if self.queue_size is not None:
             return self.queue_size
-        sampling = max(self.sampling_interval, _FASTEST_CHANGES)
+        sampling = self.sampling_interval or _FASTEST_CHANGES
         return min(1000, math.ceil(self.publishing / sampling - 1e-9) + 1)
 
     @model_validator(mode="after")

@@ -46,7 +46,14 @@ from protocols.errors import (
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
 from protocols.opcua.config import OpcUaConnection
-from protocols.opcua.fastread import PreparedRead, Result
+from protocols.opcua.fastread import (
+    OTHER,
+    PLAIN_FLOAT,
+    PLAIN_INT,
+    PreparedRead,
+    Result,
+    decode_plain,
+)
 from protocols.opcua.session import (
     Batch,
     Changes,
@@ -138,31 +145,41 @@ def _browse(start: ua.NodeId, names: list[ua.QualifiedName]) -> ua.BrowsePath:
     return ua.BrowsePath(StartingNode=start, RelativePath=ua.RelativePath(elements))
 
 
-_GENERIC, _FLOAT, _INT = 0, 1, 2  # how a Good value of a point becomes its reading value
 _INTS = frozenset(INT_BOUNDS)
 
 
 def _kind(p: Point) -> int:
-    """Which shortcut ``read`` may take for a Good value of ``p``: plain numbers only."""
+    """Which shortcut a Good value of ``p`` may take: plain numbers go out as they are."""
     if p.scale != 1.0 or p.offset != 0.0:
-        return _GENERIC
+        return OTHER
     if p.type is ValueType.FLOAT64:
-        return _FLOAT  # a finite float or an int, kept as it is
+        return PLAIN_FLOAT  # a finite float or an int, kept as it is
     if p.type in _INTS:
-        return _INT  # an int (not a bool), kept as it is
-    return _GENERIC  # float32 (shortest repr), bool, string: decode_value
+        return PLAIN_INT  # an int (not a bool), kept as it is
+    return OTHER  # float32 (shortest repr), bool, string, scaled: decode_value
 
 
 class _Plan:
     """The Read requests for a list of points, and each point's decoding, made once."""
 
-    __slots__ = ("asked", "by_name", "points", "reads")
+    __slots__ = ("asked", "by_name", "kinds", "names", "points", "reads")
 
     def __init__(self, points: Sequence[Point], reads: list[PreparedRead]) -> None:
         self.asked = points  # the sequence last asked for (polls pass the same one)
         self.reads = reads
         self.points = [(p.name, p, _kind(p)) for p in points]
+        self.names = [p.name for p in points]
         self.by_name = {p.name: (p, kind) for _, p, kind in self.points}
+        kinds = [kind for _, _, kind in self.points]
+        self.kinds = [kinds[i : i + r.count] for i, r in zip(_starts(reads), reads, strict=True)]
+
+
+def _starts(reads: list[PreparedRead]) -> list[int]:
+    out, at = [], 0
+    for r in reads:
+        out.append(at)
+        at += r.count
+    return out
 
 
 class OpcUaDriver(DriverBase):
@@ -669,40 +686,38 @@ class OpcUaDriver(DriverBase):
                 else:
                     reading.errors[name] = self._subscribe_errors.get(name, "no_data")
             return reading
+        timeout = self.connection.timeout
+        answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]
+        if not self._undecodable:
+            # The usual answer, Good plain numbers only: decoded in one pass, as they are.
+            plain: list[Any] = []
+            for r, kinds, (raw, pos) in zip(plan.reads, plan.kinds, answers, strict=True):
+                got = decode_plain(raw, r.count, pos, kinds)
+                if got is None:
+                    break
+                plain += got
+            else:
+                reading.values.update(zip(plan.names, plain, strict=True))
+                return reading
         results: list[Result] = []
-        for prepared in plan.reads:
-            results += await self._call("read", prepared.send(client, self.connection.timeout))
+        for r, (raw, pos) in zip(plan.reads, answers, strict=True):
+            results += r.results(raw, pos)
         if len(results) != len(points):
             raise DecodeError(
                 f"{self._where()}: read of {len(points)} values answered {len(results)}"
             )
-        if self._undecodable:
-            # A point that failed before logs its recovery: the full path for all.
-            for p, (raw, code) in zip(points, results, strict=True):
-                self._take(reading, p, raw, code)
-            return reading
-        values = reading.values
-        for (name, p, kind), (raw, code) in zip(plan.points, results, strict=True):
-            if not code:
-                # Good plain numbers as they are (what decode_value would return), cheaply.
-                t = type(raw)
-                if kind == _FLOAT and ((t is float and raw - raw == 0.0) or t is int):
-                    values[name] = raw
-                    continue
-                if kind == _INT and t is int:
-                    values[name] = raw
-                    continue
+        for p, (raw, code) in zip(points, results, strict=True):
             self._take(reading, p, raw, code)
         return reading
 
     def _put(self, reading: Reading, p: Point, kind: int, raw: Any, code: int) -> None:
-        """``_take``, with the plain-number shortcut of ``read``."""
+        """``_take``, with a shortcut for Good plain numbers (what decode_value returns)."""
         if not code and not self._undecodable:
             t = type(raw)
-            if kind == _FLOAT and ((t is float and raw - raw == 0.0) or t is int):
+            if kind == PLAIN_FLOAT and ((t is float and raw - raw == 0.0) or t is int):
                 reading.values[p.name] = raw
                 return
-            if kind == _INT and t is int:
+            if kind == PLAIN_INT and t is int:
                 reading.values[p.name] = raw
                 return
         self._take(reading, p, raw, code)
@@ -740,10 +755,10 @@ class OpcUaDriver(DriverBase):
         source timestamps), and always after the previous batch's.
         """
         self._require()
-        batches = self._changes.batches
-        if not batches:
+        batch = self._changes.take()
+        if batch is None:
             return Reading(ts=now_ms())
-        batch = batches.popleft()
+        batches = self._changes.batches
         reading = Reading(ts=self._batch_time(batch, batches[-1] if batches else batch))
         by_name = self._plan_for(points).by_name
         for name, (raw, code) in batch.values.items():

@@ -30,8 +30,12 @@ from asyncua.ua.ua_binary import nodeid_from_binary, nodeid_to_binary, struct_fr
 from asyncua.ua.ua_binary import struct_to_binary as _to_binary
 
 __all__ = [
+    "OTHER",
+    "PLAIN_FLOAT",
+    "PLAIN_INT",
     "PreparedRead",
     "Result",
+    "decode_plain",
     "decode_results",
     "exchange",
     "request_header",
@@ -113,6 +117,47 @@ def decode_results(raw: bytes | memoryview, count: int, pos: int = 0) -> list[Re
         pos += (8 if mask & 0x04 else 0) + (2 if mask & 0x10 else 0)
         pos += (8 if mask & 0x08 else 0) + (2 if mask & 0x20 else 0)
         out.append((value, status))
+    return out
+
+
+# What a point's Good value may be to go out as it is (``decode_plain``).
+OTHER, PLAIN_FLOAT, PLAIN_INT = 0, 1, 2
+_INT_TYPES = frozenset(range(2, 10))  # SByte .. UInt64
+_NUMBER_TYPES = frozenset(range(2, 12))  # .. Float, Double
+
+
+def decode_plain(raw: bytes, count: int, pos: int, kinds: Sequence[int]) -> list[Any] | None:
+    """The values of a ReadResponse whose every result is a Good plain number, else None.
+
+    ``kinds`` gives per node what its point takes as it is: ``PLAIN_FLOAT`` a finite
+    number, ``PLAIN_INT`` an integer (``OTHER``: nothing, so None). The common answer of a
+    poll, decoded in one pass; anything else goes through ``decode_results``.
+    """
+    (n,) = _INT32.unpack_from(raw, pos)
+    if n != count:
+        return None
+    pos += 4
+    out: list[Any] = []
+    scalars = SCALARS
+    for kind in kinds:
+        mask = raw[pos]
+        vt = raw[pos + 1]
+        if kind == PLAIN_FLOAT:
+            if vt not in _NUMBER_TYPES:
+                return None
+        elif kind != PLAIN_INT or vt not in _INT_TYPES:
+            return None
+        decoder, size = scalars[vt]
+        (value,) = decoder.unpack_from(raw, pos + 2)
+        pos += 2 + size
+        if mask != 1:
+            # Value and a Good status only; timestamps were not asked for.
+            if mask != 3 or _UINT32.unpack_from(raw, pos)[0]:
+                return None
+            pos += 4
+        if vt >= 10 and value - value != 0.0:  # NaN or infinity: a sensor fault
+            return None
+        out.append(value)
     return out
 
 
@@ -219,9 +264,18 @@ class PreparedRead:
 
         The caller bounds the wait.
         """
+        raw, pos = await self.send_raw(client, hint)
+        return self.results(raw, pos)
+
+    async def send_raw(self, client: Client, hint: float) -> tuple[bytes, int]:
+        """Send the request; the answer and where its results start (for ``decode_plain``)."""
         kind, raw, pos = await exchange(client, _READ_TYPE, self._params, int(hint * 1000))
         if kind != _READ_RESPONSE:
             raise ua.UaError(f"answer of type {kind} to a ReadRequest")
+        return raw, pos
+
+    def results(self, raw: bytes, pos: int) -> list[Result]:
+        """(value, status) per node of an answer from ``send_raw``."""
         results = decode_results(raw, self.count, pos)
         if results is not None:
             return results

@@ -15,8 +15,8 @@ Subscriptions are shared too: one per publishing interval, holding the monitored
 many devices up to the server's limits (``max_items_per_subscription``). The session keeps
 Publish requests in flight for all of them (``publish.Publisher``) and routes each
 notification straight into its device's ``Changes``: the newest value of each point, and
-the values not yet handed over, in order, as batches (a second value of a point opens
-the next batch, so a queue of several values per point is delivered whole).
+the values not yet handed over, in order, as batches (a point's second value waiting goes
+into the next batch, so a queue of several values per point is delivered whole).
 """
 
 from __future__ import annotations
@@ -105,6 +105,15 @@ class Changes:
     notify: Callable[[int, int, int], None]  # (values, overflows, dropped batches)
     latest: dict[str, Entry] = field(default_factory=dict)
     batches: deque[Batch] = field(default_factory=deque)
+    first: int = 0  # batches taken so far: the number of batches[0]
+    slots: dict[str, int] = field(default_factory=dict)  # point → number of its last batch
+
+    def take(self) -> Batch | None:
+        """The oldest batch waiting, taken."""
+        if not self.batches:
+            return None
+        self.first += 1
+        return self.batches.popleft()
 
 
 @dataclass(slots=True)
@@ -294,13 +303,22 @@ class Session:
             name = t.point
             entry = (value, status)
             changes.latest[name] = entry
+            # The batch after the one holding this point's last value: a server lists a
+            # point's queued values together, so its k-th joins the others' k-th.
             batches = changes.batches
-            if batches and name not in (last := batches[-1]).values:
-                last.values[name] = entry
-                if source > last.source_ms:
-                    last.source_ms = source
+            first = changes.first
+            slots = changes.slots
+            k = slots.get(name, first - 1) + 1 - first
+            if k < 0:
+                k = 0
+            if k < len(batches):
+                batch = batches[k]
+                batch.values[name] = entry
+                if source > batch.source_ms:
+                    batch.source_ms = source
             else:
                 batches.append(Batch({name: entry}, source))
+            slots[name] = first + k
             counts = touched.get(changes)
             if counts is None:
                 counts = touched[changes] = [0, 0]
@@ -311,7 +329,7 @@ class Session:
         for changes, (n, overflows) in touched.items():
             dropped = 0
             while len(changes.batches) > _MAX_BATCHES:
-                changes.batches.popleft()
+                changes.take()
                 dropped += 1
             changes.notify(n, overflows, dropped)
 
