@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 __all__ = ["OpcUaConnection"]
+
+_FASTEST_CHANGES = 0.1  # s: the sampling assumed of a server reporting changes as they happen
 
 
 class OpcUaConnection(BaseModel):
@@ -26,7 +29,27 @@ class OpcUaConnection(BaseModel):
     mode: Literal["read", "subscribe"] = Field(
         default="read", description="Batched reads each poll, or a subscription."
     )
-    sampling_interval: float = Field(default=1.0, gt=0, description="Seconds (subscribe mode).")
+    sampling_interval: float = Field(
+        default=1.0,
+        ge=0,
+        le=86400,
+        description="Seconds between the server's samples of each point (subscribe mode); "
+        "0: the server reports each change as it happens, where it can.",
+    )
+    publishing_interval: float | None = Field(
+        default=None,
+        gt=0,
+        le=86400,
+        description="Seconds between the server's notification messages (subscribe mode); "
+        "default: the sampling interval (1 s when that is 0).",
+    )
+    queue_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=10000,
+        description="Values the server keeps per point between two notification messages; "
+        "default: every sample of one publishing interval, and one more.",
+    )
     timeout: float = Field(default=4.0, gt=0, le=120, description="Seconds per service call.")
     connect_timeout: float = Field(
         default=10.0,
@@ -40,6 +63,26 @@ class OpcUaConnection(BaseModel):
         description="Where this instance's points live, for a profile's relative addresses: "
         "a NodeId ('ns=2;s=Dev0001') or a browse path from Objects (['2:Plant', '2:Dev0001']).",
     )
+
+    @property
+    def publishing(self) -> float:
+        """Seconds between notification messages, as asked of the server."""
+        if self.publishing_interval is not None:
+            return self.publishing_interval
+        return self.sampling_interval or 1.0
+
+    @property
+    def queue(self) -> int:
+        """Values the server is asked to keep per point (``queue_size`` or enough for one interval).
+
+        Enough for every sample taken in one publishing interval, and one more for a late
+        publish; a server reporting changes as they happen (sampling 0) is taken to sample
+        at 10 Hz at most, the rate most servers coalesce changes to.
+        """
+        if self.queue_size is not None:
+            return self.queue_size
+        sampling = self.sampling_interval or _FASTEST_CHANGES
+        return min(1000, math.ceil(self.publishing / sampling - 1e-9) + 1)
 
     @model_validator(mode="after")
     def _security(self) -> Self:

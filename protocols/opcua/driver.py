@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from asyncua import Client, ua
 from asyncua.crypto import security_policies
 from cryptography import x509
 
-from device_profiles.schema import Point, Profile, ValueType
+from device_profiles.schema import INT_BOUNDS, Point, Profile, ValueType
 from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -45,9 +46,17 @@ from protocols.errors import (
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
 from protocols.opcua.config import OpcUaConnection
-from protocols.opcua.fastread import PreparedRead, Result
+from protocols.opcua.fastread import (
+    OTHER,
+    PLAIN_FLOAT,
+    PLAIN_INT,
+    PreparedRead,
+    Result,
+    decode_plain,
+)
 from protocols.opcua.session import (
-    Latest,
+    Batch,
+    Changes,
     Session,
     SharedSubscription,
     abandon,
@@ -76,6 +85,7 @@ _SESSION_LOST = frozenset(
         ua.StatusCodes.BadCommunicationError,
     }
 )
+_LOSS_LOG_EVERY = 60.0  # s between warnings of a device losing subscribed values
 _TIMEOUT_CODES = frozenset({ua.StatusCodes.BadTimeout, ua.StatusCodes.BadRequestTimeout})
 _NUMERIC = frozenset(ValueType) - {ValueType.BOOL, ValueType.STRING}
 
@@ -93,6 +103,8 @@ class OpcUaStats:
     bad_status: dict[str, int] = field(default_factory=dict)  # status name → values
     decode_errors: int = 0
     notifications: int = 0  # data changes received (subscribe mode)
+    overflows: int = 0  # values the server says its queue dropped (subscribe mode)
+    dropped_batches: int = 0  # batches of changes dropped, not taken in time (subscribe mode)
     polls: int = 0
     writes: int = 0
 
@@ -133,6 +145,43 @@ def _browse(start: ua.NodeId, names: list[ua.QualifiedName]) -> ua.BrowsePath:
     return ua.BrowsePath(StartingNode=start, RelativePath=ua.RelativePath(elements))
 
 
+_INTS = frozenset(INT_BOUNDS)
+
+
+def _kind(p: Point) -> int:
+    """Which shortcut a Good value of ``p`` may take: plain numbers go out as they are."""
+    if p.scale != 1.0 or p.offset != 0.0:
+        return OTHER
+    if p.type is ValueType.FLOAT64:
+        return PLAIN_FLOAT  # a finite float or an int, kept as it is
+    if p.type in _INTS:
+        return PLAIN_INT  # an int (not a bool), kept as it is
+    return OTHER  # float32 (shortest repr), bool, string, scaled: decode_value
+
+
+class _Plan:
+    """The Read requests for a list of points, and each point's decoding, made once."""
+
+    __slots__ = ("asked", "by_name", "kinds", "names", "points", "reads")
+
+    def __init__(self, points: Sequence[Point], reads: list[PreparedRead]) -> None:
+        self.asked = points  # the sequence last asked for (polls pass the same one)
+        self.reads = reads
+        self.points = [(p.name, p, _kind(p)) for p in points]
+        self.names = [p.name for p in points]
+        self.by_name = {p.name: (p, kind) for _, p, kind in self.points}
+        kinds = [kind for _, _, kind in self.points]
+        self.kinds = [kinds[i : i + r.count] for i, r in zip(_starts(reads), reads, strict=True)]
+
+
+def _starts(reads: list[PreparedRead]) -> list[int]:
+    out, at = [], 0
+    for r in reads:
+        out.append(at)
+        at += r.count
+    return out
+
+
 class OpcUaDriver(DriverBase):
     """Reads and writes one device's points on an OPC UA server (over a shared session)."""
 
@@ -156,14 +205,16 @@ class OpcUaDriver(DriverBase):
         self._session: Session | None = None
         self._generation = -1
         self._node_ids: dict[str, ua.NodeId] = {}
-        self._latest: Latest = {}
+        self._changes = Changes(self._arrived)
+        self._last_ts = 0  # of the last batch handed over (subscribe mode)
+        self._loss_logged = -_LOSS_LOG_EVERY  # monotonic time values lost were last logged
         self._subscribe_errors: dict[str, str] = {}
         # Monitored items this device holds: (subscription, client handles, server ids).
         self._items: list[tuple[SharedSubscription, list[int], list[int]]] = []
         self._lost: str | None = None
-        self._prepared: dict[tuple[str, ...], list[PreparedRead]] = {}
-        # Subscribe mode: points notified since the last read, and who to tell.
-        self.changed: set[str] = set()
+        self._plans: dict[tuple[str, ...], _Plan] = {}
+        self._plan: _Plan | None = None  # the last one used: polls ask for the same points
+        # Subscribe mode: who to tell when values arrive.
         self.on_data: Callable[[], None] | None = None
         self._undecodable: dict[str, str] = {}  # point -> type of the value last logged
 
@@ -273,8 +324,9 @@ class OpcUaDriver(DriverBase):
         session = acquire_session(self.connection, self.name)
         self._session = session
         self._lost = None
-        self._latest = {}
-        self._prepared = {}
+        self._changes = Changes(self._arrived)
+        self._plans = {}
+        self._plan = None
         limit = self.connection.connect_timeout
         try:
             try:
@@ -426,9 +478,11 @@ class OpcUaDriver(DriverBase):
 
     async def _subscribe(self, session: Session) -> None:
         """Monitored items for every point, in the session's shared subscriptions."""
-        period_ms = self.connection.sampling_interval * 1000.0
+        c = self.connection
+        sampling_ms = c.sampling_interval * 1000.0
+        publishing_ms = c.publishing * 1000.0
         points = list(self.profile.points)
-        handles = session.new_handles(self._latest, [p.name for p in points], self)
+        handles = session.new_handles(self._changes, [p.name for p in points])
         by_handle = dict(zip(handles, points, strict=True))
         self._subscribe_errors = {}
         self._items = []
@@ -436,12 +490,13 @@ class OpcUaDriver(DriverBase):
         for i in range(0, len(handles), step):
             chunk = handles[i : i + step]
             sub = await self._call(
-                "create subscription", session.subscription_for(period_ms, len(chunk))
+                "create subscription", session.subscription_for(publishing_ms, len(chunk))
             )
-            requests = [self._item_request(h, by_handle[h], period_ms) for h in chunk]
+            requests = [self._item_request(h, by_handle[h], sampling_ms, c.queue) for h in chunk]
             params = ua.CreateMonitoredItemsParameters(
                 SubscriptionId=sub.subscription_id,
-                TimestampsToReturn=ua.TimestampsToReturn.Both,
+                # The source time orders queued values; the server's own is not needed.
+                TimestampsToReturn=ua.TimestampsToReturn.Source,
                 ItemsToCreate=requests,
             )
             assert session.client is not None
@@ -458,10 +513,11 @@ class OpcUaDriver(DriverBase):
             self._items.append((sub, chunk, ids))
 
     def _item_request(
-        self, handle: int, p: Point, period_ms: float
+        self, handle: int, p: Point, sampling_ms: float, queue: int
     ) -> ua.MonitoredItemCreateRequest:
+        # DiscardOldest: when the queue overflows the newest values are kept.
         params = ua.MonitoringParameters(
-            ClientHandle=handle, SamplingInterval=period_ms, QueueSize=1, DiscardOldest=True
+            ClientHandle=handle, SamplingInterval=sampling_ms, QueueSize=queue, DiscardOldest=True
         )
         if p.deadband and p.type in _NUMERIC:
             # The server compares raw values; the profile's deadband is after scaling.
@@ -520,9 +576,12 @@ class OpcUaDriver(DriverBase):
             return "session reopened since this device connected"
         if self._lost is not None:
             return self._lost
-        for sub, _, _ in self._items:
-            if sub.lost is not None:
-                return sub.lost
+        if self._items:
+            now = time.monotonic()
+            for sub, _, _ in self._items:
+                why = sub.silent(now)
+                if why is not None:
+                    return why
         return None
 
     def _require(self) -> Client:
@@ -580,11 +639,6 @@ class OpcUaDriver(DriverBase):
             )
         return nid
 
-    def _accept(self, reading: Reading, point: Point, dv: ua.DataValue) -> None:
-        """Put one DataValue into the reading as value, quality, or error."""
-        code = dv.StatusCode.value if dv.StatusCode is not None else 0
-        self._take(reading, point, dv.Value.Value if dv.Value is not None else None, code)
-
     def _take(self, reading: Reading, point: Point, raw: Any, code: int) -> None:
         """Put one raw value and its status code into the reading."""
         status = ua.StatusCode(code) if code else None
@@ -615,25 +669,39 @@ class OpcUaDriver(DriverBase):
             reading.quality[point.name] = _status_name(status)
 
     async def read(self, points: Sequence[Point]) -> Reading:
-        """Read these points: one Read request, or the subscription's latest values."""
+        """Read these points: one Read request, or the subscription's newest values."""
         client = self._require()
         self.stats.polls += 1
         reading = Reading(ts=now_ms())
-        node_ids = [self._node_for(p) for p in points]
+        plan = self._plan_for(points)
         if not points:
             return reading
         if self.connection.mode == "subscribe":
-            self.changed.clear()
-            for p in points:
-                dv = self._latest.get(p.name)
-                if dv is not None:
-                    self._accept(reading, p, dv)
+            # The newest values, without taking the batches waiting for read_changes.
+            latest = self._changes.latest
+            for name, p, kind in plan.points:
+                entry = latest.get(name)
+                if entry is not None:
+                    self._put(reading, p, kind, entry[0], entry[1])
                 else:
-                    reading.errors[p.name] = self._subscribe_errors.get(p.name, "no_data")
+                    reading.errors[name] = self._subscribe_errors.get(name, "no_data")
             return reading
+        timeout = self.connection.timeout
+        answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]
+        if not self._undecodable:
+            # The usual answer, Good plain numbers only: decoded in one pass, as they are.
+            plain: list[Any] = []
+            for r, kinds, (raw, pos) in zip(plan.reads, plan.kinds, answers, strict=True):
+                got = decode_plain(raw, r.count, pos, kinds)
+                if got is None:
+                    break
+                plain += got
+            else:
+                reading.values.update(zip(plan.names, plain, strict=True))
+                return reading
         results: list[Result] = []
-        for prepared in self._prepared_reads(points, node_ids):
-            results += await self._call("read", prepared.send(client, self.connection.timeout))
+        for r, (raw, pos) in zip(plan.reads, answers, strict=True):
+            results += r.results(raw, pos)
         if len(results) != len(points):
             raise DecodeError(
                 f"{self._where()}: read of {len(points)} values answered {len(results)}"
@@ -642,37 +710,94 @@ class OpcUaDriver(DriverBase):
             self._take(reading, p, raw, code)
         return reading
 
+    def _put(self, reading: Reading, p: Point, kind: int, raw: Any, code: int) -> None:
+        """``_take``, with a shortcut for Good plain numbers (what decode_value returns)."""
+        if not code and not self._undecodable:
+            t = type(raw)
+            if kind == PLAIN_FLOAT and ((t is float and raw - raw == 0.0) or t is int):
+                reading.values[p.name] = raw
+                return
+            if kind == PLAIN_INT and t is int:
+                reading.values[p.name] = raw
+                return
+        self._take(reading, p, raw, code)
+
+    def _arrived(self, values: int, overflows: int, dropped: int) -> None:
+        """A publish answer brought values for this device (the session calls this)."""
+        stats = self.stats
+        stats.notifications += values
+        if overflows or dropped:
+            stats.overflows += overflows
+            stats.dropped_batches += dropped
+            now = time.monotonic()
+            if now >= self._loss_logged + _LOSS_LOG_EVERY:
+                # A server that cannot keep up loses values every message: once a minute.
+                self._loss_logged = now
+                _log.warning(
+                    "opcua values lost",
+                    extra={"device": self.name, "server_queue_overflows": stats.overflows,
+                           "batches_dropped": stats.dropped_batches},
+                )  # fmt: skip
+        self.data_arrived()
+
     def data_arrived(self) -> None:
-        """A publish response brought values for this device (the session calls this)."""
+        """Tell the poller that values are waiting for ``read_changes``."""
         if self.on_data is not None:
             self.on_data()
 
     def read_changes(self, points: Sequence[Point]) -> Reading:
-        """Subscribe mode: the points notified since the last read, without a round trip."""
+        """Subscribe mode: the next batch of values received, without a round trip.
+
+        A batch holds at most one value per point; when a point brought several values
+        since the last call, each goes out in its own batch, in order, and ``on_data`` is
+        called again while batches remain. A batch's time is the agent's at hand-over,
+        less how much older its values are than the newest waiting (by the server's
+        source timestamps), and always after the previous batch's.
+        """
         self._require()
-        reading = Reading(ts=now_ms())
-        changed, self.changed = self.changed, set()
-        for p in points:
-            if p.name in changed:
-                dv = self._latest.get(p.name)
-                if dv is not None:
-                    self._accept(reading, p, dv)
+        batch = self._changes.take()
+        if batch is None:
+            return Reading(ts=now_ms())
+        batches = self._changes.batches
+        reading = Reading(ts=self._batch_time(batch, batches[-1] if batches else batch))
+        by_name = self._plan_for(points).by_name
+        for name, (raw, code) in batch.values.items():
+            found = by_name.get(name)
+            if found is not None:
+                self._put(reading, found[0], found[1], raw, code)
+        if batches:
+            self.data_arrived()
         return reading
 
-    def _prepared_reads(
-        self, points: Sequence[Point], node_ids: list[ua.NodeId]
-    ) -> list[PreparedRead]:
-        """The Read requests for these points, serialised on first use (per session)."""
+    def _batch_time(self, batch: Batch, newest: Batch) -> int:
+        ts = now_ms()
+        if batch.source_ms and newest.source_ms > batch.source_ms:
+            ts -= newest.source_ms - batch.source_ms
+        ts = max(ts, self._last_ts + 1)
+        self._last_ts = ts
+        return ts
+
+    def _plan_for(self, points: Sequence[Point]) -> _Plan:
+        """How to ask for and decode these points (made on first use, per session)."""
+        plan = self._plan
+        if plan is not None and plan.asked is points:
+            return plan
         key = tuple(p.name for p in points)
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            assert self._session is not None
-            step = self._session.max_per_read or len(node_ids)
-            prepared = [PreparedRead(node_ids[i : i + step]) for i in range(0, len(node_ids), step)]
-            if len(self._prepared) >= 16:  # point subsets asked for by commands: bounded
-                self._prepared.clear()
-            self._prepared[key] = prepared
-        return prepared
+        plan = self._plans.get(key)
+        if plan is None:
+            node_ids = [self._node_for(p) for p in points]
+            reads = []
+            if self.connection.mode == "read" and node_ids:
+                assert self._session is not None
+                step = self._session.max_per_read or len(node_ids)
+                starts = range(0, len(node_ids), step)
+                reads = [PreparedRead(node_ids[i : i + step]) for i in starts]
+            if len(self._plans) >= 16:  # point subsets asked for by commands: bounded
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(points, reads)
+        plan.asked = points
+        self._plan = plan
+        return plan
 
     async def write(self, point: Point, value: Value) -> None:
         """Write one rw point (engineering value; scale and offset are reversed)."""

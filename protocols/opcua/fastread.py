@@ -1,19 +1,19 @@
-"""A Read request serialised once per device, and a direct decoder of its answer.
+"""Requests serialised once, sent without asyncua's objects, and answers decoded directly.
 
 A device reads the same nodes every poll, yet asyncua builds and serialises a ReadValueId
 object per node and decodes every DataValue (with its timestamps, into datetimes) through
 its generic struct machinery: that was most of the agent's CPU per datapoint. Here the
 request body after its header is serialised once; only the header (handle, token) is
-written per poll. The answer's DataValues of scalar built-in types are decoded with
-``struct`` directly; anything else (arrays, structures, diagnostics) falls back to
-asyncua's decoder for that answer, so the result is the same either way.
+written per request. The answer's header and its DataValues of scalar built-in types are
+decoded with ``struct`` directly; anything else (arrays, structures, diagnostics) falls
+back to asyncua's decoder for that answer, so the result is the same either way.
 
 Timestamps are not asked for (TimestampsToReturn Neither): a reading carries the agent's
 own time, and the server is spared them too.
 
-This uses asyncua 2.1's socket protocol (``_setup_request_header``, ``_callbackmap``,
+This uses asyncua 2.1's socket protocol (``_callbackmap``, ``_request_handle``,
 ``message_to_binary``), as ``UASocketProtocol._send_request`` does; pyproject pins
-asyncua to 2.1.x.
+asyncua to 2.1.x. ``publish.py`` sends its Publish requests through ``exchange`` too.
 """
 
 from __future__ import annotations
@@ -25,18 +25,32 @@ from collections.abc import Sequence
 from typing import Any
 
 from asyncua import Client, ua
+from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import nodeid_from_binary, nodeid_to_binary, struct_from_binary
 from asyncua.ua.ua_binary import struct_to_binary as _to_binary
 
-__all__ = ["PreparedRead", "Result", "decode_results", "request_header"]
+__all__ = [
+    "OTHER",
+    "PLAIN_FLOAT",
+    "PLAIN_INT",
+    "PreparedRead",
+    "Result",
+    "decode_plain",
+    "decode_results",
+    "exchange",
+    "request_header",
+    "type_id",
+]
 
-_READ_TYPE = nodeid_to_binary(ua.FourByteNodeId(ua.ObjectIds.ReadRequest_Encoding_DefaultBinary))
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
 _UINT32 = struct.Struct("<I")
+_UINT16 = struct.Struct("<H")
+_SERVICE_FAULT = ua.ObjectIds.ServiceFault_Encoding_DefaultBinary
+_READ_RESPONSE = ua.ObjectIds.ReadResponse_Encoding_DefaultBinary
 
 # Variant type id → (decoder, size) for the scalar types a profile's points use.
-_SCALARS: dict[int, tuple[struct.Struct, int]] = {
+SCALARS: dict[int, tuple[struct.Struct, int]] = {
     t: (struct.Struct(f), struct.calcsize(f))
     for t, f in {
         1: "<?",  # Boolean
@@ -52,20 +66,28 @@ _SCALARS: dict[int, tuple[struct.Struct, int]] = {
         11: "<d",  # Double
     }.items()
 }
-_STRING = 12
+STRING = 12
 
 # (raw value, status code) per node; status 0 is Good.
 Result = tuple[Any, int]
 
 
-def decode_results(raw: bytes | memoryview, count: int) -> list[Result] | None:
-    """The DataValues of a ReadResponse body (after its header), or None to fall back."""
-    (n,) = _INT32.unpack_from(raw, 0)
+def type_id(object_id: int) -> bytes:
+    """The binary encoding id of a service's request, as it goes on the wire."""
+    return bytes(nodeid_to_binary(ua.FourByteNodeId(object_id)))
+
+
+_READ_TYPE = type_id(ua.ObjectIds.ReadRequest_Encoding_DefaultBinary)
+
+
+def decode_results(raw: bytes | memoryview, count: int, pos: int = 0) -> list[Result] | None:
+    """The DataValues of a ReadResponse (from ``pos``, after its header); None: fall back."""
+    (n,) = _INT32.unpack_from(raw, pos)
     if n != count:
         return None
-    pos = 4
+    pos += 4
     out: list[Result] = []
-    scalars = _SCALARS
+    scalars = SCALARS
     for _ in range(n):
         mask = raw[pos]
         pos += 1
@@ -80,7 +102,7 @@ def decode_results(raw: bytes | memoryview, count: int) -> list[Result] | None:
             if decoder is not None:
                 (value,) = decoder[0].unpack_from(raw, pos)
                 pos += decoder[1]
-            elif vt == _STRING:
+            elif vt == STRING:
                 (length,) = _INT32.unpack_from(raw, pos)
                 pos += 4
                 if length >= 0:
@@ -95,6 +117,47 @@ def decode_results(raw: bytes | memoryview, count: int) -> list[Result] | None:
         pos += (8 if mask & 0x04 else 0) + (2 if mask & 0x10 else 0)
         pos += (8 if mask & 0x08 else 0) + (2 if mask & 0x20 else 0)
         out.append((value, status))
+    return out
+
+
+# What a point's Good value may be to go out as it is (``decode_plain``).
+OTHER, PLAIN_FLOAT, PLAIN_INT = 0, 1, 2
+_INT_TYPES = frozenset(range(2, 10))  # SByte .. UInt64
+_NUMBER_TYPES = frozenset(range(2, 12))  # .. Float, Double
+
+
+def decode_plain(raw: bytes, count: int, pos: int, kinds: Sequence[int]) -> list[Any] | None:
+    """The values of a ReadResponse whose every result is a Good plain number, else None.
+
+    ``kinds`` gives per node what its point takes as it is: ``PLAIN_FLOAT`` a finite
+    number, ``PLAIN_INT`` an integer (``OTHER``: nothing, so None). The common answer of a
+    poll, decoded in one pass; anything else goes through ``decode_results``.
+    """
+    (n,) = _INT32.unpack_from(raw, pos)
+    if n != count:
+        return None
+    pos += 4
+    out: list[Any] = []
+    scalars = SCALARS
+    for kind in kinds:
+        mask = raw[pos]
+        vt = raw[pos + 1]
+        if kind == PLAIN_FLOAT:
+            if vt not in _NUMBER_TYPES:
+                return None
+        elif kind != PLAIN_INT or vt not in _INT_TYPES:
+            return None
+        decoder, size = scalars[vt]
+        (value,) = decoder.unpack_from(raw, pos + 2)
+        pos += 2 + size
+        if mask != 1:
+            # Value and a Good status only; timestamps were not asked for.
+            if mask != 3 or _UINT32.unpack_from(raw, pos)[0]:
+                return None
+            pos += 4
+        if vt >= 10 and value - value != 0.0:  # NaN or infinity: a sensor fault
+            return None
+        out.append(value)
     return out
 
 
@@ -121,6 +184,67 @@ def request_header(token: ua.NodeId, handle: int, timeout_ms: int) -> bytes:
     )
 
 
+def _response_start(raw: bytes) -> tuple[int, int, int]:
+    """The answer's type id, service result and where its body starts (after the header)."""
+    if raw[0] == 0x01:  # four-byte NodeId, as every standard service's encoding id is
+        (kind,) = _UINT16.unpack_from(raw, 2)
+        pos = 4
+    else:
+        buf = Buffer(raw)
+        nid = nodeid_from_binary(buf)
+        kind = nid.Identifier if isinstance(nid.Identifier, int) else -1
+        pos = buf.cur_pos
+    (result,) = _UINT32.unpack_from(raw, pos + 12)
+    # Timestamp, RequestHandle, ServiceResult; then no diagnostics, an empty string
+    # table and no additional header, as servers answer unless asked for diagnostics.
+    p = pos + 16
+    if raw[p] == 0 and _INT32.unpack_from(raw, p + 1)[0] <= 0 and raw[p + 5 : p + 8] == b"\0\0\0":
+        return kind, result, p + 8
+    buf = Buffer(raw, pos)
+    struct_from_binary(ua.ResponseHeader, buf)
+    return kind, result, buf.cur_pos
+
+
+async def exchange(
+    client: Client, request_type: bytes, params: bytes, hint_ms: int
+) -> tuple[int, bytes, int]:
+    """Send one request: its type id, a header written here, and its serialised parameters.
+
+    ``hint_ms`` is the header's timeout hint (0: none). Returns the answer's type id, its
+    bytes and where the body after the response header starts; a ServiceFault or a Bad
+    service result raises ``ua.UaStatusCodeError``. The caller bounds the wait.
+    """
+    uaclient = client.uaclient
+    async with uaclient._request_semaphore:
+        proto = uaclient.protocol
+        if proto is None or proto.transport is None:
+            raise ConnectionError("Connection is not open")
+        proto._request_handle += 1
+        header = request_header(proto.authentication_token, proto._request_handle, hint_ms)
+        request_id = proto._request_id + 1
+        try:
+            proto.revolve_security_token()
+            msg = proto._connection.message_to_binary(
+                request_type + header + params,
+                message_type=ua.MessageType.SecureMessage,
+                request_id=request_id,
+            )
+        except Exception:
+            proto._request_handle -= 1
+            raise
+        proto._request_id = request_id
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        proto._callbackmap[request_id] = future
+        proto.transport.write(msg)
+        data = await future
+    raw = bytes(data)
+    kind, result, pos = _response_start(raw)
+    if kind == _SERVICE_FAULT or result & 0x80000000:
+        # A Bad service result on any answer: raise it as asyncua would.
+        ua.StatusCode(result or ua.StatusCodes.BadUnexpectedError).check()
+    return kind, raw, pos
+
+
 class PreparedRead:
     """A Read of fixed nodes' values: serialised once, sent per poll."""
 
@@ -132,7 +256,7 @@ class PreparedRead:
                 ua.ReadValueId(NodeId=n, AttributeId=ua.AttributeIds.Value) for n in node_ids
             ],
         )
-        self._params = _to_binary(params)
+        self._params = bytes(_to_binary(params))
         self.count = len(node_ids)
 
     async def send(self, client: Client, hint: float) -> list[Result]:
@@ -140,46 +264,25 @@ class PreparedRead:
 
         The caller bounds the wait.
         """
-        uaclient = client.uaclient
-        async with uaclient._request_semaphore:
-            proto = uaclient.protocol
-            if proto is None or proto.transport is None:
-                raise ConnectionError("Connection is not open")
-            proto._request_handle += 1
-            header = request_header(
-                proto.authentication_token, proto._request_handle, int(hint * 1000)
-            )
-            body = _READ_TYPE + header + self._params
-            request_id = proto._request_id + 1
-            try:
-                proto.revolve_security_token()
-                msg = proto._connection.message_to_binary(
-                    body, message_type=ua.MessageType.SecureMessage, request_id=request_id
-                )
-            except Exception:
-                proto._request_handle -= 1
-                raise
-            proto._request_id = request_id
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            proto._callbackmap[request_id] = future
-            proto.transport.write(msg)
-            data = await future
-        proto.check_answer(data, " in response to ReadRequest")
-        whole = data.copy()
-        nodeid_from_binary(data)
-        header_out = struct_from_binary(ua.ResponseHeader, data)
-        header_out.ServiceResult.check()
-        results = decode_results(bytes(data), self.count)
+        raw, pos = await self.send_raw(client, hint)
+        return self.results(raw, pos)
+
+    async def send_raw(self, client: Client, hint: float) -> tuple[bytes, int]:
+        """Send the request; the answer and where its results start (for ``decode_plain``)."""
+        kind, raw, pos = await exchange(client, _READ_TYPE, self._params, int(hint * 1000))
+        if kind != _READ_RESPONSE:
+            raise ua.UaError(f"answer of type {kind} to a ReadRequest")
+        return raw, pos
+
+    def results(self, raw: bytes, pos: int) -> list[Result]:
+        """(value, status) per node of an answer from ``send_raw``."""
+        results = decode_results(raw, self.count, pos)
         if results is not None:
             return results
-        full = struct_from_binary(ua.ReadResponse, whole)
+        full = struct_from_binary(ua.ReadResponse, Buffer(raw))
         return [
             (dv.Value.Value if dv.Value is not None else None, _code(dv)) for dv in full.Results
         ]
-
-
-def _value(dv: ua.DataValue) -> Any:
-    return dv.Value.Value if dv.Value is not None else None
 
 
 def _code(dv: ua.DataValue) -> int:

@@ -11,10 +11,12 @@ endpoint are made one at a time. When the session is lost, every device on it se
 ``healthy`` false on its next read and goes offline; the first to reconnect opens a new
 session (a new ``generation``) that the others then reuse.
 
-Subscriptions are shared too: one per sampling interval, holding the monitored items of
-many devices up to the server's limits (``max_items_per_subscription``); notifications
-go straight from the publish response into each device's table of latest values,
-without asyncua's per-notification task.
+Subscriptions are shared too: one per publishing interval, holding the monitored items of
+many devices up to the server's limits (``max_items_per_subscription``). The session keeps
+Publish requests in flight for all of them (``publish.Publisher``) and routes each
+notification straight into its device's ``Changes``: the newest value of each point, and
+the values not yet handed over, in order, as batches (a point's second value waiting goes
+into the next batch, so a queue of several values per point is delivered whole).
 """
 
 from __future__ import annotations
@@ -23,17 +25,25 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
+from asyncua.common.utils import Buffer
+from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 
 from protocols.opcua.config import OpcUaConnection
+from protocols.opcua.fastread import exchange, type_id
+from protocols.opcua.publish import Item, Notifications, Publisher
 
 __all__ = [
-    "Latest",
+    "Batch",
+    "Changes",
     "Session",
     "SharedSubscription",
     "abandon",
@@ -62,20 +72,54 @@ _DEFAULT_PER_CALL = 1000
 _DEFAULT_PER_SUBSCRIPTION = 10_000
 # Servers put at most about this many notifications in one publish response (node-opcua:
 # 1000) and answer one subscription per publish request: a subscription holds no more
-# items than that, and each extra subscription gets a publish request of its own in
-# flight (up to _MAX_PUBLISHERS), so a large session is not limited by round trips.
+# items than that, and the session keeps a publish request in flight per subscription
+# (up to _MAX_PUBLISH_REQUESTS, the least servers keep: open62541 10 per session).
 _ITEMS_PER_SUBSCRIPTION = 1000
-_MAX_PUBLISHERS = 8
+_MAX_PUBLISH_REQUESTS = 10
+# A quiet subscription says it is alive (an empty publish answer) this often, s; one
+# silent for _SILENT_AFTER keep-alives is taken as lost.
+_KEEPALIVE_S = 10.0
+_SILENT_AFTER = 3
+# Batches a device may have waiting for hand-over; beyond, the oldest are dropped and
+# counted (its poller is not taking them: stopped, or held by a long write).
+_MAX_BATCHES = 64
+_OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue dropped values
+_CREATE_SUBSCRIPTION = type_id(ua.ObjectIds.CreateSubscriptionRequest_Encoding_DefaultBinary)
 
-# Latest values of one device, written by the publish callback: point → DataValue.
-Latest = dict[str, ua.DataValue]
+# (raw value, status code) of one point, as the publish answer gave it.
+Entry = tuple[Any, int]
+
+
+@dataclass(slots=True)
+class Batch:
+    """Values of one device not yet handed over: at most one per point."""
+
+    values: dict[str, Entry]
+    source_ms: int = 0  # the newest source timestamp among them (server clock), or 0
+
+
+@dataclass(slots=True, eq=False)
+class Changes:
+    """What subscriptions brought one device: newest value per point, and batches in order."""
+
+    notify: Callable[[int, int, int], None]  # (values, overflows, dropped batches)
+    latest: dict[str, Entry] = field(default_factory=dict)
+    batches: deque[Batch] = field(default_factory=deque)
+    first: int = 0  # batches taken so far: the number of batches[0]
+    slots: dict[str, int] = field(default_factory=dict)  # point → number of its last batch
+
+    def take(self) -> Batch | None:
+        """The oldest batch waiting, taken."""
+        if not self.batches:
+            return None
+        self.first += 1
+        return self.batches.popleft()
 
 
 @dataclass(slots=True)
 class _Target:
-    latest: Latest
+    changes: Changes
     point: str
-    owner: Any  # the device's driver: ``stats``, ``changed`` and ``data_arrived()``
 
 
 @dataclass(slots=True)
@@ -83,43 +127,21 @@ class SharedSubscription:
     """One server subscription carrying the monitored items of several devices."""
 
     session: Session
-    period_ms: float
+    period_ms: float  # publishing interval asked for
     subscription_id: int = 0
     items: int = 0  # monitored items it holds
     lost: str | None = None
+    keepalive_s: float = _KEEPALIVE_S  # as the server revised it
+    last_answer: float = 0.0  # monotonic time of its last publish answer
 
-    def on_publish(self, result: ua.PublishResult) -> None:
-        """Apply a publish response after the callbacks now due (the publish loop calls this).
-
-        Deferred by one turn of the loop, as asyncua's own dispatch does, so the answer to
-        a request that arrived with it (a connect's last step) is seen first.
-        """
-        asyncio.get_running_loop().call_soon(self._apply, result)
-
-    def _apply(self, result: ua.PublishResult) -> None:
-        """Put each notification into its device's table."""
-        data = result.NotificationMessage.NotificationData
-        if not data:
-            return
-        targets = self.session.targets
-        count = 0
-        touched: set[Any] = set()
-        for notif in data:
-            if isinstance(notif, ua.DataChangeNotification):
-                for item in notif.MonitoredItems:
-                    t = targets.get(item.ClientHandle)
-                    if t is not None:
-                        t.latest[t.point] = item.Value
-                        owner = t.owner
-                        owner.changed.add(t.point)
-                        owner.stats.notifications += 1
-                        touched.add(owner)
-                        count += 1
-            elif isinstance(notif, ua.StatusChangeNotification) and not notif.Status.is_good():
-                self.lost = f"subscription ended: {notif.Status.name}"
-        self.session.notifications += count
-        for owner in touched:
-            owner.data_arrived()
+    def silent(self, now: float) -> str | None:
+        """Why the subscription is taken as lost, or None."""
+        if self.lost is not None:
+            return self.lost
+        limit = _SILENT_AFTER * self.keepalive_s + self.period_ms / 1000
+        if now - self.last_answer > limit:
+            return f"no publish answer for {limit:.0f}s"
+        return None
 
 
 class Session:
@@ -143,7 +165,8 @@ class Session:
         self.notifications = 0
         self.opened = 0
         self._handles = itertools.count(1)
-        self._publishers: list[asyncio.Task[None]] = []
+        self.publisher: Publisher | None = None
+        self._by_id: dict[int, SharedSubscription] = {}
 
     @property
     def healthy(self) -> bool:
@@ -161,10 +184,11 @@ class Session:
     async def open(self, connect: Callable[[], Any]) -> None:
         """Replace a lost client by a new one from ``connect()`` (the caller holds ``lock``)."""
         old, self.client = self.client, None
-        self._stop_publishers()
+        self._stop_publishing()
         if old is not None:
             abandon(old)
         self.subscriptions = []
+        self._by_id = {}
         self.targets = {}
         async with _endpoint_lock(self.conn.endpoint):
             client: Client = await connect()
@@ -198,12 +222,12 @@ class Session:
             limits[2] or _DEFAULT_PER_SUBSCRIPTION, _ITEMS_PER_SUBSCRIPTION
         )
 
-    def new_handles(self, latest: Latest, points: list[str], owner: Any) -> list[int]:
-        """Client handles for ``points``, routed to ``latest`` by the publish callback."""
+    def new_handles(self, changes: Changes, points: list[str]) -> list[int]:
+        """Client handles for ``points``, whose notifications go to ``changes``."""
         handles = []
         for name in points:
             h = next(self._handles)
-            self.targets[h] = _Target(latest, name, owner)
+            self.targets[h] = _Target(changes, name)
             handles.append(h)
         return handles
 
@@ -212,37 +236,109 @@ class Session:
             self.targets.pop(h, None)
 
     async def subscription_for(self, period_ms: float, items: int) -> SharedSubscription:
-        """A subscription with room for ``items`` more monitored items (created if needed)."""
+        """A subscription publishing every ``period_ms`` with room for ``items`` more items."""
         for sub in self.subscriptions:
             if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
                 return sub
-        assert self.client is not None
-        sub = SharedSubscription(self, period_ms)
+        client = self.client
+        assert client is not None
+        sub = SharedSubscription(self, period_ms, last_answer=time.monotonic())
+        keepalive = max(1, math.ceil(_KEEPALIVE_S * 1000 / period_ms))
+        lifetime = max(3 * keepalive, math.ceil(client.session_timeout / period_ms))
         params = ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=period_ms,
-            RequestedLifetimeCount=10_000,
-            RequestedMaxKeepAliveCount=self.client.get_keepalive_count(period_ms),
+            # The server ends a subscription nobody asks to publish for this long (spec:
+            # at least three keep-alives); as long as the session outlives a silent client.
+            RequestedLifetimeCount=lifetime,
+            RequestedMaxKeepAliveCount=keepalive,
             MaxNotificationsPerPublish=0,  # as many as the server will put in one
             PublishingEnabled=True,
             Priority=0,
         )
-        result = await self.client.uaclient.create_subscription(params, sub.on_publish)
+        # Created here rather than by asyncua, whose publish loop would then take the answers.
+        _, raw, pos = await exchange(
+            client, _CREATE_SUBSCRIPTION, struct_to_binary(params), int(self.conn.timeout * 1000)
+        )
+        result = struct_from_binary(ua.CreateSubscriptionResult, Buffer(raw, pos))
         sub.subscription_id = result.SubscriptionId
+        interval = result.RevisedPublishingInterval or period_ms
+        sub.keepalive_s = interval * (result.RevisedMaxKeepAliveCount or keepalive) / 1000
         self.subscriptions.append(sub)
-        if 1 < len(self.subscriptions) <= _MAX_PUBLISHERS:
-            # asyncua keeps one publish request in flight; more run beside it.
-            loop = self.client.uaclient.session._publish_loop()
-            self._publishers.append(asyncio.create_task(loop, name="opcua publish"))
+        self._by_id[sub.subscription_id] = sub
+        if self.publisher is None:
+            self.publisher = Publisher(
+                client, self._on_publish, self._publish_lost, limit=_MAX_PUBLISH_REQUESTS
+            )
+        # A request waits at the server until a subscription has something: one each.
+        self.publisher.ensure(len(self.subscriptions))
         return sub
 
-    def _stop_publishers(self) -> list[asyncio.Task[None]]:
-        tasks, self._publishers = self._publishers, []
-        for t in tasks:
-            t.cancel()
-        return tasks
+    def _publish_lost(self, reason: str) -> None:
+        self.lost = self.lost or reason
+
+    def _on_publish(self, notes: Notifications) -> None:
+        """Route a publish answer after the callbacks now due.
+
+        Deferred by one turn of the loop, as asyncua's own dispatch does, so the answer to
+        a request that arrived with it (a connect's last step) is seen first.
+        """
+        sub = self._by_id.get(notes.subscription_id)
+        if sub is None:
+            return
+        sub.last_answer = time.monotonic()
+        if notes.status is not None and notes.status & 0x80000000:
+            sub.lost = f"subscription ended: {ua.StatusCode(notes.status).name}"
+        if notes.items:
+            asyncio.get_running_loop().call_soon(self._route, notes.items)
+
+    def _route(self, items: list[Item]) -> None:
+        """Put each notification into its device's ``Changes``."""
+        targets = self.targets
+        touched: dict[Changes, list[int]] = {}  # values, overflows
+        for handle, value, status, source in items:
+            t = targets.get(handle)
+            if t is None:
+                continue
+            changes = t.changes
+            name = t.point
+            entry = (value, status)
+            changes.latest[name] = entry
+            # The batch after the one holding this point's last value: a server lists a
+            # point's queued values together, so its k-th joins the others' k-th.
+            batches = changes.batches
+            first = changes.first
+            slots = changes.slots
+            k = slots.get(name, first - 1) + 1 - first
+            if k < 0:
+                k = 0
+            if k < len(batches):
+                batch = batches[k]
+                batch.values[name] = entry
+                if source > batch.source_ms:
+                    batch.source_ms = source
+            else:
+                batches.append(Batch({name: entry}, source))
+            slots[name] = first + k
+            counts = touched.get(changes)
+            if counts is None:
+                counts = touched[changes] = [0, 0]
+            counts[0] += 1
+            if status and status & _OVERFLOW == _OVERFLOW:
+                counts[1] += 1
+        self.notifications += len(items)
+        for changes, (n, overflows) in touched.items():
+            dropped = 0
+            while len(changes.batches) > _MAX_BATCHES:
+                changes.take()
+                dropped += 1
+            changes.notify(n, overflows, dropped)
+
+    def _stop_publishing(self) -> list[asyncio.Task[None]]:
+        publisher, self.publisher = self.publisher, None
+        return publisher.cancel() if publisher is not None else []
 
     async def close(self) -> None:
-        stopped = self._stop_publishers()
+        stopped = self._stop_publishing()
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)
         client, self.client = self.client, None

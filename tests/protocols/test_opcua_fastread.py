@@ -1,8 +1,9 @@
-"""The direct decoder of Read answers gives what asyncua's decoder gives, or steps aside."""
+"""The direct decoders of Read and Publish answers give what asyncua gives, or step aside."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from asyncua import ua
 from asyncua.ua.ua_binary import struct_to_binary
@@ -79,3 +80,89 @@ def test_request_header_is_what_asyncua_would_send() -> None:
             struct.unpack_from("<q", mine, n),
         )
         assert abs(t_mine - t_theirs) < 50_000_000  # within 5 s, in 100 ns units
+
+
+def test_plain_numbers_decode_in_one_pass_and_anything_else_steps_aside() -> None:
+    from protocols.opcua.fastread import OTHER, PLAIN_FLOAT, PLAIN_INT, decode_plain
+
+    plain = [
+        ua.DataValue(ua.Variant(101.25, ua.VariantType.Double)),
+        ua.DataValue(ua.Variant(7, ua.VariantType.Int32)),  # a number for a float64 point
+        ua.DataValue(ua.Variant(-3, ua.VariantType.Int16)),
+    ]
+    kinds = [PLAIN_FLOAT, PLAIN_FLOAT, PLAIN_INT]
+    assert decode_plain(_body(plain), 3, 0, kinds) == [101.25, 7, -3]
+    # Each of these needs the full path: a status, a sensor fault, a type, a conversion.
+    uncertain = ua.DataValue(
+        ua.Variant(1.0, ua.VariantType.Double),
+        StatusCode=ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue),
+    )
+    for other, kind in (
+        (uncertain, PLAIN_FLOAT),
+        (ua.DataValue(ua.Variant(float("nan"), ua.VariantType.Double)), PLAIN_FLOAT),
+        (ua.DataValue(ua.Variant("1.0", ua.VariantType.String)), PLAIN_FLOAT),
+        (ua.DataValue(ua.Variant(2.5, ua.VariantType.Double)), PLAIN_INT),
+        (ua.DataValue(ua.Variant(True, ua.VariantType.Boolean)), PLAIN_INT),
+        (ua.DataValue(ua.Variant(2.5, ua.VariantType.Double)), OTHER),
+    ):
+        assert decode_plain(_body([*plain, other]), 4, 0, [*kinds, kind]) is None, other
+
+
+def _publish(notifications: list[Any]) -> bytes:
+    response = ua.PublishResponse()
+    response.Parameters = ua.PublishResult(
+        SubscriptionId=42,
+        AvailableSequenceNumbers=[6, 7],
+        MoreNotifications=False,
+        NotificationMessage=ua.NotificationMessage(
+            SequenceNumber=7, PublishTime=datetime.now(UTC), NotificationData=notifications
+        ),
+    )
+    return bytes(struct_to_binary(response))
+
+
+def test_publish_answers_decode_as_asyncua_decodes_them() -> None:
+    from protocols.opcua.fastread import _response_start
+    from protocols.opcua.publish import _decode_slowly, decode_publish
+
+    at = datetime(2024, 5, 1, 8, 30, 0, 250_000, tzinfo=UTC)
+    items = [
+        ua.MonitoredItemNotification(
+            ClientHandle=h, Value=ua.DataValue(v, StatusCode=s, SourceTimestamp=at)
+        )
+        for h, v, s in (
+            (1, ua.Variant(21.5, ua.VariantType.Double), None),
+            (2, ua.Variant(-9, ua.VariantType.Int64), None),
+            (2, ua.Variant(-8, ua.VariantType.Int64), None),  # a second queued value
+            (3, ua.Variant("Mill-1 程序", ua.VariantType.String), None),
+            (4, None, ua.StatusCode(ua.StatusCodes.BadDeviceFailure)),
+        )
+    ]
+    status = ua.StatusChangeNotification(Status=ua.StatusCode(ua.StatusCodes.BadTimeout))
+    raw = _publish([ua.DataChangeNotification(MonitoredItems=items), status])
+    _, _, pos = _response_start(raw)
+    fast = decode_publish(raw, pos)
+    assert fast is not None and fast == _decode_slowly(raw)
+    ms = int(at.timestamp() * 1000)
+    assert (fast.subscription_id, fast.sequence, fast.data) == (42, 7, True)
+    assert fast.items == [
+        (1, 21.5, 0, ms),
+        (2, -9, 0, ms),
+        (2, -8, 0, ms),
+        (3, "Mill-1 程序", 0, ms),
+        (4, None, ua.StatusCodes.BadDeviceFailure, ms),
+    ]
+    assert fast.status == ua.StatusCodes.BadTimeout
+    # A keep-alive carries nothing to acknowledge.
+    keepalive = _publish([])
+    _, _, pos = _response_start(keepalive)
+    assert decode_publish(keepalive, pos) == _decode_slowly(keepalive)
+    assert not _decode_slowly(keepalive).data
+    # Arrays are left to asyncua.
+    array = ua.MonitoredItemNotification(
+        ClientHandle=5, Value=ua.DataValue(ua.Variant([1.0, 2.0], ua.VariantType.Double))
+    )
+    raw = _publish([ua.DataChangeNotification(MonitoredItems=[array])])
+    _, _, pos = _response_start(raw)
+    assert decode_publish(raw, pos) is None
+    assert _decode_slowly(raw).items == [(5, [1.0, 2.0], 0, 0)]
