@@ -11,8 +11,9 @@ the bare loop one after the other, measures each child's CPU and peak RSS with p
 over its measuring window, and prints registers/s, requests/s, poll jitter (actual start
 against scheduled start, p50/p99), CPU % and CPU µs per register delivered, peak RSS,
 and the agent/bare ratios. It also prints the simulator's CPU % in each window: when
-that nears 100 %, the simulator, not the client, sets the ceiling. Both clients wait up to 2 s for an answer (the agent's
-``poll_timeout`` is set to match the bare loop's request timeout).
+that nears 100 %, the simulator, not the client, sets the ceiling. Both clients wait up
+to 2 s for an answer (the agent's ``poll_timeout`` is set to match the bare loop's
+request timeout).
 
 With ``--scrape-every S`` a thread in the agent's process scrapes its ``/metrics`` every
 S seconds during the window, as Prometheus would; the agent's figures then include the
