@@ -9,17 +9,21 @@ Three process roles, so that simulator CPU is never counted as agent CPU:
 The parent starts Mosquitto on a free loopback port, the simulator, then the agent and
 the bare loop one after the other, measures each child's CPU and peak RSS with psutil
 over its measuring window, and prints registers/s, requests/s, poll jitter (actual start
-against scheduled start, p50/p99), CPU % and peak RSS, and the agent/bare ratios. It
-also prints the simulator's CPU % in each window: when that nears 100 %, the simulator,
-not the client, sets the ceiling. Both clients wait up to 2 s for an answer (the agent's
-``poll_timeout`` is set to match the bare loop's request timeout).
+against scheduled start, p50/p99), CPU % and CPU µs per register delivered, peak RSS,
+and the agent/bare ratios. It also prints the simulator's CPU % in each window: when
+that nears 100 %, the simulator, not the client, sets the ceiling. Both clients wait up
+to 2 s for an answer (the agent's ``poll_timeout`` is set to match the bare loop's
+request timeout).
 
 With ``--scrape-every S`` a thread in the agent's process scrapes its ``/metrics`` every
 S seconds during the window, as Prometheus would; the agent's figures then include the
 polls that failed (timeouts) in the window and the scrapes' size and time.
 
     .venv/bin/python bench/agent_modbus.py [--devices 200] [--duration 30] [--interval 1.0]
-        [--scrape-every 5]
+        [--scrape-every 5] [--loop uvloop|asyncio]
+
+The agent and the bare loop run on the event loop ``--loop`` names: uvloop by default,
+as ``iiot agent run`` does.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from typing import Any
 
 import psutil
 import yaml
+
+from edge_agent.runtime import LoopKind, run_on
 
 PROFILE_ID = "bench-40reg"
 REGISTERS = 40
@@ -302,12 +308,15 @@ def _measure(cmd: list[str], duration: float, sim_pids: list[int]) -> dict[str, 
 def _figures(r: dict[str, Any]) -> dict[str, float]:
     lags_ms = [x * 1000 for x in r.get("lags", [])]
     wall = r["wall"]
+    registers = r["polls"] * REGISTERS / wall
     return {
-        "registers/s": r["polls"] * REGISTERS / wall,
+        "registers/s": registers,
         "requests/s": r["requests"] / wall,
         "jitter p50 ms": _pct(lags_ms, 0.5),
         "jitter p99 ms": _pct(lags_ms, 0.99),
         "CPU %": r["cpu_pct"],
+        # CPU per register (datapoint) delivered: comparable across device counts.
+        "CPU us/register": 1e4 * r["cpu_pct"] / registers if registers else math.nan,
         "peak RSS MB": r["peak_rss_mb"],
         "simulator CPU %": r["sim_cpu_pct"],
         "failed polls": r.get("failed", math.nan),
@@ -333,16 +342,18 @@ def main() -> None:
     ap.add_argument("--profiles", type=Path)
     ap.add_argument("--config", type=Path)
     ap.add_argument("--ports", type=str, default="")
+    ap.add_argument("--loop", choices=[k.value for k in LoopKind], default=LoopKind.UVLOOP.value)
     args = ap.parse_args()
     ports = [int(p) for p in args.ports.split(",") if p]
+    loop = LoopKind(args.loop)
     if args.role == "sim":
         asyncio.run(_role_sim(args.profiles, ports))
         return
     if args.role == "agent":
-        asyncio.run(_role_agent(args.config, args.duration, args.scrape_every))
+        run_on(loop, _role_agent(args.config, args.duration, args.scrape_every))
         return
     if args.role == "bare":
-        asyncio.run(_role_bare(ports, args.duration, args.interval))
+        run_on(loop, _role_bare(ports, args.duration, args.interval))
         return
 
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -391,20 +402,21 @@ def main() -> None:
             (work / "agent.yaml").write_text(yaml.safe_dump(config))
             print(
                 f"{args.devices} devices x {REGISTERS} registers, every {args.interval} s, "
-                f"{args.duration:.0f} s window after {WARMUP:.0f} s warm-up",
+                f"{args.duration:.0f} s window after {WARMUP:.0f} s warm-up, on {args.loop}",
                 flush=True,
             )
             agent = _figures(
                 _measure(
                     [*me, "--role", "agent", "--config", str(work / "agent.yaml"),
-                     "--duration", str(args.duration), "--scrape-every", str(args.scrape_every)],
+                     "--duration", str(args.duration), "--scrape-every", str(args.scrape_every),
+                     "--loop", args.loop],
                     args.duration, [sim.pid],
                 )
             )  # fmt: skip
             bare = _figures(
                 _measure(
                     [*me, "--role", "bare", "--ports", port_arg, "--duration",
-                     str(args.duration), "--interval", str(args.interval)],
+                     str(args.duration), "--interval", str(args.interval), "--loop", args.loop],
                     args.duration, [sim.pid],
                 )
             )  # fmt: skip

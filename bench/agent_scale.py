@@ -78,6 +78,7 @@ for p in (str(ROOT), str(HERE)):
 
 import agent_modbus as am  # noqa: E402
 
+from edge_agent.runtime import LoopKind, run_on  # noqa: E402
 from iiot_common.localservers import Mosquitto  # noqa: E402
 
 PROFILE_ID = "bench-40u16"
@@ -716,7 +717,7 @@ def main() -> None:
     if args.role == "bare":
         # pymodbus logs every timeout with a hex dump; the row counts them instead.
         logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-        asyncio.run(am._role_bare(ports, args.duration, INTERVAL))
+        run_on(LoopKind.UVLOOP, am._role_bare(ports, args.duration, INTERVAL))  # as the agent runs
         return
     if args.role == "sub":
         _role_sub(args.mqtt_port, args.drain)

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from edge_agent.discovery import discover
+from edge_agent.runtime import LoopKind, raise_open_files, run_on
 
 __all__ = ["app"]
 
@@ -54,24 +55,39 @@ def check(
 @app.command("run")
 def run(
     config: Path = typer.Option(..., "--config", "-c", help="Agent config (YAML)."),
+    loop_kind: LoopKind = typer.Option(
+        LoopKind.UVLOOP,
+        "--loop",
+        envvar="IIOT_AGENT_LOOP",
+        help="Event loop: uvloop (less CPU per poll) or plain asyncio.",
+    ),
 ) -> None:
     """Poll the configured devices and publish to the broker until SIGTERM or Ctrl-C."""
     loaded = _load(config)
     from edge_agent.agent import Agent, AgentLockedError, AgentStartError
 
     async def _main() -> None:
-        stop = asyncio.Event()
+        agent = Agent(loaded)
+        limits = raise_open_files(len(agent.pollers))
         loop = asyncio.get_running_loop()
+        log.info(
+            "agent runtime",
+            extra={
+                "loop": type(loop).__module__.split(".")[0],
+                "open_file_limit": limits[0] if limits is not None else None,
+            },
+        )
+        stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await Agent(loaded).run(stop)
+            await agent.run(stop)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
     try:
-        asyncio.run(_main())
+        run_on(loop_kind, _main())
     except AgentLockedError as exc:
         # Exit 2 like a config error: starting again will not help until the other stops.
         typer.echo(f"agent cannot start: {exc}", err=True)

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
 from edge_agent.metrics import AgentMetrics
@@ -98,9 +100,13 @@ class DevicePoller:
         # Held by a poll and by a write, so a write never interleaves with a poll.
         self._lock = asyncio.Lock()
         self._wakeup: asyncio.Future[None] | None = None
-        # This device's metric children, looked up once rather than on every poll.
+        # This device's metric children, looked up once rather than on every poll (a
+        # labels() lookup costs several times the increment it leads to).
         self._m_duration = metrics.poll_duration
         self._m_ok = metrics.polls.labels(device.id, "ok")
+        self._m_skipped = metrics.skipped_ticks.labels(device.id)
+        self._m_suppressed = metrics.suppressed_samples.labels(device.id)
+        self._m_errors: dict[str, Counter] = {}  # error reason -> child, as reasons are met
         self._closing: set[asyncio.Task[None]] = set()
         self._data_waiting = False  # a driver that pushes (subscribe mode) has new values
         # Fraction of the interval by which this device's grid is offset, so that many
@@ -157,7 +163,7 @@ class DevicePoller:
                 if due >= nxt:
                     skipped = due - nxt + 1
                     self.health.skipped += skipped
-                    self.metrics.skipped_ticks.labels(dev.id).inc(skipped)
+                    self._m_skipped.inc(skipped)
                     nxt = due + 1
                 tick = nxt
         finally:
@@ -250,7 +256,7 @@ class DevicePoller:
         self.health.good += 1
         self._m_ok.inc()
         for reason in reading.errors.values():
-            self.metrics.errors.labels(dev.id, _short(reason)).inc()
+            self._error_metric(_short(reason)).inc()
         self._set_state(True, "")
         try:
             self._emit(reading)
@@ -268,7 +274,7 @@ class DevicePoller:
         the cause too, logged once per change.
         """
         self.metrics.polls.labels(self.device.id, reason).inc()
-        self.metrics.errors.labels(self.device.id, reason).inc()
+        self._error_metric(reason).inc()
         state = f"{reason}: {cause}" if cause else reason
         if self.health.online is not False or self.health.reason != state:
             log.warning(
@@ -294,6 +300,13 @@ class DevicePoller:
         if driver is not None:
             self._close_later(driver)
         return self.backoff.next_delay()
+
+    def _error_metric(self, reason: str) -> Counter:
+        """This device's error counter child for ``reason`` (a bounded label)."""
+        child = self._m_errors.get(reason)
+        if child is None:
+            child = self._m_errors[reason] = self.metrics.errors.labels(self.device.id, reason)
+        return child
 
     @property
     def probing(self) -> bool:
@@ -327,7 +340,7 @@ class DevicePoller:
             if _changed(self._by_name.get(k), self._last_sent.get(k), v)
         }
         if not changed and not reading.errors:
-            self.metrics.suppressed_samples.labels(dev.id).inc()
+            self._m_suppressed.inc()
             return
         self._last_sent.update(changed)
         quality = {k: v for k, v in reading.quality.items() if k in changed}

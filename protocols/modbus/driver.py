@@ -103,7 +103,7 @@ class _BlockDecoder:
     SunSpec scale factors) is left to ``codec.decode`` via ``slow``.
     """
 
-    __slots__ = ("count", "fast", "regs_struct", "slow", "values_struct")
+    __slots__ = ("count", "fast", "names", "plain", "regs_struct", "slow", "values_struct")
 
     def __init__(self, block: ReadBlock, settings: Any, sf_names: set[str]) -> None:
         self.count = block.count
@@ -140,6 +140,9 @@ class _BlockDecoder:
             self.fast.append((p.name, p.scale, p.offset, plain, is_float))
         self.values_struct = struct.Struct(fmt)
         self.regs_struct = struct.Struct(f">{block.count}H")
+        self.names = tuple(f[0] for f in self.fast)
+        # No scale or offset anywhere: the raw values are the values (when all finite).
+        self.plain = all(f[3] for f in self.fast)
 
     def decode(self, regs: list[int], values: dict[str, Value], bad: list[str]) -> None:
         """Decode the fast points of ``regs`` into ``values``; non-finite ones into ``bad``."""
@@ -147,6 +150,9 @@ class _BlockDecoder:
             return
         raw = self.values_struct.unpack_from(self.regs_struct.pack(*regs))
         isfinite = math.isfinite
+        if self.plain and all(map(isfinite, raw)):
+            values.update(zip(self.names, raw, strict=True))
+            return
         for (name, scale, offset, plain, is_float), r in zip(self.fast, raw, strict=True):
             if plain:
                 if is_float and not isfinite(r):
@@ -224,6 +230,7 @@ class ModbusDriver(DriverBase):
         }
         self._last_points: Sequence[Point] | None = None
         self._last_key: tuple[str, ...] = ()
+        self._last_names: tuple[str, ...] = ()
         self._write_lock = asyncio.Lock()
 
     # ----------------------------------------------------------------- lifecycle
@@ -344,14 +351,21 @@ class ModbusDriver(DriverBase):
             self.stats.bits_read += count
             self.stats.bytes_read += (count + 7) // 8
             return [1 if b else 0 for b in bits[:count]]
-        regs = list(getattr(response, "registers", None) or [])
+        regs = getattr(response, "registers", None) or []
         if len(regs) != count:
             raise DecodeError(f"device '{self.name}': {what}: answer has {len(regs)} registers")
         self.stats.registers_read += count
         self.stats.bytes_read += 2 * count
-        return [int(r) & 0xFFFF for r in regs]
+        # pymodbus's decoders (and TcpClient's) give ints of 0..65535 from ">H" already.
+        return regs if type(regs) is list else list(regs)
 
     # ----------------------------------------------------------------- reading
+
+    def _names(self, points: Sequence[Point]) -> tuple[str, ...]:
+        """The names of ``points``, in order (remembered for the list polled last)."""
+        if points is self._last_points and len(points) == len(self._last_names):
+            return self._last_names
+        return tuple(p.name for p in points)
 
     def plan_for(self, points: Sequence[Point]) -> list[ReadBlock]:
         """The requests a poll of ``points`` makes now (cached until a span is refused)."""
@@ -360,6 +374,7 @@ class ModbusDriver(DriverBase):
         else:
             key = tuple(sorted(p.name for p in points))
             self._last_points, self._last_key = points, key
+            self._last_names = tuple(p.name for p in points)
         plan = self._plans.get(key)
         if plan is None:
             plan = plan_reads(self.profile, points, max_gap=self.max_gap, refused=self._refused)
@@ -462,6 +477,10 @@ class ModbusDriver(DriverBase):
                 break
         reading.ts = now_ms()
         fast = out.values
+        if not errors and not out.bad and not out.data and tuple(fast) == self._names(points):
+            # Every point decoded by a block decoder, in the points' order: the usual poll.
+            reading.values = fast
+            return reading
         bad = set(out.bad)
         values = reading.values
         for p in points:

@@ -1,4 +1,8 @@
-"""Shared Modbus lines: one pymodbus client and one lock per serial port or TCP peer.
+"""Shared Modbus lines: one client and one lock per serial port or TCP peer.
+
+Modbus TCP lines use ``protocols.modbus.tcp.TcpClient`` (pymodbus's requests and framing
+without its transaction manager: a poll's cost is mostly per request); serial lines and
+RTU framed over TCP use pymodbus's own async clients.
 
 RS-485 is half-duplex and a Modbus TCP gateway serves several unit ids over one socket,
 so every device on the same ``ModbusConnection.line_key`` shares one client, and their
@@ -6,8 +10,9 @@ requests are serialised by one ``asyncio.Lock`` with the configured pause betwee
 The pool counts references: the last ``release`` closes the client.
 
 pymodbus clients reconnect on their own by default; here that is switched off
-(``reconnect_delay=0``) and each request gets one connect attempt when the line is
-down, bounded by the device's timeout. When to try again is the agent's decision.
+(``reconnect_delay=0``; ``TcpClient`` never reconnects by itself) and each request gets
+one connect attempt when the line is down, bounded by the device's timeout. When to try
+again is the agent's decision.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pymodbus.framer import FramerType
 
 from protocols.errors import ConfigError, ConnectError
 from protocols.modbus.config import ModbusConnection
+from protocols.modbus.tcp import TcpClient
 
 __all__ = ["Line", "acquire_line", "open_lines", "release_line"]
 
@@ -48,7 +54,7 @@ _LINE_FIELDS = (
 
 def _make_client(
     conn: ModbusConnection, name: str, on_connect: Callable[[bool], None]
-) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+) -> AsyncModbusTcpClient | AsyncModbusSerialClient | TcpClient:
     if conn.transport == "rtu":
         assert conn.serial_port is not None
         return AsyncModbusSerialClient(
@@ -65,6 +71,8 @@ def _make_client(
             trace_connect=on_connect,
         )
     assert conn.host is not None
+    if conn.transport == "tcp":
+        return TcpClient(conn.host, conn.port, on_connect=on_connect)
     return AsyncModbusTcpClient(
         conn.host,
         port=conn.port,
