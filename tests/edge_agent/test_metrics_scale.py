@@ -80,11 +80,11 @@ def _tally(agent: Agent, before: _Snapshot, after: _Snapshot) -> _Tally:
 
 
 async def _settle(agent: Agent) -> None:
-    """Wait for an interval in which no poll is upset (the rush of connects over), up to 20 s.
+    """Wait for an interval in which no poll is upset (the rush of connects over), up to 10 s.
 
     Under a load that never lets up the slots compare as they are.
     """
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         before = _snapshot(agent)
         await asyncio.sleep(_INTERVAL)
