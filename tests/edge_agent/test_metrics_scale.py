@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +19,18 @@ from edge_agent.agent import Agent
 from edge_agent.config import parse_config
 from iiot_common.localservers import free_port
 from tests.edge_agent.helpers import agent_dict, modbus_device
+from tests.simulators.test_plant import free_base
 from tests.waiting import wait_for
 
 _DEVICES = 300
 _IIOT = str(Path(sys.executable).with_name("iiot"))
-_INTERVAL = 1.0
-# One request a poll (input registers 0..6): the simulator keeps up with 300 a second on a
-# busy machine too, so what the slots compare is the agent, not a simulator falling behind.
+_INTERVAL = 2.0
+# 150 polls a second of one request each (input registers 0..6): the agent and the
+# simulator keep up with that on a busy machine too, so what the slots compare is the
+# scrapes' effect, not a machine falling behind.
 _POINTS = ["burning_zone_temp", "transition_zone_temp", "inlet_temp"]
-_SCRAPES = 10  # scrapes in a slot, 0.2 s apart: a slot spans a poll interval or more
+_PAIRS = 8  # pairs of a slot with scraping and as long a quiet one
+_SCRAPES = 3  # scrapes in a slot, 0.2 s apart
 _LATE = _INTERVAL / 4  # a poll that starts later than this is one a user would see as late
 
 
@@ -77,30 +80,16 @@ def _tally(agent: Agent, before: _Snapshot, after: _Snapshot) -> _Tally:
 
 
 async def _settle(agent: Agent) -> None:
-    """Wait for an interval in which no poll is upset (the rush of connects over), up to 20 s.
+    """Wait for an interval in which no poll is upset (the rush of connects over), up to 10 s.
 
     Under a load that never lets up the slots compare as they are.
     """
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         before = _snapshot(agent)
         await asyncio.sleep(_INTERVAL)
         if _tally(agent, before, _snapshot(agent)).upset == 0:
             return
-
-
-def _distinct_free_ports(n: int) -> list[int]:
-    """``n`` different free loopback ports (held open together while they are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 # A scraper in its own process, as Prometheus is: a thread of the test would take the GIL
@@ -127,7 +116,9 @@ def _scrape(scraper: subprocess.Popen[str], times: int) -> list[int]:
 
 
 async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None:
-    ports = _distinct_free_ports(_DEVICES)
+    # Below the ephemeral range, where other programs' connections do not take them meanwhile.
+    base = free_base(_DEVICES)
+    ports = list(range(base, base + _DEVICES))
     plant = {
         "seed": 1,
         "enterprises": [
@@ -157,9 +148,9 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
     agent = Agent(parse_config(cfg))
     sizes: list[int] = []
     scraper: subprocess.Popen[str] | None = None
-    # Slots with scraping and as long quiet ones, in the order scrape, quiet, quiet, scrape,
-    # so whatever else loads this machine, and how it changes, weighs on both alike.
-    scraped, quiet = _Tally(), _Tally()
+    # Pairs of a slot with scraping and as long a quiet one, short, so that a burst of
+    # whatever else loads this machine falls on a few pairs, scraped or not.
+    pairs: list[tuple[_Tally, _Tally]] = []
     scraping = 0.0  # seconds
     try:
         await wait_for(lambda: ready.exists() or sim.poll() is not None, 60, "the simulator")
@@ -173,17 +164,24 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         await _settle(agent)
+        # A full collection of the test process's heap takes most of a second on a loaded
+        # machine and would upset whichever slot it falls in: none while the slots run.
+        gc.disable()
         slot = 0.0
-        for scrape in (True, False, False, True):
-            before = _snapshot(agent)
-            t0 = time.monotonic()
-            if scrape:
-                sizes += await asyncio.to_thread(_scrape, scraper, _SCRAPES)
-                slot = time.monotonic() - t0
-                scraping += slot
-            else:
-                await asyncio.sleep(slot)
-            (scraped if scrape else quiet).add(_tally(agent, before, _snapshot(agent)))
+        for k in range(_PAIRS):
+            scraped, quiet = _Tally(), _Tally()
+            # Which slot goes first alternates, so a trend in the load favours neither.
+            for scrape in (True, False) if k % 2 == 0 else (False, True):
+                before = _snapshot(agent)
+                t0 = time.monotonic()
+                if scrape:
+                    sizes += await asyncio.to_thread(_scrape, scraper, _SCRAPES)
+                    slot = time.monotonic() - t0
+                    scraping += slot
+                else:
+                    await asyncio.sleep(slot)
+                (scraped if scrape else quiet).add(_tally(agent, before, _snapshot(agent)))
+            pairs.append((scraped, quiet))
         counted_before = _snapshot(agent).counted
         text = (await asyncio.to_thread(httpx.get, url, timeout=10)).text
         counted_after = _snapshot(agent).counted
@@ -194,26 +192,30 @@ async def test_scraping_metrics_does_not_disturb_polling(tmp_path: Path) -> None
             if s.name.endswith("_total") and s.labels["result"] != "ok" and s.value
         }
     finally:
+        gc.enable()
         if scraper is not None:
             scraper.kill()
             scraper.wait(10)
         await agent.stop()
         sim.terminate()
         sim.wait(10)
+    scraped, quiet = _Tally(), _Tally()
+    for pair in pairs:
+        scraped.add(pair[0])
+        quiet.add(pair[1])
+    shares = ", ".join(f"{s.share:.2f}/{q.share:.2f}" for s, q in pairs)
     print(f"{len(sizes)} scrapes of {max(sizes)} bytes ({max(sizes) / _DEVICES:.0f} B per "
           f"device); poll ticks upset: {scraped.upset} of {scraped.ticks} while scraped, "
-          f"{quiet.upset} of {quiet.ticks} in the quiet slots")  # fmt: skip
-    assert len(sizes) == 2 * _SCRAPES
+          f"{quiet.upset} of {quiet.ticks} in the quiet slots; by pair: {shares}")  # fmt: skip
+    assert len(sizes) == _PAIRS * _SCRAPES
     due = _DEVICES * scraping / _INTERVAL
     assert scraped.ticks >= 0.75 * due, f"{scraped.ticks} poll ticks while scraped, {due:.0f} due"
-    # A scrape that held the loop up would make polls late, fail or skip, every time; what
-    # the machine's load does to them shows in the quiet slots too. A machine so busy that
-    # it upsets polls anyway has no room for the scrapes' own work either: the allowance
-    # grows with the quiet share.
-    assert scraped.share <= 0.05 + 1.25 * quiet.share, (
-        f"{scraped.upset} of {scraped.ticks} polls upset while scraped, "
-        f"{quiet.upset} of {quiet.ticks} in as long without"
-    )
+    # A scrape that held the loop up would make polls late, fail or skip, every time: in
+    # every pair. A burst of outside load upsets a few pairs, either slot. A machine so busy
+    # that it upsets polls anyway has no room for the scrapes' own work either: the
+    # allowance grows with the quiet slot's share.
+    within = sum(1 for s, q in pairs if s.share <= 0.05 + 1.25 * q.share)
+    assert within > _PAIRS / 2, f"polls upset while scraped (scraped/quiet share): {shares}"
     families = {f.name: f for f in text_string_to_metric_families(text)}  # a valid exposition
     online = families["iiot_agent_device_online"].samples
     assert len(online) == _DEVICES
