@@ -33,13 +33,14 @@ Answer = Callable[[IndexView], Any]
 class AnswerCache:
     """Answers by (query, view generation), each with how to answer it over another view.
 
+    A query keeps its answers over the two latest views it was answered over: the one
+    queries count over now, and the one being answered ahead before it is published.
     Bounded: past ``size`` queries, the one asked longest ago goes first.
     """
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        # key -> [generation, answer, how to answer again, last asked (monotonic)]
-        self._entries: dict[Hashable, list[Any]] = {}
+        self._entries: dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
         self.warm_errors = 0
 
@@ -49,27 +50,27 @@ class AnswerCache:
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            entry[3] = time.monotonic()
-            return entry[1] if entry[0] == generation else None
+            entry.asked = time.monotonic()
+            return entry.answers.get(generation)
 
     def put(self, key: Hashable, generation: int, answer: Any, again: Answer) -> None:
         """Keep ``answer`` to ``key`` over view ``generation``; ``again`` answers it over
         another view (see ``warm``)."""
         with self._lock:
             entries = self._entries
-            entry = entries.pop(key, None)
-            if entry is not None and entry[0] > generation:
-                entries[key] = entry  # a newer answer got there first
-                return
-            while len(entries) >= self._size:
-                oldest = min(entries, key=lambda k: entries[k][3])
-                del entries[oldest]
-            entries[key] = [generation, answer, again, time.monotonic()]
+            entry = entries.get(key)
+            if entry is None:
+                while len(entries) >= self._size:
+                    oldest = min(entries, key=lambda k: entries[k].asked)
+                    del entries[oldest]
+                entry = entries[key] = _Entry(again)
+            entry.asked = time.monotonic()
+            entry.keep(generation, answer)
 
     def asked_since(self, since: float) -> bool:
         """Whether any live query was asked since ``since`` (``time.monotonic()``)."""
         with self._lock:
-            return any(entry[3] >= since for entry in self._entries.values())
+            return any(entry.asked >= since for entry in self._entries.values())
 
     def warm(self, view: IndexView, since: float) -> int:
         """Answer over ``view`` the queries asked since ``since``, latest asked first, for
@@ -77,7 +78,7 @@ class AnswerCache:
         began = time.monotonic()
         with self._lock:
             asked = sorted(
-                ((entry[3], key, entry[2]) for key, entry in self._entries.items()),
+                ((entry.asked, key, entry.again) for key, entry in self._entries.items()),
                 key=lambda item: -item[0],
             )
         done = 0
@@ -95,10 +96,27 @@ class AnswerCache:
                 continue
             with self._lock:
                 entry = self._entries.get(key)
-                if entry is not None and entry[0] < view.generation:
-                    entry[0], entry[1] = view.generation, answer
+                if entry is not None:
+                    entry.keep(view.generation, answer)
             done += 1
         return done
+
+
+class _Entry:
+    """A query's answers by view generation (the two latest), how to answer it again,
+    and when it was last asked (``time.monotonic()``)."""
+
+    __slots__ = ("again", "answers", "asked")
+
+    def __init__(self, again: Answer) -> None:
+        self.again = again
+        self.answers: dict[int, Any] = {}
+        self.asked = 0.0
+
+    def keep(self, generation: int, answer: Any) -> None:
+        self.answers[generation] = answer
+        if len(self.answers) > 2:
+            del self.answers[min(self.answers)]
 
 
 class ViewBoard:

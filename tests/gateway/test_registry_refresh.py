@@ -15,7 +15,9 @@ from fastapi.testclient import TestClient
 from gateway.api import create_app
 from gateway.registry import Registry, parse_ledger
 from gateway.registry import tables as t
+from gateway.registry.index import DeviceIndex, IndexView
 from gateway.registry.store import _DeviceRows
+from gateway.registry.views import AnswerCache
 from iiot_common.localservers import PostgreSQL
 from protocols.mqtt.contract import DeviceState
 from tests.gateway import test_registry_fixtures as _fx
@@ -272,3 +274,23 @@ def test_a_version_7_database_on_postgresql_gets_transaction_stamps(
     finally:
         reader.close()
         writer.close()
+
+
+def test_answers_over_the_published_view_stay_while_the_next_is_answered_ahead() -> None:
+    index = DeviceIndex()
+    views = [IndexView(index, generation, None) for generation in (1, 2, 3)]
+    cache = AnswerCache()
+    asked: list[int] = []
+
+    def again(view: IndexView) -> str:
+        asked.append(view.generation)
+        return f"over {view.generation}"
+
+    cache.put("city", 1, "over 1", again)
+    assert cache.warm(views[1], since=0.0) == 1 and asked == [2]
+    # Queries still counting over view 1 are lookups until view 2 is published.
+    assert (cache.get("city", 1), cache.get("city", 2)) == ("over 1", "over 2")
+    cache.warm(views[2], since=0.0)
+    assert (cache.get("city", 1), cache.get("city", 3)) == (None, "over 3")
+    # A query not asked since the last publication is not answered ahead.
+    assert cache.warm(views[2], since=time.monotonic() + 1) == 0
