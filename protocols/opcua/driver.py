@@ -685,6 +685,8 @@ class OpcUaDriver(DriverBase):
                     self._put(reading, p, kind, entry[0], entry[1])
                 else:
                     reading.errors[name] = self._subscribe_errors.get(name, "no_data")
+            if self._changes.batches:
+                self.data_arrived()  # left waiting (a write held the poller): take them now
             return reading
         timeout = self.connection.timeout
         answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]
