@@ -167,6 +167,7 @@ class Session:
         self._handles = itertools.count(1)
         self.publisher: Publisher | None = None
         self._by_id: dict[int, SharedSubscription] = {}
+        self._subscribing = asyncio.Lock()  # one subscription created at a time
 
     @property
     def healthy(self) -> bool:
@@ -236,10 +237,22 @@ class Session:
             self.targets.pop(h, None)
 
     async def subscription_for(self, period_ms: float, items: int) -> SharedSubscription:
-        """A subscription publishing every ``period_ms`` with room for ``items`` more items."""
-        for sub in self.subscriptions:
-            if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
-                return sub
+        """A subscription publishing every ``period_ms`` with room for ``items`` more items.
+
+        The room is taken at once (``items``; the caller gives back what it does not use),
+        and one subscription is created at a time: devices connecting together fill one
+        subscription rather than each creating its own.
+        """
+        async with self._subscribing:
+            for sub in self.subscriptions:
+                if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
+                    sub.items += items
+                    return sub
+            sub = await self._create_subscription(period_ms)
+            sub.items += items
+            return sub
+
+    async def _create_subscription(self, period_ms: float) -> SharedSubscription:
         client = self.client
         assert client is not None
         sub = SharedSubscription(self, period_ms, last_answer=time.monotonic())
