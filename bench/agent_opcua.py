@@ -56,6 +56,7 @@ import yaml
 PROFILE_ID = "bench-opcua-folder"
 URI = "urn:iiot:bench"
 WARMUP = 6.0  # longer than any device's first tick (its phase within the interval)
+SETTLE = 60.0  # at most this much longer, until every device is online
 
 # ThingsBoard IoT Gateway 3.8.5, OPC UA connector, same server and layout (µs of gateway
 # CPU per datapoint; delivered %; lag p99 ms).
@@ -172,6 +173,11 @@ async def _role_agent(config: Path, duration: float, profile_out: Path | None) -
         p._on_sample = on_sample
     await agent.start()
     await asyncio.sleep(WARMUP)
+    # Hundreds of devices take longer to connect and subscribe: wait (bounded) for them.
+    for _ in range(int(SETTLE / 0.5)):
+        if all(p.health.online for p in agent.pollers):
+            break
+        await asyncio.sleep(0.5)
     profiler = None
     if profile_out is not None:
         import cProfile

@@ -168,6 +168,7 @@ class Session:
         self.publisher: Publisher | None = None
         self._by_id: dict[int, SharedSubscription] = {}
         self._subscribing = asyncio.Lock()  # one subscription created at a time
+        self._creating: set[asyncio.Future[SharedSubscription]] = set()
 
     @property
     def healthy(self) -> bool:
@@ -188,6 +189,8 @@ class Session:
         self._stop_publishing()
         if old is not None:
             abandon(old)
+        for creating in list(self._creating):
+            creating.cancel()
         self.subscriptions = []
         self._by_id = {}
         self.targets = {}
@@ -248,7 +251,12 @@ class Session:
                 if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
                     sub.items += items
                     return sub
-            sub = await self._create_subscription(period_ms)
+            # Shielded: a caller that gives up (its timeout) must not leave a subscription
+            # on the server that the session does not know; it is kept for the next one.
+            creating = asyncio.ensure_future(self._create_subscription(period_ms))
+            self._creating.add(creating)
+            creating.add_done_callback(self._creating.discard)
+            sub = await asyncio.shield(creating)
             sub.items += items
             return sub
 
@@ -351,6 +359,8 @@ class Session:
         return publisher.cancel() if publisher is not None else []
 
     async def close(self) -> None:
+        for creating in list(self._creating):
+            creating.cancel()
         stopped = self._stop_publishing()
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)
