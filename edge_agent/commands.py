@@ -126,7 +126,7 @@ def _settle(device: DeviceConfig) -> float:
     """How long a read-back may take to show a write: a subscription reports it late."""
     ua = device.opcua
     if ua is not None and ua.mode == "subscribe":
-        return min(5.0, 2 * float(ua.sampling_interval) + 0.5)
+        return min(5.0, 2 * max(float(ua.sampling_interval), float(ua.publishing)) + 0.5)
     return 0.0
 
 

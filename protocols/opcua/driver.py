@@ -500,16 +500,21 @@ class OpcUaDriver(DriverBase):
                 ItemsToCreate=requests,
             )
             assert session.client is not None
-            results = await self._call(
-                "create monitored items", session.client.uaclient.create_monitored_items(params)
-            )
+            try:
+                results = await self._call(
+                    "create monitored items",
+                    session.client.uaclient.create_monitored_items(params),
+                )
+            except BaseException:
+                sub.items -= len(chunk)  # the room subscription_for kept for them
+                raise
             ids: list[int] = []
             for h, result in zip(chunk, results, strict=True):
                 if result.StatusCode.is_good():
                     ids.append(result.MonitoredItemId)
                 else:
                     self._subscribe_errors[by_handle[h].name] = _status_name(result.StatusCode)
-            sub.items += len(ids)
+            sub.items -= len(chunk) - len(ids)
             self._items.append((sub, chunk, ids))
 
     def _item_request(
@@ -685,6 +690,8 @@ class OpcUaDriver(DriverBase):
                     self._put(reading, p, kind, entry[0], entry[1])
                 else:
                     reading.errors[name] = self._subscribe_errors.get(name, "no_data")
+            if self._changes.batches:
+                self.data_arrived()  # left waiting (a write held the poller): take them now
             return reading
         timeout = self.connection.timeout
         answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]

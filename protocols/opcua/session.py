@@ -167,6 +167,8 @@ class Session:
         self._handles = itertools.count(1)
         self.publisher: Publisher | None = None
         self._by_id: dict[int, SharedSubscription] = {}
+        self._subscribing = asyncio.Lock()  # one subscription created at a time
+        self._creating: set[asyncio.Future[SharedSubscription]] = set()
 
     @property
     def healthy(self) -> bool:
@@ -187,6 +189,8 @@ class Session:
         self._stop_publishing()
         if old is not None:
             abandon(old)
+        for creating in list(self._creating):
+            creating.cancel()
         self.subscriptions = []
         self._by_id = {}
         self.targets = {}
@@ -236,10 +240,27 @@ class Session:
             self.targets.pop(h, None)
 
     async def subscription_for(self, period_ms: float, items: int) -> SharedSubscription:
-        """A subscription publishing every ``period_ms`` with room for ``items`` more items."""
-        for sub in self.subscriptions:
-            if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
-                return sub
+        """A subscription publishing every ``period_ms`` with room for ``items`` more items.
+
+        The room is taken at once (``items``; the caller gives back what it does not use),
+        and one subscription is created at a time: devices connecting together fill one
+        subscription rather than each creating its own.
+        """
+        async with self._subscribing:
+            for sub in self.subscriptions:
+                if sub.period_ms == period_ms and sub.items + items <= self.max_per_subscription:
+                    sub.items += items
+                    return sub
+            # Shielded: a caller that gives up (its timeout) must not leave a subscription
+            # on the server that the session does not know; it is kept for the next one.
+            creating = asyncio.ensure_future(self._create_subscription(period_ms))
+            self._creating.add(creating)
+            creating.add_done_callback(self._creating.discard)
+            sub = await asyncio.shield(creating)
+            sub.items += items
+            return sub
+
+    async def _create_subscription(self, period_ms: float) -> SharedSubscription:
         client = self.client
         assert client is not None
         sub = SharedSubscription(self, period_ms, last_answer=time.monotonic())
@@ -338,6 +359,8 @@ class Session:
         return publisher.cancel() if publisher is not None else []
 
     async def close(self) -> None:
+        for creating in list(self._creating):
+            creating.cancel()
         stopped = self._stop_publishing()
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)

@@ -141,3 +141,21 @@ async def test_the_poller_hands_every_queued_value_over_as_its_own_sample() -> N
             await task
         assert [s.values["a"] for s in samples] == [1.0, 2.0, 3.0, 4.0, 5.0]
         assert [s.values["b"] for s in samples] == [10, 20, 30, 40, 50]
+
+
+async def test_devices_connecting_together_fill_one_subscription() -> None:
+    async with _server() as (endpoint, _a, _b):
+        conn = OpcUaConnection(endpoint=endpoint, mode="subscribe", sampling_interval=0.1)
+        drivers = [OpcUaDriver(_PROFILE, conn, name=f"m-{n}") for n in range(30)]
+        try:
+            await asyncio.gather(*(d.connect() for d in drivers))
+            session = drivers[0].session
+            assert session is not None and {id(d.session) for d in drivers} == {id(session)}
+            # 60 items fit one subscription: not one per device racing to create it.
+            assert len(session.subscriptions) == 1
+            assert session.subscriptions[0].items == 60
+            await wait_for(
+                lambda: all(len(d._changes.latest) == 2 for d in drivers), what="every value"
+            )
+        finally:
+            await asyncio.gather(*(d.aclose() for d in drivers))
