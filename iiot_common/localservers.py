@@ -12,6 +12,7 @@ import contextlib
 import glob
 import itertools
 import os
+import random
 import re
 import shutil
 import signal
@@ -58,8 +59,31 @@ def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None
         proc.wait(5)
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (32768 if unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Below the kernel's ephemeral range: a server is often started well after its port is
+    chosen (a broker brought back after an outage), and meanwhile an outgoing connection,
+    even a client retrying against that very port, could be given it as its own.
+    """
+    high = _ephemeral_low() - 1
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(high, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
