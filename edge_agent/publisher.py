@@ -453,7 +453,6 @@ class Publisher:
         return self._data_count
 
     async def _sender_loop(self) -> None:
-        sp = self.cfg.spool
         batch = self.cfg.mqtt.batch
         while not self._stopping:
             self._wake.clear()
@@ -480,18 +479,23 @@ class Publisher:
                 continue
             device = self._dirty.popleft()
             self._dirty_set.discard(device)
-            rows = self.spool.batch(
-                device,
-                after_id=self._cursor.get(device, 0),
-                max_samples=sp.batch_samples,
-                max_bytes=sp.batch_bytes,
-            )
+            rows = self._unsent(device)
             if not rows:
                 continue
             self._publish_rows(client, device, rows)
             # Back of the queue: the next device gets its turn before this one again.
             self._mark_dirty(device)
             await asyncio.sleep(0)
+
+    def _unsent(self, device: str) -> list[SpoolRow]:
+        """The next message's worth of ``device``'s spooled rows not yet sent."""
+        sp = self.cfg.spool
+        return self.spool.batch(
+            device,
+            after_id=self._cursor.get(device, 0),
+            max_samples=sp.batch_samples,
+            max_bytes=sp.batch_bytes,
+        )
 
     def _publish_batch(self, client: mqtt.Client) -> bool | None:
         """One batch message of the oldest unsent rows: whether it was full; None if none."""
@@ -525,15 +529,9 @@ class Publisher:
 
     def _flush_device(self, client: mqtt.Client, device: str) -> None:
         """Publish every spooled sample of ``device`` not yet sent, now (before its death)."""
-        sp = self.cfg.spool
         self.spool.flush(bounded=True)  # samples still waiting for the group commit too
         while True:
-            rows = self.spool.batch(
-                device,
-                after_id=self._cursor.get(device, 0),
-                max_samples=sp.batch_samples,
-                max_bytes=sp.batch_bytes,
-            )
+            rows = self._unsent(device)
             if not rows:
                 return
             before = self._cursor.get(device, 0)
