@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -583,6 +583,14 @@ async def test_a_scan_without_a_scope_is_answered_with_the_reason(
     assert report.errors == ["this agent has no discovery scope in its configuration"]
 
 
+def _fake_discovery(monkeypatch: pytest.MonkeyPatch, scan: Callable[..., Any]) -> None:
+    """Stand ``scan`` in for ``edge_agent.discovery.scan``: the seam the agent calls."""
+    fake = types.ModuleType("edge_agent.discovery")
+    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
+    fake.scan = scan  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+
+
 async def test_a_scan_calls_discovery_with_the_configured_scope(
     tmp_path: Path, mosquitto: Mosquitto, site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -597,10 +605,7 @@ async def test_a_scan_calls_discovery_with_the_configured_scope(
         address = {"modbus": {"host": "127.0.0.1", "port": site.sim.port, "unit": 3}}
         return [Proposal(protocol="modbus", address=address)]
 
-    fake = types.ModuleType("edge_agent.discovery")
-    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
-    fake.scan = scan  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    _fake_discovery(monkeypatch, scan)
     scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
     with Gateway(mosquitto.port) as gw:
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
@@ -634,10 +639,7 @@ async def test_a_scan_request_delivered_twice_is_scanned_and_answered_once(
         await asyncio.sleep(0.5)
         return [Proposal(protocol="modbus", address={"modbus": {"host": "127.0.0.1"}})]
 
-    fake = types.ModuleType("edge_agent.discovery")
-    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
-    fake.scan = scan  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    _fake_discovery(monkeypatch, scan)
     scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
     with Gateway(mosquitto.port) as gw:
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
@@ -669,10 +671,7 @@ async def test_a_scan_sent_right_after_a_config_uses_that_configs_scope(
         scopes.append(scope)
         return []
 
-    fake = types.ModuleType("edge_agent.discovery")
-    fake.DiscoveryScope = DiscoveryScope  # type: ignore[attr-defined]
-    fake.scan = scan  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge_agent.discovery", fake)
+    _fake_discovery(monkeypatch, scan)
     scope = {"modbus_tcp": [{"hosts": ["127.0.0.1"]}]}
     with Gateway(mosquitto.port) as gw:
         agent = _agent(tmp_path, mosquitto, [_kiln(site)])
