@@ -87,6 +87,14 @@ _.product_uri  # unused attribute (protocols/opcua/driver.py)
 _.session_timeout  # unused attribute (protocols/opcua/driver.py)
 _.connection_lost_callback  # unused attribute (protocols/opcua/driver.py)
 _.product_uri  # unused attribute (simulators/opcua_server.py)
+_.writeable  # unused attribute (gateway/registry/index.py)
+
+# SQL functions and their compilers, which SQLAlchemy reads and finds by decorator
+inherit_cache  # unused variable (gateway/registry/tables.py)
+_db_now_ms_default  # unused function (gateway/registry/tables.py)
+_db_now_ms_pg  # unused function (gateway/registry/tables.py)
+_db_xid_default  # unused function (gateway/registry/tables.py)
+_db_xid_pg  # unused function (gateway/registry/tables.py)
 
 # Counters kept for inspection (driver stats, simulator counters) and references held on purpose
 splits  # unused variable (protocols/modbus/driver.py)

@@ -62,9 +62,6 @@ class RegistryStore:
     ) -> None:
         self.url = url
         self.refresh_interval = refresh_interval
-        # A query at the current time may count over a view this old (seconds): ingest
-        # shows that much later in live ratios; API writes and refresh passes at once.
-        self._views = ViewBoard(view_max_age)
         # Rows stamped by the clock (see changes.py) are read from this far before the
         # previous pass read: a transaction may commit after a pass that its stamps
         # precede. A flush that takes longer is counted (``slow_flushes``): others may
@@ -112,6 +109,9 @@ class RegistryStore:
         # asking the database again (another instance may add it meanwhile).
         self.publisher_miss_ttl = 10.0
         self.counters: Counter[str] = Counter()
+        # A query at the current time may count over a view this old (seconds): ingest
+        # shows that much later in live ratios; API writes and refresh passes at once.
+        self._views = ViewBoard(view_max_age, self.counters)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresher: threading.Thread | None = None

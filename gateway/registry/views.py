@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -38,11 +39,11 @@ class AnswerCache:
     Bounded: past ``size`` queries, the one asked longest ago goes first.
     """
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, counters: Counter[str], size: int = 256) -> None:
         self._size = size
         self._entries: dict[Hashable, _Entry] = {}
         self._lock = threading.Lock()
-        self.warm_errors = 0
+        self._counters = counters
 
     def get(self, key: Hashable, generation: int) -> Any:
         """The answer to ``key`` over view ``generation``; None if there is none."""
@@ -89,7 +90,7 @@ class AnswerCache:
                 answer = again(view)
             except Exception:
                 # Counted and dropped: the query is answered when asked, as any other.
-                self.warm_errors += 1
+                self._counters["answer_ahead_errors"] += 1
                 log.exception("answering a live query ahead failed", extra={"query": str(key)})
                 with self._lock:
                     self._entries.pop(key, None)
@@ -99,6 +100,7 @@ class AnswerCache:
                 if entry is not None:
                     entry.keep(view.generation, answer)
             done += 1
+        self._counters["answers_ahead"] += done
         return done
 
 
@@ -122,9 +124,9 @@ class _Entry:
 class ViewBoard:
     """The latest published view, its answers, and which view a live query may use."""
 
-    def __init__(self, max_age: float) -> None:
+    def __init__(self, max_age: float, counters: Counter[str]) -> None:
         self.max_age = max_age
-        self.answers = AnswerCache()
+        self.answers = AnswerCache(counters)
         self._generation = 0
         # The latest view and the registry's API-write count when it was taken.
         self._latest: tuple[IndexView, int] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -279,7 +280,7 @@ def test_a_version_7_database_on_postgresql_gets_transaction_stamps(
 def test_answers_over_the_published_view_stay_while_the_next_is_answered_ahead() -> None:
     index = DeviceIndex()
     views = [IndexView(index, generation, None) for generation in (1, 2, 3)]
-    cache = AnswerCache()
+    cache = AnswerCache(Counter())
     asked: list[int] = []
 
     def again(view: IndexView) -> str:
