@@ -66,6 +66,8 @@ __all__ = [
     "load_evidence",
     "load_rubric",
     "reconcile",
+    "recount",
+    "registry_changes",
     "snapshot_evidence",
     "verify_report",
 ]
@@ -471,18 +473,31 @@ _COMPARED = ("total", "connected", "online", "products_total", "products_connect
 _COMPARED_ALL = (*_COMPARED, "products_online")
 
 
-def _differences(registry: Any, ev: Evidence, ts: int) -> list[dict[str, Any]]:
-    """Each stored number that counting the evidence again does not give, by row."""
-    source = _EvidenceSource(registry.enterprise_names())
+def recount(ev: Evidence, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The rows a snapshot of exactly the evidence's devices stores, counted under the
+    current definitions (``names``: enterprise labels)."""
     rows, _lines = snapshot_rows(
-        source, _evidence_view(ev), ts_ms=ts, window_s=ev.window_s, groupings=ev.groupings
+        _EvidenceSource(names or {}),
+        _evidence_view(ev),
+        ts_ms=ev.as_of_ms,
+        window_s=ev.window_s,
+        groupings=ev.groupings,
     )
+    return rows
+
+
+def _differences(registry: Any, ev: Evidence, ts: int) -> tuple[list[dict[str, Any]], int]:
+    """Each stored number that counting the evidence again does not give, by row; and
+    how many stored rows there were."""
+    rows = recount(ev, registry.enterprise_names())
     again: dict[tuple[str, str], dict[str, Any]] = {
         (r["group_by"], str(r["key"])[:64]): r for r in rows
     }
     out: list[dict[str, Any]] = []
+    compared = 0
     for group_by in ("overall", *ev.groupings):
         stored = {r.key: r for r in registry.snapshot_rows(group_by, ts, ts)}
+        compared += len(stored)
         now = {key: r for (g, key), r in again.items() if g == group_by}
         for key in sorted(set(stored) | set(now)):
             for field in _COMPARED_ALL:
@@ -498,7 +513,7 @@ def _differences(registry: Any, ev: Evidence, ts: int) -> list[dict[str, Any]]:
                             "recomputed": is_,
                         }
                     )
-    return out
+    return out, compared
 
 
 def _keys(ev: Evidence) -> npt.NDArray[np.str_]:
@@ -506,7 +521,7 @@ def _keys(ev: Evidence) -> npt.NDArray[np.str_]:
     return np.char.add(np.char.add(ents, "\t"), np.array(ev.devices or ("",), dtype=str)[: ev.n])
 
 
-def _registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str, Any]:
+def registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str, Any]:
     """How the registry read now for the same ``as_of`` differs from the evidence: devices
     added, removed, regrouped (region, industry, category, family or kind),
     decommissioned or brought back, counted connected differently, or reporting since."""
@@ -595,19 +610,21 @@ def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
         "definitions_unchanged": same_defs,
         "evidence": info,
         "reproducible": None,
+        "rows_compared": 0,
         "differences": [],
         "registry_unchanged": None,
         "registry_changes": None,
     }
     if ev is None:
         return result
-    differences = _differences(registry, ev, ts)
+    differences, compared = _differences(registry, ev, ts)
     now = _evidence_of(
         registry, registry.view(), as_of_ms=ts, window_s=window_s, groupings=ev.groupings
     )
-    changes = _registry_changes(ev, now)
+    changes = registry_changes(ev, now)
     result.update(
         reproducible=bool(info["intact"]) and not differences,
+        rows_compared=compared,
         differences=differences[:1000],
         registry_unchanged=_unchanged(changes),
         registry_changes=changes,
