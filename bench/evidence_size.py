@@ -48,7 +48,11 @@ def _ids(style: str, families: list[str], rng: random.Random) -> list[str]:
     if style == "short":
         return [f"d{k % PER_ENTERPRISE:02d}" for k in range(n)]
     if style == "ledger":
-        return [f"{f}-{rng.randint(2005, 2025)}-{rng.randrange(100000):05d}" for f in families]
+        # Unique within an enterprise, as the registry's keys are.
+        return [
+            f"{f}-{rng.randint(2005, 2025)}-{k % PER_ENTERPRISE:02d}{rng.randrange(1000):03d}"
+            for k, f in enumerate(families)
+        ]
     return ["".join(rng.choices(_ALPHABET, k=12)) for _ in range(n)]
 
 

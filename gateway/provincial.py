@@ -440,25 +440,37 @@ def _evidence_view(ev: Evidence) -> IndexView:
     """
     index = DeviceIndex(capacity=ev.n)
     cols = {name: ev.column(name) for name in DICT_COLUMNS}
+    status = ["decommissioned" if d else "registered" for d in ev.decommissioned.tolist()]
+    kind = ["product" if p else "equipment" for p in ev.product.tolist()]
     index.add_many(
         [
             DeviceMeta(
-                enterprise=cols["enterprise"][i],
+                enterprise=ent,
                 id=dev,
                 name="",
-                region=cols["region"][i],
-                industry=cols["industry"][i],
-                family=cols["family"][i],
-                category=cols["category"][i],
+                region=region,
+                industry=industry,
+                family=family,
+                category=category,
                 profile=None,
                 agent=None,
-                status="decommissioned" if ev.decommissioned[i] else "registered",
+                status=st,
                 source="evidence",
                 not_in_ledger=False,
                 created_ms=0,
-                kind="product" if ev.product[i] else "equipment",
+                kind=k,
             )
-            for i, dev in enumerate(ev.devices)
+            for ent, dev, region, industry, family, category, st, k in zip(
+                cols["enterprise"],
+                ev.devices,
+                cols["region"],
+                cols["industry"],
+                cols["family"],
+                cols["category"],
+                status,
+                kind,
+                strict=True,
+            )
         ]
     )
     n = ev.n
@@ -516,42 +528,49 @@ def _differences(registry: Any, ev: Evidence, ts: int) -> tuple[list[dict[str, A
     return out, compared
 
 
-def _keys(ev: Evidence) -> npt.NDArray[np.str_]:
-    ents = np.array(ev.values["enterprise"] or ("",), dtype=str)[ev.codes["enterprise"]]
-    return np.char.add(np.char.add(ents, "\t"), np.array(ev.devices or ("",), dtype=str)[: ev.n])
+def _in_code_space(then: Evidence, now: Evidence, name: str) -> npt.NDArray[np.int64]:
+    """``then``'s codes of a column as ``now``'s codes (-1: a value ``now`` lacks)."""
+    rank = {v: i for i, v in enumerate(now.values[name])}
+    table = np.array([rank.get(v, -1) for v in then.values[name]] or [-1], np.int64)
+    return table[then.codes[name]]
 
 
 def registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str, Any]:
     """How the registry read now for the same ``as_of`` differs from the evidence: devices
     added, removed, regrouped (region, industry, category, family or kind),
-    decommissioned or brought back, counted connected differently, or reporting since."""
-    a, b = _keys(then), _keys(now)
-    _common, ia, ib = np.intersect1d(a, b, assume_unique=True, return_indices=True)
-    regrouped = np.zeros(len(ia), np.bool_)
-    for name in DICT_COLUMNS:
-        if name == "enterprise":
-            continue
-        old = np.array(then.values[name] or ("",), dtype=str)[then.codes[name][ia]]
-        new = np.array(now.values[name] or ("",), dtype=str)[now.codes[name][ib]]
-        regrouped |= old != new
-    regrouped |= then.product[ia] != now.product[ib]
+    decommissioned or brought back, counted connected differently, or reporting since;
+    counts and the first ``limit`` of each."""
+    then_keys = list(zip(then.column("enterprise"), then.devices, strict=True))
+    now_keys = list(zip(now.column("enterprise"), now.devices, strict=True))
+    position = {key: i for i, key in enumerate(then_keys)}
+    at = np.array([position.get(key, -1) for key in now_keys] or [0], np.int64)[: now.n]
+    both = at >= 0
+    ib = np.flatnonzero(both)  # rows of ``now`` also in ``then`` ...
+    ia = at[both]  # ... and where they are in ``then``
+    seen = np.zeros(then.n, np.bool_)
+    seen[ia] = True
+    regrouped = then.product[ia] != now.product[ib]
+    for name in DICT_COLUMNS[1:]:  # every column but the enterprise, which is in the key
+        regrouped |= _in_code_space(then, now, name)[ia] != now.codes[name][ib]
     found = {
-        "added": b[np.setdiff1d(np.arange(len(b)), ib)],
-        "removed": a[np.setdiff1d(np.arange(len(a)), ia)],
-        "regrouped": a[ia][regrouped],
-        "decommissioned_changed": a[ia][then.decommissioned[ia] != now.decommissioned[ib]],
-        "connection_changed": a[ia][then.connected()[ia] != now.connected()[ib]],
-        "reported_since": a[ia][now.last_good[ib] > then.last_good[ia]],
+        "added": [now_keys[i] for i in np.flatnonzero(~both).tolist()],
+        "removed": [then_keys[i] for i in np.flatnonzero(~seen).tolist()],
     }
-    counts = {name: len(keys) for name, keys in found.items()}
-    examples = {
-        name: [
-            {"enterprise": k.split("\t")[0], "device_id": k.split("\t")[1]}
-            for k in keys[:limit].tolist()
-        ]
-        for name, keys in found.items()
+    for name, mask in (
+        ("regrouped", regrouped),
+        ("decommissioned_changed", then.decommissioned[ia] != now.decommissioned[ib]),
+        ("connection_changed", then.connected()[ia] != now.connected()[ib]),
+        ("reported_since", now.last_good[ib] > then.last_good[ia]),
+    ):
+        found[name] = [then_keys[i] for i in ia[mask].tolist()]
+    return {
+        "counts": {name: len(keys) for name, keys in found.items()},
+        "examples": {
+            name: [{"enterprise": e, "device_id": d} for e, d in keys[:limit]]
+            for name, keys in found.items()
+        },
+        "examples_limit": limit,
     }
-    return {"counts": counts, "examples": examples, "examples_limit": limit}
 
 
 def _unchanged(changes: dict[str, Any]) -> bool:

@@ -4,6 +4,7 @@ has changed: through the API over a real registry, on SQLite and on PostgreSQL."
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from typing import Any
 
@@ -171,8 +172,9 @@ def test_tampered_evidence_fails_its_integrity_check(snapped: Registry) -> None:
     stored = snapped.snapshot_evidence(T0)
     assert stored is not None
     ev = decode(decompress(bytes(stored["data"]), stored["encoding"]))
-    # Mark every device decommissioned and store it back, well-formed but not what was counted.
+    # Mark every device decommissioned and repeat one, well-formed but not what was counted.
     ev.decommissioned[:] = True
+    ev = dataclasses.replace(ev, devices=(ev.devices[0], *ev.devices[:1], *ev.devices[2:]))
     forged = compress(encode(ev), stored["encoding"])
     with snapped.engine.begin() as conn:
         conn.execute(snapshot_evidence.update().where(e.ts_ms == T0).values(data=forged))
@@ -180,6 +182,7 @@ def test_tampered_evidence_fails_its_integrity_check(snapped: Registry) -> None:
         body = _verify(client, T0)
         assert body["evidence"]["intact"] is False and body["reproducible"] is False
         assert body["evidence"]["registry_version_recomputed"] != body["registry_version"]
+        assert body["registry_changes"]["counts"]["removed"] == 1  # the repeated one
         overall = [d for d in body["differences"] if d["group_by"] == "overall"]
         assert {"field": "total", "stored": 50, "recomputed": 0}.items() <= overall[0].items()
         with snapped.engine.begin() as conn:
