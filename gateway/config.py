@@ -269,8 +269,7 @@ class ProvincialConfig(_Cfg):
     evidence_daily_retention_days: float = Field(
         default=400.0,
         gt=0,
-        description="Days the evidence of each day's first snapshot (China Standard Time) "
-        "is kept.",
+        description="Days the evidence of each day's first snapshot (China Standard Time) is kept.",
     )
 
 

@@ -636,7 +636,14 @@ def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
     }
     if ev is None:
         return result
-    differences, compared = _differences(registry, ev, ts)
+    try:
+        differences, compared = _differences(registry, ev, ts)
+    except (ValueError, KeyError) as exc:
+        # Only altered evidence gets here (a region that is not a code, a grouping that
+        # does not exist): it cannot be counted, so nothing about it is reproducible.
+        info.update(intact=False, detail=f"the evidence cannot be counted: {exc}")
+        result["reproducible"] = False
+        return result
     now = _evidence_of(
         registry, registry.view(), as_of_ms=ts, window_s=window_s, groupings=ev.groupings
     )

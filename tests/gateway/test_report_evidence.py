@@ -185,6 +185,14 @@ def test_tampered_evidence_fails_its_integrity_check(snapped: Registry) -> None:
         assert body["registry_changes"]["counts"]["removed"] == 1  # the repeated one
         overall = [d for d in body["differences"] if d["group_by"] == "overall"]
         assert {"field": "total", "stored": 50, "recomputed": 0}.items() <= overall[0].items()
+        # A region that is not a code cannot be counted at all.
+        ev.values["region"] = ("13010x", *ev.values["region"][1:])
+        uncountable = compress(encode(ev), stored["encoding"])
+        with snapped.engine.begin() as conn:
+            conn.execute(snapshot_evidence.update().where(e.ts_ms == T0).values(data=uncountable))
+        odd = _verify(client, T0)
+        assert odd["reproducible"] is False and odd["evidence"]["intact"] is False
+        assert "cannot be counted" in odd["evidence"]["detail"]
         with snapped.engine.begin() as conn:
             conn.execute(snapshot_evidence.update().where(e.ts_ms == T0).values(data=b"junk"))
         broken = _verify(client, T0)
