@@ -264,7 +264,7 @@ class ProvincialConfig(_Cfg):
         default=7.0,
         gt=0,
         description="Days every ratio snapshot's evidence (the devices it counted) is kept; "
-        "about 9 bytes a device a snapshot.",
+        "4-13 bytes a device a snapshot, by the device ids.",
     )
     evidence_daily_retention_days: float = Field(
         default=400.0,

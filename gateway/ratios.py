@@ -620,7 +620,8 @@ class Snapshotter:
         self.groupings = tuple(groupings)
         # Hourly snapshots of every enterprise add up (10⁴ enterprises: 10⁵ rows a day).
         self.retention_ms = int(retention_days * 86400_000)
-        # Evidence is ~9 bytes a device a snapshot: hourly at 10⁶ devices, 216 MB a day.
+        # Evidence is 4-13 bytes a device a snapshot: hourly at 10⁶ devices, up to 300 MB a
+        # day, hence a short retention of all and a long one of one a day.
         self.evidence_ms = int(evidence_days * 86400_000)
         self.evidence_daily_ms = int(evidence_daily_days * 86400_000)
         self._clock = clock
