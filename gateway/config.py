@@ -260,6 +260,17 @@ class ProvincialConfig(_Cfg):
         description="YAML rubric of the graded evaluation; default: the shipped one "
         "(gateway/rubrics/default.yaml).",
     )
+    evidence_retention_days: float = Field(
+        default=7.0,
+        gt=0,
+        description="Days every ratio snapshot's evidence (the devices it counted) is kept; "
+        "4-13 bytes a device a snapshot, by the device ids.",
+    )
+    evidence_daily_retention_days: float = Field(
+        default=400.0,
+        gt=0,
+        description="Days the evidence of each day's first snapshot (China Standard Time) is kept.",
+    )
 
 
 class RegistryConfig(_Cfg):

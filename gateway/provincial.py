@@ -6,40 +6,69 @@ rubric, and the versions that make a stored report verifiable.
   serial numbers (the ledger's optional ``serial``) claimed by more than one enterprise.
 - **Grades** (分级分类评价): each enterprise's production equipment measured against
   the rubric's levels (``gateway/rubrics/default.yaml``), with the evidence.
-- **Versions**: ``registry_version`` hashes the devices a report counted (ledger fields
-  and whether each was connected at ``as_of``); ``DEFINITIONS_VERSION`` hashes the
-  definitions. A stored snapshot records both, and ``verify`` recomputes it.
+- **Verification**: a stored snapshot keeps its evidence (``gateway.evidence``: each
+  device it counted, with its ledger fields, last good sample and online state) and
+  records ``registry_version``, the hash of that evidence, and ``DEFINITIONS_VERSION``,
+  the hash of the definitions. ``verify_report`` checks the evidence against the hash,
+  counts it again through the same arithmetic as the live ratios
+  (``gateway.ratios.snapshot_rows``) and compares every stored row; separately it says
+  how the registry, read now for the same ``as_of``, differs from the evidence.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.control import tables as ct
+from gateway.evidence import (
+    DICT_COLUMNS,
+    ENCODINGS,
+    Evidence,
+    EvidenceError,
+    compress,
+    decode,
+    decompress,
+    digest,
+    encode,
+    from_columns,
+)
 from gateway.quality import QUALITY_DEFINITION
-from gateway.ratios import DEFINITIONS, GROUPINGS, compute_ratios, quality_mask, ratio
-from gateway.registry.codes import region_label
-from gateway.registry.index import NEVER
+from gateway.ratios import (
+    DEFINITIONS,
+    GROUPINGS,
+    online_mask,
+    quality_mask,
+    ratio,
+    snapshot_rows,
+)
+from gateway.registry.codes import region_label, region_prefix_range
+from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
     "DEFINITIONS_VERSION",
+    "EVIDENCE_HEADER",
     "Rubric",
     "RubricError",
     "RubricLevel",
     "default_rubric",
+    "evidence_rows",
     "grade_enterprises",
+    "load_evidence",
     "load_rubric",
     "reconcile",
-    "registry_version",
-    "snapshot_audit_record",
+    "recount",
+    "registry_changes",
+    "snapshot_evidence",
     "verify_report",
 ]
 
@@ -282,8 +311,6 @@ def grade_enterprises(
     industry: str | None = None,
 ) -> dict[str, Any]:
     """Each enterprise's grade (the highest level met with every level below) and evidence."""
-    from gateway.registry.codes import region_prefix_range
-
     lo, hi = region_prefix_range(region) if region is not None else (0, 10**6)
     prefix = industry.strip().upper() if industry is not None else ""
     numbers = _enterprise_numbers(registry, as_of_ms, window_s)
@@ -339,80 +366,157 @@ def grade_enterprises(
     }
 
 
-def registry_version(registry: Any, *, as_of_ms: int, window_s: int) -> tuple[str, int]:
-    """A hash of the devices a report at ``as_of`` counts, and how many there are.
+def _evidence_of(
+    registry: Any, view: IndexView, *, as_of_ms: int, window_s: int, groupings: Sequence[str]
+) -> Evidence:
+    """The devices ``view`` counts at ``as_of_ms``, as evidence (canonical order)."""
+    n = view.n
+    ids = [""] * n
+    for (_ent, dev), i in view.keys.copy().items():  # keys only grows; copy() is atomic
+        if i < n:
+            ids[i] = dev
+    enc = view.enc
+    return from_columns(
+        as_of_ms=as_of_ms,
+        window_s=window_s,
+        groupings=groupings,
+        devices=ids,
+        columns={
+            "enterprise": (enc["enterprise"].values, view.ent[:n]),
+            "region": (enc["county"].values, view.county[:n]),  # a county is the full code
+            "industry": (enc["industry"].values, view.industry[:n]),
+            "category": (enc["category"].values, view.category[:n]),
+            "family": (enc["family"].values, view.family[:n]),
+        },
+        product=view.product[:n],
+        decommissioned=~view.active[:n],
+        online=online_mask(view, as_of_ms, registry.freshness_ms),
+        last_good=view.last_good[:n],
+    )
 
-    Each device contributes its ledger fields (enterprise, id, region, industry,
-    category, kind, decommissioned or not) and whether it was connected at ``as_of``.
-    """
-    h = hashlib.sha256()
-    with registry.reading() as idx:
-        n = idx.n
-        connected = idx.last_good[:n] > max(as_of_ms - window_s * 1000, NEVER)
-        order = sorted(range(n), key=lambda i: (idx.meta[i].enterprise, idx.meta[i].id))
-        for i in order:
-            m = idx.meta[i]
-            fields = (
-                m.enterprise,
-                m.id,
-                m.region,
-                m.industry,
-                m.category,
-                m.kind,
-                m.status == "decommissioned",
-                bool(connected[i]),
-            )
-            h.update(repr(fields).encode("utf-8"))
-            h.update(b"\n")
-    return h.hexdigest()[:32], n
 
-
-def snapshot_audit_record(registry: Any, *, ts_ms: int, window_s: int) -> dict[str, Any]:
-    """The audit record a snapshot at ``ts_ms`` stores beside its rows."""
-    version, devices = registry_version(registry, as_of_ms=ts_ms, window_s=window_s)
-    return {
-        "ts_ms": ts_ms,
+def snapshot_evidence(
+    registry: Any,
+    view: IndexView,
+    *,
+    ts_ms: int,
+    window_s: int,
+    groupings: Sequence[str] = GROUPINGS,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The audit record and the evidence row a snapshot at ``ts_ms`` stores beside its
+    rows, from the ``view`` it counted."""
+    ev = _evidence_of(registry, view, as_of_ms=ts_ms, window_s=window_s, groupings=groupings)
+    payload = encode(ev)
+    audit = {
         "window_s": window_s,
-        "registry_version": version,
+        "registry_version": digest(payload),
         "definitions_version": DEFINITIONS_VERSION,
-        "devices": devices,
+        "devices": ev.n,
     }
+    data = compress(payload, ENCODINGS[0])
+    row = {"encoding": ENCODINGS[0], "devices": ev.n, "raw_bytes": len(payload), "data": data}
+    return audit, row
 
 
-def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
-    """Recompute the stored snapshot at or before ``as_of`` and compare (None: none stored).
+class _EvidenceSource:
+    """What ``compute_ratios`` reads of a registry besides the view, for counting evidence:
+    online is recorded per device, so freshness is no longer a question."""
 
-    ``total`` and ``connected`` (equipment and products) are compared per group;
-    ``online`` is the state at the moment of the snapshot and is not recomputable.
+    freshness_ms = 0
+    quality = None  # not part of a stored report
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+
+    def enterprise_names(self) -> dict[str, str]:
+        return self._names
+
+
+def _evidence_view(ev: Evidence) -> IndexView:
+    """An index holding exactly the evidence's devices, as ``compute_ratios`` counts them.
+
+    Each device's last good sample is the one recorded; its online state is recorded,
+    so a device online then is given a sample at ``as_of`` and a live agent.
     """
-    audit = registry.snapshot_audit_at(as_of_ms)
-    if audit is None:
-        return None
-    ts, window_s = int(audit["ts_ms"]), int(audit["window_s"])
-    now_version, _ = registry_version(registry, as_of_ms=ts, window_s=window_s)
-    differences: list[dict[str, Any]] = []
-    for group_by in ("overall", *GROUPINGS):
-        stored = {r.key: r for r in registry.snapshot_rows(group_by, ts, ts)}
-        now: dict[str, dict[str, int]] = {}
-        for kind, prefix in (("equipment", ""), ("product", "products_")):
-            result = compute_ratios(
-                registry,
-                None if group_by == "overall" else group_by,
-                window_s=window_s,
-                as_of_ms=ts,
-                kind=kind,
+    index = DeviceIndex(capacity=ev.n)
+    cols = {name: ev.column(name) for name in DICT_COLUMNS}
+    status = ["decommissioned" if d else "registered" for d in ev.decommissioned.tolist()]
+    kind = ["product" if p else "equipment" for p in ev.product.tolist()]
+    index.add_many(
+        [
+            DeviceMeta(
+                enterprise=ent,
+                id=dev,
+                name="",
+                region=region,
+                industry=industry,
+                family=family,
+                category=category,
+                profile=None,
+                agent=None,
+                status=st,
+                source="evidence",
+                not_in_ledger=False,
+                created_ms=0,
+                kind=k,
             )
-            groups = [result["overall"]] if group_by == "overall" else result["groups"]
-            for g in groups:
-                row = now.setdefault(str(g["key"]), {})
-                row[prefix + "total"] = g["total"]
-                row[prefix + "connected"] = g["connected"]
+            for ent, dev, region, industry, family, category, st, k in zip(
+                cols["enterprise"],
+                ev.devices,
+                cols["region"],
+                cols["industry"],
+                cols["family"],
+                cols["category"],
+                status,
+                kind,
+                strict=True,
+            )
+        ]
+    )
+    n = ev.n
+    index.last_good[:n] = ev.last_good
+    index.last_ts[:n] = np.where(ev.online, ev.as_of_ms, NEVER)
+    index.agent_alive[:n] = ev.online
+    index.dev_online[:n] = ev.online
+    return IndexView(index, 0, None)
+
+
+_COMPARED = ("total", "connected", "online", "products_total", "products_connected")
+_COMPARED_ALL = (*_COMPARED, "products_online")
+
+
+def recount(ev: Evidence, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The rows a snapshot of exactly the evidence's devices stores, counted under the
+    current definitions (``names``: enterprise labels)."""
+    rows, _lines = snapshot_rows(
+        _EvidenceSource(names or {}),
+        _evidence_view(ev),
+        ts_ms=ev.as_of_ms,
+        window_s=ev.window_s,
+        groupings=ev.groupings,
+    )
+    return rows
+
+
+def _differences(registry: Any, ev: Evidence, ts: int) -> tuple[list[dict[str, Any]], int]:
+    """Each stored number that counting the evidence again does not give, by row; and
+    how many stored rows there were."""
+    rows = recount(ev, registry.enterprise_names())
+    again: dict[tuple[str, str], dict[str, Any]] = {
+        (r["group_by"], str(r["key"])[:64]): r for r in rows
+    }
+    out: list[dict[str, Any]] = []
+    compared = 0
+    for group_by in ("overall", *ev.groupings):
+        stored = {r.key: r for r in registry.snapshot_rows(group_by, ts, ts)}
+        compared += len(stored)
+        now = {key: r for (g, key), r in again.items() if g == group_by}
         for key in sorted(set(stored) | set(now)):
-            for field in ("total", "connected", "products_total", "products_connected"):
-                was = int(getattr(stored[key], field)) if key in stored else 0
-                is_ = now.get(key, {}).get(field, 0)
+            for field in _COMPARED_ALL:
+                was = int(getattr(stored[key], field)) if key in stored else None
+                is_ = int(now[key][field]) if key in now else None
                 if was != is_:
-                    differences.append(
+                    out.append(
                         {
                             "group_by": group_by,
                             "key": key,
@@ -421,17 +525,193 @@ def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
                             "recomputed": is_,
                         }
                     )
-    same_defs = audit["definitions_version"] == DEFINITIONS_VERSION
+    return out, compared
+
+
+def _in_code_space(then: Evidence, now: Evidence, name: str) -> npt.NDArray[np.int64]:
+    """``then``'s codes of a column as ``now``'s codes (-1: a value ``now`` lacks)."""
+    rank = {v: i for i, v in enumerate(now.values[name])}
+    table = np.array([rank.get(v, -1) for v in then.values[name]] or [-1], np.int64)
+    return table[then.codes[name]]
+
+
+def registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str, Any]:
+    """How the registry read now for the same ``as_of`` differs from the evidence: devices
+    added, removed, regrouped (region, industry, category, family or kind),
+    decommissioned or brought back, counted connected differently, or reporting since;
+    counts and the first ``limit`` of each."""
+    then_keys = list(zip(then.column("enterprise"), then.devices, strict=True))
+    now_keys = list(zip(now.column("enterprise"), now.devices, strict=True))
+    position = {key: i for i, key in enumerate(then_keys)}
+    at = np.array([position.get(key, -1) for key in now_keys] or [0], np.int64)[: now.n]
+    both = at >= 0
+    ib = np.flatnonzero(both)  # rows of ``now`` also in ``then`` ...
+    ia = at[both]  # ... and where they are in ``then``
+    seen = np.zeros(then.n, np.bool_)
+    seen[ia] = True
+    regrouped = then.product[ia] != now.product[ib]
+    for name in DICT_COLUMNS[1:]:  # every column but the enterprise, which is in the key
+        regrouped |= _in_code_space(then, now, name)[ia] != now.codes[name][ib]
+    found = {
+        "added": [now_keys[i] for i in np.flatnonzero(~both).tolist()],
+        "removed": [then_keys[i] for i in np.flatnonzero(~seen).tolist()],
+    }
+    for name, mask in (
+        ("regrouped", regrouped),
+        ("decommissioned_changed", then.decommissioned[ia] != now.decommissioned[ib]),
+        ("connection_changed", then.connected()[ia] != now.connected()[ib]),
+        ("reported_since", now.last_good[ib] > then.last_good[ia]),
+    ):
+        found[name] = [then_keys[i] for i in ia[mask].tolist()]
     return {
+        "counts": {name: len(keys) for name, keys in found.items()},
+        "examples": {
+            name: [{"enterprise": e, "device_id": d} for e, d in keys[:limit]]
+            for name, keys in found.items()
+        },
+        "examples_limit": limit,
+    }
+
+
+def _unchanged(changes: dict[str, Any]) -> bool:
+    """Whether the registry would count the report's devices the same way now; a device
+    that merely reported again since does not change that."""
+    counts = changes["counts"]
+    return not any(v for k, v in counts.items() if k != "reported_since")
+
+
+def load_evidence(registry: Any, audit: dict[str, Any]) -> tuple[Evidence | None, dict[str, Any]]:
+    """A snapshot's evidence and what is known of it: ``status`` kept, pruned,
+    not_recorded or unreadable; ``intact`` whether it hashes to the stored version."""
+    ts = int(audit["ts_ms"])
+    row = registry.snapshot_evidence(ts)
+    if row is None:
+        pruned = audit.get("evidence_pruned_ms")
+        if pruned is not None:
+            detail = f"the evidence was deleted at {pruned} (evidence retention)"
+            return None, {"status": "pruned", "pruned_ms": int(pruned), "detail": detail}
+        detail = "the snapshot was taken before its evidence was kept"
+        return None, {"status": "not_recorded", "detail": detail}
+    info: dict[str, Any] = {
+        "status": "kept",
+        "devices": int(row["devices"]),
+        "bytes": len(row["data"]),
+        "raw_bytes": int(row["raw_bytes"]),
+        "encoding": row["encoding"],
+    }
+    try:
+        payload = decompress(bytes(row["data"]), str(row["encoding"]))
+        ev = decode(payload)
+    except EvidenceError as exc:
+        return None, {**info, "status": "unreadable", "intact": False, "detail": str(exc)}
+    version = digest(payload)
+    info["registry_version_recomputed"] = version
+    info["intact"] = version == audit["registry_version"] and ev.as_of_ms == ts
+    return ev, info
+
+
+def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
+    """Count the stored snapshot at or before ``as_of`` again from its evidence and
+    compare, and say how the registry has changed since (None: no snapshot stored)."""
+    audit = registry.snapshot_audit_at(as_of_ms)
+    if audit is None:
+        return None
+    ts, window_s = int(audit["ts_ms"]), int(audit["window_s"])
+    ev, info = load_evidence(registry, audit)
+    same_defs = audit["definitions_version"] == DEFINITIONS_VERSION
+    result: dict[str, Any] = {
         "as_of": as_of_ms,
         "snapshot_ts": ts,
         "window_s": window_s,
         "registry_version": audit["registry_version"],
-        "registry_version_now": now_version,
         "definitions_version": audit["definitions_version"],
         "definitions_version_now": DEFINITIONS_VERSION,
-        "registry_unchanged": audit["registry_version"] == now_version,
         "definitions_unchanged": same_defs,
-        "reproducible": not differences and same_defs,
-        "differences": differences[:1000],
+        "evidence": info,
+        "reproducible": None,
+        "rows_compared": 0,
+        "differences": [],
+        "registry_unchanged": None,
+        "registry_changes": None,
     }
+    if ev is None:
+        return result
+    try:
+        differences, compared = _differences(registry, ev, ts)
+    except (ValueError, KeyError) as exc:
+        # Only altered evidence gets here (a region that is not a code, a grouping that
+        # does not exist): it cannot be counted, so nothing about it is reproducible.
+        info.update(intact=False, detail=f"the evidence cannot be counted: {exc}")
+        result["reproducible"] = False
+        return result
+    now = _evidence_of(
+        registry, registry.view(), as_of_ms=ts, window_s=window_s, groupings=ev.groupings
+    )
+    changes = registry_changes(ev, now)
+    result.update(
+        reproducible=bool(info["intact"]) and not differences,
+        rows_compared=compared,
+        differences=differences[:1000],
+        registry_unchanged=_unchanged(changes),
+        registry_changes=changes,
+    )
+    return result
+
+
+EVIDENCE_HEADER = [
+    "企业标识 enterprise_id",
+    "企业名称 enterprise_name",
+    "设备 device_id",
+    "地区 region",
+    "地区名称 region_label",
+    "行业 industry",
+    "类别 category",
+    "设备类型 family",
+    "种类 kind",
+    "已停用 decommissioned",
+    "最后有效数据 last_good_ms",
+    "联网 connected",
+    "在线 online",
+]
+
+
+def evidence_rows(
+    ev: Evidence,
+    names: dict[str, str],
+    *,
+    enterprise: str | None = None,
+    region: str | None = None,
+) -> Iterator[list[Any]]:
+    """The evidence's devices as table rows (``EVIDENCE_HEADER``), in (enterprise,
+    device) order; ``region`` a code prefix as the ratio filters take it."""
+    keep = np.ones(ev.n, np.bool_)
+    if enterprise is not None:
+        ents = ev.values["enterprise"]
+        code = ents.index(enterprise) if enterprise in ents else -1
+        keep &= ev.codes["enterprise"] == code
+    if region is not None:
+        lo, hi = region_prefix_range(region)
+        nums = np.array([int(v) for v in ev.values["region"]] or [0], np.int64)
+        at = nums[ev.codes["region"]]
+        keep &= (at >= lo) & (at < hi)
+    connected = ev.connected()
+    cols = {name: ev.values[name] for name in DICT_COLUMNS}
+    for i in np.flatnonzero(keep).tolist():
+        ent = cols["enterprise"][ev.codes["enterprise"][i]]
+        reg = cols["region"][ev.codes["region"][i]]
+        good = int(ev.last_good[i])
+        yield [
+            ent,
+            names.get(ent, ent),
+            ev.devices[i],
+            reg,
+            region_label(reg),
+            cols["industry"][ev.codes["industry"][i]],
+            cols["category"][ev.codes["category"][i]],
+            cols["family"][ev.codes["family"][i]],
+            "product" if ev.product[i] else "equipment",
+            int(ev.decommissioned[i]),
+            "" if good == NEVER else good,
+            int(connected[i]),
+            int(ev.online[i]),
+        ]

@@ -65,6 +65,7 @@ __all__ = [
     "quality_mask",
     "ratio",
     "report_year",
+    "snapshot_rows",
     "target_region",
 ]
 
@@ -552,10 +553,46 @@ def _empty_row(group_by: str, group: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def snapshot_rows(
+    registry: Any,
+    view: IndexView,
+    *,
+    ts_ms: int,
+    window_s: int,
+    groupings: Sequence[str] = GROUPINGS,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """What a snapshot at ``ts_ms`` stores, counted over ``view``: one row per group
+    (overall, then each grouping; equipment and products side by side) and its points
+    in line protocol. A stored report is verified by calling this again over its
+    evidence."""
+    rows: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for group_by in (None, *groupings):
+        by_key: dict[str, dict[str, Any]] = {}
+        name = "overall" if group_by is None else group_by
+        for kind in KINDS:
+            result = compute_ratios(
+                registry, group_by, window_s=window_s, as_of_ms=ts_ms, kind=kind, view=view
+            )
+            groups = [result["overall"]] if group_by is None else result["groups"]
+            for g in groups:
+                row = by_key.setdefault(g["key"], _empty_row(name, g))
+                prefix = "products_" if kind == "product" else ""
+                for field in ("total", "connected", "online"):
+                    row[prefix + field] = g[field]
+                if group_by is None and kind == "product" and g["total"] == 0:
+                    continue  # no products anywhere: no product series either
+                lines.append(line_protocol(name, g, ts_ms, kind))
+        rows.extend(by_key[k] for k in sorted(by_key))
+    return rows, lines
+
+
 class Snapshotter:
     """Every ``interval`` seconds, stores the ratios (overall and per grouping).
 
-    The registry keeps ``retention_days`` of snapshots; InfluxDB keeps its own.
+    The registry keeps ``retention_days`` of snapshots; InfluxDB keeps its own. Each
+    snapshot's evidence (the devices it counted) is kept ``evidence_days``, and the
+    first snapshot's of each day (China Standard Time) ``evidence_daily_days``.
 
     Snapshot times are aligned to multiples of the interval, so several gateway
     instances sharing one database write the same rows rather than near-duplicates.
@@ -570,6 +607,8 @@ class Snapshotter:
         window_s: int = 86400,
         groupings: Sequence[str] = GROUPINGS,
         retention_days: float = 400.0,
+        evidence_days: float = 7.0,
+        evidence_daily_days: float = 400.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if interval <= 0:
@@ -581,6 +620,10 @@ class Snapshotter:
         self.groupings = tuple(groupings)
         # Hourly snapshots of every enterprise add up (10⁴ enterprises: 10⁵ rows a day).
         self.retention_ms = int(retention_days * 86400_000)
+        # Evidence is 4-13 bytes a device a snapshot: hourly at 10⁶ devices, up to 300 MB a
+        # day, hence a short retention of all and a long one of one a day.
+        self.evidence_ms = int(evidence_days * 86400_000)
+        self.evidence_daily_ms = int(evidence_daily_days * 86400_000)
         self._clock = clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -590,43 +633,24 @@ class Snapshotter:
 
     def snapshot_once(self, ts_ms: int | None = None) -> int:
         """Take one snapshot now (or at ``ts_ms``); returns the number of groups stored."""
+        from gateway.provincial import snapshot_evidence
+
         if ts_ms is None:
             step = int(self.interval * 1000)
             ts_ms = int(self._clock() * 1000) // step * step
-        rows: list[dict[str, Any]] = []
-        lines: list[str] = []
-        view = self.registry.view()  # every grouping counts the same devices
-        for group_by in (None, *self.groupings):
-            by_key: dict[str, dict[str, Any]] = {}
-            name = "overall" if group_by is None else group_by
-            for kind in KINDS:
-                result = compute_ratios(
-                    self.registry,
-                    group_by,
-                    window_s=self.window_s,
-                    as_of_ms=ts_ms,
-                    kind=kind,
-                    view=view,
-                )
-                groups = [result["overall"]] if group_by is None else result["groups"]
-                for g in groups:
-                    row = by_key.setdefault(g["key"], _empty_row(name, g))
-                    prefix = "products_" if kind == "product" else ""
-                    for field in ("total", "connected", "online"):
-                        row[prefix + field] = g[field]
-                    if group_by is None and kind == "product" and g["total"] == 0:
-                        continue  # no products anywhere: no product series either
-                    lines.append(line_protocol(name, g, ts_ms, kind))
-            rows.extend(by_key[k] for k in sorted(by_key))
-        self.registry.save_snapshot(ts_ms, self.window_s, rows)
+        view = self.registry.view()  # every grouping, and the evidence, count the same devices
+        rows, lines = snapshot_rows(
+            self.registry, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
+        )
+        # What this snapshot counted, so GET /api/v1/reports/verify can count it again.
+        audit, evidence = snapshot_evidence(
+            self.registry, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
+        )
+        self.registry.save_snapshot(ts_ms, self.window_s, rows, audit=audit, evidence=evidence)
         self.registry.prune_snapshots(ts_ms - self.retention_ms)
-        if hasattr(self.registry, "save_snapshot_audit"):
-            # What this snapshot counted, so GET /api/v1/reports/verify can recompute it.
-            from gateway.provincial import snapshot_audit_record
-
-            record = snapshot_audit_record(self.registry, ts_ms=ts_ms, window_s=self.window_s)
-            self.registry.save_snapshot_audit(record)
-            self.registry.prune_snapshot_audit(ts_ms - self.retention_ms)
+        self.registry.prune_snapshot_evidence(
+            ts_ms - self.evidence_ms, ts_ms - self.evidence_daily_ms
+        )
         self.write_lines(lines)
         self.runs += 1
         self.last_ts_ms = ts_ms

@@ -153,7 +153,13 @@ class Gateway:
         if self.registry is not None:
             from gateway.ratios import Snapshotter
 
-            self.snapshotter = Snapshotter(self.registry, cfg.snapshot_interval, self.outbox.append)
+            self.snapshotter = Snapshotter(
+                self.registry,
+                cfg.snapshot_interval,
+                self.outbox.append,
+                evidence_days=cfg.provincial.evidence_retention_days,
+                evidence_daily_days=cfg.provincial.evidence_daily_retention_days,
+            )
             self.snapshotter.start()
         if self.registry is not None and cfg.broker_auth.password_file is not None:
             from gateway.provisioning import Provisioner, ProvisioningError

@@ -1,6 +1,7 @@
 """What the provincial platform's checks keep in the registry's database: ledger serial
-numbers (for reconciliation) and each ratio snapshot's audit record (registry and
-definitions versions, for verifying a stored report)."""
+numbers (for reconciliation), each ratio snapshot's audit record (registry and
+definitions versions) and its evidence (the devices it counted, compressed; see
+``gateway.evidence``), for verifying a stored report."""
 
 from __future__ import annotations
 
@@ -14,7 +15,17 @@ from gateway.registry.ledger import DeviceInput
 from gateway.registry.store import RegistryStore
 from gateway.registry.tables import metadata
 
-__all__ = ["PROVINCIAL_TABLES", "ProvincialPart", "device_serials", "snapshot_audit"]
+__all__ = [
+    "PROVINCIAL_TABLES",
+    "ProvincialPart",
+    "device_serials",
+    "snapshot_audit",
+    "snapshot_evidence",
+]
+
+# Report days (of the evidence kept one a day) start at 00:00 China Standard Time.
+_CST_OFFSET_MS = 8 * 3600_000
+_DAY_MS = 86400_000
 
 # The optional ledger column ``serial``: one row per device that has one.
 device_serials = sa.Table(
@@ -35,13 +46,29 @@ snapshot_audit = sa.Table(
     sa.Column("registry_version", sa.String(64), nullable=False),
     sa.Column("definitions_version", sa.String(64), nullable=False),
     sa.Column("devices", sa.Integer, nullable=False),
+    # When the snapshot's evidence was deleted (retention); null while kept, or if the
+    # snapshot was taken before evidence was kept.
+    sa.Column("evidence_pruned_ms", sa.BigInteger, nullable=True),
 )
 
 PROVINCIAL_TABLES = (device_serials, snapshot_audit)
 
+# The evidence of a snapshot: its counted devices in ``gateway.evidence``'s encoding,
+# compressed (``encoding``); ``raw_bytes`` is the size before compression.
+snapshot_evidence = sa.Table(
+    "snapshot_evidence",
+    metadata,
+    sa.Column("ts_ms", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("encoding", sa.String(16), nullable=False),
+    sa.Column("devices", sa.Integer, nullable=False),
+    sa.Column("raw_bytes", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 
 class ProvincialPart(RegistryStore):
-    """Serial numbers from the ledger and the snapshots' audit records."""
+    """Serial numbers from the ledger; the snapshots' audit records and evidence (written
+    with the snapshot, by ``SnapshotsPart.save_snapshot``)."""
 
     def save_serials(self, rows: Sequence[DeviceInput]) -> None:
         """Record the ``serial`` of imported rows; a row without one clears the old one."""
@@ -67,12 +94,6 @@ class ProvincialPart(RegistryStore):
             rows = conn.execute(sa.select(device_serials)).all()
         return {(r.enterprise, r.device): r.serial for r in rows}
 
-    def save_snapshot_audit(self, record: dict[str, Any]) -> None:
-        """Store (replace) the audit record of the snapshot at ``record['ts_ms']``."""
-        with self._db_lock, self._engine.begin() as conn:
-            conn.execute(snapshot_audit.delete().where(snapshot_audit.c.ts_ms == record["ts_ms"]))
-            conn.execute(snapshot_audit.insert(), [record])
-
     def snapshot_audit_at(self, ts_ms: int) -> dict[str, Any] | None:
         """The audit record of the latest snapshot at or before ``ts_ms``."""
         c = snapshot_audit.c
@@ -81,6 +102,39 @@ class ProvincialPart(RegistryStore):
             row = conn.execute(stmt).first()
         return None if row is None else dict(row._mapping)
 
-    def prune_snapshot_audit(self, before_ms: int) -> None:
+    def snapshot_evidence(self, ts_ms: int) -> dict[str, Any] | None:
+        """The stored evidence of the snapshot at exactly ``ts_ms`` (None: none kept)."""
+        stmt = sa.select(snapshot_evidence).where(snapshot_evidence.c.ts_ms == ts_ms)
+        with self._engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return None if row is None else dict(row._mapping)
+
+    def prune_snapshot_evidence(self, before_ms: int, daily_before_ms: int) -> int:
+        """Delete the evidence of snapshots older than ``before_ms``, but the first of each
+        day (China Standard Time) until ``daily_before_ms``; the audit records say when.
+        Returns how many were deleted."""
+        e = snapshot_evidence.c
         with self._db_lock, self._engine.begin() as conn:
-            conn.execute(snapshot_audit.delete().where(snapshot_audit.c.ts_ms < before_ms))
+            stamps = (
+                conn.execute(sa.select(e.ts_ms).where(e.ts_ms < before_ms).order_by(e.ts_ms))
+                .scalars()
+                .all()
+            )
+            days: set[int] = set()
+            gone: list[int] = []
+            for ts in stamps:
+                day = (ts + _CST_OFFSET_MS) // _DAY_MS
+                if day in days or ts < daily_before_ms:
+                    gone.append(ts)
+                days.add(day)
+            a = snapshot_audit.c
+            now = self._now_ms()
+            for k in range(0, len(gone), 1000):
+                chunk = gone[k : k + 1000]
+                conn.execute(snapshot_evidence.delete().where(e.ts_ms.in_(chunk)))
+                conn.execute(
+                    snapshot_audit.update()
+                    .where(a.ts_ms.in_(chunk), a.evidence_pruned_ms.is_(None))
+                    .values(evidence_pruned_ms=now)
+                )
+        return len(gone)

@@ -1,4 +1,5 @@
-"""Ratio snapshots stored in the registry's database."""
+"""Ratio snapshots stored in the registry's database, with their audit records and
+evidence (``gateway.registry.provincial``) in the same transaction."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 
 from gateway.registry import rows as _rows
 from gateway.registry import tables as t
+from gateway.registry.provincial import snapshot_audit, snapshot_evidence
 from gateway.registry.store import RegistryStore
 
 __all__ = ["SnapshotsPart"]
@@ -17,9 +19,19 @@ __all__ = ["SnapshotsPart"]
 class SnapshotsPart(RegistryStore):
     """Stored ratio snapshots."""
 
-    def save_snapshot(self, ts_ms: int, window_s: int, rows: Sequence[dict[str, Any]]) -> None:
+    def save_snapshot(
+        self,
+        ts_ms: int,
+        window_s: int,
+        rows: Sequence[dict[str, Any]],
+        *,
+        audit: dict[str, Any] | None = None,
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
         """Store one ratio snapshot: rows of group_by, key, label, total, connected, online
-        (equipment) and products_total, products_connected, products_online."""
+        (equipment) and products_total, products_connected, products_online; with its
+        audit record and evidence (rows of ``snapshot_audit``, ``snapshot_evidence``
+        without ``ts_ms``), all or nothing."""
         data = [
             {
                 "ts_ms": ts_ms,
@@ -37,16 +49,24 @@ class SnapshotsPart(RegistryStore):
             for r in rows
         ]
         with self._db_lock, self._engine.begin() as conn:
-            conn.execute(t.ratio_snapshots.delete().where(t.ratio_snapshots.c.ts_ms == ts_ms))
+            for table in (t.ratio_snapshots, snapshot_audit, snapshot_evidence):
+                conn.execute(table.delete().where(table.c.ts_ms == ts_ms))
             for chunk in _rows.chunks(data, _rows.FLUSH_BATCH):
                 conn.execute(t.ratio_snapshots.insert(), chunk)
+            if audit is not None:
+                conn.execute(snapshot_audit.insert(), [{**audit, "ts_ms": ts_ms}])
+            if evidence is not None:
+                conn.execute(snapshot_evidence.insert(), [{**evidence, "ts_ms": ts_ms}])
 
     def prune_snapshots(self, before_ms: int) -> int:
-        """Delete snapshots older than ``before_ms``; returns the rows deleted."""
+        """Delete snapshots older than ``before_ms``, their audit records and evidence;
+        returns the snapshot rows deleted."""
         with self._db_lock, self._engine.begin() as conn:
             done = conn.execute(
                 t.ratio_snapshots.delete().where(t.ratio_snapshots.c.ts_ms < before_ms)
             )
+            for table in (snapshot_audit, snapshot_evidence):
+                conn.execute(table.delete().where(table.c.ts_ms < before_ms))
         return int(done.rowcount or 0)
 
     def snapshot_rows(

@@ -317,8 +317,27 @@ def _v9(conn: sa.Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
+def _v10(conn: sa.Connection) -> None:
+    """The snapshots' evidence, and when it was pruned."""
+    from gateway.registry.provincial import snapshot_audit, snapshot_evidence
+
+    _add_missing_columns(conn, snapshot_audit, ("evidence_pruned_ms",))
+    snapshot_evidence.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
-_MIGRATIONS: list[Callable[[sa.Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+_MIGRATIONS: list[Callable[[sa.Connection], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _v6,
+    _v7,
+    _v8,
+    _v9,
+    _v10,
+]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 

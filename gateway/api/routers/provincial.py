@@ -1,16 +1,18 @@
-"""The provincial platform's views: reconciliation, grades, report verification, the
-drill-down's tables as CSV and Excel, and a device's recent telemetry."""
+"""The provincial platform's views: reconciliation, grades, report verification and the
+devices behind a stored report, the drill-down's tables as CSV and Excel, and a
+device's recent telemetry."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 import xlsxwriter
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from gateway.api.deps import (
     AUTH_RESPONSES,
@@ -27,13 +29,23 @@ from gateway.api.deps import (
 from gateway.api.routers.reports import CONNECTION_HEADER
 from gateway.provincial import (
     DEFINITIONS_VERSION,
+    EVIDENCE_HEADER,
     Rubric,
+    evidence_rows,
     grade_enterprises,
+    load_evidence,
     reconcile,
     verify_report,
 )
 from gateway.quality import QUALITY_DEFINITION
-from gateway.ratios import DEFINITIONS, Grouping, compute_ratios, enterprise_category_table, ratio
+from gateway.ratios import (
+    DEFINITIONS,
+    Grouping,
+    compute_ratios,
+    enterprise_category_table,
+    parse_as_of,
+    ratio,
+)
 from gateway.registry.codes import (
     CATEGORY_LABELS,
     industry_label,
@@ -69,14 +81,40 @@ _GRADES_DOC = (
     "applied and writes that were read back (status ok), up to `as_of`.\n\n" + QUALITY_DEFINITION
 )
 _VERIFY_DOC = (
-    "Recomputes the stored ratio snapshot at or before `as_of` from the registry as it "
-    "is now and compares total and connected (equipment and products) per group. Each "
-    "snapshot records `registry_version` (a hash of the devices it counted: ledger "
-    "fields and whether each was connected at its time) and `definitions_version` (a "
-    "hash of the definitions). `reproducible` is true when every number is the same and "
-    "the definitions have not changed; `registry_unchanged` says whether the counted "
-    "devices are the same. `online` is the state at the snapshot's moment and is not "
-    "recomputed."
+    "Verifies the stored ratio snapshot at or before `as_of` from its **evidence**: the "
+    "devices it counted, each with its ledger fields (enterprise, region, industry, "
+    "category, family, kind, decommissioned), its last good sample and whether it was "
+    "online, kept with the snapshot. Three answers:\n\n"
+    "1. **Integrity** — `evidence.intact`: the evidence hashes to the snapshot's stored "
+    "`registry_version`.\n"
+    "2. **Reproducible** — the evidence counted again under the current definitions, by "
+    "the same arithmetic as the live ratios, gives every stored number (total, connected "
+    "and online, equipment and products, of every group); `differences` names each that "
+    "does not (`group_by`, `key`, `field`, `stored`, `recomputed`). `reproducible` is "
+    "true when the evidence is intact and there is no difference; "
+    "`definitions_unchanged` says whether the definitions are those of the snapshot.\n"
+    "3. **Registry changes** — `registry_changes` compares the registry read now for the "
+    "same `as_of` with the evidence: devices `added`, `removed`, `regrouped` (region, "
+    "industry, category, family or kind), `decommissioned_changed`, "
+    "`connection_changed` (counted connected differently, e.g. a device that reported "
+    "again since) and `reported_since`, with examples; `registry_unchanged` is true "
+    "when none but `reported_since` is non-zero. A changed registry does not make a "
+    "report irreproducible.\n\n"
+    "Evidence is kept for a while (the gateway config's `provincial.evidence_retention_"
+    "days`, and one snapshot a day for `provincial.evidence_daily_retention_days`); "
+    "`evidence.status` is then `pruned` (or `not_recorded` for a snapshot taken before "
+    "evidence was kept), and `reproducible`, `registry_unchanged` and `registry_changes` "
+    "are null: nothing is recomputed without it."
+)
+_DEVICES_DOC = (
+    "The detail list (明细) behind the stored report at or before `as_of` (Unix ms or ISO "
+    "8601): every device the snapshot counted, from its evidence, as CSV (UTF-8 with "
+    "BOM) — enterprise, device, region, industry, category, family, kind, "
+    "decommissioned, last good sample, connected and online at the snapshot. Optional "
+    "`enterprise` and `region` (a code prefix) filters. The first row names the "
+    "snapshot, its `registry_version` and whether the evidence is intact. 404 when no "
+    "snapshot is stored at or before `as_of`; 410 when its evidence was pruned (or never "
+    "kept); 500 when it cannot be read."
 )
 
 
@@ -146,6 +184,64 @@ def verify(
     if result is None:
         raise HTTPException(404, detail="no stored snapshot at or before as_of")
     return _json(result)
+
+
+@router.get(
+    "/api/v1/reports/{as_of}/devices",
+    description=_DEVICES_DOC,
+    response_class=Response,
+    responses={
+        **NOT_FOUND,
+        410: {"description": "The snapshot's evidence was pruned or never kept."},
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+    },
+)
+def report_devices(
+    as_of: Annotated[str, Path(max_length=40)],
+    registry: RegistryDep,
+    enterprise: str | None = QIdent,
+    region: Annotated[str | None, Query(max_length=6)] = None,
+) -> Response:
+    try:
+        as_of_ms = parse_as_of(as_of)
+    except ValueError as exc:
+        raise invalid("path", "as_of", str(exc)) from None
+    _check_scope(region)
+    audit = registry.snapshot_audit_at(as_of_ms)
+    if audit is None:
+        raise HTTPException(404, detail="no stored snapshot at or before as_of")
+    ev, info = load_evidence(registry, audit)
+    if info["status"] == "unreadable":
+        raise HTTPException(500, detail=f"snapshot {audit['ts_ms']}: {info['detail']}")
+    if ev is None:
+        raise HTTPException(410, detail=f"snapshot {audit['ts_ms']}: {info['detail']}")
+    title = (
+        f"devices snapshot_ts={audit['ts_ms']} window_s={audit['window_s']} "
+        f"registry_version={audit['registry_version']} evidence_intact="
+        f"{str(info['intact']).lower()} definitions_version={audit['definitions_version']}"
+        + "".join(f" {k}={v}" for k, v in {"enterprise": enterprise, "region": region}.items() if v)
+    )
+    rows = evidence_rows(ev, registry.enterprise_names(), enterprise=enterprise, region=region)
+    return StreamingResponse(
+        _csv_chunks([[title], EVIDENCE_HEADER], rows),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="devices-{audit["ts_ms"]}.csv"'},
+    )
+
+
+def _csv_chunks(head: Sequence[Sequence[Any]], rows: Iterator[list[Any]]) -> Iterator[bytes]:
+    """CSV in pieces of about 10⁴ rows, so 10⁶ devices never sit in memory as one text."""
+    buf = io.StringIO()
+    buf.write("\ufeff")
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerows(head)
+    for k, row in enumerate(rows, start=1):
+        writer.writerow(row)
+        if k % 10_000 == 0:
+            yield buf.getvalue().encode("utf-8")
+            buf.seek(0)
+            buf.truncate()
+    yield buf.getvalue().encode("utf-8")
 
 
 @router.get("/api/v1/definitions")
