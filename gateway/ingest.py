@@ -17,6 +17,13 @@ non-finite numbers (no line-protocol form), names outside the device's profile a
 beyond ``max_points_per_device`` are dropped and counted by reason; the sample's other
 values are written.
 
+A device belongs to one agent of its enterprise (``IngestSink.device_owner``: the one the
+ledger or remote configuration assigns, else the first whose birth names it, which this
+batch's births claim at once). Another agent's data message, batch part, state or birth
+entry for it is refused as ``device_not_owned``, each device part apart, and a line naming
+enterprise, device, owner and sender is logged at most once a minute per sender. The
+accepted parts of a batch message go to the registry in one ``on_samples_many`` call.
+
 Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
 connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
 never retries on its own here.
