@@ -33,15 +33,12 @@ from gateway.registry.model import (
 )
 from gateway.registry.store import RegistryStore
 
-__all__ = ["MOVE_VIAS", "STATUSES", "DevicesPart", "device_view_fields"]
+__all__ = ["STATUSES", "DevicesPart", "device_view_fields"]
 
 log = logging.getLogger("iiot.gateway.registry")
 
-# How a device changed agent: the admin API, a remote configuration, a ledger row, its
-# decommissioning.
-MOVE_VIAS = ("api", "config", "ledger", "decommission")
-
 # A change of agent: the device's position, enterprise and id, from agent, to agent.
+# Audited with how it came: "api", "config", "ledger" or "decommission".
 _Move = tuple[int, str, str, str | None, str | None]
 
 # A device as the API shows it, in this order: DeviceMeta's fields (``reason`` as
