@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,9 @@ class _Sink:
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         return ("kiln", "bench-kiln")  # not a shipped profile: p0..p19 are its names
 
+    def device_owner(self, enterprise: str, device: str) -> str | None:
+        return None
+
     def on_birth(
         self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json"
     ) -> None: ...
@@ -46,6 +49,8 @@ class _Sink:
     ) -> None: ...
 
     def on_samples(self, summary: SampleSummary) -> None: ...
+
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None: ...
 
 
 class _Tx:

@@ -17,6 +17,13 @@ non-finite numbers (no line-protocol form), names outside the device's profile a
 beyond ``max_points_per_device`` are dropped and counted by reason; the sample's other
 values are written.
 
+A device belongs to one agent of its enterprise (``IngestSink.device_owner``: the one the
+ledger or remote configuration assigns, else the first whose birth names it, which this
+batch's births claim at once). Another agent's data message, batch part, state or birth
+entry for it is refused as ``device_not_owned``, each device part apart, and a line naming
+enterprise, device, owner and sender is logged at most once a minute per sender. The
+accepted parts of a batch message go to the registry in one ``on_samples_many`` call.
+
 Data messages are decoded by a codec (``protocols.mqtt.codec``, JSON by default). The
 connection is kept by the shared reconnection policy (``iiot_common.backoff``): paho
 never retries on its own here.
@@ -190,7 +197,9 @@ class Outcome:
     device: str = ""
     notify: Callable[[IngestSink], None] | None = field(default=None, repr=False)
     rebirth: str | None = None  # a Sparkplug NCMD topic to send a Rebirth request to
-    parts: list[Outcome] | None = None  # a batch message: one outcome per device
+    parts: list[Outcome] | None = None  # a batch message or birth: one outcome per device
+    summary: SampleSummary | None = field(default=None, repr=False)
+    owner: str = ""  # device_not_owned: the agent the device belongs to
 
 
 class MessageProcessor:
@@ -217,6 +226,9 @@ class MessageProcessor:
         # (last seq, its ts) per device: committed, and this batch's (see commit()).
         self._seqs: dict[str, tuple[int, int]] = {}
         self._seqs_new: dict[str, tuple[int, int]] = {}
+        # Devices no agent had that a birth of this batch claimed: (ent, device) -> agent.
+        # The registry learns of them only once the batch commits.
+        self._claims: dict[tuple[str, str], str] = {}
         self._points: dict[str, _DevPoints] = {}
         # Devices without a profile mostly share the same names: one frozenset for all.
         self._name_sets: dict[frozenset[str], frozenset[str]] = {}
@@ -227,10 +239,31 @@ class MessageProcessor:
             self._seqs.clear()
         self._seqs.update(self._seqs_new)
         self._seqs_new.clear()
+        self._claims.clear()
 
     def discard(self) -> None:
         """The batch's transaction rolled back: it will be seen again."""
         self._seqs_new.clear()
+        self._claims.clear()
+
+    def not_owner(self, ent: str, agent: str, device: str, source: str) -> Outcome | None:
+        """The refusal of ``agent``'s message about a device another agent owns; None if
+        the device is ``agent``'s, or no agent's yet."""
+        owner = self.sink.device_owner(ent, device) or self._claims.get((ent, device))
+        if not owner or owner == agent:
+            return None
+        return Outcome(
+            "device_not_owned",
+            f"device {ent}/{device} belongs to agent {owner!r}, not {agent!r}",
+            source=source,
+            device=device,
+            owner=owner,
+        )
+
+    def claim(self, ent: str, agent: str, device: str) -> None:
+        """A birth of ``agent`` in this batch names a device no agent has yet."""
+        if len(self._claims) < _MAX_TRACKED:
+            self._claims.setdefault((ent, device), agent)
 
     def handle(self, tx: _Tx, topic: bytes | str, payload: bytes) -> Outcome:
         """Validate and convert; never raises for anything in ``topic`` or ``payload``."""
@@ -275,32 +308,64 @@ class MessageProcessor:
                 seq, samples = self.codec.decode_data(payload)
             except ContractError as exc:
                 return Outcome(exc.reason, f"{text}: {exc}", source=source)
+            refused = self.not_owner(ent, agent, t.device, source)
+            if refused is not None:
+                return refused
             return self._data(tx, ent, agent, t.device, seq, samples, source)
         if t.kind is Kind.BATCH:
             try:
                 parts = decode_batch(payload)
             except ContractError as exc:
                 return Outcome(exc.reason, f"{text}: {exc}", source=source)
-            return Outcome(
-                source=source, parts=[self._part(tx, ent, agent, p, source) for p in parts]
-            )
+            return self._batch([self._part(tx, ent, agent, p, source) for p in parts], source)
         try:
             msg = decode_payload(t, payload)
         except ContractError as exc:
             return Outcome(exc.reason, f"{text}: {exc}", source=source)
         if isinstance(msg, Birth):
-            birth = msg
-            return Outcome(source=source, notify=lambda s: s.on_birth(ent, agent, birth))
+            return self._birth(ent, agent, msg, source)
         if isinstance(msg, Will):
             will = msg
             return Outcome(source=source, notify=lambda s: s.on_will(ent, agent, will))
         if isinstance(msg, DeviceState):
             state, dev = msg, t.device
             assert dev is not None
+            refused = self.not_owner(ent, agent, dev, source)
+            if refused is not None:
+                return refused
             return Outcome(
                 source=source, notify=lambda s: s.on_device_state(ent, agent, dev, state)
             )
         return Outcome("bad_topic", f"{text}: no payload accepted here", source=source)
+
+    def _birth(self, ent: str, agent: str, birth: Birth, source: str) -> Outcome:
+        """An agent's birth without the devices other agents own (each refused apart)."""
+        refused: list[Outcome] = []
+        kept = []
+        for dev in birth.devices:
+            no = self.not_owner(ent, agent, dev.id, source)
+            if no is None:
+                kept.append(dev)
+                self.claim(ent, agent, dev.id)
+            else:
+                refused.append(no)
+        if refused:
+            birth = birth.model_copy(update={"devices": kept})
+        out = Outcome(source=source, notify=lambda s: s.on_birth(ent, agent, birth))
+        return Outcome(source=source, parts=[out, *refused]) if refused else out
+
+    @staticmethod
+    def _batch(parts: list[Outcome], source: str) -> Outcome:
+        """A batch message's outcome: its parts' registry updates go in one call."""
+        summaries: list[SampleSummary] = []
+        for p in parts:
+            if p.summary is not None and p.notify is not None:
+                summaries.append(p.summary)
+                p.notify = None
+        out = Outcome(source=source, parts=parts)
+        if summaries:
+            out.notify = lambda sink: sink.on_samples_many(summaries)
+        return out
 
     def _part(
         self, tx: _Tx, ent: str, agent: str, part: tuple[str, DecodedData], source: str
@@ -312,6 +377,9 @@ class MessageProcessor:
         """
         device, (seq, samples) = part
         try:
+            refused = self.not_owner(ent, agent, device, source)
+            if refused is not None:
+                return refused
             return self._data(tx, ent, agent, device, seq, samples, source)
         except _OUTBOX_ERRORS:
             raise  # the transaction failed: the whole batch is retried, nothing acked
@@ -455,6 +523,7 @@ class MessageProcessor:
                 missed=out.missed,
                 last_gap_ts=last_gap,
             )
+            out.summary = summary
             out.notify = lambda sink: sink.on_samples(summary)
         return out
 
@@ -568,12 +637,14 @@ class MessageProcessor:
 
 
 def _flat(outcomes: list[Outcome]) -> Iterator[Outcome]:
-    """Each message's outcome, a batch message's per device."""
+    """Each message's outcome; a batch's or birth's per device, then its own registry call."""
     for o in outcomes:
         if o.parts is None:
             yield o
         else:
             yield from o.parts
+            if o.notify is not None:
+                yield o
 
 
 def _source_of(topic: str) -> str:
@@ -640,6 +711,7 @@ class Ingest:
         self._last_error = ""
         self._last_logged: dict[tuple[str, str], float] = {}
         self._gaps_unlogged: dict[tuple[str, str], tuple[int, int]] = {}
+        self._unlogged: dict[tuple[str, str], int] = {}  # rejects since their last log
         self._client = self._make_client()
 
     @property
@@ -985,10 +1057,33 @@ class Ingest:
         key = (o.source, reason)
         now = time.monotonic()
         last = self._last_logged.get(key)
+        unlogged = self._unlogged.get(key, 0) + 1
         if last is None or now - last >= _LOG_EVERY:
             if len(self._last_logged) > 10_000:
                 self._last_logged.clear()
+                self._unlogged.clear()
             self._last_logged[key] = now
+            self._unlogged.pop(key, None)
+            if reason == "device_not_owned":
+                self._log_not_owned(o, unlogged)
+                return
             log.warning(
                 "message rejected", extra={"source": o.source, "reason": reason, "detail": o.detail}
             )
+        else:
+            self._unlogged[key] = unlogged
+
+    @staticmethod
+    def _log_not_owned(o: Outcome, refused: int) -> None:
+        ent, _, sender = o.source.partition("/")
+        log.warning(
+            "device data refused: another agent owns the device",
+            extra={
+                "enterprise": ent,
+                "device": o.device,
+                "owner": o.owner,
+                "sender": sender,
+                # Refusals of this sender since its last such line (this one included).
+                "refused": refused,
+            },
+        )

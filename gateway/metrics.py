@@ -27,7 +27,7 @@ class DataPathMetrics:
         )
         self.rejected = Counter(
             "iiot_gateway_rejected_total",
-            "MQTT messages rejected, by reason.",
+            "MQTT messages rejected, by reason (a batch's or birth's device parts each).",
             ["reason"],
             registry=r,
         )
@@ -89,7 +89,8 @@ class DataPathMetrics:
         )
         self.sparkplug_seq_gaps = Counter(
             "iiot_gateway_sparkplug_seq_gaps_total",
-            "Sparkplug messages whose seq did not follow the previous one, by edge node.",
+            "Gaps in a Sparkplug edge node's seq: numbers never received (a message up to 64 "
+            "late is not one), by edge node.",
             ["node"],
             registry=r,
         )

@@ -1,11 +1,14 @@
 """What MQTT ingest tells the registry: the interface between the two halves.
 
 Ingest calls these from its MQTT thread for every accepted message; implementations
-must be thread-safe and cheap (batch their database writes).
+must be thread-safe and cheap (batch their database writes). Ingest asks
+``device_owner`` before it accepts a device's data, birth or state from an agent, and
+refuses them from any other agent than the owner; the registry refuses them too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from protocols.mqtt.contract import Birth, DeviceState, Will
@@ -68,6 +71,9 @@ class IngestSink(Protocol):
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         """(family, profile) of a known device, for the time-series tags; None if unknown."""
 
+    def device_owner(self, enterprise: str, device: str) -> str | None:
+        """The agent a device belongs to; None when unknown or no agent has it yet."""
+
     def on_birth(self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json") -> None:
         """An agent's birth; ``codec`` is the wire format it spoke ('json', 'sparkplug')."""
 
@@ -78,3 +84,6 @@ class IngestSink(Protocol):
     ) -> None: ...
 
     def on_samples(self, summary: SampleSummary) -> None: ...
+
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None:
+        """The devices' summaries of one batch message, in one call."""

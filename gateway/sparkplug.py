@@ -5,8 +5,10 @@ the agent and its devices (through the same registry sink as the JSON contract),
 and DDEATH drive a device's online state, NDEATH (matched on ``bdSeq``; a stale one is
 ignored) takes the agent offline, and DDATA lands in the time series with the JSON
 path's measurement and tags. ``is_historical`` samples are written but do not tell the
-registry the device is online now. A DDATA whose aliases were never born makes the
-gateway ask that node for a Rebirth (NCMD), at most once per ``REBIRTH_INTERVAL``.
+registry the device is online now. DBIRTH, DDATA and DDEATH of a device another edge
+node owns are refused (``device_not_owned``). A DDATA whose aliases were never born
+makes the gateway ask that node for a Rebirth (NCMD), at most once per
+``REBIRTH_INTERVAL``.
 
 Everything here runs on the ingest thread; one instance per ``MessageProcessor``.
 """
@@ -39,6 +41,7 @@ from protocols.mqtt.sparkplug.payload import (
     parse_payload,
     parse_sp_topic,
 )
+from protocols.mqtt.sparkplug.seq import SeqWindow
 
 if TYPE_CHECKING:
     from gateway.ingest import MessageProcessor, Outcome, _Tx
@@ -57,7 +60,7 @@ class _Node:
     """What the host knows of one edge node's current session."""
 
     bdseq: int | None = None
-    seq: int | None = None
+    seq: SeqWindow = field(default_factory=SeqWindow)
     # device -> alias -> (name, datatype); device -> name -> datatype
     aliases: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
     names: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -123,13 +126,13 @@ class SparkplugHost:
                     "stale_ndeath", f"{source}: bdSeq {bdseq} of an older session", source=source
                 )
             # Aliases are kept: DDATA spooled by the node may still be on its way to us.
-            node.seq = None
+            self._count_gaps(t, node.seq.end())
             will = Will(bdseq=bdseq)
             return Outcome(source=source, notify=lambda s: s.on_will(ent, agent, will))
         out = Outcome(source=source)
         if kind is MessageType.NBIRTH:
             node.bdseq = _bdseq(msg)
-            node.seq = int(msg.seq)
+            self._count_gaps(t, node.seq.start(int(msg.seq)))
             node.aliases.clear()
             node.names.clear()
             node.tags.clear()
@@ -147,9 +150,15 @@ class SparkplugHost:
             if kind is not MessageType.DDATA:
                 out.reject, out.detail = "no_birth", f"{source}: {kind.value} before NBIRTH"
                 return out
+        if t.device is not None:  # DBIRTH, DDATA, DDEATH: only from the device's agent
+            refused = self.processor.not_owner(ent, agent, t.device, source)
+            if refused is not None:
+                refused.rebirth = out.rebirth
+                return refused
         if kind is MessageType.DBIRTH:
             assert t.device is not None
             _save_birth(tx, t, raw)
+            self.processor.claim(ent, agent, t.device)
             return self._dbirth(t, node, msg, out)
         if kind is MessageType.DDEATH:
             dev = t.device
@@ -187,15 +196,16 @@ class SparkplugHost:
                 continue
 
     def _check_seq(self, t: SpTopic, node: _Node, msg: Any) -> None:
-        seq = int(msg.seq) if msg.HasField("seq") else None
-        if seq is None:
-            return
-        if node.seq is not None and seq != (node.seq + 1) % 256 and self.count_seq_gaps:
+        if self.count_seq_gaps and msg.HasField("seq"):
+            self._count_gaps(t, node.seq.see(int(msg.seq)))
+
+    def _count_gaps(self, t: SpTopic, gaps: int) -> None:
+        # Each instance of a shared group sees only part of a node's messages.
+        if gaps and self.count_seq_gaps:
             key = f"{t.group}/{t.node}"
-            self.seq_gaps[key] += 1
+            self.seq_gaps[key] += gaps
             if self.metrics is not None:
-                self.metrics.sparkplug_seq_gaps.labels(key).inc()
-        node.seq = seq
+                self.metrics.sparkplug_seq_gaps.labels(key).inc(gaps)
 
     def _learn_device(self, t: SpTopic, node: _Node, msg: Any) -> BirthDevice:
         """Take a DBIRTH's aliases, datatypes and tags; the device's birth entry."""

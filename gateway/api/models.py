@@ -15,6 +15,9 @@ __all__ = [
     "DeviceDetailOut",
     "DeviceIn",
     "DeviceListOut",
+    "DeviceMoveIn",
+    "DeviceMoveOut",
+    "DeviceMovesOut",
     "DeviceOut",
     "DeviceStatesOut",
     "EnterpriseIn",
@@ -283,6 +286,30 @@ class KeyOut(BaseModel):
     expires_ms: int | None
     max_uses: int | None
     allow_rotation: bool
+
+
+class DeviceMoveIn(_In):
+    agent: Ident | None = Field(
+        description="The agent of the device's enterprise it now belongs to; null: the next "
+        "agent whose birth names it."
+    )
+
+
+class DeviceMoveOut(BaseModel):
+    enterprise: str
+    device: str
+    from_agent: str | None
+    to_agent: str | None
+    at_ms: int
+    by: str = Field(
+        description="'admin <token fingerprint>', the configuration's author, or the "
+        "import's source ('ledger', 'manual')."
+    )
+    via: Literal["api", "config", "ledger", "decommission"]
+
+
+class DeviceMovesOut(BaseModel):
+    items: list[DeviceMoveOut]
 
 
 class RotationOut(BaseModel):

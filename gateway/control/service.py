@@ -273,6 +273,7 @@ class ControlService:
     ) -> int:
         current = self.store.desired(agent)
         previous = None if current is None else int(current["version"])
+        before = {d.get("id") for d in current["document"].get("devices", [])} if current else set()
         doc = DesiredConfig(
             version=(previous or 0) + 1,
             ts=self._now_ms(),
@@ -296,6 +297,16 @@ class ControlService:
             ) from None
         self.counters["config_versions"] += 1
         log.info("desired configuration stored", extra={"agent": agent, "version": doc.version})
+        # The devices it lists are this agent's unless another has them; those it dropped
+        # are free for the agent whose birth names them next (the device moved).
+        listed = {str(d["id"]) for d in checked.devices}
+        self.registry.config_owners(
+            enterprise,
+            agent,
+            listed,
+            {d for d in before if isinstance(d, str)} - listed,
+            by=f"{caller.role.value} {caller.token_label}",
+        )
         # Without a broker connection here it stays unpublished; an instance that has one
         # publishes it on its next pass (``start``).
         topic = ControlTopic(enterprise, agent, ControlKind.CONFIG)

@@ -9,6 +9,8 @@ in ``gateway.ratios``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gateway.quality import QualityWindow
 from gateway.registry.agents import AgentsPart
 from gateway.registry.devices import STATUSES, DevicesPart
@@ -61,6 +63,14 @@ class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart, TargetsPa
         with self._lock:
             known = (summary.enterprise, summary.device) in self._index.keys
         if known:
+            self.quality.record(summary)
+
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None:
+        super().on_samples_many(summaries)
+        with self._lock:
+            keys = self._index.keys
+            known = [s for s in summaries if (s.enterprise, s.device) in keys]
+        for summary in known:
             self.quality.record(summary)
 
     def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:

@@ -1,8 +1,17 @@
-"""Devices in the registry: ledger import, manual registration, decommissioning, views."""
+"""Devices in the registry: ledger import, manual registration, decommissioning, views.
+
+A device belongs to one agent of its enterprise (``devices.agent``): the one the ledger
+or a remote configuration assigns, else the first whose birth names it. Ingest refuses
+another agent's data, birth or state for it (``device_owner``). Only an explicit move
+changes it, each one audited in ``device_moves``: ``move_device`` (the admin API), the
+owning agent's remote configuration dropping it (``config_owners``), a ledger row naming
+another agent, and decommissioning (which frees it for the next agent that reports it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, get_type_hints
 
 import numpy as np
@@ -25,6 +34,12 @@ from gateway.registry.model import (
 from gateway.registry.store import RegistryStore
 
 __all__ = ["STATUSES", "DevicesPart", "device_view_fields"]
+
+log = logging.getLogger("iiot.gateway.registry")
+
+# A change of agent: the device's position, enterprise and id, from agent, to agent.
+# Audited with how it came: "api", "config", "ledger" or "decommission".
+_Move = tuple[int, str, str, str | None, str | None]
 
 # A device as the API shows it, in this order: DeviceMeta's fields (``reason`` as
 # ``state_reason``) and those computed from the index and the enterprise (_COMPUTED).
@@ -148,8 +163,14 @@ class DevicesPart(RegistryStore):
                         changed.append((i, _ledger_update(idx.meta[i], meta)))
                 insert_rows = [_rows.meta_row(m) for m in new_metas]
                 update_rows = [_rows.meta_row(m) for _i, m in changed]
+                moves: list[_Move] = [
+                    (i, m.enterprise, m.id, idx.meta[i].agent, m.agent)
+                    for i, m in changed
+                    if idx.meta[i].agent and m.agent != idx.meta[i].agent
+                ]
             with self._engine.begin() as conn:
                 _rows.insert_many(conn, t.devices, insert_rows)
+                self._audit_moves(conn, moves, now, by=source, via="ledger")
                 for chunk in _rows.chunks(update_rows, _rows.FLUSH_BATCH):
                     conn.execute(
                         t.devices.update()
@@ -172,6 +193,7 @@ class DevicesPart(RegistryStore):
                 for i, meta in changed:
                     self._set_meta_locked(i, meta)
             created, updated = len(new_metas) - raced, len(changed) + raced
+        self._log_moves(moves, by=source, via="ledger")
         save_serials = getattr(self, "save_serials", None)
         if callable(save_serials) and good:
             save_serials([row for _line, row in good.values()])
@@ -200,25 +222,175 @@ class DevicesPart(RegistryStore):
         assert view is not None
         return view, result.created == 1
 
-    def decommission(self, enterprise: str, device: str) -> dict[str, Any]:
+    def decommission(self, enterprise: str, device: str, *, by: str = "api") -> dict[str, Any]:
+        """Take a device out of the totals; it no longer belongs to any agent (audited)."""
+        now = self._now_ms()
         with self._api_write():
             with self._lock:
                 i = self._index.keys.get((enterprise, device))
                 if i is None:
                     raise NotFound(f"device {enterprise}/{device} is not registered")
+                owner = self._index.meta[i].agent
+            moves: list[_Move] = [(i, enterprise, device, owner, None)] if owner else []
             with self._engine.begin() as conn:
                 conn.execute(
                     t.devices.update()
                     .where(t.devices.c.enterprise == enterprise, t.devices.c.id == device)
-                    .values(status="decommissioned")
+                    .values(status="decommissioned", agent=None)
                 )
+                self._audit_moves(conn, moves, now, by=by, via="decommission")
             with self._lock:
                 self._index.meta[i].status = "decommissioned"
                 self._index.active[i] = False
+                self._index.set_agent(i, None, False)
+        self._log_moves(moves, by=by, via="decommission")
         self.counters["devices_decommissioned"] += 1
         view = self.get_device(enterprise, device)
         assert view is not None
         return view
+
+    # ------------------------------------------------------------------ ownership
+
+    def device_owner(self, enterprise: str, device: str) -> str | None:
+        """The agent a device belongs to; None when unknown or no agent has it yet."""
+        with self._lock:
+            i = self._index.keys.get((enterprise, device))
+            return None if i is None else self._index.meta[i].agent
+
+    def move_device(
+        self, enterprise: str, device: str, agent: str | None, *, by: str
+    ) -> dict[str, Any]:
+        """Give a device to another agent of its enterprise, or (None) to the next agent
+        whose birth names it; audited. NotFound for an unknown device or agent."""
+        if agent is not None:
+            with self._lock:
+                a = self._agents.get(agent)
+            if a is None or a.enterprise != enterprise:
+                raise NotFound(f"agent {agent!r} of enterprise {enterprise!r} is not registered")
+        with self._lock:
+            i = self._index.keys.get((enterprise, device))
+            if i is None:
+                raise NotFound(f"device {enterprise}/{device} is not registered")
+        self._move(enterprise, lambda _dev, _owner: agent, [device], by=by, via="api")
+        view = self.get_device(enterprise, device)
+        assert view is not None
+        return view
+
+    def config_owners(
+        self,
+        enterprise: str,
+        agent: str,
+        devices: Collection[str],
+        removed: Collection[str],
+        *,
+        by: str,
+    ) -> int:
+        """An agent's remote configuration changed: its ``devices`` no agent has yet become
+        its own, the ``removed`` ones it has become free (audited); returns the moves."""
+        listed = set(devices)
+
+        def owner(dev: str, current: str | None) -> str | None:
+            if dev in listed:
+                return agent if current is None else current
+            return None if current == agent else current
+
+        return self._move(enterprise, owner, [*listed, *removed], by=by, via="config")
+
+    def _move(
+        self,
+        enterprise: str,
+        owner: Callable[[str, str | None], str | None],
+        devices: Collection[str],
+        *,
+        by: str,
+        via: str,
+    ) -> int:
+        """Set the agent of each of ``devices`` to ``owner(device, current agent)``."""
+        now = self._now_ms()
+        with self._api_write():
+            with self._lock:
+                idx = self._index
+                moves: list[_Move] = []
+                for dev in devices:
+                    i = idx.keys.get((enterprise, dev))
+                    if i is None:
+                        continue
+                    old = idx.meta[i].agent
+                    new = owner(dev, old)
+                    if new != old:
+                        moves.append((i, enterprise, dev, old, new))
+            if not moves:
+                return 0
+            with self._engine.begin() as conn:
+                for _i, _e, dev, _old, new in moves:
+                    conn.execute(
+                        t.devices.update()
+                        .where(t.devices.c.enterprise == enterprise, t.devices.c.id == dev)
+                        .values(agent=new)
+                    )
+                self._audit_moves(conn, moves, now, by=by, via=via)
+            with self._lock:
+                for i, _e, _dev, _old, new in moves:
+                    a = self._agents.get(new) if new else None
+                    self._index.set_agent(i, new, a is not None and a.online)
+                    self._touch_locked(i)
+        self._log_moves(moves, by=by, via=via)
+        self.counters["devices_moved"] += len(moves)
+        return len(moves)
+
+    @staticmethod
+    def _audit_moves(
+        conn: sa.Connection, moves: Sequence[_Move], now: int, *, by: str, via: str
+    ) -> None:
+        if moves:
+            conn.execute(
+                t.device_moves.insert(),
+                [
+                    {
+                        "enterprise": ent,
+                        "device": dev,
+                        "from_agent": old,
+                        "to_agent": new,
+                        "at_ms": now,
+                        "by": by[:80],
+                        "via": via,
+                    }
+                    for _i, ent, dev, old, new in moves
+                ],
+            )
+
+    @staticmethod
+    def _log_moves(moves: Sequence[_Move], *, by: str, via: str) -> None:
+        for _i, ent, dev, old, new in moves[:20]:  # a big ledger import is summed up below
+            log.warning(
+                "device moved to another agent",
+                extra={
+                    "enterprise": ent,
+                    "device": dev,
+                    "from_agent": old,
+                    "to_agent": new,
+                    "by": by,
+                    "via": via,
+                },
+            )
+        if len(moves) > 20:
+            log.warning(
+                "devices moved to other agents",
+                extra={"count": len(moves), "logged": 20, "by": by, "via": via},
+            )
+
+    def list_moves(
+        self, enterprise: str, device: str | None = None, *, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Changes of the agent an enterprise's devices belong to, newest first."""
+        m = t.device_moves.c
+        q = sa.select(m.enterprise, m.device, m.from_agent, m.to_agent, m.at_ms, m.by, m.via)
+        q = q.where(m.enterprise == enterprise)
+        if device is not None:
+            q = q.where(m.device == device)
+        with self._engine.connect() as conn:
+            rows = conn.execute(q.order_by(m.id.desc()).limit(limit)).all()
+        return [dict(row._mapping) for row in rows]
 
     def bulk_load(self, rows: Sequence[DeviceInput], *, source: str = "ledger") -> int:
         """Insert many new devices fast (bulk import, benchmarks); existing ids are errors."""

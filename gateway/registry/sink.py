@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import sqlalchemy as sa
 
@@ -138,6 +139,10 @@ class IngestSinkPart(RegistryStore):
                     self.counters["devices_not_in_ledger"] += 1
                 else:
                     meta = idx.meta[i]
+                    if meta.agent and meta.agent != agent:
+                        # Another agent's device: only a move gives it to this one.
+                        self.counters["foreign_device_births"] += 1
+                        continue
                     meta.profile = dev.profile
                     if meta.family == "other" and dev.family in FAMILY_LABELS:
                         meta.family = dev.family
@@ -194,7 +199,11 @@ class IngestSinkPart(RegistryStore):
                 self.counters["unknown_device"] += 1
                 return
             a = self._agents.get(agent)
-            if idx.meta[i].agent != agent:
+            owner = idx.meta[i].agent
+            if owner and owner != agent:
+                self.counters["foreign_device_states"] += 1
+                return
+            if owner is None:  # a device no agent has yet: the first to report it
                 idx.set_agent(i, agent, a is not None and a.online)
                 self._dirty.add(i)
             was = bool(idx.dev_online[i])
@@ -214,6 +223,12 @@ class IngestSinkPart(RegistryStore):
         with self._lock:
             return self._history.newest_first((enterprise, device), limit)
 
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None:
+        # One hold of the (re-entrant) lock for a whole batch message.
+        with self._lock:
+            for summary in summaries:
+                IngestSinkPart.on_samples(self, summary)
+
     def on_samples(self, summary: SampleSummary) -> None:
         self.counters["sample_messages"] += 1
         key = (summary.enterprise, summary.device)
@@ -222,6 +237,10 @@ class IngestSinkPart(RegistryStore):
             i = idx.keys.get(key)
             if i is None:
                 self.counters["unknown_device"] += 1
+                return
+            owner = idx.meta[i].agent
+            if owner and owner != summary.agent:
+                self.counters["foreign_samples"] += 1
                 return
             self.counters["samples"] += summary.count
             # Timestamps move with every poll; writing each one would be 10⁵ UPDATEs a

@@ -24,6 +24,7 @@ __all__ = [
     "agents",
     "db_now_ms",
     "db_xid",
+    "device_moves",
     "devices",
     "enterprises",
     "metadata",
@@ -215,7 +216,23 @@ agent_rotations = sa.Table(
     sa.Column("via", sa.String(16), nullable=False),
 )
 
+# Every explicit change of the agent a device belongs to: admin move, remote
+# configuration, ledger, decommissioning (a first claim by a birth is not one).
+device_moves = sa.Table(
+    "device_moves",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("enterprise", sa.String(64), nullable=False),
+    sa.Column("device", sa.String(64), nullable=False),
+    sa.Column("from_agent", sa.String(64), nullable=True),
+    sa.Column("to_agent", sa.String(64), nullable=True),
+    sa.Column("at_ms", sa.BigInteger, nullable=False),
+    sa.Column("by", sa.String(80), nullable=False),
+    sa.Column("via", sa.String(16), nullable=False),
+)
+
 sa.Index("ix_devices_agent", devices.c.agent)
+sa.Index("ix_device_moves_device", device_moves.c.enterprise, device_moves.c.device)
 sa.Index("ix_snapshots_group_ts", ratio_snapshots.c.group_by, ratio_snapshots.c.ts_ms)
 sa.Index("ix_devices_updated", devices.c.updated_ms)
 sa.Index("ix_agents_updated", agents.c.updated_ms)
@@ -325,6 +342,11 @@ def _v10(conn: sa.Connection) -> None:
     snapshot_evidence.create(conn, checkfirst=True)
 
 
+def _v11(conn: sa.Connection) -> None:
+    """The audit of devices moved from one agent to another."""
+    device_moves.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
 _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v1,
@@ -337,6 +359,7 @@ _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v8,
     _v9,
     _v10,
+    _v11,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 

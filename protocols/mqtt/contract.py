@@ -8,6 +8,11 @@ Topics, all under ``iiot/v1/{enterprise}/{agent}``:
     .../{device}/data      QoS 1             DataMessage: {"seq", "samples": [Sample]}
     .../{device}/cmd       QoS 1             gateway → agent writes (reserved)
 
+The broker's ACL confines an agent to its own prefix; the gateway accepts a device's
+data, batch part, state or birth entry only from the agent the device belongs to (the
+registry's ``devices.agent``: assigned by the ledger or remote configuration, else the
+first agent whose birth names it) and refuses any other's as ``device_not_owned``.
+
 Identifiers match ``[A-Za-z0-9_.-]{1,64}`` (``iiot_common.identifier``); anything else is
 refused where it enters. Data messages are written and read by a codec
 (``protocols.mqtt.codec``); the models here are the reference it is tested against.

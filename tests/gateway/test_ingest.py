@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ class MemorySink:
         self,
         agents: dict[str, str] | None = None,
         tags: dict[tuple[str, str], tuple[str, str]] | None = None,
+        owners: dict[tuple[str, str], str] | None = None,
     ) -> None:
         self.agents = agents if agents is not None else {"agent-1": "ent-1"}
+        self.owners = owners if owners is not None else {}
         self.enterprises = set(self.agents.values())
         self.tags = tags if tags is not None else {}
         self.lock = threading.Lock()
@@ -51,6 +53,9 @@ class MemorySink:
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         return self.tags.get((enterprise, device))
 
+    def device_owner(self, enterprise: str, device: str) -> str | None:
+        return self.owners.get((enterprise, device))
+
     def on_birth(self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json") -> None:
         with self.lock:
             self.births.append((enterprise, agent, birth))
@@ -66,6 +71,10 @@ class MemorySink:
     def on_samples(self, summary: SampleSummary) -> None:
         with self.lock:
             self.summaries.append(summary)
+
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None:
+        with self.lock:
+            self.summaries.extend(summaries)
 
 
 class Publisher:
@@ -399,8 +408,11 @@ def test_a_registry_failure_in_a_batch_rejects_that_device_s_part_only() -> None
     by_device = {p.device: p for p in out.parts}
     assert by_device["cursed"].reject == "internal_error"
     assert "registry bug" in by_device["cursed"].detail
-    # The others' lines are written and their registry updates go with them.
+    # The others' lines are written and their registry updates go with them, in one call.
     for dev in ("kiln-1", "kiln-2"):
         assert by_device[dev].reject is None and by_device[dev].lines == 1
-        assert by_device[dev].notify is not None
     assert len(tx.lines) == 2
+    assert out.notify is not None
+    told = MemorySink()
+    out.notify(told)
+    assert [s.device for s in told.summaries] == ["kiln-1", "kiln-2"]

@@ -467,3 +467,53 @@ def test_two_instances_in_a_shared_group_read_every_ddata_once(
         pub.close()
         for gw in gws:
             gw.stop()
+
+
+def test_ddata_held_back_by_the_node_is_no_seq_gap_and_a_lost_one_still_is(
+    gateway: Gateway, mosquitto: Mosquitto, victoria: VictoriaMetrics, sink: MemorySink
+) -> None:
+    """A node's client sends a QoS 0 birth past QoS 1 DDATA waiting for its in-flight
+    window: the DDATA numbered before the birth arrive after it, late but not lost."""
+    pub = Publisher(mosquitto.url, client_id="busy-node")
+
+    def ddata(seq: int) -> None:
+        temp = {"alias": 1, "raw": ("double_value", float(seq)), "ts": BASE_TS + seq}
+        pub.raw(f"{_T}/DDATA/agent-1/kiln-1", _payload(seq, [temp]), qos=1)
+
+    try:
+        _births(pub)  # NBIRTH seq 0, DBIRTH seq 1
+        ddata(2)
+        ddata(3)
+        # DDATA 4 and 5 held back; the DBIRTH of a device coming online (seq 6) overtakes.
+        _, dbirth = _birth_payloads()
+        reborn = _payload(6, [{"name": "temp", "alias": 1, "datatype": DataType.DOUBLE}])
+        assert dbirth != reborn
+        pub.raw(f"{_T}/DBIRTH/agent-1/kiln-2", reborn, qos=0)
+        ddata(4)
+        ddata(5)
+        ddata(7)
+        # seq 8 is lost for good: it is missing when the session ends.
+        ddata(9)
+        wait_until(
+            lambda: (
+                sum(len(s["values"]) for s in series_by_name(victoria).get("telemetry_temp", []))
+                == 6
+            ),
+            what="every DDATA in victoria-metrics",
+        )
+        gaps_before_death = metric(
+            gateway, "iiot_gateway_sparkplug_seq_gaps_total", {"node": "ent-1/agent-1"}
+        )
+        pub.raw(
+            f"{_T}/NDEATH/agent-1",
+            _payload(None, [{"name": BDSEQ, "datatype": DataType.UINT64, "value": 5}]),
+        )
+        wait_until(lambda: len(sink.wills) == 1, what="the NDEATH")
+    finally:
+        pub.close()
+    assert gaps_before_death == 0  # 4 and 5 came late; 8 may still come
+    assert metric(gateway, "iiot_gateway_sparkplug_seq_gaps_total", {"node": "ent-1/agent-1"}) == 1
+    values = sorted(
+        v for s in series_by_name(victoria)["telemetry_temp"] for v in s["values"] if v < 100
+    )
+    assert values == [2.0, 3.0, 4.0, 5.0, 7.0, 9.0]

@@ -8,6 +8,7 @@ detail must contain. The codec and the contract model must agree on every case.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,9 @@ class _Sink:
     def device_tags(self, enterprise: str, device: str) -> tuple[str, str] | None:
         return ("cement_kiln", "kiln-rotary-cement")
 
+    def device_owner(self, enterprise: str, device: str) -> str | None:
+        return None
+
     def on_birth(
         self, enterprise: str, agent: str, birth: Birth, *, codec: str = "json"
     ) -> None: ...
@@ -42,6 +46,8 @@ class _Sink:
     ) -> None: ...
 
     def on_samples(self, summary: SampleSummary) -> None: ...
+
+    def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None: ...
 
 
 class _Tx:

@@ -1,4 +1,5 @@
-"""Devices: listing, one device, registration by hand, decommissioning, ledger import."""
+"""Devices: listing, one device, registration by hand, moves between agents,
+decommissioning, ledger import."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ from gateway.api.models import (
     DeviceDetailOut,
     DeviceIn,
     DeviceListOut,
+    DeviceMoveIn,
+    DeviceMovesOut,
     DeviceOut,
     DeviceStatesOut,
     ErrorOut,
     LedgerOut,
     OfflineOut,
 )
+from gateway.auth import TokenAuth
 from gateway.ratios import Kind
 from gateway.registry import NotFound, RegistryError
 from gateway.registry.ledger import LedgerError, check_row, parse_ledger
@@ -194,12 +198,51 @@ def register_device(body: DeviceIn, response: Response, registry: RegistryDep) -
     responses={**WRITE_RESPONSES, **NOT_FOUND},
     dependencies=[WRITE],
 )
-def decommission(enterprise: Ident, device_id: Ident, registry: RegistryDep) -> dict[str, Any]:
-    """Decommission: the device stays in history and leaves the totals."""
+def decommission(
+    enterprise: Ident, device_id: Ident, request: Request, registry: RegistryDep
+) -> dict[str, Any]:
+    """Decommission: the device stays in history, leaves the totals and its agent."""
     try:
-        return registry.decommission(enterprise, device_id)
+        return registry.decommission(enterprise, device_id, by=_admin(request))
     except NotFound as exc:
         raise HTTPException(404, str(exc)) from None
+
+
+def _admin(request: Request) -> str:
+    auth: TokenAuth = request.app.state.auth
+    return f"admin {auth.configure(request).token_label}"
+
+
+@router.post(
+    "/api/v1/devices/{enterprise}/{device_id}/move",
+    response_model=DeviceOut,
+    responses={**WRITE_RESPONSES, **NOT_FOUND},
+    dependencies=[WRITE],
+)
+def move_device(
+    enterprise: Ident, device_id: Ident, body: DeviceMoveIn, request: Request, registry: RegistryDep
+) -> dict[str, Any]:
+    """Give a device to another agent of its enterprise (it moved to another gateway box).
+
+    Until then ingest refuses every other agent's data, birth and state for it. Audited.
+    """
+    try:
+        return registry.move_device(enterprise, device_id, body.agent, by=_admin(request))
+    except NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+
+
+@router.get(
+    "/api/v1/devices/{enterprise}/{device_id}/moves",
+    response_model=DeviceMovesOut,
+    responses={**AUTH_RESPONSES, **NOT_FOUND},
+    dependencies=[READ],
+)
+def device_moves(enterprise: Ident, device_id: Ident, registry: RegistryDep) -> dict[str, Any]:
+    """Every change of the agent the device belongs to, newest first."""
+    if registry.get_device(enterprise, device_id) is None:
+        raise HTTPException(404, f"device {enterprise}/{device_id} is not registered")
+    return {"items": registry.list_moves(enterprise, device_id)}
 
 
 @router.post(
