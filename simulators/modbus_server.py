@@ -48,7 +48,7 @@ from pymodbus.simulator import SimData
 from pymodbus.simulator import SimDevice as _PymodbusDevice
 from pymodbus.transaction import TransactionManager
 
-from device_profiles.schema import INT_BOUNDS, Point, ValueType
+from device_profiles.schema import INT_BOUNDS, Point, Profile, ValueType
 from protocols.modbus.codec import STRUCT_CODES, Value, decode, encode
 from protocols.modbus.profile import (
     ByteOrder,
@@ -58,7 +58,7 @@ from protocols.modbus.profile import (
     point_registers,
 )
 from simulators.device import SimDevice
-from simulators.faults import FaultMode
+from simulators.faults import FaultMode, FaultState
 from simulators.modbus_tcp import LeanConnection
 from simulators.sunspec import model_fill
 
@@ -125,7 +125,7 @@ class RegisterImage:
             self._values = None
         plan = self._plans.get(table)
         if plan is None:
-            plan = self._plans[table] = _TablePlan(self, table)
+            plan = self._plans[table] = _shared_plan(self, table)
         data = self._tables.get(table)
         if data is None:
             if self._values is None:
@@ -347,6 +347,20 @@ class _TablePlan:
                 for j, reg in enumerate(regs):
                     out[2 * (i + j) : 2 * (i + j) + 2] = (reg & 0xFFFF).to_bytes(2, "big")
         return bytes(out)
+
+
+# Plans depend only on the profile (and the SunSpec fill it implies): devices of one
+# profile share them. Keyed by the profile's identity, which the entry keeps alive.
+_PLANS: dict[tuple[int, ModbusTable], tuple[Profile, _TablePlan]] = {}
+
+
+def _shared_plan(image: RegisterImage, table: ModbusTable) -> _TablePlan:
+    profile = image.device.profile
+    key = (id(profile), table)
+    hit = _PLANS.get(key)
+    if hit is None or hit[0] is not profile:
+        hit = _PLANS[key] = (profile, _TablePlan(image, table))
+    return hit[1]
 
 
 def _is_fast(image: RegisterImage, p: Point, cover: Mapping[int, list[Point]]) -> bool:
@@ -845,7 +859,8 @@ class _FaultWatcher:
     """One task per event loop that notices ``restart`` faults on every running server.
 
     Faults are plain attributes that tests, the control API and the plant set directly,
-    so they are polled; one shared poller keeps a thousand simulated devices cheap.
+    so they are polled; one shared poller over a flat list of every device's fault state
+    keeps thousands of simulated devices cheap.
     """
 
     POLL = 0.05
@@ -854,6 +869,7 @@ class _FaultWatcher:
         self.servers: set[ModbusSimServer] = set()
         self.task: asyncio.Task[None] | None = None
         self.polls = 0
+        self._watched: list[tuple[FaultState, ModbusSimServer]] | None = None
 
     @classmethod
     def of_running_loop(cls) -> _FaultWatcher:
@@ -865,6 +881,7 @@ class _FaultWatcher:
 
     def add(self, server: ModbusSimServer) -> None:
         self.servers.add(server)
+        self._watched = None
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(
                 self._run(), name="modbus-sim-fault-watcher"
@@ -872,6 +889,7 @@ class _FaultWatcher:
 
     async def discard(self, server: ModbusSimServer) -> None:
         self.servers.discard(server)
+        self._watched = None
         task = self.task
         if not self.servers and task is not None:
             self.task = None
@@ -884,7 +902,14 @@ class _FaultWatcher:
         while self.servers:
             await asyncio.sleep(self.POLL)
             self.polls += 1
-            for server in list(self.servers):
+            if self._watched is None:
+                self._watched = [
+                    (d.faults, server) for server in self.servers for d in server.devices.values()
+                ]
+            restart = FaultMode.RESTART
+            for faults, server in self._watched:
+                if faults.mode is not restart:
+                    continue
                 try:
                     server._check_restart()
                 except Exception:

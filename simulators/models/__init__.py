@@ -76,16 +76,18 @@ class GenericModel:
             return v
         return round(v)
 
-    def _moving(self) -> list[tuple[str, bool, float, float, bool]]:
-        """(name, is a counter, low, high, keeps floats) of each point that changes."""
-        out: list[tuple[str, bool, float, float, bool]] = []
+    def _moving(self) -> list[tuple[str, bool, float, float, float, float, bool]]:
+        """(name, is a counter, low, high, span, walk sigma, keeps floats) of changing points."""
+        out: list[tuple[str, bool, float, float, float, float, bool]] = []
         for p in self.profile.points:
             cur = self._state[p.name]
             if isinstance(cur, bool | str) or p.enum or p.bits or p.name in self._constant:
                 continue
             lo, hi = p.range or (0.0, 100.0)
+            span = hi - lo
             counter = any(h in p.name for h in self._COUNTER_HINTS)
-            out.append((p.name, counter, lo, hi, p.type in (ValueType.FLOAT32, ValueType.FLOAT64)))
+            floats = p.type in (ValueType.FLOAT32, ValueType.FLOAT64)
+            out.append((p.name, counter, lo, hi, span, span * 0.01, floats))
         return out
 
     def step(self, t: float) -> dict[str, Value]:
@@ -94,13 +96,14 @@ class GenericModel:
         state = self._state
         gauss = self.rng.gauss
         root = dt**0.5
-        for name, counter, lo, hi, floats in self._plan:
-            span = hi - lo
+        for name, counter, lo, hi, span, sigma, floats in self._plan:
             if counter:
                 nxt = float(state[name]) + dt * span / 86400.0
             else:
-                nxt = float(state[name]) + gauss(0.0, span * 0.01) * root
-                nxt = min(hi, max(lo, nxt))
+                nxt = float(state[name]) + gauss(0.0, sigma) * root
+                # min(hi, max(lo, nxt)), spelled out: this loop runs per point per request.
+                nxt = nxt if nxt > lo else lo
+                nxt = nxt if nxt < hi else hi
             state[name] = nxt if floats else round(nxt)
         return dict(state)
 
