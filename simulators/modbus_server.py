@@ -8,10 +8,14 @@ answer exception 02 (ILLEGAL DATA ADDRESS) unless ``strict_addresses`` is off. T
 exception is a SunSpec map: every register of its models reads (see
 :mod:`simulators.sunspec`).
 
-pymodbus 3.16 provides the framing and the listener. Its datastore hooks cannot keep a
-request unanswered, delay one unit without delaying the others, or close a connection,
-so this module gives pymodbus a request handler of its own: each request runs as its
-own task, checks the unit's fault first, and only then touches the register image.
+Modbus TCP is served by :mod:`simulators.modbus_tcp`, which parses MBAP frames itself and
+answers reads from each device's encoded image (:meth:`RegisterImage.table`: encoded at
+most once per :data:`IMAGE_TICK` of simulated time, or after a write or a fault change).
+RTU, on a serial line or over TCP, and Modbus TCP with ``lean=False`` go through
+pymodbus 3.16's framing and listener. Its datastore hooks cannot keep a request
+unanswered, delay one unit without delaying the others, or close a connection, so this
+module gives pymodbus a request handler of its own: each request runs as its own task,
+checks the unit's fault first, and only then touches the register image.
 
 Faults (see :mod:`simulators.faults`), checked on every request:
 
@@ -62,7 +66,7 @@ from simulators.faults import FaultMode, FaultState
 from simulators.modbus_tcp import LeanConnection
 from simulators.sunspec import model_fill
 
-__all__ = ["ModbusSimServer", "RegisterImage"]
+__all__ = ["IMAGE_TICK", "ModbusSimServer", "RegisterImage"]
 
 log = logging.getLogger(__name__)
 
@@ -618,7 +622,9 @@ class ModbusSimServer:
 
     ``framer="tcp"`` is Modbus TCP; ``framer="rtu"`` with ``serial_port`` is RTU on a
     serial line; ``framer="rtu"`` without it is RTU framing over TCP. ``port=0`` picks a
-    free port (see :attr:`port` after :meth:`start`).
+    free port (see :attr:`port` after :meth:`start`). ``lean=False`` serves Modbus TCP
+    through pymodbus's server instead of :mod:`simulators.modbus_tcp` (same answers, several
+    times the CPU per request; kept for comparison).
     """
 
     def __init__(
