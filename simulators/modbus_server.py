@@ -665,7 +665,7 @@ class ModbusSimServer:
         self._store = _Store(
             {u: RegisterImage(d, strict_addresses=strict_addresses) for u, d in devices.items()}
         )
-        self._server: _TcpServer | _SerialServer | asyncio.Server | None = None
+        self._server: _TcpServer | _SerialServer | asyncio.AbstractServer | None = None
         self._connections: set[LeanConnection] = set()
         self._started = False
         self._restarting = False
@@ -805,7 +805,8 @@ class ModbusSimServer:
         self._listening = False
         if server is None:
             return
-        if isinstance(server, asyncio.Server):
+        if not isinstance(server, _TcpServer | _SerialServer):
+            # The lean listener: asyncio's, or uvloop's (no asyncio.Server subclass).
             server.close()
             for conn in list(self._connections):
                 conn.close()

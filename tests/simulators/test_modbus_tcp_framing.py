@@ -310,3 +310,24 @@ async def test_the_lean_and_pymodbus_paths_serve_the_same_registers(
             finally:
                 for c in clients:
                     c.close()
+
+
+def test_serves_and_stops_on_uvloop() -> None:
+    """The bench's simulators run on uvloop, whose listener is no asyncio.Server."""
+    import uvloop
+
+    async def scenario() -> int:
+        device = _device()
+        server = ModbusSimServer({1: device}, port=0)
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(_read(77, 1, 0, 1))
+        head = await asyncio.wait_for(reader.readexactly(9), _WAIT)
+        writer.close()
+        await server.stop()
+        assert head[:2] == b"\x00\x4d" and head[7] == 3
+        return server.port
+
+    port = uvloop.run(scenario())
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
