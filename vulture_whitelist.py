@@ -121,3 +121,7 @@ FakeProtoDriver  # unused class (tests/protocols/fakeproto/driver.py)
 _fakeproto  # unused function (tests/protocols/fakeproto/test_fakeproto.py)
 _leaves_nothing_behind  # unused function (tests/protocols/test_modbus_driver.py)
 no_threads_left_behind  # unused function (tests/test_embedded_broker.py)
+
+# asyncio.Protocol callbacks, called by the event loop
+_.data_received  # unused method (simulators/modbus_tcp.py, bench/modbus_sim.py)
+_.connection_lost  # unused method (simulators/modbus_tcp.py)

@@ -45,7 +45,6 @@ hard limit; the agent gets the limit the bench was started with, as from the use
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import contextlib
 import json
@@ -712,7 +711,7 @@ def main() -> None:
     _raise_nofile()
     ports = [int(p) for p in args.ports.split(",") if p]
     if args.role == "sim":
-        asyncio.run(am._role_sim(args.profiles, ports, PROFILE_ID))
+        run_on(LoopKind.UVLOOP, am._role_sim(args.profiles, ports, PROFILE_ID))
         return
     if args.role == "bare":
         # pymodbus logs every timeout with a hex dump; the row counts them instead.

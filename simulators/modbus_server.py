@@ -8,10 +8,14 @@ answer exception 02 (ILLEGAL DATA ADDRESS) unless ``strict_addresses`` is off. T
 exception is a SunSpec map: every register of its models reads (see
 :mod:`simulators.sunspec`).
 
-pymodbus 3.16 provides the framing and the listener. Its datastore hooks cannot keep a
-request unanswered, delay one unit without delaying the others, or close a connection,
-so this module gives pymodbus a request handler of its own: each request runs as its
-own task, checks the unit's fault first, and only then touches the register image.
+Modbus TCP is served by :mod:`simulators.modbus_tcp`, which parses MBAP frames itself and
+answers reads from each device's encoded image (:meth:`RegisterImage.table`: encoded at
+most once per :data:`IMAGE_TICK` of simulated time, or after a write or a fault change).
+RTU, on a serial line or over TCP, and Modbus TCP with ``lean=False`` go through
+pymodbus 3.16's framing and listener. Its datastore hooks cannot keep a request
+unanswered, delay one unit without delaying the others, or close a connection, so this
+module gives pymodbus a request handler of its own: each request runs as its own task,
+checks the unit's fault first, and only then touches the register image.
 
 Faults (see :mod:`simulators.faults`), checked on every request:
 
@@ -30,9 +34,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
+import struct
 import termios
 import weakref
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, cast
 
 from pymodbus.constants import ExcCodes
@@ -46,14 +52,21 @@ from pymodbus.simulator import SimData
 from pymodbus.simulator import SimDevice as _PymodbusDevice
 from pymodbus.transaction import TransactionManager
 
-from device_profiles.schema import INT_BOUNDS, Point
-from protocols.modbus.codec import Value, decode, encode
-from protocols.modbus.profile import ModbusTable, modbus_address, modbus_settings, point_registers
+from device_profiles.schema import INT_BOUNDS, Point, Profile, ValueType
+from protocols.modbus.codec import STRUCT_CODES, Value, decode, encode
+from protocols.modbus.profile import (
+    ByteOrder,
+    ModbusTable,
+    modbus_address,
+    modbus_settings,
+    point_registers,
+)
 from simulators.device import SimDevice
-from simulators.faults import FaultMode
+from simulators.faults import FaultMode, FaultState
+from simulators.modbus_tcp import LeanConnection
 from simulators.sunspec import model_fill
 
-__all__ = ["ModbusSimServer", "RegisterImage"]
+__all__ = ["IMAGE_TICK", "ModbusSimServer", "RegisterImage"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +111,53 @@ class RegisterImage:
         # Holding registers of the device's SunSpec models that the profile leaves out:
         # read-only constants, so a client can read a whole model in one request.
         self._fixed: dict[int, int] = model_fill(profile)
+        # The encoded tables of the current tick (see IMAGE_TICK), built on first read.
+        self._plans: dict[ModbusTable, _TablePlan] = {}
+        self._tables: dict[ModbusTable, bytes] = {}
+        self._stamp: tuple[float, int, bool] = (math.inf, -1, False)
+        self._values: Mapping[str, Value] | None = None
+
+    def table(self, table: ModbusTable) -> tuple[_TablePlan, bytes]:
+        """One table's plan and its encoded image, at most once per tick, write or fault."""
+        device = self.device
+        t = device.sim_time
+        oor = device.faults.mode is FaultMode.OUT_OF_RANGE
+        at, writes, was_oor = self._stamp
+        if writes != device.writes or was_oor is not oor or not at <= t < at + IMAGE_TICK:
+            self._stamp = (t, device.writes, oor)
+            self._tables.clear()
+            self._values = None
+        plan = self._plans.get(table)
+        if plan is None:
+            plan = self._plans[table] = _shared_plan(self, table)
+        data = self._tables.get(table)
+        if data is None:
+            if self._values is None:
+                self._values = device.values(t)
+            data = self._tables[table] = plan.render(self, self._values)
+        return plan, data
+
+    def read_bytes(self, table: ModbusTable, address: int, count: int) -> bytes | int:
+        """``count`` registers (2 bytes each) or bits (1 byte each) as served, or an exception."""
+        end = address + count
+        if count < 1 or end > 65536:
+            return ExcCodes.ILLEGAL_ADDRESS
+        plan, data = self.table(table)
+        lo, hi = plan.lo, plan.hi
+        width = 1 if plan.bits else 2
+        if lo <= address and end <= hi:
+            if self.strict_addresses and plan.readable.find(0, address - lo, end - lo) != -1:
+                return ExcCodes.ILLEGAL_ADDRESS
+            return data[(address - lo) * width : (end - lo) * width]
+        if self.strict_addresses:
+            return ExcCodes.ILLEGAL_ADDRESS
+        out = bytearray(count * width)  # unmapped addresses of a lenient device read 0
+        first, last = max(address, lo), min(end, hi)
+        if first < last:
+            out[(first - address) * width : (last - address) * width] = data[
+                (first - lo) * width : (last - lo) * width
+            ]
+        return bytes(out)
 
     def _points(self, table: ModbusTable, address: int, count: int) -> list[Point] | None:
         """Points touched by [address, address+count); None when strict and a gap is hit."""
@@ -217,6 +277,170 @@ class RegisterImage:
         for name, value in new.items():
             self.device.write(name, value)
         return None
+
+
+# How long one computed register image serves reads, in simulated seconds: a device's scan
+# cycle. Reads within it see one consistent image; a write or a fault change renews it.
+IMAGE_TICK = 0.1
+
+_PLAIN, _SCALED, _FLOAT = 0, 1, 2  # how a fast point's raw value comes from its value
+
+
+class _TablePlan:
+    """How one table's image is built: its span, which addresses read, and fast runs.
+
+    A point is *fast* when it alone occupies its registers, is numeric, big-endian in
+    both orders and has no scale-factor point: its raw value goes straight into a
+    ``struct`` run with its neighbours. Every other point is encoded the way
+    :meth:`RegisterImage.read` does it, in the same order, so both give the same image.
+    """
+
+    def __init__(self, image: RegisterImage, table: ModbusTable) -> None:
+        cover = image._cover[table]
+        fixed = image._fixed if table is ModbusTable.HOLDING else {}
+        addresses = set(cover) | set(fixed)
+        self.lo = min(addresses, default=0)
+        self.hi = max(addresses, default=-1) + 1
+        self.bits = table.is_bit_table
+        width = 1 if self.bits else 2
+        span = max(0, self.hi - self.lo)
+        self.readable = bytes(1 if self.lo + i in addresses else 0 for i in range(span))
+        base = bytearray(span * width)
+        for reg, word in fixed.items():
+            base[(reg - self.lo) * 2 : (reg - self.lo) * 2 + 2] = word.to_bytes(2, "big")
+        self.base = bytes(base)
+        fast: list[tuple[int, Point]] = []
+        self.slow: list[Point] = []
+        seen: set[str] = set()
+        for reg in sorted(cover):  # the order RegisterImage.read applies points in
+            for p in cover[reg]:
+                if p.name in seen:
+                    continue
+                seen.add(p.name)
+                if not self.bits and _is_fast(image, p, cover):
+                    fast.append((reg, p))
+                else:
+                    self.slow.append(p)
+        self.runs = _runs(fast, self.lo)
+
+    def render(self, image: RegisterImage, values: Mapping[str, Value]) -> bytes:
+        """The table's bytes (registers big-endian, or one 0/1 byte per bit) for ``values``."""
+        out = bytearray(self.base)
+        for run in self.runs:
+            try:
+                run.pack(out, values)
+            except (KeyError, ValueError, OverflowError, TypeError, struct.error):
+                # A value the type cannot hold (or none at all): point by point, as read().
+                pos = run.at
+                for p in run.points:
+                    regs = image.encode_point(p, values)
+                    out[pos : pos + 2 * len(regs)] = b"".join(r.to_bytes(2, "big") for r in regs)
+                    pos += 2 * len(regs)
+        for p in self.slow:
+            a = modbus_address(p)
+            assert a is not None
+            regs = image.encode_point(p, values)
+            i = a.address - self.lo
+            if self.bits:
+                out[i] = 1 if regs[0] else 0
+            elif a.bit is not None:
+                if regs[0]:
+                    word = int.from_bytes(out[2 * i : 2 * i + 2], "big") | (1 << a.bit)
+                    out[2 * i : 2 * i + 2] = word.to_bytes(2, "big")
+            else:
+                for j, reg in enumerate(regs):
+                    out[2 * (i + j) : 2 * (i + j) + 2] = (reg & 0xFFFF).to_bytes(2, "big")
+        return bytes(out)
+
+
+# Plans depend only on the profile (and the SunSpec fill it implies): devices of one
+# profile share them. Keyed by the profile's identity, which the entry keeps alive.
+_PLANS: dict[tuple[int, ModbusTable], tuple[Profile, _TablePlan]] = {}
+
+
+def _shared_plan(image: RegisterImage, table: ModbusTable) -> _TablePlan:
+    profile = image.device.profile
+    key = (id(profile), table)
+    hit = _PLANS.get(key)
+    if hit is None or hit[0] is not profile:
+        hit = _PLANS[key] = (profile, _TablePlan(image, table))
+    return hit[1]
+
+
+def _is_fast(image: RegisterImage, p: Point, cover: Mapping[int, list[Point]]) -> bool:
+    a = modbus_address(p)
+    assert a is not None
+    if p.type not in STRUCT_CODES or a.bit is not None or p.scale_factor_point is not None:
+        return False
+    byte_order = a.byte_order or image.settings.byte_order
+    word_order = a.word_order or image.settings.word_order
+    if byte_order is not ByteOrder.BIG or word_order is not ByteOrder.BIG:
+        return False
+    regs = range(a.address, a.address + point_registers(p))
+    return all(cover.get(r) == [p] for r in regs)
+
+
+class _Run:
+    """Fast points of one kind in adjacent registers, packed with one ``struct`` call.
+
+    The raw values are what :func:`protocols.modbus.codec.to_raw` gives for them; a value
+    that is not an int or a float raises, and the caller encodes the run point by point.
+    """
+
+    __slots__ = ("at", "factors", "get", "kind", "packer", "points")
+
+    def __init__(self, at: int, kind: int, points: list[Point]) -> None:
+        self.at = at
+        self.kind = kind
+        self.points = points
+        self.packer = struct.Struct(">" + "".join(STRUCT_CODES[p.type] for p in points))
+        names = [p.name for p in points]
+        # itemgetter of one name gives the value itself, not a tuple of one.
+        self.get: Callable[[Mapping[str, Value]], tuple[Value, ...]] = (
+            operator.itemgetter(*names) if len(names) > 1 else lambda v: (v[names[0]],)
+        )
+        self.factors = [(p.offset, p.scale) for p in points]
+
+    def pack(self, out: bytearray, values: Mapping[str, Value]) -> None:
+        got = self.get(values)
+        if not _NUMBER_TYPES.issuperset(map(type, got)):
+            raise TypeError("not a number")
+        vals = cast(tuple[float, ...], got)
+        raws: list[int] | list[float]
+        if self.kind == _PLAIN:
+            raws = [v if type(v) is int else round(v) for v in vals]
+        elif self.kind == _SCALED:
+            raws = [round((v - o) / s) for v, (o, s) in zip(vals, self.factors, strict=True)]
+        else:
+            raws = [(v - o) / s for v, (o, s) in zip(vals, self.factors, strict=True)]
+        self.packer.pack_into(out, self.at, *raws)
+
+
+_NUMBER_TYPES = frozenset({int, float})
+
+
+def _kind(p: Point) -> int:
+    if p.type in (ValueType.FLOAT32, ValueType.FLOAT64):
+        return _FLOAT
+    return _PLAIN if p.scale == 1.0 and p.offset == 0.0 else _SCALED
+
+
+def _runs(fast: list[tuple[int, Point]], lo: int) -> list[_Run]:
+    """Fast points grouped into runs of adjacent registers and one kind."""
+    runs: list[_Run] = []
+    points: list[Point] = []
+    start = end = -1
+    for reg, p in fast:
+        if points and (reg != end or _kind(p) != _kind(points[0])):
+            runs.append(_Run(2 * (start - lo), _kind(points[0]), points))
+            points = []
+        if not points:
+            start = reg
+        points.append(p)
+        end = reg + point_registers(p)
+    if points:
+        runs.append(_Run(2 * (start - lo), _kind(points[0]), points))
+    return runs
 
 
 def _within(value: float, rng: tuple[float, float]) -> bool:
@@ -398,7 +622,9 @@ class ModbusSimServer:
 
     ``framer="tcp"`` is Modbus TCP; ``framer="rtu"`` with ``serial_port`` is RTU on a
     serial line; ``framer="rtu"`` without it is RTU framing over TCP. ``port=0`` picks a
-    free port (see :attr:`port` after :meth:`start`).
+    free port (see :attr:`port` after :meth:`start`). ``lean=False`` serves Modbus TCP
+    through pymodbus's server instead of :mod:`simulators.modbus_tcp` (same answers, several
+    times the CPU per request; kept for comparison).
     """
 
     def __init__(
@@ -413,6 +639,7 @@ class ModbusSimServer:
         parity: Literal["N", "E", "O"] = "N",
         stopbits: Literal[1, 2] = 1,
         strict_addresses: bool = True,
+        lean: bool = True,
     ) -> None:
         if not devices:
             raise ValueError("a Modbus simulator needs at least one device")
@@ -432,10 +659,14 @@ class ModbusSimServer:
         self.parity = parity
         self.stopbits = stopbits
         self.strict_addresses = strict_addresses
+        # Modbus TCP is served by simulators.modbus_tcp unless ``lean`` is off; RTU (on a
+        # line or over TCP) always goes through pymodbus.
+        self.lean = lean and framer == "tcp" and serial_port is None
         self._store = _Store(
             {u: RegisterImage(d, strict_addresses=strict_addresses) for u, d in devices.items()}
         )
-        self._server: _TcpServer | _SerialServer | None = None
+        self._server: _TcpServer | _SerialServer | asyncio.AbstractServer | None = None
+        self._connections: set[LeanConnection] = set()
         self._started = False
         self._restarting = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -517,6 +748,20 @@ class ModbusSimServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _listen_lean(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(
+                lambda: LeanConnection(self), self.host, self.port, reuse_address=True
+            )
+        except OSError as exc:
+            raise OSError(f"Modbus simulator cannot listen on {self.endpoint}: {exc}") from exc
+        if self.port == 0:
+            self.port = int(server.sockets[0].getsockname()[1])
+        self._server = server
+        self._listening = True
+        log.debug("modbus simulator listening", extra={"endpoint": self.endpoint})
+
     def _make_server(self) -> _TcpServer | _SerialServer:
         if self.serial_port is not None:
             return _SerialServer(
@@ -532,6 +777,9 @@ class ModbusSimServer:
         return _TcpServer(self, framer=framer, address=(self.host, self.port))
 
     async def _listen(self) -> None:
+        if self.lean:
+            await self._listen_lean()
+            return
         server = self._make_server()
         try:
             await server.serve_forever(background=True)
@@ -556,6 +804,14 @@ class ModbusSimServer:
         server, self._server = self._server, None
         self._listening = False
         if server is None:
+            return
+        if not isinstance(server, _TcpServer | _SerialServer):
+            # The lean listener: asyncio's, or uvloop's (no asyncio.Server subclass).
+            server.close()
+            for conn in list(self._connections):
+                conn.close()
+            with contextlib.suppress(asyncio.TimeoutError, OSError):
+                await asyncio.wait_for(server.wait_closed(), timeout=2.0)
             return
         listener = server.transport
         await server.shutdown()  # type: ignore[no-untyped-call]
@@ -610,7 +866,8 @@ class _FaultWatcher:
     """One task per event loop that notices ``restart`` faults on every running server.
 
     Faults are plain attributes that tests, the control API and the plant set directly,
-    so they are polled; one shared poller keeps a thousand simulated devices cheap.
+    so they are polled; one shared poller over a flat list of every device's fault state
+    keeps thousands of simulated devices cheap.
     """
 
     POLL = 0.05
@@ -619,6 +876,7 @@ class _FaultWatcher:
         self.servers: set[ModbusSimServer] = set()
         self.task: asyncio.Task[None] | None = None
         self.polls = 0
+        self._watched: list[tuple[FaultState, ModbusSimServer]] | None = None
 
     @classmethod
     def of_running_loop(cls) -> _FaultWatcher:
@@ -630,6 +888,7 @@ class _FaultWatcher:
 
     def add(self, server: ModbusSimServer) -> None:
         self.servers.add(server)
+        self._watched = None
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(
                 self._run(), name="modbus-sim-fault-watcher"
@@ -637,6 +896,7 @@ class _FaultWatcher:
 
     async def discard(self, server: ModbusSimServer) -> None:
         self.servers.discard(server)
+        self._watched = None
         task = self.task
         if not self.servers and task is not None:
             self.task = None
@@ -649,7 +909,14 @@ class _FaultWatcher:
         while self.servers:
             await asyncio.sleep(self.POLL)
             self.polls += 1
-            for server in list(self.servers):
+            if self._watched is None:
+                self._watched = [
+                    (d.faults, server) for server in self.servers for d in server.devices.values()
+                ]
+            restart = FaultMode.RESTART
+            for faults, server in self._watched:
+                if faults.mode is not restart:
+                    continue
                 try:
                     server._check_restart()
                 except Exception:

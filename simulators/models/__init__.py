@@ -51,6 +51,7 @@ class GenericModel:
         self._constant = {p.scale_factor_point for p in profile.points if p.scale_factor_point}
         for p in profile.points:
             self._state[p.name] = self._initial(p)
+        self._plan = self._moving()
 
     def _initial(self, p: Point) -> Value:
         if p.type is ValueType.BOOL:
@@ -75,22 +76,36 @@ class GenericModel:
             return v
         return round(v)
 
-    def step(self, t: float) -> dict[str, Value]:
-        dt = max(0.0, t - self._t)
-        self._t = t
+    def _moving(self) -> list[tuple[str, bool, float, float, float, float, bool]]:
+        """(name, is a counter, low, high, span, walk sigma, keeps floats) of changing points."""
+        out: list[tuple[str, bool, float, float, float, float, bool]] = []
         for p in self.profile.points:
             cur = self._state[p.name]
             if isinstance(cur, bool | str) or p.enum or p.bits or p.name in self._constant:
                 continue
             lo, hi = p.range or (0.0, 100.0)
-            if any(h in p.name for h in self._COUNTER_HINTS):
-                nxt = float(cur) + dt * (hi - lo) / 86400.0
+            span = hi - lo
+            counter = any(h in p.name for h in self._COUNTER_HINTS)
+            floats = p.type in (ValueType.FLOAT32, ValueType.FLOAT64)
+            out.append((p.name, counter, lo, hi, span, span * 0.01, floats))
+        return out
+
+    def step(self, t: float) -> dict[str, Value]:
+        dt = max(0.0, t - self._t)
+        self._t = t
+        state = self._state
+        gauss = self.rng.gauss
+        root = dt**0.5
+        for name, counter, lo, hi, span, sigma, floats in self._plan:
+            if counter:
+                nxt = float(state[name]) + dt * span / 86400.0
             else:
-                span = hi - lo
-                nxt = float(cur) + self.rng.gauss(0.0, span * 0.01) * (dt**0.5)
-                nxt = min(hi, max(lo, nxt))
-            self._state[p.name] = self._typed(p, nxt)
-        return dict(self._state)
+                nxt = float(state[name]) + gauss(0.0, sigma) * root
+                # min(hi, max(lo, nxt)), spelled out: this loop runs per point per request.
+                nxt = nxt if nxt > lo else lo
+                nxt = nxt if nxt < hi else hi
+            state[name] = nxt if floats else round(nxt)
+        return dict(state)
 
 
 def model_for(profile: Profile, rng: random.Random) -> Model:
