@@ -1,0 +1,146 @@
+"""The data-quality gate over instances sharing PostgreSQL: each instance receives part of
+every device's samples (as a shared subscription hands them out), and every instance must
+judge all of them, before and after one of them restarts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.ratios import compute_ratios
+from gateway.registry import Registry, parse_ledger
+from gateway.sink import SampleSummary
+from iiot_common.localservers import PostgreSQL
+from protocols.mqtt.contract import Birth, BirthDevice
+
+T0 = 1_750_000_000_000
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+ENT, AGENT = "q-ent", "q-agent"
+# Polled every 60 s and watched for the last hour: 60 samples expected, 48 pass (0.8).
+KINDS = {
+    "split": "every minute, values moving: passes only with every instance's samples",
+    "frozen": "every minute, one value all along: frozen wherever it is judged",
+    "sparse": "every second minute: too few samples however they are counted",
+    "apart": "every minute; each instance alone sees one value, together they differ",
+}
+
+
+class _Clock:
+    def __init__(self, ms: int) -> None:
+        self.ms = ms
+
+    def __call__(self) -> float:
+        return self.ms / 1000
+
+
+def _instance(url: str, clock: _Clock) -> Registry:
+    return Registry(url, default_poll_interval=60, persist_granularity=0.001, clock=clock)
+
+
+@pytest.fixture
+def cluster(postgres_server: PostgreSQL) -> Iterator[tuple[str, _Clock, list[Registry]]]:
+    url = postgres_server.create_database()
+    clock = _Clock(T0 - HOUR)
+    first = _instance(url, clock)
+    first.add_enterprise(ENT, "Quality Works", "130102", "C30")
+    first.add_agent(ENT, AGENT, None)
+    csv = "device_id,enterprise,family\n" + "".join(f"{d},{ENT},kiln\n" for d in KINDS)
+    rows, errors = parse_ledger(csv.encode(), "text/csv")
+    assert errors == []
+    first.import_devices(rows)
+    instances = [first, _instance(url, clock), _instance(url, clock)]
+    birth = Birth(
+        bdseq=1,
+        ts=T0 - HOUR,
+        devices=[BirthDevice(id=d, profile="p", protocol="modbus") for d in KINDS],
+    )
+    for reg in instances:
+        _ = reg.quality  # each watches from T0 - 1 h
+        reg.on_birth(ENT, AGENT, birth)
+    yield url, clock, instances
+    for reg in instances:
+        reg.close()
+
+
+def _value(kind: str, minute: int, receiver: int) -> float:
+    if kind == "frozen":
+        return 1.0
+    if kind == "apart":
+        return float(receiver)
+    return float(minute)
+
+
+def _send(instances: list[Registry], clock: _Clock, minutes: range) -> None:
+    """Each minute's message of every device reaches one instance, in turn."""
+    for m in minutes:
+        ts = T0 - HOUR + m * MINUTE + 500
+        clock.ms = ts
+        for kind in KINDS:
+            if kind == "sparse" and m % 2:
+                continue
+            k = m % len(instances)
+            summary = SampleSummary(
+                ENT,
+                AGENT,
+                kind,
+                count=1,
+                first_ts=ts,
+                last_ts=ts,
+                last_good_ts=ts,
+                latest={"v": _value(kind, m, k)},
+            )
+            instances[k].on_samples(summary)
+
+
+def _sync(instances: list[Registry]) -> None:
+    """Every instance writes what it counted, then every instance reads the others'."""
+    for reg in instances:
+        reg.flush()
+        reg.share_quality()
+    for reg in instances:
+        reg.refresh()
+
+
+def _verdicts(reg: Registry, as_of: int) -> dict[str, Any]:
+    judged = {kind: reg.quality.judge((ENT, kind), as_of, 24 * HOUR) for kind in KINDS}
+    overall = compute_ratios(reg, None, as_of_ms=as_of)["overall"]
+    return {"quality_connected": overall["quality_connected"], "devices": judged}
+
+
+def test_every_instance_judges_every_instances_samples_and_a_restart_keeps_them(
+    cluster: tuple[str, _Clock, list[Registry]],
+) -> None:
+    url, clock, instances = cluster
+    _send(instances, clock, range(60))
+    clock.ms = T0
+    # Alone, an instance has a third of each device's samples: nothing passes.
+    alone = instances[0].quality.judge((ENT, "split"), T0, 24 * HOUR)
+    assert (alone["samples"], alone["expected"], alone["passes"]) == (20, 60, False)
+    assert instances[0].quality.judge((ENT, "apart"), T0, 24 * HOUR)["frozen"] is True
+
+    _sync(instances)
+    answers = [_verdicts(reg, T0) for reg in instances]
+    assert answers[0] == answers[1] == answers[2]
+    devices = answers[0]["devices"]
+    assert {k for k, v in devices.items() if v["passes"]} == {"split", "apart"}
+    assert answers[0]["quality_connected"] == 2
+    assert (devices["split"]["samples"], devices["split"]["expected"]) == (60, 60)
+    assert devices["frozen"]["frozen"] is True and devices["frozen"]["samples"] == 60
+    assert devices["sparse"]["samples"] == 30 and devices["sparse"]["complete"] is False
+
+    # One instance restarts; the others keep counting meanwhile. The restarted one
+    # starts with the shared buckets and the others' watched span, not an empty window.
+    instances[2].close()
+    instances[2] = _instance(url, clock)
+    _send(instances, clock, range(60, 70))
+    clock.ms = as_of = T0 + 10 * MINUTE
+    _sync(instances)
+    answers = [_verdicts(reg, as_of) for reg in instances]
+    assert answers[0] == answers[1] == answers[2]
+    split = answers[2]["devices"]["split"]
+    assert (split["samples"], split["expected"], split["passes"]) == (70, 70, True)
+    assert answers[2]["devices"]["frozen"]["frozen"] is True
+    assert answers[2]["quality_connected"] == 2
