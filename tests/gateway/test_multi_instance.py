@@ -266,15 +266,25 @@ def test_the_quality_gate_counts_every_instances_samples_and_survives_a_restart(
         sender.start()
 
         def _agree_on_quality() -> bool:
-            answers = [gw.quality("d0") for gw in cluster]
-            frozen = [gw.quality("d1")[1]["frozen"] for gw in cluster]
+            try:
+                answers = [gw.quality("d0") for gw in cluster]
+                frozen = [gw.quality("d1")[1]["frozen"] for gw in cluster]
+            except httpx.TransportError:
+                # An instance just started may drop the first connections; one that
+                # exited is a failure.
+                for gw in cluster:
+                    assert gw.proc is not None and gw.proc.poll() is None, gw._status()
+                return False
             return all(q == 1 and ev["passes"] for q, ev in answers) and all(frozen)
 
+        # Enough samples that a third of them (what one instance receives) is far from
+        # all of them.
+        _wait(lambda: sent[0] >= 20, 90, "d0 sending 20 samples")
         _wait(_agree_on_quality, 120, "every instance passing d0 and finding d1 frozen")
         assert sum(1 for gw in cluster if gw.received() > 0) >= 2
         # Each instance counts (nearly) every sample d0 sent, not the third it received.
         for gw in cluster:
-            assert gw.quality("d0")[1]["samples"] >= sent[0] - 6, gw.config.stem
+            assert gw.quality("d0")[1]["samples"] >= sent[0] - 4, gw.config.stem
 
         # A restarted instance starts from the shared counts and the watched span the
         # others kept, so it agrees at once rather than after a span of its own.
@@ -284,7 +294,7 @@ def test_the_quality_gate_counts_every_instances_samples_and_survives_a_restart(
         _wait(_agree_on_quality, 60, "agreement after the restart")
         before, after = cluster[0].quality("d0")[1], cluster[2].quality("d0")[1]
         assert after["expected"] >= before["expected"] - 2
-        assert after["samples"] >= before["samples"] - 6
+        assert after["samples"] >= before["samples"] - 4
     finally:
         stop.set()
         if sender.is_alive():
