@@ -150,7 +150,9 @@ class SharedQualityPart(RegistryStore):
 
     def share_quality(self) -> int:
         """Add the samples counted since the last call to the shared buckets; returns
-        the rows written (what failed is kept and written next time)."""
+        the rows written (what failed is kept and written next time); 0 on SQLite."""
+        if not self.quality_shared:
+            return 0
         window = self.quality
         taken = window.take_pending()
         now_ms = self._now_ms()

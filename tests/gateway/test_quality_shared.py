@@ -5,9 +5,11 @@ judge all of them, before and after one of them restarts."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from gateway.ratios import compute_ratios
 from gateway.registry import Registry, parse_ledger
@@ -144,3 +146,56 @@ def test_every_instance_judges_every_instances_samples_and_a_restart_keeps_them(
     assert (split["samples"], split["expected"], split["passes"]) == (70, 70, True)
     assert answers[2]["devices"]["frozen"]["frozen"] is True
     assert answers[2]["quality_connected"] == 2
+
+
+def test_old_buckets_are_deleted_and_a_break_in_counting_restarts_the_watched_span(
+    cluster: tuple[str, _Clock, list[Registry]],
+) -> None:
+    url, clock, instances = cluster
+    _send(instances, clock, range(60))
+    clock.ms = T0
+    # A message from two days ago: its bucket is written, then deleted as too old.
+    ts = T0 - 48 * HOUR
+    old = SampleSummary(
+        ENT, AGENT, "split", count=1, first_ts=ts, last_ts=ts, last_good_ts=ts, latest={}
+    )
+    instances[0].on_samples(old)
+    _sync(instances)
+    with instances[0].engine.connect() as conn:
+        starts = conn.execute(sa.text("SELECT min(start_ms), count(*) FROM quality_buckets")).one()
+    assert starts[0] >= T0 - 25 * HOUR and starts[1] > 0
+    since = instances[0].quality.watched_ms
+    assert since == T0 - HOUR
+
+    # Every instance stops, and none counts for an hour: whoever starts then watches
+    # from its own start, and says so to the next.
+    for reg in instances:
+        reg.close()
+    clock.ms = T0 + HOUR
+    instances[:] = [_instance(url, clock)]
+    assert instances[0].quality.watched_ms == T0 + HOUR
+    instances[0].share_quality()
+    later = _instance(url, clock)
+    instances.append(later)
+    assert later.quality.watched_ms == T0 + HOUR
+
+
+def test_on_sqlite_the_window_is_this_instances_alone(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'registry.db'}"
+    clock = _Clock(T0 - HOUR)
+    first = _instance(url, clock)
+    first.add_enterprise(ENT, "Quality Works", "130102", "C30")
+    first.add_agent(ENT, AGENT, None)
+    rows, _errors = parse_ledger(
+        f"device_id,enterprise,family\nsplit,{ENT},kiln\n".encode(), "text/csv"
+    )
+    first.import_devices(rows)
+    _send([first], clock, range(60))
+    assert not first.quality_shared and first.share_quality() == 0
+    first.close()
+    again = _instance(url, clock)
+    try:
+        judged = again.quality.judge((ENT, "split"), clock.ms, 24 * HOUR)
+        assert judged["samples"] == 0 and again.quality.watched_ms == clock.ms
+    finally:
+        again.close()
