@@ -53,8 +53,9 @@ QUALITY_DEFINITION = (
     "*frozen* and does not count). **quality_ratio** = quality_connected / total. The "
     "samples counted are those every gateway instance sharing the PostgreSQL database "
     "received; the watched span starts when those instances last began counting without "
-    "a break (none of them counting for longer than the break allowance), so an instance "
-    "that restarts judges what the others kept counting. With one instance on SQLite it "
+    "a break (a break: none of them writing its counts for 3 × "
+    "`registry.quality_share_interval` + 30 s), so an instance that restarts judges what "
+    "the others kept counting. With one instance on SQLite it "
     "starts when that instance started. For a query at the current time the gate's "
     "verdicts may be up to 15 s old, and other instances' samples arrive within "
     "`registry.quality_share_interval` + `registry.refresh_interval`."
@@ -327,11 +328,12 @@ class QualityWindow:
             taken = [keys[s] for s in slots.tolist()]
         # Every instance writes in one order (by key), so two writes never wait on
         # each other's rows in opposite orders.
-        order = sorted(range(len(taken)), key=lambda k: (taken[k], int(start[k])))
+        starts = start.tolist()
+        order = sorted(range(len(taken)), key=lambda k: (taken[k], starts[k]))
         pick = np.array(order, np.int64)
         return PendingCounts(
             [taken[k] for k in order],
-            start[pick].tolist(),
+            [starts[k] for k in order],
             count[pick].tolist(),
             fp[pick].tolist(),
             varied[pick].tolist(),

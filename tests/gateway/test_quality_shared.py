@@ -199,3 +199,22 @@ def test_on_sqlite_the_window_is_this_instances_alone(tmp_path: Path) -> None:
         assert judged["samples"] == 0 and again.quality.watched_ms == clock.ms
     finally:
         again.close()
+
+
+def test_any_device_id_reaches_the_other_instances(postgres_server: PostgreSQL) -> None:
+    url = postgres_server.create_database()
+    clock = _Clock(T0)
+    one, two = _instance(url, clock), _instance(url, clock)
+    try:
+        odd = 'pump "7" \\ west,{a}'
+        summary = SampleSummary(
+            ENT, AGENT, odd, count=3, first_ts=T0, last_ts=T0, last_good_ts=T0, latest={"v": 1}
+        )
+        _ = two.quality
+        one.quality.record(summary)
+        assert one.share_quality() == 1
+        two.refresh()
+        assert two.quality.judge((ENT, odd), T0 + 1000, HOUR)["samples"] == 3
+    finally:
+        one.close()
+        two.close()
