@@ -290,6 +290,13 @@ class RegistryConfig(_Cfg):
         description="How far a device's last sample time moves before it is written; "
         "default 5 s when refreshing (other instances read it), else 60 s.",
     )
+    quality_share_interval: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Seconds between writes of the data-quality gate's sample counts to "
+        "PostgreSQL, where every instance sharing it reads them (unused on SQLite).",
+    )
 
     def refresh_for(self, shared_group: str | None) -> float | None:
         """The refresh interval in effect (seconds), None for none."""

@@ -4,21 +4,29 @@
 sends almost nothing, or the same values over and over, would count. The gate is
 stricter (the API and the dashboard state the same):
 
-- **quality_connected** = connected devices that, in the part of the window this
-  gateway has watched (at most the last 24 h), sent at least ``min_share`` of their expected samples
+- **quality_connected** = connected devices that, in the watched part of the window
+  (at most the last 24 h), sent at least ``min_share`` of their expected samples
   (watched span / poll interval) and whose values changed at least once (not
   *frozen*: identical values for the whole window).
 
 Samples are counted in time buckets (at most ``_BUCKETS`` a device) and the latest
 values of each message are kept for ``points`` messages a device (fewer when more
-devices report than ``_POINTS_BUDGET / points``); both are bounded, and both start
-empty when the gateway starts.
+devices report than ``_POINTS_BUDGET / points``); both are bounded.
+
+Gateway instances sharing a PostgreSQL database share the buckets: each adds the counts
+it took since its last write to the database's (``take_pending``), and folds in what
+the database holds (``fold``), so every instance judges every instance's samples. The
+watched span then starts when the instances sharing the database last began counting
+without a break (``adopt_since``), not when this one started. Alone, or on SQLite, the
+buckets and the messages start empty when the gateway starts.
 """
 
 from __future__ import annotations
 
+import marshal
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +34,7 @@ import numpy as np
 
 from gateway.sink import SampleSummary
 
-__all__ = ["QUALITY_DEFINITION", "PointValue", "QualityWindow"]
+__all__ = ["QUALITY_DEFINITION", "PendingCounts", "PointValue", "QualityWindow"]
 
 PointValue = bool | int | float | str | None
 _BUCKETS = 48
@@ -38,12 +46,19 @@ _STATES = 50
 _LIVE_S = 15.0
 
 QUALITY_DEFINITION = (
-    "**quality_connected** (数据质量达标) = connected devices that, over the part of the "
-    "window this gateway has watched since it started, sent at least `min_share` of the "
-    "samples their poll interval implies (watched span / `default_poll_interval`) and "
-    "whose values changed at least once (a device sending the same values for the whole "
-    "window is *frozen* and does not count). **quality_ratio** = quality_connected / total. "
-    "For a query at the current time the gate's verdicts may be up to 15 s old."
+    "**quality_connected** (数据质量达标) = connected devices that, over the watched part "
+    "of the window (at most the last 24 h), sent at least `min_share` of the samples their "
+    "poll interval implies (watched span / `default_poll_interval`) and whose values "
+    "changed at least once (a device sending the same values for the whole window is "
+    "*frozen* and does not count). **quality_ratio** = quality_connected / total. The "
+    "samples counted are those every gateway instance sharing the PostgreSQL database "
+    "received; the watched span starts when those instances last began counting without "
+    "a break (a break: none of them writing its counts for 3 × "
+    "`registry.quality_share_interval` + 30 s), so an instance that restarts judges what "
+    "the others kept counting. With one instance on SQLite it "
+    "starts when that instance started. For a query at the current time the gate's "
+    "verdicts may be up to 15 s old, and other instances' samples arrive within "
+    "`registry.quality_share_interval` + `registry.refresh_interval`."
 )
 
 
@@ -66,11 +81,13 @@ class _Buckets:
     that judging 10⁶ devices is a few numpy passes rather than a Python loop.
 
     Per row: the device's slot, the bucket's start, its sample count, the fingerprint of
-    its first message's values, and whether a later one differed. Rows a track no longer
-    lists are garbage; ``compact`` drops them once they outnumber the rest.
+    its first message's values, and whether a later one differed; of the count, the
+    samples not yet added to the shared database's (``pending``), and whether the row
+    changed since it was last written there (``dirty``). Rows a track no longer lists
+    are garbage; ``compact`` drops them once they outnumber the rest.
     """
 
-    _COLUMNS = ("slot", "start", "count", "fp", "varied")
+    _COLUMNS = ("slot", "start", "count", "fp", "varied", "pending", "dirty")
 
     def __init__(self, capacity: int = 1024) -> None:
         self.used = 0
@@ -80,6 +97,8 @@ class _Buckets:
         self.count = np.zeros(capacity, np.int64)
         self.fp = np.zeros(capacity, np.int64)
         self.varied = np.zeros(capacity, np.bool_)
+        self.pending = np.zeros(capacity, np.int64)
+        self.dirty = np.zeros(capacity, np.bool_)
 
     def append(self, slot: int, start: int, count: int, fp: int) -> int:
         """A new row; returns its number. The caller compacts first when ``full``."""
@@ -87,7 +106,8 @@ class _Buckets:
         if j == len(self.start):
             self._resize(2 * j)
         self.slot[j], self.start[j], self.count[j], self.fp[j] = slot, start, count, fp
-        self.varied[j] = False
+        self.varied[j] = self.dirty[j] = False
+        self.pending[j] = 0
         self.used = j + 1
         self.live += 1
         return j
@@ -133,9 +153,36 @@ def _trim(items: list[Any], keep: int) -> None:
 
 
 def _fingerprint(values: dict[str, PointValue]) -> int:
-    # Point values are all hashable; an agent sends a device's points in one order.
-    # Python's hash is a signed 64-bit int, which is what the fingerprint column holds.
-    return hash(tuple(values.items()))
+    # The same in every process (instances compare each other's): Python's hash of a
+    # string or None is not. marshal's version 2 writes no back-references, so equal
+    # values give equal bytes; an agent sends a device's points in one order.
+    return zlib.crc32(marshal.dumps(tuple(values.items()), 2))
+
+
+class PendingCounts:
+    """Bucket rows taken for writing to the shared database, as columns in key order."""
+
+    __slots__ = ("count", "device", "enterprise", "fp", "start", "varied")
+
+    def __init__(
+        self,
+        keys: list[tuple[str, str]],
+        start: list[int],
+        count: list[int],
+        fp: list[int],
+        varied: list[bool],
+    ) -> None:
+        self.enterprise = [k[0] for k in keys]
+        self.device = [k[1] for k in keys]
+        self.start, self.count, self.fp, self.varied = start, count, fp, varied
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def rows(self) -> list[tuple[str, str, int, int, int, bool]]:
+        """(enterprise, device, start, count, fp, varied) a row."""
+        cols = (self.enterprise, self.device, self.start, self.count, self.fp, self.varied)
+        return list(zip(*cols, strict=True))
 
 
 class QualityWindow:
@@ -162,6 +209,9 @@ class QualityWindow:
         self.min_share = min_share
         self.poll_ms = int(poll_interval_s * 1000)
         self.started_ms = int(clock() * 1000)
+        # Where the watched span starts: this instance's start, or earlier when instances
+        # sharing the database have been counting since (``adopt_since``).
+        self.watched_ms = self.started_ms
         self._tracks: dict[tuple[str, str], _Track] = {}
         self._keys: list[tuple[str, str]] = []  # by slot
         self._buckets = _Buckets()
@@ -229,35 +279,118 @@ class QualityWindow:
     def _count(self, track: _Track, start: int, count: int, fp: int) -> None:
         """Add ``count`` samples to the track's bucket at ``start`` (under the lock)."""
         b = self._buckets
+        j = self._row(track, start, fp)
+        if b.start[j] == _I64_MIN:
+            return  # older than every bucket kept
+        b.count[j] += count
+        b.pending[j] += count
+        b.dirty[j] = True
+        if fp != b.fp[j]:
+            b.varied[j] = True
+
+    def _row(self, track: _Track, start: int, fp: int) -> int:
+        """The track's row of the bucket at ``start``, made (empty, first values ``fp``)
+        where there is none; the list stays oldest first (under the lock)."""
+        b = self._buckets
         rows = track.rows
-        last = rows[-1] if rows else -1
-        if last >= 0 and b.start[last] == start:
-            b.count[last] += count
-            if fp != b.fp[last]:
-                b.varied[last] = True
-            return
-        if last < 0 or start > b.start[last]:
-            if b.full and b.live <= b.used // 2:
-                b.compact(list(self._tracks.values()))
-                rows = track.rows
-            rows.append(b.append(track.slot, start, count, fp))
-            if len(rows) > 2 * _BUCKETS:  # trimming at twice the bound: O(1) amortised
-                b.live -= len(rows) - _BUCKETS
-                b.start[rows[:-_BUCKETS]] = _I64_MIN  # in no window any more
-                del rows[:-_BUCKETS]
-            return
-        # A late message for an older bucket: counted, never reordering the list.
-        for j in rows:
-            if b.start[j] == start:
-                b.count[j] += count
-                if fp != b.fp[j]:
+        k = len(rows)
+        # Nearly always the newest bucket; a late message or another instance's row
+        # may be for an older one.
+        while k and b.start[rows[k - 1]] > start:
+            k -= 1
+        if k and b.start[rows[k - 1]] == start:
+            return rows[k - 1]
+        if b.full and b.live <= b.used // 2:
+            b.compact(list(self._tracks.values()))
+            rows = track.rows
+        j = b.append(track.slot, start, 0, fp)
+        rows.insert(k, j)
+        if len(rows) > 2 * _BUCKETS:  # trimming at twice the bound: O(1) amortised
+            b.live -= len(rows) - _BUCKETS
+            old = rows[:-_BUCKETS]
+            b.start[old] = _I64_MIN  # in no window any more
+            b.dirty[old] = False
+            del rows[:-_BUCKETS]
+        return j
+
+    def take_pending(self) -> PendingCounts:
+        """The rows changed since last taken, with the samples not yet written (their
+        ``count``), now noted as written; ``restore`` them if the write fails."""
+        b = self._buckets
+        with self._lock:
+            used = b.used
+            rows = np.flatnonzero(b.dirty[:used])
+            slots, start = b.slot[rows], b.start[rows]
+            count, fp, varied = b.pending[rows], b.fp[rows], b.varied[rows]
+            b.pending[rows] = 0
+            b.dirty[rows] = False
+            keys = self._keys
+            taken = [keys[s] for s in slots.tolist()]
+        # Every instance writes in one order (by key), so two writes never wait on
+        # each other's rows in opposite orders.
+        starts = start.tolist()
+        order = sorted(range(len(taken)), key=lambda k: (taken[k], starts[k]))
+        pick = np.array(order, np.int64)
+        return PendingCounts(
+            [taken[k] for k in order],
+            [starts[k] for k in order],
+            count[pick].tolist(),
+            fp[pick].tolist(),
+            varied[pick].tolist(),
+        )
+
+    def restore(self, rows: list[tuple[str, str, int, int, int, bool]]) -> None:
+        """Put back as not written rows of ``take_pending`` whose write failed."""
+        b = self._buckets
+        with self._lock:
+            for ent, dev, start, count, fp, _varied in rows:
+                track = self._tracks.get((ent, dev))
+                if track is None:
+                    continue
+                j = self._row(track, start, fp)
+                if b.start[j] != _I64_MIN:
+                    b.pending[j] += count
+                    b.dirty[j] = True
+
+    def fold(self, rows: list[tuple[Any, ...]]) -> int:
+        """Take the shared database's bucket rows (enterprise, device, start, count, fp,
+        varied): counts that include what other instances added; returns the rows taken.
+
+        The database's count of a bucket includes every sample this instance wrote to it,
+        and never goes back: the bucket counts the larger of it and what this instance
+        knew, plus what it has not written yet. A row read before a write of this
+        instance committed is read again after it (by transaction id), so counts that
+        lag catch up with the next read.
+        """
+        b = self._buckets
+        low = int(self._clock() * 1000) - self.horizon_ms - self.bucket_ms
+        taken = 0
+        with self._lock:
+            for ent, dev, start, count, fp, varied in rows:
+                if start <= low:
+                    continue
+                track = self._track((ent, dev))
+                if track is None:
+                    continue
+                j = self._row(track, start, fp)
+                if b.start[j] == _I64_MIN:
+                    continue
+                pending = int(b.pending[j])
+                if count > b.count[j] - pending:
+                    b.count[j] = count + pending
+                if varied or fp != b.fp[j]:
                     b.varied[j] = True
-                return
+                taken += 1
+        return taken
+
+    def adopt_since(self, since_ms: int) -> None:
+        """Instances sharing the database have counted without a break since ``since_ms``."""
+        self.watched_ms = min(self.started_ms, since_ms)
 
     def _span(self, as_of_ms: int, window_ms: int) -> tuple[int, int]:
         """(lowest bucket start counted, expected samples) of a window."""
         # Only what the buckets still hold can be judged: at most the last horizon.
-        lo = max(as_of_ms - window_ms, self.started_ms, as_of_ms - self.horizon_ms)
+        lo = max(as_of_ms - window_ms, self.watched_ms, as_of_ms - self.horizon_ms)
         expected = max(1, (as_of_ms - lo) // self.poll_ms) if as_of_ms > lo else 1
         return lo - self.bucket_ms, int(expected)
 

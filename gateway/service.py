@@ -139,6 +139,7 @@ class Gateway:
                 default_poll_interval=cfg.default_poll_interval,
                 refresh_interval=cfg.registry.refresh_for(group),
                 persist_granularity=cfg.registry.granularity_for(group),
+                quality_share_interval=cfg.registry.quality_share_interval,
             )
             self.sink = self.registry
             if targets is not None:

@@ -3,7 +3,8 @@
 One object over shared state (``store``), each concern in its own module: the ingest
 sink (``sink``), enterprises/agents/keys (``agents``), devices and the ledger
 (``devices``), stored ratio snapshots (``snapshots``), targets of enterprises on the
-cloud (``targets``). Ratio masks and arithmetic are
+cloud (``targets``), the quality gate's window shared by instances (``shared_quality``).
+Ratio masks and arithmetic are
 in ``gateway.ratios``.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.quality import QualityWindow
 from gateway.registry.agents import AgentsPart
 from gateway.registry.devices import STATUSES, DevicesPart
 from gateway.registry.model import (
@@ -23,6 +23,7 @@ from gateway.registry.model import (
     RegistryError,
 )
 from gateway.registry.provincial import ProvincialPart
+from gateway.registry.shared_quality import SharedQualityPart
 from gateway.registry.sink import IngestSinkPart
 from gateway.registry.snapshots import SnapshotsPart
 from gateway.registry.targets import TargetsPart
@@ -41,22 +42,16 @@ __all__ = [
 ]
 
 
-class Registry(IngestSinkPart, AgentsPart, DevicesPart, SnapshotsPart, TargetsPart, ProvincialPart):
+class Registry(
+    IngestSinkPart,
+    AgentsPart,
+    DevicesPart,
+    SnapshotsPart,
+    TargetsPart,
+    ProvincialPart,
+    SharedQualityPart,
+):
     """The registry; also the gateway's ``IngestSink``."""
-
-    _quality: QualityWindow | None = None
-
-    @property
-    def quality(self) -> QualityWindow:
-        """The data-quality gate's window (created with the registry's defaults if unset)."""
-        if self._quality is None:
-            self._quality = QualityWindow(
-                poll_interval_s=self.default_poll_interval, clock=self._clock
-            )
-        return self._quality
-
-    def set_quality(self, window: QualityWindow) -> None:
-        self._quality = window
 
     def on_samples(self, summary: SampleSummary) -> None:
         super().on_samples(summary)

@@ -58,6 +58,7 @@ class RegistryStore:
         persist_granularity: float = 60.0,
         refresh_interval: float | None = None,
         view_max_age: float = 2.0,
+        quality_share_interval: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
@@ -83,6 +84,8 @@ class RegistryStore:
         self.persist_granularity_ms = int(persist_granularity * 1000)
         self.default_poll_interval = default_poll_interval
         self.flush_interval = flush_interval
+        # Seconds between writes of the quality gate's counts for other instances.
+        self.quality_share_interval = quality_share_interval
         self._clock = clock
         self._engine = _rows.make_engine(url)
         self._lock = threading.RLock()  # in-memory state
@@ -143,6 +146,7 @@ class RegistryStore:
             target=self._publish_loop, name="registry-views", daemon=True
         )
         self._publisher.start()
+        self._on_start()
         self._started = True
         return self
 
@@ -164,6 +168,10 @@ class RegistryStore:
             )
             self._dirty_times.update(int(i) for i in lagging)
         self.flush()
+        try:
+            self._after_flush(final=True)
+        except Exception:
+            log.exception("the last write after the flush failed")
         self._started = False
         self._engine.dispose()
 
@@ -192,6 +200,7 @@ class RegistryStore:
             self.counters["flush_runs"] += 1
             try:
                 self.flush()
+                self._after_flush(final=False)
             except Exception:
                 self.counters["flush_errors"] += 1
                 log.exception("registry flush failed; will retry")
@@ -310,6 +319,7 @@ class RegistryStore:
                 else:
                     devs = _changes.device_rows_since(conn, since)
                     times = [(r[0], r[1], r[13], r[17], r[18]) for r in devs]
+                shared = self._read_shared(conn, self._mark)
             prep = self._prepare_devices(devs, times)
             with self._lock:
                 # An API write made meanwhile may be newer than what was read, or older:
@@ -327,6 +337,7 @@ class RegistryStore:
                 # counts either all of this pass or none of it.
                 view = self._views.take(self._index) if read else None
                 writes = self._api_writes
+            self._apply_shared(shared)
             if view is not None:
                 self._views.warm(view)
                 self._views.publish(view, writes)
@@ -430,6 +441,21 @@ class RegistryStore:
                 getattr(idx, col)[i] = r[k]
         idx.offline_since[i] = NEVER if r[19] is None else r[19]
         idx.dev_online[i] = bool(r[21])
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_start(self) -> None:
+        """Called by ``start`` before it returns (a part's own start)."""
+
+    def _after_flush(self, final: bool) -> None:
+        """Called after each flush of the flush thread, and by ``close`` (``final``)."""
+
+    def _read_shared(self, conn: sa.Connection, mark: _changes.Mark | None) -> Any:
+        """What a part reads in a refresh pass's connection (``mark``: see changes.py)."""
+        return None
+
+    def _apply_shared(self, read: Any) -> None:
+        """Apply what ``_read_shared`` read, after the pass applied its device rows."""
 
     # ------------------------------------------------------------------ flushing
 

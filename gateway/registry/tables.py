@@ -30,6 +30,8 @@ __all__ = [
     "metadata",
     "migrate",
     "provisioning_keys",
+    "quality_buckets",
+    "quality_span",
     "ratio_snapshots",
     "schema_version",
     "targets",
@@ -231,6 +233,32 @@ device_moves = sa.Table(
     sa.Column("via", sa.String(16), nullable=False),
 )
 
+# The data-quality gate's sample counts a device and time bucket, added to by every
+# gateway instance sharing the database (see gateway.quality): the samples, the
+# fingerprint of the first values written, whether values differed within the bucket.
+# Used on PostgreSQL only; buckets older than the gate's horizon are deleted.
+quality_buckets = sa.Table(
+    "quality_buckets",
+    metadata,
+    sa.Column("enterprise", sa.String(64), primary_key=True),
+    sa.Column("device", sa.String(64), primary_key=True),
+    sa.Column("start_ms", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("samples", sa.BigInteger, nullable=False),
+    sa.Column("fp", sa.BigInteger, nullable=False),
+    sa.Column("varied", sa.Boolean, nullable=False),
+    _xid_column("updated_xid"),
+)
+
+# One row (id 1): since when the instances sharing the database have counted samples
+# without a break, and when one last said it was counting.
+quality_span = sa.Table(
+    "quality_span",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("since_ms", sa.BigInteger, nullable=False),
+    sa.Column("seen_ms", sa.BigInteger, nullable=False),
+)
+
 sa.Index("ix_devices_agent", devices.c.agent)
 sa.Index("ix_device_moves_device", device_moves.c.enterprise, device_moves.c.device)
 sa.Index("ix_snapshots_group_ts", ratio_snapshots.c.group_by, ratio_snapshots.c.ts_ms)
@@ -239,6 +267,8 @@ sa.Index("ix_agents_updated", agents.c.updated_ms)
 sa.Index("ix_enterprises_updated", enterprises.c.updated_ms)
 sa.Index("ix_devices_updated_xid", devices.c.updated_xid)
 sa.Index("ix_devices_state_xid", devices.c.state_xid)
+sa.Index("ix_quality_buckets_xid", quality_buckets.c.updated_xid)
+sa.Index("ix_quality_buckets_start", quality_buckets.c.start_ms)
 
 
 def _v1(conn: sa.Connection) -> None:
@@ -347,6 +377,12 @@ def _v11(conn: sa.Connection) -> None:
     device_moves.create(conn, checkfirst=True)
 
 
+def _v12(conn: sa.Connection) -> None:
+    """The data-quality gate's sample counts, shared by the instances."""
+    for table in (quality_buckets, quality_span):
+        table.create(conn, checkfirst=True)
+
+
 # Append new steps here; never edit a released one.
 _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v1,
@@ -360,6 +396,7 @@ _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v9,
     _v10,
     _v11,
+    _v12,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -80,6 +80,12 @@ class _Instance:
             raise AssertionError(f"{self.config.stem}: {exc}; {self._status()}") from exc
         return int(o["total"]), int(o["connected"]), int(o["online"])
 
+    def quality(self, device: str) -> tuple[int, dict[str, Any]]:
+        """quality_connected overall, and the gate's evidence for ``device``."""
+        o = self.http.get("/api/v1/ratios").json()["overall"]
+        body = self.http.get(f"/api/v1/devices/{ENT}/{device}/telemetry").json()
+        return int(o["quality_connected"]), body["quality"]
+
     def _status(self) -> str:
         """Whether the process still runs, and the end of its log."""
         code = None if self.proc is None else self.proc.poll()
@@ -115,6 +121,7 @@ def cluster(
             "default_poll_interval": POLL_S,
             "mqtt": {"url": mosquitto.url, "client_id": f"gw-{k}", "shared_group": "ingest"},
             "api": {"host": "127.0.0.1", "port": port, "platform_tokens": [TOKEN]},
+            "registry": {"quality_share_interval": 2},
         }
         path = tmp_path / f"gw{k}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -227,4 +234,69 @@ def test_instances_agree_catch_up_after_a_kill_and_drop_silent_devices(
         agent.state("d1", True)
         _wait(lambda: all(gw.overall() == (7, 5, 2) for gw in cluster), BOUND_S + 5, "d1 back")
     finally:
+        agent.close()
+
+
+def test_the_quality_gate_counts_every_instances_samples_and_survives_a_restart(
+    cluster: list[_Instance], mosquitto: Mosquitto
+) -> None:
+    # d0 sends a sample every 2 s with moving values: 1.5 times what its 3 s poll
+    # interval implies, but each instance receives about a third of them, half of what
+    # it expects. d1 sends every second the same value: frozen.
+    agent = _Agent(mosquitto.url)
+    sent = [0]
+    stop = threading.Event()
+
+    def _send() -> None:
+        tick = 0
+        while not stop.wait(1.0):
+            tick += 1
+            ts = _now_ms()
+            agent.pub.data("d1", tick, [{"ts": ts, "values": {"t": 1.0}}], enterprise=ENT)
+            if tick % 2 == 0:
+                values = {"t": float(tick)}
+                agent.pub.data("d0", tick // 2, [{"ts": ts, "values": values}], enterprise=ENT)
+                sent[0] += 1
+
+    sender = threading.Thread(target=_send, daemon=True)
+    try:
+        agent.birth(LEDGER)
+        for d in LEDGER:
+            agent.state(d, True)
+        sender.start()
+
+        def _agree_on_quality() -> bool:
+            try:
+                answers = [gw.quality("d0") for gw in cluster]
+                frozen = [gw.quality("d1")[1]["frozen"] for gw in cluster]
+            except httpx.TransportError:
+                # An instance just started may drop the first connections; one that
+                # exited is a failure.
+                for gw in cluster:
+                    assert gw.proc is not None and gw.proc.poll() is None, gw._status()
+                return False
+            return all(q == 1 and ev["passes"] for q, ev in answers) and all(frozen)
+
+        # Enough samples that a third of them (what one instance receives) is far from
+        # all of them.
+        _wait(lambda: sent[0] >= 20, 90, "d0 sending 20 samples")
+        _wait(_agree_on_quality, 120, "every instance passing d0 and finding d1 frozen")
+        assert sum(1 for gw in cluster if gw.received() > 0) >= 2
+        # Each instance counts (nearly) every sample d0 sent, not the third it received.
+        for gw in cluster:
+            assert gw.quality("d0")[1]["samples"] >= sent[0] - 4, gw.config.stem
+
+        # A restarted instance starts from the shared counts and the watched span the
+        # others kept, so it agrees at once rather than after a span of its own.
+        cluster[2].stop()
+        cluster[2] = _Instance(cluster[2].config, cluster[2].api_port)
+        cluster[2].start()
+        _wait(_agree_on_quality, 60, "agreement after the restart")
+        before, after = cluster[0].quality("d0")[1], cluster[2].quality("d0")[1]
+        assert after["expected"] >= before["expected"] - 2
+        assert after["samples"] >= before["samples"] - 4
+    finally:
+        stop.set()
+        if sender.is_alive():
+            sender.join(5)
         agent.close()
