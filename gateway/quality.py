@@ -27,7 +27,7 @@ import marshal
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -352,7 +352,7 @@ class QualityWindow:
                     b.pending[j] += count
                     b.dirty[j] = True
 
-    def fold(self, rows: list[tuple[Any, ...]]) -> int:
+    def fold(self, rows: Sequence[tuple[Any, ...]]) -> int:
         """Take the shared database's bucket rows (enterprise, device, start, count, fp,
         varied): counts that include what other instances added; returns the rows taken.
 

@@ -21,6 +21,7 @@ as it always was.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ log = logging.getLogger("iiot.gateway.registry")
 # Rows an upsert statement (and its transaction) writes: short enough that instances
 # adding to the same rows wait little on each other.
 _CHUNK = 20_000
+# Rows read at a time when a window starts with the shared buckets.
+_LOAD_CHUNK = 100_000
 _COLUMNS = "enterprise, device, start_ms, samples, fp, varied"
 _UPSERT = (
     f"INSERT INTO quality_buckets ({_COLUMNS}, updated_xid) "
@@ -117,6 +120,7 @@ class SharedQualityPart(RegistryStore):
     _quality_due = 0.0  # time.monotonic() of the next write of the buckets
     _quality_pruned = 0.0  # and of the last deletion of old buckets
     _quality_failing = False
+    _quality_loaded: threading.Event
 
     @property
     def quality(self) -> QualityWindow:
@@ -128,10 +132,22 @@ class SharedQualityPart(RegistryStore):
         return window
 
     def set_quality(self, window: QualityWindow) -> None:
-        """Judge by ``window``; on PostgreSQL it starts with the shared buckets."""
-        if self.quality_shared:
-            self._load_quality(window)
+        """Judge by ``window``; on PostgreSQL the shared buckets are read into it in the
+        background (``quality_loaded`` waits for that), so a start at province scale does
+        not wait for them and nothing counted meanwhile is lost."""
         self._quality = window
+        loaded = self._quality_loaded = threading.Event()
+        if not self.quality_shared:
+            loaded.set()
+            return
+        threading.Thread(
+            target=self._load_quality, args=(window, loaded), name="quality-load", daemon=True
+        ).start()
+
+    def quality_loaded(self, timeout: float | None = None) -> bool:
+        """Whether the shared buckets are in the window, waiting up to ``timeout`` s."""
+        _ = self.quality
+        return self._quality_loaded.wait(timeout)
 
     @property
     def quality_shared(self) -> bool:
@@ -142,23 +158,44 @@ class SharedQualityPart(RegistryStore):
         """How long no instance may write its counts before the watched span restarts."""
         return int((3 * self.quality_share_interval + 30) * 1000)
 
-    def _load_quality(self, window: QualityWindow) -> None:
+    def _load_quality(self, window: QualityWindow, loaded: threading.Event) -> None:
         began = time.monotonic()
         now = self._now_ms()
         low = now - window.horizon_ms - window.bucket_ms
-        with self._engine.connect() as conn:
-            span = _span_row(conn)
-            rows = _read(conn, "start_ms > %s ORDER BY enterprise, device, start_ms", (low,))
-        window.fold(rows)
-        if span is not None and span[1] >= now - self._break_ms():
-            window.adopt_since(span[0])
+        rows = 0
+        try:
+            with self._engine.connect() as conn:
+                span = _span_row(conn)
+                # A server-side cursor read in chunks: a day of buckets at province scale
+                # is tens of millions of rows, never all in memory at once.
+                dbapi = conn.connection.dbapi_connection
+                cur = dbapi.cursor(name="quality_load")  # type: ignore[union-attr]
+                try:
+                    query = f"SELECT {_COLUMNS} FROM quality_buckets WHERE start_ms > %s"
+                    cur.execute(query, (low,))
+                    while chunk := cur.fetchmany(_LOAD_CHUNK):
+                        window.fold(chunk)
+                        rows += len(chunk)
+                finally:
+                    cur.close()
+            if span is not None and span[1] >= now - self._break_ms():
+                window.adopt_since(span[0])
+        except Exception:  # the driver's own errors too: the cursor is the driver's
+            self.counters["quality_load_errors"] += 1
+            log.exception(
+                "reading the shared quality buckets failed; this instance judges by the "
+                "samples it counts and the rows the others write from now on"
+            )
+            return
+        finally:
+            loaded.set()
         log.info(
             "quality buckets loaded",
-            extra={"rows": len(rows), "seconds": round(time.monotonic() - began, 1)},
+            extra={"rows": rows, "seconds": round(time.monotonic() - began, 1)},
         )
 
     def _on_start(self) -> None:
-        _ = self.quality  # loaded before ingest starts, not on its first sample
+        _ = self.quality  # its shared buckets start loading before ingest starts
 
     def _after_flush(self, final: bool) -> None:
         if not self.quality_shared or self._quality is None:

@@ -39,7 +39,9 @@ class _Clock:
 
 
 def _instance(url: str, clock: _Clock) -> Registry:
-    return Registry(url, default_poll_interval=60, persist_granularity=0.001, clock=clock)
+    reg = Registry(url, default_poll_interval=60, persist_granularity=0.001, clock=clock)
+    assert reg.quality_loaded(30), "the shared buckets were not read within 30 s"
+    return reg
 
 
 @pytest.fixture
