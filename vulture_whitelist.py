@@ -22,6 +22,16 @@ prometheus  # unused function (gateway/api/routers/ops.py)
 create_key  # unused function (gateway/api/routers/provisioning.py)
 history  # unused function (gateway/api/routers/ratios.py)
 connection_report  # unused function (gateway/api/routers/reports.py)
+get_profile  # unused function (gateway/api/control.py)
+device_history  # unused function (gateway/api/routers/devices.py)
+reconciliation  # unused function (gateway/api/routers/provincial.py)
+verify  # unused function (gateway/api/routers/provincial.py)
+report_devices  # unused function (gateway/api/routers/provincial.py)
+definitions  # unused function (gateway/api/routers/provincial.py)
+report_file  # unused function (gateway/api/routers/provincial.py)
+quality_connected  # unused variable (gateway/api/models.py)
+quality_ratio  # unused variable (gateway/api/models.py)
+last_gap_ms  # unused variable (gateway/api/models.py)
 enterprise_name  # unused variable (simulators/plant.py)
 
 # Typer commands and callbacks
@@ -125,3 +135,15 @@ no_threads_left_behind  # unused function (tests/test_embedded_broker.py)
 # asyncio.Protocol callbacks, called by the event loop
 _.data_received  # unused method (simulators/modbus_tcp.py, bench/modbus_sim.py)
 _.connection_lost  # unused method (simulators/modbus_tcp.py)
+
+# pydantic validators, found by decorator
+_batch_is_json  # unused method (edge_agent/config.py)
+
+# Protocol-buffer message fields, set by attribute; the message type NDATA of the spec
+_.int_value  # unused attribute (protocols/mqtt/sparkplug/payload.py)
+_.float_value  # unused attribute (protocols/mqtt/sparkplug/payload.py)
+_.double_value  # unused attribute (protocols/mqtt/sparkplug/payload.py)
+NDATA  # unused variable (protocols/mqtt/sparkplug/payload.py)
+
+# pytest reads module marks by name
+pytestmark  # unused variable (tests/protocols/test_opcua_scale.py)

@@ -78,7 +78,6 @@ class SparkplugHost:
         self._nodes: dict[tuple[str, str], _Node] = {}
         self.seq_gaps: Counter[str] = Counter()  # "group/node" -> gaps seen
         self.dropped_metrics: Counter[str] = Counter()  # reason -> metrics skipped
-        self.rebirths_requested = 0
         self.clock = time.monotonic
         self.metrics: DataPathMetrics | None = None  # set by the ingest that owns this
         self.count_seq_gaps = True
@@ -319,7 +318,6 @@ class SparkplugHost:
         if now - node.rebirth_asked < REBIRTH_INTERVAL and node.rebirth_asked:
             return
         node.rebirth_asked = now
-        self.rebirths_requested += 1
         out.rebirth = str(SpTopic(t.group, MessageType.NCMD, t.node))
 
 
