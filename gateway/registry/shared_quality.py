@@ -40,6 +40,7 @@ log = logging.getLogger("iiot.gateway.registry")
 _CHUNK = 20_000
 # Rows read at a time when a window starts with the shared buckets.
 _LOAD_CHUNK = 100_000
+_FOLD_SLICE = 10_000
 _COLUMNS = "enterprise, device, start_ms, samples, fp, varied"
 _UPSERT = (
     f"INSERT INTO quality_buckets ({_COLUMNS}, updated_xid) "
@@ -117,7 +118,8 @@ class SharedQualityPart(RegistryStore):
     """The gate's window, and on PostgreSQL its buckets shared with the other instances."""
 
     _quality: QualityWindow | None = None
-    _quality_due = 0.0  # time.monotonic() of the next write of the buckets
+    _quality_span_ok = False  # the shared buckets are in the window
+    _quality_sharer: threading.Thread | None = None
     _quality_pruned = 0.0  # and of the last deletion of old buckets
     _quality_failing = False
     _quality_loaded: threading.Event
@@ -136,6 +138,7 @@ class SharedQualityPart(RegistryStore):
         background (``quality_loaded`` waits for that), so a start at province scale does
         not wait for them and nothing counted meanwhile is lost."""
         self._quality = window
+        self._quality_span_ok = False
         loaded = self._quality_loaded = threading.Event()
         if not self.quality_shared:
             loaded.set()
@@ -174,12 +177,17 @@ class SharedQualityPart(RegistryStore):
                     query = f"SELECT {_COLUMNS} FROM quality_buckets WHERE start_ms > %s"
                     cur.execute(query, (low,))
                     while chunk := cur.fetchmany(_LOAD_CHUNK):
-                        window.fold(chunk)
+                        # Folded a slice at a time: ingest records under the same lock.
+                        for lo in range(0, len(chunk), _FOLD_SLICE):
+                            window.fold(chunk[lo : lo + _FOLD_SLICE])
                         rows += len(chunk)
                 finally:
                     cur.close()
             if span is not None and span[1] >= now - self._break_ms():
                 window.adopt_since(span[0])
+            # Only a window that holds the shared buckets may watch the others' span:
+            # before, or after a failed read, it would expect samples it does not hold.
+            self._quality_span_ok = True
         except Exception:  # the driver's own errors too: the cursor is the driver's
             self.counters["quality_load_errors"] += 1
             log.exception(
@@ -196,14 +204,27 @@ class SharedQualityPart(RegistryStore):
 
     def _on_start(self) -> None:
         _ = self.quality  # its shared buckets start loading before ingest starts
+        if self.quality_shared:
+            # A thread of its own: a write at province scale takes seconds, which
+            # would hold up the flush of device state on the flush thread.
+            self._quality_sharer = threading.Thread(
+                target=self._share_loop, name="quality-share", daemon=True
+            )
+            self._quality_sharer.start()
+
+    def _share_loop(self) -> None:
+        while not self._stop.wait(self.quality_share_interval):
+            try:
+                self.share_quality()
+            except Exception:  # counted and logged in share_quality; never ends the loop
+                log.exception("writing the quality buckets failed; will retry")
 
     def _after_flush(self, final: bool) -> None:
-        if not self.quality_shared or self._quality is None:
+        if not final or not self.quality_shared or self._quality is None:
             return
-        now = time.monotonic()
-        if not final and now < self._quality_due:
-            return
-        self._quality_due = now + self.quality_share_interval
+        sharer, self._quality_sharer = self._quality_sharer, None
+        if sharer is not None:
+            sharer.join(timeout=120)  # a write under way ends before the last one
         self.share_quality()
 
     def share_quality(self) -> int:
@@ -227,7 +248,7 @@ class SharedQualityPart(RegistryStore):
                     cutoff = now_ms - window.horizon_ms - window.bucket_ms
                     conn.exec_driver_sql(_PRUNE, (cutoff,))
                     self._quality_pruned = time.monotonic()
-        except sa.exc.SQLAlchemyError:
+        except Exception:  # the raw cursor raises the driver's errors, not SQLAlchemy's
             window.restore(taken.rows()[written:])
             self.counters["quality_share_errors"] += 1
             if not self._quality_failing:  # once per change
@@ -237,7 +258,8 @@ class SharedQualityPart(RegistryStore):
         if self._quality_failing:
             log.info("writing the quality buckets works again")
         self._quality_failing = False
-        window.adopt_since(since)
+        if self._quality_span_ok:
+            window.adopt_since(since)
         self.counters["quality_rows_shared"] += written
         return written
 
@@ -252,5 +274,9 @@ class SharedQualityPart(RegistryStore):
             return
         rows, span = read
         self.counters["quality_rows_folded"] += self._quality.fold(rows)
-        if span is not None and span[1] >= self._now_ms() - self._break_ms():
+        if (
+            self._quality_span_ok
+            and span is not None
+            and span[1] >= self._now_ms() - self._break_ms()
+        ):
             self._quality.adopt_since(span[0])

@@ -220,3 +220,27 @@ def test_any_device_id_reaches_the_other_instances(postgres_server: PostgreSQL) 
     finally:
         one.close()
         two.close()
+
+
+def test_a_failed_write_keeps_its_counts_for_the_next(postgres_server: PostgreSQL) -> None:
+    url = postgres_server.create_database()
+    clock = _Clock(T0)
+    one = _instance(url, clock)
+    try:
+        summary = SampleSummary(
+            ENT, AGENT, "split", count=3, first_ts=T0, last_ts=T0, last_good_ts=T0, latest={"v": 1}
+        )
+        one.quality.record(summary)
+        # The database refuses the write (the table is away, as in a failover's window).
+        with one.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE quality_buckets RENAME TO quality_buckets_away")
+        assert one.share_quality() == 0
+        assert one.counters["quality_share_errors"] == 1
+        with one.engine.begin() as conn:
+            conn.exec_driver_sql("ALTER TABLE quality_buckets_away RENAME TO quality_buckets")
+        assert one.share_quality() == 1
+        with one.engine.connect() as conn:
+            samples = conn.execute(sa.text("SELECT samples FROM quality_buckets")).scalar_one()
+        assert samples == 3
+    finally:
+        one.close()
