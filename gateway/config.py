@@ -295,7 +295,9 @@ class RegistryConfig(_Cfg):
         gt=0,
         le=3600,
         description="Seconds between writes of the data-quality gate's sample counts to "
-        "PostgreSQL, where every instance sharing it reads them (unused on SQLite).",
+        "PostgreSQL, where every instance sharing it reads them (only with "
+        "mqtt.shared_group, where each instance receives part of the messages; unused on "
+        "SQLite).",
     )
 
     def refresh_for(self, shared_group: str | None) -> float | None:

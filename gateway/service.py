@@ -140,6 +140,7 @@ class Gateway:
                 refresh_interval=cfg.registry.refresh_for(group),
                 persist_granularity=cfg.registry.granularity_for(group),
                 quality_share_interval=cfg.registry.quality_share_interval,
+                share_quality=group is not None,
             )
             self.sink = self.registry
             if targets is not None:

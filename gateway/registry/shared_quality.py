@@ -154,8 +154,9 @@ class SharedQualityPart(RegistryStore):
 
     @property
     def quality_shared(self) -> bool:
-        """Whether the gate's buckets are shared through the database (PostgreSQL)."""
-        return self._engine.dialect.name == "postgresql"
+        """Whether the gate's buckets are shared through the database: on PostgreSQL,
+        where the instances split the messages between them."""
+        return self.share_quality_counts and self._engine.dialect.name == "postgresql"
 
     def _break_ms(self) -> int:
         """How long no instance may write its counts before the watched span restarts."""

@@ -59,6 +59,7 @@ class RegistryStore:
         refresh_interval: float | None = None,
         view_max_age: float = 2.0,
         quality_share_interval: float = 60.0,
+        share_quality: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
@@ -86,6 +87,9 @@ class RegistryStore:
         self.flush_interval = flush_interval
         # Seconds between writes of the quality gate's counts for other instances.
         self.quality_share_interval = quality_share_interval
+        # Off where every instance receives every message (no shared subscription): each
+        # would add the same samples again.
+        self.share_quality_counts = share_quality
         self._clock = clock
         self._engine = _rows.make_engine(url)
         self._lock = threading.RLock()  # in-memory state

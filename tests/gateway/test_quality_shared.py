@@ -244,3 +244,23 @@ def test_a_failed_write_keeps_its_counts_for_the_next(postgres_server: PostgreSQ
         assert samples == 3
     finally:
         one.close()
+
+
+def test_without_a_shared_subscription_each_instance_keeps_its_own_counts(
+    postgres_server: PostgreSQL,
+) -> None:
+    # Every instance receives every message: adding them up would count each sample
+    # once per instance.
+    url = postgres_server.create_database()
+    reg = Registry(url, default_poll_interval=60, share_quality=False, clock=_Clock(T0))
+    try:
+        summary = SampleSummary(
+            ENT, AGENT, "split", count=3, first_ts=T0, last_ts=T0, last_good_ts=T0, latest={"v": 1}
+        )
+        reg.quality.record(summary)
+        assert not reg.quality_shared and reg.share_quality() == 0
+        with reg.engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT count(*) FROM quality_buckets")).scalar_one()
+        assert rows == 0
+    finally:
+        reg.close()
