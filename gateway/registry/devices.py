@@ -206,6 +206,12 @@ class DevicesPart(RegistryStore):
         ent = self._enterprises.get(row.enterprise)
         if ent is None:
             return f"unknown enterprise {row.enterprise!r}"
+        if row.agent is not None:
+            # A device given to an agent that is not this enterprise's would have its
+            # data refused from every agent that really reads it.
+            owner = self._agents.get(row.agent)
+            if owner is None or owner.enterprise != row.enterprise:
+                return f"agent {row.agent!r} is not registered for enterprise {row.enterprise!r}"
         if row.kind == "product" and row.region is not None and row.region != ent.region:
             return (
                 f"region {row.region!r}: a product is counted in its maker's region "

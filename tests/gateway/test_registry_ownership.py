@@ -70,3 +70,24 @@ def test_other_agents_change_nothing_and_moves_are_audited(
         assert again.device_owner("e", "d1") is None
         assert again.device_owner("e", "d2") == "a"
         assert again.device_owner("e", "d3") == "b"
+
+
+def test_a_ledger_row_naming_an_agent_that_is_not_the_enterprise_s_is_refused(
+    registry: Registry,
+) -> None:
+    reg = registry
+    reg.add_enterprise("e", "E", "130102", "C30")
+    reg.add_enterprise("f", "F", "130102", "C30")
+    reg.add_agent("e", "a", None)
+    reg.add_agent("f", "fa", None)
+    ledger = "device_id,enterprise,family,agent\nd1,e,kiln,agnet-typo\nd2,e,kiln,fa\nd3,e,kiln,a\n"
+    rows, errors = parse_ledger(ledger.encode(), "text/csv")
+    assert not errors
+    result = reg.import_devices(rows)
+    assert result.created == 1
+    assert [(e.line, e.reason) for e in result.errors] == [
+        (2, "agent 'agnet-typo' is not registered for enterprise 'e'"),
+        (3, "agent 'fa' is not registered for enterprise 'e'"),
+    ]
+    assert reg.device_owner("e", "d3") == "a"
+    assert reg.get_device("e", "d1") is None
