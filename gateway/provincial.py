@@ -538,7 +538,8 @@ def _in_code_space(then: Evidence, now: Evidence, name: str) -> npt.NDArray[np.i
 def registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str, Any]:
     """How the registry read now for the same ``as_of`` differs from the evidence: devices
     added, removed, regrouped (region, industry, category, family or kind),
-    decommissioned or brought back, counted connected differently, or reporting since;
+    decommissioned or brought back, counted connected differently (other than by
+    reporting since), or reporting since;
     counts and the first ``limit`` of each."""
     then_keys = list(zip(then.column("enterprise"), then.devices, strict=True))
     now_keys = list(zip(now.column("enterprise"), now.devices, strict=True))
@@ -556,11 +557,14 @@ def registry_changes(then: Evidence, now: Evidence, limit: int = 20) -> dict[str
         "added": [now_keys[i] for i in np.flatnonzero(~both).tolist()],
         "removed": [then_keys[i] for i in np.flatnonzero(~seen).tolist()],
     }
+    reported = now.last_good[ib] > then.last_good[ia]
     for name, mask in (
         ("regrouped", regrouped),
         ("decommissioned_changed", then.decommissioned[ia] != now.decommissioned[ib]),
-        ("connection_changed", then.connected()[ia] != now.connected()[ib]),
-        ("reported_since", now.last_good[ib] > then.last_good[ia]),
+        # A device that reported since counts as connected at ``as_of`` when read now;
+        # that is "reported_since", not a change of what the report counted.
+        ("connection_changed", (then.connected()[ia] != now.connected()[ib]) & ~reported),
+        ("reported_since", reported),
     ):
         found[name] = [then_keys[i] for i in ia[mask].tolist()]
     return {

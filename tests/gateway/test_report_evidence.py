@@ -127,7 +127,7 @@ def test_a_report_recomputed_after_the_registry_changed_gives_its_numbers(
             "removed": 0,
             "regrouped": 1,
             "decommissioned_changed": 1,
-            "connection_changed": 1,
+            "connection_changed": 0,  # dev-25 counts as connected now by reporting since
             "reported_since": 1,
         }
         examples = changes["examples"]
@@ -136,12 +136,21 @@ def test_a_report_recomputed_after_the_registry_changed_gives_its_numbers(
             {"enterprise": "hb-steel", "device_id": "late-1"},
         ]
         assert examples["regrouped"] == [{"enterprise": "hb-cement", "device_id": "dev-05"}]
-        assert examples["connection_changed"] == [
-            {"enterprise": "hb-cement", "device_id": "dev-25"}
-        ]
+        assert examples["reported_since"] == [{"enterprise": "hb-cement", "device_id": "dev-25"}]
         assert examples["decommissioned_changed"] == [
             {"enterprise": "hb-chem", "device_id": "dev-03"}
         ]
+
+
+def test_a_device_that_only_reported_since_leaves_the_registry_unchanged(
+    snapped: Registry,
+) -> None:
+    _good_sample(snapped, "hb-cement", "dev-25", T0 + 10 * MINUTE)
+    with _client(snapped) as client:
+        after = _verify(client, T0 + 30 * MINUTE)
+    assert after["reproducible"] is True and after["registry_unchanged"] is True
+    counts = after["registry_changes"]["counts"]
+    assert counts["reported_since"] == 1 and counts["connection_changed"] == 0
 
 
 def test_a_tampered_row_makes_the_report_irreproducible_naming_it(snapped: Registry) -> None:
