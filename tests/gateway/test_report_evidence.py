@@ -311,3 +311,22 @@ def test_a_version_9_database_gets_evidence_and_names_older_snapshots(
             assert older["evidence"]["status"] == "not_recorded"
             assert older["reproducible"] is None
             assert _verify(client, T0)["reproducible"] is True
+
+
+def test_a_second_verification_while_one_runs_is_told_to_come_back(
+    snapped: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.api.routers import provincial as router
+
+    monkeypatch.setattr(router, "_HEAVY_WAIT_S", 0.2)
+    with _client(snapped) as client:
+        assert router._HEAVY.acquire(timeout=5)  # a verification under way
+        try:
+            busy = client.get(f"/api/v1/reports/verify?as_of={T0}", headers=PLATFORM)
+            listing = client.get(f"/api/v1/reports/{T0}/devices", headers=PLATFORM)
+        finally:
+            router._HEAVY.release()
+        assert busy.status_code == listing.status_code == 503
+        assert busy.headers["retry-after"] == "30"
+        assert "try again" in busy.json()["detail"]
+        assert _verify(client, T0)["reproducible"] is True

@@ -4,9 +4,11 @@ device's recent telemetry."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
@@ -174,13 +176,34 @@ def grades(
     return _json(result)
 
 
+# Verifying a report or reading its devices decodes and counts its whole evidence (about
+# 0.5 GB for a moment at 10⁶ devices): one at a time, the others answered 503 after a wait.
+_HEAVY = threading.BoundedSemaphore(1)
+_HEAVY_WAIT_S = 30.0
+
+
+@contextlib.contextmanager
+def _heavy_read() -> Iterator[None]:
+    if not _HEAVY.acquire(timeout=_HEAVY_WAIT_S):
+        raise HTTPException(
+            503,
+            detail="another report is being verified or exported; try again shortly",
+            headers={"Retry-After": "30"},
+        )
+    try:
+        yield
+    finally:
+        _HEAVY.release()
+
+
 @router.get("/api/v1/reports/verify", description=_VERIFY_DOC, responses=NOT_FOUND)
 def verify(
     registry: RegistryDep,
     now_ms: NowMs,
     as_of: Annotated[str | None, Query(max_length=40)] = None,
 ) -> Response:
-    result = verify_report(registry, _as_of(as_of, now_ms))
+    with _heavy_read():
+        result = verify_report(registry, _as_of(as_of, now_ms))
     if result is None:
         raise HTTPException(404, detail="no stored snapshot at or before as_of")
     return _json(result)
@@ -210,7 +233,8 @@ def report_devices(
     audit = registry.snapshot_audit_at(as_of_ms)
     if audit is None:
         raise HTTPException(404, detail="no stored snapshot at or before as_of")
-    ev, info = load_evidence(registry, audit)
+    with _heavy_read():
+        ev, info = load_evidence(registry, audit)
     if info["status"] == "unreadable":
         raise HTTPException(500, detail=f"snapshot {audit['ts_ms']}: {info['detail']}")
     if ev is None:
