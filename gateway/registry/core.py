@@ -53,26 +53,35 @@ class Registry(
 ):
     """The registry; also the gateway's ``IngestSink``."""
 
+    def _accepted(self, enterprise: str, device: str, agent: str) -> bool:
+        """Whether the sink took a message of ``agent`` for the device (known, and the
+        agent's or no agent's); under the registry's lock."""
+        idx = self._index
+        i = idx.keys.get((enterprise, device))
+        if i is None:
+            return False
+        owner = idx.meta[i].agent
+        return not owner or owner == agent
+
     def on_samples(self, summary: SampleSummary) -> None:
-        super().on_samples(summary)
         with self._lock:
-            known = (summary.enterprise, summary.device) in self._index.keys
-        if known:
+            super().on_samples(summary)
+            accepted = self._accepted(summary.enterprise, summary.device, summary.agent)
+        if accepted:
             self.quality.record(summary)
 
     def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None:
-        super().on_samples_many(summaries)
         with self._lock:
-            keys = self._index.keys
-            known = [s for s in summaries if (s.enterprise, s.device) in keys]
-        for summary in known:
+            super().on_samples_many(summaries)
+            accepted = [s for s in summaries if self._accepted(s.enterprise, s.device, s.agent)]
+        for summary in accepted:
             self.quality.record(summary)
 
     def on_device_state(self, enterprise: str, agent: str, device: str, state: DeviceState) -> None:
-        super().on_device_state(enterprise, agent, device, state)
         with self._lock:
-            known = (enterprise, device) in self._index.keys
-        if known:
+            super().on_device_state(enterprise, agent, device, state)
+            accepted = self._accepted(enterprise, device, agent)
+        if accepted:
             ts = state.ts or self._now_ms()
             self.quality.record_state((enterprise, device), ts, state.online, state.reason[:200])
 

@@ -227,7 +227,18 @@ class IngestSinkPart(RegistryStore):
         # One hold of the (re-entrant) lock for a whole batch message.
         with self._lock:
             for summary in summaries:
-                IngestSinkPart.on_samples(self, summary)
+                try:
+                    IngestSinkPart.on_samples(self, summary)
+                except Exception:
+                    # A part that fails fails alone, as a message of its own would.
+                    self.counters["sample_errors"] += 1
+                    n = self.counters["sample_errors"]
+                    if n & (n - 1):  # logged the 1st, 2nd, 4th, 8th ... time: never a flood
+                        continue
+                    log.exception(
+                        "a device's samples could not be taken",
+                        extra={"enterprise": summary.enterprise, "device": summary.device},
+                    )
 
     def on_samples(self, summary: SampleSummary) -> None:
         self.counters["sample_messages"] += 1

@@ -91,3 +91,16 @@ def test_a_ledger_row_naming_an_agent_that_is_not_the_enterprise_s_is_refused(
     ]
     assert reg.device_owner("e", "d3") == "a"
     assert reg.get_device("e", "d1") is None
+
+
+def test_another_agent_s_samples_stay_out_of_the_quality_gate(registry: Registry) -> None:
+    reg = registry
+    reg.add_enterprise("e", "E", "130102", "C30")
+    for a in ("a", "b"):
+        reg.add_agent("e", a, None)
+    reg.on_birth("e", "a", _birth("a", "d1"))
+    reg.on_samples(_summary("a", "d1", T0, 1.0))
+    reg.on_samples_many([_summary("b", "d1", T0 + 1000, 666.0)])
+    reg.on_samples(_summary("b", "d1", T0 + 2000, 667.0))
+    kept = reg.quality.telemetry(("e", "d1"), 0)
+    assert [m["values"] for m in kept] == [{"v": 1.0}]
