@@ -230,6 +230,14 @@ def update_devices(
             values[name] = sa.func.greatest(c[name], values[name])
     if "first_seen_ms" in values:
         values["first_seen_ms"] = sa.func.least(c.first_seen_ms, values["first_seen_ms"])
+    if "agent" in values:
+        # Ingest only ever gives a device no agent has to the first that reports it;
+        # moves are written by the API in their own transaction. So a flush claims, and
+        # never takes back a move another instance made that this one has not yet read.
+        values["agent"] = sa.case(
+            (sa.or_(c.agent.is_(None), c.agent == values["agent"]), values["agent"]),
+            else_=c.agent,
+        )
     if columns == TIME_COLUMNS:
         # Only sample times: other instances read such a row narrow (changes.py).
         values["state_xid"] = c.state_xid

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from gateway.registry import Registry, parse_ledger
 from gateway.sink import SampleSummary
+from iiot_common.localservers import PostgreSQL
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_registry_fixtures import T0
@@ -104,3 +105,29 @@ def test_another_agent_s_samples_stay_out_of_the_quality_gate(registry: Registry
     reg.on_samples(_summary("b", "d1", T0 + 2000, 667.0))
     kept = reg.quality.telemetry(("e", "d1"), 0)
     assert [m["values"] for m in kept] == [{"v": 1.0}]
+
+
+def test_an_instance_that_has_not_read_a_move_does_not_take_it_back(
+    postgres_server: PostgreSQL,
+) -> None:
+    url = postgres_server.create_database()
+    one = Registry(url, default_poll_interval=60, persist_granularity=0.001)
+    two = Registry(url, default_poll_interval=60, persist_granularity=0.001)
+    try:
+        one.add_enterprise("e", "E", "130102", "C30")
+        for a in ("a", "b"):
+            one.add_agent("e", a, None)
+        one.on_birth("e", "a", _birth("a", "d1"))
+        one.flush()
+        two.refresh()
+        assert two.device_owner("e", "d1") == "a"
+        two.move_device("e", "d1", "b", by="admin")
+        # ``one`` has not refreshed: it still takes a's birth and writes the device.
+        one.on_birth("e", "a", _birth("a", "d1"))
+        one.flush()
+        one.refresh()
+        two.refresh()
+        assert one.device_owner("e", "d1") == two.device_owner("e", "d1") == "b"
+    finally:
+        one.close()
+        two.close()
