@@ -45,6 +45,7 @@ from protocols.errors import (
 )
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
+from protocols.opcua.client import LiveClient
 from protocols.opcua.config import OpcUaConnection
 from protocols.opcua.fastread import (
     OTHER,
@@ -244,7 +245,7 @@ class OpcUaDriver(DriverBase):
 
     def _new_client(self) -> Client:
         c = self.connection
-        client = Client(c.endpoint, timeout=c.timeout, watchdog_intervall=c.timeout)
+        client = LiveClient(c.endpoint, timeout=c.timeout, watchdog_intervall=c.timeout)
         # The session serves every device of this server and identity.
         client.name = f"iiot edge agent ({c.endpoint})"
         client.description = client.name

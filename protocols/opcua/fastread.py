@@ -29,6 +29,8 @@ from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import nodeid_from_binary, nodeid_to_binary, struct_from_binary
 from asyncua.ua.ua_binary import struct_to_binary as _to_binary
 
+from protocols.opcua.client import LiveClient
+
 __all__ = [
     "OTHER",
     "PLAIN_FLOAT",
@@ -210,7 +212,8 @@ async def exchange(
 ) -> tuple[int, bytes, int]:
     """Send one request: its type id, a header written here, and its serialised parameters.
 
-    ``hint_ms`` is the header's timeout hint (0: none). Returns the answer's type id, its
+    ``hint_ms`` is the header's timeout hint (0: none). An answer tells a ``LiveClient``
+    its server is alive. Returns the answer's type id, its
     bytes and where the body after the response header starts; a ServiceFault or a Bad
     service result raises ``ua.UaStatusCodeError``. The caller bounds the wait.
     """
@@ -236,13 +239,42 @@ async def exchange(
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto._callbackmap[request_id] = future
         proto.transport.write(msg)
-        data = await future
+        try:
+            data = await future
+        except asyncio.CancelledError:
+            _answer_later(client, proto._callbackmap, request_id, future)
+            raise
+    if isinstance(client, LiveClient):
+        client.saw_answer()
     raw = bytes(data)
     kind, result, pos = _response_start(raw)
     if kind == _SERVICE_FAULT or result & 0x80000000:
         # A Bad service result on any answer: raise it as asyncua would.
         ua.StatusCode(result or ua.StatusCodes.BadUnexpectedError).check()
     return kind, raw, pos
+
+
+def _answer_later(
+    client: Client, waiting: dict[int, Any], request_id: int, given_up: asyncio.Future[Any]
+) -> None:
+    """Put a stand-in where a request the caller gave up on waits for its answer.
+
+    The server still answers it: the stand-in takes the answer as a sign of life (a busy
+    shared session answers late, not never) and keeps asyncua from warning of a finished
+    request once per late answer.
+    """
+    if waiting.get(request_id) is not given_up:
+        return
+    stand_in: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def _arrived(f: asyncio.Future[Any]) -> None:
+        if f.cancelled() or f.exception() is not None:  # retrieved: the session went away
+            return
+        if isinstance(client, LiveClient):
+            client.saw_answer()
+
+    stand_in.add_done_callback(_arrived)
+    waiting[request_id] = stand_in
 
 
 class PreparedRead:

@@ -1,0 +1,106 @@
+"""The shared session's watchdog: a busy server that answers is kept, a silent one is not."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from protocols import errors
+from protocols.opcua.client import LiveClient
+from protocols.opcua.config import OpcUaConnection
+from protocols.opcua.driver import OpcUaDriver
+from simulators.device import SimDevice
+from simulators.faults import FaultMode
+from simulators.opcua_server import OpcUaSimServer
+from tests.opcua_profiles import press_profile
+from tests.waiting import wait_for
+
+PRESS = press_profile(
+    [
+        {"name": "temp", "type": "int16", "range": [-20, 120],
+         "opcua": {"node_id": "ns=2;i=1001"}},
+    ]
+)  # fmt: skip
+SERVICE_S = 0.1  # the slow server answers each request this late, one after another
+TIMEOUT_S = 1.0  # the driver's timeout, and so the watchdog's interval
+
+
+@contextlib.asynccontextmanager
+async def _serving() -> AsyncIterator[tuple[SimDevice, OpcUaSimServer]]:
+    device = SimDevice(PRESS, device_id="dev-1", seed=7, clock=lambda: 100.0)
+    sim = OpcUaSimServer(device, port=0, update_interval=0.05)
+    await sim.start()
+    try:
+        yield device, sim
+    finally:
+        await sim.stop()
+
+
+async def _abandoned_read(driver: OpcUaDriver) -> None:
+    """A read the caller gives up on at once, as a poller past its deadline does."""
+    with contextlib.suppress(TimeoutError, errors.DeviceTimeout, errors.ConnectError):
+        await asyncio.wait_for(driver.read(PRESS.points), 0.01)
+
+
+async def test_busy_server_that_answers_keeps_its_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Requests queued longer than the watchdog's interval: answered, so not lost."""
+    async with _serving() as (device, sim):
+        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=TIMEOUT_S)
+        driver = OpcUaDriver(PRESS, conn, name="press-1")
+        await driver.connect()
+        caplog.set_level(logging.WARNING)
+        try:
+            session = driver.session
+            assert session is not None and isinstance(session.client, LiveClient)
+            client = session.client
+            device.faults.set(FaultMode.SLOW, delay=SERVICE_S)
+            probes0 = client.probes
+            # Abandoned reads keep about 1.5 s of work queued at the server for 3.5 s:
+            # asyncua's own probe would wait behind them past its 1 s bound.
+            for _ in range(15):
+                await _abandoned_read(driver)
+            deadline = time.monotonic() + 3.5
+            while time.monotonic() < deadline:
+                await _abandoned_read(driver)
+                await asyncio.sleep(SERVICE_S)
+                assert driver.connected, session.reason()
+            device.faults.clear()
+            reading = await asyncio.wait_for(driver.read(PRESS.points), 5.0)
+            assert reading.errors == {}
+            assert set(reading.values) == {"temp"}
+            assert session.opened == 1
+            assert driver.stats.sessions_lost == 0
+            assert client.probes == probes0  # answers came all along: no probe needed
+            # Late answers to given-up reads are taken quietly, not a warning each.
+            late = [r for r in caplog.records if "already done" in r.getMessage()]
+            assert late == []
+        finally:
+            await driver.aclose()
+
+
+async def test_silent_server_loses_its_session_within_two_intervals() -> None:
+    async with _serving() as (device, sim):
+        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=0.5)
+        driver = OpcUaDriver(PRESS, conn, name="press-1")
+        await driver.connect()
+        try:
+            await driver.read(PRESS.points)
+            device.faults.set(FaultMode.SILENT)
+            t0 = time.monotonic()
+            # No request of the device's own: the watchdog alone finds the server gone.
+            await wait_for(lambda: not driver.connected, within=5.0, what="session lost")
+            assert time.monotonic() - t0 < 3.0  # two intervals and the probe's bound, with room
+            with pytest.raises(errors.ConnectError, match="press-1"):
+                await driver.read(PRESS.points)
+            session = driver.session
+            assert session is not None and isinstance(session.client, LiveClient)
+            assert session.client.probes >= 1
+        finally:
+            await asyncio.wait_for(driver.aclose(), 5.0)
