@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncua import Client, ua
@@ -40,6 +40,7 @@ __all__ = [
     "decode_plain",
     "decode_results",
     "exchange",
+    "late_answer",
     "request_header",
     "type_id",
 ]
@@ -208,14 +209,20 @@ def _response_start(raw: bytes) -> tuple[int, int, int]:
 
 
 async def exchange(
-    client: Client, request_type: bytes, params: bytes, hint_ms: int
+    client: Client,
+    request_type: bytes,
+    params: bytes,
+    hint_ms: int,
+    keep: Callable[[asyncio.Future[Any]], None] | None = None,
 ) -> tuple[int, bytes, int]:
     """Send one request: its type id, a header written here, and its serialised parameters.
 
     ``hint_ms`` is the header's timeout hint (0: none). An answer tells a ``LiveClient``
-    its server is alive. Returns the answer's type id, its
-    bytes and where the body after the response header starts; a ServiceFault or a Bad
-    service result raises ``ua.UaStatusCodeError``. The caller bounds the wait.
+    its server is alive. When the caller gives up (cancelled), ``keep`` gets the future
+    that will hold the answer still to come (for ``late_answer``). Returns the answer's
+    type id, its bytes and where the body after the response header starts; a
+    ServiceFault or a Bad service result raises ``ua.UaStatusCodeError``. The caller
+    bounds the wait.
     """
     uaclient = client.uaclient
     async with uaclient._request_semaphore:
@@ -242,8 +249,23 @@ async def exchange(
         try:
             data = await future
         except asyncio.CancelledError:
-            _answer_later(client, proto._callbackmap, request_id, future)
+            stand_in = _answer_later(client, proto._callbackmap, request_id, future)
+            if stand_in is not None and keep is not None:
+                keep(stand_in)
             raise
+    return _opened(client, data)
+
+
+async def late_answer(client: Client, stand_in: asyncio.Future[Any]) -> tuple[int, bytes, int]:
+    """The answer to a request given up on earlier (``exchange``'s ``keep``), as it returns.
+
+    Giving up on this wait too leaves ``stand_in`` waiting for the answer.
+    """
+    return _opened(client, await asyncio.shield(stand_in))
+
+
+def _opened(client: Client, data: Any) -> tuple[int, bytes, int]:
+    """An answer's type id, bytes and body start; a ServiceFault or Bad result raised."""
     if isinstance(client, LiveClient):
         client.saw_answer()
     raw = bytes(data)
@@ -256,15 +278,17 @@ async def exchange(
 
 def _answer_later(
     client: Client, waiting: dict[int, Any], request_id: int, given_up: asyncio.Future[Any]
-) -> None:
+) -> asyncio.Future[Any] | None:
     """Put a stand-in where a request the caller gave up on waits for its answer.
 
     The server still answers it: the stand-in takes the answer as a sign of life (a busy
-    shared session answers late, not never) and keeps asyncua from warning of a finished
-    request once per late answer.
+    shared session answers late, not never), keeps asyncua from warning of a finished
+    request once per late answer, and holds it for a caller that still wants it. None
+    when the request is no longer waiting (answered as it was given up, or the session
+    went away).
     """
     if waiting.get(request_id) is not given_up:
-        return
+        return None
     stand_in: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def _arrived(f: asyncio.Future[Any]) -> None:
@@ -275,6 +299,7 @@ def _answer_later(
 
     stand_in.add_done_callback(_arrived)
     waiting[request_id] = stand_in
+    return stand_in
 
 
 class PreparedRead:
@@ -290,6 +315,8 @@ class PreparedRead:
         )
         self._params = bytes(_to_binary(params))
         self.count = len(node_ids)
+        # The answer still to come to a request its poll gave up on (a busy server).
+        self.late: asyncio.Future[Any] | None = None
 
     async def send(self, client: Client, hint: float) -> list[Result]:
         """Send the request (``hint``: the header's timeout hint, s); (value, status) per node.
@@ -300,11 +327,27 @@ class PreparedRead:
         return self.results(raw, pos)
 
     async def send_raw(self, client: Client, hint: float) -> tuple[bytes, int]:
-        """Send the request; the answer and where its results start (for ``decode_plain``)."""
-        kind, raw, pos = await exchange(client, _READ_TYPE, self._params, int(hint * 1000))
+        """Send the request; the answer and where its results start (for ``decode_plain``).
+
+        While the request of an earlier call that gave up is still unanswered, this waits
+        for that answer instead of sending another: a server that answers in order would
+        otherwise have one more request of this device queued each poll, behind the last.
+        """
+        late = self.late
+        if late is not None and not late.done():
+            kind, raw, pos = await late_answer(client, late)
+            self.late = None
+        else:
+            self.late = None
+            kind, raw, pos = await exchange(
+                client, _READ_TYPE, self._params, int(hint * 1000), self._keep
+            )
         if kind != _READ_RESPONSE:
             raise ua.UaError(f"answer of type {kind} to a ReadRequest")
         return raw, pos
+
+    def _keep(self, stand_in: asyncio.Future[Any]) -> None:
+        self.late = stand_in
 
     def results(self, raw: bytes, pos: int) -> list[Result]:
         """(value, status) per node of an answer from ``send_raw``."""

@@ -104,3 +104,29 @@ async def test_silent_server_loses_its_session_within_two_intervals() -> None:
             assert session.client.probes >= 1
         finally:
             await asyncio.wait_for(driver.aclose(), 5.0)
+
+
+async def test_a_poll_after_one_given_up_takes_its_late_answer_not_a_new_request() -> None:
+    """The server holds at most one Read of a device: the next poll waits for it."""
+    async with _serving() as (device, sim):
+        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=TIMEOUT_S)
+        driver = OpcUaDriver(PRESS, conn, name="press-1")
+        await driver.connect()
+        try:
+            await driver.read(PRESS.points)
+            device.faults.set(FaultMode.SLOW, delay=0.3)
+            before = sim.requests
+            for _ in range(3):  # each given up long before the server answers
+                await _abandoned_read(driver)
+            reading = await asyncio.wait_for(driver.read(PRESS.points), 5.0)
+            assert reading.errors == {}
+            assert set(reading.values) == {"temp"}
+            await wait_for(lambda: sim.requests > before, within=2.0, what="request served")
+            await asyncio.sleep(0.4)  # a second request, had one been sent, is served by now
+            assert sim.requests - before == 1
+            # Answered: the next poll sends a request of its own again.
+            device.faults.clear()
+            await driver.read(PRESS.points)
+            assert sim.requests - before == 2
+        finally:
+            await driver.aclose()
