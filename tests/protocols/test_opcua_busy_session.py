@@ -1,4 +1,4 @@
-"""The shared session's watchdog: a busy server that answers is kept, a silent one is not."""
+"""A busy shared session: a server that answers late is kept and joined, a silent one is not."""
 
 from __future__ import annotations
 
@@ -130,3 +130,29 @@ async def test_a_poll_after_one_given_up_takes_its_late_answer_not_a_new_request
             assert sim.requests - before == 2
         finally:
             await driver.aclose()
+
+
+async def test_device_joins_a_session_whose_server_answers_later_than_timeout() -> None:
+    """Subscribing is bounded by connect_timeout, not by the timeout of one request."""
+    async with _serving() as (device, sim):
+        # The session (and its watchdog) is the first device's, with a 2 s timeout; the
+        # second device's requests have 0.5 s each, less than the server now takes.
+        opener = OpcUaConnection(endpoint=sim.endpoint, timeout=2.0, mode="subscribe")
+        first = OpcUaDriver(PRESS, opener, name="press-1")
+        await first.connect()
+        joiner = opener.model_copy(update={"timeout": 0.5, "connect_timeout": 10.0})
+        second = OpcUaDriver(PRESS, joiner, name="press-2")
+        try:
+            device.faults.set(FaultMode.SLOW, delay=0.8)
+            await asyncio.wait_for(second.connect(), 15.0)
+            assert second.connected
+            assert second.session is first.session
+            device.faults.clear()
+
+            async def has_value() -> bool:
+                return "temp" in (await second.read(PRESS.points)).values
+
+            await wait_for(has_value, within=10.0, what="a value for the joined device")
+        finally:
+            await second.aclose()
+            await first.aclose()
