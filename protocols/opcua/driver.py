@@ -699,6 +699,9 @@ class OpcUaDriver(DriverBase):
             return reading
         timeout = self.connection.timeout
         answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]
+        for r in plan.reads:
+            if r.answered_ms:  # an answer that came after its own poll gave up: its time
+                reading.ts = min(reading.ts, r.answered_ms)
         if not self._undecodable:
             # The usual answer, Good plain numbers only: decoded in one pass, as they are.
             plain: list[Any] = []

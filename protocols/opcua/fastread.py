@@ -315,8 +315,13 @@ class PreparedRead:
         )
         self._params = bytes(_to_binary(params))
         self.count = len(node_ids)
-        # The answer still to come to a request its poll gave up on (a busy server).
+        # The answer to a request its poll gave up on (a busy server), and when it came
+        # (ms since 1970; 0: still to come).
         self.late: asyncio.Future[Any] | None = None
+        self.late_ms = 0
+        # When the answer the last ``send_raw`` returned came, when it was such a late
+        # one taken from before the call; 0 otherwise.
+        self.answered_ms = 0
 
     async def send(self, client: Client, hint: float) -> list[Result]:
         """Send the request (``hint``: the header's timeout hint, s); (value, status) per node.
@@ -332,13 +337,22 @@ class PreparedRead:
         While the request of an earlier call that gave up is still unanswered, this waits
         for that answer instead of sending another: a server that answers in order would
         otherwise have one more request of this device queued each poll, behind the last.
+        An answer that came after its call gave up, within ``hint`` before this one, is
+        this call's answer (``answered_ms`` says when it came): on a busy server a poll
+        with a short bound (a probe) would otherwise never see one.
         """
-        late = self.late
+        late, self.late = self.late, None
+        self.answered_ms = 0
         if late is not None and not late.done():
-            kind, raw, pos = await late_answer(client, late)
-            self.late = None
+            try:
+                kind, raw, pos = await late_answer(client, late)
+            except asyncio.CancelledError:
+                self.late = late  # given up again: still the one to wait for
+                raise
+        elif late is not None and self._fresh(late, hint):
+            self.answered_ms = self.late_ms
+            kind, raw, pos = _opened(client, late.result())
         else:
-            self.late = None
             kind, raw, pos = await exchange(
                 client, _READ_TYPE, self._params, int(hint * 1000), self._keep
             )
@@ -348,6 +362,18 @@ class PreparedRead:
 
     def _keep(self, stand_in: asyncio.Future[Any]) -> None:
         self.late = stand_in
+        self.late_ms = 0
+        stand_in.add_done_callback(self._came)
+
+    def _came(self, stand_in: asyncio.Future[Any]) -> None:
+        if stand_in is self.late:
+            self.late_ms = time.time_ns() // 1_000_000
+
+    def _fresh(self, late: asyncio.Future[Any], hint: float) -> bool:
+        """The late answer came well (no error) and less than ``hint`` s ago."""
+        if late.cancelled() or late.exception() is not None or not self.late_ms:
+            return False
+        return time.time_ns() // 1_000_000 - self.late_ms <= hint * 1000
 
     def results(self, raw: bytes, pos: int) -> list[Result]:
         """(value, status) per node of an answer from ``send_raw``."""

@@ -156,3 +156,29 @@ async def test_device_joins_a_session_whose_server_answers_later_than_timeout() 
         finally:
             await second.aclose()
             await first.aclose()
+
+
+async def test_a_late_answer_that_came_between_polls_is_the_next_polls_at_its_time() -> None:
+    """A poll bounded shorter than the server's delay (a probe) still sees values."""
+    async with _serving() as (device, sim):
+        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=2.0)
+        driver = OpcUaDriver(PRESS, conn, name="press-1")
+        await driver.connect()
+        try:
+            device.faults.set(FaultMode.SLOW, delay=0.3)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(driver.read(PRESS.points), 0.1)
+            await asyncio.sleep(1.0)  # the answer comes meanwhile (after 0.3 s), to nobody
+            before = sim.requests
+            t_answered = time.time() * 1000
+            reading = await asyncio.wait_for(driver.read(PRESS.points), 0.1)
+            assert set(reading.values) == {"temp"}
+            # Stamped when the answer came (about 0.8 s before this read), not now.
+            assert t_answered - 1200 <= reading.ts < t_answered
+            assert sim.requests == before  # no request of its own
+            # Taken: the next poll asks the server again.
+            device.faults.clear()
+            await driver.read(PRESS.points)
+            assert sim.requests == before + 1
+        finally:
+            await driver.aclose()
