@@ -201,7 +201,8 @@ async def _role_agent(config: Path, duration: float, profile_out: Path | None) -
         profiler.disable()
         assert profile_out is not None
         profiler.dump_stats(str(profile_out))
-    failed = _failed_polls(agent) - errors0
+    failed = {k: v - errors0.get(k, 0) for k, v in _failed_polls(agent).items()}
+    failed = {k: v for k, v in failed.items() if v}
     drivers = {k: v - drivers0.get(k, 0) for k, v in _driver_counts(agent).items()}
     offline = [p.device.id for p in agent.pollers if not p.health.online]
     reasons = sorted({p.health.reason for p in agent.pollers if not p.health.online})
@@ -227,16 +228,15 @@ async def _role_agent(config: Path, duration: float, profile_out: Path | None) -
     )
 
 
-def _failed_polls(agent: Any) -> int:
-    """Polls that ended in a failure (the counter's other reasons than ``ok``)."""
-    return int(
-        sum(
-            s.value
-            for metric in agent.metrics.polls.collect()
-            for s in metric.samples
-            if s.name.endswith("_total") and s.labels.get("result") != "ok"
-        )
-    )
+def _failed_polls(agent: Any) -> dict[str, int]:
+    """Polls that ended in a failure, by reason (the counter's other reasons than ``ok``)."""
+    out: dict[str, int] = {}
+    for metric in agent.metrics.polls.collect():
+        for s in metric.samples:
+            reason = s.labels.get("result")
+            if s.name.endswith("_total") and reason != "ok":
+                out[reason] = out.get(reason, 0) + int(s.value)
+    return out
 
 
 def _driver_counts(agent: Any) -> dict[str, int]:
@@ -416,7 +416,7 @@ def _report(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(f"server CPU %         {100 * r['server_cpu'] / wall:12.1f}  (all servers)")
     print(f"lag p50 ms           {_pct(lags, 0.5):12.0f}")
     print(f"lag p99 ms           {_pct(lags, 0.99):12.0f}")
-    print(f"failed polls         {r['failed']:12d}")
+    print(f"failed polls         {sum(r['failed'].values()):12d}  {r['failed']}")
     print(f"devices offline      {r['offline']:12d}  {r['reasons']}")
     print(
         f"sessions             {r['sessions']:12d}  ({args.servers} server(s), "
