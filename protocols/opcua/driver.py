@@ -45,6 +45,7 @@ from protocols.errors import (
 )
 from protocols.opcua.address import browse_path, decode_value, encode_value, node_id
 from protocols.opcua.certs import CLIENT_APPLICATION_URI
+from protocols.opcua.client import LiveClient
 from protocols.opcua.config import OpcUaConnection
 from protocols.opcua.fastread import (
     OTHER,
@@ -244,7 +245,7 @@ class OpcUaDriver(DriverBase):
 
     def _new_client(self) -> Client:
         c = self.connection
-        client = Client(c.endpoint, timeout=c.timeout, watchdog_intervall=c.timeout)
+        client = LiveClient(c.endpoint, timeout=c.timeout, watchdog_intervall=c.timeout)
         # The session serves every device of this server and identity.
         client.name = f"iiot edge agent ({c.endpoint})"
         client.description = client.name
@@ -489,8 +490,11 @@ class OpcUaDriver(DriverBase):
         step = max(1, min(session.max_per_call, session.max_per_subscription))
         for i in range(0, len(handles), step):
             chunk = handles[i : i + step]
+            # Bounded by connect_timeout alone: a busy server answers late (session.py).
             sub = await self._call(
-                "create subscription", session.subscription_for(publishing_ms, len(chunk))
+                "create subscription",
+                session.subscription_for(publishing_ms, len(chunk)),
+                c.connect_timeout,
             )
             requests = [self._item_request(h, by_handle[h], sampling_ms, c.queue) for h in chunk]
             params = ua.CreateMonitoredItemsParameters(
@@ -502,11 +506,11 @@ class OpcUaDriver(DriverBase):
             assert session.client is not None
             try:
                 results = await self._call(
-                    "create monitored items",
-                    session.client.uaclient.create_monitored_items(params),
+                    "create monitored items", session.create_items(params), c.connect_timeout
                 )
             except BaseException:
                 sub.items -= len(chunk)  # the room subscription_for kept for them
+                session.drop_handles(handles[i:])  # late notifications for them go nowhere
                 raise
             ids: list[int] = []
             for h, result in zip(chunk, results, strict=True):
@@ -598,10 +602,10 @@ class OpcUaDriver(DriverBase):
         assert self._session is not None and self._session.client is not None
         return self._session.client
 
-    async def _call(self, what: str, aw: Awaitable[_T]) -> _T:
-        """One service call, bounded by the timeout, with asyncua's errors mapped."""
+    async def _call(self, what: str, aw: Awaitable[_T], limit: float | None = None) -> _T:
+        """One service call, bounded by ``limit`` (default: the timeout), errors mapped."""
         self.stats.requests += 1
-        timeout = self.connection.timeout
+        timeout = self.connection.timeout if limit is None else limit
         try:
             # A timeout context rather than wait_for: no task per request.
             async with asyncio.timeout(timeout):
@@ -695,6 +699,9 @@ class OpcUaDriver(DriverBase):
             return reading
         timeout = self.connection.timeout
         answers = [await self._call("read", r.send_raw(client, timeout)) for r in plan.reads]
+        for r in plan.reads:
+            if r.answered_ms:  # an answer that came after its own poll gave up: its time
+                reading.ts = min(reading.ts, r.answered_ms)
         if not self._undecodable:
             # The usual answer, Good plain numbers only: decoded in one pass, as they are.
             plain: list[Any] = []

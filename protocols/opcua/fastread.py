@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from asyncua import Client, ua
 from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import nodeid_from_binary, nodeid_to_binary, struct_from_binary
 from asyncua.ua.ua_binary import struct_to_binary as _to_binary
+
+from protocols.opcua.client import LiveClient
 
 __all__ = [
     "OTHER",
@@ -38,6 +40,7 @@ __all__ = [
     "decode_plain",
     "decode_results",
     "exchange",
+    "late_answer",
     "request_header",
     "type_id",
 ]
@@ -206,13 +209,20 @@ def _response_start(raw: bytes) -> tuple[int, int, int]:
 
 
 async def exchange(
-    client: Client, request_type: bytes, params: bytes, hint_ms: int
+    client: Client,
+    request_type: bytes,
+    params: bytes,
+    hint_ms: int,
+    keep: Callable[[asyncio.Future[Any]], None] | None = None,
 ) -> tuple[int, bytes, int]:
     """Send one request: its type id, a header written here, and its serialised parameters.
 
-    ``hint_ms`` is the header's timeout hint (0: none). Returns the answer's type id, its
-    bytes and where the body after the response header starts; a ServiceFault or a Bad
-    service result raises ``ua.UaStatusCodeError``. The caller bounds the wait.
+    ``hint_ms`` is the header's timeout hint (0: none). An answer tells a ``LiveClient``
+    its server is alive. When the caller gives up (cancelled), ``keep`` gets the future
+    that will hold the answer still to come (for ``late_answer``). Returns the answer's
+    type id, its bytes and where the body after the response header starts; a
+    ServiceFault or a Bad service result raises ``ua.UaStatusCodeError``. The caller
+    bounds the wait.
     """
     uaclient = client.uaclient
     async with uaclient._request_semaphore:
@@ -236,13 +246,60 @@ async def exchange(
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         proto._callbackmap[request_id] = future
         proto.transport.write(msg)
-        data = await future
+        try:
+            data = await future
+        except asyncio.CancelledError:
+            stand_in = _answer_later(client, proto._callbackmap, request_id, future)
+            if stand_in is not None and keep is not None:
+                keep(stand_in)
+            raise
+    return _opened(client, data)
+
+
+async def late_answer(client: Client, stand_in: asyncio.Future[Any]) -> tuple[int, bytes, int]:
+    """The answer to a request given up on earlier (``exchange``'s ``keep``), as it returns.
+
+    Giving up on this wait too leaves ``stand_in`` waiting for the answer.
+    """
+    return _opened(client, await asyncio.shield(stand_in))
+
+
+def _opened(client: Client, data: Any) -> tuple[int, bytes, int]:
+    """An answer's type id, bytes and body start; a ServiceFault or Bad result raised."""
+    if isinstance(client, LiveClient):
+        client.saw_answer()
     raw = bytes(data)
     kind, result, pos = _response_start(raw)
     if kind == _SERVICE_FAULT or result & 0x80000000:
         # A Bad service result on any answer: raise it as asyncua would.
         ua.StatusCode(result or ua.StatusCodes.BadUnexpectedError).check()
     return kind, raw, pos
+
+
+def _answer_later(
+    client: Client, waiting: dict[int, Any], request_id: int, given_up: asyncio.Future[Any]
+) -> asyncio.Future[Any] | None:
+    """Put a stand-in where a request the caller gave up on waits for its answer.
+
+    The server still answers it: the stand-in takes the answer as a sign of life (a busy
+    shared session answers late, not never), keeps asyncua from warning of a finished
+    request once per late answer, and holds it for a caller that still wants it. None
+    when the request is no longer waiting (answered as it was given up, or the session
+    went away).
+    """
+    if waiting.get(request_id) is not given_up:
+        return None
+    stand_in: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def _arrived(f: asyncio.Future[Any]) -> None:
+        if f.cancelled() or f.exception() is not None:  # retrieved: the session went away
+            return
+        if isinstance(client, LiveClient):
+            client.saw_answer()
+
+    stand_in.add_done_callback(_arrived)
+    waiting[request_id] = stand_in
+    return stand_in
 
 
 class PreparedRead:
@@ -258,6 +315,13 @@ class PreparedRead:
         )
         self._params = bytes(_to_binary(params))
         self.count = len(node_ids)
+        # The answer to a request its poll gave up on (a busy server), and when it came
+        # (ms since 1970; 0: still to come).
+        self.late: asyncio.Future[Any] | None = None
+        self.late_ms = 0
+        # When the answer the last ``send_raw`` returned came, when it was such a late
+        # one taken from before the call; 0 otherwise.
+        self.answered_ms = 0
 
     async def send(self, client: Client, hint: float) -> list[Result]:
         """Send the request (``hint``: the header's timeout hint, s); (value, status) per node.
@@ -268,11 +332,48 @@ class PreparedRead:
         return self.results(raw, pos)
 
     async def send_raw(self, client: Client, hint: float) -> tuple[bytes, int]:
-        """Send the request; the answer and where its results start (for ``decode_plain``)."""
-        kind, raw, pos = await exchange(client, _READ_TYPE, self._params, int(hint * 1000))
+        """Send the request; the answer and where its results start (for ``decode_plain``).
+
+        While the request of an earlier call that gave up is still unanswered, this waits
+        for that answer instead of sending another: a server that answers in order would
+        otherwise have one more request of this device queued each poll, behind the last.
+        An answer that came after its call gave up, within ``hint`` before this one, is
+        this call's answer (``answered_ms`` says when it came): on a busy server a poll
+        with a short bound (a probe) would otherwise never see one.
+        """
+        late, self.late = self.late, None
+        self.answered_ms = 0
+        if late is not None and not late.done():
+            try:
+                kind, raw, pos = await late_answer(client, late)
+            except asyncio.CancelledError:
+                self.late = late  # given up again: still the one to wait for
+                raise
+        elif late is not None and self._fresh(late, hint):
+            self.answered_ms = self.late_ms
+            kind, raw, pos = _opened(client, late.result())
+        else:
+            kind, raw, pos = await exchange(
+                client, _READ_TYPE, self._params, int(hint * 1000), self._keep
+            )
         if kind != _READ_RESPONSE:
             raise ua.UaError(f"answer of type {kind} to a ReadRequest")
         return raw, pos
+
+    def _keep(self, stand_in: asyncio.Future[Any]) -> None:
+        self.late = stand_in
+        self.late_ms = 0
+        stand_in.add_done_callback(self._came)
+
+    def _came(self, stand_in: asyncio.Future[Any]) -> None:
+        if stand_in is self.late:
+            self.late_ms = time.time_ns() // 1_000_000
+
+    def _fresh(self, late: asyncio.Future[Any], hint: float) -> bool:
+        """The late answer came well (no error) and less than ``hint`` s ago."""
+        if late.cancelled() or late.exception() is not None or not self.late_ms:
+            return False
+        return time.time_ns() // 1_000_000 - self.late_ms <= hint * 1000
 
     def results(self, raw: bytes, pos: int) -> list[Result]:
         """(value, status) per node of an answer from ``send_raw``."""

@@ -85,6 +85,7 @@ _SILENT_AFTER = 3
 _MAX_BATCHES = 64
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue dropped values
 _CREATE_SUBSCRIPTION = type_id(ua.ObjectIds.CreateSubscriptionRequest_Encoding_DefaultBinary)
+_CREATE_ITEMS = type_id(ua.ObjectIds.CreateMonitoredItemsRequest_Encoding_DefaultBinary)
 
 # (raw value, status code) of one point, as the publish answer gave it.
 Entry = tuple[Any, int]
@@ -278,7 +279,10 @@ class Session:
         )
         # Created here rather than by asyncua, whose publish loop would then take the answers.
         _, raw, pos = await exchange(
-            client, _CREATE_SUBSCRIPTION, struct_to_binary(params), int(self.conn.timeout * 1000)
+            client,
+            _CREATE_SUBSCRIPTION,
+            struct_to_binary(params),
+            int(self.conn.connect_timeout * 1000),
         )
         result = struct_from_binary(ua.CreateSubscriptionResult, Buffer(raw, pos))
         sub.subscription_id = result.SubscriptionId
@@ -293,6 +297,23 @@ class Session:
         # A request waits at the server until a subscription has something: one each.
         self.publisher.ensure(len(self.subscriptions))
         return sub
+
+    async def create_items(
+        self, params: ua.CreateMonitoredItemsParameters
+    ) -> list[ua.MonitoredItemCreateResult]:
+        """CreateMonitoredItems, bounded by the caller alone.
+
+        Not through asyncua, whose bound is the session's ``timeout``: a busy server
+        answers a shared session's requests in order, behind every poll and publish, and
+        a device that joins it needs the time its ``connect_timeout`` gives.
+        """
+        client = self.client
+        assert client is not None
+        _, raw, _ = await exchange(
+            client, _CREATE_ITEMS, struct_to_binary(params), int(self.conn.connect_timeout * 1000)
+        )
+        response = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
+        return list(response.Results)
 
     def _publish_lost(self, reason: str) -> None:
         self.lost = self.lost or reason
