@@ -401,7 +401,10 @@ def load_gateway_config(path: Path | str) -> GatewayConfig:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         lines = [
-            f"{path}: {'.'.join(str(x) for x in e['loc'])}: "
+            # A check of the whole file (no loc) names its fields in its message.
+            f"{path}: "
+            + "".join(f"{x}." for x in e["loc"])[:-1]
+            + (": " if e["loc"] else "")
             + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         ]

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway.config import GatewayConfigError, load_gateway_config
 from gateway.registry import Registry, parse_ledger
 from gateway.telemetry import series_selector
 from iiot_common.localservers import Mosquitto, PostgreSQL, VictoriaMetrics, free_port
@@ -178,3 +179,16 @@ def test_ids_go_into_the_selector_escaped(victoria: VictoriaMetrics) -> None:
         r = httpx.get(f"{victoria.url}/api/v1/export", params={"match[]": selector})
         assert r.status_code == 200, (device, r.text)
         assert r.text.strip() == "", device
+
+
+def test_the_victoria_metrics_source_needs_a_url(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("telemetry:\n  source: victoria-metrics\n")
+    with pytest.raises(GatewayConfigError, match=r"gateway\.yaml: .*set telemetry\.url"):
+        load_gateway_config(path)
+    path.write_text(
+        "influx:\n  url: http://127.0.0.1:8428\ntelemetry:\n  source: victoria-metrics\n"
+    )
+    assert load_gateway_config(path).telemetry_query_url == "http://127.0.0.1:8428"
+    path.write_text("influx:\n  url: http://127.0.0.1:8428\n")
+    assert load_gateway_config(path).telemetry_query_url is None
