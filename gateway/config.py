@@ -33,6 +33,7 @@ __all__ = [
     "OutboxConfig",
     "ProvincialConfig",
     "RegistryConfig",
+    "TelemetryConfig",
     "load_gateway_config",
 ]
 
@@ -273,6 +274,31 @@ class ProvincialConfig(_Cfg):
     )
 
 
+class TelemetryConfig(_Cfg):
+    """Where a device's telemetry chart and report read its recent messages."""
+
+    source: Literal["memory", "victoria-metrics"] = Field(
+        default="memory",
+        description="memory: this instance's bounded in-memory window (with several "
+        "instances, only the messages this one received); victoria-metrics: the series "
+        "the writer stored there, with the window as the fallback.",
+    )
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="victoria-metrics' HTTP API base URL; default influx.url.",
+    )
+    timeout: float = Field(
+        default=5.0, gt=0, le=60, description="Longest wait for an answer, s; then memory."
+    )
+    max_points: int = Field(
+        default=2000,
+        ge=10,
+        le=100_000,
+        description="Messages in an answer; with more in the hours asked, the latest these many.",
+    )
+
+
 class RegistryConfig(_Cfg):
     """How the registry keeps the database and, with several instances, other instances' rows."""
 
@@ -329,11 +355,28 @@ class GatewayConfig(_Cfg):
     on_cloud: OnCloudConfig = Field(default_factory=OnCloudConfig)
     provincial: ProvincialConfig = Field(default_factory=ProvincialConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     snapshot_interval: float = Field(default=3600.0, gt=0, description="Ratio snapshots, s.")
     default_poll_interval: float = Field(
         default=10.0, gt=0, description="Assumed poll interval for the 'online' freshness rule."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _telemetry_url(self) -> Self:
+        if self.telemetry_query_url is None and self.telemetry.source != "memory":
+            raise ValueError(
+                f"telemetry.source is {self.telemetry.source}: set telemetry.url "
+                "(or influx.url, the default)"
+            )
+        return self
+
+    @property
+    def telemetry_query_url(self) -> str | None:
+        """The time-series database the telemetry chart reads, None for memory only."""
+        if self.telemetry.source == "memory":
+            return None
+        return self.telemetry.url or self.influx.url
 
     @property
     def registry_url(self) -> str:
@@ -358,7 +401,10 @@ def load_gateway_config(path: Path | str) -> GatewayConfig:
         cfg = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         lines = [
-            f"{path}: {'.'.join(str(x) for x in e['loc'])}: "
+            # A check of the whole file (no loc) names its fields in its message.
+            f"{path}: "
+            + "".join(f"{x}." for x in e["loc"])[:-1]
+            + (": " if e["loc"] else "")
             + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
             for e in exc.errors()
         ]

@@ -42,6 +42,7 @@ from gateway.provisioning import Provisioner, ProvisioningError
 from gateway.quality import QUALITY_DEFINITION
 from gateway.ratios import DEFINITIONS, on_cloud_definition
 from gateway.registry import Registry
+from gateway.telemetry import TelemetryReader
 
 __all__ = ["ROUTERS", "create_app"]
 
@@ -123,6 +124,7 @@ def create_app(
     state.readiness = readiness or Readiness(config.health)
     prov = config.provincial
     registry.quality.configure(min_share=prov.quality_min_share, points=prov.telemetry_points)
+    state.telemetry = TelemetryReader(config, api_metrics)
     state.rubric = load_rubric(prov.rubric_file) if prov.rubric_file else default_rubric()
     _add_handlers(app, requests)
     for router in ROUTERS:

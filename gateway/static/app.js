@@ -664,7 +664,10 @@
     }
     exportLinks(document.getElementById("dev-csv"), document.getElementById("dev-xlsx"), "telemetry",
       { enterprise: state.ent, device: state.dev, hours: "6" });
-    if (!charts.firstChild) charts.textContent = "网关启动后尚无数据 No samples since the gateway started";
+    const fromDb = t.source === "victoria-metrics";
+    if (!charts.firstChild) charts.textContent = fromDb ? "近 6 小时无数据 No samples in the last 6 h" : "网关启动后尚无数据 No samples since the gateway started";
+    document.getElementById("dev-source").textContent = "数据来源 Source: " + t.source +
+      (t.capped_from_ms ? " · 仅最新数据，自 latest only, from " + fmtTime(t.capped_from_ms) : "");
     const states = document.querySelector("#dev-states tbody");
     states.textContent = "";
     if (t.states.length === 0) emptyRow(states, 3, "网关启动后无状态变化 No state change since the gateway started");

@@ -143,6 +143,8 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
     assert _rows(dev, "dev-latest") == {"temperature": ["temperature", "20"]}
     chart = _part(dev, "dev-charts", "</div>")
     assert 'data-point="temperature"' in chart and "<polyline" in chart
+    # Where the chart's messages came from, under it.
+    assert _text(_part(dev, "dev-source", "</p>")) == "数据来源 Source: memory"
     found = re.search(r'<a id="dev-csv"[^>]*href="([^"]+)"', dev)
     assert found is not None
     text = httpx.get(

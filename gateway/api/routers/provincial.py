@@ -54,6 +54,7 @@ from gateway.registry.codes import (
     region_label,
     region_prefix_range,
 )
+from gateway.telemetry import TelemetryAnswer, TelemetryReader
 from iiot_common.identifier import IDENTIFIER_PATTERN
 
 __all__ = ["router"]
@@ -278,34 +279,56 @@ def definitions() -> dict[str, str]:
     }
 
 
+_TELEMETRY_DOC = (
+    "The device's messages of the last `hours` (latest values of each, oldest first), its "
+    "state changes since the gateway started and the quality gate's verdict over the last "
+    "24 h. `source` says where the messages come from: `victoria-metrics` (the gateway "
+    "config's `telemetry.source`; every message the writer stored, whichever gateway "
+    "instance received it; at most `telemetry.max_points`, the latest, and "
+    "`capped_from_ms` then says where they start) or `memory` (this instance's bounded "
+    "window: only the messages it received, empty after a restart), with the reason when "
+    "victoria-metrics failed (`memory (victoria-metrics unreachable: ...)`)."
+)
+
+
 @router.get(
     "/api/v1/devices/{enterprise}/{device_id}/telemetry",
     responses=NOT_FOUND,
+    description=_TELEMETRY_DOC,
 )
 def telemetry(
+    request: Request,
     enterprise: Ident,
     device_id: Ident,
     registry: RegistryDep,
     now_ms: NowMs,
     hours: Annotated[float, Query(gt=0, le=_MAX_TELEMETRY_HOURS)] = 6,
 ) -> Response:
-    """The device's recent messages (latest values of each) and state changes, from the
-    gateway's bounded in-memory window (empty after a restart), and the quality gate's
-    verdict over the last 24 h."""
     key = (enterprise, device_id)
     if registry.get_device(enterprise, device_id) is None:
         raise HTTPException(404, detail=f"device {device_id!r} of {enterprise!r} not found")
     window = registry.quality
+    from_ms = now_ms - int(hours * 3600_000)
+    answer = _read_telemetry(request, registry, key, from_ms, now_ms)
     return _json(
         {
             "enterprise": enterprise,
             "device_id": device_id,
-            "from_ms": now_ms - int(hours * 3600_000),
-            "points": window.telemetry(key, now_ms - int(hours * 3600_000)),
+            "from_ms": from_ms,
+            "source": answer.source,
+            "capped_from_ms": answer.capped_from_ms,
+            "points": answer.points,
             "states": window.states(key),
             "quality": window.judge(key, now_ms, 86400_000),
         }
     )
+
+
+def _read_telemetry(
+    request: Request, registry: Any, key: tuple[str, str], from_ms: int, to_ms: int
+) -> TelemetryAnswer:
+    reader: TelemetryReader = request.app.state.telemetry
+    return reader.read(key, from_ms, to_ms, lambda since: registry.quality.telemetry(key, since))
 
 
 def _json(result: dict[str, Any]) -> Response:
@@ -355,6 +378,7 @@ def report_file(
     window_s = parse_window_param(window, "window")
     as_of_ms = _as_of(as_of, now_ms)
     scope = {"enterprise": enterprise, "region": region, "industry": industry}
+    notes: dict[str, str] = {}
     builders: dict[str, Callable[[], Table]] = {
         "connection": lambda: _connection_table(registry, window_s, as_of_ms, scope, category),
         "ratios": lambda: _ratios_table(registry, group_by, window_s, as_of_ms, scope, category),
@@ -362,7 +386,9 @@ def report_file(
         "grades": lambda: _grades_table(
             registry, _rubric(request), window_s, as_of_ms, region, industry
         ),
-        "telemetry": lambda: _telemetry_table(registry, enterprise, device, now_ms, hours),
+        "telemetry": lambda: _telemetry_table(
+            request, registry, (enterprise, device), now_ms, hours, notes
+        ),
     }
     try:
         header, rows = builders[report]()
@@ -372,7 +398,7 @@ def report_file(
         f"{report} as_of={as_of_ms} window_s={window_s} definitions_version={DEFINITIONS_VERSION}"
         + "".join(
             f" {k}={v}"
-            for k, v in {**scope, "category": category, "group_by": group_by}.items()
+            for k, v in {**scope, "category": category, "group_by": group_by, **notes}.items()
             if v
         )
     ]
@@ -576,13 +602,24 @@ def _grades_table(
 
 
 def _telemetry_table(
-    registry: Any, enterprise: str | None, device: str | None, now_ms: int, hours: float
+    request: Request,
+    registry: Any,
+    key: tuple[str | None, str | None],
+    now_ms: int,
+    hours: float,
+    notes: dict[str, str],
 ) -> Table:
+    enterprise, device = key
     if enterprise is None or device is None:
         raise invalid("query", "device", "the telemetry report needs enterprise and device")
     if registry.get_device(enterprise, device) is None:
         raise HTTPException(404, detail=f"device {device!r} of {enterprise!r} not found")
-    points = registry.quality.telemetry((enterprise, device), now_ms - int(hours * 3600_000))
+    from_ms = now_ms - int(hours * 3600_000)
+    answer = _read_telemetry(request, registry, (enterprise, device), from_ms, now_ms)
+    notes["source"] = answer.source
+    if answer.capped_from_ms is not None:
+        notes["capped_from_ms"] = str(answer.capped_from_ms)
+    points = answer.points
     names = sorted({k for p in points for k in p["values"]})
     header = ["时间 ts_ms", *names]
     return header, [[p["ts"], *(p["values"].get(k) for k in names)] for p in points]
