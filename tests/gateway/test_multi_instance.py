@@ -45,13 +45,20 @@ class _Instance:
     def __init__(self, config: Path, api_port: int) -> None:
         self.config, self.api_port = config, api_port
         self.proc: subprocess.Popen[bytes] | None = None
-        self.http = httpx.Client(
-            base_url=f"http://127.0.0.1:{api_port}",
+        self.http = self._client()
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=f"http://127.0.0.1:{self.api_port}",
             headers={"Authorization": f"Bearer {TOKEN}"},
             timeout=10,
         )
 
     def start(self) -> None:
+        # A fresh client: the old one's kept-alive connection went with a killed process,
+        # and a request on it would fail with "server disconnected".
+        self.http.close()
+        self.http = self._client()
         iiot = str(Path(sys.executable).parent / "iiot")
         log = self.config.with_suffix(".log").open("ab")
         self.proc = subprocess.Popen(
