@@ -41,7 +41,14 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
 from iiot_common.backoff import Backoff, ConnState
 from protocols.driver import now_ms
-from protocols.mqtt.codec import JSON_CODEC, Codec, pack_batch
+from protocols.mqtt.codec import (
+    BATCH_ENVELOPE_BYTES,
+    JSON_CODEC,
+    Codec,
+    batch_part_bytes,
+    pack_batch,
+    payload_bytes,
+)
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Kind, Topic, Will, encode
 
 __all__ = ["Publisher"]
@@ -504,18 +511,26 @@ class Publisher:
         if not rows:
             return None
         parts: dict[str, list[SpoolRow]] = {}
-        size = taken = 0
+        # The whole payload counts against batch_bytes: envelope, each part's wrapper
+        # and the commas, as pack_batch writes them.
+        size = BATCH_ENVELOPE_BYTES
+        taken = 0
         for r in rows:
             run = parts.get(r.device)
             if run is not None and r.seq != run[-1].seq + 1:
                 break  # a device's part carries consecutive seqs only (a cap drop's gap)
-            if taken and size + len(r.body) > sp.batch_bytes:
+            add = payload_bytes(r.body)
+            if run is None:  # a new part: its wrapper, and a comma after the one before
+                add += batch_part_bytes(r.device, r.seq) + (1 if parts else 0)
+            else:  # the comma before this body
+                add += 1
+            if taken and size + add > sp.batch_bytes:
                 break
             if run is None:
                 parts[r.device] = [r]
             else:
                 run.append(r)
-            size += len(r.body) + 1
+            size += add
             taken += 1
         sent = rows[:taken]
         payload = pack_batch([(d, run[0].seq, [r.body for r in run]) for d, run in parts.items()])
