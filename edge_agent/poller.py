@@ -130,11 +130,15 @@ class DevicePoller:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def run(self) -> None:
-        """Poll until ``stop()``; never raises for device trouble."""
+    async def run(self, epoch: float | None = None) -> None:
+        """Poll until ``stop()``; never raises for device trouble.
+
+        ``epoch`` (``time.monotonic()``) is where the grid starts, shared by pollers
+        started together so that those of one phase wake in the same instant; default: now.
+        """
         dev = self.device
         interval = dev.poll_interval
-        start = time.monotonic() + self.phase * interval
+        start = (time.monotonic() if epoch is None else epoch) + self.phase * interval
         tick = 0
         try:
             while not self._stop.is_set():
