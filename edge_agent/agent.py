@@ -32,6 +32,7 @@ from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_conf
 from edge_agent.sparkplug import SparkplugPublisher
 from edge_agent.spool import Spool
 from iiot_common import __version__
+from iiot_common.deadline import LoopLag
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
@@ -156,6 +157,9 @@ class Agent:
         self._ckpt_task: asyncio.Task[None] | None = None
         self._ckpt_stop = asyncio.Event()
         self._ckpt_now = asyncio.Event()  # the WAL outgrew its share before the next second
+        # Pollers' deadlines move by the time the loop loses, so that an agent that is
+        # behind does not take its devices for dead (iiot_common.deadline).
+        self.loop_lag = LoopLag(self.metrics.loop_lag.set)
 
     @property
     def pollers(self) -> list[DevicePoller]:
@@ -231,6 +235,7 @@ class Agent:
             self._http = http
             self.metrics_port = http.port
         self._update_spool_metrics()
+        self.loop_lag.start()
         self.spool.take_over_checkpoints()
         self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
         await self.publisher.start()
@@ -264,6 +269,7 @@ class Agent:
         if self._http is not None:
             await self._http.stop()
             self._http = None
+        self.loop_lag.stop()
         log.info("agent stopped", extra={"agent": self.cfg.agent_id, "spooled": self.spool.depth})
         self.spool.close()
         _release(self._locks)

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from device_profiles.schema import Point, Profile, ValueType
+from iiot_common.deadline import deadline_after
 from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -361,7 +362,7 @@ class ModbusDriver(DriverBase):
                 await line.wait_pause(conn.pause)
                 self.stats.requests += 1
                 try:
-                    async with asyncio.timeout(conn.timeout):
+                    async with deadline_after(conn.timeout):
                         response = await line.run(call)
                 except TimeoutError as exc:
                     if not line.connected:
