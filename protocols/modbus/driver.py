@@ -253,6 +253,18 @@ class _PollData:
     progress: int = 0  # requests the device answered
 
 
+class _Read:
+    """What a read request asks for, as its errors name it."""
+
+    __slots__ = ("count", "start", "table", "unit")
+
+    def __init__(self, table: ModbusTable, start: int, count: int, unit: int) -> None:
+        self.table, self.start, self.count, self.unit = table, start, count, unit
+
+    def __str__(self) -> str:
+        return f"read {self.table.value} {self.start}+{self.count} (unit {self.unit})"
+
+
 class _PollFailed(Exception):
     """A request failed because the device is unreachable; stop the poll."""
 
@@ -342,7 +354,7 @@ class ModbusDriver(DriverBase):
 
     # ----------------------------------------------------------------- requests
 
-    async def _request(self, what: str, call: Any) -> Any:
+    async def _request(self, what: str | _Read, call: Any) -> Any:
         """One request with the device's timeout and retries; returns the response PDU.
 
         Raises DeviceTimeout, ConnectError, DeviceRejected (an exception response, with
@@ -353,13 +365,15 @@ class ModbusDriver(DriverBase):
         last: ProtocolError | None = None
         for _attempt in range(conn.retries + 1):
             async with line.lock:
-                try:
-                    await line.ensure_connected(conn.timeout, self.name)
-                except ConnectError as exc:
-                    self.stats.connect_errors += 1
-                    last = exc
-                    continue
-                await line.wait_pause(conn.pause)
+                if not line.connected:
+                    try:
+                        await line.ensure_connected(conn.timeout, self.name)
+                    except ConnectError as exc:
+                        self.stats.connect_errors += 1
+                        last = exc
+                        continue
+                if conn.pause > 0:
+                    await line.wait_pause(conn.pause)
                 self.stats.requests += 1
                 try:
                     async with deadline_after(conn.timeout):
@@ -403,7 +417,7 @@ class ModbusDriver(DriverBase):
     async def _read_span(self, table: ModbusTable, start: int, count: int) -> list[int]:
         """``count`` registers (bits as 0/1) from ``start``; DecodeError on a short answer."""
         unit = self.unit
-        what = f"read {table.value} {start}+{count} (unit {unit})"
+        what = _Read(table, start, count, unit)  # spelled out only in an error
 
         async def call(client: Any) -> Any:
             if table is ModbusTable.HOLDING:
