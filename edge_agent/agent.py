@@ -59,7 +59,7 @@ _FULL_QUIET = 10.0  # seconds without a drop before the spool counts as no longe
 # Devices are spread over their interval in slots this long, not each at its own instant:
 # every wake-up of the process costs tens of microseconds before any work is done, so
 # devices of one slot share one (and their samples one spool commit).
-_PHASE_SLOT = 0.025  # seconds
+_PHASE_SLOT = 0.05  # seconds
 
 
 class AgentStartError(RuntimeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -140,13 +140,13 @@ class MetricsServer:
         doc = head.documentation.replace("\\", r"\\").replace("\n", r"\n")
         yield f"# HELP {name} {doc}\n# TYPE {name} {head.type}\n"
         with m._lock:
-            children = list(m._metrics.items())
+            children: list[tuple[Sequence[str], Any]] = list(m._metrics.items())
         heads = self._heads
         if len(heads) > _MAX_HEADS:
             heads.clear()  # children of removed devices; the live ones come back at once
         labelnames = m._labelnames
         for values, child in children:
-            key = (name, values)
+            key = (name, tuple(values))
             prefix = heads.get(key)
             if prefix is None:
                 labels = ",".join(
