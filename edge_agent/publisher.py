@@ -40,6 +40,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
 from iiot_common.backoff import Backoff, ConnState
+from iiot_common.deadline import deadline_after
 from protocols.driver import now_ms
 from protocols.mqtt.codec import (
     BATCH_ENVELOPE_BYTES,
@@ -247,10 +248,11 @@ class Publisher:
             )
             return False, False
         self._connack = self._loop.create_future()
+        # Both waits move by the time the loop loses meanwhile: an agent busy starting
+        # thousands of devices must not take a broker that answered for one that did not.
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(client.connect, m.host, m.port, m.keepalive), _CONNECT_TIMEOUT
-            )
+            async with deadline_after(_CONNECT_TIMEOUT, stretch=True):
+                await asyncio.to_thread(client.connect, m.host, m.port, m.keepalive)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             log.warning(
                 "mqtt connect failed",
@@ -260,7 +262,8 @@ class Publisher:
         self._client = client
         client.loop_start()
         try:
-            ok, auth, reason = await asyncio.wait_for(self._connack, _CONNECT_TIMEOUT)
+            async with deadline_after(_CONNECT_TIMEOUT, stretch=True):
+                ok, auth, reason = await self._connack
         except TimeoutError:
             ok, auth, reason = False, False, "no CONNACK"
         if not ok:
