@@ -14,7 +14,8 @@ keeps up, that is a few microseconds past the deadline.
 A block of several requests (a poll) is also held up between them when the loop is
 behind. ``LoopLag`` measures that (how late a timer of its own runs, ten times a
 second); a deadline made with ``stretch=True`` then moves by the time the loop lost
-while the block ran, so what it bounds is the block's own time, not the loop's backlog.
+while the block ran (by at most ten times its limit), so what it bounds is the block's own
+time, not the loop's backlog.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["Deadline", "LoopLag", "deadline_after", "deadline_at"]
 
 _TURNS = 2  # loop turns between the timer and the cancellation
 _TICK = 0.1  # seconds between two measurements of the loop's lag
+_STRETCH_MAX = 10  # a stretched deadline moves by at most this many times its limit
 _NOISE = 0.005  # lateness below this is timer granularity, not a loop that is behind
 _LAGS: dict[int, LoopLag] = {}  # id(loop) -> its running monitor
 
@@ -85,7 +87,17 @@ class Deadline:
     elsewhere passes through as ``CancelledError``), without its objects: a poll has two.
     """
 
-    __slots__ = ("_cancelling", "_fired", "_handle", "_lag", "_loop", "_lost", "_task", "_when")
+    __slots__ = (
+        "_cancelling",
+        "_fired",
+        "_handle",
+        "_lag",
+        "_loop",
+        "_lost",
+        "_spare",
+        "_task",
+        "_when",
+    )
 
     def __init__(self, when: float | None, *, stretch: bool = False) -> None:
         self._when = when
@@ -96,10 +108,16 @@ class Deadline:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lag: LoopLag | None = None
         self._lost = 0.0
+        self._spare = 0.0  # how much further the deadline may still move
         if stretch:
             self._loop = loop = asyncio.get_running_loop()
             self._lag = lag = _LAGS.get(id(loop))
             self._lost = lag.lost if lag is not None else 0.0
+            # At most by _STRETCH_MAX times the block's own limit: a loop that stays
+            # behind delays a timeout (a dead device's), never indefinitely.
+            limit = when - loop.time() if when is not None else 0.0
+            # (A deadline already due when made, after a slow connect, still gets some.)
+            self._spare = _STRETCH_MAX * max(limit, _TICK)
 
     async def __aenter__(self) -> Deadline:
         loop = self._loop
@@ -141,10 +159,12 @@ class Deadline:
             self._handle = loop.call_soon(self._turn, left - 1)
             return
         lag = self._lag
-        if lag is not None and lag.lost > self._lost:
+        if lag is not None and lag.lost > self._lost and self._spare > 0:
             # The loop lost time while the block ran: the deadline moves by as much.
             assert self._when is not None
-            self._when += lag.lost - self._lost
+            move = min(lag.lost - self._lost, self._spare)
+            self._when += move
+            self._spare -= move
             self._lost = lag.lost
             self._handle = loop.call_at(self._when, self._turn, _TURNS)
             return
