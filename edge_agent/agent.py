@@ -32,6 +32,7 @@ from edge_agent.remote import RemoteConfigRefused, RemoteConfigStore, build_conf
 from edge_agent.sparkplug import SparkplugPublisher
 from edge_agent.spool import Spool
 from iiot_common import __version__
+from iiot_common.deadline import LoopLag
 from protocols.driver import Reading, create_driver, now_ms
 from protocols.mqtt.codec import JSON_CODEC, Codec
 from protocols.mqtt.contract import BirthDevice, ContractError, DeviceState
@@ -55,6 +56,10 @@ _CHECKPOINT_EVERY = 1.0  # seconds
 _COMMIT_WINDOW = 0.005  # seconds
 _POLLER_STOP_TIMEOUT = 10.0  # seconds
 _FULL_QUIET = 10.0  # seconds without a drop before the spool counts as no longer full
+# Devices are spread over their interval in slots this long, not each at its own instant:
+# every wake-up of the process costs tens of microseconds before any work is done, so
+# devices of one slot share one (and their samples one spool commit).
+_PHASE_SLOT = 0.05  # seconds
 
 
 class AgentStartError(RuntimeError):
@@ -124,7 +129,8 @@ class Agent:
             )
         self.publisher.config_version = self.config_version
         self._pollers: dict[str, DevicePoller] = {
-            d.id: self._make_poller(d, i / len(enabled)) for i, d in enumerate(enabled)
+            d.id: self._make_poller(d, _slotted(i / len(enabled), d.poll_interval))
+            for i, d in enumerate(enabled)
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.control_metrics = ControlMetrics(self.metrics.registry)
@@ -151,6 +157,9 @@ class Agent:
         self._ckpt_task: asyncio.Task[None] | None = None
         self._ckpt_stop = asyncio.Event()
         self._ckpt_now = asyncio.Event()  # the WAL outgrew its share before the next second
+        # Pollers' deadlines move by the time the loop loses, so that an agent that is
+        # behind does not take its devices for dead (iiot_common.deadline).
+        self.loop_lag = LoopLag(self.metrics.loop_lag.set)
 
     @property
     def pollers(self) -> list[DevicePoller]:
@@ -226,11 +235,13 @@ class Agent:
             self._http = http
             self.metrics_port = http.port
         self._update_spool_metrics()
+        self.loop_lag.start()
         self.spool.take_over_checkpoints()
         self.spool.start_group_commit(asyncio.get_running_loop(), _COMMIT_WINDOW, self._on_commit)
         await self.publisher.start()
+        epoch = time.monotonic()
         for dev_id, poller in self._pollers.items():
-            self._tasks[dev_id] = asyncio.create_task(poller.run(), name=f"poll-{dev_id}")
+            self._tasks[dev_id] = asyncio.create_task(poller.run(epoch), name=f"poll-{dev_id}")
         self._ckpt_task = asyncio.create_task(self._checkpoints(), name="spool-checkpoint")
         log.info(
             "agent started",
@@ -258,6 +269,7 @@ class Agent:
         if self._http is not None:
             await self._http.stop()
             self._http = None
+        self.loop_lag.stop()
         log.info("agent stopped", extra={"agent": self.cfg.agent_id, "spooled": self.spool.depth})
         self.spool.close()
         _release(self._locks)
@@ -432,6 +444,14 @@ class Agent:
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)
         self.metrics.spool_disk_bytes.set(self.spool.disk_bytes)
+
+
+def _slotted(phase: float, interval: float) -> float:
+    """``phase`` (a fraction of ``interval``) moved back to the start of its slot."""
+    slots = int(interval / _PHASE_SLOT)
+    if slots < 2:
+        return 0.0
+    return int(phase * slots) / slots
 
 
 def _lock_dirs(*dirs: Path) -> list[DataDirLock]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from edge_agent.discovery import discover
-from edge_agent.runtime import LoopKind, raise_open_files, run_on
+from edge_agent.runtime import LoopKind, raise_open_files, run_on, settle_heap
 
 __all__ = ["app"]
 
@@ -70,6 +70,7 @@ def run(
         agent = Agent(loaded)
         limits = raise_open_files(len(agent.pollers))
         loop = asyncio.get_running_loop()
+        settle_heap(loop)
         log.info(
             "agent runtime",
             extra={

@@ -82,6 +82,11 @@ class AgentMetrics:
         self.device_online = Gauge(
             "iiot_agent_device_online", "1 while the device answers.", ["device"], registry=r
         )
+        self.loop_lag = Gauge(
+            "iiot_agent_loop_lag_seconds",
+            "How late the agent's event loop ran a timer (0 while it keeps up).",
+            registry=r,
+        )
         self.suppressed_samples = Counter(
             "iiot_agent_suppressed_samples", "Samples not sent (report on change, unchanged).",
             ["device"], registry=r,

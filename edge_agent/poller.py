@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -24,6 +25,7 @@ from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
 from edge_agent.metrics import AgentMetrics
 from iiot_common.backoff import Backoff, ConnState
+from iiot_common.deadline import deadline_after, deadline_at
 from protocols.driver import Driver, Reading, Value
 from protocols.errors import ConnectError, ProtocolError
 
@@ -36,6 +38,9 @@ SampleSink = Callable[[str, Reading], None]
 StateSink = Callable[[str, bool, str], None]
 
 _LAG_KEEP = 20000  # poll start lags kept for benchmarks
+# One jitter source for every poller's backoffs: a Random each is 2.5 KB and a read of
+# the system's entropy, times two per device.
+_RNG = random.Random()
 
 
 @dataclass(slots=True)
@@ -84,12 +89,12 @@ class DevicePoller:
         self._on_sample = on_sample
         self._on_state = on_state
         self.metrics = metrics
-        self.backoff = backoff or Backoff(0.5, max(5.0, device.poll_interval * 4))
+        self.backoff = backoff or Backoff(0.5, max(5.0, device.poll_interval * 4), rng=_RNG)
         # A device that stops answering (timeouts, not connection errors) is probed on
         # this backoff, each probe bounded by ``probe_limit``, so a dead unit on a shared
         # line does not hold the line for its full timeout every cycle.
         probe_max = max(device.probe_max, device.poll_interval)
-        self.probe_backoff = Backoff(min(device.poll_interval, probe_max), probe_max)
+        self.probe_backoff = Backoff(min(device.poll_interval, probe_max), probe_max, rng=_RNG)
         self._timeouts = 0  # timeouts in a row
         self.health = DeviceHealth()
         self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
@@ -130,11 +135,15 @@ class DevicePoller:
         if self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
 
-    async def run(self) -> None:
-        """Poll until ``stop()``; never raises for device trouble."""
+    async def run(self, epoch: float | None = None) -> None:
+        """Poll until ``stop()``; never raises for device trouble.
+
+        ``epoch`` (``time.monotonic()``) is where the grid starts, shared by pollers
+        started together so that those of one phase wake in the same instant; default: now.
+        """
         dev = self.device
         interval = dev.poll_interval
-        start = time.monotonic() + self.phase * interval
+        start = (time.monotonic() if epoch is None else epoch) + self.phase * interval
         tick = 0
         try:
             while not self._stop.is_set():
@@ -234,7 +243,7 @@ class DevicePoller:
                     self._listen(driver)
                     if own:
                         deadline = loop.time() + (dev.probe_limit if probing else dev.timeout)
-                async with asyncio.timeout_at(deadline):
+                async with deadline_at(deadline, stretch=True):
                     reading = await self._driver.read(self.points)
         except TimeoutError:
             if connecting:
@@ -358,10 +367,10 @@ class DevicePoller:
         own = _connect_limit(driver)
         try:
             if own:
-                async with asyncio.timeout(own):
+                async with deadline_after(own):
                     await driver.connect()
             elif deadline is not None:
-                async with asyncio.timeout_at(deadline):
+                async with deadline_at(deadline, stretch=True):
                     await driver.connect()
             else:
                 await driver.connect()

@@ -40,8 +40,16 @@ from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.spool import Spool, SpoolRow
 from iiot_common.backoff import Backoff, ConnState
+from iiot_common.deadline import deadline_after
 from protocols.driver import now_ms
-from protocols.mqtt.codec import JSON_CODEC, Codec, pack_batch
+from protocols.mqtt.codec import (
+    BATCH_ENVELOPE_BYTES,
+    JSON_CODEC,
+    Codec,
+    batch_part_bytes,
+    pack_batch,
+    payload_bytes,
+)
 from protocols.mqtt.contract import Birth, BirthDevice, DeviceState, Kind, Topic, Will, encode
 
 __all__ = ["Publisher"]
@@ -240,10 +248,11 @@ class Publisher:
             )
             return False, False
         self._connack = self._loop.create_future()
+        # Both waits move by the time the loop loses meanwhile: an agent busy starting
+        # thousands of devices must not take a broker that answered for one that did not.
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(client.connect, m.host, m.port, m.keepalive), _CONNECT_TIMEOUT
-            )
+            async with deadline_after(_CONNECT_TIMEOUT, stretch=True):
+                await asyncio.to_thread(client.connect, m.host, m.port, m.keepalive)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             log.warning(
                 "mqtt connect failed",
@@ -253,7 +262,8 @@ class Publisher:
         self._client = client
         client.loop_start()
         try:
-            ok, auth, reason = await asyncio.wait_for(self._connack, _CONNECT_TIMEOUT)
+            async with deadline_after(_CONNECT_TIMEOUT, stretch=True):
+                ok, auth, reason = await self._connack
         except TimeoutError:
             ok, auth, reason = False, False, "no CONNACK"
         if not ok:
@@ -504,18 +514,26 @@ class Publisher:
         if not rows:
             return None
         parts: dict[str, list[SpoolRow]] = {}
-        size = taken = 0
+        # The whole payload counts against batch_bytes: envelope, each part's wrapper
+        # and the commas, as pack_batch writes them.
+        size = BATCH_ENVELOPE_BYTES
+        taken = 0
         for r in rows:
             run = parts.get(r.device)
             if run is not None and r.seq != run[-1].seq + 1:
                 break  # a device's part carries consecutive seqs only (a cap drop's gap)
-            if taken and size + len(r.body) > sp.batch_bytes:
+            add = payload_bytes(r.body)
+            if run is None:  # a new part: its wrapper, and a comma after the one before
+                add += batch_part_bytes(r.device, r.seq) + (1 if parts else 0)
+            else:  # the comma before this body
+                add += 1
+            if taken and size + add > sp.batch_bytes:
                 break
             if run is None:
                 parts[r.device] = [r]
             else:
                 run.append(r)
-            size += len(r.body) + 1
+            size += add
             taken += 1
         sent = rows[:taken]
         payload = pack_batch([(d, run[0].seq, [r.body for r in run]) for d, run in parts.items()])

@@ -10,8 +10,9 @@ matters more than throughput.
 Group commit: ``append`` commits at once; ``stage`` and ``ack_later`` queue a sample or
 a deletion, and ``commit`` writes everything queued in one transaction. With
 ``start_group_commit`` the spool commits by itself within a short window after the first
-queued change and then tells the caller which devices have new committed samples, so
-many devices polled in the same few milliseconds share one commit. A staged sample is
+queued sample (a deletion waits up to ``_ACK_WINDOW`` for one) and then tells the caller
+which devices have new committed samples, so many devices polled in the same few
+milliseconds share one commit. A staged sample is
 not published before that commit; killing the agent loses at most the samples of the
 open window, which were never reported as spooled.
 
@@ -67,6 +68,7 @@ _MIN_DATA = 64 * 1024
 # Free pages given back per commit (bounded, so a drain never stalls the event loop).
 _VACUUM_PAGES = 64
 _ACKS_PER_COMMIT = 256
+_ACK_WINDOW = 0.2  # seconds a deletion waits for a commit of samples to ride with
 _VACUUM_MIN = 256 * 1024  # free space below this stays in the file for the next rows
 # A file this small (or an empty spool) is rewritten at open to enable incremental vacuum.
 _CONVERT_MAX = 16 * 1024 * 1024
@@ -185,7 +187,9 @@ class Spool:
             self.ack(ids)
             return
         self._acks.extend(ids)
-        self._schedule()
+        # Deletions are in no hurry: they ride with the next commit of samples rather than
+        # wake the process for a commit of their own.
+        self._schedule(max(self._window, _ACK_WINDOW))
 
     @property
     def staged(self) -> int:
@@ -280,9 +284,19 @@ class Spool:
             self._give_back()
         return list(last)
 
-    def _schedule(self) -> None:
-        if self._loop is not None and self._flush_handle is None:
-            self._flush_handle = self._loop.call_later(self._window, self._flush_window)
+    def _schedule(self, window: float | None = None) -> None:
+        """Commit within ``window`` seconds (default: the group-commit window)."""
+        loop = self._loop
+        if loop is None:
+            return
+        if window is None:
+            window = self._window
+        handle = self._flush_handle
+        if handle is not None:
+            if handle.when() <= loop.time() + window:
+                return  # a commit comes soon enough
+            handle.cancel()
+        self._flush_handle = loop.call_later(window, self._flush_window)
 
     def _flush_window(self) -> None:
         self._flush_handle = None

@@ -22,12 +22,14 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import truediv
 from typing import Any
 
 from pydantic import ValidationError
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
 from device_profiles.schema import Point, Profile, ValueType
+from iiot_common.deadline import deadline_after
 from protocols.driver import DriverBase, Reading, Value, now_ms
 from protocols.errors import (
     ConfigError,
@@ -94,6 +96,32 @@ def _check_write_value(point: Point, value: Value, where: str) -> None:
         raise ConfigError(f"{where}: cannot write {value!r} to a {point.type.value} point")
 
 
+# How a fast point's raw value becomes its value.
+_PLAIN = 0  # as read (an integer type without scale or offset)
+_PLAIN_FLOAT = 1  # as read, when finite
+_DIVIDE = 2  # a 16-bit integer over a power of ten (scale 0.1, 0.01, ...), see below
+_SCALED = 3  # codec.from_raw's scale, offset and rounding
+
+_SMALL_INTS = (ValueType.INT16, ValueType.UINT16)
+_FLOATS = (ValueType.FLOAT32, ValueType.FLOAT64)
+# scale → the power of ten it divides by. For every 16-bit integer r,
+# r / 10**k == round(r * 1e-k, 10) (what codec.from_raw gives): r * 1e-k is within
+# 1e-12 of the decimal r / 10**k, which rounding to 10 places restores, and the division
+# of two exact numbers is correctly rounded. One C-level division instead of a multiply,
+# a round() and an isfinite() per value.
+_DIVISORS = {float(f"1e-{k}"): 10**k for k in range(1, 11)}
+
+
+def _kind(p: Point) -> tuple[int, float]:
+    """How ``p``'s raw value becomes its value, and the number that takes (scale, divisor)."""
+    if p.scale == 1.0 and p.offset == 0.0:
+        return (_PLAIN_FLOAT, 1.0) if p.type in _FLOATS else (_PLAIN, 1.0)
+    divisor = _DIVISORS.get(p.scale)
+    if p.type in _SMALL_INTS and p.offset == 0.0 and divisor is not None:
+        return _DIVIDE, float(divisor)
+    return _SCALED, p.scale
+
+
 class _BlockDecoder:
     """A block's numeric points decoded with one precompiled ``struct`` call.
 
@@ -103,11 +131,20 @@ class _BlockDecoder:
     SunSpec scale factors) is left to ``codec.decode`` via ``slow``.
     """
 
-    __slots__ = ("count", "fast", "names", "plain", "regs_struct", "slow", "values_struct")
+    __slots__ = (
+        "count",
+        "divisors",
+        "fast",
+        "kinds",
+        "names",
+        "regs_struct",
+        "slow",
+        "values_struct",
+    )
 
     def __init__(self, block: ReadBlock, settings: Any, sf_names: set[str]) -> None:
         self.count = block.count
-        self.fast: list[tuple[str, float, float, bool, bool]] = []
+        self.fast: list[tuple[str, int, float, float]] = []  # name, kind, scale, offset
         self.slow: list[BlockPoint] = []
         fmt = ">"
         pos = 0  # bytes of the block consumed by the format so far
@@ -135,37 +172,74 @@ class _BlockDecoder:
                 fmt += f"{start - pos}x"
             fmt += code
             pos = start + 2 * bp.count
-            plain = p.scale == 1.0 and p.offset == 0.0
-            is_float = p.type in (ValueType.FLOAT32, ValueType.FLOAT64)
-            self.fast.append((p.name, p.scale, p.offset, plain, is_float))
+            kind, number = _kind(p)
+            self.fast.append((p.name, kind, number, p.offset))
         self.values_struct = struct.Struct(fmt)
         self.regs_struct = struct.Struct(f">{block.count}H")
         self.names = tuple(f[0] for f in self.fast)
-        # No scale or offset anywhere: the raw values are the values (when all finite).
-        self.plain = all(f[3] for f in self.fast)
+        # One kind for the whole block: decoded by one C-level call, no loop.
+        kinds = {f[1] for f in self.fast}
+        self.kinds = kinds.pop() if len(kinds) == 1 else -1
+        self.divisors = tuple(f[2] for f in self.fast)
 
     def decode(self, regs: list[int], values: dict[str, Value], bad: list[str]) -> None:
         """Decode the fast points of ``regs`` into ``values``; non-finite ones into ``bad``."""
         if not self.fast:
             return
         raw = self.values_struct.unpack_from(self.regs_struct.pack(*regs))
-        isfinite = math.isfinite
-        if self.plain and all(map(isfinite, raw)):
+        kinds = self.kinds
+        if kinds == _PLAIN:
             values.update(zip(self.names, raw, strict=True))
             return
-        for (name, scale, offset, plain, is_float), r in zip(self.fast, raw, strict=True):
-            if plain:
-                if is_float and not isfinite(r):
-                    bad.append(name)
-                else:
+        if kinds == _DIVIDE:
+            values.update(zip(self.names, map(truediv, raw, self.divisors), strict=True))
+            return
+        isfinite = math.isfinite
+        if kinds == _PLAIN_FLOAT and all(map(isfinite, raw)):
+            values.update(zip(self.names, raw, strict=True))
+            return
+        for (name, kind, number, offset), r in zip(self.fast, raw, strict=True):
+            if kind == _PLAIN:
+                values[name] = r
+            elif kind == _DIVIDE:
+                values[name] = r / number
+            elif kind == _PLAIN_FLOAT:
+                if isfinite(r):
                     values[name] = r
-                continue
-            # As codec.from_raw: scale, then offset, then rounding to honest decimals.
-            v = r * scale + offset
-            if isfinite(v):
-                values[name] = round(v, 10)
+                else:
+                    bad.append(name)
             else:
-                bad.append(name)
+                # As codec.from_raw: scale, then offset, then rounding to honest decimals.
+                v = r * number + offset
+                if isfinite(v):
+                    values[name] = round(v, 10)
+                else:
+                    bad.append(name)
+
+
+# Plans of devices that refused no span, shared by the devices of one profile and point
+# list: thousands of devices of one model then plan (and build block decoders) once, not
+# once each at start. Keyed by the profile's identity, kept alive beside its plan.
+_PlanKey = tuple[int, tuple[str, ...], int]
+_PLANS: dict[_PlanKey, tuple[Profile, list[ReadBlock]]] = {}
+# Block decoders by block identity (the block is kept alive beside its decoder).
+_DECODERS: dict[int, tuple[ReadBlock, _BlockDecoder]] = {}
+_MAX_SHARED = 1024
+
+
+def _shared_plan(
+    profile: Profile, points: Sequence[Point], key: tuple[str, ...], max_gap: int
+) -> list[ReadBlock]:
+    """The plan of ``points`` of ``profile`` without refused spans, made once per process."""
+    k = (id(profile), key, max_gap)
+    got = _PLANS.get(k)
+    if got is not None and got[0] is profile:
+        return got[1]
+    plan = plan_reads(profile, points, max_gap=max_gap)
+    if len(_PLANS) >= _MAX_SHARED:
+        _PLANS.clear()
+    _PLANS[k] = (profile, plan)
+    return plan
 
 
 @dataclass(slots=True)
@@ -177,6 +251,18 @@ class _PollData:
     data: dict[str, list[int]] = field(default_factory=dict)  # registers, other points
     errors: dict[str, str] = field(default_factory=dict)
     progress: int = 0  # requests the device answered
+
+
+class _Read:
+    """What a read request asks for, as its errors name it."""
+
+    __slots__ = ("count", "start", "table", "unit")
+
+    def __init__(self, table: ModbusTable, start: int, count: int, unit: int) -> None:
+        self.table, self.start, self.count, self.unit = table, start, count, unit
+
+    def __str__(self) -> str:
+        return f"read {self.table.value} {self.start}+{self.count} (unit {self.unit})"
 
 
 class _PollFailed(Exception):
@@ -223,8 +309,6 @@ class ModbusDriver(DriverBase):
         self._closed = False
         self._refused: set[Span] = set()
         self._plans: dict[tuple[str, ...], list[ReadBlock]] = {}
-        # Block decoders by block identity (the block is kept alive beside its decoder).
-        self._decoders: dict[int, tuple[ReadBlock, _BlockDecoder]] = {}
         self._sf_names = {
             p.scale_factor_point for p in profile.points if p.scale_factor_point is not None
         }
@@ -270,7 +354,7 @@ class ModbusDriver(DriverBase):
 
     # ----------------------------------------------------------------- requests
 
-    async def _request(self, what: str, call: Any) -> Any:
+    async def _request(self, what: str | _Read, call: Any) -> Any:
         """One request with the device's timeout and retries; returns the response PDU.
 
         Raises DeviceTimeout, ConnectError, DeviceRejected (an exception response, with
@@ -281,16 +365,18 @@ class ModbusDriver(DriverBase):
         last: ProtocolError | None = None
         for _attempt in range(conn.retries + 1):
             async with line.lock:
-                try:
-                    await line.ensure_connected(conn.timeout, self.name)
-                except ConnectError as exc:
-                    self.stats.connect_errors += 1
-                    last = exc
-                    continue
-                await line.wait_pause(conn.pause)
+                if not line.connected:
+                    try:
+                        await line.ensure_connected(conn.timeout, self.name)
+                    except ConnectError as exc:
+                        self.stats.connect_errors += 1
+                        last = exc
+                        continue
+                if conn.pause > 0:
+                    await line.wait_pause(conn.pause)
                 self.stats.requests += 1
                 try:
-                    async with asyncio.timeout(conn.timeout):
+                    async with deadline_after(conn.timeout):
                         response = await line.run(call)
                 except TimeoutError as exc:
                     if not line.connected:
@@ -331,7 +417,7 @@ class ModbusDriver(DriverBase):
     async def _read_span(self, table: ModbusTable, start: int, count: int) -> list[int]:
         """``count`` registers (bits as 0/1) from ``start``; DecodeError on a short answer."""
         unit = self.unit
-        what = f"read {table.value} {start}+{count} (unit {unit})"
+        what = _Read(table, start, count, unit)  # spelled out only in an error
 
         async def call(client: Any) -> Any:
             if table is ModbusTable.HOLDING:
@@ -377,20 +463,24 @@ class ModbusDriver(DriverBase):
             self._last_names = tuple(p.name for p in points)
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_reads(self.profile, points, max_gap=self.max_gap, refused=self._refused)
+            if self._refused:
+                plan = plan_reads(self.profile, points, max_gap=self.max_gap, refused=self._refused)
+            else:
+                plan = _shared_plan(self.profile, points, key, self.max_gap)
             if len(self._plans) >= _MAX_CACHED_PLANS:
                 self._plans.clear()
             self._plans[key] = plan
         return plan
 
     def _decoder(self, block: ReadBlock) -> _BlockDecoder:
-        got = self._decoders.get(id(block))
+        # Shared by every driver polling the same block (a shared plan's): built once.
+        got = _DECODERS.get(id(block))
         if got is not None and got[0] is block:
             return got[1]
-        if len(self._decoders) >= 4 * _MAX_CACHED_PLANS:
-            self._decoders.clear()
+        if len(_DECODERS) >= _MAX_SHARED:
+            _DECODERS.clear()
         dec = _BlockDecoder(block, self.settings, self._sf_names)
-        self._decoders[id(block)] = (block, dec)
+        _DECODERS[id(block)] = (block, dec)
         return dec
 
     def _split(self, block: ReadBlock) -> list[ReadBlock] | None:

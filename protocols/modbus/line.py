@@ -29,6 +29,7 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException
 from pymodbus.framer import FramerType
 
+from iiot_common.deadline import deadline_after
 from protocols.errors import ConfigError, ConnectError
 from protocols.modbus.config import ModbusConnection
 from protocols.modbus.tcp import TcpClient
@@ -95,6 +96,7 @@ class Line:
         self.client = _make_client(conn, key, self._on_connect)
         self.lock = asyncio.Lock()
         self.users: list[str] = []
+        self.pool_key: tuple[int, str] = (0, key)  # (event loop, line key) in the pool
         self.connects = 0
         self.disconnects = 0
         self._last_end = 0.0
@@ -138,7 +140,7 @@ class Line:
         self.connects += 1
         cause = ""
         try:
-            async with asyncio.timeout(limit):
+            async with deadline_after(limit):
                 ok = await self.client.connect()
         except TimeoutError:
             ok, cause = False, f"no connection within {limit}s"
@@ -266,6 +268,7 @@ def acquire_line(conn: ModbusConnection, device: str) -> Line:
     line = _POOL.get(pool_key)
     if line is None:
         line = Line(key, conn, device)
+        line.pool_key = pool_key
         _POOL[pool_key] = line
     else:
         for f in _LINE_FIELDS:
@@ -286,9 +289,9 @@ def release_line(line: Line, device: str) -> None:
     if line.users:
         return
     line.close()
-    for k, v in list(_POOL.items()):
-        if v is line:
-            del _POOL[k]
+    # By its key, not by a search: thousands of devices reconnecting would each walk the pool.
+    if _POOL.get(line.pool_key) is line:
+        del _POOL[line.pool_key]
 
 
 def open_lines() -> int:

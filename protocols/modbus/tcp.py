@@ -41,9 +41,16 @@ __all__ = ["TcpClient"]
 _log = logging.getLogger(__name__)
 
 _MBAP = struct.Struct(">HHH")  # transaction id, protocol id, length (unit id onwards)
+# A register read: MBAP (transaction id, protocol 0, length 6, unit), code, address, count.
+_READ = struct.Struct(">HHHBBHH")
 _HEAD = 7  # MBAP header with the unit id
 _MAX_LENGTH = 254  # unit id + the largest PDU (253 bytes)
 _MAX_TID = 65000  # transaction ids run 1..65000, as pymodbus's do
+
+
+def _plain_read(address: int, count: int, unit: int) -> bool:
+    """A read that pymodbus would frame without complaint (others go through it, to raise)."""
+    return 0 <= address <= 0xFFFF and 1 <= count <= 125 and 0 <= unit <= 255
 
 
 def _registers(data: bytes) -> list[int]:
@@ -159,20 +166,65 @@ class TcpClient(ModbusClientMixin[Awaitable[ModbusPDU]]):
         """Send ``request``; the answer (an ``ExceptionResponse`` for a Modbus exception)."""
         return self._execute(no_response_expected, request)
 
+    def read_holding_registers(
+        self,
+        address: int,
+        *,
+        count: int = 1,
+        device_id: int = 1,
+        no_response_expected: bool = False,
+    ) -> Awaitable[ModbusPDU]:
+        """Read holding registers (code 0x03), as pymodbus's client does."""
+        if no_response_expected or not _plain_read(address, count, device_id):
+            return super().read_holding_registers(
+                address, count=count, device_id=device_id, no_response_expected=no_response_expected
+            )
+        return self._read(3, address, count, device_id)
+
+    def read_input_registers(
+        self,
+        address: int,
+        *,
+        count: int = 1,
+        device_id: int = 1,
+        no_response_expected: bool = False,
+    ) -> Awaitable[ModbusPDU]:
+        """Read input registers (code 0x04), as pymodbus's client does."""
+        if no_response_expected or not _plain_read(address, count, device_id):
+            return super().read_input_registers(
+                address, count=count, device_id=device_id, no_response_expected=no_response_expected
+            )
+        return self._read(4, address, count, device_id)
+
+    async def _read(self, code: int, address: int, count: int, unit: int) -> ModbusPDU:
+        """A register read framed in one ``struct`` call: the bytes pymodbus would send."""
+        transport = self._transport()
+        self._tid = tid = self._tid % _MAX_TID + 1
+        return await self._exchange(
+            transport, _READ.pack(tid, 0, 6, unit, code, address, count), unit
+        )
+
     async def _execute(self, no_response_expected: bool, request: ModbusPDU) -> ModbusPDU:
+        transport = self._transport()
+        if no_response_expected:
+            raise ValueError("every request of this client waits for its answer")
+        self._tid = self._tid % _MAX_TID + 1
+        request.transaction_id = self._tid
+        return await self._exchange(transport, self._framer.buildFrame(request), request.dev_id)
+
+    def _transport(self) -> asyncio.Transport:
         conn = self._conn
         transport = conn.transport if conn is not None else None
         if transport is None:
             raise ConnectionException(f"{self._peer}: not connected")
         if self._waiting is not None:
             raise ConnectionException(f"{self._peer}: a request is already waiting")
-        if no_response_expected:
-            raise ValueError("every request of this client waits for its answer")
-        self._tid = self._tid % _MAX_TID + 1
-        request.transaction_id = self._tid
-        frame = self._framer.buildFrame(request)
+        return transport
+
+    async def _exchange(self, transport: asyncio.Transport, frame: bytes, unit: int) -> ModbusPDU:
+        """Send ``frame`` (transaction ``self._tid``) and wait for its answer."""
         future: asyncio.Future[ModbusPDU] = asyncio.get_running_loop().create_future()
-        self._waiting = _Waiting(future, self._tid, request.dev_id)
+        self._waiting = _Waiting(future, self._tid, unit)
         transport.write(frame)
         try:
             return await future

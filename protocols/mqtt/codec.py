@@ -37,14 +37,17 @@ from protocols.mqtt.contract import (
 )
 
 __all__ = [
+    "BATCH_ENVELOPE_BYTES",
     "JSON_CODEC",
     "BatchPart",
     "Codec",
     "DecodedData",
     "DecodedSample",
     "JsonCodec",
+    "batch_part_bytes",
     "decode_batch",
     "pack_batch",
+    "payload_bytes",
 ]
 
 
@@ -257,6 +260,21 @@ class JsonCodec:
 
 
 JSON_CODEC: Codec = JsonCodec()
+
+
+# '{"devices":{' and '}}' around a batch's parts.
+BATCH_ENVELOPE_BYTES = len('{"devices":{}}')
+
+
+def batch_part_bytes(device: str, seq: int) -> int:
+    """Bytes a device's part of a batch takes besides its bodies and the commas between them."""
+    # '"<device>":{"seq":<seq>,"samples":[' ... ']}'; device ids are ASCII identifiers.
+    return len(device) + len(str(seq)) + 24
+
+
+def payload_bytes(body: str) -> int:
+    """Bytes ``body`` takes in a payload (UTF-8)."""
+    return len(body) if body.isascii() else len(body.encode())
 
 
 def pack_batch(parts: Sequence[BatchPart]) -> bytes:

@@ -91,3 +91,20 @@ def test_block_decoder_matches_the_codec_for_every_type_order_and_scale(
             assert a is not None
             swapped = a.byte_order == "little" or (a.word_order == "little" and bp.count > 1)
             assert (bp.point.name in slow) == swapped
+
+
+def test_sixteen_bit_points_over_a_power_of_ten_match_the_codec_for_every_register() -> None:
+    # Such points are divided, not scaled and rounded: every register value must agree.
+    specs = [(t, 0, scale, 0.0, 0) for t in ("uint16", "int16") for scale in (0.1, 0.01, 1e-3)]
+    profile = _profile(specs)
+    assert profile.modbus is not None
+    (block,) = plan_reads(profile, profile.points)
+    dec = _BlockDecoder(block, profile.modbus, set())
+    assert not dec.slow
+    for reg in range(0x10000):
+        regs = [reg] * block.count
+        values: dict[str, codec.Value] = {}
+        dec.decode(regs, values, [])
+        for bp in block.points:
+            want = codec.decode(bp.point, [reg], profile.modbus)
+            assert values[bp.point.name] == want and type(want) is float, (bp.point.name, reg)

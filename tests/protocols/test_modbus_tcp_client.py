@@ -215,3 +215,51 @@ async def test_a_peer_closing_during_a_request_fails_it_at_once() -> None:
         assert time.monotonic() - t0 < 2.0  # not the 5 s timeout
         assert info.value.__cause__ is not None
         assert not drv.connected
+
+
+_READS = ((0, 40, 1), (65535, 1, 255), (100, 125, 0))  # (address, count, unit)
+
+
+@pytest.mark.parametrize("table", ["holding", "input"])
+async def test_register_reads_send_the_bytes_pymodbus_would(table: str) -> None:
+    from pymodbus.framer import FramerSocket
+    from pymodbus.pdu import DecodePDU
+    from pymodbus.pdu.register_message import (
+        ReadHoldingRegistersRequest,
+        ReadInputRegistersRequest,
+    )
+
+    from protocols.modbus.tcp import TcpClient
+
+    framer = FramerSocket(DecodePDU(False))
+    cls = ReadHoldingRegistersRequest if table == "holding" else ReadInputRegistersRequest
+    expected = b""
+    for tid, (address, count, unit) in enumerate(_READS, 1):
+        request = cls(address=address, count=count, dev_id=unit)
+        request.transaction_id = tid
+        expected += framer.buildFrame(request)
+    sent = bytearray()
+    ended = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while chunk := await reader.read(1024):  # a device that never answers
+            sent.extend(chunk)
+        writer.close()
+        ended.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    client = TcpClient("127.0.0.1", server.sockets[0].getsockname()[1], on_connect=lambda up: None)
+    try:
+        assert await client.connect()
+        read = client.read_holding_registers if table == "holding" else client.read_input_registers
+        for address, count, unit in _READS:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await read(address, count=count, device_id=unit)
+    finally:
+        client.close()
+        async with asyncio.timeout(5):
+            await ended.wait()
+        server.close()
+        await server.wait_closed()
+    assert bytes(sent) == expected

@@ -14,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from protocols.mqtt.codec import JSON_CODEC, DecodedData, DecodedSample, decode_batch, pack_batch
+from protocols.mqtt.codec import (
+    BATCH_ENVELOPE_BYTES,
+    JSON_CODEC,
+    DecodedData,
+    DecodedSample,
+    batch_part_bytes,
+    decode_batch,
+    pack_batch,
+    payload_bytes,
+)
 from protocols.mqtt.contract import (
     MAX_SEQ,
     MAX_TS_MS,
@@ -195,6 +204,17 @@ def test_a_packed_batch_reads_back_per_device() -> None:
         [(1000, {"t": 1.5}, {}, None), (2000, {"t": 2.5}, {"p": "timeout"}, None)],
     )
     assert got["motor-1"] == (1, [(1000, {"t": 1.5}, {}, None)])
+
+
+def test_a_batch_is_as_long_as_its_parts_say() -> None:
+    a = JSON_CODEC.encode_sample(1000, {"t": 1.5}, {})
+    b = JSON_CODEC.encode_sample(2000, {"t": 2.5}, {"p": "température hors plage"})
+    parts = [("kiln-1", 7, [a, b]), ("motor-1", 123456789, [a]), ("x", 0, [b])]
+    expected = BATCH_ENVELOPE_BYTES + sum(
+        batch_part_bytes(d, seq) + sum(payload_bytes(x) for x in bodies) + len(bodies) - 1
+        for d, seq, bodies in parts
+    ) + len(parts) - 1  # fmt: skip
+    assert len(pack_batch(parts)) == expected
 
 
 # -- encoding ---------------------------------------------------------------------------
