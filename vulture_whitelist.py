@@ -148,3 +148,6 @@ NDATA  # unused variable (protocols/mqtt/sparkplug/payload.py)
 
 # pytest reads module marks by name
 pytestmark  # unused variable (tests/protocols/test_opcua_scale.py)
+
+# asyncua's client calls this override by name
+_wait_for_health_signal  # unused method (protocols/opcua/client.py)

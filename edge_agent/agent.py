@@ -60,6 +60,9 @@ _FULL_QUIET = 10.0  # seconds without a drop before the spool counts as no longe
 # every wake-up of the process costs tens of microseconds before any work is done, so
 # devices of one slot share one (and their samples one spool commit).
 _PHASE_SLOT = 0.05  # seconds
+# ... and a slot has at least this many devices: a few devices spread over twenty slots
+# would each wake the process, commit and publish alone.
+_SLOT_DEVICES = 8
 
 
 class AgentStartError(RuntimeError):
@@ -98,6 +101,8 @@ class Agent:
             raise AgentStartError(f"spool {cfg.spool_path}: {exc}") from exc
         self._dropped_seen = 0
         self._commit_errors_seen = 0
+        self._inline_checkpoints_seen = 0
+        self._rebirths_seen = 0
         self._dropping_since: int | None = None  # spool.dropped when dropping began
         self._last_drop = 0.0
         self._refused: dict[str, str] = {}  # device -> last refusal, logged once per change
@@ -129,7 +134,7 @@ class Agent:
             )
         self.publisher.config_version = self.config_version
         self._pollers: dict[str, DevicePoller] = {
-            d.id: self._make_poller(d, _slotted(i / len(enabled), d.poll_interval))
+            d.id: self._make_poller(d, _slotted(i / len(enabled), d.poll_interval, len(enabled)))
             for i, d in enumerate(enabled)
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -441,14 +446,23 @@ class Agent:
         if failed:
             self.metrics.spool_commit_errors.inc(failed)
             self._commit_errors_seen = self.spool.commit_errors
+        cut = self.spool.inline_checkpoints - self._inline_checkpoints_seen
+        if cut:
+            self.metrics.spool_inline_checkpoints.inc(cut)
+            self._inline_checkpoints_seen = self.spool.inline_checkpoints
+        rebirths = getattr(self.publisher, "rebirths", 0) - self._rebirths_seen
+        if rebirths:
+            self.metrics.sparkplug_rebirths.inc(rebirths)
+            self._rebirths_seen += rebirths
         self.metrics.spool_depth.set(self.spool.depth)
         self.metrics.spool_bytes.set(self.spool.size_bytes)
         self.metrics.spool_disk_bytes.set(self.spool.disk_bytes)
 
 
-def _slotted(phase: float, interval: float) -> float:
-    """``phase`` (a fraction of ``interval``) moved back to the start of its slot."""
-    slots = int(interval / _PHASE_SLOT)
+def _slotted(phase: float, interval: float, devices: int) -> float:
+    """``phase`` (a fraction of ``interval``) moved back to the start of its slot, of
+    slots at least ``_PHASE_SLOT`` long holding at least ``_SLOT_DEVICES`` of ``devices``."""
+    slots = min(int(interval / _PHASE_SLOT), -(-devices // _SLOT_DEVICES))
     if slots < 2:
         return 0.0
     return int(phase * slots) / slots

@@ -61,6 +61,17 @@ class AgentMetrics:
             "iiot_agent_spool_commit_errors", "Spool group commits that failed (retried).",
             registry=r,
         )  # fmt: skip
+        self.spool_inline_checkpoints = Counter(
+            "iiot_agent_spool_inline_checkpoints",
+            "Times a spool commit cut the write-ahead log back itself, the checkpoint "
+            "worker having fallen behind (a starved CPU).",
+            registry=r,
+        )
+        self.sparkplug_rebirths = Counter(
+            "iiot_agent_sparkplug_rebirths",
+            "Sparkplug B rebirths sent on a host application's NCMD request.",
+            registry=r,
+        )
         self.published_messages = Counter(
             "iiot_agent_published_messages", "MQTT messages acknowledged by the broker, by kind.",
             ["kind"], registry=r,

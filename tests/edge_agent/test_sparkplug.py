@@ -79,6 +79,10 @@ async def test_births_data_seq_rebirth_and_orderly_death(
             await wait_for(lambda: len(sub.of("NBIRTH")) >= 2, 10, "a second NBIRTH")
             await wait_for(lambda: len(sub.of("DBIRTH")) >= 2, 10, "a second DBIRTH")
             await wait_for(lambda: sub.all()[-1].topic.type.value == "DDATA", 10, "data again")
+            rebirths = agent.metrics.registry.get_sample_value
+            await wait_for(
+                lambda: rebirths("iiot_agent_sparkplug_rebirths_total") == 1, 10, "rebirth counted"
+            )
         finally:
             await agent.stop()
             await sim.stop()
