@@ -133,9 +133,9 @@ class Agent:
                 codec=codec,
             )
         self.publisher.config_version = self.config_version
+        phases = _phases(enabled)
         self._pollers: dict[str, DevicePoller] = {
-            d.id: self._make_poller(d, _slotted(i / len(enabled), d.poll_interval, len(enabled)))
-            for i, d in enumerate(enabled)
+            d.id: self._make_poller(d, phases[d.id]) for d in enabled
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.control_metrics = ControlMetrics(self.metrics.registry)
@@ -459,10 +459,32 @@ class Agent:
         self.metrics.spool_disk_bytes.set(self.spool.disk_bytes)
 
 
+def _phases(devices: list[DeviceConfig]) -> dict[str, float]:
+    """Each device's phase (a fraction of its interval).
+
+    Devices sharing a line (one serial line, one TCP peer: ``line_key``) wait for one
+    another on it, so they are spread evenly over the interval, as a master polls its
+    bus; the others, each on its own connection, go in slots (``_slotted``).
+    """
+    sharing: dict[str, list[str]] = {}
+    for d in devices:
+        key = getattr(d.connection, "line_key", None)
+        if isinstance(key, str):
+            sharing.setdefault(key, []).append(d.id)
+    phases: dict[str, float] = {}
+    for ids in sharing.values():
+        if len(ids) > 1:
+            phases.update((dev_id, k / len(ids)) for k, dev_id in enumerate(ids))
+    alone = [d for d in devices if d.id not in phases]
+    for i, d in enumerate(alone):
+        phases[d.id] = _slotted(i / len(alone), d.poll_interval, len(alone))
+    return phases
+
+
 def _slotted(phase: float, interval: float, devices: int) -> float:
     """``phase`` (a fraction of ``interval``) moved back to the start of its slot, of
     slots at least ``_PHASE_SLOT`` long holding at least ``_SLOT_DEVICES`` of ``devices``."""
-    slots = min(int(interval / _PHASE_SLOT), -(-devices // _SLOT_DEVICES))
+    slots = min(int(round(interval / _PHASE_SLOT, 6)), max(1, devices // _SLOT_DEVICES))
     if slots < 2:
         return 0.0
     return int(phase * slots) / slots
