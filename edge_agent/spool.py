@@ -40,7 +40,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocols.mqtt.codec import payload_bytes
+
 __all__ = ["Spool", "SpoolRow", "wal_budget"]
+
+# '{"seq":<seq>,"samples":[' and ']}' around a data message's samples, for any seq.
+_DATA_WRAPPER_BYTES = len('{"seq":,"samples":[]}') + 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -314,12 +319,13 @@ class Spool:
             (device, after_id, max_samples),
         ).fetchall()
         out: list[SpoolRow] = []
-        size = 0
+        size = _DATA_WRAPPER_BYTES
         for rid, seq, ts, body in rows:
-            if out and (seq != out[-1].seq + 1 or size + len(body) > max_bytes):
+            add = payload_bytes(body) + (1 if out else 0)  # UTF-8, and the comma before it
+            if out and (seq != out[-1].seq + 1 or size + add > max_bytes):
                 break  # a message carries consecutive seqs only (a cap drop leaves a gap)
             out.append(SpoolRow(int(rid), device, int(seq), int(ts), str(body)))
-            size += len(body) + 1
+            size += add
         return out
 
     def rows_after(self, after_id: int, *, max_samples: int = 500) -> list[SpoolRow]:

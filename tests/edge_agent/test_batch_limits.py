@@ -54,3 +54,30 @@ async def test_batch_messages_stay_within_batch_bytes_wrappers_included(
     part = len(f'"{devices[0]}":{{"seq":1,"samples":[{sample}]}}')
     assert all(s > _LIMIT - part - 1 for s in sizes[:-1]), sizes
     assert sub.bad == []
+
+
+async def test_a_device_s_messages_stay_within_batch_bytes_with_non_ascii_values(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    # One device's data messages ('{"seq":..,"samples":[..]}'), the default shape; each
+    # sample carries a text of Chinese characters (three bytes each in UTF-8).
+    cfg = agent_dict(tmp_path, mosquitto.port, [])
+    cfg["spool"] = {"batch_bytes": _LIMIT}
+    config = parse_config(cfg).config
+    spool = Spool(tmp_path / "spool.db")
+    body = JSON_CODEC.encode_sample(1, {"state": "运行正常" * 5, "t": 20.5}, {})
+    for i in range(40):
+        spool.append("kiln-1", 1_700_000_000_000 + i, body)
+    publisher = Publisher(config, spool, AgentMetrics(), devices=[], version="test")
+    sub = Subscriber(mosquitto.port, client_id="data-limit-sub").start()
+    try:
+        await publisher.start()
+        await wait_for(lambda: spool.depth == 0, 15, "every sample acknowledged")
+        await wait_for(lambda: len(sub.samples("kiln-1")) >= 40, 5, "every sample received")
+        await publisher.stop()
+        sizes = [len(m.payload) for m in sub.on("/kiln-1/data")]
+    finally:
+        sub.stop()
+        spool.close()
+    assert sizes and max(sizes) <= _LIMIT, sizes
+    assert len(sizes) > 1 and all(s > _LIMIT - len(body.encode()) - 40 for s in sizes[:-1])
