@@ -32,6 +32,7 @@ from asyncua.ua.ua_binary import struct_to_binary as _to_binary
 from protocols.opcua.client import LiveClient
 
 __all__ = [
+    "LATE_USE_S",
     "OTHER",
     "PLAIN_FLOAT",
     "PLAIN_INT",
@@ -44,6 +45,10 @@ __all__ = [
     "request_header",
     "type_id",
 ]
+
+# How long an answer that came after its poll gave up stays the next poll's reading
+# (stamped when it came): longer than a dead device's probe backoff grows to.
+LATE_USE_S = 60.0
 
 _INT32 = struct.Struct("<i")
 _INT64 = struct.Struct("<q")
@@ -337,7 +342,8 @@ class PreparedRead:
         While the request of an earlier call that gave up is still unanswered, this waits
         for that answer instead of sending another: a server that answers in order would
         otherwise have one more request of this device queued each poll, behind the last.
-        An answer that came after its call gave up, within ``hint`` before this one, is
+        An answer that came after its call gave up, within ``hint`` (at least
+        ``LATE_USE_S``) before this one, is
         this call's answer (``answered_ms`` says when it came): on a busy server a poll
         with a short bound (a probe) would otherwise never see one.
         """
@@ -370,10 +376,11 @@ class PreparedRead:
             self.late_ms = time.time_ns() // 1_000_000
 
     def _fresh(self, late: asyncio.Future[Any], hint: float) -> bool:
-        """The late answer came well (no error) and less than ``hint`` s ago."""
+        """The late answer came well (no error), less than ``hint`` s or ``LATE_USE_S``
+        ago: a probe on a backoff comes seconds after it, and still sees it."""
         if late.cancelled() or late.exception() is not None or not self.late_ms:
             return False
-        return time.time_ns() // 1_000_000 - self.late_ms <= hint * 1000
+        return time.time_ns() // 1_000_000 - self.late_ms <= max(hint, LATE_USE_S) * 1000
 
     def results(self, raw: bytes, pos: int) -> list[Result]:
         """(value, status) per node of an answer from ``send_raw``."""

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from protocols import errors
+from protocols.opcua import fastread
 from protocols.opcua.client import LiveClient
 from protocols.opcua.config import OpcUaConnection
 from protocols.opcua.driver import OpcUaDriver
@@ -177,6 +178,36 @@ async def test_a_late_answer_that_came_between_polls_is_the_next_polls_at_its_ti
             assert t_answered - 1200 <= reading.ts < t_answered
             assert sim.requests == before  # no request of its own
             # Taken: the next poll asks the server again.
+            device.faults.clear()
+            await driver.read(PRESS.points)
+            assert sim.requests == before + 1
+        finally:
+            await driver.aclose()
+
+
+async def test_a_late_answer_seconds_old_still_shows_a_probe_the_device_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past the poll timeout (a probe on a backoff) the answer is used; past the window
+    it is not, and the server is asked again."""
+    async with _serving() as (device, sim):
+        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=0.5)
+        driver = OpcUaDriver(PRESS, conn, name="press-1")
+        await driver.connect()
+        try:
+            device.faults.set(FaultMode.SLOW, delay=0.3)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(driver.read(PRESS.points), 0.1)
+            await asyncio.sleep(1.5)  # longer than the timeout (0.5 s) since it came
+            before = sim.requests
+            reading = await asyncio.wait_for(driver.read(PRESS.points), 0.1)
+            assert set(reading.values) == {"temp"} and sim.requests == before
+            # The same, with the window shorter than the answer's age: asked again.
+            monkeypatch.setattr(fastread, "LATE_USE_S", 0.5)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(driver.read(PRESS.points), 0.1)
+            await asyncio.sleep(1.5)
+            before = sim.requests
             device.faults.clear()
             await driver.read(PRESS.points)
             assert sim.requests == before + 1
