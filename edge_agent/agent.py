@@ -337,6 +337,7 @@ class Agent:
         await self._stop_pollers(removed + changed)
         for dev_id in removed:
             self._on_state(dev_id, False, "removed")
+            self.metrics.forget_device(dev_id)
         self.loaded = new
         for dev_id in changed + added:
             poller = self._make_poller(wanted[dev_id], 0.0)

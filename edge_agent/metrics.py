@@ -103,6 +103,21 @@ class AgentMetrics:
             ["device"], registry=r,
         )  # fmt: skip
 
+    def forget_device(self, device: str) -> None:
+        """Drop every series of ``device`` (removed from the config): a scrape no longer
+        shows its last values as if it were still polled."""
+        for metric in self.all():
+            names = list(getattr(metric, "_labelnames", ()))
+            if "device" not in names:
+                continue
+            seen: set[tuple[str, ...]] = set()
+            for family in metric.collect():
+                for sample in family.samples:
+                    if sample.labels.get("device") == device:
+                        seen.add(tuple(sample.labels[n] for n in names))
+            for values in seen:
+                metric.remove(*values)
+
     def all(self) -> list[Any]:
         """Every metric object above, in registration order."""
         return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]

@@ -228,6 +228,9 @@ async def test_pushed_config_adds_a_device_without_a_gap_in_the_others(
             assert agent._pollers["kiln-1"] is not kiln_poller
             assert agent._pollers["kiln-1"].device.poll_interval == INTERVAL / 2
             assert agent._pollers["boiler-1"] is boiler_poller
+            # The removed motor's series are gone from /metrics, not frozen at its last.
+            scraped = generate_latest(agent.metrics.registry).decode()
+            assert 'device="motor-1"' not in scraped and 'device="kiln-1"' in scraped
         finally:
             await agent.stop()
 
