@@ -25,7 +25,7 @@ from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
 from edge_agent.metrics import AgentMetrics
 from iiot_common.backoff import Backoff, ConnState
-from iiot_common.deadline import deadline_after, deadline_at
+from iiot_common.deadline import deadline_at
 from protocols.driver import Driver, Reading, Value
 from protocols.errors import ConnectError, ProtocolError
 
@@ -367,7 +367,10 @@ class DevicePoller:
         own = _connect_limit(driver)
         try:
             if own:
-                async with deadline_after(own):
+                # asyncio.timeout, not the loop-turn deadline: under that one an OPC UA
+                # session set-up past its connect_timeout came out as a poll timeout,
+                # not connect_failed.
+                async with asyncio.timeout(own):
                     await driver.connect()
             elif deadline is not None:
                 async with deadline_at(deadline, stretch=True):
