@@ -39,7 +39,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-check: lint typecheck
+check: lint typecheck deadcode
 
 # Unused code; names reached by a framework are listed in vulture_whitelist.py.
 deadcode: $(STAMP)
