@@ -77,6 +77,19 @@ class MemorySink:
             self.summaries.extend(summaries)
 
 
+class ListTx:
+    """An outbox transaction that keeps the lines added and takes every sample as new."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def first_time(self, dev: str, seq: int, ts: int) -> bool:
+        return True
+
+    def add(self, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+
 class Publisher:
     """A plain paho publisher following the contract, QoS 1."""
 
@@ -372,26 +385,13 @@ class _BrokenSink(MemorySink):
         return None
 
 
-class _ListTx:
-    """An outbox transaction that keeps the lines added and takes every sample as new."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def first_time(self, dev: str, seq: int, ts: int) -> bool:
-        return True
-
-    def add(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
-
-
 def test_a_registry_failure_rejects_that_message_only() -> None:
     from gateway.ingest import MessageProcessor
 
     proc = MessageProcessor(_BrokenSink())
     body = json.dumps({"seq": 0, "samples": [sample(0, v=1.0)]}).encode()
-    bad = proc.handle(_ListTx(), "iiot/v1/ent-1/agent-1/cursed/data", body)
-    good = proc.handle(_ListTx(), "iiot/v1/ent-1/agent-1/kiln-1/data", body)
+    bad = proc.handle(ListTx(), "iiot/v1/ent-1/agent-1/cursed/data", body)
+    good = proc.handle(ListTx(), "iiot/v1/ent-1/agent-1/kiln-1/data", body)
     assert bad.reject == "internal_error" and "registry bug" in bad.detail
     assert good.reject is None and good.lines == 1
 
@@ -402,7 +402,7 @@ def test_a_registry_failure_in_a_batch_rejects_that_device_s_part_only() -> None
     proc = MessageProcessor(_BrokenSink())
     part = {"seq": 0, "samples": [sample(0, v=1.0)]}
     body = json.dumps({"devices": {"kiln-1": part, "cursed": part, "kiln-2": part}}).encode()
-    tx = _ListTx()
+    tx = ListTx()
     out = proc.handle(tx, "iiot/v1/ent-1/agent-1/batch", body)
     assert out.reject is None and out.parts is not None
     by_device = {p.device: p for p in out.parts}

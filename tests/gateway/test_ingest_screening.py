@@ -18,6 +18,7 @@ from gateway.service import Gateway
 from iiot_common.localservers import Mosquitto, VictoriaMetrics
 from tests.gateway.test_ingest import (
     BASE_TS,
+    ListTx,
     MemorySink,
     Publisher,
     metric,
@@ -195,23 +196,12 @@ def test_point_names_outside_the_profile_or_beyond_the_cap_are_dropped(
     ]
 
 
-class _Tx:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def first_time(self, dev: str, seq: int, ts: int) -> bool:
-        return True
-
-    def add(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
-
-
 def test_a_profile_uploaded_through_the_control_plane_bounds_its_devices() -> None:
     uploaded = {"kiln-site": {"id": "kiln-site", "points": [{"name": "shell_temp"}]}}
     sink = MemorySink(tags={("ent-1", "kiln-1"): ("kiln", "kiln-site")})
     proc = MessageProcessor(sink, profile_points=ProfilePoints(lambda: uploaded))
     body = json.dumps({"seq": 0, "samples": [sample(0, shell_temp=310.5, junk=1.0)]}).encode()
-    tx = _Tx()
+    tx = ListTx()
     out = proc.handle(tx, "iiot/v1/ent-1/agent-1/kiln-1/data", body)
     assert out.dropped == {"unknown_point": 1}
     assert len(tx.lines) == 1 and "shell_temp=310.5" in tx.lines[0] and "junk" not in tx.lines[0]
@@ -223,4 +213,4 @@ def test_gaps_are_not_tracked_under_a_shared_subscription() -> None:
     topic = "iiot/v1/ent-1/agent-1/kiln-1/data"
     for seq in (0, 5, 9):
         body = json.dumps({"seq": seq, "samples": [sample(seq, v=1.0)]}).encode()
-        assert proc.handle(_Tx(), topic, body).gaps == 0
+        assert proc.handle(ListTx(), topic, body).gaps == 0

@@ -31,6 +31,7 @@ from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device
 from tests.gateway.test_ingest import (
     BASE_TS,
+    ListTx,
     MemorySink,
     Publisher,
     gateway_config,
@@ -383,17 +384,6 @@ def test_data_queued_while_the_gateway_was_down_is_read_with_the_kept_births(
         gw.stop()
 
 
-class _MemTx:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def first_time(self, dev: str, seq: int, ts: int) -> bool:
-        return True
-
-    def add(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
-
-
 _KINDS = ["NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA", "NCMD", "XX"]
 
 
@@ -406,7 +396,7 @@ def test_garbage_never_raises_and_good_data_still_lands(
     kinds: list[str], blobs: list[bytes]
 ) -> None:
     proc = MessageProcessor(MemorySink(tags={("ent-1", "kiln-1"): ("kiln", "generic-kiln")}))
-    tx = _MemTx()
+    tx = ListTx()
     births = _birth_payloads()
     proc.handle(tx, f"{_T}/NBIRTH/agent-1", births[0])
     proc.handle(tx, f"{_T}/DBIRTH/agent-1/kiln-1", births[1])

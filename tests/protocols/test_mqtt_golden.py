@@ -17,6 +17,7 @@ from gateway.ingest import MessageProcessor
 from gateway.sink import SampleSummary
 from protocols.mqtt.codec import JSON_CODEC
 from protocols.mqtt.contract import Birth, ContractError, DeviceState, Will, decode_data_message
+from tests.gateway.test_ingest import ListTx
 
 GOLDEN = Path(__file__).parent / "mqtt_golden"
 CASES = sorted(p for p in GOLDEN.iterdir() if p.is_dir())
@@ -50,17 +51,6 @@ class _Sink:
     def on_samples_many(self, summaries: Sequence[SampleSummary]) -> None: ...
 
 
-class _Tx:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def first_time(self, dev: str, seq: int, ts: int) -> bool:
-        return True
-
-    def add(self, lines: list[str]) -> None:
-        self.lines.extend(lines)
-
-
 def test_every_case_says_what_it_expects() -> None:
     assert len(CASES) >= 20
     for case in CASES:
@@ -72,7 +62,7 @@ def test_every_case_says_what_it_expects() -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_golden_data_message(case: Path) -> None:
     payload = (case / "payload.json").read_bytes()
-    tx = _Tx()
+    tx = ListTx()
     # The cases exercise the wire format with free point names, not the profile's names.
     processor = MessageProcessor(_Sink(), profile_points=lambda _profile: None)
     outcome = processor.handle(tx, TOPIC, payload)
