@@ -7,13 +7,14 @@ persist_granularity + flush_interval + refresh_interval, 5 + 1 + 2 = 8 s by defa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import yaml
 from gateway.registry import Registry, parse_ledger
 from iiot_common.localservers import Mosquitto, PostgreSQL, free_port, wait_port
 from tests.gateway.test_ingest import Publisher
+from tests.waiting import wait_until
 
 TOKEN = "platform-token-for-tests"
 ENT, AGENT = "ent-1", "agent-1"
@@ -108,27 +110,31 @@ class _Instance:
         return 0.0
 
 
-@pytest.fixture
-def cluster(
-    tmp_path: Path, mosquitto: Mosquitto, postgres_server: PostgreSQL
-) -> Iterator[list[_Instance]]:
-    url = postgres_server.create_database()
+def seed_ledger(url: str, devices: list[str]) -> None:
+    """The enterprise, its agent and ``devices`` (kilns) in the ledger of the database ``url``."""
     with Registry(url) as reg:
         reg.add_enterprise(ENT, "Test Works", "130102", "C30")
         reg.add_agent(ENT, AGENT, None)
-        csv = "device_id,enterprise,family\n" + "".join(f"{d},{ENT},kiln\n" for d in LEDGER)
+        csv = "device_id,enterprise,family\n" + "".join(f"{d},{ENT},kiln\n" for d in devices)
         rows, _errors = parse_ledger(csv.encode(), "text/csv")
         reg.import_devices(rows)
+
+
+@contextlib.contextmanager
+def gateways(
+    tmp_path: Path, url: str, mosquitto: Mosquitto, configs: list[dict[str, Any]]
+) -> Iterator[list[_Instance]]:
+    """An ``iiot gateway run`` a config (its keys added to the common ones) on the database
+    at ``url``, all on one shared subscription, started; stopped after."""
     instances = []
-    for k in range(3):
+    for k, extra in enumerate(configs):
         port = free_port()
         cfg: dict[str, Any] = {
             "data_dir": str(tmp_path / f"gw{k}"),
             "database_url": url,
-            "default_poll_interval": POLL_S,
             "mqtt": {"url": mosquitto.url, "client_id": f"gw-{k}", "shared_group": "ingest"},
             "api": {"host": "127.0.0.1", "port": port, "platform_tokens": [TOKEN]},
-            "registry": {"quality_share_interval": 2},
+            **extra,
         }
         path = tmp_path / f"gw{k}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -140,6 +146,17 @@ def cluster(
     finally:
         for gw in instances:
             gw.stop()
+
+
+@pytest.fixture
+def cluster(
+    tmp_path: Path, mosquitto: Mosquitto, postgres_server: PostgreSQL
+) -> Iterator[list[_Instance]]:
+    url = postgres_server.create_database()
+    seed_ledger(url, LEDGER)
+    extra = {"default_poll_interval": POLL_S, "registry": {"quality_share_interval": 2}}
+    with gateways(tmp_path, url, mosquitto, [extra] * 3) as instances:
+        yield instances
 
 
 class _Agent:
@@ -196,15 +213,6 @@ def _agree(instances: list[_Instance], want: Numbers, what: str) -> None:
     raise AssertionError(f"{what}: instances answer {seen}, expected {want} at each")
 
 
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_instances_agree_catch_up_after_a_kill_and_drop_silent_devices(
     cluster: list[_Instance], mosquitto: Mosquitto
 ) -> None:
@@ -239,7 +247,9 @@ def test_instances_agree_catch_up_after_a_kill_and_drop_silent_devices(
         agent.keep_sending.discard("d2")
         _agree(cluster, (7, 5, 1), "silent d2 dropped out of online")
         agent.state("d1", True)
-        _wait(lambda: all(gw.overall() == (7, 5, 2) for gw in cluster), BOUND_S + 5, "d1 back")
+        wait_until(
+            lambda: all(gw.overall() == (7, 5, 2) for gw in cluster), BOUND_S + 5, "d1 back", 0.2
+        )
     finally:
         agent.close()
 
@@ -286,8 +296,8 @@ def test_the_quality_gate_counts_every_instances_samples_and_survives_a_restart(
 
         # Enough samples that a third of them (what one instance receives) is far from
         # all of them.
-        _wait(lambda: sent[0] >= 20, 90, "d0 sending 20 samples")
-        _wait(_agree_on_quality, 120, "every instance passing d0 and finding d1 frozen")
+        wait_until(lambda: sent[0] >= 20, 90, "d0 sending 20 samples", 0.2)
+        wait_until(_agree_on_quality, 120, "every instance passing d0 and finding d1 frozen", 0.2)
         assert sum(1 for gw in cluster if gw.received() > 0) >= 2
         # Each instance counts (nearly) every sample d0 sent, not the third it received.
         for gw in cluster:
@@ -298,7 +308,7 @@ def test_the_quality_gate_counts_every_instances_samples_and_survives_a_restart(
         cluster[2].stop()
         cluster[2] = _Instance(cluster[2].config, cluster[2].api_port)
         cluster[2].start()
-        _wait(_agree_on_quality, 60, "agreement after the restart")
+        wait_until(_agree_on_quality, 60, "agreement after the restart", 0.2)
         before, after = cluster[0].quality("d0")[1], cluster[2].quality("d0")[1]
         assert after["expected"] >= before["expected"] - 2
         assert after["samples"] >= before["samples"] - 4

@@ -11,20 +11,19 @@ import csv
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from gateway.config import GatewayConfigError, load_gateway_config
-from gateway.registry import Registry, parse_ledger
 from gateway.telemetry import series_selector
-from iiot_common.localservers import Mosquitto, PostgreSQL, VictoriaMetrics, free_port
+from iiot_common.localservers import Mosquitto, PostgreSQL, VictoriaMetrics
 from tests.gateway.test_ingest import Publisher
-from tests.gateway.test_multi_instance import TOKEN, _Instance
+from tests.gateway.test_multi_instance import _Instance, gateways, seed_ledger
+from tests.waiting import wait_until
 
 ENT, AGENT, DEVICE = "ent-1", "agent-1", "d0"
 SAMPLES = 30
@@ -36,53 +35,21 @@ def trio(
     tmp_path: Path, mosquitto: Mosquitto, postgres_server: PostgreSQL, victoria: VictoriaMetrics
 ) -> Iterator[list[_Instance]]:
     url = postgres_server.create_database()
-    with Registry(url) as reg:
-        reg.add_enterprise(ENT, "Test Works", "130102", "C30")
-        reg.add_agent(ENT, AGENT, None)
-        rows, _errors = parse_ledger(
-            f"device_id,enterprise,family\n{DEVICE},{ENT},kiln\n".encode(), "text/csv"
-        )
-        reg.import_devices(rows)
+    seed_ledger(url, [DEVICE])
     telemetry: list[dict[str, Any]] = [
         {"source": VM_SOURCE, "timeout": 3},
         {"source": VM_SOURCE, "timeout": 3, "max_points": 10},
         {},
     ]
-    instances = []
-    for k, tel in enumerate(telemetry):
-        port = free_port()
-        cfg: dict[str, Any] = {
-            "data_dir": str(tmp_path / f"gw{k}"),
-            "database_url": url,
-            "mqtt": {"url": mosquitto.url, "client_id": f"gw-{k}", "shared_group": "ingest"},
-            "influx": {"url": victoria.url, "flush_interval": 0.1, "timeout": 3},
-            "api": {"host": "127.0.0.1", "port": port, "platform_tokens": [TOKEN]},
-            "telemetry": tel,
-        }
-        path = tmp_path / f"gw{k}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        instances.append(_Instance(path, port))
-    try:
-        for gw in instances:
-            gw.start()
+    influx = {"url": victoria.url, "flush_interval": 0.1, "timeout": 3}
+    configs = [{"influx": influx, "telemetry": tel} for tel in telemetry]
+    with gateways(tmp_path, url, mosquitto, configs) as instances:
         yield instances
-    finally:
-        for gw in instances:
-            gw.stop()
 
 
 def _telemetry(gw: _Instance) -> dict[str, Any]:
     body: dict[str, Any] = gw.http.get(f"/api/v1/devices/{ENT}/{DEVICE}/telemetry?hours=1").json()
     return body
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _failures(gw: _Instance) -> float:
@@ -112,14 +79,16 @@ def test_every_instance_charts_every_sample_from_victoria_metrics(
     finally:
         pub.close()
     # The broker shared the messages out: more than one instance received some.
-    _wait(lambda: sum(gw.received() for gw in trio) >= SAMPLES + 1, 20, "every message ingested")
+    wait_until(
+        lambda: sum(gw.received() for gw in trio) >= SAMPLES + 1, 20, "every message ingested", 0.3
+    )
     assert sum(1 for gw in trio if gw.received() > 0) >= 2
 
     def complete() -> bool:
         victoria.flush()
         return len(_telemetry(gw0)["points"]) == SAMPLES
 
-    _wait(complete, 30, "gw0 to chart every sample")
+    wait_until(complete, 30, "gw0 to chart every sample", 0.3)
     body = _telemetry(gw0)
     assert body["source"] == VM_SOURCE
     assert body["capped_from_ms"] is None
