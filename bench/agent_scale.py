@@ -78,7 +78,7 @@ for p in (str(ROOT), str(HERE)):
 import agent_modbus as am  # noqa: E402
 
 from edge_agent.runtime import LoopKind, run_on  # noqa: E402
-from iiot_common.localservers import Mosquitto  # noqa: E402
+from iiot_common.localservers import Mosquitto, ephemeral_low  # noqa: E402
 
 PROFILE_ID = "bench-40u16"
 ENTERPRISE = "bench"
@@ -106,10 +106,7 @@ def _user_nofile() -> None:
 
 def _listen_ports(n: int, avoid: set[int] | None = None) -> list[int]:
     """``n`` free TCP ports below the ephemeral range, which no outgoing connection takes."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
+    low = ephemeral_low()
     first = 10000 if low - 10000 > 2 * n else 1024
     ports: list[int] = []
     start = random.randrange(first, low)

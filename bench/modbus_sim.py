@@ -32,9 +32,6 @@ import asyncio
 import contextlib
 import json
 import math
-import random
-import resource
-import socket
 import struct
 import subprocess
 import sys
@@ -46,61 +43,17 @@ from typing import Any
 import psutil
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
 
-PROFILE_ID = "bench-40u16"
-REGISTERS = 40
+# The scale bench's devices: the same profile, ports and open-file limit.
+from agent_modbus import REGISTERS  # noqa: E402
+from agent_scale import PROFILE_ID, _listen_ports, _profile, _raise_nofile  # noqa: E402
+
 _REQUEST = struct.Struct(">HHHBBHH")  # MBAP + function 3, address, count
-
-
-def _profile() -> dict[str, Any]:
-    """40 uint16 points with a scale, one per holding register, as a user maps a meter."""
-    points = [
-        {
-            "name": f"r{i:02d}",
-            "type": "uint16",
-            "scale": 0.1,
-            "range": [0, 6000],
-            "modbus": {"table": "holding", "address": i},
-        }
-        for i in range(REGISTERS)
-    ]
-    return {
-        "id": PROFILE_ID,
-        "name": "Benchmark meter, 40 registers",
-        "name_zh": "基准设备",
-        "family": "other",
-        "category": "general_power",
-        "protocol": "modbus",
-        "points": points,
-    }
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
-def _listen_ports(n: int) -> list[int]:
-    """``n`` free TCP ports below the ephemeral range, which no outgoing connection takes."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    first = 10000 if low - 10000 > 2 * n else 1024
-    start = random.randrange(first, low)
-    ports: list[int] = []
-    for port in [*range(start, low), *range(first, start)]:
-        with socket.socket() as s, contextlib.suppress(OSError):
-            s.bind(("127.0.0.1", port))
-            ports.append(port)
-            if len(ports) == n:
-                return ports
-    sys.exit(f"fewer than {n} free ports between {first} and {low}")
 
 
 # -- the simulator role ----------------------------------------------------------------

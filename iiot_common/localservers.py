@@ -32,6 +32,7 @@ __all__ = [
     "PtyPair",
     "ServerUnavailable",
     "VictoriaMetrics",
+    "ephemeral_low",
     "free_port",
     "require",
     "running",
@@ -59,7 +60,7 @@ def _terminate(proc: subprocess.Popen[bytes] | None, grace: float = 5.0) -> None
         proc.wait(5)
 
 
-def _ephemeral_low() -> int:
+def ephemeral_low() -> int:
     """The first port the kernel hands to outgoing connections (32768 if unknown)."""
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -74,7 +75,7 @@ def free_port() -> int:
     chosen (a broker brought back after an outage), and meanwhile an outgoing connection,
     even a client retrying against that very port, could be given it as its own.
     """
-    high = _ephemeral_low() - 1
+    high = ephemeral_low() - 1
     rng = random.Random()
     for _ in range(200):
         port = rng.randrange(10000, max(high, 10001))
