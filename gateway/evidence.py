@@ -4,14 +4,18 @@ kept as compact columns so the report can be counted again later from it alone.
 A row holds what the stored numbers depend on: enterprise, device id, region (six
 digits), industry (the division counted), category, family, whether the device is a
 product, whether it is decommissioned, its last good sample as known when the snapshot
-was taken (Unix ms, -1 for never) and whether it was online then.
+was taken (Unix ms, -1 for never), whether it was online then and whether it counted as
+quality_connected then (connected and passing the data-quality gate). Evidence kept
+before the last was recorded has no ``quality`` section: it decodes with ``quality``
+None, "not recorded".
 
 Encoding (``encode``; ``decode`` reads it back and refuses anything else):
 
 - rows in (enterprise, device) order; every string column but the device id is
   dictionary-encoded over its sorted distinct values, with the smallest unsigned codes;
 - device ids joined by newlines (an identifier has none);
-- the three flags as packed bits; last good times as little-endian int64 with their
+- the three flags as packed bits, the quality flag as packed bits of its own (a section
+  old evidence lacks); last good times as little-endian int64 with their
   bytes transposed (all first bytes, then all second bytes …), which compresses well;
 - a JSON header (times, groupings, dictionaries, section sizes) before the sections.
 
@@ -83,6 +87,8 @@ class Evidence:
     decommissioned: Bools
     online: Bools
     last_good: I64
+    # Counted as quality_connected at ``as_of``; None: not recorded (older evidence).
+    quality: Bools | None = None
 
     @property
     def n(self) -> int:
@@ -110,6 +116,7 @@ def from_columns(
     decommissioned: Bools,
     online: Bools,
     last_good: I64,
+    quality: Bools | None = None,
 ) -> Evidence:
     """Evidence in canonical form from unordered rows.
 
@@ -138,6 +145,7 @@ def from_columns(
         decommissioned=np.asarray(decommissioned, np.bool_)[order],
         online=np.asarray(online, np.bool_)[order],
         last_good=np.asarray(last_good, np.int64)[order],
+        quality=None if quality is None else np.asarray(quality, np.bool_)[order],
     )
 
 
@@ -155,6 +163,8 @@ def encode(ev: Evidence) -> bytes:
     sections.append(("device", "utf-8", "\n".join(ev.devices).encode("utf-8")))
     flags = np.concatenate([ev.product, ev.decommissioned, ev.online]).astype(np.bool_)
     sections.append(("flags", "bits", np.packbits(flags).tobytes()))
+    if ev.quality is not None:
+        sections.append(("quality", "bits", np.packbits(ev.quality.astype(np.bool_)).tobytes()))
     shuffled = ev.last_good.astype("<i8").view(np.uint8).reshape(n, 8).T
     sections.append(("last_good", "i8-transposed", shuffled.tobytes()))
     header = {
@@ -244,6 +254,12 @@ def _columns(header: dict[str, Any], parts: dict[str, bytes], n: int) -> Evidenc
     if len(flags) != 3 * n or len(good) != 8 * n:
         raise EvidenceError("stored evidence: the flags or times do not match the row count")
     last_good = np.ascontiguousarray(good.reshape(8, n).T).view("<i8").reshape(n)
+    quality: Bools | None = None
+    if "quality" in parts:
+        bits = np.unpackbits(np.frombuffer(parts["quality"], np.uint8))
+        if len(bits) != (n + 7) // 8 * 8:
+            raise EvidenceError("stored evidence: the quality flags do not match the row count")
+        quality = bits[:n].astype(np.bool_)
     return Evidence(
         as_of_ms=int(header["as_of"]),
         window_s=int(header["window_s"]),
@@ -255,4 +271,5 @@ def _columns(header: dict[str, Any], parts: dict[str, bytes], n: int) -> Evidenc
         decommissioned=flags[n : 2 * n],
         online=flags[2 * n :],
         last_good=last_good.astype(np.int64),
+        quality=quality,
     )

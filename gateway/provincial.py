@@ -7,7 +7,8 @@ rubric, and the versions that make a stored report verifiable.
 - **Grades** (分级分类评价): each enterprise's production equipment measured against
   the rubric's levels (``gateway/rubrics/default.yaml``), with the evidence.
 - **Verification**: a stored snapshot keeps its evidence (``gateway.evidence``: each
-  device it counted, with its ledger fields, last good sample and online state) and
+  device it counted, with its ledger fields, last good sample, online state and whether
+  it counted as quality_connected) and
   records ``registry_version``, the hash of that evidence, and ``DEFINITIONS_VERSION``,
   the hash of the definitions. ``verify_report`` checks the evidence against the hash,
   counts it again through the same arithmetic as the live ratios
@@ -45,6 +46,7 @@ from gateway.quality import QUALITY_DEFINITION
 from gateway.ratios import (
     DEFINITIONS,
     GROUPINGS,
+    FixedGate,
     online_mask,
     quality_mask,
     ratio,
@@ -371,6 +373,8 @@ def _evidence_of(
 ) -> Evidence:
     """The devices ``view`` counts at ``as_of_ms``, as evidence (canonical order)."""
     n = view.n
+    window_ms = window_s * 1000
+    connected = view.last_good[:n] > max(as_of_ms - window_ms, NEVER)
     ids = [""] * n
     for (_ent, dev), i in view.keys.copy().items():  # keys only grows; copy() is atomic
         if i < n:
@@ -392,6 +396,7 @@ def _evidence_of(
         decommissioned=~view.active[:n],
         online=online_mask(view, as_of_ms, registry.freshness_ms),
         last_good=view.last_good[:n],
+        quality=connected & quality_mask(registry, view, as_of_ms, window_ms),
     )
 
 
@@ -416,20 +421,6 @@ def snapshot_evidence(
     data = compress(payload, ENCODINGS[0])
     row = {"encoding": ENCODINGS[0], "devices": ev.n, "raw_bytes": len(payload), "data": data}
     return audit, row
-
-
-class _EvidenceSource:
-    """What ``compute_ratios`` reads of a registry besides the view, for counting evidence:
-    online is recorded per device, so freshness is no longer a question."""
-
-    freshness_ms = 0
-    quality = None  # not part of a stored report
-
-    def __init__(self, names: dict[str, str]) -> None:
-        self._names = names
-
-    def enterprise_names(self) -> dict[str, str]:
-        return self._names
 
 
 def _evidence_view(ev: Evidence) -> IndexView:
@@ -481,20 +472,32 @@ def _evidence_view(ev: Evidence) -> IndexView:
     return IndexView(index, 0, None)
 
 
-_COMPARED = ("total", "connected", "online", "products_total", "products_connected")
-_COMPARED_ALL = (*_COMPARED, "products_online")
+_COMPARED_ALL = (
+    "total",
+    "connected",
+    "online",
+    "quality_connected",
+    "products_total",
+    "products_connected",
+    "products_online",
+    "products_quality_connected",
+)
+_QUALITY_FIELDS = ("quality_connected", "products_quality_connected")
 
 
 def recount(ev: Evidence, names: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """The rows a snapshot of exactly the evidence's devices stores, counted under the
-    current definitions (``names``: enterprise labels)."""
+    current definitions (``names``: enterprise labels); the quality counts are None
+    where the evidence did not record them."""
+    # Online is recorded per device, so freshness is no longer a question; nor is the
+    # gate's verdict, which is recorded too.
+    source = FixedGate(names or {}, 0, ev.quality)
     rows, _lines = snapshot_rows(
-        _EvidenceSource(names or {}),
-        _evidence_view(ev),
-        ts_ms=ev.as_of_ms,
-        window_s=ev.window_s,
-        groupings=ev.groupings,
+        source, _evidence_view(ev), ts_ms=ev.as_of_ms, window_s=ev.window_s, groupings=ev.groupings
     )
+    if ev.quality is None:
+        for row in rows:
+            row.update(dict.fromkeys(_QUALITY_FIELDS))
     return rows
 
 
@@ -513,8 +516,8 @@ def _differences(registry: Any, ev: Evidence, ts: int) -> tuple[list[dict[str, A
         now = {key: r for (g, key), r in again.items() if g == group_by}
         for key in sorted(set(stored) | set(now)):
             for field in _COMPARED_ALL:
-                was = int(getattr(stored[key], field)) if key in stored else None
-                is_ = int(now[key][field]) if key in now else None
+                was = _count(getattr(stored[key], field)) if key in stored else None
+                is_ = _count(now[key][field]) if key in now else None
                 if was != is_:
                     out.append(
                         {
@@ -526,6 +529,10 @@ def _differences(registry: Any, ev: Evidence, ts: int) -> tuple[list[dict[str, A
                         }
                     )
     return out, compared
+
+
+def _count(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _in_code_space(then: Evidence, now: Evidence, name: str) -> npt.NDArray[np.int64]:
@@ -614,6 +621,18 @@ def load_evidence(registry: Any, audit: dict[str, Any]) -> tuple[Evidence | None
     return ev, info
 
 
+def _quality_status(ev: Evidence) -> dict[str, str]:
+    """Whether the evidence records each device's quality verdict, so that the stored
+    quality counts are recounted and compared."""
+    if ev.quality is None:
+        return {
+            "status": "not_recorded",
+            "detail": "the snapshot was taken before quality counts were kept: its "
+            "quality_connected is not recorded and is not compared",
+        }
+    return {"status": "recorded", "detail": "quality_connected recounted from the evidence"}
+
+
 def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
     """Count the stored snapshot at or before ``as_of`` again from its evidence and
     compare, and say how the registry has changed since (None: no snapshot stored)."""
@@ -637,9 +656,11 @@ def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
         "differences": [],
         "registry_unchanged": None,
         "registry_changes": None,
+        "quality": None,
     }
     if ev is None:
         return result
+    result["quality"] = _quality_status(ev)
     try:
         differences, compared = _differences(registry, ev, ts)
     except (ValueError, KeyError) as exc:
@@ -676,6 +697,7 @@ EVIDENCE_HEADER = [
     "最后有效数据 last_good_ms",
     "联网 connected",
     "在线 online",
+    "数据达标 quality_connected",
 ]
 
 
@@ -699,6 +721,7 @@ def evidence_rows(
         at = nums[ev.codes["region"]]
         keep &= (at >= lo) & (at < hi)
     connected = ev.connected()
+    quality = ev.quality
     cols = {name: ev.values[name] for name in DICT_COLUMNS}
     for i in np.flatnonzero(keep).tolist():
         ent = cols["enterprise"][ev.codes["enterprise"][i]]
@@ -718,4 +741,5 @@ def evidence_rows(
             "" if good == NEVER else good,
             int(connected[i]),
             int(ev.online[i]),
+            "" if quality is None else int(quality[i]),  # empty: not recorded
         ]

@@ -46,6 +46,7 @@ __all__ = [
     "GROUPINGS",
     "KINDS",
     "ON_CLOUD_GROUPINGS",
+    "FixedGate",
     "Grouping",
     "HistoryGrouping",
     "Kind",
@@ -240,6 +241,33 @@ def quality_mask(registry: Any, idx: Counted, as_of_ms: int, window_ms: int) -> 
     return mask
 
 
+class _Verdicts:
+    """The data-quality gate's verdicts taken once, answering as ``QualityWindow.mask``."""
+
+    def __init__(self, passes: Mask) -> None:
+        self._passes = passes
+
+    def mask(self, _positions: Any, n: int, _as_of_ms: int, _window_ms: int) -> Mask:
+        out = np.zeros(n, np.bool_)
+        k = min(n, len(self._passes))
+        out[:k] = self._passes[:k]
+        return out
+
+
+class FixedGate:
+    """What the counting functions read of a registry besides the view, with the quality
+    gate's verdicts fixed (``passes`` by view position; None: no gate): every grouping of
+    a snapshot, its evidence and a recount of that evidence see the same verdicts."""
+
+    def __init__(self, names: dict[str, str], freshness_ms: int, passes: Mask | None) -> None:
+        self._names = names
+        self.freshness_ms = freshness_ms
+        self.quality = None if passes is None else _Verdicts(passes)
+
+    def enterprise_names(self) -> dict[str, str]:
+        return self._names
+
+
 def compute_ratios(
     registry: Any,
     group_by: str | None,
@@ -345,12 +373,16 @@ def history_series(
             continue  # the group is in this snapshot for the other kind only
         s = series.setdefault(r.key, {"key": r.key, "label": r.label, "points": {}})
         bucket = r.ts_ms if step_s is None else r.ts_ms // (step_s * 1000)
+        # Null in snapshots stored before the quality count was: not recorded, not 0.
+        quality = r.products_quality_connected if kind == "product" else r.quality_connected
         s["points"][bucket] = {
             "ts": r.ts_ms,
             "total": total,
             "connected": connected,
+            "quality_connected": quality,
             "online": online,
             "ratio": ratio(connected, total),
+            "quality_ratio": None if quality is None else ratio(quality, total),
             "online_ratio": ratio(online, total),
         }
     return [
@@ -548,9 +580,13 @@ def compute_on_cloud(
 
 def _empty_row(group_by: str, group: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"group_by": group_by, "key": group["key"], "label": group["label"]}
-    for field in ("total", "connected", "online"):
+    for field in _SNAPSHOT_FIELDS:
         row[field] = row["products_" + field] = 0
     return row
+
+
+# What a snapshot row stores of each kind (products' with the prefix ``products_``).
+_SNAPSHOT_FIELDS = ("total", "connected", "online", "quality_connected")
 
 
 def snapshot_rows(
@@ -578,7 +614,7 @@ def snapshot_rows(
             for g in groups:
                 row = by_key.setdefault(g["key"], _empty_row(name, g))
                 prefix = "products_" if kind == "product" else ""
-                for field in ("total", "connected", "online"):
+                for field in _SNAPSHOT_FIELDS:
                     row[prefix + field] = g[field]
                 if group_by is None and kind == "product" and g["total"] == 0:
                     continue  # no products anywhere: no product series either
@@ -639,12 +675,15 @@ class Snapshotter:
             step = int(self.interval * 1000)
             ts_ms = int(self._clock() * 1000) // step * step
         view = self.registry.view()  # every grouping, and the evidence, count the same devices
+        # ... with the same quality verdicts, though the gate's may change while counting.
+        gate = quality_mask(self.registry, view, ts_ms, self.window_s * 1000)
+        source = FixedGate(self.registry.enterprise_names(), self.registry.freshness_ms, gate)
         rows, lines = snapshot_rows(
-            self.registry, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
+            source, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
         )
         # What this snapshot counted, so GET /api/v1/reports/verify can count it again.
         audit, evidence = snapshot_evidence(
-            self.registry, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
+            source, view, ts_ms=ts_ms, window_s=self.window_s, groupings=self.groupings
         )
         self.registry.save_snapshot(ts_ms, self.window_s, rows, audit=audit, evidence=evidence)
         self.registry.prune_snapshots(ts_ms - self.retention_ms)

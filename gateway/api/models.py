@@ -145,8 +145,13 @@ class HistoryPoint(BaseModel):
     ts: int
     total: int
     connected: int
+    quality_connected: int | None = Field(
+        description="Connected and passing the data-quality gate; null in a snapshot "
+        "stored before it was recorded."
+    )
     online: int
     ratio: float
+    quality_ratio: float | None
     online_ratio: float
 
 

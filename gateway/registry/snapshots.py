@@ -16,6 +16,10 @@ from gateway.registry.store import RegistryStore
 __all__ = ["SnapshotsPart"]
 
 
+def _count_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 class SnapshotsPart(RegistryStore):
     """Stored ratio snapshots."""
 
@@ -28,10 +32,11 @@ class SnapshotsPart(RegistryStore):
         audit: dict[str, Any] | None = None,
         evidence: dict[str, Any] | None = None,
     ) -> None:
-        """Store one ratio snapshot: rows of group_by, key, label, total, connected, online
-        (equipment) and products_total, products_connected, products_online; with its
-        audit record and evidence (rows of ``snapshot_audit``, ``snapshot_evidence``
-        without ``ts_ms``), all or nothing."""
+        """Store one ratio snapshot: rows of group_by, key, label, total, connected, online,
+        quality_connected (equipment) and products_total, products_connected,
+        products_online, products_quality_connected (a quality count a row lacks is
+        stored as not recorded); with its audit record and evidence (rows of
+        ``snapshot_audit``, ``snapshot_evidence`` without ``ts_ms``), all or nothing."""
         data = [
             {
                 "ts_ms": ts_ms,
@@ -45,6 +50,8 @@ class SnapshotsPart(RegistryStore):
                 "products_total": int(r.get("products_total", 0)),
                 "products_connected": int(r.get("products_connected", 0)),
                 "products_online": int(r.get("products_online", 0)),
+                "quality_connected": _count_or_none(r.get("quality_connected")),
+                "products_quality_connected": _count_or_none(r.get("products_quality_connected")),
             }
             for r in rows
         ]

@@ -180,6 +180,10 @@ ratio_snapshots = sa.Table(
     sa.Column("products_total", sa.Integer, nullable=False, server_default="0"),
     sa.Column("products_connected", sa.Integer, nullable=False, server_default="0"),
     sa.Column("products_online", sa.Integer, nullable=False, server_default="0"),
+    # Connected and passing the data-quality gate, equipment and products; null in a
+    # snapshot stored before they were (not recorded, which is not 0).
+    sa.Column("quality_connected", sa.Integer, nullable=True),
+    sa.Column("products_quality_connected", sa.Integer, nullable=True),
 )
 
 # Targets of enterprises on the cloud (上云企业数) per region; year 0 = every year.
@@ -383,6 +387,11 @@ def _v12(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _v13(conn: sa.Connection) -> None:
+    """The quality gate's counts in the ratio snapshots (null in older ones)."""
+    _add_missing_columns(conn, ratio_snapshots, ("quality_connected", "products_quality_connected"))
+
+
 # Append new steps here; never edit a released one.
 _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v1,
@@ -397,6 +406,7 @@ _MIGRATIONS: list[Callable[[sa.Connection], None]] = [
     _v10,
     _v11,
     _v12,
+    _v13,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 

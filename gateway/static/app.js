@@ -136,12 +136,16 @@
       svg.appendChild(el("text", { x: 4, y: y(r) + 4, class: "muted" }, Math.round(r * 100) + "%"));
     });
     const line = function (key, cls) {
-      const pts = points.map(function (p) { return x(p.ts).toFixed(1) + "," + y(p[key]).toFixed(1); });
+      // A snapshot stored before its quality count was has none (null): no point drawn.
+      const kept = points.filter(function (p) { return p[key] !== null && p[key] !== undefined; });
+      if (kept.length === 0) return;
+      const pts = kept.map(function (p) { return x(p.ts).toFixed(1) + "," + y(p[key]).toFixed(1); });
       // One snapshot so far: draw it across the chart as a level line, not a dot.
-      if (pts.length === 1) pts.push((width - right).toFixed(1) + "," + y(points[0][key]).toFixed(1));
+      if (pts.length === 1) pts.push((width - right).toFixed(1) + "," + y(kept[0][key]).toFixed(1));
       svg.appendChild(el("polyline", { class: cls, points: pts.join(" ") }));
     };
     line("ratio", "connected");
+    line("quality_ratio", "quality");
     line("online_ratio", "online");
     const fmt = function (ts) { return new Date(ts).toLocaleString("zh-CN", { hour12: false }); };
     svg.appendChild(el("text", { x: left, y: height - 10, class: "muted" }, fmt(t0)));

@@ -117,7 +117,13 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
     assert [t for _h, t in _crumbs(city)] == ["全省 Province", "石家庄市 Shijiazhuang"]
     assert "(city 130100)" in _text(_part(city, "drill-trend-what", "</span>"))
     city_trend = _part(city, "drill-trend", "</svg>")
-    assert len(re.findall(r"<polyline", city_trend)) == 2  # connected and online
+    lines = re.findall(r'<polyline class="(\w+)" points="([^"]+)"', city_trend)
+    # Connected, quality_connected (stored with each snapshot) and online.
+    assert [(cls, len(pts.split())) for cls, pts in lines] == [
+        ("connected", 4),
+        ("quality", 4),
+        ("online", 4),
+    ]
     counties = _rows(city, "drill-table")
     good = _good(served, "group_by=county&region=1301")
     assert counties == {
