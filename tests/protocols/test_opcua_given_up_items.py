@@ -43,6 +43,7 @@ class _SlowCreates:
     """Server side: the next ``pending`` CreateMonitoredItems calls are answered late."""
 
     pending: int = 0
+    started_late: int = 0
     answered_late: int = 0
 
 
@@ -55,6 +56,7 @@ def slow_creates(monkeypatch: pytest.MonkeyPatch) -> Iterator[_SlowCreates]:
         late = gate.pending > 0
         if late:
             gate.pending -= 1
+            gate.started_late += 1
             # The service itself waits: the server's other requests on this connection
             # queue behind it, as on a server that is busy.
             await asyncio.sleep(LATE_S)
@@ -108,20 +110,36 @@ async def _values_arrive(driver: OpcUaDriver) -> None:
     await wait_for(lambda: driver.stats.notifications > before, within=10.0, what="new values")
 
 
+async def _give_up(driver: OpcUaDriver, how: str, gate: _SlowCreates) -> None:
+    """Connect ``driver`` while the server is slow, and see it give up as ``how`` says."""
+    if how == "connect_timeout":
+        with pytest.raises(errors.DeviceTimeout, match=driver.name):
+            await driver.connect()
+        return
+    # Stopped while waiting (the agent stopping the device's poller): cancelled.
+    connecting = asyncio.create_task(driver.connect())
+    await wait_for(lambda: gate.started_late == 1, within=5.0, what="the slow create")
+    connecting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await connecting
+
+
+@pytest.mark.parametrize("how", ["connect_timeout", "stopped"])
 async def test_items_answered_after_the_device_gave_up_are_deleted_at_the_server(
-    slow_creates: _SlowCreates, caplog: pytest.LogCaptureFixture
+    how: str, slow_creates: _SlowCreates, caplog: pytest.LogCaptureFixture
 ) -> None:
     device = SimDevice(PRESS, device_id="press", seed=3)
     async with OpcUaSimServer(device, port=0, update_interval=0.1) as sim:
         first = OpcUaDriver(PRESS, _conn(sim.endpoint, 10.0), name="press-0")
-        late = OpcUaDriver(PRESS, _conn(sim.endpoint, GIVE_UP_S), name="press-1")
+        give_up_s = GIVE_UP_S if how == "connect_timeout" else 10.0
+        late = OpcUaDriver(PRESS, _conn(sim.endpoint, give_up_s), name="press-1")
         caplog.set_level(logging.INFO, logger="protocols.opcua")
         try:
             await first.connect()  # keeps the shared session open throughout
             assert _at_server(sim) == sorted(_held(first))
             slow_creates.pending = 1
-            with pytest.raises(errors.DeviceTimeout, match="press-1"):
-                await late.connect()
+            await _give_up(late, how, slow_creates)
+            assert slow_creates.answered_late == 0  # given up before the server answered
             await _connect_retrying(late)
             assert late.session is first.session and late.session is not None
             assert late.session.opened == 1  # the session was healthy all along
