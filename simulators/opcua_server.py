@@ -424,6 +424,15 @@ class OpcUaSimServer:
             await self._close_sessions(server)
             await server.stop()
 
+    def monitored_items(self) -> dict[int, list[int]]:
+        """The monitored item ids the server holds, per subscription id (every session's)."""
+        server = self._server
+        if server is None:
+            return {}
+        subs = server.iserver.subscription_service.subscriptions
+        # asyncua keeps a subscription's items in its MonitoredItemService, unexposed.
+        return {sid: sorted(sub.monitored_item_srv._monitored_items) for sid, sub in subs.items()}
+
     async def __aenter__(self) -> OpcUaSimServer:
         await self.start()
         return self

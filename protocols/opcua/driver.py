@@ -505,21 +505,32 @@ class OpcUaDriver(DriverBase):
             )
             assert session.client is not None
             try:
+                # Given up on, the session gives the room back and deletes what the
+                # server creates after all; the items made by earlier calls are in
+                # self._items, which aclose() deletes.
                 results = await self._call(
-                    "create monitored items", session.create_items(params), c.connect_timeout
+                    "create monitored items",
+                    session.create_items(sub, params, self.name),
+                    c.connect_timeout,
                 )
             except BaseException:
-                sub.items -= len(chunk)  # the room subscription_for kept for them
                 session.drop_handles(handles[i:])  # late notifications for them go nowhere
                 raise
             ids: list[int] = []
-            for h, result in zip(chunk, results, strict=True):
+            for j, result in enumerate(results):
                 if result.StatusCode.is_good():
                     ids.append(result.MonitoredItemId)
-                else:
-                    self._subscribe_errors[by_handle[h].name] = _status_name(result.StatusCode)
+                elif j < len(chunk):
+                    name = by_handle[chunk[j]].name
+                    self._subscribe_errors[name] = _status_name(result.StatusCode)
             sub.items -= len(chunk) - len(ids)
+            # Held before any check, so that aclose() deletes them whatever follows.
             self._items.append((sub, chunk, ids))
+            if len(results) != len(chunk):
+                raise DecodeError(
+                    f"{self._where()}: {len(chunk)} monitored items asked for, "
+                    f"{len(results)} results"
+                )
 
     def _item_request(
         self, handle: int, p: Point, sampling_ms: float, queue: int

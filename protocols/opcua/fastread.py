@@ -224,7 +224,8 @@ async def exchange(
 
     ``hint_ms`` is the header's timeout hint (0: none). An answer tells a ``LiveClient``
     its server is alive. When the caller gives up (cancelled), ``keep`` gets the future
-    that will hold the answer still to come (for ``late_answer``). Returns the answer's
+    that will hold the answer still to come, or holds it when it came just as the caller
+    gave up (for ``late_answer``). Returns the answer's
     type id, its bytes and where the body after the response header starts; a
     ServiceFault or a Bad service result raises ``ua.UaStatusCodeError``. The caller
     bounds the wait.
@@ -255,6 +256,13 @@ async def exchange(
             data = await future
         except asyncio.CancelledError:
             stand_in = _answer_later(client, proto._callbackmap, request_id, future)
+            if (
+                stand_in is None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+            ):
+                stand_in = future  # answered as the caller gave up: the answer is here
             if stand_in is not None and keep is not None:
                 keep(stand_in)
             raise

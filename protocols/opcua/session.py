@@ -17,12 +17,20 @@ Publish requests in flight for all of them (``publish.Publisher``) and routes ea
 notification straight into its device's ``Changes``: the newest value of each point, and
 the values not yet handed over, in order, as batches (a point's second value waiting goes
 into the next batch, so a queue of several values per point is delivered whole).
+
+A server answers a session's requests in order, and carries out the ones a device gave up
+waiting for all the same: monitored items whose CreateMonitoredItems came back after the
+device's ``connect_timeout`` are deleted again as soon as that answer arrives (the device
+holds none of them, and the server would keep sampling them, sending their values and
+counting them against its limits). When the session was lost meanwhile there is nothing
+to do: the server ends the session's subscriptions with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import math
@@ -38,7 +46,7 @@ from asyncua.common.utils import Buffer
 from asyncua.ua.ua_binary import struct_from_binary, struct_to_binary
 
 from protocols.opcua.config import OpcUaConnection
-from protocols.opcua.fastread import exchange, type_id
+from protocols.opcua.fastread import exchange, late_answer, type_id
 from protocols.opcua.publish import Item, Notifications, Publisher
 
 __all__ = [
@@ -86,6 +94,7 @@ _MAX_BATCHES = 64
 _OVERFLOW = 0x0480  # InfoType DataValue + Overflow: the server's queue dropped values
 _CREATE_SUBSCRIPTION = type_id(ua.ObjectIds.CreateSubscriptionRequest_Encoding_DefaultBinary)
 _CREATE_ITEMS = type_id(ua.ObjectIds.CreateMonitoredItemsRequest_Encoding_DefaultBinary)
+_DELETE_ITEMS = type_id(ua.ObjectIds.DeleteMonitoredItemsRequest_Encoding_DefaultBinary)
 
 # (raw value, status code) of one point, as the publish answer gave it.
 Entry = tuple[Any, int]
@@ -165,11 +174,15 @@ class Session:
         self.targets: dict[int, _Target] = {}
         self.notifications = 0
         self.opened = 0
+        # Monitored items created after their device gave up: deleted again, or not.
+        self.late_items_deleted = 0
+        self.late_items_left = 0
         self._handles = itertools.count(1)
         self.publisher: Publisher | None = None
         self._by_id: dict[int, SharedSubscription] = {}
         self._subscribing = asyncio.Lock()  # one subscription created at a time
         self._creating: set[asyncio.Future[SharedSubscription]] = set()
+        self._tidying: set[asyncio.Task[None]] = set()  # deletes of given-up items
 
     @property
     def healthy(self) -> bool:
@@ -192,6 +205,8 @@ class Session:
             abandon(old)
         for creating in list(self._creating):
             creating.cancel()
+        for tidying in list(self._tidying):
+            tidying.cancel()  # the old session's items end with it
         self.subscriptions = []
         self._by_id = {}
         self.targets = {}
@@ -299,21 +314,118 @@ class Session:
         return sub
 
     async def create_items(
-        self, params: ua.CreateMonitoredItemsParameters
+        self, sub: SharedSubscription, params: ua.CreateMonitoredItemsParameters, device: str
     ) -> list[ua.MonitoredItemCreateResult]:
-        """CreateMonitoredItems, bounded by the caller alone.
+        """CreateMonitoredItems in ``sub`` for ``device``, bounded by the caller alone.
 
         Not through asyncua, whose bound is the session's ``timeout``: a busy server
         answers a shared session's requests in order, behind every poll and publish, and
-        a device that joins it needs the time its ``connect_timeout`` gives.
+        a device that joins it needs the time its ``connect_timeout`` gives. When this
+        raises, the room ``subscription_for`` kept for the items is given back, and items
+        the server creates after the caller gave up are deleted when its answer comes.
         """
         client = self.client
         assert client is not None
-        _, raw, _ = await exchange(
-            client, _CREATE_ITEMS, struct_to_binary(params), int(self.conn.connect_timeout * 1000)
-        )
-        response = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
+        count = len(params.ItemsToCreate)
+        generation = self.generation
+        later: list[asyncio.Future[Any]] = []
+        try:
+            _, raw, _ = await exchange(
+                client,
+                _CREATE_ITEMS,
+                struct_to_binary(params),
+                int(self.conn.connect_timeout * 1000),
+                later.append,
+            )
+            response = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
+        except BaseException:
+            if later:  # sent and still to be answered: its items are deleted then
+                answered = functools.partial(
+                    self._answered_late, client, generation, sub, count, device
+                )
+                later[0].add_done_callback(answered)
+            else:
+                sub.items -= count
+            raise
         return list(response.Results)
+
+    def _answered_late(
+        self,
+        client: Client,
+        generation: int,
+        sub: SharedSubscription,
+        count: int,
+        device: str,
+        answer: asyncio.Future[Any],
+    ) -> None:
+        """The answer to a CreateMonitoredItems given up on came (or the session went)."""
+        if (
+            answer.cancelled()
+            or answer.exception() is not None
+            or not self._current(client, generation)
+        ):
+            sub.items -= count  # the session is gone, and its items with it
+            return
+        task = asyncio.create_task(
+            self._delete_late(client, sub, count, device, answer),
+            name=f"opcua delete given-up items {device}",
+        )
+        self._tidying.add(task)
+        task.add_done_callback(self._tidying.discard)
+
+    def _current(self, client: Client, generation: int) -> bool:
+        """``client`` is still this session's, healthy, as it was at ``generation``."""
+        return self.client is client and self.generation == generation and self.healthy
+
+    async def _delete_late(
+        self,
+        client: Client,
+        sub: SharedSubscription,
+        count: int,
+        device: str,
+        answer: asyncio.Future[Any],
+    ) -> None:
+        """Delete the items a given-up CreateMonitoredItems made; best effort, never raises."""
+        ids: list[int] = []
+        deleted = 0
+        error: str | None = None
+        try:
+            try:
+                _, raw, _ = await late_answer(client, answer)
+            except ua.UaStatusCodeError:
+                return  # the service failed: the server created nothing
+            created = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
+            ids = [r.MonitoredItemId for r in created.Results if r.StatusCode.is_good()]
+            if not ids:
+                return
+            params = ua.DeleteMonitoredItemsParameters(
+                SubscriptionId=sub.subscription_id, MonitoredItemIds=ids
+            )
+            # As long as creating them may take: the server is answering late.
+            limit = max(self.conn.timeout, self.conn.connect_timeout)
+            async with asyncio.timeout(limit):
+                _, raw, _ = await exchange(
+                    client, _DELETE_ITEMS, struct_to_binary(params), int(limit * 1000)
+                )
+            codes = struct_from_binary(ua.DeleteMonitoredItemsResponse, Buffer(raw)).Results
+            deleted = sum(1 for c in codes if c.is_good())
+            if deleted < len(ids):
+                error = ", ".join(sorted({c.name for c in codes if not c.is_good()}))
+        except Exception as exc:  # the poll loop never sees it: counted and logged
+            error = f"{exc!r}"
+        finally:
+            sub.items -= count  # deleted, or not the session's to hold any more
+        self.late_items_deleted += deleted
+        self.late_items_left += len(ids) - deleted
+        where = {"device": device, "endpoint": self.conn.endpoint,
+                 "subscription_id": sub.subscription_id}  # fmt: skip
+        if deleted:
+            _log.info("opcua given-up monitored items deleted", extra={**where, "items": deleted})
+        if error is not None:
+            _log.warning(
+                "opcua given-up monitored items not deleted",
+                extra={**where, "items": len(ids) - deleted, "error": error},
+            )
 
     def _publish_lost(self, reason: str) -> None:
         self.lost = self.lost or reason
@@ -382,7 +494,11 @@ class Session:
     async def close(self) -> None:
         for creating in list(self._creating):
             creating.cancel()
-        stopped = self._stop_publishing()
+        # Closing the session deletes its items at the server: no need to finish these.
+        tidying = list(self._tidying)
+        for t in tidying:
+            t.cancel()
+        stopped = self._stop_publishing() + tidying
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)
         client, self.client = self.client, None
