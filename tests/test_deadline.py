@@ -97,3 +97,44 @@ async def test_a_stretched_deadline_moves_by_the_time_the_loop_lost() -> None:
     finally:
         lag.stop()
     assert LoopLag.of(asyncio.get_running_loop()) is None
+
+
+async def _stretched_block(limit: float) -> tuple[bool, float]:
+    """(whether the deadline fired, seconds the block ran) for a block that never ends."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = deadline_after(limit, stretch=True)
+    try:
+        async with deadline:
+            await asyncio.sleep(60)
+    except TimeoutError:
+        pass
+    return deadline.expired(), loop.time() - started
+
+
+async def test_a_stretched_deadline_moves_by_at_most_ten_times_its_limit() -> None:
+    """A loop that never catches up delays a dead device's timeout, but not indefinitely."""
+    loop = asyncio.get_running_loop()
+    lag = LoopLag()
+    lag.start()
+    begun = loop.time()
+    handle: list[asyncio.TimerHandle] = []
+
+    def losing_everything() -> None:
+        # A loop that loses more than all its time: every turn, the deadline may move.
+        lag.lost = loop.time() - begun + 1.0
+        handle[:] = [loop.call_later(0.01, losing_everything)]
+
+    losing_everything()
+    task = asyncio.create_task(_stretched_block(0.2))
+    try:
+        done, _ = await asyncio.wait([task], timeout=8.0)
+        assert done, "a stretched deadline on a loop that never catches up never fired"
+        fired, took = task.result()
+    finally:
+        task.cancel()
+        handle[0].cancel()
+        lag.stop()
+    assert fired
+    # 0.2 s, moved by ten times that, and a few loop turns.
+    assert 2.0 <= took < 2.2 + 1.5, took
