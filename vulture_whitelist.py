@@ -123,6 +123,7 @@ _.update_errors  # unused attribute (simulators/opcua_server.py)
 # Test fixtures, hooks and plug-ins pytest or the protocol registry finds by name
 pytest_runtest_makereport  # unused function (tests/conftest.py)
 pytest_collection_finish  # unused function (tests/conftest.py)
+describe  # unused method (edge_agent/metrics.py: prometheus_client asks a collector)
 _.longrepr  # unused attribute (tests/conftest.py)
 no_leftover_tasks  # unused function (tests/conftest.py)
 _no_leftover_threads  # unused function (tests/edge_agent/conftest.py)

@@ -24,7 +24,7 @@ from edge_agent.commands import CommandExecutor
 from edge_agent.config import DeviceConfig, LoadedConfig
 from edge_agent.control import ControlMetrics, ControlPlane, run_scan
 from edge_agent.lock import DataDirLock, DataDirLocked
-from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics import AgentMetrics, DriverEvents
 from edge_agent.metrics_http import MetricsServer
 from edge_agent.poller import DevicePoller, DriverFactory
 from edge_agent.publisher import Publisher
@@ -165,6 +165,9 @@ class Agent:
         # Pollers' deadlines move by the time the loop loses, so that an agent that is
         # behind does not take its devices for dead (iiot_common.deadline).
         self.loop_lag = LoopLag(self.metrics.loop_lag.set)
+        self.metrics.registry.register(
+            DriverEvents(lambda: [(i, p.driver_events()) for i, p in self._pollers.items()])
+        )
 
     @property
     def pollers(self) -> list[DevicePoller]:

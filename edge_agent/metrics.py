@@ -7,13 +7,24 @@ is ``metrics_http.MetricsServer``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
-__all__ = ["AgentMetrics"]
+__all__ = ["AgentMetrics", "DriverEvents", "driver_events"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
+# Driver counters that count ordinary traffic, not trouble: polls and answers are on
+# iiot_agent_polls already, and one more line per device and volume counter would
+# multiply a scrape at thousands of devices.
+_VOLUME = frozenset(
+    {"requests", "responses", "polls", "writes", "connects", "notifications",
+     "registers_read", "bits_read", "bytes_read"}
+)  # fmt: skip
 _POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -121,3 +132,53 @@ class AgentMetrics:
     def all(self) -> list[Any]:
         """Every metric object above, in registration order."""
         return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def driver_events(stats: object) -> dict[str, int]:
+    """A driver's trouble counters by event, non-zero only: each whole-number field of its
+    ``stats`` dataclass but the volume counts, and each key of a per-code field
+    (``exceptions:2``, ``bad_status:BadNodeIdUnknown``)."""
+    if not dataclasses.is_dataclass(stats) or isinstance(stats, type):
+        return {}
+    out: dict[str, int] = {}
+    for name in _field_names(type(stats)):
+        value = getattr(stats, name)
+        if isinstance(value, dict):
+            for key, n in value.items():
+                if n:
+                    out[f"{name}:{key}"] = int(n)
+        elif isinstance(value, int) and value and name not in _VOLUME:
+            out[name] = value
+    return out
+
+
+class DriverEvents:
+    """``iiot_agent_driver_events_total{device,event}``: what the drivers counted going
+    wrong below a poll's result (timeouts and retries, Modbus exception codes, OPC UA
+    status codes, sessions lost, server queue overflows, monitored items left behind).
+
+    A collector read at scrape time from ``source`` (device id, events); devices with
+    nothing to report add no line.
+    """
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, Mapping[str, int]]]]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed names: registering must not collect
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "iiot_agent_driver_events",
+            "Trouble the device drivers counted, by device and event (see edge_agent/README).",
+            labels=["device", "event"],
+        )
+        for device, events in self._source():
+            for event, n in sorted(events.items()):
+                family.add_metric([device, event], n)
+        yield family

@@ -23,7 +23,7 @@ from prometheus_client import Counter
 
 from device_profiles.schema import Point, Profile
 from edge_agent.config import DeviceConfig
-from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics import AgentMetrics, driver_events
 from iiot_common.backoff import Backoff, ConnState
 from iiot_common.deadline import deadline_at
 from protocols.driver import Driver, Reading, Value
@@ -99,6 +99,9 @@ class DevicePoller:
         self.health = DeviceHealth()
         self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
         self._driver: Driver | None = None
+        # Driver counters of the connections this poller closed, so that the device's
+        # iiot_agent_driver_events_total does not go back to zero on a reconnect.
+        self._carried: dict[str, int] = {}
         self._last_sent: dict[str, Value] = {}
         self._since_full = 0
         self._stop = asyncio.Event()
@@ -307,6 +310,7 @@ class DevicePoller:
         self.backoff.lost()
         driver, self._driver = self._driver, None
         if driver is not None:
+            self._carry(driver)
             self._close_later(driver)
         return self.backoff.next_delay()
 
@@ -378,9 +382,23 @@ class DevicePoller:
             else:
                 await driver.connect()
         except BaseException:
+            self._carry(driver)
             self._close_later(driver)
             raise
         return driver, own
+
+    def driver_events(self) -> dict[str, int]:
+        """What this device's drivers counted going wrong, since the poller started."""
+        events = dict(self._carried)
+        if self._driver is not None:
+            for event, n in driver_events(getattr(self._driver, "stats", None)).items():
+                events[event] = events.get(event, 0) + n
+        return events
+
+    def _carry(self, driver: Driver) -> None:
+        """Keep a closed driver's counters (its stats go with it)."""
+        for event, n in driver_events(getattr(driver, "stats", None)).items():
+            self._carried[event] = self._carried.get(event, 0) + n
 
     def _close_later(self, driver: Driver) -> None:
         """Close in the background: a hung close must not hold the schedule."""
@@ -391,6 +409,7 @@ class DevicePoller:
     async def _close_driver(self) -> None:
         driver, self._driver = self._driver, None
         if driver is not None:
+            self._carry(driver)
             await _close_quietly(driver)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

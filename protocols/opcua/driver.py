@@ -108,6 +108,10 @@ class OpcUaStats:
     dropped_batches: int = 0  # batches of changes dropped, not taken in time (subscribe mode)
     polls: int = 0
     writes: int = 0
+    # Monitored items the server created after this device gave up waiting for them:
+    # deleted again, or left at the server (the delete failed).
+    late_items_deleted: int = 0
+    late_items_left: int = 0
 
 
 def _status_name(code: ua.StatusCode | None) -> str:
@@ -510,7 +514,7 @@ class OpcUaDriver(DriverBase):
                 # self._items, which aclose() deletes.
                 results = await self._call(
                     "create monitored items",
-                    session.create_items(sub, params, self.name),
+                    session.create_items(sub, params, self.name, self.stats),
                     c.connect_timeout,
                 )
             except BaseException:

@@ -38,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
@@ -52,6 +52,7 @@ from protocols.opcua.publish import Item, Notifications, Publisher
 __all__ = [
     "Batch",
     "Changes",
+    "LateItemCounts",
     "Session",
     "SharedSubscription",
     "abandon",
@@ -60,6 +61,14 @@ __all__ = [
     "release_session",
     "teardown",
 ]
+
+
+class LateItemCounts(Protocol):
+    """A device's counters of the monitored items created after it gave up on them."""
+
+    late_items_deleted: int
+    late_items_left: int
+
 
 _log = logging.getLogger(__name__)
 
@@ -314,7 +323,11 @@ class Session:
         return sub
 
     async def create_items(
-        self, sub: SharedSubscription, params: ua.CreateMonitoredItemsParameters, device: str
+        self,
+        sub: SharedSubscription,
+        params: ua.CreateMonitoredItemsParameters,
+        device: str,
+        counts: LateItemCounts | None = None,
     ) -> list[ua.MonitoredItemCreateResult]:
         """CreateMonitoredItems in ``sub`` for ``device``, bounded by the caller alone.
 
@@ -341,7 +354,7 @@ class Session:
         except BaseException:
             if later:  # sent and still to be answered: its items are deleted then
                 answered = functools.partial(
-                    self._answered_late, client, generation, sub, count, device
+                    self._answered_late, client, generation, sub, count, (device, counts)
                 )
                 later[0].add_done_callback(answered)
             else:
@@ -355,7 +368,7 @@ class Session:
         generation: int,
         sub: SharedSubscription,
         count: int,
-        device: str,
+        device: tuple[str, LateItemCounts | None],
         answer: asyncio.Future[Any],
     ) -> None:
         """The answer to a CreateMonitoredItems given up on came (or the session went)."""
@@ -368,7 +381,7 @@ class Session:
             return
         task = asyncio.create_task(
             self._delete_late(client, sub, count, device, answer),
-            name=f"opcua delete given-up items {device}",
+            name=f"opcua delete given-up items {device[0]}",
         )
         self._tidying.add(task)
         task.add_done_callback(self._tidying.discard)
@@ -382,10 +395,13 @@ class Session:
         client: Client,
         sub: SharedSubscription,
         count: int,
-        device: str,
+        device: tuple[str, LateItemCounts | None],
         answer: asyncio.Future[Any],
     ) -> None:
-        """Delete the items a given-up CreateMonitoredItems made; best effort, never raises."""
+        """Delete the items a given-up CreateMonitoredItems made; best effort, never raises.
+
+        ``device``: its name, and the device's counters to add the outcome to.
+        """
         ids: list[int] = []
         deleted = 0
         error: str | None = None
@@ -417,7 +433,11 @@ class Session:
             sub.items -= count  # deleted, or not the session's to hold any more
         self.late_items_deleted += deleted
         self.late_items_left += len(ids) - deleted
-        where = {"device": device, "endpoint": self.conn.endpoint,
+        name, counts = device
+        if counts is not None:
+            counts.late_items_deleted += deleted
+            counts.late_items_left += len(ids) - deleted
+        where = {"device": name, "endpoint": self.conn.endpoint,
                  "subscription_id": sub.subscription_id}  # fmt: skip
         if deleted:
             _log.info("opcua given-up monitored items deleted", extra={**where, "items": deleted})

@@ -153,6 +153,8 @@ async def test_items_answered_after_the_device_gave_up_are_deleted_at_the_server
             session = late.session
             await wait_for(lambda: session.late_items_deleted == 2, within=5.0, what="counted")
             assert session.late_items_left == 0
+            # Counted for the device too: its iiot_agent_driver_events_total.
+            assert (late.stats.late_items_deleted, late.stats.late_items_left) == (2, 0)
             deleted = [r for r in caplog.records if "given-up monitored items" in r.getMessage()]
             assert len(deleted) == 1
             assert getattr(deleted[0], "items", None) == 2
