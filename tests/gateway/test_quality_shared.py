@@ -100,12 +100,14 @@ def _send(instances: list[Registry], clock: _Clock, minutes: range) -> None:
 
 
 def _sync(instances: list[Registry]) -> None:
-    """Every instance writes what it counted, then every instance reads the others'."""
+    """Every instance writes what it counted, then every instance reads the others' device
+    rows and quality counts (as its refresh and sharing threads do)."""
     for reg in instances:
         reg.flush()
         reg.share_quality()
     for reg in instances:
         reg.refresh()
+        reg.fold_quality()
 
 
 def _verdicts(reg: Registry, as_of: int) -> dict[str, Any]:
@@ -215,7 +217,7 @@ def test_any_device_id_reaches_the_other_instances(postgres_server: PostgreSQL) 
         _ = two.quality
         one.quality.record(summary)
         assert one.share_quality() == 1
-        two.refresh()
+        assert two.fold_quality() == 1
         assert two.quality.judge((ENT, odd), T0 + 1000, HOUR)["samples"] == 3
     finally:
         one.close()
