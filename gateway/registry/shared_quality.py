@@ -110,16 +110,6 @@ def _write(conn: sa.Connection, taken: PendingCounts, lo: int, hi: int) -> None:
         cur.close()
 
 
-def _read(conn: sa.Connection, where: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    cur = _cursor(conn)
-    try:
-        cur.execute(f"SELECT {_COLUMNS} FROM quality_buckets WHERE {where}", params)
-        rows: list[tuple[Any, ...]] = cur.fetchall()
-    finally:
-        cur.close()
-    return rows
-
-
 def _fold(
     window: QualityWindow,
     conn: sa.Connection,
