@@ -1,13 +1,22 @@
 """The data-quality gate's buckets, shared through PostgreSQL by the gateway instances.
 
 Each instance counts the samples it receives in its window's buckets (gateway.quality).
-Every ``quality_share_interval`` its flush thread adds the samples counted since its
-last write to the table ``quality_buckets`` (one row a device and bucket; batched
-upserts in key order, a transaction a chunk), which also notes whether values differed
-in the bucket; each refresh pass reads the rows written since its last (by transaction
-id, as device rows: ``gateway.registry.changes``) and folds them into the window, so
-every instance judges every instance's samples. A window starts with the table's
-buckets, so a restarted instance judges what the others kept counting.
+Its sharing thread (``quality-share``) does the rest, apart from the registry's refresh
+pass, so that the device states the ratios follow never wait for quality rows:
+
+- every ``quality_share_interval`` it adds the samples counted since its last write to
+  the table ``quality_buckets`` (one row a device and bucket; batched upserts in key
+  order, a transaction a chunk), which also notes whether values differed in the bucket;
+- every ``refresh_interval`` (where shorter; else after each write) it reads the rows
+  written since its last read (by transaction id, as device rows:
+  ``gateway.registry.changes``) and folds them into the window, ``_FOLD_SLICE`` rows
+  under the window's lock at a time, so ingest waits for a slice at most.
+
+So every instance judges every instance's samples, another's within
+``quality_share_interval`` + ``refresh_interval`` + the write and the fold. A window
+starts with the table's buckets, read in the background in chunks (the read's mark is
+where the sharing thread's reads go on from), so a restarted instance judges what the
+others kept counting.
 
 ``quality_span`` holds since when the instances have counted without a break: each write
 also says "counting, since ..."; when none did for ``_break_ms`` the span starts again
@@ -28,7 +37,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from gateway.quality import PendingCounts, QualityWindow
-from gateway.registry.changes import Mark
+from gateway.registry.changes import Mark, take_mark
 from gateway.registry.store import RegistryStore
 
 __all__ = ["SharedQualityPart"]
@@ -38,8 +47,10 @@ log = logging.getLogger("iiot.gateway.registry")
 # Rows an upsert statement (and its transaction) writes: short enough that instances
 # adding to the same rows wait little on each other.
 _CHUNK = 20_000
-# Rows read at a time when a window starts with the shared buckets.
+# Rows read at a time from the shared buckets (a start's load, a fold of the others').
 _LOAD_CHUNK = 100_000
+# Rows folded under one hold of the window's lock: ingest records under the same lock,
+# and 10,000 rows take some 30-90 ms.
 _FOLD_SLICE = 10_000
 _COLUMNS = "enterprise, device, start_ms, samples, fp, varied"
 _UPSERT = (
@@ -99,14 +110,30 @@ def _write(conn: sa.Connection, taken: PendingCounts, lo: int, hi: int) -> None:
         cur.close()
 
 
-def _read(conn: sa.Connection, where: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    cur = _cursor(conn)
+def _fold(
+    window: QualityWindow,
+    conn: sa.Connection,
+    where: str,
+    params: tuple[Any, ...],
+    stop: threading.Event,
+) -> int | None:
+    """Fold the rows ``where`` holds into ``window`` a slice at a time, read through a
+    server-side cursor in chunks (a day of buckets at province scale is tens of millions
+    of rows, never all in memory at once); returns the rows folded, None if ``stop`` was
+    set before the end."""
+    dbapi = conn.connection.dbapi_connection
+    cur = dbapi.cursor(name="quality_fold")  # type: ignore[union-attr]
+    folded = 0
     try:
         cur.execute(f"SELECT {_COLUMNS} FROM quality_buckets WHERE {where}", params)
-        rows: list[tuple[Any, ...]] = cur.fetchall()
+        while chunk := cur.fetchmany(_LOAD_CHUNK):
+            for lo in range(0, len(chunk), _FOLD_SLICE):
+                if stop.is_set():
+                    return None
+                folded += window.fold(chunk[lo : lo + _FOLD_SLICE])
     finally:
         cur.close()
-    return rows
+    return folded
 
 
 def _span_row(conn: sa.Connection) -> tuple[int, int] | None:
@@ -122,7 +149,10 @@ class SharedQualityPart(RegistryStore):
     _quality_sharer: threading.Thread | None = None
     _quality_pruned = 0.0  # and of the last deletion of old buckets
     _quality_failing = False
+    _quality_fold_failing = False
     _quality_loaded: threading.Event
+    # Where the next fold of the others' rows reads from, and for which window.
+    _quality_mark: tuple[QualityWindow, Mark] | None = None
 
     @property
     def quality(self) -> QualityWindow:
@@ -139,6 +169,7 @@ class SharedQualityPart(RegistryStore):
         not wait for them and nothing counted meanwhile is lost."""
         self._quality = window
         self._quality_span_ok = False
+        self._quality_mark = None
         loaded = self._quality_loaded = threading.Event()
         if not self.quality_shared:
             loaded.set()
@@ -166,24 +197,18 @@ class SharedQualityPart(RegistryStore):
         began = time.monotonic()
         now = self._now_ms()
         low = now - window.horizon_ms - window.bucket_ms
-        rows = 0
+        rows: int | None = 0
         try:
             with self._engine.connect() as conn:
+                # Before the rows (see changes.py): the sharing thread's folds read from
+                # here on, so a row written while these are read is folded later.
+                mark = take_mark(conn)
+                if mark is not None and self._quality is window:
+                    self._quality_mark = (window, mark)
                 span = _span_row(conn)
-                # A server-side cursor read in chunks: a day of buckets at province scale
-                # is tens of millions of rows, never all in memory at once.
-                dbapi = conn.connection.dbapi_connection
-                cur = dbapi.cursor(name="quality_load")  # type: ignore[union-attr]
-                try:
-                    query = f"SELECT {_COLUMNS} FROM quality_buckets WHERE start_ms > %s"
-                    cur.execute(query, (low,))
-                    while chunk := cur.fetchmany(_LOAD_CHUNK):
-                        # Folded a slice at a time: ingest records under the same lock.
-                        for lo in range(0, len(chunk), _FOLD_SLICE):
-                            window.fold(chunk[lo : lo + _FOLD_SLICE])
-                        rows += len(chunk)
-                finally:
-                    cur.close()
+                rows = _fold(window, conn, "start_ms > %s", (low,), self._stop)
+            if rows is None:
+                return  # closing
             if span is not None and span[1] >= now - self._break_ms():
                 window.adopt_since(span[0])
             # Only a window that holds the shared buckets may watch the others' span:
@@ -214,11 +239,60 @@ class SharedQualityPart(RegistryStore):
             self._quality_sharer.start()
 
     def _share_loop(self) -> None:
-        while not self._stop.wait(self.quality_share_interval):
-            try:
-                self.share_quality()
-            except Exception:  # counted and logged in share_quality; never ends the loop
-                log.exception("writing the quality buckets failed; will retry")
+        # Writes every quality_share_interval; reads and folds the instances' rows every
+        # refresh_interval where that is shorter, so the others' samples arrive as soon
+        # as device rows do, but on this thread, never holding up a refresh pass.
+        interval = self.quality_share_interval
+        every = min(interval, self.refresh_interval or interval)
+        next_write = time.monotonic() + interval
+        while not self._stop.wait(every):
+            if time.monotonic() >= next_write - every / 10:
+                try:
+                    self.share_quality()
+                except Exception:  # counted and logged in share_quality; never ends the loop
+                    log.exception("writing the quality buckets failed; will retry")
+                next_write = time.monotonic() + interval
+            self._fold_quietly()
+
+    def _fold_quietly(self) -> None:
+        """``fold_quality``, its failures counted and logged once per change."""
+        try:
+            self.fold_quality()
+        except Exception:  # the server-side cursor raises the driver's errors
+            self.counters["quality_fold_errors"] += 1
+            if not self._quality_fold_failing:
+                log.exception("reading the others' quality buckets failed; will retry")
+            self._quality_fold_failing = True
+            return
+        if self._quality_fold_failing:
+            log.info("reading the others' quality buckets works again")
+        self._quality_fold_failing = False
+
+    def fold_quality(self) -> int:
+        """Fold into the window the shared bucket rows written since the last fold (by
+        any instance: the database's counts include this one's); returns the rows folded.
+
+        0 on SQLite, while the shared buckets are still loading (the load reads them),
+        and when the registry is closing. After a load that could not take a mark this
+        first takes one: the rows written from then on are folded.
+        """
+        if not self.quality_shared or not self.quality_loaded(0):
+            return 0
+        window = self.quality
+        held = self._quality_mark
+        with self._engine.connect() as conn:
+            mark = take_mark(conn)  # before the rows: see changes.py
+            folded: int | None = 0
+            if held is not None and held[0] is window:
+                where = "updated_xid >= %s OR updated_xid = ANY(CAST(%s AS BIGINT[]))"
+                params = (held[1].xmax, list(held[1].xip))
+                folded = _fold(window, conn, where, params, self._stop)
+        if folded is None:
+            return 0  # closing: the mark stays, nothing is lost that a next pass needs
+        if mark is not None and self._quality is window:
+            self._quality_mark = (window, mark)
+        self.counters["quality_rows_folded"] += folded
+        return folded
 
     def _after_flush(self, final: bool) -> None:
         if not final or not self.quality_shared or self._quality is None:
@@ -263,21 +337,3 @@ class SharedQualityPart(RegistryStore):
             window.adopt_since(since)
         self.counters["quality_rows_shared"] += written
         return written
-
-    def _read_shared(self, conn: sa.Connection, mark: Mark | None) -> Any:
-        if mark is None or self._quality is None or not self.quality_shared:
-            return None
-        where = "updated_xid >= %s OR updated_xid = ANY(CAST(%s AS BIGINT[]))"
-        return _read(conn, where, (mark.xmax, list(mark.xip))), _span_row(conn)
-
-    def _apply_shared(self, read: Any) -> None:
-        if read is None or self._quality is None:
-            return
-        rows, span = read
-        self.counters["quality_rows_folded"] += self._quality.fold(rows)
-        if (
-            self._quality_span_ok
-            and span is not None
-            and span[1] >= self._now_ms() - self._break_ms()
-        ):
-            self._quality.adopt_since(span[0])

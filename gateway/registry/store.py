@@ -13,7 +13,9 @@ Several gateway instances may share one database. Each stamps the rows it writes
 the database's clock (``updated_ms``), and with ``refresh_interval`` set a thread reads
 the rows changed since its last look (``refresh``) into this instance's index, so every
 instance's ratios follow every instance's ingest: at most ``persist_granularity +
-flush_interval + refresh_interval`` behind.
+flush_interval + refresh_interval`` behind. A pass reads registry rows only: the quality
+gate's shared counts are read and folded on a thread of their own (shared_quality.py),
+so however many there are, they do not delay it.
 """
 
 from __future__ import annotations
@@ -323,7 +325,6 @@ class RegistryStore:
                 else:
                     devs = _changes.device_rows_since(conn, since)
                     times = [(r[0], r[1], r[13], r[17], r[18]) for r in devs]
-                shared = self._read_shared(conn, self._mark)
             prep = self._prepare_devices(devs, times)
             with self._lock:
                 # An API write made meanwhile may be newer than what was read, or older:
@@ -341,7 +342,6 @@ class RegistryStore:
                 # counts either all of this pass or none of it.
                 view = self._views.take(self._index) if read else None
                 writes = self._api_writes
-            self._apply_shared(shared)
             if view is not None:
                 self._views.warm(view)
                 self._views.publish(view, writes)
@@ -453,13 +453,6 @@ class RegistryStore:
 
     def _after_flush(self, final: bool) -> None:
         """Called after each flush of the flush thread, and by ``close`` (``final``)."""
-
-    def _read_shared(self, conn: sa.Connection, mark: _changes.Mark | None) -> Any:
-        """What a part reads in a refresh pass's connection (``mark``: see changes.py)."""
-        return None
-
-    def _apply_shared(self, read: Any) -> None:
-        """Apply what ``_read_shared`` read, after the pass applied its device rows."""
 
     # ------------------------------------------------------------------ flushing
 

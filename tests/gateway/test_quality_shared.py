@@ -4,7 +4,8 @@ judge all of them, before and after one of them restarts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,11 @@ import sqlalchemy as sa
 
 from gateway.ratios import compute_ratios
 from gateway.registry import Registry, parse_ledger
+from gateway.registry.shared_quality import _FOLD_SLICE
 from gateway.sink import SampleSummary
 from iiot_common.localservers import PostgreSQL
 from protocols.mqtt.contract import Birth, BirthDevice
+from tests.waiting import wait_until
 
 T0 = 1_750_000_000_000
 MINUTE = 60_000
@@ -100,12 +103,14 @@ def _send(instances: list[Registry], clock: _Clock, minutes: range) -> None:
 
 
 def _sync(instances: list[Registry]) -> None:
-    """Every instance writes what it counted, then every instance reads the others'."""
+    """Every instance writes what it counted, then every instance reads the others' device
+    rows and quality counts (as its refresh and sharing threads do)."""
     for reg in instances:
         reg.flush()
         reg.share_quality()
     for reg in instances:
         reg.refresh()
+        reg.fold_quality()
 
 
 def _verdicts(reg: Registry, as_of: int) -> dict[str, Any]:
@@ -215,7 +220,7 @@ def test_any_device_id_reaches_the_other_instances(postgres_server: PostgreSQL) 
         _ = two.quality
         one.quality.record(summary)
         assert one.share_quality() == 1
-        two.refresh()
+        assert two.fold_quality() == 1
         assert two.quality.judge((ENT, odd), T0 + 1000, HOUR)["samples"] == 3
     finally:
         one.close()
@@ -264,3 +269,75 @@ def test_without_a_shared_subscription_each_instance_keeps_its_own_counts(
         assert rows == 0
     finally:
         reg.close()
+
+
+def test_a_refresh_pass_never_waits_for_the_others_quality_counts(
+    cluster: tuple[str, _Clock, list[Registry]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another instance writes counts for many devices and a device's first sample; this
+    # one folds the counts on its sharing thread, held after its first slice. Meanwhile
+    # its refresh pass shows the device connected, and ingest records: neither waits.
+    url, clock, instances = cluster
+    writer = instances[0]
+    reader = Registry(url, default_poll_interval=60, quality_share_interval=0.2, clock=clock)
+    assert reader.quality_loaded(30), "the shared buckets were not read within 30 s"
+    window = reader.quality
+    fold = window.fold
+    held, release = threading.Event(), threading.Event()
+    slices: list[tuple[str, int]] = []
+
+    def _held_fold(rows: Sequence[tuple[Any, ...]]) -> int:
+        taken = fold(rows)
+        slices.append((threading.current_thread().name, len(rows)))
+        held.set()
+        release.wait(60)  # the window's lock is free here
+        return taken
+
+    monkeypatch.setattr(window, "fold", _held_fold)
+    many = 2 * _FOLD_SLICE + 5_000
+    keys = [(f"m-{k // 50:05d}", f"d{k % 50:02d}") for k in range(many)]
+    try:
+        reader.start()
+        for ent, dev in keys:
+            writer.quality.record(_summary(ent, dev, clock.ms, 2))
+        assert writer.share_quality() == many
+        writer.on_samples(_summary(ENT, "split", clock.ms, 1))
+        writer.flush()
+        assert held.wait(30), "the sharing thread folded nothing within 30 s"
+
+        assert compute_ratios(reader, None, as_of_ms=clock.ms)["overall"]["connected"] == 0
+        refresher = threading.Thread(target=reader.refresh)
+        refresher.start()
+        refresher.join(30)
+        assert not refresher.is_alive(), "the refresh pass waited for the fold"
+        overall = compute_ratios(reader, None, as_of_ms=clock.ms)["overall"]
+        assert overall["connected"] == 1
+        # Ingest is not held up either, and the fold is a slice in.
+        recorder = threading.Thread(
+            target=window.record, args=(_summary(ENT, "frozen", clock.ms, 1),)
+        )
+        recorder.start()
+        recorder.join(30)
+        assert not recorder.is_alive(), "ingest waited for the fold"
+        assert slices == [("quality-share", _FOLD_SLICE)]
+        assert _folded(reader, keys, clock.ms) == _FOLD_SLICE
+
+        release.set()
+        wait_until(lambda: _folded(reader, keys, clock.ms) == many, 30, "every count folded", 0.2)
+        assert {name for name, _n in slices} == {"quality-share"}
+        assert max(n for _name, n in slices) <= _FOLD_SLICE
+        assert window.judge(keys[-1], clock.ms + 1000, HOUR)["samples"] == 2
+    finally:
+        release.set()
+        reader.close()
+
+
+def _summary(ent: str, dev: str, ts: int, count: int) -> SampleSummary:
+    return SampleSummary(
+        ent, AGENT, dev, count=count, first_ts=ts, last_ts=ts, last_good_ts=ts, latest={"v": 1}
+    )
+
+
+def _folded(reg: Registry, keys: list[tuple[str, str]], ts: int) -> int:
+    """Of ``keys``, the devices with samples in the registry's window."""
+    return sum(1 for key in keys if reg.quality.judge(key, ts + 1000, HOUR)["samples"] > 0)
