@@ -99,9 +99,10 @@ class DevicePoller:
         self.health = DeviceHealth()
         self.lags = lags if lags is not None else deque(maxlen=_LAG_KEEP)
         self._driver: Driver | None = None
-        # Driver counters of the connections this poller closed, so that the device's
-        # iiot_agent_driver_events_total does not go back to zero on a reconnect.
-        self._carried: dict[str, int] = {}
+        # The counters of the device's first driver, handed to every driver after it, so
+        # that iiot_agent_driver_events_total never goes back on a reconnect and a closed
+        # driver's late news (OPC UA items deleted after it gave up) still counts.
+        self._stats: object | None = None
         self._last_sent: dict[str, Value] = {}
         self._since_full = 0
         self._stop = asyncio.Event()
@@ -310,7 +311,6 @@ class DevicePoller:
         self.backoff.lost()
         driver, self._driver = self._driver, None
         if driver is not None:
-            self._carry(driver)
             self._close_later(driver)
         return self.backoff.next_delay()
 
@@ -368,6 +368,7 @@ class DevicePoller:
         """
         dev = self.device
         driver = self._factory(self.profile, dev.connection, name=dev.id)
+        self._keep_stats(driver)
         own = _connect_limit(driver)
         try:
             if own:
@@ -382,23 +383,23 @@ class DevicePoller:
             else:
                 await driver.connect()
         except BaseException:
-            self._carry(driver)
             self._close_later(driver)
             raise
         return driver, own
 
     def driver_events(self) -> dict[str, int]:
         """What this device's drivers counted going wrong, since the poller started."""
-        events = dict(self._carried)
-        if self._driver is not None:
-            for event, n in driver_events(getattr(self._driver, "stats", None)).items():
-                events[event] = events.get(event, 0) + n
-        return events
+        return driver_events(self._stats)
 
-    def _carry(self, driver: Driver) -> None:
-        """Keep a closed driver's counters (its stats go with it)."""
-        for event, n in driver_events(getattr(driver, "stats", None)).items():
-            self._carried[event] = self._carried.get(event, 0) + n
+    def _keep_stats(self, driver: Driver) -> None:
+        """Give a new driver the device's counters (the first driver's own)."""
+        stats = getattr(driver, "stats", None)
+        if stats is None:
+            return
+        if type(self._stats) is type(stats):
+            setattr(driver, "stats", self._stats)  # noqa: B010 - not part of the Driver protocol
+        else:
+            self._stats = stats
 
     def _close_later(self, driver: Driver) -> None:
         """Close in the background: a hung close must not hold the schedule."""
@@ -409,7 +410,6 @@ class DevicePoller:
     async def _close_driver(self) -> None:
         driver, self._driver = self._driver, None
         if driver is not None:
-            self._carry(driver)
             await _close_quietly(driver)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
-from edge_agent.config import parse_config
-from edge_agent.metrics import driver_events
+from edge_agent.config import DeviceConfig, parse_config
+from edge_agent.metrics import AgentMetrics, driver_events
+from edge_agent.poller import DevicePoller
+from iiot_common.backoff import Backoff
 from iiot_common.localservers import free_port
 from protocols.modbus.driver import ModbusStats
 from simulators.device import SimDevice
 from simulators.faults import FaultMode
 from simulators.modbus_server import ModbusSimServer
 from tests.edge_agent.helpers import agent_dict, modbus_device
+from tests.edge_agent.test_poller_unit import FakeDriver
 from tests.waiting import wait_for
 
 _LINE = re.compile(r'^iiot_agent_driver_events_total\{device="([^"]*)",event="([^"]*)"\} (\S+)$')
@@ -86,3 +92,54 @@ def test_only_trouble_counters_that_moved_are_events() -> None:
     stats = ModbusStats(requests=10, responses=9, timeouts=1, exceptions={2: 3, 4: 0})
     assert driver_events(stats) == {"timeouts": 1, "exceptions:2": 3}
     assert driver_events(None) == {}
+
+
+@dataclass
+class _Stats:
+    timeouts: int = 0
+    late_items_deleted: int = 0
+
+
+class _CountingDriver(FakeDriver):
+    def __init__(self, script: dict[str, Any]) -> None:
+        super().__init__(script)
+        self.stats = _Stats()
+
+    async def connect(self) -> None:
+        self.stats.timeouts += 1  # each connection counts one event
+        await super().connect()
+
+
+async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
+    """Every driver of a device shares its counters: a reconnect keeps them, and what a
+    closed driver learns later (OPC UA items deleted after it gave up) is not lost."""
+    script: dict[str, Any] = {"refuse": True}
+    drivers: list[_CountingDriver] = []
+
+    def factory(profile: Any, conn: Any, *, name: str) -> _CountingDriver:
+        drivers.append(_CountingDriver(script))
+        return drivers[-1]
+
+    cfg = DeviceConfig.model_validate(
+        {"id": "kiln-1", "profile": "kiln-rotary-cement", "modbus": {"host": "127.0.0.1"},
+         "poll_interval": 0.02}
+    )  # fmt: skip
+    poller = DevicePoller(
+        cfg,
+        load_profiles()["kiln-rotary-cement"],
+        driver_factory=factory,
+        on_sample=lambda d, r: None,
+        on_state=lambda d, on, why: None,
+        metrics=AgentMetrics(),
+        backoff=Backoff(0.02, 0.05),
+    )
+    task = asyncio.create_task(poller.run())
+    try:
+        await wait_for(lambda: len(drivers) >= 3, 10, "three refused connects")
+        script["refuse"] = False
+        await wait_for(lambda: poller.health.online is True, 10, "connected")
+        drivers[0].stats.late_items_deleted += 2  # long closed, it hears back
+    finally:
+        poller.stop()
+        await task
+    assert poller.driver_events() == {"timeouts": len(drivers), "late_items_deleted": 2}
