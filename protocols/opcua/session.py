@@ -350,7 +350,6 @@ class Session:
                 int(self.conn.connect_timeout * 1000),
                 later.append,
             )
-            response = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
         except BaseException:
             if later:  # sent and still to be answered: its items are deleted then
                 answered = functools.partial(
@@ -359,6 +358,17 @@ class Session:
                 later[0].add_done_callback(answered)
             else:
                 sub.items -= count
+            raise
+        try:
+            response = struct_from_binary(ua.CreateMonitoredItemsResponse, Buffer(raw))
+        except Exception as exc:
+            # Which items the server made cannot be known: they stay until the session ends.
+            sub.items -= count
+            _log.warning(
+                "opcua monitored items answer unreadable",
+                extra={"device": device, "endpoint": self.conn.endpoint, "items": count,
+                       "error": repr(exc)},
+            )  # fmt: skip
             raise
         return list(response.Results)
 
@@ -521,6 +531,12 @@ class Session:
         stopped = self._stop_publishing() + tidying
         if stopped:
             await asyncio.gather(*stopped, return_exceptions=True)
+        # A late answer during that wait may have started another delete: the same holds.
+        while self._tidying:
+            late = list(self._tidying)
+            for t in late:
+                t.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         client, self.client = self.client, None
         if client is not None:
             graceful = self.lost is None and client.uaclient.state is UaClientState.CONNECTED
