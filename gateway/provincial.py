@@ -369,9 +369,17 @@ def grade_enterprises(
 
 
 def _evidence_of(
-    registry: Any, view: IndexView, *, as_of_ms: int, window_s: int, groupings: Sequence[str]
+    registry: Any,
+    view: IndexView,
+    *,
+    as_of_ms: int,
+    window_s: int,
+    groupings: Sequence[str],
+    quality: bool = True,
 ) -> Evidence:
-    """The devices ``view`` counts at ``as_of_ms``, as evidence (canonical order)."""
+    """The devices ``view`` counts at ``as_of_ms``, as evidence (canonical order); with
+    each one's quality verdict unless ``quality`` is false (the gate judges every device,
+    and its one kept answer would be spent)."""
     n = view.n
     window_ms = window_s * 1000
     connected = view.last_good[:n] > max(as_of_ms - window_ms, NEVER)
@@ -396,7 +404,9 @@ def _evidence_of(
         decommissioned=~view.active[:n],
         online=online_mask(view, as_of_ms, registry.freshness_ms),
         last_good=view.last_good[:n],
-        quality=connected & quality_mask(registry, view, as_of_ms, window_ms),
+        quality=(connected & quality_mask(registry, view, as_of_ms, window_ms))
+        if quality
+        else None,
     )
 
 
@@ -669,8 +679,15 @@ def verify_report(registry: Any, as_of_ms: int) -> dict[str, Any] | None:
         info.update(intact=False, detail=f"the evidence cannot be counted: {exc}")
         result["reproducible"] = False
         return result
+    # What changed since is compared on ledger and state, not quality: the gate's window
+    # is not the registry's.
     now = _evidence_of(
-        registry, registry.view(), as_of_ms=ts, window_s=window_s, groupings=ev.groupings
+        registry,
+        registry.view(),
+        as_of_ms=ts,
+        window_s=window_s,
+        groupings=ev.groupings,
+        quality=False,
     )
     changes = registry_changes(ev, now)
     result.update(
