@@ -117,8 +117,8 @@
   function drawTrend(svg, series) {
     clear(svg);
     const width = Math.max(svg.clientWidth || 0, 560);
-    const height = 220;
-    const left = 48, right = 16, top = 12, bottom = 34;
+    const height = 240;
+    const left = 48, right = 16, top = 12, bottom = 54;
     svg.setAttribute("viewBox", "0 0 " + width + " " + height);
     svg.setAttribute("height", height);
     const points = series && series.points ? series.points : [];
@@ -147,6 +147,13 @@
     line("ratio", "connected");
     line("quality_ratio", "quality");
     line("online_ratio", "online");
+    // What each line is, drawn as it is drawn.
+    [["connected", "联网率 connected"], ["quality", "数据达标率 quality"], ["online", "在线率 online"]]
+      .forEach(function (entry, i) {
+        const lx = left + i * 170, ly = height - 30;
+        svg.appendChild(el("polyline", { class: entry[0] + " key", points: lx + "," + ly + " " + (lx + 22) + "," + ly }));
+        svg.appendChild(el("text", { x: lx + 28, y: ly + 4, class: "muted" }, entry[1]));
+      });
     const fmt = function (ts) { return new Date(ts).toLocaleString("zh-CN", { hour12: false }); };
     svg.appendChild(el("text", { x: left, y: height - 10, class: "muted" }, fmt(t0)));
     svg.appendChild(el("text", { x: width - right, y: height - 10, class: "muted", "text-anchor": "end" }, fmt(t1)));

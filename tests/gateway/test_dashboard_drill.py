@@ -124,6 +124,10 @@ def test_drill_down_from_the_province_to_a_device_and_back(served: str, tmp_path
         ("quality", 4),
         ("online", 4),
     ]
+    # Each line is named beside a sample of it.
+    keys = re.findall(r'<polyline class="(\w+) key"', city_trend)
+    assert keys == ["connected", "quality", "online"]
+    assert all(name in _text(city_trend) for name in ("联网率", "数据达标率", "在线率"))
     counties = _rows(city, "drill-table")
     good = _good(served, "group_by=county&region=1301")
     assert counties == {
