@@ -166,7 +166,7 @@ class Agent:
         # behind does not take its devices for dead (iiot_common.deadline).
         self.loop_lag = LoopLag(self.metrics.loop_lag.set)
         self.metrics.registry.register(
-            DriverEvents(lambda: [(i, p.driver_events()) for i, p in self._pollers.items()])
+            DriverEvents(lambda: ((i, p.driver_events()) for i, p in list(self._pollers.items())))
         )
 
     @property
@@ -337,6 +337,8 @@ class Agent:
             if i in wanted and (p.device != wanted[i] or p.profile != new.device_profiles[i])
         ]
         added = [i for i in wanted if i not in self._pollers]
+        # A changed device's counters go on in its new poller (drivers of one protocol).
+        kept = {i: self._pollers[i] for i in changed}
         await self._stop_pollers(removed + changed)
         for dev_id in removed:
             self._on_state(dev_id, False, "removed")
@@ -344,6 +346,8 @@ class Agent:
         self.loaded = new
         for dev_id in changed + added:
             poller = self._make_poller(wanted[dev_id], 0.0)
+            if dev_id in kept:
+                poller.keep_counters(kept[dev_id])
             self._pollers[dev_id] = poller
             self._tasks[dev_id] = asyncio.create_task(poller.run(), name=f"poll-{dev_id}")
         return {"added": added, "removed": removed, "changed": changed}

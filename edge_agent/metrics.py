@@ -7,8 +7,6 @@ is ``metrics_http.MetricsServer``.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -18,13 +16,14 @@ from prometheus_client.metrics_core import CounterMetricFamily, Metric
 __all__ = ["AgentMetrics", "DriverEvents", "driver_events"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600)
-# Driver counters that count ordinary traffic, not trouble: polls and answers are on
-# iiot_agent_polls already, and one more line per device and volume counter would
-# multiply a scrape at thousands of devices.
-_VOLUME = frozenset(
-    {"requests", "responses", "polls", "writes", "connects", "notifications",
-     "registers_read", "bits_read", "bytes_read"}
+# The driver counters (fields of a driver's ``stats`` dataclass) that count trouble, as
+# iiot_agent_driver_events_total's events: plain counts, and per-code counts (a dict, one
+# event per code). Ordinary traffic (requests, polls) is on iiot_agent_polls already.
+_EVENT_FIELDS = (
+    "timeouts", "connect_errors", "decode_errors", "splits", "sessions_lost", "overflows",
+    "dropped_batches", "late_items_deleted", "late_items_left",
 )  # fmt: skip
+_EVENT_CODES = ("exceptions", "bad_status")
 _POLL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -134,37 +133,38 @@ class AgentMetrics:
         return [v for v in vars(self).values() if isinstance(v, Counter | Gauge | Histogram)]
 
 
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
-
-
 def driver_events(stats: object) -> dict[str, int]:
-    """A driver's trouble counters by event, non-zero only: each whole-number field of its
-    ``stats`` dataclass but the volume counts, and each key of a per-code field
-    (``exceptions:2``, ``bad_status:BadNodeIdUnknown``)."""
-    if not dataclasses.is_dataclass(stats) or isinstance(stats, type):
+    """A driver's trouble counters by event, non-zero only: ``timeouts``, … and one per
+    code of a per-code count (``exceptions:2``, ``bad_status:BadNodeIdUnknown``)."""
+    if stats is None:
         return {}
     out: dict[str, int] = {}
-    for name in _field_names(type(stats)):
-        value = getattr(stats, name)
-        if isinstance(value, dict):
-            for key, n in value.items():
-                if n:
-                    out[f"{name}:{key}"] = int(n)
-        elif isinstance(value, int) and value and name not in _VOLUME:
+    for name in _EVENT_FIELDS:
+        value = getattr(stats, name, 0)
+        if type(value) is int and value:
             out[name] = value
+    for name in _EVENT_CODES:
+        codes = getattr(stats, name, None)
+        if isinstance(codes, dict):
+            for key, n in codes.items():
+                if type(n) is int and n:
+                    out[f"{name}:{key}"] = n
     return out
 
 
 class DriverEvents:
     """``iiot_agent_driver_events_total{device,event}``: what the drivers counted going
-    wrong below a poll's result (timeouts and retries, Modbus exception codes, OPC UA
-    status codes, sessions lost, server queue overflows, monitored items left behind).
+    wrong below a poll's result (timeouts, Modbus exception codes, OPC UA status codes,
+    sessions lost, server queue overflows, monitored items left behind).
 
-    A collector read at scrape time from ``source`` (device id, events); devices with
-    nothing to report add no line.
+    Read at scrape time from ``source`` (device id, events); a device with nothing to
+    report adds no line. ``lines`` gives the exposition one line at a time, so that the
+    agent's /metrics can yield to the pollers between lines; ``collect`` serves anything
+    else that reads the registry.
     """
+
+    NAME = "iiot_agent_driver_events"
+    HELP = "Trouble the device drivers counted, by device and event (see edge_agent/README)."
 
     def __init__(self, source: Callable[[], Iterable[tuple[str, Mapping[str, int]]]]) -> None:
         self._source = source
@@ -173,12 +173,19 @@ class DriverEvents:
         return []  # no fixed names: registering must not collect
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "iiot_agent_driver_events",
-            "Trouble the device drivers counted, by device and event (see edge_agent/README).",
-            labels=["device", "event"],
-        )
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["device", "event"])
         for device, events in self._source():
             for event, n in sorted(events.items()):
                 family.add_metric([device, event], n)
         yield family
+
+    def lines(self, escape: Callable[[str], str]) -> Iterator[str]:
+        """The family in the text format, as prometheus_client writes it, lazily."""
+        name = self.NAME + "_total"
+        yield f"# HELP {name} {self.HELP}\n# TYPE {name} counter\n"
+        for device, events in self._source():
+            if not events:
+                continue
+            head = f'{name}{{device="{escape(device)}",event="'
+            for event, n in sorted(events.items()):
+                yield f'{head}{escape(event)}"}} {float(n)}\n'

@@ -118,16 +118,20 @@ class MetricsServer:
         # The other collectors one by one, so the lazy ones are not collected again.
         collectors = getattr(self.registry, "_collector_to_names", None)
         if collectors is None:
-            others: Iterable[Metric] = (
-                m for m in self.registry.collect() if m.name not in lazy_names
-            )
-        else:
-            lazy = {id(m) for m in self._lazy}
-            others = (
-                metric for c in list(collectors) if id(c) not in lazy for metric in c.collect()
-            )
-        for metric in others:
-            yield _family_lines(metric)
+            for metric in self.registry.collect():
+                if metric.name not in lazy_names:
+                    yield _family_lines(metric)
+            return
+        lazy = {id(m) for m in self._lazy}
+        for c in list(collectors):
+            if id(c) in lazy:
+                continue
+            if hasattr(c, "lines"):
+                # It writes its own lines (one per device and event): drawn one at a time.
+                yield c.lines(_escape)
+            else:
+                for metric in c.collect():
+                    yield _family_lines(metric)
 
     def _children_lines(self, m: Counter | Gauge, head: Metric) -> Iterator[str]:
         """A labelled counter's or gauge's lines, one per child, as ``_family_lines`` writes them.

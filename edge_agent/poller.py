@@ -368,9 +368,9 @@ class DevicePoller:
         """
         dev = self.device
         driver = self._factory(self.profile, dev.connection, name=dev.id)
-        self._keep_stats(driver)
         own = _connect_limit(driver)
         try:
+            self._keep_stats(driver)
             if own:
                 # asyncio.timeout, not the loop-turn deadline: under that one an OPC UA
                 # session set-up past its connect_timeout came out as a poll timeout,
@@ -390,6 +390,10 @@ class DevicePoller:
     def driver_events(self) -> dict[str, int]:
         """What this device's drivers counted going wrong, since the poller started."""
         return driver_events(self._stats)
+
+    def keep_counters(self, old: DevicePoller) -> None:
+        """Go on counting where ``old`` (this device's poller before a change) stopped."""
+        self._stats = old._stats
 
     def _keep_stats(self, driver: Driver) -> None:
         """Give a new driver the device's counters (the first driver's own)."""

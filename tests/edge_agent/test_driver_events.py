@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client import generate_latest
 
 from device_profiles.loader import load_profiles
 from edge_agent.agent import Agent
 from edge_agent.config import DeviceConfig, parse_config
-from edge_agent.metrics import AgentMetrics, driver_events
+from edge_agent.metrics import AgentMetrics, DriverEvents, driver_events
+from edge_agent.metrics_http import MetricsServer
 from edge_agent.poller import DevicePoller
 from iiot_common.backoff import Backoff
 from iiot_common.localservers import free_port
@@ -88,6 +90,24 @@ async def test_exceptions_and_reconnects_are_counted_per_device_and_never_go_bac
     assert not [k for k in after if k[1] in ("requests", "responses", "polls")]
 
 
+async def test_the_scrape_writes_the_events_as_prometheus_client_does() -> None:
+    metrics = AgentMetrics()
+    metrics.polls.labels("meter-1", "ok").inc()
+    events = {
+        "meter-1": {"timeouts": 2, "exceptions:4": 1},
+        "quiet": {},
+        'odd "id"\\x\ny': {"bad_status:BadNodeIdUnknown": 3},
+    }
+    metrics.registry.register(DriverEvents(lambda: iter(events.items())))
+    metrics.spool_depth.set(3)
+    server = MetricsServer(metrics.registry, metrics.all())
+    text = (await server.render()).decode()
+    reference = generate_latest(metrics.registry).decode()
+    assert text.splitlines() == [s for s in reference.splitlines() if "_created" not in s]
+    assert 'iiot_agent_driver_events_total{device="meter-1",event="exceptions:4"} 1.0' in text
+    assert 'device="quiet"' not in text
+
+
 def test_only_trouble_counters_that_moved_are_events() -> None:
     stats = ModbusStats(requests=10, responses=9, timeouts=1, exceptions={2: 3, 4: 0})
     assert driver_events(stats) == {"timeouts": 1, "exceptions:2": 3}
@@ -110,13 +130,8 @@ class _CountingDriver(FakeDriver):
         await super().connect()
 
 
-async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
-    """Every driver of a device shares its counters: a reconnect keeps them, and what a
-    closed driver learns later (OPC UA items deleted after it gave up) is not lost."""
-    script: dict[str, Any] = {"refuse": True}
-    drivers: list[_CountingDriver] = []
-
-    def factory(profile: Any, conn: Any, *, name: str) -> _CountingDriver:
+def _counting_poller(script: dict[str, Any], drivers: list[_CountingDriver]) -> DevicePoller:
+    def factory(profile: Any, conn: Any, *, name: str) -> FakeDriver:
         drivers.append(_CountingDriver(script))
         return drivers[-1]
 
@@ -124,7 +139,7 @@ async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
         {"id": "kiln-1", "profile": "kiln-rotary-cement", "modbus": {"host": "127.0.0.1"},
          "poll_interval": 0.02}
     )  # fmt: skip
-    poller = DevicePoller(
+    return DevicePoller(
         cfg,
         load_profiles()["kiln-rotary-cement"],
         driver_factory=factory,
@@ -133,6 +148,32 @@ async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
         metrics=AgentMetrics(),
         backoff=Backoff(0.02, 0.05),
     )
+
+
+async def test_a_changed_devices_new_poller_counts_on() -> None:
+    """A device changed by remote configuration gets a new poller; its counters go on."""
+    drivers: list[_CountingDriver] = []
+    script: dict[str, Any] = {}
+    old = _counting_poller(script, drivers)
+    task = asyncio.create_task(old.run())
+    await wait_for(lambda: old.health.good >= 1, 10, "first poller polling")
+    old.stop()
+    await task
+    new = _counting_poller(script, drivers)
+    new.keep_counters(old)
+    task = asyncio.create_task(new.run())
+    await wait_for(lambda: new.health.good >= 1, 10, "second poller polling")
+    new.stop()
+    await task
+    assert new.driver_events() == {"timeouts": 2}  # one connect each
+
+
+async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
+    """Every driver of a device shares its counters: a reconnect keeps them, and what a
+    closed driver learns later (OPC UA items deleted after it gave up) is not lost."""
+    script: dict[str, Any] = {"refuse": True}
+    drivers: list[_CountingDriver] = []
+    poller = _counting_poller(script, drivers)
     task = asyncio.create_task(poller.run())
     try:
         await wait_for(lambda: len(drivers) >= 3, 10, "three refused connects")
