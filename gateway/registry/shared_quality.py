@@ -7,7 +7,8 @@ pass, so that the device states the ratios follow never wait for quality rows:
 - every ``quality_share_interval`` it adds the samples counted since its last write to
   the table ``quality_buckets`` (one row a device and bucket; batched upserts in key
   order, a transaction a chunk), which also notes whether values differed in the bucket;
-- every ``refresh_interval`` (where shorter; else after each write) it reads the rows
+- ``refresh_interval`` after the last fold ended (where shorter; else after each write;
+  behind this instance's own write when one is due) it reads the rows
   written since its last read (by transaction id, as device rows:
   ``gateway.registry.changes``) and folds them into the window, ``_FOLD_SLICE`` rows
   under the window's lock at a time, so ingest waits for a slice at most.
