@@ -53,7 +53,7 @@ from gateway.ratios import (
     snapshot_rows,
 )
 from gateway.registry.codes import region_label, region_prefix_range
-from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
+from gateway.registry.index import NEVER, DeviceIndex, IndexView
 from iiot_common.yamlfile import YamlFileError, read_yaml
 
 __all__ = [
@@ -437,42 +437,14 @@ def _evidence_view(ev: Evidence) -> IndexView:
     """An index holding exactly the evidence's devices, as ``compute_ratios`` counts them.
 
     Each device's last good sample is the one recorded; its online state is recorded,
-    so a device online then is given a sample at ``as_of`` and a live agent.
+    so a device online then is given a sample at ``as_of`` and a live agent. Built from
+    the evidence's dictionaries and codes, without a Python object per device.
     """
     index = DeviceIndex(capacity=ev.n)
-    cols = {name: ev.column(name) for name in DICT_COLUMNS}
-    status = ["decommissioned" if d else "registered" for d in ev.decommissioned.tolist()]
-    kind = ["product" if p else "equipment" for p in ev.product.tolist()]
-    index.add_many(
-        [
-            DeviceMeta(
-                enterprise=ent,
-                id=dev,
-                name="",
-                region=region,
-                industry=industry,
-                family=family,
-                category=category,
-                profile=None,
-                agent=None,
-                status=st,
-                source="evidence",
-                not_in_ledger=False,
-                created_ms=0,
-                kind=k,
-            )
-            for ent, dev, region, industry, family, category, st, k in zip(
-                cols["enterprise"],
-                ev.devices,
-                cols["region"],
-                cols["industry"],
-                cols["family"],
-                cols["category"],
-                status,
-                kind,
-                strict=True,
-            )
-        ]
+    index.add_columns(
+        {name: (ev.values[name], ev.codes[name]) for name in DICT_COLUMNS},
+        product=ev.product,
+        active=~ev.decommissioned,
     )
     n = ev.n
     index.last_good[:n] = ev.last_good

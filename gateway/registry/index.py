@@ -11,6 +11,7 @@ a change (a refresh pass applies under the lock, then publishes a new view).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -104,6 +105,26 @@ def _encode(enc: Encoder, values: list[str]) -> list[int]:
     return [codes[v] if v in codes else enc.code(v) for v in values]
 
 
+def _occurring(values: Sequence[str], rows: npt.NDArray[Any]) -> list[int]:
+    """Positions in ``values`` that some row has."""
+    found: list[int] = np.flatnonzero(np.bincount(rows, minlength=len(values))).tolist()
+    return found
+
+
+def _by_dictionary(
+    values: Sequence[str], rows: npt.NDArray[Any], convert: Callable[[str], int]
+) -> I32:
+    """Each row's ``convert(values[rows[row]])``, converting each value some row has once.
+
+    A value no row has is neither converted nor taken (its table slot stays 0).
+    """
+    table = np.zeros(max(1, len(values)), np.int32)
+    for j in _occurring(values, rows):
+        table[j] = convert(values[j])
+    out: I32 = table.take(rows)
+    return out
+
+
 # A grouping's column attribute where the names differ.
 _COLUMN_OF = {"enterprise": "ent", "province": "prov"}
 _INT_COLUMNS = ("ent", "prov", "city", "county", "region_num", "industry", "category", "family")
@@ -184,6 +205,18 @@ def _frozen(column: npt.NDArray[Any]) -> npt.NDArray[Any]:
     out = column.copy()
     out.flags.writeable = False
     return out
+
+
+def _derived_code(enc: Encoder, derive: Callable[[str], str]) -> Callable[[str], int]:
+    return lambda value: enc.code(derive(value))
+
+
+def _province(region: str) -> str:
+    return region[:2] + "0000"
+
+
+def _city(region: str) -> str:
+    return region[:4] + "00"
 
 
 class DeviceIndex:
@@ -302,6 +335,51 @@ class DeviceIndex:
         self.n = start + k
         self.static_version += 1
         return start
+
+    def add_columns(
+        self,
+        columns: Mapping[str, tuple[Sequence[str], npt.NDArray[Any]]],
+        *,
+        product: Bools,
+        active: Bools,
+    ) -> None:
+        """Fill an empty index from dictionary-encoded columns, for counting only.
+
+        ``columns`` maps enterprise, region, industry, category and family to a
+        dictionary and each row's code in it. The counting columns and encoders end as
+        ``add_many`` of the same rows leaves them (a value's code may differ, what it
+        decodes to does not); ``keys``, ``meta`` and ``by_agent`` stay empty, as no
+        device here has an id or agent to look up.
+        """
+        if self.n:
+            raise ValueError("add_columns fills an empty index only")
+        n = len(product)
+        for name, (_values, rows) in columns.items():
+            if len(rows) != n:
+                raise ValueError(f"column {name} has {len(rows)} rows, not {n}")
+        if len(active) != n:
+            raise ValueError(f"active has {len(active)} rows, not {n}")
+        self._grow(n)
+        e = self.enc
+        regions, region_rows = columns["region"]
+        encoded = (
+            ("ent", e["enterprise"], *columns["enterprise"], None),
+            ("prov", e["province"], regions, region_rows, _province),
+            ("city", e["city"], regions, region_rows, _city),
+            ("county", e["county"], regions, region_rows, None),
+            ("industry", e["industry"], *columns["industry"], industry_division),
+            ("category", e["category"], *columns["category"], None),
+            ("family", e["family"], *columns["family"], None),
+        )
+        for attr, enc, values, rows, derive in encoded:
+            # A value no device has stays out of the encoder, as add_many leaves it.
+            code = enc.code if derive is None else _derived_code(enc, derive)
+            getattr(self, attr)[:n] = _by_dictionary(values, np.asarray(rows, np.intp), code)
+        self.region_num[:n] = _by_dictionary(regions, np.asarray(region_rows, np.intp), int)
+        self.active[:n] = active
+        self.product[:n] = product
+        self.n = n
+        self.static_version += 1
 
     def set_agent(self, i: int, agent: str | None, alive: bool) -> None:
         old = self.meta[i].agent
