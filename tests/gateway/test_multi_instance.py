@@ -233,7 +233,36 @@ def _agree(
         if all(s == want for s in seen):
             return
         time.sleep(0.2)
-    raise AssertionError(f"{what}: instances answer {seen}, expected {want} at each")
+    raise AssertionError(
+        f"{what}: instances answer {seen}, expected {want} at each; {_devices(instances)}"
+    )
+
+
+def _devices(instances: list[_Instance]) -> str:
+    """What each instance holds of each device, for a failure's message."""
+    now = _now_ms()
+    out = []
+    for k, gw in enumerate(instances):
+        seen = []
+        for d in [*LEDGER, "d6"]:
+            try:
+                v = gw.http.get(f"/api/v1/devices/{ENT}/{d}").json()
+            except (httpx.TransportError, ValueError) as exc:
+                seen.append(f"{d}: {exc!r}")
+                continue
+            age = None if v.get("latest_ts") is None else now - int(v["latest_ts"])
+            keep = ("online", "state_reason", "last_good_ms", "last_seen_ms", "offline_since_ms")
+            seen.append(f"{d}: age {age} ms { ({f: v[f] for f in keep if f in v}) }")
+        agents = gw.http.get("/api/v1/agents").json()
+        out.append(f"instance {k}: agents {agents}; " + "; ".join(seen))
+    url = yaml.safe_load(instances[0].config.read_text())["database_url"]
+    with Registry(url) as reg, reg.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT id, status, online, reported_online, agent, state_xid, updated_xid "
+            "FROM devices ORDER BY id"
+        ).all()
+    out.append(f"database: {[tuple(r) for r in rows]}")
+    return " | ".join(out)
 
 
 def test_instances_agree_catch_up_after_a_kill_and_drop_silent_devices(
