@@ -64,6 +64,7 @@ __all__ = [
     "RubricLevel",
     "default_rubric",
     "evidence_rows",
+    "evidence_states",
     "grade_enterprises",
     "load_evidence",
     "load_rubric",
@@ -446,6 +447,13 @@ def _evidence_view(ev: Evidence) -> IndexView:
         product=ev.product,
         active=~ev.decommissioned,
     )
+    return evidence_states(index, ev)
+
+
+def evidence_states(index: DeviceIndex, ev: Evidence) -> IndexView:
+    """``index`` (the evidence's devices, in its order) with the states the evidence
+    recorded: each device's last good sample, and online ones a sample at ``as_of`` and a
+    live agent."""
     n = ev.n
     index.last_good[:n] = ev.last_good
     index.last_ts[:n] = np.where(ev.online, ev.as_of_ms, NEVER)

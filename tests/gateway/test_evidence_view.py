@@ -11,7 +11,7 @@ import pytest
 
 import gateway.provincial as provincial
 from gateway.evidence import DICT_COLUMNS, Evidence, decode, encode, from_columns
-from gateway.provincial import recount
+from gateway.provincial import evidence_states, recount
 from gateway.ratios import GROUPINGS
 from gateway.registry.codes import FAMILY_CATEGORY
 from gateway.registry.index import NEVER, DeviceIndex, DeviceMeta, IndexView
@@ -117,12 +117,7 @@ def _device_view(ev: Evidence) -> IndexView:
     """The oracle: the index ``add_many`` builds from one DeviceMeta per device."""
     index = DeviceIndex(capacity=ev.n)
     index.add_many(_metas(ev))
-    n = ev.n
-    index.last_good[:n] = ev.last_good
-    index.last_ts[:n] = np.where(ev.online, ev.as_of_ms, NEVER)
-    index.agent_alive[:n] = ev.online
-    index.dev_online[:n] = ev.online
-    return IndexView(index, 0, None)
+    return evidence_states(index, ev)
 
 
 def _decoded(index: DeviceIndex) -> dict[str, list[str]]:
