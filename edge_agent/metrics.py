@@ -179,8 +179,9 @@ class DriverEvents:
                 family.add_metric([device, event], n)
         yield family
 
-    def lines(self, escape: Callable[[str], str]) -> Iterator[str]:
-        """The family in the text format, as prometheus_client writes it, lazily."""
+    def lines(self, escape: Callable[[str], str], number: Callable[[float], str]) -> Iterator[str]:
+        """The family in the text format, as prometheus_client writes it, lazily
+        (``escape``: a label value's escaping; ``number``: a sample value's text)."""
         name = self.NAME + "_total"
         yield f"# HELP {name} {self.HELP}\n# TYPE {name} counter\n"
         for device, events in self._source():
@@ -188,4 +189,4 @@ class DriverEvents:
                 continue
             head = f'{name}{{device="{escape(device)}",event="'
             for event, n in sorted(events.items()):
-                yield f'{head}{escape(event)}"}} {float(n)}\n'
+                yield f'{head}{escape(event)}"}} {number(n)}\n'

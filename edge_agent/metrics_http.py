@@ -128,7 +128,7 @@ class MetricsServer:
                 continue
             if hasattr(c, "lines"):
                 # It writes its own lines (one per device and event): drawn one at a time.
-                yield c.lines(_escape)
+                yield c.lines(_escape, _go_float)
             else:
                 for metric in c.collect():
                     yield _family_lines(metric)

@@ -94,7 +94,7 @@ async def test_the_scrape_writes_the_events_as_prometheus_client_does() -> None:
     metrics = AgentMetrics()
     metrics.polls.labels("meter-1", "ok").inc()
     events = {
-        "meter-1": {"timeouts": 2, "exceptions:4": 1},
+        "meter-1": {"timeouts": 2, "exceptions:4": 1, "overflows": 12_345_678_901_234_567},
         "quiet": {},
         'odd "id"\\x\ny': {"bad_status:BadNodeIdUnknown": 3},
     }
