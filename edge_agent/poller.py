@@ -103,6 +103,8 @@ class DevicePoller:
         # that iiot_agent_driver_events_total never goes back on a reconnect and a closed
         # driver's late news (OPC UA items deleted after it gave up) still counts.
         self._stats: object | None = None
+        # What drivers of another protocol counted before a change to this one.
+        self._base: dict[str, int] = {}
         self._last_sent: dict[str, Value] = {}
         self._since_full = 0
         self._stop = asyncio.Event()
@@ -389,11 +391,11 @@ class DevicePoller:
 
     def driver_events(self) -> dict[str, int]:
         """What this device's drivers counted going wrong, since the poller started."""
-        return driver_events(self._stats)
+        return _added(self._base, driver_events(self._stats))
 
     def keep_counters(self, old: DevicePoller) -> None:
         """Go on counting where ``old`` (this device's poller before a change) stopped."""
-        self._stats = old._stats
+        self._stats, self._base = old._stats, old._base
 
     def _keep_stats(self, driver: Driver) -> None:
         """Give a new driver the device's counters (the first driver's own)."""
@@ -402,7 +404,8 @@ class DevicePoller:
             return
         if type(self._stats) is type(stats):
             setattr(driver, "stats", self._stats)  # noqa: B010 - not part of the Driver protocol
-        else:
+        else:  # the first driver, or another protocol's: what the old ones counted stays
+            self._base = _added(self._base, driver_events(self._stats))
             self._stats = stats
 
     def _close_later(self, driver: Driver) -> None:
@@ -418,6 +421,14 @@ class DevicePoller:
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self.backoff.state = ConnState.STOPPED
+
+
+def _added(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    """Two sets of event counts added up."""
+    out = dict(a)
+    for event, n in b.items():
+        out[event] = out.get(event, 0) + n
+    return out
 
 
 def _connect_limit(driver: Driver) -> float | None:

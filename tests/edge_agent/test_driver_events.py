@@ -167,6 +167,30 @@ async def test_a_changed_devices_new_poller_counts_on() -> None:
     await task
     assert new.driver_events() == {"timeouts": 2}  # one connect each
 
+    # The device changes protocol: its new drivers count in stats of another type, and
+    # what the old ones counted stays counted.
+    @dataclass
+    class _OtherStats:
+        timeouts: int = 0
+        sessions_lost: int = 0
+
+    class _OtherDriver(FakeDriver):
+        def __init__(self, script: dict[str, Any]) -> None:
+            super().__init__(script)
+            self.stats = _OtherStats(timeouts=1, sessions_lost=1)
+
+    def other_factory(profile: Any, conn: Any, *, name: str) -> FakeDriver:
+        return _OtherDriver(script)
+
+    other = _counting_poller(script, drivers)
+    other._factory = other_factory
+    other.keep_counters(new)
+    task = asyncio.create_task(other.run())
+    await wait_for(lambda: other.health.good >= 1, 10, "third poller polling")
+    other.stop()
+    await task
+    assert other.driver_events() == {"timeouts": 3, "sessions_lost": 1}
+
 
 async def test_a_closed_drivers_late_news_still_counts_for_its_device() -> None:
     """Every driver of a device shares its counters: a reconnect keeps them, and what a
