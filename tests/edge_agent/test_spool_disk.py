@@ -102,8 +102,16 @@ async def test_outage_fill_and_drain_keep_the_files_within_max_bytes(tmp_path: P
             return after <= peak * 0.2
 
         await wait_for(given_back, 30, f"the files to shrink to a fifth of {peak} bytes")
-        gauge = agent.metrics.spool_disk_bytes._value.get()
-        now = on_disk()
+        # The gauge is set as samples are spooled; a checkpoint may have cut the WAL since
+        # the last one. By the next poll it shows the files again.
+        gauge, now = 0.0, 0
+
+        def gauge_follows() -> bool:
+            nonlocal gauge, now
+            gauge, now = float(agent.metrics.spool_disk_bytes._value.get()), on_disk()
+            return abs(gauge - now) <= 512 * 1024
+
+        await wait_for(gauge_follows, 10, "the gauge to show the files on disk")
     finally:
         await agent.stop()
         broker.stop()
