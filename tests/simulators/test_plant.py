@@ -18,6 +18,7 @@ from pymodbus.exceptions import ModbusIOException
 
 from device_profiles.loader import load_profiles
 from device_profiles.schema import Point, Profile
+from iiot_common.localservers import free_port
 from protocols.modbus.codec import decode
 from protocols.modbus.profile import ModbusTable, point_registers
 from simulators.control import ControlServer
@@ -45,6 +46,17 @@ def free_base(count: int) -> int:
         if ok:
             return base
     raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def free_base_and_port(count: int) -> tuple[int, int]:
+    """``free_base(count)``, and one more free port outside those ``count`` (a control
+    port picked on its own could fall among them)."""
+    base = free_base(count)
+    for _ in range(200):
+        port = free_port()
+        if not base <= port < base + count:
+            return base, port
+    raise RuntimeError("no free port outside the block")
 
 
 @pytest.fixture(scope="module")

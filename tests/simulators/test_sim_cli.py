@@ -26,7 +26,7 @@ from device_profiles.loader import load_profiles
 from device_profiles.schema import Profile
 from iiot_common.localservers import PtyPair, free_port
 from protocols.modbus.profile import ModbusTable, point_registers
-from tests.simulators.test_plant import EXAMPLE, free_base
+from tests.simulators.test_plant import EXAMPLE, free_base_and_port
 
 IIOT = str(Path(sys.executable).with_name("iiot"))
 
@@ -123,7 +123,7 @@ async def _read_input(
 
 
 async def test_sim_run_serves_devices_and_obeys_the_control_api(sim: Any) -> None:
-    port, control = free_base(3), free_port()
+    port, control = free_base_and_port(3)
     s = sim(
         "run",
         "--profile",
@@ -283,7 +283,7 @@ def test_sim_run_rejects_an_unknown_parity(tmp_path: Path) -> None:
 
 async def test_sim_plant_serves_the_example_site(sim: Any) -> None:
     profiles = load_profiles()
-    base, control = free_base(20), free_port()
+    base, control = free_base_and_port(20)
     s = sim(
         "plant",
         "--config",
