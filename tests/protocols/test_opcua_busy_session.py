@@ -42,6 +42,20 @@ async def _serving() -> AsyncIterator[tuple[SimDevice, OpcUaSimServer]]:
         await sim.stop()
 
 
+@contextlib.asynccontextmanager
+async def _connected(sim: OpcUaSimServer, request_s: float) -> AsyncIterator[OpcUaDriver]:
+    """The press's driver on ``sim``, connected; closed after (bounded: the server may
+    have been made silent)."""
+    driver = OpcUaDriver(
+        PRESS, OpcUaConnection(endpoint=sim.endpoint, timeout=request_s), name="press-1"
+    )
+    await driver.connect()
+    try:
+        yield driver
+    finally:
+        await asyncio.wait_for(driver.aclose(), 5.0)
+
+
 async def _abandoned_read(driver: OpcUaDriver) -> None:
     """A read the caller gives up on at once, as a poller past its deadline does."""
     with contextlib.suppress(TimeoutError, errors.DeviceTimeout, errors.ConnectError):
@@ -53,11 +67,8 @@ async def test_busy_server_that_answers_keeps_its_session(
 ) -> None:
     """Requests queued longer than the watchdog's interval: answered, so not lost."""
     async with _serving() as (device, sim):
-        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=TIMEOUT_S)
-        driver = OpcUaDriver(PRESS, conn, name="press-1")
-        await driver.connect()
         caplog.set_level(logging.WARNING)
-        try:
+        async with _connected(sim, TIMEOUT_S) as driver:
             session = driver.session
             assert session is not None and isinstance(session.client, LiveClient)
             client = session.client
@@ -82,16 +93,11 @@ async def test_busy_server_that_answers_keeps_its_session(
             # Late answers to given-up reads are taken quietly, not a warning each.
             late = [r for r in caplog.records if "already done" in r.getMessage()]
             assert late == []
-        finally:
-            await driver.aclose()
 
 
 async def test_silent_server_loses_its_session_within_two_intervals() -> None:
     async with _serving() as (device, sim):
-        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=0.5)
-        driver = OpcUaDriver(PRESS, conn, name="press-1")
-        await driver.connect()
-        try:
+        async with _connected(sim, 0.5) as driver:
             await driver.read(PRESS.points)
             device.faults.set(FaultMode.SILENT)
             t0 = time.monotonic()
@@ -103,17 +109,12 @@ async def test_silent_server_loses_its_session_within_two_intervals() -> None:
             session = driver.session
             assert session is not None and isinstance(session.client, LiveClient)
             assert session.client.probes >= 1
-        finally:
-            await asyncio.wait_for(driver.aclose(), 5.0)
 
 
 async def test_a_poll_after_one_given_up_takes_its_late_answer_not_a_new_request() -> None:
     """The server holds at most one Read of a device: the next poll waits for it."""
     async with _serving() as (device, sim):
-        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=TIMEOUT_S)
-        driver = OpcUaDriver(PRESS, conn, name="press-1")
-        await driver.connect()
-        try:
+        async with _connected(sim, TIMEOUT_S) as driver:
             await driver.read(PRESS.points)
             device.faults.set(FaultMode.SLOW, delay=0.3)
             before = sim.requests
@@ -129,8 +130,6 @@ async def test_a_poll_after_one_given_up_takes_its_late_answer_not_a_new_request
             device.faults.clear()
             await driver.read(PRESS.points)
             assert sim.requests - before == 2
-        finally:
-            await driver.aclose()
 
 
 async def test_device_joins_a_session_whose_server_answers_later_than_timeout() -> None:
@@ -162,10 +161,7 @@ async def test_device_joins_a_session_whose_server_answers_later_than_timeout() 
 async def test_a_late_answer_that_came_between_polls_is_the_next_polls_at_its_time() -> None:
     """A poll bounded shorter than the server's delay (a probe) still sees values."""
     async with _serving() as (device, sim):
-        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=2.0)
-        driver = OpcUaDriver(PRESS, conn, name="press-1")
-        await driver.connect()
-        try:
+        async with _connected(sim, 2.0) as driver:
             device.faults.set(FaultMode.SLOW, delay=0.3)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(driver.read(PRESS.points), 0.1)
@@ -181,8 +177,6 @@ async def test_a_late_answer_that_came_between_polls_is_the_next_polls_at_its_ti
             device.faults.clear()
             await driver.read(PRESS.points)
             assert sim.requests == before + 1
-        finally:
-            await driver.aclose()
 
 
 async def test_a_late_answer_seconds_old_still_shows_a_probe_the_device_answers(
@@ -191,10 +185,7 @@ async def test_a_late_answer_seconds_old_still_shows_a_probe_the_device_answers(
     """Past the poll timeout (a probe on a backoff) the answer is used; past the window
     it is not, and the server is asked again."""
     async with _serving() as (device, sim):
-        conn = OpcUaConnection(endpoint=sim.endpoint, timeout=0.5)
-        driver = OpcUaDriver(PRESS, conn, name="press-1")
-        await driver.connect()
-        try:
+        async with _connected(sim, 0.5) as driver:
             device.faults.set(FaultMode.SLOW, delay=0.3)
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(driver.read(PRESS.points), 0.1)
@@ -211,5 +202,3 @@ async def test_a_late_answer_seconds_old_still_shows_a_probe_the_device_answers(
             device.faults.clear()
             await driver.read(PRESS.points)
             assert sim.requests == before + 1
-        finally:
-            await driver.aclose()
