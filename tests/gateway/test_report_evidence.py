@@ -12,16 +12,16 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from gateway.api import create_app
 from gateway.evidence import EvidenceError, compress, decode, decompress, encode
 from gateway.ratios import GROUPINGS, Snapshotter, compute_ratios
-from gateway.registry import Registry, parse_ledger
+from gateway.registry import Registry
 from gateway.registry.provincial import snapshot_audit, snapshot_evidence
 from gateway.registry.tables import ratio_snapshots
 from gateway.sink import SampleSummary
 from protocols.mqtt.contract import Will
 from tests.gateway import test_registry_fixtures as _fx
-from tests.gateway.test_api import PLATFORM, make_config
+from tests.gateway.test_api import PLATFORM
+from tests.gateway.test_provincial import _client, _import
 from tests.gateway.test_registry_fixtures import T0
 
 HOUR = 3600_000
@@ -32,16 +32,6 @@ MINUTE = 60_000
 registry_url = _fx.both_registry_urls
 registry = _fx.registry
 hebei = _fx.hebei
-
-
-def _client(reg: Registry) -> TestClient:
-    return TestClient(create_app(reg, make_config(), clock=lambda: T0 / 1000))
-
-
-def _import(reg: Registry, text: str) -> None:
-    rows, errors = parse_ledger(text.encode(), "text/csv")
-    assert errors == []
-    assert reg.import_devices(rows).errors == []
 
 
 def _good_sample(reg: Registry, ent: str, dev: str, ts: int) -> None:

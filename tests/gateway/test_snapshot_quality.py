@@ -20,9 +20,9 @@ from gateway.registry.provincial import snapshot_audit, snapshot_evidence
 from gateway.registry.tables import ratio_snapshots
 from tests.gateway import test_registry_fixtures as _fx
 from tests.gateway.test_api import PLATFORM
-from tests.gateway.test_provincial import _feed
+from tests.gateway.test_provincial import _client, _feed
 from tests.gateway.test_registry_fixtures import T0
-from tests.gateway.test_report_evidence import _client, _devices_csv, _verify
+from tests.gateway.test_report_evidence import _devices_csv, _verify
 
 HOUR = 3600_000
 
